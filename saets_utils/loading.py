@@ -1,0 +1,208 @@
+"""Load the language model, the SAE and the text corpus named by a :class:`RunConfig`.
+
+Model paths: the embedded SmolLM2 (offline), any TransformerLens name (hub), a local
+transformers folder. SAE paths: trained by the project (cached), ``sae_lens`` pretrained (hub),
+a Gemma Scope ``params.npz`` (hub via huggingface_hub, or a local file), a local sae_lens folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .config import ConfigError, ModelConfig, RunConfig, SAEConfig, TextConfig
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``."""
+    return _DTYPES[name]
+
+
+def load_hooked_from_hf_folder(folder: str | Path, architecture_hint: str, device: str, dtype: torch.dtype) -> "HookedTransformer":
+    """Load a local transformers folder into a HookedTransformer without touching the hub.
+
+    ``HookedTransformer.from_pretrained`` fetches configs from the hub even with ``hf_model``;
+    this builds the config from the folder and processes the state dict ourselves.
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config, get_pretrained_state_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = str(folder)
+    cfg_dict = convert_hf_model_config(folder)
+    cfg_dict.update(dtype=dtype, device=device)
+    cfg_dict.setdefault("original_architecture", architecture_hint)
+    cfg = HookedTransformerConfig(**{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__})
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
+    state_dict = get_pretrained_state_dict(folder, cfg, hf_model, dtype=torch.float32)
+    del hf_model
+    model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True, refactor_factored_attn_matrices=False)
+    model.to(device)
+    if dtype != torch.float32:
+        model.to(dtype)
+    model.eval()
+    return model
+
+
+def load_model(cfg: ModelConfig, device: str = "cpu") -> "HookedTransformer":
+    """The configured LM as an eval-mode HookedTransformer on ``device``."""
+    dtype = torch_dtype(cfg.dtype)
+    if cfg.source == "smollm2":
+        from .assets import prepare_smollm2
+
+        model = load_hooked_from_hf_folder(prepare_smollm2(), "LlamaForCausalLM", device, dtype)
+    elif cfg.source == "local":
+        folder = Path(cfg.path or "")
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.path {cfg.path!r} is not a transformers folder (no config.json)")
+        model = load_hooked_from_hf_folder(folder, cfg.name, device, dtype)
+    else:
+        from transformer_lens import HookedTransformer
+
+        model = HookedTransformer.from_pretrained_no_processing(cfg.name, device=device, dtype=dtype) \
+            if dtype != torch.float32 else HookedTransformer.from_pretrained(cfg.name, device=device, dtype=dtype)
+        model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def bos_id(model: "HookedTransformer", cfg: ModelConfig) -> int:
+    """Token every sequence starts with (``model.bos_token_id`` param or the tokenizer's BOS)."""
+    if cfg.bos_token_id is not None:
+        return cfg.bos_token_id
+    assert model.tokenizer is not None and model.tokenizer.bos_token_id is not None, "tokenizer has no BOS"
+    return int(model.tokenizer.bos_token_id)
+
+
+def validate_against_model(run: RunConfig, model: "HookedTransformer") -> None:
+    """Fail early if the SAE hook, layer or BOS token do not fit the model."""
+    layer = run.sae.layer
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ConfigError(
+            f"sae.hook_name {run.sae.hook_name!r}: layer {layer} out of range; "
+            f"{model.cfg.model_name} has layers 0..{model.cfg.n_layers - 1}"
+        )
+    if run.sae.hook_name not in model.hook_dict:
+        raise ConfigError(
+            f"sae.hook_name {run.sae.hook_name!r} is not a hook of {model.cfg.model_name}; "
+            f"use e.g. blocks.{layer}.hook_resid_post"
+        )
+    if run.model.bos_token_id is not None and not 0 <= run.model.bos_token_id < model.cfg.d_vocab:
+        raise ConfigError(f"model.bos_token_id {run.model.bos_token_id} outside vocab 0..{model.cfg.d_vocab - 1}")
+
+
+def validate_sae(run: RunConfig, model: "HookedTransformer", sae: "SAE") -> None:
+    """Fail early if the SAE width does not match the model's residual width."""
+    if sae.cfg.d_in != model.cfg.d_model:
+        raise ConfigError(
+            f"SAE {run.sae.key!r} has d_in {sae.cfg.d_in} but {model.cfg.model_name} has d_model "
+            f"{model.cfg.d_model}; pick an SAE trained on this model"
+        )
+
+
+def sae_from_gemma_scope_npz(path: str | Path, device: str = "cpu", hook_name: str | None = None) -> "SAE":
+    """A sae_lens JumpReLU SAE from a Gemma Scope ``params.npz`` (W_enc, W_dec, b_enc, b_dec, threshold)."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    with np.load(path) as npz:
+        missing = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"} - set(npz.files)
+        if missing:
+            raise ConfigError(f"{path} is not a Gemma Scope params.npz: missing {sorted(missing)}")
+        params = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz.files}
+    d_in, d_sae = params["W_enc"].shape
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, device=device))
+    if hook_name is not None:
+        sae.cfg.metadata.hook_name = hook_name
+    sae.load_state_dict({k: v for k, v in params.items()}, strict=True)
+    return sae.to(device)
+
+
+def load_sae(run: RunConfig, device: str = "cpu") -> "SAE":
+    """The run's SAE (sae_lens object, eval mode, no grads) on ``device``."""
+    return load_sae_from(run.sae, run, device)
+
+
+def load_sae_from(sae_cfg: SAEConfig, run: RunConfig, device: str = "cpu") -> "SAE":
+    """Load any configured SAE (the run's, or another one named in ``effects.vectors.sae``)."""
+    from sae_lens import SAE
+
+    if sae_cfg.source == "train":
+        from .sae_training import train_or_load_sae
+
+        sae = train_or_load_sae(run, sae_cfg, device=device)
+    elif sae_cfg.source == "local":
+        if not Path(sae_cfg.path or "").is_dir():
+            raise ConfigError(f"sae.path {sae_cfg.path!r} is not a folder saved by sae_lens")
+        sae = SAE.load_from_disk(sae_cfg.path, device=device)
+    elif sae_cfg.source == "gemma_scope_npz":
+        path = sae_cfg.path
+        if path is None:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(sae_cfg.repo_id or "", f"{sae_cfg.sae_id}/params.npz")
+        elif not Path(path).is_file():
+            raise ConfigError(f"sae.path {path!r} does not exist; point it at a Gemma Scope params.npz")
+        sae = sae_from_gemma_scope_npz(path, device=device, hook_name=sae_cfg.hook_name)
+    else:
+        sae = SAE.from_pretrained(sae_cfg.release or "", sae_cfg.sae_id or "", device=device)
+    sae.eval()
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    return sae
+
+
+def load_texts(cfg: TextConfig) -> list[str]:
+    """Documents of the text corpus: Gutenberg books split into paragraphs, or a HF dataset column."""
+    if cfg.source == "gutenberg":
+        from .assets import prepare_gutenberg
+
+        docs: list[str] = []
+        for book in sorted((prepare_gutenberg() / "books").glob("*.txt")):
+            text = book.read_text(encoding="utf-8", errors="replace")
+            paras = [" ".join(p.split()) for p in text.split("\n\n")]
+            docs.extend(p for p in paras if len(p) > 200)
+        return docs
+    from datasets import load_dataset
+
+    ds = load_dataset(cfg.hf_dataset, split=cfg.hf_split)
+    if cfg.hf_column not in ds.column_names:
+        raise ConfigError(f"text.hf_column {cfg.hf_column!r} not in {cfg.hf_dataset} columns {ds.column_names}")
+    return [t for t in ds[cfg.hf_column] if t]
+
+
+def tokenize_chunks(model: "HookedTransformer", texts: list[str], chunk_tokens: int, n_chunks: int | None,
+                    bos: int, seed: int = 0) -> torch.Tensor:
+    """Token chunks ``[n_chunks, chunk_tokens]``, each ``bos`` then ``chunk_tokens - 1`` text tokens.
+
+    Documents are concatenated (separated by ``bos``) and cut into chunks; a seeded shuffle of
+    documents first so a small ``n_chunks`` still spans the corpus.
+    """
+    assert model.tokenizer is not None
+    order = np.random.default_rng(seed).permutation(len(texts))
+    body = chunk_tokens - 1
+    chunks: list[list[int]] = []
+    buf: list[int] = []
+    for i in order:
+        buf.extend(model.tokenizer.encode(texts[i], add_special_tokens=False))
+        buf.append(bos)
+        while len(buf) >= body:
+            chunks.append([bos] + buf[:body])
+            buf = buf[body:]
+        if n_chunks is not None and len(chunks) >= n_chunks:
+            break
+    if n_chunks is not None and len(chunks) < n_chunks:
+        raise ConfigError(f"text corpus gives only {len(chunks)} chunks of {chunk_tokens} tokens; need {n_chunks}")
+    out = torch.tensor(chunks[: n_chunks or len(chunks)], dtype=torch.long)
+    return out
