@@ -86,6 +86,9 @@ class SAEConfig(_Strict):
     sae_id: str | None = None
     repo_id: str | None = None
     path: str | None = None
+    # Key under which task files list this SAE's target feature ids (e.g. gemma-scope-2b-16k-l0_82);
+    # None: target features are discovered from each task's contrastive examples.
+    targets_key: str | None = None
     train: SAETrainConfig = SAETrainConfig()
 
     @model_validator(mode="after")
