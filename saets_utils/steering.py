@@ -1,0 +1,147 @@
+"""Apply steering vectors through a hook, and generate text with them.
+
+Steering adds ``scale * v`` to the residual stream at one hook, at every position (prompt and
+generated tokens alike). Each batch row may carry its own vector, so many vectors are steered
+in one forward pass. Sampling is seeded per row, so a row's text does not depend on which
+other rows share its batch: batched and one-at-a-time runs give the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+from .config import SamplingConfig
+
+
+def steering_delta(vectors: Tensor, scales: Tensor | float | Sequence[float]) -> Tensor:
+    """``scales[:, None] * vectors``: vectors ``[batch, d_model]`` (or ``[d_model]``), scales
+    ``[batch]`` or a scalar -> ``[batch, d_model]`` (or ``[d_model]``)."""
+    s = torch.as_tensor(scales, dtype=vectors.dtype, device=vectors.device)
+    return vectors * (s[..., None] if s.ndim else s)
+
+
+@contextmanager
+def steering_hook(model: "HookedTransformer", hook_name: str, delta: Tensor | None,
+                  capture: list[Tensor] | None = None) -> Iterator[None]:
+    """Within the block, add ``delta`` (``[d_model]`` or ``[batch, d_model]``) at ``hook_name``.
+
+    ``capture``, if given, receives the hook's activations *before* steering on every forward
+    (``[batch, pos, d_model]``). Steering enters the residual stream after this hook, so those
+    are exactly the unsteered model's activations on the same tokens. The hook is removed on
+    exit, also when the block raises.
+    """
+
+    def hook(act: Tensor, hook) -> Tensor:  # noqa: ARG001 - TransformerLens hook signature
+        if capture is not None:
+            capture.append(act.detach())
+        if delta is None:
+            return act
+        d = delta.to(act.dtype)
+        return act + (d[:, None, :] if d.ndim == 2 else d)
+
+    with model.hooks(fwd_hooks=[(hook_name, hook)]):
+        yield
+
+
+def row_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed for one batch row from the run seed and integer keys (e.g. vector id,
+    prompt index, sample index); independent of batch composition."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, *[(k + 2**31) & 0xFFFFFFFF for k in keys]]).generate_state(2)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def row_uniforms(seeds: Sequence[int], n: int, device: torch.device | str = "cpu") -> Tensor:
+    """``[len(seeds), n]`` uniforms in [0, 1), each row from its own generator."""
+    rows = [torch.rand(n, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
+    return torch.stack(rows).to(device)
+
+
+def sample_from_logits(logits: Tensor, u: Tensor, sampling: SamplingConfig | None) -> Tensor:
+    """Next token ids ``[batch]`` from ``logits [batch, vocab]`` by inverse-CDF sampling with the
+    per-row uniforms ``u [batch]`` after temperature, top-k and top-p filtering; greedy when
+    ``sampling`` is None."""
+    if sampling is None:
+        return logits.argmax(-1)
+    logits = logits.float() / sampling.temperature
+    k = min(sampling.top_k, logits.shape[-1])
+    top_logits, top_ids = logits.topk(k, dim=-1)  # sorted, descending
+    probs = top_logits.softmax(-1)
+    cum = probs.cumsum(-1)
+    # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+    keep = (cum - probs) < sampling.top_p
+    probs = probs * keep
+    cum = probs.cumsum(-1)
+    target = u.to(cum.dtype)[:, None] * cum[:, -1:]
+    idx = (cum <= target).sum(-1).clamp(max=k - 1)
+    return top_ids.gather(-1, idx[:, None])[:, 0]
+
+
+@dataclass
+class Generation:
+    """Tokens ``[batch, prompt_len + new_tokens]`` and, if captured, the unsteered activations at the
+    steering hook for every position ``[batch, prompt_len + new_tokens, d_model]``."""
+
+    tokens: Tensor
+    activations: Tensor | None = None
+
+
+@torch.no_grad()
+def generate(model: "HookedTransformer", prompt_tokens: Tensor, new_tokens: int, seeds: Sequence[int],
+             sampling: SamplingConfig | None, hook_name: str | None = None, delta: Tensor | None = None,
+             use_cache: bool = True, capture: bool = False) -> Generation:
+    """Generate ``new_tokens`` after ``prompt_tokens [batch, prompt_len]`` (all rows the same length),
+    steering each row by ``delta [batch, d_model]`` (or ``[d_model]``) at ``hook_name``.
+
+    No early stop at EOS. ``seeds`` (one per row) make sampling reproducible row by row. With
+    ``capture``, the pre-steering activations at ``hook_name`` are returned for all positions,
+    including the last sampled token (one extra forward up to the hook).
+    """
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    if hook_name is None and (delta is not None or capture):
+        raise ValueError("hook_name is required to steer or capture")
+    device = model.cfg.device
+    tokens = prompt_tokens.to(device)
+    batch = tokens.shape[0]
+    if len(seeds) != batch:
+        raise ValueError(f"need one seed per row: {len(seeds)} seeds for {batch} rows")
+    u = row_uniforms(seeds, new_tokens, device)
+    captured: list[Tensor] = []
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch) if use_cache else None
+    hook_ctx = steering_hook(model, hook_name, delta, captured if capture else None) if hook_name else _null()
+    with hook_ctx:
+        for i in range(new_tokens):
+            if use_cache:
+                step_in = tokens if i == 0 else tokens[:, -1:]
+                logits = model(step_in, past_kv_cache=cache)
+            else:
+                if capture:
+                    captured.clear()
+                logits = model(tokens)
+            nxt = sample_from_logits(logits[:, -1, :], u[:, i], sampling)
+            tokens = torch.cat([tokens, nxt[:, None].to(tokens.dtype)], dim=1)
+        acts = None
+        if capture:
+            layer = int(hook_name.split(".")[1]) + 1  # type: ignore[union-attr]
+            if use_cache:
+                model(tokens[:, -1:], past_kv_cache=cache, stop_at_layer=layer)
+            else:
+                captured.clear()
+                model(tokens, stop_at_layer=layer)
+            acts = torch.cat(captured, dim=1)
+    return Generation(tokens=tokens, activations=acts)
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
