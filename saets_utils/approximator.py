@@ -1,0 +1,308 @@
+"""The effect approximator: a linear map from a unit steering vector to its effect on SAE features.
+
+``effect ~= x @ W + b`` with ``W`` [d_model, d_sae] and ``b`` [d_sae] (the paper's ``M`` and ``b``).
+Two fits: closed-form ridge (default, exact and fast) and the reference Adam training; plus a
+seeded holdout split and the fit metrics the paper does not report (MSE against baselines, R^2,
+cosine, decoder-row top-1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+FORMAT = "saets-effect-approximator"
+
+
+@dataclass(frozen=True)
+class EffectApproximator:
+    """Linear effect predictor ``predict(x) = x @ W + b``; ``x`` must be a unit-norm steering vector.
+
+    ``W``: Float[Tensor, "d_model d_sae"]; ``b``: Float[Tensor, "d_sae"]. Effects were measured on
+    unit vectors scaled by a calibrated steering scale, so the map is only meaningful for unit ``x``;
+    ``predict`` does not normalise, callers pass unit vectors.
+    """
+
+    W: Float[Tensor, "d_model d_sae"]
+    b: Float[Tensor, " d_sae"]
+
+    def __post_init__(self) -> None:
+        if self.W.ndim != 2 or self.b.ndim != 1 or self.W.shape[1] != self.b.shape[0]:
+            raise ValueError(f"EffectApproximator needs W [d_model, d_sae] and b [d_sae]; got W {tuple(self.W.shape)}, b {tuple(self.b.shape)}")
+
+    @property
+    def d_model(self) -> int:
+        return self.W.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W.shape[1]
+
+    def predict(self, x: Float[Tensor, "*n d_model"]) -> Float[Tensor, "*n d_sae"]:
+        """Predicted effect of each (unit-norm) steering vector in ``x``."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"steering vectors have width {x.shape[-1]}, the approximator expects d_model={self.d_model}")
+        return x.to(self.W) @ self.W + self.b
+
+    @property
+    def correction(self) -> Float[Tensor, " d_model"]:
+        """``norm(W @ b)``: the direction SAE-TS subtracts to cancel the bias; zeros when ``W @ b`` is 0."""
+        v = self.W.double() @ self.b.double()
+        n = v.norm()
+        return (v / n if n > 0 else v).to(self.W.dtype)
+
+    def to(self, device: str | torch.device) -> "EffectApproximator":
+        return EffectApproximator(self.W.to(device), self.b.to(device))
+
+    def save(self, path: str | Path, W_dec: Float[Tensor, "d_sae d_model"] | None = None,
+             metadata: dict[str, str] | None = None) -> None:
+        """Write ``W``, ``b``, ``correction`` and, given ``W_dec``, the ``rotation`` matrix to safetensors."""
+        from safetensors.torch import save_file
+
+        tensors = {"W": self.W, "b": self.b, "correction": self.correction}
+        if W_dec is not None:
+            tensors["rotation"] = rotation_matrix(self, W_dec)
+        meta = {"format": FORMAT, "formula": "effect = x @ W + b, x unit-norm", **(metadata or {})}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "EffectApproximator":
+        """Read an approximator written by :meth:`save`."""
+        from safetensors.torch import load_file
+
+        t = load_file(str(path), device=str(device))
+        if "W" not in t or "b" not in t:
+            raise ValueError(f"{path} holds no effect approximator (keys {sorted(t)}); write it with EffectApproximator.save")
+        return cls(t["W"], t["b"])
+
+
+def load_rotation(path: str | Path, device: str | torch.device = "cpu") -> Float[Tensor, "d_model d_model"] | None:
+    """The rotation matrix saved next to an approximator, or None if it was saved without ``W_dec``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        return f.get_tensor("rotation") if "rotation" in f.keys() else None
+
+
+def rotation_matrix(approx: EffectApproximator, W_dec: Float[Tensor, "d_sae d_model"]) -> Float[Tensor, "d_model d_model"]:
+    """Orthogonal ``R`` with ``R @ norm(W_dec[j]) ~= norm(W[:, j])``: maps decoder directions onto the
+    directions that drive each feature's effect, so it also applies to never-measured features.
+
+    ``C = norm_cols(W) @ norm_rows(W_dec) = U S V^T``, ``R = U V^T`` (orthogonal Procrustes). The
+    reference code (ft_effects/adapter_analysis.py) takes the SVD of ``C^T`` and applies the
+    transpose of its result, which is this ``R``; REFERENCE.md's ``s = R^T d`` with this ``C`` is
+    a transposition slip. Callers apply ``R @ d`` (tested on a known rotation).
+    """
+    if W_dec.shape != (approx.d_sae, approx.d_model):
+        raise ValueError(f"W_dec must be [d_sae, d_model] = [{approx.d_sae}, {approx.d_model}] to match the approximator; got {tuple(W_dec.shape)}")
+    W = approx.W.double()
+    D = W_dec.to(W)
+    # Dead features (all-zero column or row) contribute nothing instead of NaN.
+    M_n = W / W.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    D_n = D / D.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    U, _, Vh = torch.linalg.svd(M_n @ D_n)
+    return (U @ Vh).to(approx.W.dtype)
+
+
+def _check_xy(X: Tensor, Y: Tensor) -> None:
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
+        raise ValueError(f"need X [n, d_model] and Y [n, d_sae] with the same n; got X {tuple(X.shape)}, Y {tuple(Y.shape)}")
+    if X.shape[0] < 2:
+        raise ValueError(f"need at least 2 (vector, effect) pairs to fit; got {X.shape[0]}")
+
+
+def _finite(approx: EffectApproximator) -> EffectApproximator:
+    if not (torch.isfinite(approx.W).all() and torch.isfinite(approx.b).all()):
+        raise ValueError("fit produced non-finite weights; check the effects for NaN/inf rows or raise lam / lower lr")
+    return approx
+
+
+def fit_ridge(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lam: float = 1e-3,
+              chunk_size: int = 4096) -> EffectApproximator:
+    """Closed-form ridge fit, ``min ||X W + b - Y||^2 + lam ||W||^2`` with an unpenalised bias.
+
+    Centres X and Y, solves in float64 (primal d_model x d_model system, or the n x n dual when
+    n < d_model); ``lam = 0`` gives the minimum-norm least-squares solution. ``Y`` is read in row
+    chunks so a 50k x 16k effect matrix is never copied whole to float64.
+    """
+    _check_xy(X, Y)
+    if lam < 0:
+        raise ValueError(f"ridge lam must be >= 0; got {lam}")
+    n, d = X.shape
+    dev = X.device
+    Xd = X.double()
+    mu_x = Xd.mean(0)
+    Xc = Xd - mu_x
+    mu_y = sum(Y[i:i + chunk_size].to(dev, torch.float64).sum(0) for i in range(0, n, chunk_size)) / n
+    if n >= d:
+        G = Xc.T @ Xc
+        # Xc^T 1 = 0, so Xc^T Y equals Xc^T (Y - mean): no centred copy of Y is needed.
+        XtY = sum(Xc[i:i + chunk_size].T @ Y[i:i + chunk_size].to(dev, torch.float64) for i in range(0, n, chunk_size))
+        if lam > 0:
+            W = torch.linalg.solve(G + lam * torch.eye(d, dtype=G.dtype, device=dev), XtY)
+        else:
+            W = torch.linalg.pinv(G, hermitian=True) @ XtY
+    else:
+        K = Xc @ Xc.T
+        Yc = Y.to(dev, torch.float64) - mu_y
+        A = torch.linalg.solve(K + lam * torch.eye(n, dtype=K.dtype, device=dev), Yc) if lam > 0 else torch.linalg.pinv(K, hermitian=True) @ Yc
+        W = Xc.T @ A
+    b = mu_y - mu_x @ W
+    return _finite(EffectApproximator(W.float(), b.float()))
+
+
+@torch.no_grad()
+def _mse(approx: EffectApproximator, X: Tensor, Y: Tensor, chunk: int = 4096) -> float:
+    total = 0.0
+    for i in range(0, X.shape[0], chunk):
+        pred = approx.predict(X[i:i + chunk].to(approx.W.device))
+        total += F.mse_loss(pred, Y[i:i + chunk].to(pred), reduction="sum").item()
+    return total / (X.shape[0] * Y.shape[1])
+
+
+def fit_adam(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lr: float = 2e-4, epochs: int = 15,
+             batch_size: int = 64, seed: int = 0, X_val: Tensor | None = None, Y_val: Tensor | None = None,
+             device: str | torch.device | None = None, progress: bool = False) -> tuple[EffectApproximator, list[dict[str, Any]]]:
+    """The reference training: MSE, Adam, shuffled minibatches, cosine LR decay per epoch (T_max = epochs).
+
+    Returns the approximator and one history row per epoch: ``epoch``, ``lr``, ``train_mse`` (mean
+    over the epoch's batches) and, with a validation set, ``val_mse`` (after the epoch).
+    """
+    _check_xy(X, Y)
+    if (X_val is None) != (Y_val is None):
+        raise ValueError("pass both X_val and Y_val, or neither")
+    if X_val is not None:
+        _check_xy(X_val, Y_val)
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else X.device
+    n = X.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    # Start at the mean predictor (W = 0, b = mean effect) instead of the reference's random W and
+    # zero b: the large dense-feature entries of b need not be learnt at lr 2e-4, and epoch 1
+    # starts from the baseline the fit is judged against.
+    W = torch.zeros(X.shape[1], Y.shape[1], device=device, requires_grad=True)
+    b = Y.float().mean(0).to(device).requires_grad_(True)
+    opt = torch.optim.Adam([W, b], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    history: list[dict[str, Any]] = []
+    for epoch in tqdm(range(1, epochs + 1), desc="fit_adam", disable=not progress):
+        cur_lr = opt.param_groups[0]["lr"]
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            xb = X[idx].to(device, torch.float32)
+            yb = Y[idx].to(device, torch.float32)
+            loss = F.mse_loss(xb @ W + b, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        row: dict[str, Any] = {"epoch": epoch, "lr": cur_lr, "train_mse": total / n}
+        if X_val is not None:
+            row["val_mse"] = _mse(EffectApproximator(W.detach(), b.detach()), X_val, Y_val)
+        history.append(row)
+    return _finite(EffectApproximator(W.detach().clone(), b.detach().clone())), history
+
+
+def split_holdout(vector_ids: Int[Tensor, " n"], n_holdout: int, seed: int = 0) -> tuple[Int[Tensor, " n_train"], Int[Tensor, " n_holdout"]]:
+    """Seeded random train/validation split; returns sorted row positions into ``vector_ids``.
+
+    The split depends on the set of ids, not on their row order, so effects gathered in a different
+    shard order give the same split. (The reference held out the last 100 rows.)
+    """
+    ids = torch.as_tensor(vector_ids).long().flatten().cpu()
+    n = ids.numel()
+    if not 1 <= n_holdout < n:
+        raise ValueError(f"n_holdout must be between 1 and n - 1 = {n - 1} (there are {n} vectors); got {n_holdout}. Lower approximator.holdout or measure more vectors")
+    if ids.unique().numel() != n:
+        raise ValueError("vector_ids contains duplicates; a vector measured twice would leak between train and validation")
+    order = torch.argsort(ids)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val = order[perm[:n_holdout]].sort().values
+    train = order[perm[n_holdout:]].sort().values
+    return train, val
+
+
+def _median(x: Tensor) -> float:
+    # torch.median returns the lower middle value; use the usual midpoint.
+    return float(x.double().quantile(0.5)) if x.numel() else float("nan")
+
+
+@torch.no_grad()
+def approximator_metrics(approx: EffectApproximator, X_val: Float[Tensor, "n d_model"], Y_val: Float[Tensor, "n d_sae"],
+                         Y_train_mean: Float[Tensor, " d_sae"], val_ids: Int[Tensor, " n"] | None = None,
+                         decoder_feature_ids: Int[Tensor, " n"] | None = None) -> dict[str, Any]:
+    """Held-out fit quality, as plain JSON-serialisable values.
+
+    MSE of the approximator, of predicting zero and of predicting the train mean effect; R^2 against
+    the train-mean baseline (overall, and per feature as ``per_feature_r2``, None where the feature
+    never varies); cosine of predicted vs measured effect (raw and with the train mean removed). With
+    ``decoder_feature_ids`` (the feature whose decoder row each vector is, -1 for other vectors):
+    the fraction whose predicted / measured effect has its own feature as the top feature.
+    ``val_ids`` adds a ``per_vector`` table (id, mse, cosine).
+    """
+    if X_val.ndim != 2 or Y_val.shape != (X_val.shape[0], approx.d_sae) or X_val.shape[0] == 0:
+        raise ValueError(f"need X_val [n, d_model] and Y_val [n, d_sae={approx.d_sae}] with n >= 1; got {tuple(X_val.shape)}, {tuple(Y_val.shape)}")
+    dev = approx.W.device
+    Y = Y_val.to(dev, torch.float64)
+    P = approx.predict(X_val.to(dev)).double()
+    mu = Y_train_mean.to(dev, torch.float64).expand_as(Y)
+    mse = ((P - Y) ** 2).mean().item()
+    mse_zero = (Y ** 2).mean().item()
+    mse_mean = ((mu - Y) ** 2).mean().item()
+    sse_f = ((P - Y) ** 2).sum(0)
+    sst_f = ((mu - Y) ** 2).sum(0)
+    has_var = sst_f > 0
+    r2_f = torch.where(has_var, 1 - sse_f / sst_f.clamp_min(1e-300), torch.full_like(sst_f, float("nan")))
+    r2_defined = r2_f[has_var]
+    cos = F.cosine_similarity(P, Y, dim=1)
+    out: dict[str, Any] = {
+        "n_val": int(Y.shape[0]),
+        "mse": mse,
+        "mse_zero": mse_zero,
+        "mse_mean": mse_mean,
+        "r2": 1 - mse / mse_mean if mse_mean > 0 else float("nan"),
+        "beats_mean_baseline": bool(mse < mse_mean),
+        "per_feature_r2_median": _median(r2_defined),
+        "per_feature_r2_frac_positive": float((r2_defined > 0).double().mean()) if r2_defined.numel() else float("nan"),
+        "n_features_varying": int(has_var.sum()),
+        "cosine_mean": float(cos.mean()),
+        "cosine_median": _median(cos),
+        "cosine_mean_baseline": float(F.cosine_similarity(mu, Y, dim=1).mean()),
+        "centered_cosine_mean": float(F.cosine_similarity(P - mu, Y - mu, dim=1).mean()),
+        "decoder_top1_predicted": None,
+        "decoder_top1_measured": None,
+        "n_decoder_rows": 0,
+    }
+    if decoder_feature_ids is not None:
+        fid = torch.as_tensor(decoder_feature_ids).long().to(dev).flatten()
+        if fid.numel() != Y.shape[0]:
+            raise ValueError(f"decoder_feature_ids has {fid.numel()} entries for {Y.shape[0]} validation vectors")
+        is_row = fid >= 0
+        if (fid >= approx.d_sae).any():
+            raise ValueError(f"decoder_feature_ids must be < d_sae={approx.d_sae} (or -1 for vectors that are not decoder rows)")
+        if is_row.any():
+            out["decoder_top1_predicted"] = float((P[is_row].argmax(1) == fid[is_row]).double().mean())
+            out["decoder_top1_measured"] = float((Y[is_row].argmax(1) == fid[is_row]).double().mean())
+        out["n_decoder_rows"] = int(is_row.sum())
+    out["per_feature_r2"] = [None if math.isnan(v) else v for v in r2_f.tolist()]
+    if val_ids is not None:
+        ids = torch.as_tensor(val_ids).flatten().tolist()
+        if len(ids) != Y.shape[0]:
+            raise ValueError(f"val_ids has {len(ids)} entries for {Y.shape[0]} validation vectors")
+        mse_v = ((P - Y) ** 2).mean(1).tolist()
+        out["per_vector"] = [{"id": int(i), "mse": m, "cosine": c} for i, m, c in zip(ids, mse_v, cos.tolist())]
+    return out

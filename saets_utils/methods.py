@@ -1,0 +1,260 @@
+"""Build one steering vector per method: CAA, SAE, SAE-TS, pinverse, rotation, FGAA.
+
+Each builder is a plain function that returns a unit vector [d_model] (``prompt`` needs none),
+never mutates its inputs and rejects bad input with a ValueError. A target is a list of
+``(feature id, weight)`` pairs, as in REFERENCE.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .approximator import EffectApproximator, rotation_matrix
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+__all__ = [
+    "METHODS", "METHOD_COLORS", "Target", "target_vector", "build_sae_vector", "build_sae_ts_vector",
+    "build_pinverse_vector", "rotation_matrix", "build_rotation_vector", "mean_resid", "build_caa_vector",
+    "mean_sae_acts", "feature_density", "build_fgaa_target", "build_fgaa_vector", "discover_target_features",
+]
+
+METHODS: tuple[str, ...] = ("CAA", "SAE", "SAE-TS", "pinverse", "rotation", "FGAA", "prompt")
+# Matplotlib tab10 colours, identical to plots.METHOD_COLORS (one colour per method everywhere).
+METHOD_COLORS: dict[str, str] = {
+    "CAA": "#1f77b4", "SAE": "#ff7f0e", "SAE-TS": "#d62728", "pinverse": "#9467bd",
+    "rotation": "#2ca02c", "FGAA": "#8c564b", "prompt": "#7f7f7f",
+}
+
+Target = list[tuple[int, float]]
+TokenSeqs = Sequence[Tensor | Sequence[int]] | Tensor
+
+
+def _unit(v: Tensor, what: str) -> Tensor:
+    n = v.norm()
+    if not torch.isfinite(v).all() or not n > 0:
+        raise ValueError(f"{what} is zero or not finite; it cannot be normalised to a steering vector")
+    return v / n
+
+
+def target_vector(targets: Target, d_sae: int, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device | None = None) -> Float[Tensor, " d_sae"]:
+    """Dense target ``t`` [d_sae] from ``[(feature id, weight), ...]``."""
+    if not targets:
+        raise ValueError("target is empty; give at least one (feature id, weight) pair")
+    t = torch.zeros(d_sae, dtype=dtype, device=device)
+    seen: set[int] = set()
+    for pair in targets:
+        try:
+            fid, w = pair
+            ok_id = not isinstance(fid, bool) and int(fid) == fid
+            w = float(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"target entry {pair!r} is not a (feature id, weight) pair of numbers") from None
+        if not ok_id or not 0 <= int(fid) < d_sae:
+            raise ValueError(f"target feature id {fid!r} is out of range for an SAE with d_sae={d_sae}")
+        if int(fid) in seen:
+            raise ValueError(f"target feature id {fid} appears twice; merge its weights")
+        if not math.isfinite(w):
+            raise ValueError(f"target weight {w!r} of feature {fid} is not finite")
+        seen.add(int(fid))
+        t[int(fid)] = w
+    if not t.any():
+        raise ValueError("all target weights are zero")
+    return t
+
+
+def build_sae_vector(W_dec: Float[Tensor, "d_sae d_model"], targets: Target) -> Float[Tensor, " d_model"]:
+    """SAE: weighted sum of the target features' decoder rows, unit-normalised."""
+    t = target_vector(targets, W_dec.shape[0], W_dec.dtype, W_dec.device)
+    return _unit(t @ W_dec, "the weighted sum of decoder rows")
+
+
+def build_sae_ts_vector(approx: EffectApproximator, targets: Target, lam: float = 1.0) -> Float[Tensor, " d_model"]:
+    """SAE-TS: ``norm(W t) - lam * norm(W b)``, unit-normalised.
+
+    ``W t`` is the direction whose predicted effect best matches the target; subtracting the bias
+    direction cancels the effect every steering vector has (BOS, position and other dense features).
+    """
+    if not math.isfinite(lam):
+        raise ValueError(f"SAE-TS lam must be finite; got {lam}")
+    t = target_vector(targets, approx.d_sae, approx.W.dtype, approx.W.device)
+    s = _unit(approx.W @ t, "W @ t (the target's predicted direction)") - lam * approx.correction
+    return _unit(s, f"the SAE-TS vector (lam={lam})")
+
+
+def build_pinverse_vector(approx: EffectApproximator, targets: Target,
+                          W_pinv: Float[Tensor, "d_sae d_model"] | None = None) -> Float[Tensor, " d_model"]:
+    """Pseudoinverse: least-squares ``x`` with ``x @ W + b ~= t / ||t||``, i.e. ``(t/||t|| - b) @ pinv(W)``.
+
+    Unit-normalised here so every method is compared at the same steering scales; the reference
+    code used it unnormalised. Pass ``W_pinv`` to reuse one pseudoinverse across tasks.
+    """
+    t = target_vector(targets, approx.d_sae, torch.float64, approx.W.device)
+    if W_pinv is None:
+        W_pinv = torch.linalg.pinv(approx.W.double())
+    elif W_pinv.shape != (approx.d_sae, approx.d_model):
+        raise ValueError(f"W_pinv must be [d_sae, d_model] = [{approx.d_sae}, {approx.d_model}]; got {tuple(W_pinv.shape)}")
+    x = (t / t.norm() - approx.b.double()) @ W_pinv.double()
+    return _unit(x, "the pseudoinverse solution").to(approx.W.dtype)
+
+
+def build_rotation_vector(approx: EffectApproximator, W_dec: Float[Tensor, "d_sae d_model"], targets: Target,
+                          R: Float[Tensor, "d_model d_model"] | None = None, lam: float = 1.0) -> Float[Tensor, " d_model"]:
+    """Rotation: rotate the target's decoder direction into effect space, ``norm(R d) - lam * norm(W b)``, normalised.
+
+    Needs no measured effect for the target feature, only its decoder row. ``R`` defaults to
+    :func:`rotation_matrix`; pass a precomputed one (it is saved next to the approximator).
+    """
+    if W_dec.shape != (approx.d_sae, approx.d_model):
+        raise ValueError(f"W_dec must be [d_sae, d_model] = [{approx.d_sae}, {approx.d_model}] to match the approximator; got {tuple(W_dec.shape)}")
+    if R is None:
+        R = rotation_matrix(approx, W_dec)
+    elif R.shape != (approx.d_model, approx.d_model):
+        raise ValueError(f"R must be [d_model, d_model] = [{approx.d_model}, {approx.d_model}]; got {tuple(R.shape)}")
+    d = build_sae_vector(W_dec.to(approx.W), targets)
+    s = _unit(R.to(d) @ d, "R @ d") - lam * approx.correction
+    return _unit(s, f"the rotation vector (lam={lam})")
+
+
+def _stop_layer(model: "HookedTransformer", hook_name: str) -> int | None:
+    if hook_name not in model.hook_dict:
+        raise ValueError(f"hook {hook_name!r} is not a hook of the model (e.g. blocks.0.hook_resid_post)")
+    parts = hook_name.split(".")
+    return int(parts[1]) + 1 if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def _as_seqs(tokens: TokenSeqs) -> list[Tensor]:
+    seqs = [torch.as_tensor(t).long().flatten() for t in tokens]
+    if not seqs:
+        raise ValueError("no token sequences given")
+    return seqs
+
+
+@torch.no_grad()
+def _per_example_acts(model: "HookedTransformer", hook_name: str, tokens: TokenSeqs, include_first_position: bool,
+                      batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(acts [b, seq, d_model], mask [b, seq])`` per batch; mask marks the positions to average."""
+    seqs = _as_seqs(tokens)
+    start = 0 if include_first_position else 1
+    for i, s in enumerate(seqs):
+        if s.numel() <= start:
+            raise ValueError(f"token sequence {i} has {s.numel()} tokens and no position to average"
+                             + ("" if include_first_position else " once the first (start) position is excluded"))
+    stop = _stop_layer(model, hook_name)
+    device = model.cfg.device
+    for i in range(0, len(seqs), batch_size):
+        batch = seqs[i:i + batch_size]
+        lens = torch.tensor([len(s) for s in batch])
+        # Right padding: with causal attention a pad token never influences an earlier real
+        # position, so no attention mask is needed; padded positions are masked out of the mean.
+        toks = torch.zeros(len(batch), int(lens.max()), dtype=torch.long)
+        for j, s in enumerate(batch):
+            toks[j, :len(s)] = s
+        _, cache = model.run_with_cache(toks.to(device), names_filter=hook_name, stop_at_layer=stop)
+        pos = torch.arange(toks.shape[1])
+        mask = (pos[None] < lens[:, None]) & (pos[None] >= start)
+        yield cache[hook_name], mask.to(cache[hook_name].device)
+
+
+def _masked_example_mean(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(torch.float64).unsqueeze(-1)
+    return (x.double() * m).sum(1) / m.sum(1)
+
+
+def mean_resid(model: "HookedTransformer", hook_name: str, tokens: TokenSeqs, include_first_position: bool,
+               batch_size: int = 32) -> Float[Tensor, " d_model"]:
+    """Mean residual activation at ``hook_name``: over each example's tokens, then over examples.
+
+    ``tokens``: 1-D token id tensors of any lengths (BOS already added by the caller), or a 2-D
+    tensor of equal-length rows. Returned as float32 on the CPU.
+    """
+    means = [_masked_example_mean(acts, mask) for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size)]
+    return torch.cat([m.cpu() for m in means]).mean(0).float()
+
+
+def build_caa_vector(model: "HookedTransformer", hook_name: str, pos_tokens: TokenSeqs, neg_tokens: TokenSeqs,
+                     include_first_position: bool, batch_size: int = 32) -> Float[Tensor, " d_model"]:
+    """CAA: ``mean_resid(positive) - mean_resid(negative)``, unit-normalised."""
+    diff = mean_resid(model, hook_name, pos_tokens, include_first_position, batch_size) \
+        - mean_resid(model, hook_name, neg_tokens, include_first_position, batch_size)
+    return _unit(diff, "the CAA difference of means")
+
+
+def _sae_codes(sae: "SAE", acts: Tensor) -> Tensor:
+    p = next(sae.parameters())
+    return sae.encode(acts.to(p.device, p.dtype))
+
+
+def mean_sae_acts(model: "HookedTransformer", sae: "SAE", hook_name: str, tokens: TokenSeqs,
+                  include_first_position: bool, batch_size: int = 32) -> Float[Tensor, " d_sae"]:
+    """Mean SAE activation: over each example's tokens, then over examples (float32, CPU)."""
+    means = [_masked_example_mean(_sae_codes(sae, acts), mask.to(next(sae.parameters()).device))
+             for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size)]
+    return torch.cat([m.cpu() for m in means]).mean(0).float()
+
+
+def feature_density(model: "HookedTransformer", sae: "SAE", hook_name: str, tokens: TokenSeqs,
+                    include_first_position: bool, batch_size: int = 32) -> Float[Tensor, " d_sae"]:
+    """Fraction of (unpadded) token positions on which each SAE feature is active (> 0)."""
+    active, count = None, 0
+    for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size):
+        codes = _sae_codes(sae, acts)
+        on = ((codes > 0) & mask.to(codes.device).unsqueeze(-1)).sum((0, 1)).double().cpu()
+        active = on if active is None else active + on
+        count += int(mask.sum())
+    return (active / count).float()
+
+
+def _top_contrast(pos_acts: Tensor, neg_acts: Tensor, density: Tensor, density_max: float, k: int,
+                  exclude: Sequence[int] = ()) -> Target:
+    if not (pos_acts.shape == neg_acts.shape == density.shape) or pos_acts.ndim != 1:
+        raise ValueError(f"pos_acts, neg_acts and density must all be [d_sae]; got {tuple(pos_acts.shape)}, {tuple(neg_acts.shape)}, {tuple(density.shape)}")
+    if k < 1:
+        raise ValueError(f"top-k must be >= 1; got {k}")
+    if not 0 < density_max <= 1:
+        raise ValueError(f"density_max must be in (0, 1]; got {density_max}")
+    d_sae = pos_acts.shape[0]
+    bad = [f for f in exclude if not 0 <= int(f) < d_sae]
+    if bad:
+        raise ValueError(f"excluded (BOS) feature ids {bad} are out of range for d_sae={d_sae}")
+    diff = pos_acts.double().cpu() - neg_acts.double().cpu()
+    if not torch.isfinite(diff).all():
+        raise ValueError("pos_acts / neg_acts contain non-finite values")
+    keep = density.cpu() <= density_max
+    keep[list(map(int, exclude))] = False
+    diff = torch.where(keep, diff, torch.zeros_like(diff))
+    vals, ids = diff.topk(min(k, d_sae))
+    pos = vals > 0
+    if not pos.any():
+        raise ValueError("no feature is more active on the positive examples once dense and excluded features are dropped")
+    vals, ids = vals[pos], ids[pos]
+    vals = vals / vals.sum()
+    return [(int(i), float(v)) for i, v in zip(ids, vals)]
+
+
+def build_fgaa_target(pos_acts: Float[Tensor, " d_sae"], neg_acts: Float[Tensor, " d_sae"], density: Float[Tensor, " d_sae"],
+                      density_max: float, bos_features: Sequence[int], top_k: int) -> Target:
+    """FGAA target: ``pos - neg`` mean SAE activations, dense (> density_max) and BOS-only features
+    dropped, the top-k positive entries kept and L1-normalised (largest first)."""
+    return _top_contrast(pos_acts, neg_acts, density, density_max, top_k, exclude=bos_features)
+
+
+def build_fgaa_vector(approx: EffectApproximator, targets: Target, lam: float = 1.0) -> Float[Tensor, " d_model"]:
+    """FGAA: the SAE-TS formula applied to the FGAA target."""
+    return build_sae_ts_vector(approx, targets, lam)
+
+
+def discover_target_features(pos_acts: Float[Tensor, " d_sae"], neg_acts: Float[Tensor, " d_sae"], density: Float[Tensor, " d_sae"],
+                             density_max: float, k: int) -> Target:
+    """Target features for an SAE with no published ids: the top-k features of the positive minus
+    negative contrast, dense features dropped, weights L1-normalised (largest first)."""
+    return _top_contrast(pos_acts, neg_acts, density, density_max, k)

@@ -1,0 +1,252 @@
+"""Properties of the steering-vector builders: unit norm, no mutation, clear errors, and each
+method doing what its formula promises on constructed cases."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from saets_utils.approximator import EffectApproximator
+from saets_utils.config import EvalConfig
+from saets_utils.methods import (
+    METHOD_COLORS, METHODS, build_caa_vector, build_fgaa_target, build_fgaa_vector, build_pinverse_vector,
+    build_rotation_vector, build_sae_ts_vector, build_sae_vector, discover_target_features, feature_density,
+    mean_resid, mean_sae_acts, rotation_matrix, target_vector,
+)
+
+D_MODEL, D_SAE = 16, 24
+HOOK = "blocks.1.hook_resid_post"
+
+
+def unit_rows(n, d, g):
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).float()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def approx():
+    g = torch.Generator().manual_seed(0)
+    return EffectApproximator(torch.randn(D_MODEL, D_SAE, generator=g), torch.randn(D_SAE, generator=g))
+
+
+@pytest.fixture(scope="module")
+def W_dec():
+    return unit_rows(D_SAE, D_MODEL, torch.Generator().manual_seed(1))
+
+
+def seqs(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.cat([torch.tensor([1]), torch.randint(2, 97, (n - 1,), generator=g)]) for n in lengths]
+
+
+def test_method_names_match_config_and_colours():
+    assert set(METHODS) == set(METHOD_COLORS) == set(EvalConfig().methods)
+    assert len(set(METHOD_COLORS.values())) == len(METHODS)
+    plots = pytest.importorskip("saets_utils.plots")
+    assert getattr(plots, "METHOD_COLORS", METHOD_COLORS) == METHOD_COLORS  # one colour per method everywhere
+
+
+def test_target_vector():
+    t = target_vector([(3, 0.5), (7, -2.0)], D_SAE)
+    assert t.shape == (D_SAE,) and t[3] == 0.5 and t[7] == -2.0 and t.abs().sum() == 2.5
+
+
+@pytest.mark.parametrize("targets, msg", [
+    ([], "empty"), ([(D_SAE, 1.0)], "out of range"), ([(-1, 1.0)], "out of range"), ([(1.5, 1.0)], "out of range"),
+    ([(True, 1.0)], "out of range"), ([(2, 1.0), (2, 1.0)], "twice"), ([(2, float("nan"))], "not finite"),
+    ([(2, 0.0)], "zero"), ([(2,)], "pair"), ([("x", 1.0)], "pair"),
+])
+def test_target_vector_rejects_bad_targets(targets, msg):
+    with pytest.raises(ValueError, match=msg):
+        target_vector(targets, D_SAE)
+
+
+def test_every_vector_method_is_unit_and_leaves_inputs_alone(approx, W_dec, tiny_model):
+    targets = [(2, 0.5), (5, 0.5)]
+    saved = copy.deepcopy((approx.W, approx.b, W_dec, targets))
+    pos, neg = seqs([3, 5, 4], 0), seqs([6, 2], 1)
+    saved_toks = [t.clone() for t in pos + neg]
+    vectors = {
+        "SAE": build_sae_vector(W_dec, targets),
+        "SAE-TS": build_sae_ts_vector(approx, targets),
+        "pinverse": build_pinverse_vector(approx, targets),
+        "rotation": build_rotation_vector(approx, W_dec, targets),
+        "FGAA": build_fgaa_vector(approx, targets),
+        "CAA": build_caa_vector(tiny_model, HOOK, pos, neg, include_first_position=True, batch_size=2),
+    }
+    assert set(vectors) == set(METHODS) - {"prompt"}
+    for name, v in vectors.items():
+        width = tiny_model.cfg.d_model if name == "CAA" else D_MODEL
+        assert v.shape == (width,), name
+        assert v.norm().item() == pytest.approx(1.0, abs=1e-5), name
+    for a, b in zip((approx.W, approx.b, W_dec), saved[:3]):
+        assert torch.equal(a, b)
+    assert targets == saved[3]
+    assert all(torch.equal(a, b) for a, b in zip(pos + neg, saved_toks))
+
+
+def test_sae_ts_raises_target_effect_where_decoder_row_misfires():
+    # Feature 0's decoder row e0 barely drives its own effect (W[:, 0] = 0.2 e0 + e1) but drives
+    # feature 1 hard (W[:, 1] = 2 e0): the situation SAE-TS was made for.
+    g = torch.Generator().manual_seed(2)
+    W = 0.1 * torch.randn(D_MODEL, D_SAE, generator=g)
+    e = torch.eye(D_MODEL)
+    W[:, 0], W[:, 1] = 0.2 * e[0] + e[1], 2 * e[0]
+    W_dec = unit_rows(D_SAE, D_MODEL, g)
+    W_dec[0] = e[0]
+    approx = EffectApproximator(W, torch.randn(D_SAE, generator=g))
+    sae, ts = approx.predict(build_sae_vector(W_dec, [(0, 1.0)])), approx.predict(build_sae_ts_vector(approx, [(0, 1.0)]))
+    assert ts[0] > sae[0] + 0.3
+    assert ts[0] - ts[1] > sae[0] - sae[1]
+
+
+def test_sae_ts_without_bias_term_maximises_predicted_target_effect(approx, W_dec):
+    # lam=0 gives norm(W[:, j]), the unit vector with the largest x @ W[:, j] (Cauchy-Schwarz).
+    for j in range(D_SAE):
+        ts = approx.predict(build_sae_ts_vector(approx, [(j, 1.0)], lam=0.0))[j]
+        assert ts >= approx.predict(W_dec[j])[j] - 1e-5
+        assert ts - approx.b[j] == pytest.approx(approx.W[:, j].norm().item(), rel=1e-5)
+
+
+def test_sae_ts_removes_bias_direction(approx):
+    c = approx.correction
+    for j in range(D_SAE):
+        plain, ts = build_sae_ts_vector(approx, [(j, 1.0)], lam=0.0), build_sae_ts_vector(approx, [(j, 1.0)])
+        assert ts @ c < plain @ c
+
+
+def test_sae_ts_zero_result_raises():
+    # target direction == bias direction and lam = 1: the two terms cancel.
+    approx = EffectApproximator(torch.eye(D_MODEL, D_SAE), torch.eye(D_SAE)[3])
+    with pytest.raises(ValueError, match="SAE-TS vector"):
+        build_sae_ts_vector(approx, [(3, 1.0)], lam=1.0)
+
+
+def test_pinverse_solves_least_squares(approx):
+    targets = [(4, 1.0), (9, 3.0)]
+    t = target_vector(targets, D_SAE, torch.float64)
+    rhs = (t / t.norm() - approx.b.double()).unsqueeze(1)
+    x = torch.linalg.lstsq(approx.W.double().T, rhs).solution.squeeze(1)  # min ||x @ W - rhs||
+    v = build_pinverse_vector(approx, targets)
+    torch.testing.assert_close(v.double(), x / x.norm(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(build_pinverse_vector(approx, targets, W_pinv=torch.linalg.pinv(approx.W)), v, atol=1e-5, rtol=0)
+
+
+def test_rotation_matrix_is_orthogonal(approx, W_dec):
+    R = rotation_matrix(approx, W_dec)
+    torch.testing.assert_close(R @ R.T, torch.eye(D_MODEL), atol=1e-5, rtol=0)
+
+
+def test_rotation_recovers_a_known_rotation_and_maps_decoder_rows_to_effect_columns(W_dec):
+    # W's columns are rotated (and rescaled) decoder rows: R must be that rotation, and the
+    # rotation vector of feature j (no bias) must be the direction of W[:, j], i.e. R d, not R^T d.
+    g = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(D_MODEL, D_MODEL, generator=g, dtype=torch.float64))[0].float()
+    W = (Q @ W_dec.T) * (0.5 + torch.rand(D_SAE, generator=g))
+    approx = EffectApproximator(W, torch.zeros(D_SAE))
+    R = rotation_matrix(approx, W_dec)
+    torch.testing.assert_close(R, Q, atol=1e-4, rtol=0)
+    for j in (0, 7):
+        v = build_rotation_vector(approx, W_dec, [(j, 1.0)])
+        torch.testing.assert_close(v, W[:, j] / W[:, j].norm(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(build_rotation_vector(approx, W_dec, [(j, 1.0)], R=R), v)
+
+
+def test_rotation_and_pinverse_reject_width_mismatch(approx, W_dec):
+    with pytest.raises(ValueError, match="W_dec must be"):
+        build_rotation_vector(approx, W_dec[:, :-1], [(0, 1.0)])
+    with pytest.raises(ValueError, match="W_dec must be"):
+        rotation_matrix(approx, W_dec[:-1])
+    with pytest.raises(ValueError, match="R must be"):
+        build_rotation_vector(approx, W_dec, [(0, 1.0)], R=torch.eye(D_MODEL + 1))
+    with pytest.raises(ValueError, match="W_pinv must be"):
+        build_pinverse_vector(approx, [(0, 1.0)], W_pinv=torch.zeros(D_MODEL, D_SAE))
+    with pytest.raises(ValueError, match="out of range"):
+        build_sae_ts_vector(approx, [(D_SAE, 1.0)])
+
+
+def _direct_means(model, toks, start, fn=lambda a: a):
+    """Per-example mean over positions of fn(acts), one unpadded forward pass per example."""
+    out = []
+    for s in toks:
+        _, cache = model.run_with_cache(s[None])
+        out.append(fn(cache[HOOK][0, start:]).mean(0))
+    return torch.stack(out).mean(0)
+
+
+@pytest.mark.parametrize("include_first", [True, False])
+def test_caa_matches_direct_computation(tiny_model, include_first):
+    pos, neg = seqs([3, 7, 5, 2, 9], 4), seqs([4, 6, 8], 5)
+    start = 0 if include_first else 1
+    mp = _direct_means(tiny_model, pos, start)
+    torch.testing.assert_close(mean_resid(tiny_model, HOOK, pos, include_first, batch_size=2), mp, atol=1e-5, rtol=1e-5)
+    expected = mp - _direct_means(tiny_model, neg, start)
+    v = build_caa_vector(tiny_model, HOOK, pos, neg, include_first, batch_size=2)
+    torch.testing.assert_close(v, expected / expected.norm(), atol=1e-5, rtol=1e-5)
+
+
+def test_mean_resid_accepts_equal_length_tensor(tiny_model):
+    toks = torch.stack(seqs([5, 5, 5], 6))
+    torch.testing.assert_close(mean_resid(tiny_model, HOOK, toks, True), mean_resid(tiny_model, HOOK, list(toks), True, batch_size=1))
+
+
+def test_mean_resid_rejects_bad_input(tiny_model):
+    with pytest.raises(ValueError, match="not a hook"):
+        mean_resid(tiny_model, "blocks.9.hook_resid_post", seqs([3], 0), True)
+    with pytest.raises(ValueError, match="no token sequences"):
+        mean_resid(tiny_model, HOOK, [], True)
+    with pytest.raises(ValueError, match="no position to average"):
+        mean_resid(tiny_model, HOOK, seqs([3, 1], 0), include_first_position=False)
+
+
+def test_mean_sae_acts_and_density_match_direct_computation(tiny_model, tiny_sae):
+    toks = seqs([3, 7, 5, 2], 7)
+    expected = _direct_means(tiny_model, toks, 1, tiny_sae.encode)
+    got = mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, include_first_position=False, batch_size=3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    codes = []
+    for s in toks:
+        _, cache = tiny_model.run_with_cache(s[None])
+        codes.append(tiny_sae.encode(cache[HOOK][0]))
+    dens = feature_density(tiny_model, tiny_sae, HOOK, toks, include_first_position=True, batch_size=3)
+    torch.testing.assert_close(dens, (torch.cat(codes) > 0).float().mean(0))
+
+
+def test_fgaa_target_drops_dense_and_bos_features_and_l1_normalises():
+    pos = torch.zeros(D_SAE)
+    pos[[0, 1, 2, 3, 4, 5]] = torch.tensor([9.0, 8.0, 3.0, 2.0, 1.0, 0.5])
+    neg = torch.zeros(D_SAE)
+    neg[5] = 1.0  # more active on negatives: never a target
+    density = torch.full((D_SAE,), 0.001)
+    density[0] = 0.5  # dense
+    target = build_fgaa_target(pos, neg, density, density_max=0.01, bos_features=[1], top_k=3)
+    assert [i for i, _ in target] == [2, 3, 4]
+    assert sum(w for _, w in target) == pytest.approx(1.0)
+    assert [w for _, w in target] == pytest.approx([0.5, 1 / 3, 1 / 6])
+    # top_k larger than the number of positive features keeps only the positive ones
+    assert [i for i, _ in build_fgaa_target(pos, neg, density, 0.01, [1], top_k=10)] == [2, 3, 4]
+    v = build_fgaa_vector(EffectApproximator(torch.randn(D_MODEL, D_SAE), torch.randn(D_SAE)), target)
+    assert v.norm().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_discover_target_features():
+    g = torch.Generator().manual_seed(8)
+    pos, neg = torch.rand(D_SAE, generator=g), torch.rand(D_SAE, generator=g)
+    density = torch.rand(D_SAE, generator=g) * 0.02
+    found = discover_target_features(pos, neg, density, density_max=0.01, k=4)
+    diff = torch.where(density <= 0.01, pos - neg, torch.tensor(-math.inf))
+    assert [i for i, _ in found] == [i for i in diff.topk(4).indices.tolist() if diff[i] > 0]
+    assert sum(w for _, w in found) == pytest.approx(1.0)
+    assert all(w > 0 for _, w in found) and all(density[i] <= 0.01 for i, _ in found)
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(neg_acts=torch.zeros(D_SAE + 1)), "must all be"), (dict(top_k=0), "top-k"), (dict(density_max=0.0), "density_max"),
+    (dict(bos_features=[D_SAE]), "out of range"), (dict(pos_acts=torch.zeros(D_SAE)), "no feature is more active"),
+])
+def test_fgaa_target_rejects_bad_input(kwargs, msg):
+    args = dict(pos_acts=torch.ones(D_SAE), neg_acts=torch.zeros(D_SAE), density=torch.zeros(D_SAE),
+                density_max=0.01, bos_features=[], top_k=3) | kwargs
+    with pytest.raises(ValueError, match=msg):
+        build_fgaa_target(**args)
