@@ -277,6 +277,8 @@ class EvalConfig(_Strict):
     judge: JudgeConfig = JudgeConfig()
     fgaa_top_k: int = Field(20, gt=0)
     fgaa_density_max: float = Field(0.01, gt=0, le=1)
+    # Features that fire only on the start token (excluded by FGAA); REFERENCE.md lists them for Gemma Scope 2B.
+    fgaa_bos_features: list[int] = Field(default_factory=list)
     bootstrap: int = Field(1000, ge=0)
 
 

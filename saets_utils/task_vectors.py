@@ -1,0 +1,145 @@
+"""Turn a steering goal (a task) into one steering vector per method, from the run's files.
+
+Target features come from the task file (keyed by ``sae.targets_key``) or, for an SAE with no
+published ids (the embedded default), are discovered from the task's contrastive examples.
+Every choice is recorded in a :class:`TaskVectors` so 03 can write down how each vector was built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import methods as M
+from .approximator import EffectApproximator
+from .config import RunConfig
+from .tasks import Task, check_target_ids
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+TARGET_METHODS = ("SAE", "SAE-TS", "pinverse", "rotation")
+
+
+@dataclass
+class SteeringContext:
+    """What building vectors needs: the run, the unsteered model and SAE, the effect approximator
+    and rotation of 02 (None before 02 has run), the baseline feature density ``[d_sae]`` of 01,
+    and the start token id."""
+
+    run: RunConfig
+    model: "HookedTransformer"
+    sae: "SAE"
+    approx: EffectApproximator | None
+    rotation: Tensor | None
+    density: Tensor
+    bos: int
+
+    @property
+    def hook_name(self) -> str:
+        return self.run.sae.hook_name
+
+    def tokens(self, texts: list[str]) -> list[Tensor]:
+        """Each text as ``[bos, *tokens]`` (1-D), the same way rollouts start."""
+        assert self.model.tokenizer is not None
+        return [torch.tensor([self.bos, *self.model.tokenizer.encode(t, add_special_tokens=False)]) for t in texts]
+
+
+@dataclass
+class TaskVectors:
+    """Unit steering vectors ``{method: [d_model]}`` of one task, the targets each used, and how
+    the targets were obtained (``listed`` under a targets key, or ``discovered``)."""
+
+    task: str
+    vectors: dict[str, Tensor] = field(default_factory=dict)
+    targets: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    targets_how: str = ""
+
+
+def contrast_acts(task: Task, ctx: SteeringContext) -> tuple[Tensor, Tensor]:
+    """Mean SAE activations ``[d_sae]`` on the task's positive and negative examples."""
+    incl = ctx.run.effects.include_first_position
+    pos = M.mean_sae_acts(ctx.model, ctx.sae, ctx.hook_name, ctx.tokens(task.positive), incl)
+    neg = M.mean_sae_acts(ctx.model, ctx.sae, ctx.hook_name, ctx.tokens(task.negative), incl)
+    return pos, neg
+
+
+def resolve_targets(task: Task, ctx: SteeringContext, acts: tuple[Tensor, Tensor] | None = None
+                    ) -> tuple[dict[str, list[tuple[int, float]]], str]:
+    """Targets per target-based method and a sentence saying where they came from."""
+    key = ctx.run.sae.targets_key
+    d_sae = ctx.sae.cfg.d_sae
+    listed = {m: task.targets_for(key, m) for m in TARGET_METHODS}
+    if all(t is not None for t in listed.values()):
+        for m, t in listed.items():
+            check_target_ids(t, d_sae, f"params/tasks/{task.name}.yaml targets[{key}] ({m})")  # type: ignore[arg-type]
+        return {m: list(t) for m, t in listed.items() if t is not None}, f"listed in params/tasks/{task.name}.yaml under {key}"
+    pos, neg = acts if acts is not None else contrast_acts(task, ctx)
+    found = M.discover_target_features(pos, neg, ctx.density, ctx.run.eval.fgaa_density_max, task.discover.k)
+    how = (f"discovered: top {task.discover.k} feature(s) of mean SAE activation on the {len(task.positive)} positive "
+           f"minus {len(task.negative)} negative examples, features with baseline density > "
+           f"{ctx.run.eval.fgaa_density_max} dropped, weights L1-normalised")
+    return {m: found for m in TARGET_METHODS}, how
+
+
+def build_task_vectors(task: Task, ctx: SteeringContext, methods: list[str]) -> TaskVectors:
+    """Unit vectors for every steering method in ``methods`` (``prompt`` needs none)."""
+    out = TaskVectors(task=task.name)
+    needs_acts = any(m in methods for m in ("FGAA",)) or ctx.run.sae.targets_key is None
+    acts = contrast_acts(task, ctx) if needs_acts else None
+    targets, out.targets_how = resolve_targets(task, ctx, acts)
+    lam = ctx.run.approximator.sae_ts_lambda
+    needs_approx = {"SAE-TS", "pinverse", "rotation", "FGAA"} & set(methods)
+    if needs_approx and ctx.approx is None:
+        raise FileNotFoundError(f"methods {sorted(needs_approx)} need the effect approximator; run notebooks/02_train.ipynb first")
+    for m in methods:
+        if m == "prompt":
+            continue
+        if m == "CAA":
+            v = M.build_caa_vector(ctx.model, ctx.hook_name, ctx.tokens(task.positive), ctx.tokens(task.negative),
+                                   ctx.run.effects.include_first_position)
+        elif m == "SAE":
+            v = M.build_sae_vector(ctx.sae.W_dec.detach().float().cpu(), targets["SAE"])
+        elif m == "SAE-TS":
+            v = M.build_sae_ts_vector(ctx.approx, targets["SAE-TS"], lam)  # type: ignore[arg-type]
+        elif m == "pinverse":
+            v = M.build_pinverse_vector(ctx.approx, targets["pinverse"])  # type: ignore[arg-type]
+        elif m == "rotation":
+            v = M.build_rotation_vector(ctx.approx, ctx.sae.W_dec.detach().float().cpu(), targets["rotation"],  # type: ignore[arg-type]
+                                        R=ctx.rotation, lam=lam)
+        elif m == "FGAA":
+            assert acts is not None
+            fg = M.build_fgaa_target(acts[0], acts[1], ctx.density, ctx.run.eval.fgaa_density_max,
+                                     ctx.run.eval.fgaa_bos_features, ctx.run.eval.fgaa_top_k)
+            out.targets["FGAA"] = fg
+            v = M.build_fgaa_vector(ctx.approx, fg, lam)  # type: ignore[arg-type]
+        else:
+            raise ValueError(f"unknown method {m!r}; use one of {M.METHODS}")
+        out.vectors[m] = v.float().cpu()
+        if m in targets:
+            out.targets[m] = targets[m]
+    return out
+
+
+def load_context(run: RunConfig, model: "HookedTransformer", sae: "SAE", require_approximator: bool = True) -> SteeringContext:
+    """A :class:`SteeringContext` from ``results/<run>/`` (baseline of 01, approximator of 02)."""
+    from safetensors.torch import load_file
+
+    from .approximator import load_rotation
+    from .loading import bos_id
+
+    d = run.results_dir
+    if not (d / "baseline.safetensors").is_file():
+        raise FileNotFoundError(f"{d / 'baseline.safetensors'} not found; run notebooks/01_effects.ipynb first")
+    density = load_file(d / "baseline.safetensors")["density"]
+    path = d / "approximator.safetensors"
+    if require_approximator and not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run notebooks/02_train.ipynb first")
+    approx = EffectApproximator.load(path) if path.is_file() else None
+    rotation = load_rotation(path) if path.is_file() else None
+    return SteeringContext(run=run, model=model, sae=sae, approx=approx, rotation=rotation, density=density,
+                           bos=bos_id(model, run.model))
