@@ -1,0 +1,357 @@
+"""Figures of the pipeline, from the files in ``results/<run>/`` (read with :func:`load_results`).
+
+Every function returns a ``matplotlib.figure.Figure`` that is already closed in pyplot: nothing
+leaks, nothing is shown twice, and a returned figure still displays inline in Jupyter (importing
+pyplot registers the inline formatter) and saves headless with :func:`save_figure` (Agg when no
+display). Methods have one colour and one name everywhere (``METHOD_ORDER``, ``METHOD_COLORS``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+METHOD_ORDER = ("CAA", "SAE", "SAE-TS", "pinverse", "rotation", "FGAA", "prompt")
+METHOD_COLORS = {
+    "CAA": "#1f77b4", "SAE": "#ff7f0e", "SAE-TS": "#d62728", "pinverse": "#9467bd",
+    "rotation": "#2ca02c", "FGAA": "#8c564b", "prompt": "#7f7f7f",
+}
+_EXTRA_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#393b79")
+
+
+def method_color(method: str) -> str:
+    """The colour of ``method``; unknown methods get a stable colour outside the palette."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
+
+
+def _methods(df: pd.DataFrame) -> list[str]:
+    present = list(pd.unique(df["method"]))
+    return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=figsize, layout="constrained")
+    plt.close(fig)
+    return fig
+
+
+def _label(task: str) -> str:
+    return task.replace("_", " ")
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def _method_legend(fig: Figure, methods: list[str], lines: pd.DataFrame | None = None) -> None:
+    """One legend below the panels; with ``lines`` (a by_scale table), methods evaluated at a single
+    scale (drawn as a dashed level) get a dashed line entry."""
+    if lines is None:
+        handles = [Patch(color=method_color(m), label=m) for m in methods]
+    else:
+        single = lines.groupby("method")["scale"].nunique() == 1
+        handles = [Line2D([], [], color=method_color(m), marker="" if single.get(m) else "o", ms=4,
+                          ls="--" if single.get(m) else "-", label=m) for m in methods]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(methods), frameon=False)
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png", facecolor="white")
+    return path
+
+
+def _task_grid(tasks: list[str], ncols: int, panel: tuple[float, float]) -> tuple[Figure, list[Any]]:
+    ncols = max(1, min(ncols, len(tasks)))
+    nrows = -(-len(tasks) // ncols)
+    fig = _figure((panel[0] * ncols, panel[1] * nrows + 0.6))
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel()
+    for ax in axes[len(tasks):]:
+        ax.set_visible(False)
+    return fig, list(axes[:len(tasks)])
+
+
+def plot_product_vs_scale(by_scale: pd.DataFrame, ncols: int = 3) -> Figure:
+    """Behaviour x coherence against steering scale: one panel per task, one line per method
+    (``by_scale``: eval/by_scale.csv)."""
+    tasks, methods = list(pd.unique(by_scale["task"])), _methods(by_scale)
+    fig, axes = _task_grid(tasks, ncols, (4.0, 2.8))
+    for ax, task in zip(axes, tasks):
+        sub = by_scale[by_scale["task"] == task]
+        for m in methods:
+            d = sub[sub["method"] == m].sort_values("scale")
+            if len(d) == 1:  # e.g. the unsteered 'prompt' baseline: one value, drawn across the panel
+                ax.axhline(d["product"].iloc[0], color=method_color(m), ls="--", lw=1.2)
+            elif len(d):
+                ax.plot(d["scale"], d["product"], marker="o", ms=3, color=method_color(m))
+        ax.set_title(_label(task))
+        ax.grid(alpha=0.3)
+    ncols = axes[0].get_subplotspec().get_gridspec().ncols
+    for i, ax in enumerate(axes):
+        if i % ncols == 0:
+            ax.set_ylabel("behaviour × coherence")
+        if i + ncols >= len(axes):  # nothing drawn below this panel
+            ax.set_xlabel("steering scale")
+            ax.xaxis.set_tick_params(labelbottom=True)
+    _method_legend(fig, methods, by_scale)
+    return fig
+
+
+def plot_behaviour_coherence(by_scale: pd.DataFrame, ncols: int = 3) -> Figure:
+    """Mean behavioural score (top) and coherence score (bottom) against scale, per task: shows
+    whether a low product comes from weak steering or from broken text (``by_scale``: eval/by_scale.csv)."""
+    tasks, methods = list(pd.unique(by_scale["task"])), _methods(by_scale)
+    ncols = max(1, min(ncols, len(tasks)))
+    nrows = -(-len(tasks) // ncols)
+    fig = _figure((4.0 * ncols, 4.4 * nrows + 0.6))
+    subfigs = np.atleast_1d(fig.subfigures(nrows, ncols, squeeze=False)).ravel()
+    for sf, task in zip(subfigs, tasks):
+        ax_b, ax_c = sf.subplots(2, 1, sharex=True)
+        sub = by_scale[by_scale["task"] == task]
+        for m in methods:
+            d = sub[sub["method"] == m].sort_values("scale")
+            for ax, col in ((ax_b, "behaviour"), (ax_c, "coherence")):
+                if len(d) == 1:
+                    ax.axhline(d[col].iloc[0], color=method_color(m), ls="--", lw=1.2)
+                else:
+                    ax.plot(d["scale"], d[col], marker="o", ms=3, color=method_color(m))
+        ax_b.set_title(_label(task))
+        ax_b.set_ylabel("behaviour")
+        ax_c.set_ylabel("coherence")
+        ax_c.set_xlabel("steering scale")
+        for ax in (ax_b, ax_c):
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+    for sf in subfigs[len(tasks):]:
+        sf.set_visible(False)
+    _method_legend(fig, methods, by_scale)
+    return fig
+
+
+def plot_best_product(summary: pd.DataFrame) -> Figure:
+    """Max behaviour x coherence over scales per task and method, with bootstrap CIs, and the
+    average over tasks at the right (``summary``: eval/summary.csv)."""
+    tasks, methods = list(pd.unique(summary["task"])), _methods(summary)
+    table = summary.pivot(index="task", columns="method", values="max_product").reindex(tasks)
+    lo = summary.pivot(index="task", columns="method", values="ci_low").reindex(tasks)
+    hi = summary.pivot(index="task", columns="method", values="ci_high").reindex(tasks)
+    groups = tasks + ["average"]
+    width = 0.8 / len(methods)
+    fig = _figure((max(6.0, 0.22 * len(groups) * len(methods) + 2), 4.2))
+    ax = fig.subplots()
+    x = np.arange(len(groups))
+    for i, m in enumerate(methods):
+        vals = np.append(table[m].to_numpy(float), np.nanmean(table[m].to_numpy(float)))
+        err = np.vstack([np.append((table[m] - lo[m]).to_numpy(float), np.nan),
+                         np.append((hi[m] - table[m]).to_numpy(float), np.nan)])
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, vals, width, color=method_color(m), label=m,
+               yerr=np.clip(err, 0, None), error_kw={"elinewidth": 0.8, "capsize": 1.5})
+    ax.axvline(len(tasks) - 0.5, color="black", lw=0.6, ls=":")
+    ax.set_xticks(x, [_label(g) for g in groups], rotation=30, ha="right")
+    ax.set_ylabel("max behaviour × coherence")
+    ax.grid(axis="y", alpha=0.3)
+    _method_legend(fig, methods)
+    return fig
+
+
+def plot_approximator_diagnostics(pred: Any, measured: Any, b: Any, density: Any | None = None,
+                                  top: int = 20, max_points: int = 50_000, seed: int = 0) -> Figure:
+    """Left: predicted vs measured effect entries for held-out vectors (``pred``, ``measured``
+    [n, d_sae]; a seeded subsample of ``max_points``). Right: the ``top`` largest |b| entries of the
+    approximator bias [d_sae], each annotated with its feature density [d_sae] when given: large
+    bias entries are expected on BOS, position and other dense features."""
+    P, Y, bias = _np(pred), _np(measured), _np(b).ravel()
+    if P.shape != Y.shape or P.ndim != 2:
+        raise ValueError(f"pred and measured must both be [n, d_sae]; got {P.shape} and {Y.shape}")
+    fig = _figure((11, 4.6))
+    ax_s, ax_b = fig.subplots(1, 2, width_ratios=[1.1, 1])
+    p, y = P.ravel(), Y.ravel()
+    if p.size > max_points:
+        keep = np.random.default_rng(seed).choice(p.size, max_points, replace=False)
+        p, y = p[keep], y[keep]
+    ax_s.scatter(y, p, s=3, alpha=0.3, color="#1f77b4", rasterized=True, linewidths=0)
+    lim = [min(y.min(), p.min()), max(y.max(), p.max())]
+    ax_s.plot(lim, lim, color="black", lw=0.8, ls="--", label="predicted = measured")
+    cos = (P * Y).sum(1) / np.maximum(np.linalg.norm(P, axis=1) * np.linalg.norm(Y, axis=1), 1e-12)
+    ax_s.set_title(f"held-out effects ({P.shape[0]} vectors), mean cosine {cos.mean():.2f}", fontsize=10)
+    ax_s.set_xlabel("measured effect (SAE activation change)")
+    ax_s.set_ylabel("predicted effect  x·M + b")
+    ax_s.legend(loc="upper left", fontsize=8)
+    ax_s.grid(alpha=0.3)
+
+    ids = np.argsort(-np.abs(bias))[:top][::-1]
+    ax_b.barh(np.arange(len(ids)), bias[ids], color=np.where(bias[ids] >= 0, "#2ca02c", "#d62728"))
+    ax_b.set_yticks(np.arange(len(ids)), [f"#{i}" for i in ids], fontsize=8)
+    ax_b.axvline(0, color="black", lw=0.6)
+    ax_b.set_xlabel("bias b (effect of steering in any direction)")
+    note = " (numbers: feature density)" if density is not None else ""
+    ax_b.set_title(f"{len(ids)} largest |b| entries{note}", fontsize=10)
+    if density is not None:
+        dens = _np(density).ravel()
+        for row, i in enumerate(ids):
+            ax_b.annotate(f"{dens[i]:.2g}", (bias[i], row), xytext=(3 if bias[i] >= 0 else -3, 0),
+                          textcoords="offset points", va="center", ha="left" if bias[i] >= 0 else "right", fontsize=7)
+        ax_b.margins(x=0.18)
+    ax_b.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def plot_training_curve(history: pd.DataFrame, baselines: Mapping[str, float] | None = None) -> Figure:
+    """Train and validation MSE per epoch (``history``: columns epoch, train_mse, val_mse), with
+    optional horizontal baselines, e.g. ``{"predict zero": m["mse_zero"], "predict mean": m["mse_mean"]}``."""
+    fig = _figure((6, 3.8))
+    ax = fig.subplots()
+    for col, color in (("train_mse", "#1f77b4"), ("val_mse", "#d62728")):
+        if col in history and history[col].notna().any():
+            ax.plot(history["epoch"], history[col], marker="o", ms=3, color=color, label=col.replace("_", " "))
+    for (name, value), ls in zip((baselines or {}).items(), ("--", ":", "-.")):
+        ax.axhline(value, color="grey", ls=ls, lw=1, label=f"val MSE, {name}")
+    vals = pd.concat([history.get(c, pd.Series(dtype=float)) for c in ("train_mse", "val_mse")]).dropna()
+    if len(vals) and (vals > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return fig
+
+
+def plot_effect_profile(effect: Any, target_ids: list[int] | tuple[int, ...], density: Any | None = None,
+                        top: int = 15, title: str = "", dense_threshold: float = 0.01) -> Figure:
+    """The ``top`` most raised and most lowered features of one effect vector [d_sae] (measured or
+    predicted), with the target features always shown (red) and dense features (density >
+    ``dense_threshold``) hatched: tells at a glance whether a vector hits its target or side effects."""
+    e = _np(effect).ravel()
+    targets = [int(t) for t in target_ids]
+    order = np.argsort(e)
+    raised = [i for i in order[::-1][:top] if e[i] > 0]
+    lowered = [i for i in order[:top] if e[i] < 0]
+    ids = sorted(set(raised) | set(lowered) | set(targets), key=lambda i: e[i])
+    dense = set() if density is None else {i for i in ids if _np(density).ravel()[i] > dense_threshold}
+    fig = _figure((7, 1.2 + 0.22 * len(ids)))
+    ax = fig.subplots()
+    colors = ["#d62728" if i in targets else ("#1f77b4" if e[i] >= 0 else "#ff7f0e") for i in ids]
+    bars = ax.barh(np.arange(len(ids)), e[ids], color=colors)
+    for bar, i in zip(bars, ids):
+        if i in dense:
+            bar.set_hatch("///")
+            bar.set_edgecolor("black")
+    ax.set_yticks(np.arange(len(ids)), [f"#{i}" + (" (target)" if i in targets else "") for i in ids], fontsize=8)
+    for lbl, i in zip(ax.get_yticklabels(), ids):
+        if i in targets:
+            lbl.set_color("#d62728")
+            lbl.set_fontweight("bold")
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_xlabel("effect (change in mean SAE activation)")
+    ax.set_title(title or "effect profile", fontsize=10)
+    handles = [Patch(color="#d62728", label="target"), Patch(color="#1f77b4", label="raised"),
+               Patch(color="#ff7f0e", label="lowered")]
+    if density is not None:
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label=f"dense (> {dense_threshold:g})"))
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def plot_published_comparison(compare_df: pd.DataFrame) -> Figure:
+    """Our max product (with CI) beside the paper's, one panel per method the paper ran
+    (``compare_df``: :func:`saets_utils.scoring.compare_with_published`)."""
+    df = compare_df.dropna(subset=["published"])
+    if df.empty:
+        raise ValueError("compare_df has no rows with published numbers to compare against")
+    methods = _methods(df)
+    fig = _figure((min(4.2 * len(methods), 17), 3.8))
+    axes = np.atleast_1d(fig.subplots(1, len(methods), sharey=True, squeeze=False).ravel())
+    for ax, m in zip(axes, methods):
+        d = df[df["method"] == m]
+        x = np.arange(len(d))
+        ax.bar(x - 0.2, d["published"], 0.4, color="#cccccc", edgecolor="#555555", label="paper")
+        err = np.vstack([d["ours"] - d["ci_low"], d["ci_high"] - d["ours"]]).astype(float)
+        ax.bar(x + 0.2, d["ours"], 0.4, color=method_color(m), label="ours",
+               yerr=np.clip(err, 0, None), error_kw={"elinewidth": 0.8, "capsize": 2})
+        ax.set_xticks(x, [_label(t) for t in d["task"]], rotation=45, ha="right", fontsize=8)
+        ax.set_title(m)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("max behaviour × coherence")
+    fig.legend(handles=[Patch(facecolor="#cccccc", edgecolor="#555555", label="paper"),
+                        Patch(facecolor="white", edgecolor="black", label="ours (method colour, bootstrap CI)")],
+               loc="outside upper center", ncols=2, frameon=False, fontsize=9)
+    return fig
+
+
+class LazyTensors(Mapping[str, np.ndarray]):
+    """Read-only view of a safetensors file; each tensor is read (as float numpy) on access only,
+    so opening a multi-GB effects file costs nothing until a tensor is used."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        with safe_open(str(self.path), framework="pt") as f:
+            self._keys = list(f.keys())
+            self.metadata = f.metadata() or {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        if key not in self._keys:
+            raise KeyError(f"{key!r} not in {self.path} (has {self._keys})")
+        with safe_open(str(self.path), framework="pt") as f:
+            t = f.get_tensor(key)
+        return (t.float() if t.is_floating_point() else t).numpy()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"LazyTensors({self.path.name}: {self._keys})"
+
+
+_RESULT_FILES = {
+    "manifest": "manifest.json",
+    "approximator_metrics": "approximator_metrics.json",
+    "approximator_history": "approximator_history.csv",
+    "by_scale": "eval/by_scale.csv",
+    "summary": "eval/summary.csv",
+    "effects": "effects.safetensors",
+    "approximator": "approximator.safetensors",
+    "eval_vectors": "eval/vectors.safetensors",
+}
+
+
+def load_results(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything a report plots from ``results/<run>/``: keys of ``_RESULT_FILES`` mapped to a
+    dict (JSON), a DataFrame (CSV), a :class:`LazyTensors` (safetensors) or None when missing."""
+    root = Path(results_dir)
+    out: dict[str, Any] = {}
+    for key, rel in _RESULT_FILES.items():
+        path = root / rel
+        if not path.is_file():
+            out[key] = None
+        elif path.suffix == ".json":
+            out[key] = json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            out[key] = pd.read_csv(path)
+        else:
+            out[key] = LazyTensors(path)
+    return out

@@ -1,0 +1,92 @@
+"""Every plot runs on small synthetic data and writes a non-empty PNG, leaving no open figures."""
+
+import json
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (only to check that no pyplot figure is left open)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from saets_utils import plots, scoring  # noqa: E402
+from saets_utils.tasks import METHOD_NAMES  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tables():
+    rng = np.random.default_rng(0)
+    rows = []
+    for task in ("anger", "london", "want_to_die", "wedding"):
+        for m in ("CAA", "SAE-TS", "rotation", "prompt"):
+            scales = [0.0] if m == "prompt" else [0.0, 40.0, 80.0, 120.0]
+            for s in scales:
+                for i in range(12):
+                    rows.append(dict(task=task, method=m, scale=s, sample=i, behaviour=rng.uniform(0, s / 120 if s else 0.2),
+                                     coherence=rng.uniform(1 - s / 150, 1), behaviour_error=None, coherence_error=None))
+    samples = pd.DataFrame(rows)
+    summary = scoring.summary(samples, n_boot=50)
+    return scoring.by_scale(samples), summary, scoring.compare_with_published(summary, "gemma-2-2b")
+
+
+def _cases(tables):
+    by_scale, summary, compare = tables
+    rng = np.random.default_rng(1)
+    measured = rng.normal(size=(10, 64)) * (rng.uniform(size=64) < 0.2)
+    pred = measured + rng.normal(0, 0.2, measured.shape)
+    b, density = rng.normal(0, 0.1, 64), rng.uniform(0, 0.05, 64)
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_mse": [1.0, 0.5, 0.3], "val_mse": [1.1, 0.6, 0.4]})
+    return {
+        "product_vs_scale": lambda: plots.plot_product_vs_scale(by_scale),
+        "behaviour_coherence": lambda: plots.plot_behaviour_coherence(by_scale),
+        "best_product": lambda: plots.plot_best_product(summary),
+        "approximator": lambda: plots.plot_approximator_diagnostics(torch.tensor(pred), measured, b, density, top=10),
+        "approximator_no_density": lambda: plots.plot_approximator_diagnostics(pred, measured, b),
+        "training_curve": lambda: plots.plot_training_curve(history, {"predict mean": 0.9}),
+        "effect_profile": lambda: plots.plot_effect_profile(measured[0], [5, 7], density, top=5, title="anger"),
+        "published": lambda: plots.plot_published_comparison(compare),
+    }
+
+
+@pytest.mark.parametrize("name", ["product_vs_scale", "behaviour_coherence", "best_product", "approximator",
+                                  "approximator_no_density", "training_curve", "effect_profile", "published"])
+def test_plot_writes_png(tables, tmp_path, name):
+    fig = _cases(tables)[name]()
+    path = plots.save_figure(fig, tmp_path / "sub" / f"{name}.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+    assert plt.get_fignums() == []
+
+
+def test_method_palette_matches_config():
+    assert plots.METHOD_ORDER == METHOD_NAMES
+    assert set(plots.METHOD_COLORS) == set(METHOD_NAMES)
+    assert len(set(plots.METHOD_COLORS.values())) == len(METHOD_NAMES)
+    assert plots.method_color("other") == plots.method_color("other")
+
+
+def test_published_comparison_needs_published_rows(tables):
+    _, _, compare = tables
+    with pytest.raises(ValueError, match="published"):
+        plots.plot_published_comparison(compare.assign(published=np.nan))
+
+
+def test_load_results(tmp_path, tables):
+    by_scale, summary, _ = tables
+    assert all(v is None for v in plots.load_results(tmp_path / "missing").values())
+    (tmp_path / "eval").mkdir()
+    summary.to_csv(tmp_path / "eval" / "summary.csv", index=False)
+    (tmp_path / "approximator_metrics.json").write_text(json.dumps({"r2": 0.5}))
+    save_file({"effects": torch.ones(3, 4, dtype=torch.bfloat16), "vector_ids": torch.arange(3)},
+              str(tmp_path / "effects.safetensors"))
+    res = plots.load_results(tmp_path)
+    assert res["by_scale"] is None and res["approximator"] is None
+    assert res["approximator_metrics"] == {"r2": 0.5}
+    assert list(res["summary"].columns) == list(summary.columns)
+    eff = res["effects"]
+    assert set(eff) == {"effects", "vector_ids"} and len(eff) == 2
+    assert eff["effects"].dtype == np.float32 and eff["effects"].shape == (3, 4)
+    assert eff["vector_ids"].tolist() == [0, 1, 2]
