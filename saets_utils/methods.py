@@ -27,12 +27,7 @@ __all__ = [
     "mean_sae_acts", "feature_density", "build_fgaa_target", "build_fgaa_vector", "discover_target_features",
 ]
 
-METHODS: tuple[str, ...] = ("CAA", "SAE", "SAE-TS", "pinverse", "rotation", "FGAA", "prompt")
-# Matplotlib tab10 colours, identical to plots.METHOD_COLORS (one colour per method everywhere).
-METHOD_COLORS: dict[str, str] = {
-    "CAA": "#1f77b4", "SAE": "#ff7f0e", "SAE-TS": "#d62728", "pinverse": "#9467bd",
-    "rotation": "#2ca02c", "FGAA": "#8c564b", "prompt": "#7f7f7f",
-}
+from .names import METHOD_COLORS, METHODS  # noqa: E402 - re-exported: one name and colour per method
 
 Target = list[tuple[int, float]]
 TokenSeqs = Sequence[Tensor | Sequence[int]] | Tensor

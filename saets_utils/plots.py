@@ -20,11 +20,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-METHOD_ORDER = ("CAA", "SAE", "SAE-TS", "pinverse", "rotation", "FGAA", "prompt")
-METHOD_COLORS = {
-    "CAA": "#1f77b4", "SAE": "#ff7f0e", "SAE-TS": "#d62728", "pinverse": "#9467bd",
-    "rotation": "#2ca02c", "FGAA": "#8c564b", "prompt": "#7f7f7f",
-}
+from .names import METHOD_COLORS
+from .names import METHODS as METHOD_ORDER
+
 _EXTRA_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#393b79")
 
 
@@ -214,19 +212,23 @@ def plot_approximator_diagnostics(pred: Any, measured: Any, b: Any, density: Any
 
 
 def plot_training_curve(history: pd.DataFrame, baselines: Mapping[str, float] | None = None) -> Figure:
-    """Train and validation MSE per epoch (``history``: columns epoch, train_mse, val_mse), with
+    """Train and validation MSE per epoch (``history``: columns epoch, train_mse, val_mse) or, for
+    the closed-form fit, along the regularisation path (column ridge_lambda instead of epoch), with
     optional horizontal baselines, e.g. ``{"predict zero": m["mse_zero"], "predict mean": m["mse_mean"]}``."""
     fig = _figure((6, 3.8))
     ax = fig.subplots()
+    x = "epoch" if "epoch" in history else "ridge_lambda"
     for col, color in (("train_mse", "#1f77b4"), ("val_mse", "#d62728")):
         if col in history and history[col].notna().any():
-            ax.plot(history["epoch"], history[col], marker="o", ms=3, color=color, label=col.replace("_", " "))
+            ax.plot(history[x], history[col], marker="o", ms=3, color=color, label=col.replace("_", " "))
+    if x == "ridge_lambda":
+        ax.set_xscale("log")
     for (name, value), ls in zip((baselines or {}).items(), ("--", ":", "-.")):
         ax.axhline(value, color="grey", ls=ls, lw=1, label=f"val MSE, {name}")
     vals = pd.concat([history.get(c, pd.Series(dtype=float)) for c in ("train_mse", "val_mse")]).dropna()
     if len(vals) and (vals > 0).all():
         ax.set_yscale("log")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch" if x == "epoch" else "ridge penalty λ")
     ax.set_ylabel("MSE")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
