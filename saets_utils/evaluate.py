@@ -1,0 +1,176 @@
+"""Notebook 03's work: for each task and method, sweep the steering scale, generate, judge, score.
+
+Generation is batched per task across methods, scales and samples (one steering delta per row).
+Sample ``i`` uses the same random numbers for every method and scale (common random numbers), so
+at scale 0 all methods write the same text and differences between methods are not sampling noise.
+The judge is built (and an OpenAI key checked) before any generation starts.
+
+Writes ``results/<run>/eval/``: ``samples.jsonl`` (every text with its scores or errors),
+``by_scale.csv``, ``summary.csv``, ``vectors.safetensors`` (``<task>/<method>``), ``targets.json``,
+``judge_stats.json``; the judge cache lives in ``eval/judge_cache``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+
+from .config import RunConfig
+from .io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from .judges import JudgeRequest, make_judge, score_requests
+from .steering import generate, row_seed
+from .task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
+from .tasks import Task, load_tasks
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+EVAL_STREAM = 2  # seed stream of eval rollouts (01 uses 0 and 1)
+MAX_ROWS = 256
+
+
+@dataclass
+class EvalReport:
+    """Everything 03 produced: per-text ``samples``, ``by_scale`` and ``summary`` tables, how targets
+    were chosen (``targets``) and judge/run statistics (``stats``)."""
+
+    samples: pd.DataFrame
+    by_scale: pd.DataFrame
+    summary: pd.DataFrame
+    targets: pd.DataFrame
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def best_samples(self, n: int = 2) -> pd.DataFrame:
+        """``n`` texts per task and method at the method's best scale."""
+        best = self.summary[["task", "method", "best_scale"]]
+        m = self.samples.merge(best, left_on=["task", "method", "scale"], right_on=["task", "method", "best_scale"])
+        return m.groupby(["task", "method"]).head(n)[["task", "method", "scale", "behaviour", "coherence", "text"]]
+
+
+def _rows_for_task(task: Task, tv: TaskVectors, run: RunConfig) -> list[dict[str, Any]]:
+    """One dict per text to generate: method, scale, sample and, for steered rows, the vector."""
+    e = run.eval
+    rows = []
+    for method in e.methods:
+        scales = [0.0] if method == "prompt" else e.scale_grid.values()
+        for scale in scales:
+            for s in range(e.samples_per_scale):
+                rows.append({"task": task.name, "method": method, "scale": float(scale), "sample": s,
+                             "vector": tv.vectors.get(method)})
+    return rows
+
+
+@torch.no_grad()
+def generate_rows(ctx: SteeringContext, rows: list[dict[str, Any]], prefix: str, progress=None) -> list[str]:
+    """Texts (eval prompt + continuation) for rows sharing one prompt ``prefix + eval.prompt``."""
+    model, e = ctx.model, ctx.run.eval
+    assert model.tokenizer is not None
+    ids = [ctx.bos, *model.tokenizer.encode(prefix + e.prompt, add_special_tokens=False)]
+    d_model = model.cfg.d_model
+    texts: list[str] = []
+    for i in range(0, len(rows), MAX_ROWS):
+        chunk = rows[i:i + MAX_ROWS]
+        delta = torch.stack([(r["vector"] * r["scale"]) if r["vector"] is not None else torch.zeros(d_model)
+                             for r in chunk]).to(model.cfg.device)
+        seeds = [row_seed(ctx.run.seed, EVAL_STREAM, r["sample"]) for r in chunk]
+        gen = generate(model, torch.tensor([ids] * len(chunk)), e.new_tokens, seeds, e.sampling,
+                       ctx.hook_name, delta)
+        new = gen.tokens[:, len(ids):].cpu()
+        texts += [e.prompt + model.tokenizer.decode(t, skip_special_tokens=True) for t in new]
+        if progress is not None:
+            progress.update(len(chunk))
+    return texts
+
+
+def _requests(task: Task, df: pd.DataFrame, prompt: str) -> list[JudgeRequest]:
+    reqs = []
+    for kind, crit in (("behaviour", task.behaviour), ("coherence", task.coherence)):
+        reqs += [JudgeRequest(task=task.name, method=r.method, scale=r.scale, criterion_kind=kind, criterion=crit,  # type: ignore[arg-type]
+                              prompt=prompt, text=r.text, sample=int(r.sample)) for r in df.itertuples()]
+    return reqs
+
+
+def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progress: bool = True) -> EvalReport:
+    """Run the whole evaluation of ``run.eval`` and write its files (see module docstring)."""
+    from tqdm.auto import tqdm
+
+    from .offline_judge import make_mean_logprob_fn
+    from .scoring import by_scale, summary
+
+    tasks = load_tasks(run.eval.tasks)
+    needs_approx = bool({"SAE-TS", "pinverse", "rotation", "FGAA"} & set(run.eval.methods))
+    ctx = load_context(run, model, sae, require_approximator=needs_approx)
+    out = run.results_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    lm_fn = make_mean_logprob_fn(model, ctx.bos) if run.eval.judge.kind == "offline" else None
+    judge = make_judge(run.eval.judge, out / "judge_cache", mean_logprob_fn=lm_fn,
+                       examples={t.name: {"positive": t.positive, "negative": t.negative} for t in tasks})
+    frames, vectors, targets, requests = [], {}, [], []
+    n_scales = len(run.eval.scale_grid.values())
+    total = len(tasks) * run.eval.samples_per_scale * sum(1 if m == "prompt" else n_scales for m in run.eval.methods)
+    bar = tqdm(total=total, desc="generate", disable=not progress)
+    for task in tasks:
+        tv = build_task_vectors(task, ctx, run.eval.methods)
+        vectors.update({f"{task.name}/{m}": v for m, v in tv.vectors.items()})
+        targets += [{"task": task.name, "method": m, "targets": json.dumps(t), "how": tv.targets_how}
+                    for m, t in tv.targets.items()]
+        rows = _rows_for_task(task, tv, run)
+        steered = [r for r in rows if r["method"] != "prompt"]
+        prompted = [r for r in rows if r["method"] == "prompt"]
+        texts = generate_rows(ctx, steered, "", bar) if steered else []
+        texts += generate_rows(ctx, prompted, task.steering_prompt + "\n", bar) if prompted else []
+        df = pd.DataFrame([{k: v for k, v in r.items() if k != "vector"} for r in steered + prompted])
+        df["prompt"] = [run.eval.prompt if r["method"] != "prompt" else task.steering_prompt + "\n" + run.eval.prompt
+                        for r in steered + prompted]
+        df["text"] = texts
+        frames.append(df)
+        requests += _requests(task, df, run.eval.prompt)
+    bar.close()
+    atomic_save_safetensors(vectors, out / "vectors.safetensors")
+    results = score_requests(judge, requests, progress=progress)
+    samples = _attach_scores(pd.concat(frames, ignore_index=True), requests, results)
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n"
+                                                     for r in samples.to_dict("records")))
+    bs = by_scale(samples)
+    sm = summary(samples, n_boot=run.eval.bootstrap, seed=run.seed)
+    atomic_write_text(out / "by_scale.csv", bs.to_csv(index=False))
+    atomic_write_text(out / "summary.csv", sm.to_csv(index=False))
+    tdf = pd.DataFrame(targets)
+    atomic_write_json(out / "targets.json", targets)
+    stats = {"judge": judge.judge_id, **judge.stats.as_dict(), "n_texts": len(samples),
+             "n_requests": len(requests), "n_errors": int(sum(not r.ok for r in results))}
+    atomic_write_json(out / "judge_stats.json", stats)
+    return EvalReport(samples, bs, sm, tdf, stats)
+
+
+def _attach_scores(df: pd.DataFrame, requests: list[JudgeRequest], results: list) -> pd.DataFrame:
+    """Add ``behaviour``/``coherence`` (normalised or NaN), raw scores, errors and judge id per text."""
+    key = {(q.task, q.method, q.scale, q.sample, q.criterion_kind): r for q, r in zip(requests, results)}
+    for kind in ("behaviour", "coherence"):
+        res = [key[(r.task, r.method, r.scale, r.sample, kind)] for r in df.itertuples()]
+        df[kind] = [r.normalised if r.ok else math.nan for r in res]
+        df[f"{kind}_score"] = [r.score for r in res]
+        df[f"{kind}_error"] = [r.error for r in res]
+        df["judge"] = [r.judge for r in res]
+    return df
+
+
+def _jsonable(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+
+
+def load_eval(results_dir) -> dict[str, Any]:
+    """Read 03's tables back (``samples``, ``by_scale``, ``summary``); clear error if 03 has not run."""
+    from pathlib import Path
+
+    d = Path(results_dir) / "eval"
+    if not (d / "summary.csv").is_file():
+        raise FileNotFoundError(f"{d / 'summary.csv'} not found; run notebooks/03_eval.ipynb first")
+    return {"samples": pd.read_json(d / "samples.jsonl", lines=True), "by_scale": pd.read_csv(d / "by_scale.csv"),
+            "summary": pd.read_csv(d / "summary.csv")}

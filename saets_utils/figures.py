@@ -1,0 +1,71 @@
+"""Notebook 04's work: draw every figure of a run from its files into ``results/<run>/figures/``.
+
+Each figure is drawn only when its inputs exist, so 04 also works on a partial run (e.g. after 01).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are written to PNG (the notebook displays the files)
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from . import plots  # noqa: E402
+from .config import RunConfig  # noqa: E402
+
+N_PROFILES = 4
+
+
+def _save(fig, path: Path, made: list[Path]) -> None:
+    made.append(plots.save_figure(fig, path))
+    plt.close(fig)
+
+
+def make_all_figures(run: RunConfig) -> list[Path]:
+    """Write the run's figures (PNG) and return their paths."""
+    d = run.results_dir
+    fig_dir = d / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    made: list[Path] = []
+    ev = d / "eval"
+    if (ev / "by_scale.csv").is_file():
+        bs = pd.read_csv(ev / "by_scale.csv")
+        _save(plots.plot_product_vs_scale(bs), fig_dir / "product_vs_scale.png", made)
+        _save(plots.plot_behaviour_coherence(bs), fig_dir / "behaviour_coherence.png", made)
+    if (ev / "summary.csv").is_file():
+        from .scoring import compare_with_published
+
+        sm = pd.read_csv(ev / "summary.csv")
+        _save(plots.plot_best_product(sm), fig_dir / "best_product.png", made)
+        cmp = compare_with_published(sm, run.model.name)
+        if cmp is not None and cmp["published"].notna().any():
+            _save(plots.plot_published_comparison(cmp), fig_dir / "published_comparison.png", made)
+    if (d / "approximator_holdout.safetensors").is_file():
+        h = load_file(d / "approximator_holdout.safetensors")
+        a = load_file(d / "approximator.safetensors")
+        dens = load_file(d / "baseline.safetensors")["density"] if (d / "baseline.safetensors").is_file() else None
+        _save(plots.plot_approximator_diagnostics(h["pred"], h["measured"], a["b"], dens),
+              fig_dir / "approximator_diagnostics.png", made)
+    if (d / "effects.safetensors").is_file():
+        made += _effect_profiles(run, fig_dir)
+    return made
+
+
+def _effect_profiles(run: RunConfig, fig_dir: Path) -> list[Path]:
+    """Profiles of the first few measured vectors; for decoder rows the own feature is the target."""
+    from .effects_store import load_effects
+
+    eff = load_effects(run.results_dir)
+    is_rows = run.effects.vectors.source == "decoder_rows"
+    made: list[Path] = []
+    valid = eff.valid.nonzero()[:, 0].tolist()[:N_PROFILES]
+    for i in valid:
+        vid = int(eff.vector_ids[i])
+        fig = plots.plot_effect_profile(eff.effects[i], [vid] if is_rows else [], eff.baseline_density,
+                                        title=f"vector {vid} at scale {float(eff.scales[i]):.1f}")
+        _save(fig, fig_dir / f"effect_profile_{vid}.png", made)
+    return made

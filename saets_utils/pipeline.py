@@ -1,0 +1,174 @@
+"""Run notebooks 01 -> 04 for one params file with papermill and render HTML reports.
+
+``python -m saets_utils.pipeline params/demo.yaml`` executes each notebook into
+``results/<run>/notebooks/``, renders it to ``results/<run>/reports/<name>.html`` and writes
+``reports/index.html`` (links, the headline table, the figures). A step is skipped when its outputs
+exist and were made from the same settings as now (a stamp per step hashes the params that step
+reads, its task files and the stamp of the step before); ``--force`` re-runs everything, ``--steps``
+picks steps. A failure names the notebook, the cell and the error, and points at the executed copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from .config import REPO_ROOT, RunConfig, load_config
+from .io_utils import atomic_write_json, atomic_write_text
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    outputs: tuple[str, ...]
+    params_keys: tuple[str, ...]  # sections of the params this step's numbers depend on
+
+
+STEPS = (
+    Step("01_effects", ("effects.safetensors", "effects_table.csv", "effects_meta.json"),
+         ("seed", "model", "sae", "text", "effects")),
+    Step("02_train", ("approximator.safetensors", "approximator_metrics.json"), ("approximator",)),
+    Step("03_eval", ("eval/summary.csv", "eval/by_scale.csv", "eval/samples.jsonl"), ("eval",)),
+    Step("04_plots", ("figures",), ()),
+)
+
+
+class StepFailed(RuntimeError):
+    """A notebook failed; the message names it, the cell and the error."""
+
+
+def _stamp_key(run: RunConfig, step: Step, previous: str) -> str:
+    data = json.loads(run.model_dump_json())
+    blob = {k: data.get(k) for k in step.params_keys}
+    if step.name == "03_eval":
+        blob["tasks"] = {t: (REPO_ROOT / "params" / "tasks" / f"{t}.yaml").read_text()
+                         for t in run.eval.tasks if (REPO_ROOT / "params" / "tasks" / f"{t}.yaml").is_file()}
+    return hashlib.sha256((previous + json.dumps(blob, sort_keys=True, default=str)).encode()).hexdigest()[:16]
+
+
+def _stamp_path(run: RunConfig, step: Step) -> Path:
+    return run.results_dir / "reports" / ".stamps" / f"{step.name}.json"
+
+
+def is_current(run: RunConfig, step: Step, key: str) -> bool:
+    """Outputs exist and the stamp says they were made with the same settings."""
+    outs = [run.results_dir / o for o in step.outputs]
+    if not all(p.exists() and (p.is_file() or any(p.iterdir())) for p in outs):
+        return False
+    sp = _stamp_path(run, step)
+    return sp.is_file() and json.loads(sp.read_text()).get("key") == key
+
+
+def execute_notebook(run: RunConfig, step: Step, params_file: str, parameters: dict, timeout_s: int | None) -> Path:
+    """Execute ``notebooks/<step>.ipynb`` with papermill into ``results/<run>/notebooks/``."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    out = run.results_dir / "notebooks" / f"{step.name}.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / f"{step.name}.ipynb"), str(out),
+                            parameters={"params_file": params_file, **parameters}, cwd=str(REPO_ROOT),
+                            kernel_name="python3", progress_bar=False, log_output=True,
+                            execution_timeout=timeout_s)
+    except PapermillExecutionError as e:
+        raise StepFailed(f"notebook {step.name}.ipynb failed in cell {e.cell_index} (execution count {e.exec_count}): "
+                         f"{e.ename}: {e.evalue}\nexecuted copy with the traceback: {out}") from None
+    return out
+
+
+def render_html(executed: Path, reports: Path) -> Path:
+    """An executed notebook as a standalone HTML page (widgets' state included)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    path = reports / f"{executed.stem}.html"
+    atomic_write_text(path, body)
+    return path
+
+
+def write_index(run: RunConfig) -> Path:
+    """``reports/index.html``: the notebooks' reports, the headline table and every figure."""
+    import pandas as pd
+
+    d = run.results_dir
+    parts = [f"<h1>saets run <code>{html.escape(run.name)}</code></h1>",
+             f"<p>model {html.escape(run.model.name)} · SAE {html.escape(run.sae.key)} · judge {run.eval.judge.kind}</p><ul>"]
+    for s in STEPS:
+        if (d / "reports" / f"{s.name}.html").is_file():
+            parts.append(f'<li><a href="{s.name}.html">{s.name}</a></li>')
+    parts.append("</ul>")
+    if (d / "eval" / "summary.csv").is_file():
+        from .scoring import paper_style_table
+
+        table = paper_style_table(pd.read_csv(d / "eval" / "summary.csv")).round(3)
+        parts += ["<h2>Max behaviour × coherence over scales</h2>", table.to_html()]
+    metrics = d / "approximator_metrics.json"
+    if metrics.is_file():
+        from .training import verdict
+
+        parts += ["<h2>Effect approximator</h2>", f"<p>{html.escape(verdict(json.loads(metrics.read_text())))}</p>"]
+    for png in sorted((d / "figures").glob("*.png")):
+        parts.append(f'<h3>{html.escape(png.stem)}</h3><img src="../figures/{png.name}" style="max-width:100%">')
+    page = "<!doctype html><meta charset='utf-8'><title>saets " + html.escape(run.name) + "</title>" + "\n".join(parts)
+    path = d / "reports" / "index.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def run_pipeline(params_file: str, steps: list[str] | None = None, force: bool = False, gpus: int = 0,
+                 timeout_s: int | None = None) -> Path:
+    """Execute the selected steps in order (skipping current ones), render reports, write the index."""
+    run = load_config(params_file)  # validates before anything runs
+    reports = run.results_dir / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    names = [s.name for s in STEPS]
+    unknown = set(steps or []) - set(names)
+    if unknown:
+        raise ValueError(f"unknown steps {sorted(unknown)}; choose from {names}")
+    key = ""
+    for step in STEPS:
+        key = _stamp_key(run, step, key)
+        if steps and step.name not in steps:
+            continue
+        if not force and is_current(run, step, key):
+            print(f"[saets] {step.name}: up to date, skipped", flush=True)
+            continue
+        print(f"[saets] {step.name}: running", flush=True)
+        t0 = time.perf_counter()
+        extra = {"gpus": gpus} if step.name == "01_effects" else {}
+        executed = execute_notebook(run, step, params_file, extra, timeout_s)
+        render_html(executed, reports)
+        atomic_write_json(_stamp_path(run, step), {"key": key, "seconds": time.perf_counter() - t0})
+        print(f"[saets] {step.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    index = write_index(run)
+    print(f"[saets] reports: {index}", flush=True)
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("params_file", help="params/<run>.yaml")
+    ap.add_argument("--steps", help="comma-separated subset, e.g. 03_eval,04_plots")
+    ap.add_argument("--force", action="store_true", help="re-run steps even when their outputs are current")
+    ap.add_argument("--gpus", type=int, default=0, help="01's worker count (see notebooks/01_effects.ipynb)")
+    ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    a = ap.parse_args(argv)
+    try:
+        run_pipeline(a.params_file, a.steps.split(",") if a.steps else None, a.force, a.gpus, a.timeout)
+    except (StepFailed, ValueError, FileNotFoundError) as e:
+        print(f"[saets] FAILED: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
