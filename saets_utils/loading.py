@@ -134,19 +134,20 @@ def sae_from_gemma_scope_npz(path: str | Path, device: str = "cpu", hook_name: s
     return sae.to(device)
 
 
-def load_sae(run: RunConfig, device: str = "cpu") -> "SAE":
-    """The run's SAE (sae_lens object, eval mode, no grads) on ``device``."""
-    return load_sae_from(run.sae, run, device)
+def load_sae(run: RunConfig, device: str = "cpu", model: "HookedTransformer | None" = None) -> "SAE":
+    """The run's SAE (sae_lens object, eval mode, no grads) on ``device``; ``model`` (already loaded)
+    is reused if the SAE must first be trained."""
+    return load_sae_from(run.sae, run, device, model)
 
 
-def load_sae_from(sae_cfg: SAEConfig, run: RunConfig, device: str = "cpu") -> "SAE":
+def load_sae_from(sae_cfg: SAEConfig, run: RunConfig, device: str = "cpu", model: "HookedTransformer | None" = None) -> "SAE":
     """Load any configured SAE (the run's, or another one named in ``effects.vectors.sae``)."""
     from sae_lens import SAE
 
     if sae_cfg.source == "train":
         from .sae_training import train_or_load_sae
 
-        sae = train_or_load_sae(run, sae_cfg, device=device)
+        sae = train_or_load_sae(run, sae_cfg, device=device, model=model)
     elif sae_cfg.source == "tiny":
         from .tiny import tiny_sae
 

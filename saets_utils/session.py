@@ -39,6 +39,6 @@ def load_model_and_sae(run: RunConfig, device: str) -> tuple["HookedTransformer"
 
     model = load_model(run.model, device)
     validate_against_model(run, model)
-    sae = load_sae(run, device)
+    sae = load_sae(run, device, model)
     validate_sae(run, model, sae)
     return model, sae
