@@ -33,6 +33,7 @@ from .effects import RolloutSpec, measure_baseline, measure_effects, prompt_toke
 from .io_utils import atomic_write_json, atomic_save_safetensors
 
 WORK = "effects_work"
+RECIPE_VERSION = 2  # bump when the measurement changes, so stale partial work is not resumed
 
 
 def work_dir(run: RunConfig) -> Path:
@@ -43,7 +44,7 @@ def fingerprint(run: RunConfig) -> str:
     """Hash of every setting that changes the numbers (not batching, not worker count)."""
     eff = run.effects.model_dump(exclude={"vectors_per_batch"})
     blob = json.dumps({"model": run.model.model_dump(), "sae": run.sae.model_dump(), "text": run.text.model_dump(),
-                       "effects": eff, "seed": run.seed}, sort_keys=True, default=str)
+                       "effects": eff, "seed": run.seed, "recipe": RECIPE_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -111,8 +112,10 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     ids, vectors = build_vectors(run, sae, model.cfg.d_model, lambda c: load_sae_from(c, run, "cpu"))
     bos = bos_id(model, run.model)
     spec = rollout_spec(run, model, bos)
+    # Chunks start at document starts, as the SAE's training chunks do (a chunk starting mid-sentence
+    # makes position 1 a second attention sink on SmolLM2).
     loss_tokens = tokenize_chunks(model, load_texts(run.text), run.effects.loss_chunk_tokens,
-                                  run.effects.loss_chunks, bos, seed=run.seed + 1)
+                                  run.effects.loss_chunks, bos, seed=run.seed + 1, align_docs=True)
     hook = run.sae.hook_name
     resid = resid_at_hook(model, hook, loss_tokens)
     unsteered = float(steered_losses(model, hook, loss_tokens, resid, torch.zeros(1, model.cfg.d_model))[0])
