@@ -1,0 +1,271 @@
+"""ipywidgets UIs over the package functions: the effect explorer (notebook 01) and the steering
+playground (notebook 05).
+
+Callbacks only read widget values and call plain functions (:mod:`saets_utils.explore`,
+:func:`playground_generate`); the last rendered state stays on the widget object (``summary``,
+``table``, ``samples``, ``result``) so tests drive the UIs without a browser.
+
+Example:
+    >>> EffectExplorer(load_effects(run.results_dir), model.tokenizer).widget
+    >>> SteeringPlayground(load_context(run, model, sae), run.eval.tasks, ["SAE-TS", "CAA", "prompt"]).widget
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ipywidgets as W
+import matplotlib.pyplot as plt  # registers Jupyter's inline formatter, so display(Figure) shows a PNG
+import pandas as pd
+import torch
+from IPython.display import display
+from jaxtyping import Float
+from torch import Tensor
+
+from . import explore
+from . import methods as M
+from .effects_store import Effects
+from .plots import plot_effect_profile
+from .steering import generate, row_seed
+from .task_vectors import SteeringContext, build_task_vectors
+from .tasks import Task, check_target_ids, load_task
+
+CUSTOM = "(custom targets)"
+
+
+def _html_table(df: pd.DataFrame, caption: str) -> str:
+    body = df.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0) if len(df) else "<i>none</i>"
+    return f"<b>{html.escape(caption)}</b><br>{body}"
+
+
+class EffectExplorer:
+    """Pick a measured vector (or a feature, to list the vectors that raise it most) and see its
+    calibrated scale and status, its most raised and lowered features with density, and a few
+    steered samples. ``.widget`` is the container; ``.show(vector_id)`` renders programmatically."""
+
+    def __init__(self, effects: Effects, tokenizer: Any | None = None, k: int = 15, n_vectors: int = 10) -> None:
+        self.effects, self.tokenizer, self.k, self.n_vectors = effects, tokenizer, k, n_vectors
+        self.summary: dict[str, Any] = {}
+        self.table = pd.DataFrame()
+        self.samples: list[str] = []
+        self.raising = pd.DataFrame()
+        self.figure = None
+        self.error = ""
+        d_sae = effects.effects.shape[1]
+        first = int(effects.vector_ids[0]) if len(effects.vector_ids) else 0
+        self.vector = W.IntText(value=first, description="vector id")
+        self.feature = W.BoundedIntText(value=0, min=0, max=d_sae - 1, description="raises feature")
+        self.vector_list = W.Select(options=[], rows=6, description="vectors")
+        self.summary_html, self.table_html, self.samples_html = W.HTML(), W.HTML(), W.HTML()
+        self.plot = W.Output()
+        self.vector.observe(lambda ch: self.show(ch["new"]), names="value")
+        self.feature.observe(lambda ch: self.find(ch["new"]), names="value")
+        self.vector_list.observe(self._pick, names="value")
+        controls = W.VBox([W.HBox([self.vector, self.feature]), self.vector_list])
+        self.widget = W.VBox([controls, self.summary_html, W.HBox([self.plot, self.table_html]), self.samples_html])
+        self.show(first)
+
+    def show(self, vector_id: int) -> None:
+        """Render the summary, effect profile, top-effects table and samples of ``vector_id``."""
+        if self.vector.value != int(vector_id):
+            self.vector.value = int(vector_id)  # the observer calls show again with this id
+            return
+        e = self.effects
+        try:
+            row = e.row(vector_id)
+        except KeyError as err:
+            self.error = str(err.args[0])
+            self.summary_html.value = f"<span style='color:#d62728'>{html.escape(self.error)}</span>"
+            return
+        self.error = ""
+        self.summary = explore.vector_summary(e, vector_id, k=self.k)
+        self.table = explore.top_effects(e, vector_id, self.k)
+        self.samples = explore.decode_samples(e, vector_id, self.tokenizer) if self.tokenizer is not None else []
+        s = self.summary
+        own = ("" if s["own_rank"] is None else
+               f" &middot; own feature #{s['own_feature']}: rank {s['own_rank']}"
+               f" ({'in' if s['own_in_top_k'] else 'not in'} top {self.k}), effect {s['own_effect']:.4g}")
+        self.summary_html.value = (f"<b>vector {s['vector_id']}</b> &middot; scale {s['scale']:.4g} &middot; "
+                                   f"calibration: {html.escape(str(s['status']))} &middot; {s['seconds']:.2f} s{own}")
+        self.table_html.value = _html_table(self.table, f"top {self.k} raised / lowered features")
+        self.samples_html.value = "<b>steered samples</b><ol>" + "".join(
+            f"<li><pre style='white-space:pre-wrap;margin:0'>{html.escape(t)}</pre></li>" for t in self.samples) + "</ol>"
+        self.plot.clear_output(wait=True)
+        self.figure = None
+        if bool(e.valid[row]):
+            targets = [s["own_feature"]] if s["own_feature"] is not None else []
+            self.figure = plot_effect_profile(e.effects[row], targets, density=e.baseline_density, top=self.k,
+                                              title=f"effect of vector {vector_id} at scale {s['scale']:.3g}")
+            with self.plot:
+                display(self.figure)
+            plt.close(self.figure)  # no-op for an unmanaged Figure; guards against a pyplot one
+
+    def find(self, feature: int) -> None:
+        """List the vectors that raise SAE ``feature`` most in the vector selector."""
+        self.raising = explore.vectors_raising_feature(self.effects, feature, self.n_vectors)
+        self.vector_list.options = [(f"{v} (effect {x:+.3g})", int(v))
+                                    for v, x in zip(self.raising["vector_id"], self.raising["effect"])]
+        self.vector_list.value = None
+
+    def _pick(self, change: dict) -> None:
+        if change["new"] is not None:
+            self.show(change["new"])
+
+
+def parse_targets(text: str, d_sae: int) -> list[tuple[int, float]]:
+    """``"123:1.0, 456:0.5"`` (weight 1 when omitted) -> ``[(123, 1.0), (456, 0.5)]``; ids checked against ``d_sae``."""
+    out: list[tuple[int, float]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        fid, _, w = part.partition(":")
+        try:
+            out.append((int(fid), float(w) if w.strip() else 1.0))
+        except ValueError:
+            raise ValueError(f"cannot read target {part!r}; write feature ids as '123:1.0, 456:0.5'") from None
+    if not out:
+        raise ValueError("no target features given; write e.g. '123:1.0, 456:0.5'")
+    check_target_ids(out, d_sae, "custom targets")
+    return out
+
+
+def custom_target_vector(ctx: SteeringContext, targets: list[tuple[int, float]], method: str) -> Float[Tensor, " d_model"]:
+    """Unit vector of a target-based ``method`` for hand-written ``targets`` (FGAA uses the SAE-TS formula)."""
+    lam = ctx.run.approximator.sae_ts_lambda
+    W_dec = ctx.sae.W_dec.detach().float().cpu()
+    if method == "SAE":
+        return M.build_sae_vector(W_dec, targets)
+    if method in ("CAA", "prompt"):
+        raise ValueError(f"{method} needs a task's examples or instruction; choose a task, not custom targets")
+    if ctx.approx is None:
+        raise FileNotFoundError(f"{method} needs the effect approximator; run notebooks/02_train.ipynb first")
+    if method in ("SAE-TS", "FGAA"):
+        return M.build_sae_ts_vector(ctx.approx, targets, lam)
+    if method == "pinverse":
+        return M.build_pinverse_vector(ctx.approx, targets)
+    if method == "rotation":
+        return M.build_rotation_vector(ctx.approx, W_dec, targets, R=ctx.rotation, lam=lam)
+    raise ValueError(f"unknown method {method!r}; use one of {M.METHODS}")
+
+
+def join_prompt(prefix: str, prompt: str) -> str:
+    """The ``prompt`` baseline's input: the task's instruction, a space, then the prompt."""
+    return " ".join(p for p in (prefix.strip(), prompt) if p)
+
+
+@torch.no_grad()
+def playground_generate(ctx: SteeringContext, vector: Float[Tensor, " d_model"] | None, scale: float, prompt: str,
+                        seed: int, new_tokens: int, prompt_prefix: str = "", n_samples: int = 3, k: int = 10) -> dict[str, Any]:
+    """Unsteered and steered continuations of ``prompt`` drawn with the same seeds (same per-row
+    uniforms), so any difference is the steering's. ``vector`` (normalised here) is added at
+    ``scale``; ``prompt_prefix`` is prepended to the steered prompt only (the ``prompt`` method).
+
+    Returns ``unsteered``/``steered`` (lists of continuations), ``predicted`` (top ``k`` features the
+    approximator predicts for the unit vector at its calibrated scale, None without a vector or
+    approximator) and ``measured`` (top ``k`` of mean SAE activation over steered minus unsteered
+    generated tokens), plus the prompts and seeds.
+    """
+    seeds = [row_seed(int(seed), i) for i in range(n_samples)]
+    steered_prompt = join_prompt(prompt_prefix, prompt)
+    sampling, hook, dev = ctx.run.eval.sampling, ctx.hook_name, ctx.model.cfg.device
+    unit = None if vector is None else vector.detach().float().cpu() / vector.float().norm().clamp_min(1e-12).cpu()
+    delta = None if unit is None else (unit * float(scale)).to(dev)
+    ids = ctx.tokens([prompt, steered_prompt])
+    n = n_samples
+    if len(ids[0]) == len(ids[1]):  # one batch of 2n rows: on CPU a step costs about the same for n or 2n rows
+        zeros = torch.zeros(n, ctx.model.cfg.d_model, device=dev)
+        runs = [(torch.stack([ids[0]] * n + [ids[1]] * n), seeds * 2,
+                 None if delta is None else torch.cat([zeros, delta.expand(n, -1)]))]
+    else:
+        runs = [(ids[0].repeat(n, 1), seeds, None), (ids[1].repeat(n, 1), seeds, delta)]
+    texts: list[str] = []
+    codes: list[Tensor] = []
+    for tokens, row_seeds, d in runs:
+        gen = generate(ctx.model, tokens, int(new_tokens), row_seeds, sampling, hook, d, capture=True)
+        start = tokens.shape[1]
+        texts += [ctx.model.tokenizer.decode(t.tolist(), skip_special_tokens=True)  # type: ignore[union-attr]
+                  for t in gen.tokens[:, start:].cpu()]
+        acts = gen.activations[:, start:]  # type: ignore[index]
+        codes.append(ctx.sae.encode(acts.to(ctx.sae.W_dec.device, ctx.sae.W_dec.dtype)).float().mean(1).cpu())
+    per_row = torch.cat(codes)  # [2n, d_sae]; every row has new_tokens positions
+    measured = explore.top_features(per_row[n:].mean(0) - per_row[:n].mean(0), ctx.density, k, lowered=False)
+    predicted = None
+    if unit is not None and ctx.approx is not None:
+        predicted = explore.top_features(ctx.approx.predict(unit).cpu(), ctx.density, k, lowered=False)
+        predicted.insert(2, "bias", ctx.approx.b.cpu()[predicted["feature"].tolist()].numpy())
+    return {"prompt": prompt, "steered_prompt": steered_prompt, "scale": float(scale), "seeds": seeds,
+            "unsteered": texts[:n], "steered": texts[n:], "predicted": predicted, "measured": measured}
+
+
+class SteeringPlayground:
+    """Steer the model by a task's vector (or hand-written target features) and read unsteered and
+    steered continuations side by side, with the predicted and measured top features.
+
+    ``tasks``: task names (``params/tasks``), :class:`Task` objects or a mapping name -> Task.
+    Vectors are built once per (task or targets, method) and cached in ``.vectors``.
+    """
+
+    def __init__(self, ctx: SteeringContext, tasks: Sequence[str | Task] | Mapping[str, Task], methods: Sequence[str],
+                 scale: float | None = None, n_samples: int = 3, new_tokens: int = 24, k: int = 10) -> None:
+        self.ctx, self.n_samples, self.k = ctx, n_samples, k
+        items = tasks.items() if isinstance(tasks, Mapping) else (
+            (t.name, t) if isinstance(t, Task) else (str(t), load_task(t)) for t in tasks)
+        self.tasks: dict[str, Task] = dict(items)
+        self.vectors: dict[tuple[str, str], Tensor | None] = {}
+        self.result: dict[str, Any] = {}
+        self.error = ""
+        grid = ctx.run.eval.scale_grid.values()
+        self.task = W.Dropdown(options=[*self.tasks, CUSTOM], description="task")
+        self.targets = W.Text(placeholder="123:1.0, 456:0.5", description="targets")
+        self.method = W.Dropdown(options=list(methods), description="method")
+        self.scale = W.FloatSlider(value=grid[len(grid) // 2] if scale is None else scale, min=0.0,
+                                   max=max(grid[-1], scale or 0.0), step=1.0, description="scale")
+        self.prompt = W.Text(value=ctx.run.eval.prompt, description="prompt")
+        self.seed = W.IntText(value=ctx.run.seed, description="seed")
+        self.new_tokens = W.BoundedIntText(value=new_tokens, min=1, max=512, description="new tokens")
+        self.button = W.Button(description="Generate", button_style="primary")
+        self.status, self.samples_html, self.predicted_html, self.measured_html = W.HTML(), W.HTML(), W.HTML(), W.HTML()
+        self.button.on_click(lambda _: self.generate())
+        self.widget = W.VBox([W.HBox([self.task, self.targets, self.method]), W.HBox([self.scale, self.seed, self.new_tokens]),
+                              W.HBox([self.prompt, self.button]), self.status, self.samples_html,
+                              W.HBox([self.predicted_html, self.measured_html])])
+
+    def vector_for(self, task: str, method: str) -> Tensor | None:
+        """The cached unit vector of ``method`` for ``task`` (or the targets text when task is custom); None for ``prompt``."""
+        key = (f"custom:{self.targets.value.strip()}" if task == CUSTOM else task, method)
+        if key not in self.vectors:
+            if method == "prompt":
+                self.vectors[key] = None
+            elif task == CUSTOM:
+                targets = parse_targets(self.targets.value, self.ctx.sae.cfg.d_sae)
+                self.vectors[key] = custom_target_vector(self.ctx, targets, method)
+            else:
+                self.vectors[key] = build_task_vectors(self.tasks[task], self.ctx, [method]).vectors[method]
+        return self.vectors[key]
+
+    def generate(self) -> dict[str, Any]:
+        """Read the controls, generate, render; errors are shown in ``.status`` (and kept in ``.error``)."""
+        task, method = self.task.value, self.method.value
+        try:
+            if method == "prompt" and task == CUSTOM:
+                raise ValueError("the prompt method needs a task's instruction; choose a task")
+            vector = self.vector_for(task, method)
+            prefix = self.tasks[task].steering_prompt if method == "prompt" else ""
+            self.result = playground_generate(self.ctx, vector, self.scale.value, self.prompt.value, self.seed.value,
+                                              self.new_tokens.value, prefix, self.n_samples, self.k)
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            self.error = str(err)
+            self.status.value = f"<span style='color:#d62728'>{html.escape(self.error)}</span>"
+            return {}
+        self.error = ""
+        r = self.result
+        what = f"{method} for {task}" + ("" if method == "prompt" else f" at scale {r['scale']:.4g}")
+        self.status.value = f"<b>{html.escape(what)}</b> &middot; steered prompt: <code>{html.escape(r['steered_prompt'])}</code>"
+        rows = "".join(f"<tr><td><pre style='white-space:pre-wrap'>{html.escape(a)}</pre></td>"
+                       f"<td><pre style='white-space:pre-wrap'>{html.escape(b)}</pre></td></tr>"
+                       for a, b in zip(r["unsteered"], r["steered"]))
+        self.samples_html.value = f"<table><tr><th>unsteered</th><th>steered</th></tr>{rows}</table>"
+        self.predicted_html.value = ("<i>no predicted effects (prompt method or no approximator)</i>" if r["predicted"] is None
+                                     else _html_table(r["predicted"], "predicted top features (unit vector, calibrated scale)"))
+        self.measured_html.value = _html_table(r["measured"], "measured: steered minus unsteered mean SAE activation")
+        return r
