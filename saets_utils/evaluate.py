@@ -25,7 +25,7 @@ from .io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_t
 from .judges import JudgeRequest, make_judge, score_requests
 from .steering import generate, row_seed
 from .task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
-from .tasks import Task, load_tasks
+from .tasks import Task, join_prompt, load_tasks
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -68,10 +68,11 @@ def _rows_for_task(task: Task, tv: TaskVectors, run: RunConfig) -> list[dict[str
 
 @torch.no_grad()
 def generate_rows(ctx: SteeringContext, rows: list[dict[str, Any]], prefix: str, progress=None) -> list[str]:
-    """Texts (eval prompt + continuation) for rows sharing one prompt ``prefix + eval.prompt``."""
+    """Texts (eval prompt + continuation) for rows sharing one prompt: ``prefix`` (an instruction,
+    or empty) joined to ``eval.prompt``."""
     model, e = ctx.model, ctx.run.eval
     assert model.tokenizer is not None
-    ids = [ctx.bos, *model.tokenizer.encode(prefix + e.prompt, add_special_tokens=False)]
+    ids = [ctx.bos, *model.tokenizer.encode(join_prompt(prefix, e.prompt), add_special_tokens=False)]
     d_model = model.cfg.d_model
     texts: list[str] = []
     for i in range(0, len(rows), MAX_ROWS):
@@ -124,9 +125,9 @@ def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progres
         steered = [r for r in rows if r["method"] != "prompt"]
         prompted = [r for r in rows if r["method"] == "prompt"]
         texts = generate_rows(ctx, steered, "", bar) if steered else []
-        texts += generate_rows(ctx, prompted, task.steering_prompt + "\n", bar) if prompted else []
+        texts += generate_rows(ctx, prompted, task.steering_prompt, bar) if prompted else []
         df = pd.DataFrame([{k: v for k, v in r.items() if k != "vector"} for r in steered + prompted])
-        df["prompt"] = [run.eval.prompt if r["method"] != "prompt" else task.steering_prompt + "\n" + run.eval.prompt
+        df["prompt"] = [run.eval.prompt if r["method"] != "prompt" else join_prompt(task.steering_prompt, run.eval.prompt)
                         for r in steered + prompted]
         df["text"] = texts
         frames.append(df)

@@ -130,6 +130,11 @@ class Task(BaseModel):
         return list(entry)
 
 
+def join_prompt(prefix: str, prompt: str) -> str:
+    """The ``prompt`` baseline's input: the task's instruction, a space, then the prompt."""
+    return " ".join(p for p in (prefix.strip(), prompt) if p)
+
+
 def check_target_ids(targets: list[Target], d_sae: int, where: str) -> None:
     """Raise :class:`TaskError` if a feature id is outside ``[0, d_sae)``; ``where`` names the source."""
     bad = [fid for fid, _ in targets if not 0 <= fid < d_sae]

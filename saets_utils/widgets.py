@@ -30,7 +30,7 @@ from .effects_store import Effects
 from .plots import plot_effect_profile
 from .steering import generate, row_seed
 from .task_vectors import SteeringContext, build_task_vectors
-from .tasks import Task, check_target_ids, load_task
+from .tasks import Task, check_target_ids, join_prompt, load_task
 
 CUSTOM = "(custom targets)"
 
@@ -146,11 +146,6 @@ def custom_target_vector(ctx: SteeringContext, targets: list[tuple[int, float]],
     if method == "rotation":
         return M.build_rotation_vector(ctx.approx, W_dec, targets, R=ctx.rotation, lam=lam)
     raise ValueError(f"unknown method {method!r}; use one of {M.METHODS}")
-
-
-def join_prompt(prefix: str, prompt: str) -> str:
-    """The ``prompt`` baseline's input: the task's instruction, a space, then the prompt."""
-    return " ".join(p for p in (prefix.strip(), prompt) if p)
 
 
 @torch.no_grad()
