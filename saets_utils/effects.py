@@ -94,19 +94,31 @@ def encode_positions(sae: "SAE", acts: Tensor, include_first_position: bool) -> 
     return sae.encode(acts.to(sae.W_dec.dtype))
 
 
+def prompt_groups(spec: RolloutSpec, max_prompts: int | None = None) -> list[list[int]]:
+    """Prompt indices grouped by token length (same length = one batch), at most ``max_prompts`` each."""
+    by_len: dict[int, list[int]] = {}
+    for p, ids in enumerate(spec.prompts):
+        by_len.setdefault(len(ids), []).append(p)
+    k = max_prompts or len(spec.prompts)
+    return [g[i:i + k] for g in by_len.values() for i in range(0, len(g), k)]
+
+
 @torch.no_grad()
 def measure_baseline(model: "HookedTransformer", sae: "SAE", hook_name: str, spec: RolloutSpec,
                      multiplier: int, seed: int, max_rows: int = 256) -> FeatureSums:
     """Feature sums over ``multiplier * samples_per_prompt`` unsteered rollouts per prompt."""
     sums = FeatureSums.zeros(sae.cfg.d_sae)
     n = spec.samples_per_prompt * multiplier
-    for p, ids in enumerate(spec.prompts):
-        for start in range(0, n, max_rows):
-            rows = range(start, min(n, start + max_rows))
-            seeds = [row_seed(seed, BASELINE, p, s) for s in rows]
-            prompt = torch.tensor([ids] * len(seeds))
-            gen = generate(model, prompt, spec.new_tokens(p), seeds, spec.sampling, hook_name, None, capture=True)
-            sums.add(encode_positions(sae, gen.activations, spec.include_first_position))
+    rows = [(p, s) for g in prompt_groups(spec) for p in g for s in range(n)]
+    start = 0
+    while start < len(rows):
+        length = len(spec.prompts[rows[start][0]])
+        chunk = [r for r in rows[start:start + max_rows] if len(spec.prompts[r[0]]) == length]
+        start += len(chunk)
+        seeds = [row_seed(seed, BASELINE, p, s) for p, s in chunk]
+        prompt = torch.tensor([spec.prompts[p] for p, _ in chunk])
+        gen = generate(model, prompt, spec.new_tokens(chunk[0][0]), seeds, spec.sampling, hook_name, None, capture=True)
+        sums.add(encode_positions(sae, gen.activations, spec.include_first_position))
     return sums
 
 
@@ -122,24 +134,27 @@ class EffectsBlock:
 @torch.no_grad()
 def measure_effects(model: "HookedTransformer", sae: "SAE", hook_name: str, spec: RolloutSpec,
                     vectors: Tensor, vector_ids: Sequence[int], scales: Tensor, baseline_mean: Tensor,
-                    seed: int, keep_samples: int = 4) -> EffectsBlock:
-    """Effects of ``vectors [v, d_model]`` (unit) steered at ``scales [v]``, all in one batch per prompt.
+                    seed: int, keep_samples: int = 4, max_rows: int = 2048) -> EffectsBlock:
+    """Effects of ``vectors [v, d_model]`` (unit) steered at ``scales [v]``: one batch per group of
+    equally long prompts, rows ordered (prompt, vector, sample).
 
     Row ``(vector i, prompt p, sample s)`` is seeded by ``(seed, vector_ids[i], p, s)``, so the
-    result does not depend on how vectors are grouped into blocks.
+    result does not depend on how vectors or prompts are grouped into batches.
     """
     v, s_n = vectors.shape[0], spec.samples_per_prompt
     sums = [FeatureSums.zeros(sae.cfg.d_sae) for _ in range(v)]
     delta = (vectors * scales[:, None].to(vectors.dtype)).to(model.cfg.device).repeat_interleave(s_n, dim=0)
     samples = None
-    for p, ids in enumerate(spec.prompts):
-        seeds = [row_seed(seed, STEERED, int(vid), p, s) for vid in vector_ids for s in range(s_n)]
-        prompt = torch.tensor([ids] * len(seeds))
-        gen = generate(model, prompt, spec.new_tokens(p), seeds, spec.sampling, hook_name, delta, capture=True)
+    for group in prompt_groups(spec, max(1, max_rows // (v * s_n))):
+        seeds = [row_seed(seed, STEERED, int(vid), p, s) for p in group for vid in vector_ids for s in range(s_n)]
+        prompt = torch.tensor([spec.prompts[p] for p in group for _ in range(v * s_n)])
+        gen = generate(model, prompt, spec.new_tokens(group[0]), seeds, spec.sampling, hook_name,
+                       delta.repeat(len(group), 1), capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
+        codes = codes.view(len(group), v, s_n, *codes.shape[1:])
         for i in range(v):
-            sums[i].add(codes[i * s_n:(i + 1) * s_n])
-        samples = gen.tokens.view(v, s_n, -1)[:, :keep_samples].cpu()
+            sums[i].add(codes[:, i])
+        samples = gen.tokens.view(len(group), v, s_n, -1)[-1, :, :keep_samples].cpu()
     effects = torch.stack([s.mean for s in sums]) - baseline_mean[None].float()
     assert samples is not None
     return EffectsBlock(effects=effects, sample_tokens=samples)
