@@ -123,7 +123,9 @@ def generate(model: "HookedTransformer", prompt_tokens: Tensor, new_tokens: int,
         for i in range(new_tokens):
             if use_cache:
                 step_in = tokens if i == 0 else tokens[:, -1:]
-                logits = model(step_in, past_kv_cache=cache)
+                # An explicit all-ones mask: otherwise TransformerLens treats any sampled token equal
+                # to the pad id as padding and masks it from every later position.
+                logits = model(step_in, past_kv_cache=cache, attention_mask=torch.ones_like(step_in))
             else:
                 if capture:
                     captured.clear()
@@ -134,7 +136,8 @@ def generate(model: "HookedTransformer", prompt_tokens: Tensor, new_tokens: int,
         if capture:
             layer = int(hook_name.split(".")[1]) + 1  # type: ignore[union-attr]
             if use_cache:
-                model(tokens[:, -1:], past_kv_cache=cache, stop_at_layer=layer)
+                last = tokens[:, -1:]
+                model(last, past_kv_cache=cache, stop_at_layer=layer, attention_mask=torch.ones_like(last))
             else:
                 captured.clear()
                 model(tokens, stop_at_layer=layer)

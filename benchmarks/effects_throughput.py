@@ -1,0 +1,691 @@
+#!/usr/bin/env python
+"""Throughput of notebook 01's effects measurement: the reference loop vs our batched path.
+
+One run, one model, one SAE, one set of effect settings, two ways of measuring the same vectors:
+
+(a) reference: one vector at a time, as the SAE-TS reference code does it. Scale search sweeps the
+    grid upwards with a FULL forward of the model on the loss chunks at every scale (steering hook
+    at every position, ``model(tokens, return_type="loss")``), stops once the loss exceeds the
+    target and interpolates linearly. Then one TransformerLens ``model.generate`` call per prompt
+    (prompt repeated ``samples_per_prompt`` times, KV cache, no stop at EOS) with the steering hook,
+    and the rollouts re-run through the unsteered model up to the hook and SAE-encoded.
+(b) ours: ``calibrate_scales`` + ``measure_effects`` on blocks of ``vectors_per_batch`` vectors,
+    exactly as ``effects_runner.compute_block`` calls them (without writing a shard).
+
+Per-run setup that both paths share and that does not scale with the number of vectors (loss
+chunks, the activations at the hook on them, the unsteered loss, the unsteered baseline) is timed
+separately and NOT counted in vectors/s. The baseline itself is not measured (a zero baseline is
+used by both paths; it is subtracted from effects and costs the same for both).
+
+Usage (CPU, the embedded SmolLM2; see benchmarks/README.md for the SAE options):
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/effects_throughput.py --ref-vectors 2 --fast-vectors 32
+GPU, a Gemma-2-2B-shaped model with random weights at the reference settings:
+    python benchmarks/effects_throughput.py --gemma-shaped --device cuda --ref-vectors 3 --fast-vectors 64
+CPU smoke test of the Gemma-shaped code path (2 layers, small vocab, tiny settings):
+    python benchmarks/effects_throughput.py --gemma-shaped --tiny-check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from saets_utils import calibration as cal_mod  # noqa: E402
+from saets_utils import effects as eff_mod  # noqa: E402
+from saets_utils import steering as steer_mod  # noqa: E402
+from saets_utils.calibration import calibrate_scales, hook_layer, resid_at_hook, steered_losses  # noqa: E402
+from saets_utils.config import EffectsConfig, LossTarget, SamplingConfig, load_config  # noqa: E402
+from saets_utils.effects import RolloutSpec, measure_effects  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------
+# timing and work accounting
+# --------------------------------------------------------------------------------------------
+
+class Profile:
+    """Wall and process-CPU seconds per named phase, plus token counters for FLOP estimates.
+
+    Counters: ``layer_tokens`` (token x transformer-block passes), ``unembed_tokens`` (tokens put
+    through the unembedding), ``sae_tokens`` (positions SAE-encoded), ``grid_points`` (steered loss
+    evaluations per vector, scale 0 included where it costs a forward).
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.count: dict[str, float] = defaultdict(float)
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.sync()
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.wall[name] += time.perf_counter() - w
+            self.cpu[name] += time.process_time() - c
+
+
+@dataclass
+class ModelShape:
+    """What a forward costs: parameters per block, unembedding and SAE encoder sizes."""
+
+    n_layers: int
+    block_params: float
+    unembed_params: int
+    sae_enc_params: int
+    hook_layer: int
+
+    @classmethod
+    def of(cls, model, sae, hook_name: str) -> "ModelShape":
+        per_block = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+        return cls(model.cfg.n_layers, sum(per_block) / len(per_block), model.W_U.numel(),
+                   sae.W_enc.numel(), hook_layer(hook_name))
+
+    @property
+    def n_params(self) -> float:
+        """Non-embedding parameters that a full forward multiplies by (blocks + unembedding)."""
+        return self.n_layers * self.block_params + self.unembed_params
+
+    def flops(self, p: Profile) -> float:
+        """2 x (parameters used) x (tokens through them), per segment actually run."""
+        return 2.0 * (p.count["layer_tokens"] * self.block_params + p.count["unembed_tokens"] * self.unembed_params
+                      + p.count["sae_tokens"] * self.sae_enc_params)
+
+
+# --------------------------------------------------------------------------------------------
+# what a run measures
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    model: object
+    sae: object
+    hook: str
+    spec: RolloutSpec
+    loss_tokens: torch.Tensor
+    vector_ids: torch.Tensor
+    vectors: torch.Tensor
+    grid: list[float]
+    target: LossTarget
+    seed: int
+    vectors_per_batch: int
+    device: str
+    label: dict = field(default_factory=dict)
+
+
+def _sae_cached(run) -> bool:
+    if run.sae.source != "train":
+        return True
+    from saets_utils.sae_training import sae_cache_path
+
+    return (sae_cache_path(run) / "cfg.json").is_file()
+
+
+def smollm_setup(args) -> Setup:
+    """The params file's model, SAE and effect settings; if its SAE is not cached (training takes
+    minutes), the SAE settings of ``--fallback-sae-params`` with the params file's effect settings."""
+    from saets_utils.effects_runner import rollout_spec
+    from saets_utils.loading import bos_id, load_sae_from, load_texts, tokenize_chunks
+    from saets_utils.session import load_model_and_sae
+    from saets_utils.vector_sources import build_vectors
+
+    run = load_config(args.params)
+    source = f"{args.params} (model, SAE and effect settings)"
+    if args.sae_dir or args.random_sae_at:
+        if args.sae_dir:
+            cfg = json.loads((Path(args.sae_dir) / "cfg.json").read_text())
+            sae_over = {"source": "local", "path": str(Path(args.sae_dir).resolve()), "hook_name": cfg["metadata"]["hook_name"]}
+            source = f"effect settings of {args.params}; SAE loaded from --sae-dir {args.sae_dir}"
+        else:
+            sae_over = {"source": "tiny", "hook_name": args.random_sae_at}
+            source = (f"effect settings of {args.params}; RANDOM TopK SAE (d_sae {run.sae.train.d_sae}, k "
+                      f"{run.sae.train.k}) at --random-sae-at {args.random_sae_at} (throughput only)")
+        run = load_config(args.params, {"sae": sae_over})
+    elif not _sae_cached(run) and not args.allow_train:
+        eff = run.effects.model_dump(mode="json")  # every field, so nothing of the fallback's effects survives
+        fb_overrides = {"effects": eff, "model": run.model.model_dump(mode="json"), "seed": run.seed}
+        run = load_config(args.fallback_sae_params, fb_overrides)
+        source = (f"SAE of {args.fallback_sae_params} ({run.sae.hook_name}, d_sae {run.sae.train.d_sae}) with the "
+                  f"model and effect settings of {args.params} (its SAE is not cached; --allow-train trains it)")
+        if not _sae_cached(run):
+            from saets_utils import assets
+
+            found = [f"{p.parent} ({json.loads(p.read_text())['metadata'].get('hook_name')})"
+                     for p in sorted((assets.cache_dir() / "saes").glob("*/cfg.json"))]
+            raise SystemExit(f"neither {args.params}'s nor {args.fallback_sae_params}'s SAE is cached; run with "
+                             f"--allow-train (minutes), --sae-dir DIR (a saved sae_lens SAE; cached: {found}) or "
+                             "--random-sae-at HOOK")
+    device = args.device or run.resolved_device()
+    torch.manual_seed(run.seed)
+    if args.random_sae_at:  # the model as load_model_and_sae loads it, a random SAE of the params' shape
+        from saets_utils.loading import load_model, validate_against_model
+        from saets_utils.tiny import tiny_sae
+
+        model = load_model(run.model, device)
+        validate_against_model(run, model)
+        sae = tiny_sae(d_in=model.cfg.d_model, d_sae=run.sae.train.d_sae, k=run.sae.train.k, seed=run.seed,
+                       hook_name=args.random_sae_at).to(device)
+    else:
+        model, sae = load_model_and_sae(run, device)
+    if args.dtype and args.dtype != run.model.dtype:  # cast after loading: the SAE cache key includes the dtype
+        from saets_utils.loading import torch_dtype
+
+        model.to(torch_dtype(args.dtype))
+    e = run.effects
+    if args.max_prompts:
+        run = run.model_copy(update={"effects": e.model_copy(update={"prompts": e.prompts[:args.max_prompts]})})
+        e = run.effects
+    bos = bos_id(model, run.model)
+    spec = rollout_spec(run, model, bos)
+    # as prepare_plan: chunks start at document starts
+    loss_tokens = tokenize_chunks(model, load_texts(run.text), e.loss_chunk_tokens, e.loss_chunks, bos,
+                                  seed=run.seed + 1, align_docs=True).to(device)
+    ids, vecs = build_vectors(run, sae, model.cfg.d_model, lambda c: load_sae_from(c, run, "cpu"))
+    need = max(args.fast_vectors, args.ref_vectors)
+    if len(ids) < need:
+        raise SystemExit(f"the params select only {len(ids)} vectors; asked for {need}")
+    label = {"model": f"{run.model.name} ({run.model.source}, {args.dtype or run.model.dtype})", "params": source,
+             "sae": f"{'random TopK' if args.random_sae_at else run.sae.key} (d_sae {sae.cfg.d_sae})",
+             "start token id": bos}
+    return Setup(model, sae, run.sae.hook_name, spec, loss_tokens, ids[:need], vecs[:need].to(device),
+                 e.scale_grid.values(), e.loss_target, run.seed, args.vectors_per_batch or e.vectors_per_batch,
+                 device, label)
+
+
+# Gemma tokenisation of the reference prompts (lengths without BOS; ids here are random stand-ins)
+GEMMA_PROMPT_LENGTHS = {"": 0, "I think": 2, "Breaking news": 2, "Last night": 2, "For sale": 2, "The weather": 2,
+                        "Dear Sir/Madam": 5, "Preheat the oven": 4, "It's interesting that": 4, "Assistant:": 2,
+                        "I went up to": 4, "New study suggests": 3}
+
+
+def gemma_setup(args) -> Setup:
+    """A HookedTransformer with Gemma-2-2B's config and random weights, a random JumpReLU SAE of
+    width 16384 at ``blocks.12.hook_resid_post``, random token chunks, the reference settings."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 matmuls are slow on CPUs without bf16 units: the CPU smoke test defaults to float32
+    args.dtype = args.dtype or ("float32" if args.tiny_check and device == "cpu" else "bfloat16")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    try:
+        from transformer_lens.loading_from_pretrained import convert_hf_model_config
+
+        cfg_dict = convert_hf_model_config("google/gemma-2-2b")  # hard-coded in TransformerLens, no hub
+    except Exception:  # pragma: no cover - older/newer TransformerLens
+        cfg_dict = {"d_model": 2304, "d_head": 256, "n_heads": 8, "d_mlp": 9216, "n_layers": 26, "n_ctx": 8192,
+                    "eps": 1e-06, "d_vocab": 256000, "act_fn": "gelu_pytorch_tanh", "initializer_range": 0.02,
+                    "normalization_type": "RMS", "rotary_base": 10000.0, "positional_embedding_type": "rotary",
+                    "use_attn_scale": True, "n_key_value_heads": 4, "window_size": 4096, "use_local_attn": True,
+                    "attn_types": ["local", "global"] * 13, "attn_scores_soft_cap": 50.0,
+                    "output_logits_soft_cap": 30.0, "gated_mlp": True, "final_rms": True,
+                    "use_normalization_before_and_after": True, "original_architecture": "Gemma2ForCausalLM"}
+    e = EffectsConfig()  # the reference settings
+    layer, d_sae = 12, 16384
+    prompts, samples, total, chunks, chunk_tokens = e.prompts, e.samples_per_prompt, e.total_tokens, \
+        e.loss_chunks, e.loss_chunk_tokens
+    if args.tiny_check:  # exercise the code path (same architecture, narrow widths) on a CPU in seconds
+        cfg_dict.update(n_layers=2, d_model=256, d_head=64, n_heads=4, n_key_value_heads=2, d_mlp=1024,
+                        d_vocab=2048, attn_types=["local", "global"])
+        layer, d_sae, prompts, samples, total, chunks, chunk_tokens = 0, 1024, e.prompts[2:5], 2, 8, 2, 16
+    if args.max_prompts:
+        prompts = prompts[:args.max_prompts]
+    cfg_dict.update(dtype=dtype, device=device, tokenizer_name=None, default_prepend_bos=False,
+                    model_name="gemma-2-2b-shaped-random")
+    cfg = HookedTransformerConfig(**{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__})
+    # TransformerLens needs a tokenizer to build attention masks when a KV cache is passed (our
+    # generate); a character-level stand-in with pad id 0 and right padding, as Gemma's tokenizer.
+    from saets_utils.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False, default_padding_side="right")
+    assert model.cfg.d_vocab == cfg_dict["d_vocab"] and model.tokenizer.pad_token_id == 0
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hook = f"blocks.{layer}.hook_resid_post"
+    d_model = cfg.d_model
+    g = torch.Generator().manual_seed(1)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_model, d_sae=d_sae, device=device, apply_b_dec_to_input=False))
+    w_dec = torch.randn(d_sae, d_model, generator=g)
+    w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        sae.W_dec.copy_(w_dec)
+        sae.W_enc.copy_(w_dec.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.threshold.fill_(0.5)
+    sae.eval()
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    bos = 2  # Gemma's <bos>
+    vocab = cfg.d_vocab
+    prompt_ids = tuple((bos, *torch.randint(3, vocab, (GEMMA_PROMPT_LENGTHS.get(p, 3),), generator=g).tolist())
+                       for p in prompts)
+    spec = RolloutSpec(prompts=prompt_ids, samples_per_prompt=samples, total_tokens=total, sampling=SamplingConfig(),
+                       include_first_position=True)
+    loss_tokens = torch.randint(3, vocab, (chunks, chunk_tokens), generator=g)
+    loss_tokens[:, 0] = bos
+    need = max(args.fast_vectors, args.ref_vectors)
+    label = {"model": f"Gemma-2-2B-shaped, random weights ({cfg.n_layers} layers, d_model {d_model}, "
+                      f"vocab {vocab}, {args.dtype})" + (" [TINY CHECK]" if args.tiny_check else ""),
+             "params": "reference settings (EffectsConfig defaults; 14 prompts x 64 samples x 32 tokens, 64 x 32 loss chunks)",
+             "sae": f"random JumpReLU d_sae {d_sae}, float32", "start token id": bos}
+    vectors = w_dec[:need].to(device)
+    loss_tokens = loss_tokens.to(device)
+    target, note = gemma_target(model, hook, loss_tokens, vectors, args.gemma_target_scale)
+    label["loss target"] = note
+    return Setup(model, sae, hook, spec, loss_tokens, torch.arange(need), vectors, e.scale_grid.values(), target, 0,
+                 args.vectors_per_batch or e.vectors_per_batch, device, label)
+
+
+@torch.no_grad()
+def gemma_target(model, hook: str, loss_tokens: torch.Tensor, vectors: torch.Tensor, scale: float):
+    """A relative loss target that random-weight vectors cross near ``scale``, so the scale search
+    costs about as many grid points as on a trained model (a random model's loss barely reacts to
+    steering, and a fixed +0.5 would make every vector sweep the whole grid)."""
+    if scale <= 0:
+        return LossTarget(kind="relative", value=0.5), "relative +0.5 (as the paper)"
+    resid = resid_at_hook(model, hook, loss_tokens)
+    base = float(steered_losses(model, hook, loss_tokens, resid, torch.zeros(1, vectors.shape[1], device=vectors.device))[0])
+    rise = steered_losses(model, hook, loss_tokens, resid, vectors[:4] * scale) - base
+    value = float(rise.median())
+    if not value > 1e-3:
+        return LossTarget(kind="relative", value=0.5), (f"relative +0.5 (the random model's loss does not rise with "
+                                                         f"steering: {value:+.4f} at scale {scale:g}; full-grid sweeps)")
+    return LossTarget(kind="relative", value=value), (f"relative {value:+.4f} = median loss rise of 4 vectors at "
+                                                      f"scale {scale:g} (--gemma-target-scale), so crossings land near it")
+
+
+# --------------------------------------------------------------------------------------------
+# (a) the reference loop, one vector at a time
+# --------------------------------------------------------------------------------------------
+
+def _steer(delta: torch.Tensor):
+    def hook(resid, hook):  # noqa: ARG001 - TransformerLens signature
+        return resid + delta.to(resid.dtype)
+    return hook
+
+
+@torch.no_grad()
+def ref_unsteered_loss(s: Setup) -> float:
+    return float(s.model(s.loss_tokens, return_type="loss"))
+
+
+@torch.no_grad()
+def ref_calibrate(s: Setup, v: torch.Tensor, target: float, prof: Profile, shape: ModelShape) -> tuple[float, str]:
+    """Sweep the grid upwards with a full forward at each scale; stop once loss > target."""
+    losses: list[float] = []
+    grid = sorted(s.grid)
+    t = s.loss_tokens.numel()
+    with prof.phase("ref.calibration"):
+        for scale in grid:
+            with s.model.hooks(fwd_hooks=[(s.hook, _steer(scale * v))]):
+                loss = float(s.model(s.loss_tokens, return_type="loss"))
+            prof.count["layer_tokens"] += t * shape.n_layers
+            prof.count["unembed_tokens"] += t
+            prof.count["grid_points"] += 1
+            losses.append(loss)
+            if loss > target:
+                break
+    if losses[-1] <= target:
+        return grid[len(losses) - 1], "not_reached"
+    j = len(losses) - 1
+    if j == 0:
+        return float("nan"), "above_at_zero"
+    s0, s1, l0, l1 = grid[j - 1], grid[j], losses[j - 1], losses[j]
+    return s0 + (target - l0) * (s1 - s0) / (l1 - l0), "ok"
+
+
+@torch.no_grad()
+def ref_effect(s: Setup, v: torch.Tensor, scale: float, prof: Profile, shape: ModelShape) -> torch.Tensor:
+    """One generate call per prompt with the steering hook, then re-run to the hook and encode."""
+    sp, model = s.spec, s.model
+    total = torch.zeros(s.sae.cfg.d_sae, dtype=torch.float64)
+    n = 0
+    delta = scale * v
+    for ids in sp.prompts:
+        prompt = torch.tensor([ids] * sp.samples_per_prompt, device=s.device)
+        new = sp.total_tokens - len(ids)
+        with prof.phase("ref.generate"):
+            with model.hooks(fwd_hooks=[(s.hook, _steer(delta))]):
+                out = model.generate(prompt, max_new_tokens=new, top_k=sp.sampling.top_k, top_p=sp.sampling.top_p,
+                                     temperature=sp.sampling.temperature, stop_at_eos=False,
+                                     use_past_kv_cache=True, verbose=False)
+        rows = out.shape[0]
+        prof.count["layer_tokens"] += rows * (sp.total_tokens - 1) * shape.n_layers
+        prof.count["unembed_tokens"] += rows * (sp.total_tokens - 1)
+        with prof.phase("ref.rerun_to_hook"):
+            _, cache = model.run_with_cache(out, names_filter=s.hook, stop_at_layer=shape.hook_layer + 1)
+            acts = cache[s.hook]
+        prof.count["layer_tokens"] += out.numel() * (shape.hook_layer + 1)
+        with prof.phase("ref.sae_encode"):
+            if not sp.include_first_position:
+                acts = acts[:, 1:]
+            codes = s.sae.encode(acts.to(s.sae.W_dec.dtype)).reshape(-1, s.sae.cfg.d_sae)
+            total += codes.sum(0).double().cpu()
+            n += codes.shape[0]
+        prof.count["sae_tokens"] += codes.shape[0]
+    return (total / n).float()
+
+
+# --------------------------------------------------------------------------------------------
+# (b) our path, as compute_block runs it; thin timing wrappers around the package functions
+# --------------------------------------------------------------------------------------------
+
+@contextmanager
+def instrumented(prof: Profile, shape: ModelShape, fine: bool) -> Iterator[None]:
+    """Time and count the package's inner calls (patched on the module objects, restored on exit)."""
+    orig_sl, orig_gen, orig_enc = cal_mod.steered_losses, eff_mod.generate, eff_mod.encode_positions
+    orig_sample, orig_unif = steer_mod.sample_from_logits, steer_mod.row_uniforms
+
+    def sl(model, hook_name, tokens, resid, deltas, max_rows=64):
+        prof.count["grid_points"] += deltas.shape[0]
+        t = tokens.numel() * deltas.shape[0]
+        prof.count["layer_tokens"] += t * (shape.n_layers - shape.hook_layer - 1)
+        prof.count["unembed_tokens"] += t
+        return orig_sl(model, hook_name, tokens, resid, deltas, max_rows)
+
+    def gen(model, prompt_tokens, new_tokens, seeds, sampling, hook_name=None, delta=None, use_cache=True,
+            capture=False):
+        rows, plen = prompt_tokens.shape
+        prof.count["layer_tokens"] += rows * (plen + new_tokens - 1) * shape.n_layers + rows * (shape.hook_layer + 1)
+        prof.count["unembed_tokens"] += rows * (plen + new_tokens - 1)
+        with prof.phase("fast.generate(+capture)"):
+            return orig_gen(model, prompt_tokens, new_tokens, seeds, sampling, hook_name, delta, use_cache, capture)
+
+    def enc(sae, acts, include_first_position):
+        with prof.phase("fast.sae_encode"):
+            out = orig_enc(sae, acts, include_first_position)
+        prof.count["sae_tokens"] += out.shape[0] * out.shape[1]
+        return out
+
+    def sample(logits, u, sampling):
+        with prof.phase("fast.generate.sampling"):
+            return orig_sample(logits, u, sampling)
+
+    def unif(seeds, n, device="cpu"):
+        with prof.phase("fast.generate.row_uniforms"):
+            return orig_unif(seeds, n, device)
+
+    cal_mod.steered_losses, eff_mod.generate, eff_mod.encode_positions = sl, gen, enc
+    if fine:
+        steer_mod.sample_from_logits, steer_mod.row_uniforms = sample, unif
+    try:
+        yield
+    finally:
+        cal_mod.steered_losses, eff_mod.generate, eff_mod.encode_positions = orig_sl, orig_gen, orig_enc
+        steer_mod.sample_from_logits, steer_mod.row_uniforms = orig_sample, orig_unif
+
+
+@torch.no_grad()
+def fast_block(s: Setup, rows: list[int], resid: torch.Tensor, unsteered: float, baseline: torch.Tensor,
+               prof: Profile):
+    """``compute_block`` without the shard: calibrate, then measure the vectors that got a scale."""
+    vecs = s.vectors[rows]
+    ids = s.vector_ids[rows]
+    with prof.phase("fast.calibration"):
+        cal = calibrate_scales(s.model, s.hook, s.loss_tokens, resid, vecs, s.grid, s.target, unsteered)
+    ok = torch.isfinite(cal.scales)
+    effects = torch.full((len(rows), baseline.shape[0]), float("nan"))
+    if ok.any():
+        with prof.phase("fast.measure_effects"):
+            blk = measure_effects(s.model, s.sae, s.hook, s.spec, vecs[ok], ids[ok].tolist(),
+                                  cal.scales[ok].to(vecs.device), baseline.to(vecs.device), s.seed)
+        effects[ok] = blk.effects.float().cpu()
+    return cal, effects
+
+
+@torch.no_grad()
+def warm(s: Setup) -> None:
+    """A tiny run of each path's kernels (2 rows, 2 new tokens), results discarded."""
+    prompt = torch.tensor([s.spec.prompts[-1]] * 2, device=s.device)
+    v = s.vectors[0]
+    with s.model.hooks(fwd_hooks=[(s.hook, _steer(20.0 * v))]):
+        s.model.generate(prompt, max_new_tokens=2, top_k=s.spec.sampling.top_k, top_p=s.spec.sampling.top_p,
+                         stop_at_eos=False, use_past_kv_cache=True, verbose=False)
+    g = steer_mod.generate(s.model, prompt, 2, [0, 1], s.spec.sampling, s.hook, (20.0 * v)[None].repeat(2, 1),
+                           capture=True)
+    eff_mod.encode_positions(s.sae, g.activations, s.spec.include_first_position)
+
+
+# --------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params/demo.yaml", help="run whose model, SAE and effect settings to use")
+    ap.add_argument("--fallback-sae-params", default="params/test.yaml",
+                    help="SAE settings to use when --params's SAE is not cached (effect settings stay --params's)")
+    ap.add_argument("--sae-dir", default=None, help="use this saved sae_lens SAE folder (its hook) instead")
+    ap.add_argument("--random-sae-at", default=None, metavar="HOOK",
+                    help="use a seeded random TopK SAE of the params' shape at HOOK instead (throughput only)")
+    ap.add_argument("--allow-train", action="store_true", help="train --params's SAE if not cached (minutes)")
+    ap.add_argument("--ref-vectors", type=int, default=2, help="vectors measured by the reference loop (a)")
+    ap.add_argument("--fast-vectors", type=int, default=32, help="vectors measured by our path (b)")
+    ap.add_argument("--vectors-per-batch", type=int, default=None, help="block size of (b) (default: params)")
+    ap.add_argument("--device", default=None, help="cpu / cuda[:N] (default: params' device, or cuda if available)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="model dtype (default: params; bfloat16 with --gemma-shaped)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts (smoke tests)")
+    ap.add_argument("--gemma-shaped", action="store_true",
+                    help="Gemma-2-2B config with random weights (bf16), random JumpReLU SAE 16k, reference settings")
+    ap.add_argument("--gemma-target-scale", type=float, default=100.0,
+                    help="with --gemma-shaped: pick the relative loss target that random vectors reach near this "
+                         "scale (0: the paper's +0.5, which random weights may never reach)")
+    ap.add_argument("--tiny-check", action="store_true", help="with --gemma-shaped: 2 layers, tiny settings, CPU ok")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s of the device (H100/H200 bf16)")
+    ap.add_argument("--no-fine-profile", action="store_true", help="skip per-step sampling timers inside generate")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return ap.parse_args(argv)
+
+
+def _rate(n: int, secs: float) -> float:
+    return n / secs if secs > 0 else float("nan")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tiny_check and not args.gemma_shaped:
+        raise SystemExit("--tiny-check goes with --gemma-shaped")
+    t_start = time.perf_counter()
+    if args.tiny_check:
+        args.ref_vectors, args.fast_vectors = min(args.ref_vectors, 1), min(args.fast_vectors, 2)
+        args.vectors_per_batch = args.vectors_per_batch or 2
+    s = gemma_setup(args) if args.gemma_shaped else smollm_setup(args)
+    t_load = time.perf_counter() - t_start
+    shape = ModelShape.of(s.model, s.sae, s.hook)
+    setup = Profile(s.device)
+    ref = Profile(s.device)
+    fast = Profile(s.device)
+    sp = s.spec
+
+    # one-time per run / worker, not counted per vector
+    with setup.phase("fast: loss-chunk activations at the hook + unsteered loss"):
+        resid = resid_at_hook(s.model, s.hook, s.loss_tokens)
+        unsteered_fast = float(steered_losses(s.model, s.hook, s.loss_tokens, resid,
+                                              torch.zeros(1, s.model.cfg.d_model, device=s.device))[0])
+    with setup.phase("ref: unsteered loss (full forward)"):
+        unsteered_ref = ref_unsteered_loss(s)
+    if s.device.startswith("cuda"):  # CUDA/cuBLAS initialisation and first-call overheads, outside the timings
+        with setup.phase("gpu warm-up (both generate paths, SAE encode)"):
+            warm(s)
+    target_ref = unsteered_ref + s.target.value if s.target.kind == "relative" else s.target.value
+    baseline = torch.zeros(s.sae.cfg.d_sae)
+
+    # interleave reference vectors and fast blocks, so machine-load drift hits both alike
+    k = s.vectors_per_batch
+    blocks = [list(range(i, min(i + k, args.fast_vectors))) for i in range(0, args.fast_vectors, k)]
+    ref_rows = list(range(args.ref_vectors))
+    ref_scales, ref_status, ref_effects = [], [], []
+    fast_scales = torch.full((args.fast_vectors,), float("nan"))
+    fast_status: list[str] = [""] * args.fast_vectors
+    fast_effects = torch.full((args.fast_vectors, s.sae.cfg.d_sae), float("nan"))
+    torch.manual_seed(s.seed)  # TransformerLens samples from the global generator
+    for i in range(max(len(blocks), len(ref_rows))):
+        if i < len(ref_rows):
+            r = ref_rows[i]
+            t0 = time.perf_counter()
+            sc, st = ref_calibrate(s, s.vectors[r], target_ref, ref, shape)
+            eff = ref_effect(s, s.vectors[r], sc, ref, shape) - baseline if math.isfinite(sc) else \
+                torch.full((s.sae.cfg.d_sae,), float("nan"))
+            ref_scales.append(sc)
+            ref_status.append(st)
+            ref_effects.append(eff)
+            print(f"  (a) vector {int(s.vector_ids[r])}: scale {sc:.2f} ({st}) in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+        if i < len(blocks):
+            rows = blocks[i]
+            t0 = time.perf_counter()
+            with instrumented(fast, shape, fine=not args.no_fine_profile and not s.device.startswith("cuda")):
+                c, eff = fast_block(s, rows, resid, unsteered_fast, baseline, fast)
+            fast_scales[rows] = c.scales.float().cpu()
+            for j, r in enumerate(rows):
+                fast_status[r] = c.status[j]
+            fast_effects[rows] = eff
+            print(f"  (b) block of {len(rows)} vectors in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    ref_wall = sum(v for n, v in ref.wall.items() if n.startswith("ref."))
+    ref_cpu = sum(v for n, v in ref.cpu.items() if n.startswith("ref."))
+    fast_wall = fast.wall["fast.calibration"] + fast.wall["fast.measure_effects"]
+    fast_cpu = fast.cpu["fast.calibration"] + fast.cpu["fast.measure_effects"]
+    ref_vps, fast_vps = _rate(args.ref_vectors, ref_wall), _rate(args.fast_vectors, fast_wall)
+    ratio = fast_vps / ref_vps
+    ratio_cpu = _rate(args.fast_vectors, fast_cpu) / _rate(args.ref_vectors, ref_cpu)
+
+    common = ref_rows
+    rs = torch.tensor(ref_scales, dtype=torch.float64)
+    fs = fast_scales[common].double()
+    both = torch.isfinite(rs) & torch.isfinite(fs)
+    max_scale_diff = float((rs[both] - fs[both]).abs().max()) if both.any() else float("nan")
+    cos = []
+    for j, r in enumerate(common):
+        a, b = ref_effects[j], fast_effects[r]
+        if torch.isfinite(a).all() and torch.isfinite(b).all():
+            cos.append(float(torch.nn.functional.cosine_similarity(a[None], b[None])[0]))
+
+    lines = []
+    out = lines.append
+    out("")
+    out("=" * 78)
+    out("effects throughput: (a) reference one-vector loop vs (b) calibrate_scales + measure_effects")
+    out("=" * 78)
+    for key, val in s.label.items():
+        out(f"{key:>16}: {val}")
+    out(f"{'hook':>16}: {s.hook} (layer {shape.hook_layer} of {shape.n_layers})")
+    out(f"{'prompts':>16}: {len(sp.prompts)} (token lengths {[len(p) for p in sp.prompts]})")
+    out(f"{'samples/prompt':>16}: {sp.samples_per_prompt}  -> {len(sp.prompts) * sp.samples_per_prompt} rollouts/vector")
+    out(f"{'total tokens':>16}: {sp.total_tokens} (prompt included); include_first_position={sp.include_first_position}")
+    out(f"{'sampling':>16}: top_k {sp.sampling.top_k}, top_p {sp.sampling.top_p}, T {sp.sampling.temperature}")
+    out(f"{'scale grid':>16}: {s.grid[0]:g}..{s.grid[-1]:g} step {s.grid[1] - s.grid[0]:g} ({len(s.grid)} points)")
+    out(f"{'loss chunks':>16}: {s.loss_tokens.shape[0]} x {s.loss_tokens.shape[1]} tokens; target {s.target.kind} "
+        f"{s.target.value:+g} -> {target_ref:.4f} (unsteered: full fwd {unsteered_ref:.5f}, from hook {unsteered_fast:.5f})")
+    out(f"{'block size (b)':>16}: {k} vectors -> {k * sp.samples_per_prompt} generation rows per prompt")
+    out(f"{'device':>16}: {s.device}; torch {torch.__version__}; threads {torch.get_num_threads()} "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); cpus {os.cpu_count()}; "
+        f"{platform.processor() or platform.machine()}")
+    if s.device.startswith("cuda"):
+        out(f"{'gpu':>16}: {torch.cuda.get_device_name()}")
+    try:
+        out(f"{'load average':>16}: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (at the end of the run)")
+    except OSError:
+        pass
+    out(f"{'non-emb params':>16}: {shape.n_params / 1e6:.1f} M (blocks {shape.n_layers} x "
+        f"{shape.block_params / 1e6:.2f} M + unembed {shape.unembed_params / 1e6:.1f} M); SAE enc "
+        f"{shape.sae_enc_params / 1e6:.1f} M")
+    out("-" * 78)
+    out(f"one-time setup (not per vector): model+SAE load {t_load:.1f} s; " +
+        "; ".join(f"{n} {setup.wall[n]:.2f} s" for n in setup.wall))
+    out("-" * 78)
+    out(f"(a) reference: {args.ref_vectors} vectors in {ref_wall:.1f} s wall ({ref_cpu:.1f} s CPU) "
+        f"-> {ref_vps:.4f} vectors/s ({ref_wall / max(args.ref_vectors, 1):.2f} s/vector)")
+    for n in ("ref.calibration", "ref.generate", "ref.rerun_to_hook", "ref.sae_encode"):
+        out(f"      {n:<34} {ref.wall[n] / max(args.ref_vectors, 1):8.3f} s/vector  ({100 * ref.wall[n] / ref_wall:5.1f}%)")
+    out(f"      grid points (full forwards) per vector: {ref.count['grid_points'] / max(args.ref_vectors, 1):.2f}")
+    out(f"(b) ours:      {args.fast_vectors} vectors in {fast_wall:.1f} s wall ({fast_cpu:.1f} s CPU) "
+        f"-> {fast_vps:.4f} vectors/s ({fast_wall / max(args.fast_vectors, 1):.3f} s/vector)")
+    fast_names = ["fast.calibration", "fast.measure_effects", "fast.generate(+capture)", "fast.generate.sampling",
+                  "fast.generate.row_uniforms", "fast.sae_encode"]
+    for n in fast_names:
+        if n in fast.wall:
+            out(f"      {n:<34} {fast.wall[n] / args.fast_vectors:8.3f} s/vector  ({100 * fast.wall[n] / fast_wall:5.1f}%)")
+    other = fast.wall["fast.measure_effects"] - fast.wall["fast.generate(+capture)"] - fast.wall["fast.sae_encode"]
+    out(f"      {'fast.measure_effects other':<34} {other / args.fast_vectors:8.3f} s/vector  "
+        f"({100 * other / fast_wall:5.1f}%)  (seeds, FeatureSums, host copies)")
+    out(f"      grid points (steered loss evaluations) per vector: {fast.count['grid_points'] / args.fast_vectors:.2f}")
+    out("-" * 78)
+    out(f"SPEED-UP (b)/(a): {ratio:.1f}x vectors/s by wall clock ({ratio_cpu:.1f}x by process CPU time); target >= 10x")
+    out(f"  calibration only: {(ref.wall['ref.calibration'] / args.ref_vectors) / (fast.wall['fast.calibration'] / args.fast_vectors):.1f}x; "
+        f"rollouts+encode only: {((ref_wall - ref.wall['ref.calibration']) / args.ref_vectors) / (fast.wall['fast.measure_effects'] / args.fast_vectors):.1f}x")
+    out(f"scales of the same {len(common)} vectors, (a) vs (b): ref {[round(x, 3) for x in ref_scales]} "
+        f"({ref_status}) vs ours {[round(float(x), 3) for x in fast_scales[common]]} ({[fast_status[r] for r in common]})")
+    out(f"  max |scale_a - scale_b| = {max_scale_diff:.3g}")
+    out(f"  cosine(effect_a, effect_b) per vector (different sampling RNG, {len(sp.prompts) * sp.samples_per_prompt} "
+        f"rollouts each, so only roughly similar): {[round(c, 3) for c in cos]}")
+    out(f"  (b) scale statuses over all {args.fast_vectors}: "
+        f"{ {st: fast_status.count(st) for st in sorted(set(fast_status))} }")
+    ref_fl, fast_fl = shape.flops(ref), shape.flops(fast)
+    peak = args.peak_tflops * 1e12
+    out(f"model FLOPs (2 x params used x tokens): (a) {ref_fl / max(args.ref_vectors, 1) / 1e12:.3f} TFLOP/vector at "
+        f"{ref_fl / ref_wall / 1e12:.3f} TFLOP/s = {100 * ref_fl / ref_wall / peak:.2f}% of {args.peak_tflops:g}; "
+        f"(b) {fast_fl / args.fast_vectors / 1e12:.3f} TFLOP/vector at {fast_fl / fast_wall / 1e12:.3f} TFLOP/s "
+        f"= {100 * fast_fl / fast_wall / peak:.2f}% of peak")
+    out(f"total benchmark wall time: {time.perf_counter() - t_start:.0f} s")
+    out("=" * 78)
+    print("\n".join(lines), flush=True)
+
+    result = {
+        "settings": {**{k2: str(v) for k2, v in s.label.items()}, "hook": s.hook, "prompts": len(sp.prompts),
+                     "samples_per_prompt": sp.samples_per_prompt, "total_tokens": sp.total_tokens,
+                     "grid": s.grid, "loss_chunks": list(s.loss_tokens.shape), "target": s.target.model_dump(),
+                     "vectors_per_batch": k, "device": s.device, "threads": torch.get_num_threads(),
+                     "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv},
+        "ref": {"vectors": args.ref_vectors, "wall_s": ref_wall, "cpu_s": ref_cpu, "vectors_per_s": ref_vps,
+                "phases_wall_s": dict(ref.wall), "counts": dict(ref.count), "flops": ref_fl},
+        "fast": {"vectors": args.fast_vectors, "wall_s": fast_wall, "cpu_s": fast_cpu, "vectors_per_s": fast_vps,
+                 "phases_wall_s": dict(fast.wall), "counts": dict(fast.count), "flops": fast_fl},
+        "setup_wall_s": dict(setup.wall), "load_s": t_load,
+        "ratio_wall": ratio, "ratio_cpu": ratio_cpu, "max_abs_scale_diff": max_scale_diff,
+        "ref_scales": ref_scales, "fast_scales_same_vectors": fast_scales[common].tolist(), "effect_cosines": cos,
+        "report": "\n".join(lines),
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()
