@@ -1,0 +1,137 @@
+"""The real notebooks, executed by papermill on params/test.yaml (SmolLM2, an SAE trained here,
+offline judge), with assertions on the files they write. Slow: minutes on 2 cores."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saets_utils.config import load_config
+from saets_utils.pipeline import STEPS, execute_notebook, run_pipeline
+
+pytestmark = pytest.mark.slow
+PARAMS = "params/test.yaml"
+
+
+@pytest.fixture(scope="module")
+def run():
+    cfg = load_config(PARAMS)
+    run_pipeline(PARAMS, force=True, timeout_s=1200)
+    return cfg
+
+
+def test_effects_contract(run):
+    t = load_file(run.results_dir / "effects.safetensors")
+    n = run.effects.vectors.ids["stop"] - run.effects.vectors.ids["start"]
+    assert t["effects"].dtype == torch.float32 and t["effects"].shape[0] == n
+    assert t["vectors"].shape == (n, 576) and t["scales"].shape == (n,)
+    assert t["vector_ids"].dtype == torch.int64 and torch.equal(t["vector_ids"], torch.arange(n))
+    assert torch.allclose(t["vectors"].norm(dim=-1), torch.ones(n), atol=1e-4)
+    table = pd.read_csv(run.results_dir / "effects_table.csv")
+    assert list(table.columns) == ["id", "scale", "status", "seconds"] and len(table) == n
+    meta = json.loads((run.results_dir / "effects_meta.json").read_text())
+    assert meta["n_vectors"] == n and meta["sae"]["key"] == run.sae.key
+    # an SAE decoder row steered at its calibrated scale should move its own feature up
+    ok = torch.isfinite(t["scales"])
+    own = t["effects"][ok][torch.arange(int(ok.sum())), t["vector_ids"][ok]]
+    assert (own > 0).float().mean() >= 0.5
+
+
+def test_workers_give_the_same_effects(run):
+    before = load_file(run.results_dir / "effects.safetensors")
+    step = next(s for s in STEPS if s.name == "01_effects")
+    execute_notebook(run, step, PARAMS, {"gpus": 2, "restart": True}, 1200)
+    after = load_file(run.results_dir / "effects.safetensors")
+    logs = list((run.results_dir / "effects_work" / "logs").glob("*worker1.log"))
+    assert logs, "gpus=2 should have started two worker subprocesses"
+    assert torch.allclose(before["scales"], after["scales"], atol=1e-4)
+    assert torch.allclose(before["effects"], after["effects"], atol=1e-4, equal_nan=True)
+
+
+def test_approximator_outputs(run):
+    a = load_file(run.results_dir / "approximator.safetensors")
+    assert a["W"].shape == (576, 1024) and a["b"].shape == (1024,)
+    assert a["rotation"].shape == (576, 576) and a["correction"].shape == (576,)
+    m = json.loads((run.results_dir / "approximator_metrics.json").read_text())
+    for k in ("mse", "mse_zero", "mse_mean", "r2", "cosine_mean", "beats_mean_baseline"):
+        assert k in m
+
+
+def test_eval_outputs_and_cached_rerun(run):
+    ev = run.results_dir / "eval"
+    samples = pd.read_json(ev / "samples.jsonl", lines=True)
+    n_scales = len(run.eval.scale_grid.values())
+    per_task = run.eval.samples_per_scale * (n_scales * (len(run.eval.methods) - 1) + 1)
+    assert len(samples) == per_task * len(run.eval.tasks)
+    assert samples["judge"].str.startswith("offline").all()
+    scored = samples["behaviour"].notna() & samples["coherence"].notna()
+    errors = samples["behaviour_error"].notna() | samples["coherence_error"].notna()
+    assert (scored | errors).all()
+    summary = pd.read_csv(ev / "summary.csv")
+    assert set(summary["method"]) == set(run.eval.methods) and set(summary["task"]) == set(run.eval.tasks)
+    assert ((summary["ci_low"] <= summary["max_product"] + 1e-9) & (summary["max_product"] <= summary["ci_high"] + 1e-9)).all()
+    vecs = load_file(ev / "vectors.safetensors")
+    assert set(vecs) == {f"{t}/{m}" for t in run.eval.tasks for m in run.eval.methods if m != "prompt"}
+    step = next(s for s in STEPS if s.name == "03_eval")
+    execute_notebook(run, step, PARAMS, {}, 1200)
+    stats = json.loads((ev / "judge_stats.json").read_text())
+    assert stats["calls"] == 0 and stats["cache_hits"] == stats["requests"]
+
+
+def test_figures_and_reports(run):
+    figs = {p.name for p in (run.results_dir / "figures").glob("*.png")}
+    assert {"product_vs_scale.png", "behaviour_coherence.png", "best_product.png", "approximator_diagnostics.png"} <= figs
+    reports = run.results_dir / "reports"
+    for s in STEPS:
+        assert (reports / f"{s.name}.html").stat().st_size > 10_000
+    index = (reports / "index.html").read_text()
+    assert "01_effects.html" in index and "product_vs_scale.png" in index
+
+
+def test_pipeline_skips_current_steps(run, capsys):
+    run_pipeline(PARAMS, steps=["02_train", "04_plots"])
+    out = capsys.readouterr().out
+    assert "02_train: up to date, skipped" in out and "04_plots: up to date, skipped" in out
+
+
+def test_manifest(run):
+    m = json.loads((run.results_dir / "manifest.json").read_text())
+    assert {"01_effects", "02_train", "03_eval"} <= set(m["steps"])
+    assert m["params"]["sae"]["hook_name"] == run.sae.hook_name and m["packages"]["torch"]
+
+
+def test_playground_notebook_runs(run, tmp_path):
+    import papermill as pm
+
+    from saets_utils.config import REPO_ROOT
+
+    pm.execute_notebook(str(REPO_ROOT / "notebooks" / "05_playground.ipynb"), str(tmp_path / "05.ipynb"),
+                        parameters={"params_file": PARAMS}, cwd=str(REPO_ROOT), kernel_name="python3",
+                        progress_bar=False, execution_timeout=600)
+
+
+def test_eval_notebook_with_openai_judge_on_loopback(run, tmp_path):
+    """03 with the `openai` judge against a real chat-completions server on 127.0.0.1."""
+    import shutil
+
+    from fake_openai_server import FakeOpenAIServer
+
+    dst = tmp_path / run.name
+    dst.mkdir()
+    for name in ("effects.safetensors", "effects_table.csv", "effects_meta.json", "baseline.safetensors",
+                 "effects_samples.safetensors", "approximator.safetensors"):
+        shutil.copy(run.results_dir / name, dst / name)
+    step = next(s for s in STEPS if s.name == "03_eval")
+    with FakeOpenAIServer() as server:
+        overrides = {"results_root": str(tmp_path),
+                     "eval": {"judge": {"kind": "openai", "base_url": server.base_url, "model": "gpt-4o-mini"}}}
+        execute_notebook(run, step, PARAMS, {"overrides": overrides}, 1200)
+        n_calls = server.n_requests
+    samples = pd.read_json(dst / "eval" / "samples.jsonl", lines=True)
+    assert (samples["judge"] == "openai:gpt-4o-mini").all()
+    # one call per distinct (task, criterion, text): none cached yet, identical texts sent once
+    distinct = {(t, k, x) for t, x in zip(samples["task"], samples["text"]) for k in ("behaviour", "coherence")}
+    assert n_calls == len(distinct)
+    assert samples["behaviour"].between(0, 1).all() and samples["coherence"].between(0, 1).all()
