@@ -79,10 +79,11 @@ def sample_from_logits(logits: Tensor, u: Tensor, sampling: SamplingConfig | Non
     cum = probs.cumsum(-1)
     # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
     keep = (cum - probs) < sampling.top_p
-    probs = probs * keep
+    probs = (probs * keep).double()
     cum = probs.cumsum(-1)
-    target = u.to(cum.dtype)[:, None] * cum[:, -1:]
-    idx = (cum <= target).sum(-1).clamp(max=k - 1)
+    target = u.double()[:, None] * cum[:, -1:]
+    # a uniform within rounding of 1 must still land inside the kept prefix
+    idx = torch.minimum((cum <= target).sum(-1), keep.sum(-1) - 1)
     return top_ids.gather(-1, idx[:, None])[:, 0]
 
 
