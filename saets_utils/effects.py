@@ -125,7 +125,8 @@ def measure_baseline(model: "HookedTransformer", sae: "SAE", hook_name: str, spe
 @dataclass
 class EffectsBlock:
     """Effects of a block of vectors: ``effects [v, d_sae]`` and a few steered rollouts per vector
-    ``sample_tokens [v, k, total_tokens]`` (the first ``k`` samples of the last prompt)."""
+    ``sample_tokens [v, k, total_tokens]`` (the first ``k`` samples of the last prompt of the last
+    batch of equally long prompts)."""
 
     effects: Tensor
     sample_tokens: Tensor

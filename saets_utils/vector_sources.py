@@ -82,6 +82,9 @@ def build_vectors(run: RunConfig, sae: "SAE", d_model: int, load_other_sae=None)
         all_ids = data.get("vector_ids", torch.arange(data["vectors"].shape[0])).long().tolist()
         rows = select_ids(src.ids, len(all_ids), "rows of the vectors file")
         ids = [all_ids[r] for r in rows]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ConfigError(f"{path}: vector_ids {dup[:5]} appear more than once; each vector needs its own id")
         vecs = data["vectors"][rows]
     else:  # pragma: no cover - pydantic restricts the literal
         raise ConfigError(f"unknown effects.vectors.source {src.source!r}")

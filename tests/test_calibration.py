@@ -1,0 +1,184 @@
+"""Scale calibration: interpolation on hand-made loss curves, losses equal to the model's own
+next-token loss, and the tiny-model sweep landing on the target (batched like one at a time)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saets_utils.calibration import (
+    STATUSES, calibrate_scales, hook_layer, interpolate_scale, loss_target_value, resid_at_hook, steered_losses,
+)
+from saets_utils.config import LossTarget, SamplingConfig
+from saets_utils.steering import generate, steering_hook
+
+HOOK = "blocks.1.hook_resid_post"
+GRID = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+TARGET = LossTarget(kind="relative", value=0.3)
+
+
+# --- interpolation on hand-made curves --------------------------------------------------------
+
+def test_hook_layer():
+    assert hook_layer("blocks.12.hook_resid_post") == 12 and hook_layer(HOOK) == 1
+
+
+def test_interpolates_linearly_between_last_point_below_and_first_above():
+    scale, status = interpolate_scale([0, 10, 20, 30], [1.0, 1.2, 2.0, 3.0], 1.6)
+    assert status == "ok" and scale == pytest.approx(15.0)
+    # crossing in the first step
+    assert interpolate_scale([0, 20], [1.0, 3.0], 1.5) == (pytest.approx(5.0), "ok")
+
+
+def test_points_after_the_crossing_may_be_nan():
+    assert interpolate_scale([0, 10, 20, 30], [1.0, 2.0, math.nan, math.nan], 1.5) == (pytest.approx(5.0), "ok")
+
+
+def test_equal_to_target_is_not_above():
+    # 1.6 at scale 10 does not exceed the target, so the crossing is between 10 and 20
+    scale, status = interpolate_scale([0, 10, 20], [1.0, 1.6, 2.0], 1.6)
+    assert status == "ok" and scale == pytest.approx(10.0)
+
+
+def test_not_reached_gives_the_largest_grid_scale():
+    assert interpolate_scale([0, 10, 20, 30], [1.0, 1.1, 1.2, 1.3], 5.0) == (30.0, "not_reached")
+    assert interpolate_scale([0, 20, 40], [1.0, 1.1, 1.2], 1.2) == (40.0, "not_reached")
+
+
+def test_above_at_zero_gives_nan():
+    scale, status = interpolate_scale([0, 10, 20], [2.0, 3.0, 4.0], 1.5)
+    assert status == "above_at_zero" and math.isnan(scale)
+
+
+def test_non_monotone_is_flagged_but_scale_kept_at_first_crossing():
+    scale, status = interpolate_scale([0, 10, 20, 30], [1.0, 1.4, 1.1, 2.0], 1.5)
+    assert status == "non_monotone"
+    assert scale == pytest.approx(20 + 10 * (1.5 - 1.1) / (2.0 - 1.1))
+    # a dip within tol is noise, not non-monotonicity; a dip after the crossing does not count
+    assert interpolate_scale([0, 10, 20, 30], [1.0, 1.4, 1.38, 2.0], 1.5)[1] == "ok"
+    assert interpolate_scale([0, 10, 20, 30], [1.0, 2.0, 1.2, 3.0], 1.5)[1] == "ok"
+    assert interpolate_scale([0, 10, 20, 30], [1.0, 1.4, 1.38, 2.0], 1.5, tol=0.0)[1] == "non_monotone"
+
+
+def test_loss_target_value_relative_vs_absolute():
+    assert loss_target_value(LossTarget(kind="absolute", value=4.0), 3.2) == 4.0
+    assert loss_target_value(LossTarget(kind="relative", value=0.5), 3.2) == pytest.approx(3.7)
+    assert loss_target_value(LossTarget(kind="relative", value=0.5), 1.0) == pytest.approx(1.5)
+
+
+# --- losses on the tiny model -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chunks(tiny_model):
+    """``[6, 16]`` chunks of the tiny model's own text: low loss unsteered, so steering raises it."""
+    return generate(tiny_model, torch.ones(6, 1, dtype=torch.long), 15, list(range(6)),
+                    SamplingConfig(top_k=20, top_p=0.9)).tokens
+
+
+@pytest.fixture(scope="module")
+def resid(tiny_model, chunks):
+    return resid_at_hook(tiny_model, HOOK, chunks)
+
+
+@pytest.fixture(scope="module")
+def unsteered(tiny_model, chunks, resid):
+    return float(steered_losses(tiny_model, HOOK, chunks, resid, torch.zeros(1, 32))[0])
+
+
+def test_resid_at_hook_matches_run_with_cache_and_batch_size(tiny_model, chunks, resid):
+    _, cache = tiny_model.run_with_cache(chunks, names_filter=[HOOK])
+    assert resid.shape == (6, 16, 32)
+    torch.testing.assert_close(resid, cache[HOOK], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(resid_at_hook(tiny_model, HOOK, chunks, batch_size=4), resid, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_delta_loss_is_the_models_mean_next_token_loss(tiny_model, chunks, resid, unsteered):
+    ref = float(tiny_model(chunks, return_type="loss"))
+    assert unsteered == pytest.approx(ref, abs=1e-5)
+    # by hand as well: mean over all next-token predictions
+    logp = tiny_model(chunks).log_softmax(-1)
+    nll = -logp[:, :-1].gather(-1, chunks[:, 1:, None])[..., 0]
+    assert unsteered == pytest.approx(float(nll.mean()), abs=1e-5)
+
+
+def test_steered_losses_equal_the_hooked_models_loss(tiny_model, chunks, resid, tiny_sae):
+    deltas = tiny_sae.W_dec[:5] * torch.tensor([0.0, 1.0, 2.5, 4.0, 8.0])[:, None]
+    losses = steered_losses(tiny_model, HOOK, chunks, resid, deltas)
+    assert losses.shape == (5,) and losses.dtype == torch.float64
+    for i in range(5):
+        with steering_hook(tiny_model, HOOK, deltas[i]):
+            ref = float(tiny_model(chunks, return_type="loss"))
+        assert float(losses[i]) == pytest.approx(ref, abs=1e-5)
+    # how many deltas share a forward does not matter
+    torch.testing.assert_close(steered_losses(tiny_model, HOOK, chunks, resid, deltas, max_rows=1), losses,
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(steered_losses(tiny_model, HOOK, chunks, resid, deltas, max_rows=13), losses,
+                               atol=1e-6, rtol=0)
+    assert losses[-1] > losses[0] + 0.1  # steering hard raises the loss on the model's own text
+
+
+# --- calibrate_scales on the tiny model -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calibration(tiny_model, tiny_sae, chunks, resid, unsteered):
+    return calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:16], GRID, TARGET, unsteered)
+
+
+def test_calibration_records_every_vector(calibration, unsteered):
+    cal = calibration
+    assert cal.scales.shape == (16,) and cal.losses.shape == (16, len(GRID)) and len(cal.status) == 16
+    assert set(cal.status) <= set(STATUSES)
+    assert cal.target == pytest.approx(unsteered + 0.3) and cal.unsteered_loss == unsteered
+    assert {"ok", "not_reached"} <= set(cal.status), "the fixture should exercise both outcomes"
+    assert torch.all(cal.losses[:, 0] == unsteered)
+
+
+def test_ok_scale_reaches_the_target_within_the_interpolation_error(tiny_model, tiny_sae, chunks, resid, calibration):
+    cal = calibration
+    for i, st in enumerate(cal.status):
+        row = cal.losses[i]
+        if st != "ok":
+            continue
+        j = int(torch.nonzero(row > cal.target)[0, 0])
+        assert torch.isnan(row[j + 1:]).all(), "the sweep stops for a vector once it crossed"
+        assert torch.isfinite(row[:j + 1]).all() and (row[:j] <= cal.target).all()
+        s = float(cal.scales[i])
+        assert GRID[j - 1] <= s <= GRID[j]
+        loss = float(steered_losses(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[i:i + 1] * s)[0])
+        lo, hi = float(row[j - 1]), float(row[j])
+        assert lo - 1e-6 <= loss <= hi + 1e-6
+        assert abs(loss - cal.target) <= hi - lo
+
+
+def test_not_reached_takes_the_largest_scale_and_stays_below(calibration):
+    cal = calibration
+    for i, st in enumerate(cal.status):
+        if st == "not_reached":
+            assert float(cal.scales[i]) == GRID[-1]
+            assert torch.isfinite(cal.losses[i]).all() and (cal.losses[i] <= cal.target).all()
+
+
+def test_batching_vectors_gives_the_same_calibration(tiny_model, tiny_sae, chunks, resid, unsteered, calibration):
+    for i in range(0, 16, 3):
+        one = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[i:i + 1], GRID, TARGET, unsteered)
+        assert one.status == calibration.status[i:i + 1]
+        torch.testing.assert_close(one.scales, calibration.scales[i:i + 1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(one.losses, calibration.losses[i:i + 1], atol=1e-6, rtol=0, equal_nan=True)
+    small = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:16], GRID, TARGET, unsteered, max_rows=7)
+    assert small.status == calibration.status
+    torch.testing.assert_close(small.scales, calibration.scales, atol=1e-4, rtol=0)
+    # the grid order given does not matter either (it is swept upwards)
+    rev = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:16], GRID[::-1], TARGET, unsteered)
+    torch.testing.assert_close(rev.scales, calibration.scales, atol=1e-4, rtol=0)
+
+
+def test_absolute_target_below_unsteered_loss_skips_every_vector(tiny_model, tiny_sae, chunks, resid, unsteered):
+    cal = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], GRID,
+                           LossTarget(kind="absolute", value=unsteered - 0.1), unsteered)
+    assert cal.status == ["above_at_zero"] * 3 and torch.isnan(cal.scales).all()
+    assert torch.isnan(cal.losses[:, 1:]).all()  # nothing beyond scale 0 was evaluated
+    high = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], GRID,
+                            LossTarget(kind="absolute", value=unsteered + 100.0), unsteered)
+    assert high.status == ["not_reached"] * 3 and torch.all(high.scales == GRID[-1])

@@ -1,0 +1,201 @@
+"""Effects on SAE features: scale 0 is no effect, the fast batched path equals the reference
+loop, grouping vectors into blocks changes nothing, and position 0 is dropped when asked."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from saets_utils.config import SamplingConfig
+from saets_utils.effects import (
+    BASELINE, STEERED, FeatureSums, RolloutSpec, encode_positions, measure_baseline, measure_effects,
+    prompt_groups, prompt_token_ids, reference_effects,
+)
+from saets_utils.steering import generate, row_seed
+
+HOOK = "blocks.1.hook_resid_post"
+BOS = 1
+SEED = 3
+IDS = [5, 11, 17, 40]  # decoder rows used as steering vectors (ids on purpose not 0..n-1)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_model) -> RolloutSpec:
+    # prompts of three lengths, two of them twice (the empty prompt, BOS only, is repeated as in the reference)
+    prompts = prompt_token_ids(tiny_model, ["", "I think", "News", "", "Good"], BOS, total_tokens=12)
+    return RolloutSpec(prompts=prompts, samples_per_prompt=3, total_tokens=12,
+                       sampling=SamplingConfig(top_k=40, top_p=0.8))
+
+
+@pytest.fixture(scope="module")
+def vectors(tiny_sae) -> torch.Tensor:
+    return tiny_sae.W_dec[IDS].clone()
+
+
+SCALES = torch.tensor([2.0, 0.0, 5.0, 9.0])
+
+
+def unsteered_mean_codes(model, sae, spec: RolloutSpec, seeds_for) -> torch.Tensor:
+    """Mean SAE code over all positions of unsteered rollouts, seeded by ``seeds_for(p)``, re-run
+    through the model without any hook (the slow, obvious way)."""
+    sums = FeatureSums.zeros(sae.cfg.d_sae)
+    for p, ids in enumerate(spec.prompts):
+        seeds = seeds_for(p)
+        gen = generate(model, torch.tensor([ids] * len(seeds)), spec.new_tokens(p), seeds, spec.sampling)
+        _, cache = model.run_with_cache(gen.tokens, names_filter=[HOOK])
+        sums.add(sae.encode(cache[HOOK]))
+    return sums.mean
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+def test_prompt_token_ids_prepend_bos_and_reject_prompts_without_room(tiny_model):
+    tok = tiny_model.tokenizer
+    ids = prompt_token_ids(tiny_model, ["", "I think"], BOS, total_tokens=9)
+    assert ids[0] == (BOS,)
+    assert ids[1] == (BOS, *tok.encode("I think", add_special_tokens=False)) and len(ids[1]) == 8
+    with pytest.raises(ValueError, match="no room"):
+        prompt_token_ids(tiny_model, ["", "I think"], BOS, total_tokens=8)  # 8 prompt tokens, 0 left
+    with pytest.raises(ValueError, match="total_tokens=1"):
+        prompt_token_ids(tiny_model, [""], BOS, total_tokens=1)
+
+
+def test_rollout_spec_new_tokens_and_prompt_groups(spec):
+    assert [len(p) for p in spec.prompts] == [1, 8, 5, 1, 5]
+    assert [spec.new_tokens(p) for p in range(5)] == [11, 4, 7, 11, 7]
+    groups = prompt_groups(spec)
+    assert sorted(p for g in groups for p in g) == list(range(5))  # every prompt exactly once
+    assert all(len({len(spec.prompts[p]) for p in g}) == 1 for g in groups)  # one length per batch
+    assert sorted(map(sorted, groups)) == [[0, 3], [1], [2, 4]]
+    small = prompt_groups(spec, max_prompts=1)
+    assert sorted(p for g in small for p in g) == list(range(5)) and all(len(g) == 1 for g in small)
+
+
+# --- feature sums -----------------------------------------------------------------------------
+
+def test_feature_sums_mean_and_density():
+    s = FeatureSums.zeros(3)
+    s.add(torch.tensor([[[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]]]))
+    s.add(torch.tensor([[[0.0, 0.0, 4.0]], [[2.0, 0.0, 0.0]]]))
+    assert s.n == 4
+    torch.testing.assert_close(s.mean, torch.tensor([1.5, 0.0, 1.5]))
+    torch.testing.assert_close(s.density, torch.tensor([0.75, 0.0, 0.5]))
+    assert torch.equal(FeatureSums.zeros(2).mean, torch.zeros(2))
+
+
+def test_encode_positions_drops_position_zero_only_when_asked(tiny_sae):
+    acts = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    full = encode_positions(tiny_sae, acts, True)
+    rest = encode_positions(tiny_sae, acts, False)
+    assert full.shape == (2, 5, 64) and rest.shape == (2, 4, 64)
+    torch.testing.assert_close(rest, full[:, 1:])
+
+
+# --- baseline ---------------------------------------------------------------------------------
+
+def test_baseline_is_unsteered_rollouts_from_the_baseline_seed_stream(tiny_model, tiny_sae, spec):
+    base = measure_baseline(tiny_model, tiny_sae, HOOK, spec, multiplier=2, seed=SEED)
+    assert base.n == 5 * 6 * 12  # prompts * (multiplier * samples) * positions
+    ref = unsteered_mean_codes(tiny_model, tiny_sae, spec, lambda p: [row_seed(SEED, BASELINE, p, s) for s in range(6)])
+    torch.testing.assert_close(base.mean, ref, atol=1e-5, rtol=1e-5)
+    small = measure_baseline(tiny_model, tiny_sae, HOOK, spec, multiplier=2, seed=SEED, max_rows=4)
+    torch.testing.assert_close(small.mean, base.mean, atol=1e-6, rtol=0)
+    torch.testing.assert_close(small.density, base.density, atol=1e-6, rtol=0)
+    assert ((base.density >= 0) & (base.density <= 1)).all() and base.density.sum() > 0
+
+
+# --- effects ----------------------------------------------------------------------------------
+
+def test_scale_zero_is_zero_effect_against_a_baseline_from_the_same_seeds(tiny_model, tiny_sae, spec, vectors):
+    zero = torch.zeros(len(IDS))
+    raw = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, zero, torch.zeros(64), SEED)
+    for i, vid in enumerate(IDS):
+        # effect at scale 0 + baseline mean == mean SAE codes of unsteered rollouts with the same row seeds
+        same_seeds = unsteered_mean_codes(
+            tiny_model, tiny_sae, spec,
+            lambda p, vid=vid: [row_seed(SEED, STEERED, vid, p, s) for s in range(spec.samples_per_prompt)])
+        torch.testing.assert_close(raw.effects[i], same_seeds, atol=1e-5, rtol=1e-5)
+        eff = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors[i:i + 1], [vid], zero[:1], same_seeds, SEED)
+        assert eff.effects.abs().max() <= 1e-6
+    # rows are seeded by vector id: different ids give different rollouts even unsteered
+    assert not torch.equal(raw.effects[0], raw.effects[1])
+
+
+def test_steering_has_an_effect(tiny_model, tiny_sae, spec, vectors):
+    blk = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, torch.tensor([0.0, 0.0, 20.0, 20.0]),
+                          torch.zeros(64), SEED)
+    base = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, torch.zeros(4), torch.zeros(64), SEED)
+    assert torch.equal(blk.effects[:2], base.effects[:2])
+    assert (blk.effects[2:] - base.effects[2:]).abs().max() > 1e-2
+    assert blk.effects.shape == (4, 64) and blk.effects.dtype == torch.float32
+    assert blk.sample_tokens.shape == (4, 3, 12)  # keep_samples 4, but only 3 samples per prompt
+    last = spec.prompts[-1]
+    assert torch.equal(blk.sample_tokens[:, :, :len(last)], torch.tensor(last).expand(4, 3, -1))
+
+
+@pytest.fixture(scope="module")
+def baseline_mean(tiny_model, tiny_sae, spec):
+    return measure_baseline(tiny_model, tiny_sae, HOOK, spec, multiplier=1, seed=SEED).mean
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_model, tiny_sae, spec, vectors, baseline_mean):
+    return measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, SCALES, baseline_mean, SEED)
+
+
+def test_batched_effects_equal_the_reference_loop(tiny_model, tiny_sae, spec, vectors, baseline_mean, batched):
+    # these rollouts contain EOS (= the pad id) before their end: the KV cache must not mask it
+    eos, hits = tiny_model.tokenizer.pad_token_id, 0
+    for i, vid in enumerate(IDS):
+        for p, ids in enumerate(spec.prompts):
+            seeds = [row_seed(SEED, STEERED, vid, p, s) for s in range(spec.samples_per_prompt)]
+            gen = generate(tiny_model, torch.tensor([ids] * len(seeds)), spec.new_tokens(p), seeds, spec.sampling,
+                           HOOK, vectors[i] * SCALES[i], use_cache=False)
+            hits += int((gen.tokens[:, :-1] == eos).sum())
+    assert hits > 0
+    for i, vid in enumerate(IDS):
+        ref = reference_effects(tiny_model, tiny_sae, HOOK, spec, vectors[i], vid, float(SCALES[i]), baseline_mean, SEED)
+        torch.testing.assert_close(batched.effects[i], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_grouping_vectors_into_blocks_does_not_change_effects(tiny_model, tiny_sae, spec, vectors, baseline_mean,
+                                                              batched):
+    def run(rows):
+        return measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors[rows], [IDS[r] for r in rows], SCALES[rows],
+                               baseline_mean, SEED)
+
+    halves = [run([0, 1]), run([2, 3])]
+    torch.testing.assert_close(torch.cat([h.effects for h in halves]), batched.effects, atol=1e-6, rtol=0)
+    assert torch.equal(torch.cat([h.sample_tokens for h in halves]), batched.sample_tokens)
+    rev = run([3, 2, 1, 0])
+    torch.testing.assert_close(rev.effects.flip(0), batched.effects, atol=1e-6, rtol=0)
+    single = run([2])
+    torch.testing.assert_close(single.effects[0], batched.effects[2], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("max_rows", [1, 12, 25])
+def test_batching_prompts_does_not_change_effects(tiny_model, tiny_sae, spec, vectors, baseline_mean, batched, max_rows):
+    # max_rows 1 or 12: one prompt per batch; 25: two equally long prompts share a batch of 4 * 3 rows each
+    blk = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, SCALES, baseline_mean, SEED, max_rows=max_rows)
+    torch.testing.assert_close(blk.effects, batched.effects, atol=1e-6, rtol=0)
+    assert torch.equal(blk.sample_tokens, batched.sample_tokens)
+
+
+def test_include_first_position_false_drops_position_zero(tiny_model, tiny_sae, spec, vectors, baseline_mean):
+    zero = torch.zeros(64)
+    with_0 = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, SCALES, zero, SEED).effects
+    no_0 = measure_effects(tiny_model, tiny_sae, HOOK, replace(spec, include_first_position=False), vectors, IDS,
+                           SCALES, zero, SEED).effects
+    # every rollout starts with BOS, whose activation at position 0 sees nothing else: one fixed code
+    _, cache = tiny_model.run_with_cache(torch.tensor([[BOS]]), names_filter=[HOOK])
+    c0 = tiny_sae.encode(cache[HOOK])[0, 0]
+    t = spec.total_tokens
+    torch.testing.assert_close(with_0 * t, no_0 * (t - 1) + c0, atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(with_0, no_0)
+    # the baseline honours the flag the same way
+    base_no_0 = measure_baseline(tiny_model, tiny_sae, HOOK, replace(spec, include_first_position=False), 1, SEED)
+    assert base_no_0.n == 5 * 3 * (t - 1)
+    torch.testing.assert_close(baseline_mean * t, base_no_0.mean * (t - 1) + c0, atol=1e-4, rtol=1e-5)
+

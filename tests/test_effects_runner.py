@@ -1,0 +1,389 @@
+"""Notebook 01's runner on the tiny model: the output contract, resuming (also after a worker is
+killed), plans guarded by their settings, device selection, and bad inputs failing before any
+model forward."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from saets_utils import effects_runner
+from saets_utils.calibration import STATUSES
+from saets_utils.config import ConfigError, load_config
+from saets_utils.effects import measure_effects
+from saets_utils.effects_runner import (
+    Plan, available_devices, fingerprint, prepare_plan, rollout_spec, run_effects, work_dir,
+)
+from saets_utils.effects_store import load_effects
+from saets_utils.vector_sources import build_vectors
+
+HOOK = "blocks.1.hook_resid_post"
+N_VECTORS = 24  # with 2 vectors per block: 12 blocks, so a kill lands mid-run even on a slow machine
+WAIT_S = 240  # bound on every wait for worker subprocesses
+
+
+def params(root: Path, **effects: Any) -> dict:
+    return {
+        "seed": 1,
+        "model": {"source": "tiny", "bos_token_id": 1},
+        "sae": {"source": "tiny", "hook_name": HOOK, "train": {"d_sae": 64, "k": 4}},
+        "results_root": str(root),
+        "effects": {
+            "vectors": {"source": "decoder_rows", "ids": {"start": 0, "stop": N_VECTORS}},
+            "scale_grid": {"start": 0, "stop": 40, "step": 10},
+            "loss_target": {"kind": "relative", "value": 0.3},
+            "loss_chunks": 4, "loss_chunk_tokens": 16,
+            "prompts": ["", "I think"], "samples_per_prompt": 4, "total_tokens": 16,
+            "baseline_multiplier": 2, "vectors_per_batch": 2,
+            **effects,
+        },
+    }
+
+
+def write_config(tmp_path: Path, data: dict, overrides: dict | None = None, stem: str = "tinyrun"):
+    folder = tmp_path / "params"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{stem}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path, overrides)
+
+
+def shard_files(run) -> list[Path]:
+    return sorted((work_dir(run) / "shards").glob("*.safetensors"))
+
+
+def shard_ids(run) -> Counter:
+    ids: Counter = Counter()
+    for p in shard_files(run):
+        with safe_open(str(p), "pt") as f:
+            ids.update(f.get_tensor("vector_ids").tolist())
+    return ids
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model, tiny_sae):
+    """An uninterrupted in-process run (gpus=0) of all N_VECTORS vectors."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run = write_config(tmp, params(tmp / "results"))
+    path = run_effects(run, tiny_model, tiny_sae, gpus=0)
+    return run, path
+
+
+# --- output contract --------------------------------------------------------------------------
+
+def test_run_writes_the_contract_files(reference, tiny_sae):
+    run, path = reference
+    assert path == run.results_dir / "effects.safetensors"
+    t = load_file(path)
+    n, g = N_VECTORS, 5
+    assert t["effects"].shape == (n, 64) and t["effects"].dtype == torch.float32
+    assert t["vectors"].shape == (n, 32) and t["scales"].shape == (n,) and t["losses"].shape == (n, g)
+    assert t["vector_ids"].dtype == torch.int64 and t["vector_ids"].tolist() == list(range(n))
+    assert torch.all(t["vector_ids"][1:] > t["vector_ids"][:-1])
+    # unit directions (the decoder rows), and the vector actually used is direction * scale
+    torch.testing.assert_close(t["vectors"].norm(dim=-1), torch.ones(n))
+    torch.testing.assert_close(t["vectors"], tiny_sae.W_dec[:n] / tiny_sae.W_dec[:n].norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(t["used_vectors"], t["vectors"] * t["scales"][:, None])
+
+    table = pd.read_csv(run.results_dir / "effects_table.csv")
+    assert list(table.columns) == ["id", "scale", "status", "seconds"]
+    assert table["id"].tolist() == list(range(n))
+    assert set(table["status"]) <= set(STATUSES) and "ok" in set(table["status"])
+    assert (table["seconds"] > 0).all()
+    torch.testing.assert_close(torch.tensor(table["scale"].values, dtype=torch.float32), t["scales"])
+    finite = torch.isfinite(t["scales"])
+    assert torch.isfinite(t["effects"][finite]).all()
+    assert (t["scales"][finite] > 0).all() and (t["scales"][finite] <= 40).all()
+
+    meta = json.loads((run.results_dir / "effects_meta.json").read_text())
+    assert meta["n_vectors"] == n and meta["d_sae"] == 64 and meta["d_model"] == 32
+    assert meta["fingerprint"] == fingerprint(run) and meta["hook_name"] == HOOK
+    assert meta["status_counts"] == dict(Counter(table["status"]))
+    # 2 prompts * (2 * 4) baseline samples * 16 positions
+    assert meta["baseline_positions"] == 2 * 8 * 16
+
+    eff = load_effects(run.results_dir)
+    assert torch.equal(eff.effects, t["effects"]) and eff.sample_tokens.shape == (n, 4, 16)
+    assert eff.baseline_mean.shape == (64,) and eff.row(7) == 7
+
+
+def test_stored_effects_are_measure_effects_at_the_stored_scale(reference, tiny_model, tiny_sae):
+    run, _ = reference
+    eff = load_effects(run.results_dir)
+    plan = Plan.load(work_dir(run) / "plan.safetensors")
+    spec = rollout_spec(run, tiny_model, 1)
+    rows = [i for i in range(N_VECTORS) if eff.table.status[i] == "ok"][:2]
+    blk = measure_effects(tiny_model, tiny_sae, HOOK, spec, eff.vectors[rows], eff.vector_ids[rows].tolist(),
+                          eff.scales[rows], plan.baseline_mean, run.seed)
+    torch.testing.assert_close(blk.effects, eff.effects[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eff.baseline_mean, plan.baseline_mean)
+
+
+# --- resuming ---------------------------------------------------------------------------------
+
+def test_rerun_does_no_work(reference, tiny_model, tiny_sae, monkeypatch):
+    run, path = reference
+    before = load_file(path)
+    shards = shard_files(run)
+
+    def no_work(*a, **k):
+        raise AssertionError("compute_block called on a finished run")
+
+    monkeypatch.setattr(effects_runner, "compute_block", no_work)
+    assert run_effects(run, tiny_model, tiny_sae, gpus=0) == path
+    # batching is not a setting of the numbers: another block size reuses the same work
+    rebatched = run.model_copy(update={"effects": run.effects.model_copy(update={"vectors_per_batch": 5})})
+    assert run_effects(rebatched, tiny_model, tiny_sae, gpus=0) == path
+    assert shard_files(run) == shards
+    after = load_file(path)
+    for k in before:
+        assert torch.equal(torch.nan_to_num(before[k], nan=-1.0), torch.nan_to_num(after[k], nan=-1.0)), k
+
+
+def test_plan_made_with_other_settings_needs_restart(tmp_path, tiny_model, tiny_sae, monkeypatch):
+    small = params(tmp_path / "results", vectors={"source": "decoder_rows", "ids": [3, 9, 12]})
+    run = write_config(tmp_path, small)
+    run_effects(run, tiny_model, tiny_sae, gpus=0)
+    old_shards = shard_files(run)
+    assert old_shards
+    changed = write_config(tmp_path, small, {"effects": {"loss_target": {"kind": "relative", "value": 0.5}}})
+    assert fingerprint(changed) != fingerprint(run)
+    with pytest.raises(ConfigError, match="restart=True"):
+        run_effects(changed, tiny_model, tiny_sae, gpus=0)
+    assert shard_files(run) == old_shards  # nothing was discarded
+    path = run_effects(changed, tiny_model, tiny_sae, gpus=0, restart=True)
+    assert not any(p.exists() for p in old_shards)
+    meta = json.loads((path.parent / "effects_meta.json").read_text())
+    assert meta["fingerprint"] == fingerprint(changed) and meta["effects"]["loss_target"]["value"] == 0.5
+    assert load_file(path)["vector_ids"].tolist() == [3, 9, 12]
+
+
+def test_resume_after_a_killed_worker_gives_the_uninterrupted_result(tmp_path, reference, tiny_model, tiny_sae,
+                                                                     monkeypatch):
+    run = write_config(tmp_path, params(tmp_path / "results"))
+    procs = []
+    spawn = effects_runner._spawn_worker
+
+    def recording_spawn(*a, **k):
+        p = spawn(*a, **k)
+        procs.append(p)
+        return p
+
+    monkeypatch.setattr(effects_runner, "_spawn_worker", recording_spawn)
+    outcome: dict[str, Any] = {}
+
+    def target():
+        try:
+            outcome["path"] = run_effects(run, tiny_model, tiny_sae, gpus=2, poll_s=0.1)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    killed = None
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not shard_files(run):
+            assert thread.is_alive(), f"run ended before any shard was written: {outcome}"
+            assert time.monotonic() < deadline, "no shard written in time"
+            time.sleep(0.02)
+        # then, if it comes soon, the moment both workers are mid-block (claimed, shard not yet
+        # written), so that the kill loses a block; otherwise kill anyway and accept either outcome
+        claims = work_dir(run) / "claims"
+        soon = time.monotonic() + 30
+        while thread.is_alive() and time.monotonic() < soon:
+            if len(list(claims.iterdir())) - len(shard_files(run)) >= 2:
+                break
+            time.sleep(0.005)
+        workers = json.loads((work_dir(run) / "workers.json").read_text())
+        assert workers["pids"] == [p.pid for p in procs] and len(procs) == 2
+        try:
+            os.kill(workers["pids"][0], signal.SIGKILL)
+            killed = 0
+        except ProcessLookupError:  # it had already finished and been reaped
+            pass
+        thread.join(WAIT_S)
+        assert not thread.is_alive(), "run_effects did not return after the kill"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+        thread.join(30)
+
+    done = shard_ids(run)
+    print(f"kill landed with {len(done)} of {N_VECTORS} vectors done; run "
+          f"{'failed' if 'error' in outcome else 'completed'}")  # shown with -s or on failure
+    if "error" in outcome:
+        err = outcome["error"]
+        assert isinstance(err, RuntimeError), repr(err)
+        assert killed == 0
+        assert "worker 0 (cpu) exited with code -9" in str(err)
+        assert f"{N_VECTORS - len(done)} of {N_VECTORS} vectors unmeasured" in str(err)
+        assert len(done) < N_VECTORS
+    else:  # the kill came after worker 0's last block: the other worker finished everything
+        assert outcome["path"] == run.results_dir / "effects.safetensors"
+    assert all(c == 1 for c in done.values()), "a vector was written twice"
+
+    path = run_effects(run, tiny_model, tiny_sae, gpus=0)  # resume in-process
+    counts = shard_ids(run)
+    assert sorted(counts) == list(range(N_VECTORS)) and set(counts.values()) == {1}, "each vector exactly once"
+
+    ref_run, ref_path = reference
+    got, ref = load_file(path), load_file(ref_path)
+    assert got["vector_ids"].tolist() == ref["vector_ids"].tolist() == list(range(N_VECTORS))
+    for k in ("effects", "scales", "vectors", "used_vectors", "losses"):
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, equal_nan=True, msg=k)
+    t_got = pd.read_csv(run.results_dir / "effects_table.csv")
+    t_ref = pd.read_csv(ref_run.results_dir / "effects_table.csv")
+    assert t_got["status"].tolist() == t_ref["status"].tolist()
+
+
+# --- devices ----------------------------------------------------------------------------------
+
+def test_available_devices_without_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert available_devices(0) == []
+    assert available_devices(3) == ["cpu", "cpu", "cpu"]
+    with pytest.raises(ConfigError, match="gpus"):
+        available_devices(-1)
+
+
+def test_available_devices_with_gpus(monkeypatch, tmp_path, tiny_model, tiny_sae):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert available_devices(0) == []
+    assert available_devices(2) == ["cuda:0", "cuda:1"]
+    with pytest.raises(ConfigError, match="only 2 CUDA"):
+        available_devices(3)
+    run = write_config(tmp_path, params(tmp_path / "results"))
+    with pytest.raises(ConfigError, match="gpus=3"):
+        run_effects(run, tiny_model, tiny_sae, gpus=3)
+    assert not work_dir(run).exists()  # refused before any plan or work
+
+
+# --- bad inputs fail before any model forward -------------------------------------------------
+
+@pytest.fixture
+def no_forward(tiny_model, monkeypatch):
+    """Any forward pass of the model fails the test (not with a ConfigError)."""
+    def forward(*a, **k):
+        raise AssertionError("the model ran before the inputs were validated")
+
+    monkeypatch.setattr(tiny_model, "forward", forward)
+    return tiny_model
+
+
+def vectors_file(tmp_path: Path, vectors: torch.Tensor, ids: list[int] | None = None) -> Path:
+    path = tmp_path / "vectors.safetensors"
+    t = {"vectors": vectors.contiguous()}
+    if ids is not None:
+        t["vector_ids"] = torch.tensor(ids, dtype=torch.int64)
+    save_file(t, str(path))
+    return path
+
+
+def good_vectors(n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 32, generator=torch.Generator().manual_seed(0))
+
+
+def fails_before_work(tmp_path, data, model, sae, match: str) -> str:
+    run = write_config(tmp_path, data)
+    with pytest.raises(ConfigError, match=match) as err:
+        run_effects(run, model, sae, gpus=0)
+    assert not (work_dir(run) / "plan.safetensors").exists()
+    assert not (work_dir(run) / "shards").exists()
+    return str(err.value)
+
+
+def test_decoder_row_out_of_range(tmp_path, no_forward, tiny_sae):
+    data = params(tmp_path / "r", vectors={"source": "decoder_rows", "ids": {"start": 60, "stop": 70}})
+    msg = fails_before_work(tmp_path, data, no_forward, tiny_sae, "out of range")
+    assert "64" in msg and "0..63" in msg
+    data = params(tmp_path / "r", vectors={"source": "decoder_rows", "ids": [1, -1]})
+    fails_before_work(tmp_path, data, no_forward, tiny_sae, "out of range")
+    data = params(tmp_path / "r", vectors={"source": "decoder_rows", "ids": [4, 4]})
+    fails_before_work(tmp_path, data, no_forward, tiny_sae, "duplicates")
+    data = params(tmp_path / "r", vectors={"source": "decoder_rows", "ids": {"start": 5, "stop": 5}})
+    fails_before_work(tmp_path, data, no_forward, tiny_sae, "selects no")
+
+
+@pytest.mark.parametrize("row", [
+    torch.cat([torch.ones(5), torch.tensor([float("nan")]), torch.ones(26)]),  # one NaN entry
+    torch.zeros(32),
+    torch.full((32,), float("inf")),
+], ids=["nan", "zero", "inf"])
+def test_bad_vector_in_file(tmp_path, no_forward, tiny_sae, row):
+    vecs = good_vectors()
+    vecs[1] = row
+    path = vectors_file(tmp_path, vecs, ids=[10, 20, 30])
+    data = params(tmp_path / "r", vectors={"source": "file", "path": str(path)})
+    msg = fails_before_work(tmp_path, data, no_forward, tiny_sae, "zero or non-finite")
+    assert "[20]" in msg  # names the offending vector id
+
+
+def test_repeated_ids_in_vectors_file(tmp_path, no_forward, tiny_sae):
+    path = vectors_file(tmp_path, good_vectors(), ids=[5, 5, 7])
+    data = params(tmp_path / "r", vectors={"source": "file", "path": str(path)})
+    fails_before_work(tmp_path, data, no_forward, tiny_sae, "appear more than once")
+
+
+def test_vectors_file_problems(tmp_path, no_forward, tiny_sae):
+    data = params(tmp_path / "r", vectors={"source": "file", "path": str(tmp_path / "missing.safetensors")})
+    fails_before_work(tmp_path, data, no_forward, tiny_sae, "does not exist")
+    path = vectors_file(tmp_path, torch.randn(3, 16))
+    data = params(tmp_path / "r", vectors={"source": "file", "path": str(path)})
+    fails_before_work(tmp_path, data, no_forward, tiny_sae, r"need \[n, 32\]")
+    save_file({"other": torch.randn(3, 32)}, str(path))
+    fails_before_work(tmp_path, data, no_forward, tiny_sae, "no 'vectors' tensor")
+
+
+@pytest.mark.parametrize("effects, match", [
+    ({"scale_grid": {"start": 0, "stop": 40, "step": 0}}, "scale grid is empty"),
+    ({"scale_grid": {"start": 40, "stop": 0, "step": 10}}, "scale grid is empty"),
+    ({"vectors": {"source": "steering_ideas"}}, "effects.vectors.source"),
+    ({"vectors": {"source": "random"}}, "count is required"),
+    ({"vectors": {"source": "pairs"}}, "count is required"),
+    ({"vectors": {"source": "file"}}, "path is required"),
+    ({"vectors": {"source": "decoder_rows", "ids": {"begin": 0, "stop": 3}}}, "start: a, stop: b"),
+])
+def test_config_rejects_bad_effects_settings(tmp_path, effects, match):
+    with pytest.raises(ConfigError, match=match):
+        write_config(tmp_path, params(tmp_path / "r", **effects))
+
+
+def test_vector_sources_yield_unit_vectors_in_id_order(tmp_path, tiny_sae):
+    run = write_config(tmp_path, params(tmp_path / "r", vectors={"source": "random", "count": 5}))
+    ids, vecs = build_vectors(run, tiny_sae, 32)
+    assert ids.tolist() == [0, 1, 2, 3, 4] and vecs.shape == (5, 32)
+    torch.testing.assert_close(vecs.norm(dim=-1), torch.ones(5))
+    again = build_vectors(run, tiny_sae, 32)[1]
+    assert torch.equal(vecs, again)  # seeded by the run seed
+    path = vectors_file(tmp_path, good_vectors(4) * 3.0, ids=[7, 8, 9, 11])
+    run = write_config(tmp_path, params(tmp_path / "r", vectors={"source": "file", "path": str(path), "ids": [1, 3]}))
+    ids, vecs = build_vectors(run, tiny_sae, 32)
+    assert ids.tolist() == [8, 11]
+    g = good_vectors(4)
+    torch.testing.assert_close(vecs, g[[1, 3]] / g[[1, 3]].norm(dim=-1, keepdim=True))
+
+
+def test_prepare_plan_reuses_the_saved_plan(tmp_path, tiny_model, tiny_sae, monkeypatch):
+    run = write_config(tmp_path, params(tmp_path / "r", vectors={"source": "decoder_rows", "ids": [2, 5]}))
+    plan = prepare_plan(run, tiny_model, tiny_sae)
+    assert plan.vector_ids.tolist() == [2, 5] and plan.loss_tokens.shape == (4, 16)
+    assert torch.all(plan.loss_tokens[:, 0] == 1)  # every chunk starts with the configured BOS
+    monkeypatch.setattr(tiny_model, "forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    again = prepare_plan(run, tiny_model, tiny_sae)
+    assert torch.equal(again.baseline_mean, plan.baseline_mean) and again.unsteered_loss == plan.unsteered_loss
