@@ -239,8 +239,18 @@ class EffectsConfig(_Strict):
 class ApproximatorConfig(_Strict):
     """Settings of notebook 02: the linear effect approximator."""
 
+    @field_validator("ridge_lambda")
+    @classmethod
+    def _lam(cls, v: float | str) -> float | str:
+        if v != "cv" and float(v) < 0:
+            raise ValueError("approximator.ridge_lambda must be >= 0 or 'cv'")
+        return v
+
     fit: Literal["ridge", "adam"] = "ridge"
-    ridge_lambda: float = Field(1e-3, ge=0)
+    # Ridge penalty, or "cv": chosen by k-fold cross-validation on the training vectors only (the
+    # held-out vectors never influence the fit).
+    ridge_lambda: float | Literal["cv"] = "cv"
+    cv_folds: int = Field(5, ge=2)
     lr: float = Field(2e-4, gt=0)
     epochs: int = Field(15, gt=0)
     batch_size: int = Field(64, gt=0)

@@ -218,14 +218,14 @@ def plot_training_curve(history: pd.DataFrame, baselines: Mapping[str, float] | 
     fig = _figure((6, 3.8))
     ax = fig.subplots()
     x = "epoch" if "epoch" in history else "ridge_lambda"
-    for col, color in (("train_mse", "#1f77b4"), ("val_mse", "#d62728")):
+    for col, color in (("train_mse", "#1f77b4"), ("cv_mse", "#2ca02c"), ("val_mse", "#d62728")):
         if col in history and history[col].notna().any():
             ax.plot(history[x], history[col], marker="o", ms=3, color=color, label=col.replace("_", " "))
     if x == "ridge_lambda":
         ax.set_xscale("log")
     for (name, value), ls in zip((baselines or {}).items(), ("--", ":", "-.")):
         ax.axhline(value, color="grey", ls=ls, lw=1, label=f"val MSE, {name}")
-    vals = pd.concat([history.get(c, pd.Series(dtype=float)) for c in ("train_mse", "val_mse")]).dropna()
+    vals = pd.concat([history.get(c, pd.Series(dtype=float)) for c in ("train_mse", "cv_mse", "val_mse")]).dropna()
     if len(vals) and (vals > 0).all():
         ax.set_yscale("log")
     ax.set_xlabel("epoch" if x == "epoch" else "ridge penalty λ")

@@ -44,20 +44,23 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
     train, val = split_holdout(ids, cfg.holdout, run.seed)
     Xt, Yt, Xv, Yv = X[train], Y[train], X[val], Y[val]
     if cfg.fit == "ridge":
+        lam, cv = choose_ridge_lambda(Xt, Yt, cfg.ridge_lambda, cfg.cv_folds, run.seed)
         rows = []
-        for lam in sorted({*RIDGE_PATH, cfg.ridge_lambda}):
-            a = fit_ridge(Xt, Yt, lam)
-            rows.append({"ridge_lambda": lam, "train_mse": _mse(a, Xt, Yt), "val_mse": _mse(a, Xv, Yv)})
+        for lam_i in sorted({*RIDGE_PATH, lam}):
+            a = fit_ridge(Xt, Yt, lam_i)
+            rows.append({"ridge_lambda": lam_i, "train_mse": _mse(a, Xt, Yt), "cv_mse": cv.get(lam_i),
+                         "val_mse": _mse(a, Xv, Yv)})
         history = pd.DataFrame(rows)
-        approx = fit_ridge(Xt, Yt, cfg.ridge_lambda)
+        approx = fit_ridge(Xt, Yt, lam)
     else:
+        lam = None
         approx, hist = fit_adam(Xt, Yt, cfg.lr, cfg.epochs, cfg.batch_size, run.seed, Xv, Yv, progress=True)
         history = pd.DataFrame(hist)
     is_rows = effects.meta.get("effects", {}).get("vectors", {}).get("source") == "decoder_rows"
     metrics = approximator_metrics(approx, Xv, Yv, Yt.mean(0), val_ids=ids[val],
                                    decoder_feature_ids=ids[val] if is_rows else None)
     metrics.update({"fit": cfg.fit, "n_train": int(len(train)), "n_dropped": int((~ok).sum()),
-                    "ridge_lambda": cfg.ridge_lambda if cfg.fit == "ridge" else None})
+                    "ridge_lambda": lam, "ridge_lambda_setting": cfg.ridge_lambda if cfg.fit == "ridge" else None})
     out = run.results_dir
     approx.save(out / "approximator.safetensors", W_dec=W_dec.detach().float().cpu())
     per_feature = metrics.pop("per_feature_r2")
@@ -70,9 +73,29 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
     return TrainResult(approx, metrics, history, ids[val], pred, Yv)
 
 
+def choose_ridge_lambda(X: Tensor, Y: Tensor, setting: float | str, folds: int, seed: int) -> tuple[float, dict[float, float]]:
+    """The ridge penalty to use: ``setting`` itself, or with ``"cv"`` the value of :data:`RIDGE_PATH`
+    with the lowest k-fold cross-validated MSE on the training vectors ``X [n, d_model]``,
+    ``Y [n, d_sae]``. Returns it and the CV MSE per candidate (empty when not cross-validated)."""
+    if setting != "cv":
+        return float(setting), {}
+    n = X.shape[0]
+    folds = min(folds, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    parts = [perm[i::folds] for i in range(folds)]
+    cv: dict[float, float] = {}
+    for lam in RIDGE_PATH:
+        errs = []
+        for k in range(folds):
+            tr = torch.cat([p for j, p in enumerate(parts) if j != k])
+            errs.append(_mse(fit_ridge(X[tr], Y[tr], lam), X[parts[k]], Y[parts[k]]) * len(parts[k]))
+        cv[lam] = sum(errs) / n
+    return min(cv, key=cv.__getitem__), cv
+
+
 def metrics_table(m: dict[str, Any]) -> pd.DataFrame:
     """Held-out metrics as a small table for the notebook."""
-    keys = ["n_train", "n_val", "mse", "mse_mean", "mse_zero", "r2", "per_feature_r2_median",
+    keys = ["ridge_lambda", "n_train", "n_val", "mse", "mse_mean", "mse_zero", "r2", "per_feature_r2_median",
             "cosine_mean", "cosine_mean_baseline", "centered_cosine_mean", "decoder_top1_predicted", "decoder_top1_measured"]
     return pd.DataFrame({"metric": keys, "value": [m.get(k) for k in keys]})
 
