@@ -183,7 +183,7 @@ def fit_adam(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lr: flo
         _check_xy(X_val, Y_val)
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
 
     device = torch.device(device) if device is not None else X.device
     n = X.shape[0]
@@ -196,7 +196,7 @@ def fit_adam(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lr: flo
     opt = torch.optim.Adam([W, b], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     history: list[dict[str, Any]] = []
-    for epoch in tqdm(range(1, epochs + 1), desc="fit_adam", disable=not progress):
+    for epoch in progress_bar(iterable=range(1, epochs + 1), total=epochs, desc="fit_adam", disable=not progress):
         cur_lr = opt.param_groups[0]["lr"]
         perm = torch.randperm(n, generator=g)
         total = 0.0

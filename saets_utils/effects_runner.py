@@ -226,7 +226,7 @@ def run_effects(run: RunConfig, model, sae, gpus: int = 0, restart: bool = False
     ``model``/``sae`` (already loaded) build the plan and, with ``gpus = 0``, do the work in-process.
     Raises after reporting each failed worker if any vector is left unmeasured (re-run to resume).
     """
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
 
     devices = available_devices(gpus)
     plan = prepare_plan(run, model, sae, restart)
@@ -236,7 +236,7 @@ def run_effects(run: RunConfig, model, sae, gpus: int = 0, restart: bool = False
     atomic_write_json(wd / f"attempt_{attempt}.json", blocks)
     atomic_write_json(wd / "run_config.json", json.loads(run.model_dump_json()))
     total = len(plan.vector_ids)
-    bar = tqdm(total=total, initial=total - sum(len(b) for b in blocks), desc="effects (vectors)", unit="vec")
+    bar = progress_bar(total=total, initial=total - sum(len(b) for b in blocks), desc="effects (vectors)", unit="vec")
     failures: list[str] = []
     if blocks and not devices:
         work_loop(run, attempt, model=model, sae=sae, progress=bar)

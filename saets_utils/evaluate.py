@@ -99,7 +99,7 @@ def _requests(task: Task, df: pd.DataFrame, prompt: str) -> list[JudgeRequest]:
 
 def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progress: bool = True) -> EvalReport:
     """Run the whole evaluation of ``run.eval`` and write its files (see module docstring)."""
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
 
     from .offline_judge import make_mean_logprob_fn
     from .scoring import by_scale, summary
@@ -115,7 +115,7 @@ def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progres
     frames, vectors, targets, requests = [], {}, [], []
     n_scales = len(run.eval.scale_grid.values())
     total = len(tasks) * run.eval.samples_per_scale * sum(1 if m == "prompt" else n_scales for m in run.eval.methods)
-    bar = tqdm(total=total, desc="generate", disable=not progress)
+    bar = progress_bar(total=total, desc="generate", disable=not progress)
     for task in tasks:
         tv = build_task_vectors(task, ctx, run.eval.methods)
         vectors.update({f"{task.name}/{m}": v for m, v in tv.vectors.items()})

@@ -461,10 +461,10 @@ def score_requests(judge: Judge, requests: Sequence[JudgeRequest], progress: boo
     where a loop is already running (ipykernel), and one code path serves both cases.
     Ctrl-C cancels the in-flight calls; scores already received stay in the cache.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
 
     requests = list(requests)
-    bar = tqdm(total=len(requests), desc=desc or f"judge {judge.judge_id}", disable=not progress)
+    bar = progress_bar(total=len(requests), desc=desc or f"judge {judge.judge_id}", disable=not progress)
     loop = asyncio.new_event_loop()
     task = loop.create_task(judge.ascore(requests, on_done=bar.update))
     box: dict[str, Any] = {}
