@@ -17,7 +17,7 @@ from .config import RunConfig
 from .effects_store import Effects
 from .io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
-RIDGE_PATH = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+RIDGE_PATH = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 
 
 @dataclass
