@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .config import SamplingConfig
-from .steering import generate, row_seed
+from .steering import generate, row_seed, steering_delta
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -144,7 +144,7 @@ def measure_effects(model: "HookedTransformer", sae: "SAE", hook_name: str, spec
     """
     v, s_n = vectors.shape[0], spec.samples_per_prompt
     sums = [FeatureSums.zeros(sae.cfg.d_sae) for _ in range(v)]
-    delta = (vectors * scales[:, None].to(vectors.dtype)).to(model.cfg.device).repeat_interleave(s_n, dim=0)
+    delta = steering_delta(vectors, scales).to(model.cfg.device).repeat_interleave(s_n, dim=0)
     samples = None
     for group in prompt_groups(spec, max(1, max_rows // (v * s_n))):
         seeds = [row_seed(seed, STEERED, int(vid), p, s) for p in group for vid in vector_ids for s in range(s_n)]
@@ -169,7 +169,7 @@ def reference_effects(model: "HookedTransformer", sae: "SAE", hook_name: str, sp
     from .calibration import resid_at_hook
 
     sums = FeatureSums.zeros(sae.cfg.d_sae)
-    delta = (vector * scale).to(model.cfg.device)
+    delta = steering_delta(vector, scale).to(model.cfg.device)
     for p, ids in enumerate(spec.prompts):
         seeds = [row_seed(seed, STEERED, int(vector_id), p, s) for s in range(spec.samples_per_prompt)]
         prompt = torch.tensor([ids] * len(seeds))

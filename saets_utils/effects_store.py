@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from .steering import steering_delta
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -58,7 +59,7 @@ def merge_effects(run: "RunConfig", plan: "Plan") -> Path:
     out = run.results_dir
     atomic_save_safetensors({
         "effects": torch.stack([r["effects"] for r in recs]).float(), "vectors": vectors.float(),
-        "scales": scales, "vector_ids": ids.long(), "used_vectors": (vectors * scales[:, None]).float(),
+        "scales": scales, "vector_ids": ids.long(), "used_vectors": steering_delta(vectors.float(), scales),
         "losses": torch.stack([r["losses"] for r in recs]).float(),
     }, out / "effects.safetensors")
     atomic_save_safetensors({"mean": plan.baseline_mean.float(), "density": plan.baseline_density.float()},

@@ -164,14 +164,3 @@ def _attach_scores(df: pd.DataFrame, requests: list[JudgeRequest], results: list
 
 def _jsonable(rec: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
-
-
-def load_eval(results_dir) -> dict[str, Any]:
-    """Read 03's tables back (``samples``, ``by_scale``, ``summary``); clear error if 03 has not run."""
-    from pathlib import Path
-
-    d = Path(results_dir) / "eval"
-    if not (d / "summary.csv").is_file():
-        raise FileNotFoundError(f"{d / 'summary.csv'} not found; run notebooks/03_eval.ipynb first")
-    return {"samples": pd.read_json(d / "samples.jsonl", lines=True), "by_scale": pd.read_csv(d / "by_scale.csv"),
-            "summary": pd.read_csv(d / "summary.csv")}
