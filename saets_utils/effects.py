@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 STEERED, BASELINE = 0, 1  # seed streams
+KEEP_SAMPLES = 4  # steered rollouts kept per vector for the explorer
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class EffectsBlock:
 @torch.no_grad()
 def measure_effects(model: "HookedTransformer", sae: "SAE", hook_name: str, spec: RolloutSpec,
                     vectors: Tensor, vector_ids: Sequence[int], scales: Tensor, baseline_mean: Tensor,
-                    seed: int, keep_samples: int = 4, max_rows: int = 2048) -> EffectsBlock:
+                    seed: int, keep_samples: int = KEEP_SAMPLES, max_rows: int = 2048) -> EffectsBlock:
     """Effects of ``vectors [v, d_model]`` (unit) steered at ``scales [v]``: one batch per group of
     equally long prompts, rows ordered (prompt, vector, sample).
 

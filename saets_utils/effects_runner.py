@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .calibration import calibrate_scales, resid_at_hook, steered_losses
 from .config import ConfigError, RunConfig
-from .effects import RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
+from .effects import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
 from .io_utils import atomic_write_json, atomic_save_safetensors
 
 WORK = "effects_work"
@@ -156,7 +156,7 @@ def compute_block(run: RunConfig, model, sae, plan: Plan, resid: Tensor, spec: R
     ok = torch.isfinite(cal.scales)
     d_sae = plan.baseline_mean.shape[0]
     effects = torch.full((len(rows), d_sae), float("nan"))
-    samples = torch.zeros((len(rows), 4, run.effects.total_tokens), dtype=torch.int64)
+    samples = torch.zeros((len(rows), KEEP_SAMPLES, run.effects.total_tokens), dtype=torch.int64)
     if ok.any():
         blk = measure_effects(model, sae, hook, spec, vecs[ok], ids[ok].tolist(), cal.scales[ok].to(vecs.device),
                               plan.baseline_mean.to(vecs.device), run.seed)
