@@ -86,42 +86,51 @@ def resolve_targets(task: Task, ctx: SteeringContext, acts: tuple[Tensor, Tensor
     return {m: found for m in TARGET_METHODS}, how
 
 
+def build_target_vector(ctx: SteeringContext, method: str, targets: list[tuple[int, float]]) -> Tensor:
+    """Unit vector of a target-based method (SAE, SAE-TS, pinverse, rotation, FGAA) for ``targets``;
+    FGAA is the SAE-TS formula applied to its own target."""
+    if method == "SAE":
+        return M.build_sae_vector(ctx.sae.W_dec.detach().float().cpu(), targets)
+    if method not in (*TARGET_METHODS, "FGAA"):
+        raise ValueError(f"{method!r} is not built from target features; use one of {(*TARGET_METHODS, 'FGAA')}")
+    if ctx.approx is None:
+        raise FileNotFoundError(f"{method} needs the effect approximator; run notebooks/02_train.ipynb first")
+    lam = ctx.run.approximator.sae_ts_lambda
+    if method == "SAE-TS":
+        return M.build_sae_ts_vector(ctx.approx, targets, lam)
+    if method == "FGAA":
+        return M.build_fgaa_vector(ctx.approx, targets, lam)
+    if method == "pinverse":
+        return M.build_pinverse_vector(ctx.approx, targets)
+    return M.build_rotation_vector(ctx.approx, ctx.sae.W_dec.detach().float().cpu(), targets, R=ctx.rotation, lam=lam)
+
+
 def build_task_vectors(task: Task, ctx: SteeringContext, methods: list[str]) -> TaskVectors:
     """Unit vectors for every steering method in ``methods`` (``prompt`` needs none)."""
+    unknown = set(methods) - set(M.METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; use one of {M.METHODS}")
     out = TaskVectors(task=task.name)
-    needs_acts = any(m in methods for m in ("FGAA",)) or ctx.run.sae.targets_key is None
+    needs_acts = "FGAA" in methods or ctx.run.sae.targets_key is None
     acts = contrast_acts(task, ctx) if needs_acts else None
     targets, out.targets_how = resolve_targets(task, ctx, acts)
-    lam = ctx.run.approximator.sae_ts_lambda
     needs_approx = {"SAE-TS", "pinverse", "rotation", "FGAA"} & set(methods)
     if needs_approx and ctx.approx is None:
         raise FileNotFoundError(f"methods {sorted(needs_approx)} need the effect approximator; run notebooks/02_train.ipynb first")
+    if "FGAA" in methods:
+        assert acts is not None
+        targets["FGAA"] = M.build_fgaa_target(acts[0], acts[1], ctx.density, ctx.run.eval.fgaa_density_max,
+                                              ctx.run.eval.fgaa_bos_features, ctx.run.eval.fgaa_top_k)
     for m in methods:
         if m == "prompt":
             continue
         if m == "CAA":
             v = M.build_caa_vector(ctx.model, ctx.hook_name, ctx.tokens(task.positive), ctx.tokens(task.negative),
                                    ctx.run.effects.include_first_position)
-        elif m == "SAE":
-            v = M.build_sae_vector(ctx.sae.W_dec.detach().float().cpu(), targets["SAE"])
-        elif m == "SAE-TS":
-            v = M.build_sae_ts_vector(ctx.approx, targets["SAE-TS"], lam)  # type: ignore[arg-type]
-        elif m == "pinverse":
-            v = M.build_pinverse_vector(ctx.approx, targets["pinverse"])  # type: ignore[arg-type]
-        elif m == "rotation":
-            v = M.build_rotation_vector(ctx.approx, ctx.sae.W_dec.detach().float().cpu(), targets["rotation"],  # type: ignore[arg-type]
-                                        R=ctx.rotation, lam=lam)
-        elif m == "FGAA":
-            assert acts is not None
-            fg = M.build_fgaa_target(acts[0], acts[1], ctx.density, ctx.run.eval.fgaa_density_max,
-                                     ctx.run.eval.fgaa_bos_features, ctx.run.eval.fgaa_top_k)
-            out.targets["FGAA"] = fg
-            v = M.build_fgaa_vector(ctx.approx, fg, lam)  # type: ignore[arg-type]
         else:
-            raise ValueError(f"unknown method {m!r}; use one of {M.METHODS}")
-        out.vectors[m] = v.float().cpu()
-        if m in targets:
+            v = build_target_vector(ctx, m, targets[m])
             out.targets[m] = targets[m]
+        out.vectors[m] = v.float().cpu()
     return out
 
 

@@ -25,11 +25,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from . import explore
-from . import methods as M
 from .effects_store import Effects
 from .plots import plot_effect_profile
 from .steering import generate, row_seed
-from .task_vectors import SteeringContext, build_task_vectors
+from .task_vectors import SteeringContext, build_target_vector, build_task_vectors
 from .tasks import Task, check_target_ids, join_prompt, load_task
 
 CUSTOM = "(custom targets)"
@@ -131,21 +130,9 @@ def parse_targets(text: str, d_sae: int) -> list[tuple[int, float]]:
 
 def custom_target_vector(ctx: SteeringContext, targets: list[tuple[int, float]], method: str) -> Float[Tensor, " d_model"]:
     """Unit vector of a target-based ``method`` for hand-written ``targets`` (FGAA uses the SAE-TS formula)."""
-    lam = ctx.run.approximator.sae_ts_lambda
-    W_dec = ctx.sae.W_dec.detach().float().cpu()
-    if method == "SAE":
-        return M.build_sae_vector(W_dec, targets)
     if method in ("CAA", "prompt"):
         raise ValueError(f"{method} needs a task's examples or instruction; choose a task, not custom targets")
-    if ctx.approx is None:
-        raise FileNotFoundError(f"{method} needs the effect approximator; run notebooks/02_train.ipynb first")
-    if method in ("SAE-TS", "FGAA"):
-        return M.build_sae_ts_vector(ctx.approx, targets, lam)
-    if method == "pinverse":
-        return M.build_pinverse_vector(ctx.approx, targets)
-    if method == "rotation":
-        return M.build_rotation_vector(ctx.approx, W_dec, targets, R=ctx.rotation, lam=lam)
-    raise ValueError(f"unknown method {method!r}; use one of {M.METHODS}")
+    return build_target_vector(ctx, method, targets)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from saets_utils import loading, sae_training
-from saets_utils.config import ConfigError, ModelConfig, RunConfig, SAEConfig, TextConfig
+from saets_utils.config import ConfigError, ModelConfig, RunConfig, TextConfig
 
 HOOK = "blocks.1.hook_resid_post"
 
