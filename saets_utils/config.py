@@ -147,10 +147,17 @@ class TextConfig(_Strict):
 
 
 class SamplingConfig(_Strict):
-    """Sampling for rollouts; the reference uses top_k 50, top_p 0.3, temperature 1."""
+    """Sampling for rollouts and eval texts: top-k ``top_k`` at ``temperature``, then, only if
+    ``top_p`` is set, a nucleus filter.
+
+    Default = what the reference runs actually sampled: top-k 50 at temperature 1, no nucleus. The
+    reference code passes ``top_k=50, top_p=0.3`` to TransformerLens ``generate``, whose
+    ``sample_logits`` applies top-p only when top-k is unset, so its 0.3 never took effect.
+    Setting ``top_p`` here (e.g. 0.3) is a deliberate deviation from the reference.
+    """
 
     top_k: int = Field(50, gt=0)
-    top_p: float = Field(0.3, gt=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
     temperature: float = Field(1.0, gt=0)
 
 

@@ -68,18 +68,22 @@ def row_uniforms(seeds: Sequence[int], n: int, device: torch.device | str = "cpu
 
 def sample_from_logits(logits: Tensor, u: Tensor, sampling: SamplingConfig | None) -> Tensor:
     """Next token ids ``[batch]`` from ``logits [batch, vocab]`` by inverse-CDF sampling with the
-    per-row uniforms ``u [batch]`` after temperature, top-k and top-p filtering; greedy when
-    ``sampling`` is None."""
+    per-row uniforms ``u [batch]``: temperature, top-k, then a nucleus filter only when
+    ``sampling.top_p`` is set (the reference's TransformerLens call never applied one); greedy
+    when ``sampling`` is None."""
     if sampling is None:
         return logits.argmax(-1)
     logits = logits.float() / sampling.temperature
     k = min(sampling.top_k, logits.shape[-1])
     top_logits, top_ids = logits.topk(k, dim=-1)  # sorted, descending
-    probs = top_logits.softmax(-1)
-    cum = probs.cumsum(-1)
-    # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
-    keep = (cum - probs) < sampling.top_p
-    probs = (probs * keep).double()
+    probs = top_logits.double().softmax(-1)
+    if sampling.top_p is None:
+        keep = torch.ones_like(probs, dtype=torch.bool)
+    else:
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+        cum = probs.cumsum(-1)
+        keep = (cum - probs) < sampling.top_p
+        probs = probs * keep
     cum = probs.cumsum(-1)
     target = u.double()[:, None] * cum[:, -1:]
     # a uniform within rounding of 1 must still land inside the kept prefix

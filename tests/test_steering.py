@@ -147,6 +147,26 @@ def test_samples_stay_in_top_k_and_nucleus_and_cover_it(logits, top_k, top_p):
         torch.testing.assert_close(freq, p, atol=2.0 / n, rtol=0)
 
 
+def test_default_sampling_is_the_references_top_k_50_without_nucleus(logits):
+    """The reference passed top_k=50, top_p=0.3 to TransformerLens, which applies top-p only when
+    top-k is unset: what ran was top-k 50 at temperature 1. That is our default."""
+    cfg = SamplingConfig()
+    assert (cfg.top_k, cfg.top_p, cfg.temperature) == (50, None, 1.0)
+    wide = torch.randn(3, 400, generator=torch.Generator().manual_seed(9))  # flat: top-50 keeps much mass out
+    n = 20000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    drawn = sample_from_logits(wide.repeat_interleave(n, 0), u.repeat(3), cfg).view(3, n)
+    for r in range(3):
+        top = wide[r].topk(50).indices
+        assert set(drawn[r].tolist()) == set(top.tolist())  # all 50 reachable, nothing else
+        p = wide[r, top].double().softmax(-1)  # renormalised over the top 50, no nucleus cut
+        freq = torch.stack([(drawn[r] == i).double().mean() for i in top])
+        torch.testing.assert_close(freq, p, atol=2.0 / n, rtol=0)
+    # with a nucleus set, far fewer tokens are reachable: the option is a real deviation
+    nuc = sample_from_logits(wide.repeat_interleave(n, 0), u.repeat(3), SamplingConfig(top_p=0.3)).view(3, n)
+    assert all(len(set(nuc[r].tolist())) < 50 for r in range(3))
+
+
 def test_tiny_top_p_is_greedy_and_none_is_greedy(logits):
     u = torch.rand(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for uu in (u, torch.zeros(4, dtype=torch.float64), torch.full((4,), 0.999, dtype=torch.float64)):
