@@ -241,6 +241,13 @@ class EffectsConfig(_Strict):
     # Vectors steered together in one batch (rows = vectors_per_batch * samples_per_prompt); also
     # the unit of durable progress: each finished block is written before the next starts.
     vectors_per_batch: int = Field(8, gt=0)
+    # Common random numbers: rollout (prompt p, sample s) draws the same uniforms for every vector,
+    # and each vector's effect is measured against the unsteered rollouts drawn from those same
+    # uniforms (the paired baseline), not against an independent baseline. Same expectation as the
+    # reference's independent sampling, less variance while steered and unsteered texts share a
+    # prefix. False: the reference design (independent rollouts per vector, 10x baseline).
+    common_random_numbers: bool = False
+
 
 
 class ApproximatorConfig(_Strict):

@@ -3,6 +3,13 @@
 Effect of a vector = mean SAE activation over all positions of rollouts generated with the steered
 model (re-encoded with the unsteered model) minus the same mean over unsteered baseline rollouts.
 
+Two sampling designs (``RolloutSpec.common_random_numbers``): the reference's independent rollouts
+per vector against a larger independent baseline, or common random numbers, where rollout
+``(prompt, sample)`` uses the same uniforms for every vector and for its paired unsteered rollout.
+Either way each effect is also reported for the two halves of the rollouts (even and odd sample
+index, each against the matching half of the baseline): two independent measurements of the same
+vector, whose agreement is the effect's split-half reliability.
+
 Fast path (:func:`measure_effects`): several vectors share one batch (one vector per row group),
 prompts of one length are batched together, generation uses the KV cache, and the unsteered
 activations are captured at the hook during generation instead of re-running the rollouts:
@@ -27,7 +34,7 @@ if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
-STEERED, BASELINE = 0, 1  # seed streams
+STEERED, BASELINE, PAIRED = 0, 1, 2  # seed streams
 KEEP_SAMPLES = 4  # steered rollouts kept per vector for the explorer
 
 
@@ -41,9 +48,17 @@ class RolloutSpec:
     total_tokens: int
     sampling: SamplingConfig
     include_first_position: bool = True
+    common_random_numbers: bool = False
 
     def new_tokens(self, p: int) -> int:
         return self.total_tokens - len(self.prompts[p])
+
+    def steered_seed(self, seed: int, vector_id: int, p: int, s: int) -> int:
+        """Seed of steered rollout ``(vector, prompt p, sample s)``; with common random numbers it
+        does not depend on the vector and equals the paired unsteered rollout's seed."""
+        if self.common_random_numbers:
+            return row_seed(seed, PAIRED, p, s)
+        return row_seed(seed, STEERED, int(vector_id), p, s)
 
 
 def prompt_token_ids(model: "HookedTransformer", prompts: Sequence[str], bos: int, total_tokens: int) -> tuple[tuple[int, ...], ...]:
@@ -78,6 +93,9 @@ class FeatureSums:
         self.active += (flat > 0).sum(0).double().cpu()
         self.n += flat.shape[0]
 
+    def __add__(self, other: "FeatureSums") -> "FeatureSums":
+        return FeatureSums(self.sum + other.sum, self.active + other.active, self.n + other.n)
+
     @property
     def mean(self) -> Tensor:
         return (self.sum / max(self.n, 1)).float()
@@ -104,62 +122,114 @@ def prompt_groups(spec: RolloutSpec, max_prompts: int | None = None) -> list[lis
     return [g[i:i + k] for g in by_len.values() for i in range(0, len(g), k)]
 
 
+@dataclass
+class BaselineSums:
+    """The unsteered rollouts' feature sums in two halves (even / odd sample index)."""
+
+    halves: tuple[FeatureSums, FeatureSums]
+
+    @property
+    def full(self) -> FeatureSums:
+        return self.halves[0] + self.halves[1]
+
+    @property
+    def mean(self) -> Tensor:
+        """``[d_sae]`` mean over all baseline positions."""
+        return self.full.mean
+
+    @property
+    def density(self) -> Tensor:
+        return self.full.density
+
+    @property
+    def n(self) -> int:
+        return self.full.n
+
+    @property
+    def half_means(self) -> Tensor:
+        """``[2, d_sae]``: the mean of each half."""
+        return torch.stack([h.mean for h in self.halves])
+
+
 @torch.no_grad()
 def measure_baseline(model: "HookedTransformer", sae: "SAE", hook_name: str, spec: RolloutSpec,
-                     multiplier: int, seed: int, max_rows: int = 256) -> FeatureSums:
-    """Feature sums over ``multiplier * samples_per_prompt`` unsteered rollouts per prompt."""
-    sums = FeatureSums.zeros(sae.cfg.d_sae)
-    n = spec.samples_per_prompt * multiplier
+                     multiplier: int, seed: int, max_rows: int = 256) -> "BaselineSums":
+    """Feature sums of the unsteered rollouts, kept in two halves by sample parity.
+
+    Independent design: ``multiplier * samples_per_prompt`` rollouts per prompt from their own seed
+    stream. Common random numbers: exactly the ``samples_per_prompt`` rollouts per prompt whose
+    uniforms every steered rollout shares (``multiplier`` is not used).
+    """
+    halves = (FeatureSums.zeros(sae.cfg.d_sae), FeatureSums.zeros(sae.cfg.d_sae))
+    n = spec.samples_per_prompt * (1 if spec.common_random_numbers else multiplier)
     rows = [(p, s) for g in prompt_groups(spec) for p in g for s in range(n)]
     start = 0
     while start < len(rows):
         length = len(spec.prompts[rows[start][0]])
         chunk = [r for r in rows[start:start + max_rows] if len(spec.prompts[r[0]]) == length]
         start += len(chunk)
-        seeds = [row_seed(seed, BASELINE, p, s) for p, s in chunk]
+        seeds = [row_seed(seed, PAIRED, p, s) if spec.common_random_numbers else row_seed(seed, BASELINE, p, s)
+                 for p, s in chunk]
         prompt = torch.tensor([spec.prompts[p] for p, _ in chunk])
         gen = generate(model, prompt, spec.new_tokens(chunk[0][0]), seeds, spec.sampling, hook_name, None, capture=True)
-        sums.add(encode_positions(sae, gen.activations, spec.include_first_position))
-    return sums
+        codes = encode_positions(sae, gen.activations, spec.include_first_position)
+        parity = torch.tensor([s % 2 for _, s in chunk], device=codes.device)
+        for h in (0, 1):
+            if (parity == h).any():
+                halves[h].add(codes[parity == h])
+    return BaselineSums(halves)
 
 
 @dataclass
 class EffectsBlock:
-    """Effects of a block of vectors: ``effects [v, d_sae]`` and a few steered rollouts per vector
-    ``sample_tokens [v, k, total_tokens]`` (the first ``k`` samples of the last prompt of the last
-    batch of equally long prompts)."""
+    """Effects of a block of vectors: ``effects [v, d_sae]``, the same from each half of the
+    rollouts ``halves [v, 2, d_sae]`` (NaN with one sample per prompt), and a few steered rollouts
+    per vector ``sample_tokens [v, k, total_tokens]`` (the first ``k`` samples of the last prompt of
+    the last batch of equally long prompts)."""
 
     effects: Tensor
+    halves: Tensor
     sample_tokens: Tensor
 
 
 @torch.no_grad()
 def measure_effects(model: "HookedTransformer", sae: "SAE", hook_name: str, spec: RolloutSpec,
                     vectors: Tensor, vector_ids: Sequence[int], scales: Tensor, baseline_mean: Tensor,
-                    seed: int, keep_samples: int = KEEP_SAMPLES, max_rows: int = 2048) -> EffectsBlock:
-    """Effects of ``vectors [v, d_model]`` (unit) steered at ``scales [v]``: one batch per group of
-    equally long prompts, rows ordered (prompt, vector, sample).
+                    seed: int, keep_samples: int = KEEP_SAMPLES, max_rows: int = 2048,
+                    baseline_halves: Tensor | None = None) -> EffectsBlock:
+    """Effects of ``vectors [v, d_model]`` (unit) steered at ``scales [v]`` against ``baseline_mean
+    [d_sae]``; each half of the rollouts against ``baseline_halves [2, d_sae]`` (the baseline's own
+    halves, :attr:`BaselineSums.half_means`; default: the full mean). One batch per group of equally
+    long prompts, rows ordered (prompt, vector, sample).
 
-    Row ``(vector i, prompt p, sample s)`` is seeded by ``(seed, vector_ids[i], p, s)``, so the
+    Row ``(vector i, prompt p, sample s)`` is seeded by :meth:`RolloutSpec.steered_seed`, so the
     result does not depend on how vectors or prompts are grouped into batches.
     """
     v, s_n = vectors.shape[0], spec.samples_per_prompt
-    sums = [FeatureSums.zeros(sae.cfg.d_sae) for _ in range(v)]
+    sums = [[FeatureSums.zeros(sae.cfg.d_sae), FeatureSums.zeros(sae.cfg.d_sae)] for _ in range(v)]
     delta = steering_delta(vectors, scales).to(model.cfg.device).repeat_interleave(s_n, dim=0)
     samples = None
     for group in prompt_groups(spec, max(1, max_rows // (v * s_n))):
-        seeds = [row_seed(seed, STEERED, int(vid), p, s) for p in group for vid in vector_ids for s in range(s_n)]
+        seeds = [spec.steered_seed(seed, vid, p, s) for p in group for vid in vector_ids for s in range(s_n)]
         prompt = torch.tensor([spec.prompts[p] for p in group for _ in range(v * s_n)])
         gen = generate(model, prompt, spec.new_tokens(group[0]), seeds, spec.sampling, hook_name,
                        delta.repeat(len(group), 1), capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
         codes = codes.view(len(group), v, s_n, *codes.shape[1:])
         for i in range(v):
-            sums[i].add(codes[:, i])
+            for h in (0, 1):
+                if h < s_n:
+                    sums[i][h].add(codes[:, i, h::2])
         samples = gen.tokens.view(len(group), v, s_n, -1)[-1, :, :keep_samples].cpu()
-    effects = torch.stack([s.mean for s in sums]) - baseline_mean[None].float()
+    base = baseline_mean.float().cpu()
+    base_h = base.expand(2, -1) if baseline_halves is None else baseline_halves.float().cpu()
+    effects = torch.stack([(a + b).mean for a, b in sums]) - base[None]
+    if s_n >= 2:
+        halves = torch.stack([torch.stack([sums[i][h].mean for h in (0, 1)]) for i in range(v)]) - base_h[None]
+    else:
+        halves = torch.full((v, 2, sae.cfg.d_sae), float("nan"))
     assert samples is not None
-    return EffectsBlock(effects=effects, sample_tokens=samples)
+    return EffectsBlock(effects=effects, halves=halves, sample_tokens=samples)
 
 
 @torch.no_grad()
@@ -172,7 +242,7 @@ def reference_effects(model: "HookedTransformer", sae: "SAE", hook_name: str, sp
     sums = FeatureSums.zeros(sae.cfg.d_sae)
     delta = steering_delta(vector, scale).to(model.cfg.device)
     for p, ids in enumerate(spec.prompts):
-        seeds = [row_seed(seed, STEERED, int(vector_id), p, s) for s in range(spec.samples_per_prompt)]
+        seeds = [spec.steered_seed(seed, vector_id, p, s) for s in range(spec.samples_per_prompt)]
         prompt = torch.tensor([ids] * len(seeds))
         gen = generate(model, prompt, spec.new_tokens(p), seeds, spec.sampling, hook_name, delta, use_cache=False)
         acts = resid_at_hook(model, hook_name, gen.tokens)

@@ -33,7 +33,7 @@ from .effects import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effect
 from .io_utils import atomic_write_json, atomic_save_safetensors
 
 WORK = "effects_work"
-RECIPE_VERSION = 2  # bump when the measurement changes, so stale partial work is not resumed
+RECIPE_VERSION = 3  # bump when the measurement changes, so stale partial work is not resumed
 
 
 def work_dir(run: RunConfig) -> Path:
@@ -52,26 +52,29 @@ def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
     e = run.effects
     return RolloutSpec(prompts=prompt_token_ids(model, e.prompts, bos, e.total_tokens),
                        samples_per_prompt=e.samples_per_prompt, total_tokens=e.total_tokens,
-                       sampling=e.sampling, include_first_position=e.include_first_position)
+                       sampling=e.sampling, include_first_position=e.include_first_position,
+                       common_random_numbers=e.common_random_numbers)
 
 
 @dataclass
 class Plan:
     """What a run measures: ``vector_ids [n]``, ``vectors [n, d_model]``, loss chunks ``[c, seq]``,
-    ``baseline_mean / baseline_density [d_sae]``, the unsteered loss and the settings fingerprint."""
+    ``baseline_mean / baseline_density [d_sae]``, ``baseline_halves [2, d_sae]`` (mean of each half of the
+    baseline rollouts), the unsteered loss and the settings fingerprint."""
 
     vector_ids: Tensor
     vectors: Tensor
     loss_tokens: Tensor
     baseline_mean: Tensor
     baseline_density: Tensor
+    baseline_halves: Tensor
     unsteered_loss: float
     baseline_positions: int
     fingerprint: str
 
     def save(self, path: Path) -> None:
         tensors = {k: getattr(self, k).contiguous() for k in
-                   ("vector_ids", "vectors", "loss_tokens", "baseline_mean", "baseline_density")}
+                   ("vector_ids", "vectors", "loss_tokens", "baseline_mean", "baseline_density", "baseline_halves")}
         meta = {"unsteered_loss": repr(self.unsteered_loss), "baseline_positions": str(self.baseline_positions),
                 "fingerprint": self.fingerprint}
         atomic_save_safetensors(tensors, path, meta)
@@ -121,7 +124,7 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     unsteered = float(steered_losses(model, hook, loss_tokens, resid, torch.zeros(1, model.cfg.d_model))[0])
     base = measure_baseline(model, sae, hook, spec, run.effects.baseline_multiplier, run.seed,
                             max_rows=run.effects.vectors_per_batch * run.effects.samples_per_prompt)
-    plan = Plan(ids, vectors, loss_tokens, base.mean, base.density, unsteered, base.n, fp)
+    plan = Plan(ids, vectors, loss_tokens, base.mean, base.density, base.half_means, unsteered, base.n, fp)
     plan.save(plan_path)
     return plan
 
@@ -156,15 +159,17 @@ def compute_block(run: RunConfig, model, sae, plan: Plan, resid: Tensor, spec: R
     ok = torch.isfinite(cal.scales)
     d_sae = plan.baseline_mean.shape[0]
     effects = torch.full((len(rows), d_sae), float("nan"))
+    halves = torch.full((len(rows), 2, d_sae), float("nan"))
     samples = torch.zeros((len(rows), KEEP_SAMPLES, run.effects.total_tokens), dtype=torch.int64)
     if ok.any():
         blk = measure_effects(model, sae, hook, spec, vecs[ok], ids[ok].tolist(), cal.scales[ok].to(vecs.device),
-                              plan.baseline_mean.to(vecs.device), run.seed)
+                              plan.baseline_mean, run.seed, baseline_halves=plan.baseline_halves)
         effects[ok] = blk.effects.float().cpu()
+        halves[ok] = blk.halves.float().cpu()
         samples[ok, : blk.sample_tokens.shape[1]] = blk.sample_tokens
     seconds = (time.perf_counter() - t0) / len(rows)
     atomic_save_safetensors(
-        {"vector_ids": ids.contiguous(), "effects": effects, "scales": cal.scales, "losses": cal.losses.float(),
+        {"vector_ids": ids.contiguous(), "effects": effects, "effect_halves": halves, "scales": cal.scales, "losses": cal.losses.float(),
          "sample_tokens": samples}, shard_path,
         {"status": json.dumps(cal.status), "seconds": repr(seconds), "target": repr(cal.target)})
 

@@ -1,7 +1,8 @@
 """Merge finished shards into notebook 01's output files, and read them back (for 02 and widgets).
 
 Outputs in ``results/<run>/``:
-- ``effects.safetensors``: ``effects [n, d_sae]``, ``vectors [n, d_model]`` (unit directions),
+- ``effects.safetensors``: ``effects [n, d_sae]``, ``effect_halves [n, 2, d_sae]`` (the effect measured
+  on each half of the rollouts: two independent measurements), ``vectors [n, d_model]`` (unit directions),
   ``scales [n]``, ``vector_ids [n]`` (int64, ascending), ``used_vectors [n, d_model]`` (v * scale),
   ``losses [n, g]`` (calibration sweep, NaN where it stopped);
 - ``baseline.safetensors``: ``mean [d_sae]``, ``density [d_sae]`` of the unsteered rollouts;
@@ -45,7 +46,7 @@ def merge_effects(run: "RunConfig", plan: "Plan") -> Path:
         t, meta = _read_shard(p)
         status = json.loads(meta["status"])
         for j, vid in enumerate(t["vector_ids"].tolist()):
-            rows.setdefault(vid, {"effects": t["effects"][j], "scale": float(t["scales"][j]),
+            rows.setdefault(vid, {"effects": t["effects"][j], "halves": t["effect_halves"][j], "scale": float(t["scales"][j]),
                                   "losses": t["losses"][j], "samples": t["sample_tokens"][j],
                                   "status": status[j], "seconds": float(meta["seconds"])})
     order = torch.argsort(plan.vector_ids)
@@ -59,10 +60,12 @@ def merge_effects(run: "RunConfig", plan: "Plan") -> Path:
     out = run.results_dir
     atomic_save_safetensors({
         "effects": torch.stack([r["effects"] for r in recs]).float(), "vectors": vectors.float(),
+        "effect_halves": torch.stack([r["halves"] for r in recs]).float(),
         "scales": scales, "vector_ids": ids.long(), "used_vectors": steering_delta(vectors.float(), scales),
         "losses": torch.stack([r["losses"] for r in recs]).float(),
     }, out / "effects.safetensors")
-    atomic_save_safetensors({"mean": plan.baseline_mean.float(), "density": plan.baseline_density.float()},
+    atomic_save_safetensors({"mean": plan.baseline_mean.float(), "density": plan.baseline_density.float(),
+                             "halves": plan.baseline_halves.float()},
                             out / "baseline.safetensors")
     atomic_save_safetensors({"vector_ids": ids.long(), "sample_tokens": torch.stack([r["samples"] for r in recs])},
                             out / "effects_samples.safetensors")
@@ -94,6 +97,7 @@ class Effects:
     baseline_density: Tensor
     meta: dict
     sample_tokens: Tensor | None = None
+    halves: Tensor | None = None  # [n, 2, d_sae]: the effect from each half of the rollouts
 
     def row(self, vector_id: int) -> int:
         """Row index of ``vector_id``; KeyError naming the id if it was not measured."""
@@ -119,4 +123,5 @@ def load_effects(results_dir: str | Path) -> Effects:
     return Effects(effects=t["effects"], vectors=t["vectors"], scales=t["scales"], vector_ids=t["vector_ids"],
                    table=pd.read_csv(d / "effects_table.csv"), baseline_mean=b["mean"], baseline_density=b["density"],
                    meta=json.loads((d / "effects_meta.json").read_text()),
-                   sample_tokens=load_file(samples)["sample_tokens"] if samples.is_file() else None)
+                   sample_tokens=load_file(samples)["sample_tokens"] if samples.is_file() else None,
+                   halves=t.get("effect_halves"))

@@ -199,3 +199,45 @@ def test_include_first_position_false_drops_position_zero(tiny_model, tiny_sae, 
     assert base_no_0.n == 5 * 3 * (t - 1)
     torch.testing.assert_close(baseline_mean * t, base_no_0.mean * (t - 1) + c0, atol=1e-4, rtol=1e-5)
 
+
+
+# --- common random numbers and split halves ---------------------------------------------------
+
+def test_common_random_numbers_pair_each_steered_rollout_with_an_unsteered_one(tiny_model, tiny_sae, spec, vectors):
+    crn = replace(spec, common_random_numbers=True)
+    base = measure_baseline(tiny_model, tiny_sae, HOOK, crn, multiplier=5, seed=SEED)
+    assert base.n == 5 * 3 * 12  # the paired rollouts only: multiplier unused
+    zero = torch.zeros(len(IDS))
+    blk = measure_effects(tiny_model, tiny_sae, HOOK, crn, vectors, IDS, zero, base.mean, SEED,
+                          baseline_halves=base.half_means)
+    # at scale 0 every vector writes exactly the paired unsteered texts: zero effect, also per half
+    assert blk.effects.abs().max() <= 1e-6 and blk.halves.abs().max() <= 1e-6
+    # the seeds no longer depend on the vector: two vectors at the same scale give the same texts
+    same = measure_effects(tiny_model, tiny_sae, HOOK, crn, vectors[:2], IDS[:2], torch.tensor([0.0, 0.0]),
+                           base.mean, SEED)
+    assert torch.equal(same.sample_tokens[0], same.sample_tokens[1])
+    steered = measure_effects(tiny_model, tiny_sae, HOOK, crn, vectors, IDS, SCALES, base.mean, SEED,
+                              baseline_halves=base.half_means)
+    assert (steered.effects[[0, 2, 3]].abs().amax(-1) > 1e-3).all()
+    # the independent design at scale 0 does not vanish against its own (independent) baseline
+    ind = measure_baseline(tiny_model, tiny_sae, HOOK, spec, multiplier=1, seed=SEED)
+    indep = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, zero, ind.mean, SEED)
+    assert indep.effects.abs().max() > 1e-3
+
+
+def test_halves_are_two_independent_measurements_that_average_to_the_effect(tiny_model, tiny_sae, vectors):
+    prompts = prompt_token_ids(tiny_model, ["", "I think"], BOS, total_tokens=10)
+    spec4 = RolloutSpec(prompts=prompts, samples_per_prompt=4, total_tokens=10, sampling=SamplingConfig())
+    base = measure_baseline(tiny_model, tiny_sae, HOOK, spec4, multiplier=2, seed=SEED)
+    torch.testing.assert_close(base.half_means.mean(0), base.mean, atol=1e-6, rtol=0)
+    blk = measure_effects(tiny_model, tiny_sae, HOOK, spec4, vectors, IDS, SCALES, base.mean, SEED,
+                          baseline_halves=base.half_means)
+    assert blk.halves.shape == (len(IDS), 2, 64)
+    torch.testing.assert_close(blk.halves.mean(1), blk.effects, atol=1e-5, rtol=0)
+    assert not torch.equal(blk.halves[:, 0], blk.halves[:, 1])
+    # half h is exactly the effect of the samples of parity h: rebuild half 1 of vector 0 the slow way
+    slow = unsteered_mean_codes(tiny_model, tiny_sae, spec4, lambda p: [row_seed(SEED, STEERED, IDS[1], p, s) for s in (1, 3)])
+    torch.testing.assert_close(blk.halves[1, 1] + base.half_means[1], slow, atol=1e-5, rtol=1e-5)  # vector 1 has scale 0
+    one = measure_effects(tiny_model, tiny_sae, HOOK, replace(spec4, samples_per_prompt=1), vectors, IDS, SCALES,
+                          base.mean, SEED)
+    assert torch.isnan(one.halves).all()  # one sample per prompt: no halves
