@@ -7,7 +7,9 @@ The judge is built (and an OpenAI key checked) before any generation starts.
 
 Writes ``results/<run>/eval/``: ``samples.jsonl`` (every text with its scores or errors),
 ``by_scale.csv``, ``summary.csv``, ``vectors.safetensors`` (``<task>/<method>``), ``targets.json``,
-``judge_stats.json``; the judge cache lives in ``eval/judge_cache``.
+``judge_stats.json``; the judge cache lives in ``eval/judge_cache``. With ``eval.targeting`` (default)
+it then measures, without any judge, how well each vector moves the task's target SAE features
+(:mod:`saets_utils.targeting`): ``targeting.csv``, ``targeting_summary.csv``, ``targeting_effects.safetensors``.
 """
 
 from __future__ import annotations
@@ -38,13 +40,16 @@ MAX_ROWS = 256
 @dataclass
 class EvalReport:
     """Everything 03 produced: per-text ``samples``, ``by_scale`` and ``summary`` tables, how targets
-    were chosen (``targets``) and judge/run statistics (``stats``)."""
+    were chosen (``targets``), judge/run statistics (``stats``) and, with ``eval.targeting``, the
+    judge-free targeting table and its per-method summary (None otherwise)."""
 
     samples: pd.DataFrame
     by_scale: pd.DataFrame
     summary: pd.DataFrame
     targets: pd.DataFrame
     stats: dict[str, Any] = field(default_factory=dict)
+    targeting: pd.DataFrame | None = None
+    targeting_summary: pd.DataFrame | None = None
 
     def best_samples(self, n: int = 2) -> pd.DataFrame:
         """``n`` texts per task and method at the method's best scale."""
@@ -105,6 +110,11 @@ def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progres
     from .scoring import by_scale, summary
 
     tasks = load_tasks(run.eval.tasks)
+    targeting = run.eval.targeting and any(m != "prompt" for m in run.eval.methods)  # `prompt` has no vector
+    if targeting:
+        from .targeting import load_plan
+
+        load_plan(run)  # fail before any generation if 01's plan is missing or stale
     needs_approx = bool({"SAE-TS", "pinverse", "rotation", "FGAA"} & set(run.eval.methods))
     ctx = load_context(run, model, sae, require_approximator=needs_approx)
     out = run.results_dir / "eval"
@@ -112,12 +122,13 @@ def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progres
     lm_fn = make_mean_logprob_fn(model, ctx.bos) if run.eval.judge.kind == "offline" else None
     judge = make_judge(run.eval.judge, out / "judge_cache", mean_logprob_fn=lm_fn,
                        examples={t.name: {"positive": t.positive, "negative": t.negative} for t in tasks})
-    frames, vectors, targets, requests = [], {}, [], []
+    frames, vectors, targets, requests, task_vectors = [], {}, [], [], {}
     n_scales = len(run.eval.scale_grid.values())
     total = len(tasks) * run.eval.samples_per_scale * sum(1 if m == "prompt" else n_scales for m in run.eval.methods)
     bar = progress_bar(total=total, desc="generate", disable=not progress)
     for task in tasks:
         tv = build_task_vectors(task, ctx, run.eval.methods)
+        task_vectors[task.name] = tv
         vectors.update({f"{task.name}/{m}": v for m, v in tv.vectors.items()})
         targets += [{"task": task.name, "method": m, "targets": json.dumps(t), "how": tv.targets_how}
                     for m, t in tv.targets.items()]
@@ -147,7 +158,16 @@ def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progres
     stats = {"judge": judge.judge_id, **judge.stats.as_dict(), "n_texts": len(samples),
              "n_requests": len(requests), "n_errors": int(sum(not r.ok for r in results))}
     atomic_write_json(out / "judge_stats.json", stats)
-    return EvalReport(samples, bs, sm, tdf, stats)
+    tg = tg_summary = None
+    if targeting:
+        from .targeting import measure_targeting, targeting_summary
+
+        tg = measure_targeting(run, model, sae, task_vectors, progress=progress)
+        tg_summary = targeting_summary(tg, n_boot=run.eval.bootstrap, seed=run.seed)  # = targeting_summary.csv
+    else:  # no stale table from an earlier run may be reported or plotted beside these results
+        for name in ("targeting.csv", "targeting_summary.csv", "targeting_effects.safetensors"):
+            (out / name).unlink(missing_ok=True)
+    return EvalReport(samples, bs, sm, tdf, stats, tg, tg_summary)
 
 
 def _attach_scores(df: pd.DataFrame, requests: list[JudgeRequest], results: list) -> pd.DataFrame:

@@ -44,6 +44,12 @@ def make_all_figures(run: RunConfig) -> list[Path]:
         cmp = compare_with_published(sm, run.model.name)
         if cmp is not None and cmp["published"].notna().any():
             _save(plots.plot_published_comparison(cmp), fig_dir / "published_comparison.png", made)
+    if (ev / "targeting.csv").is_file():
+        tg = pd.read_csv(ev / "targeting.csv")
+        if len(tg):
+            _save(plots.plot_targeting(tg, seed=run.seed), fig_dir / "targeting.png", made)
+    else:  # targeting switched off (eval.targeting: false): no stale figure from an earlier run
+        (fig_dir / "targeting.png").unlink(missing_ok=True)
     if (d / "approximator_holdout.safetensors").is_file():
         h = load_file(d / "approximator_holdout.safetensors")
         a = load_file(d / "approximator.safetensors")

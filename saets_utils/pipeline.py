@@ -111,6 +111,21 @@ def write_index(run: RunConfig) -> Path:
 
         table = paper_style_table(pd.read_csv(d / "eval" / "summary.csv")).round(3)
         parts += ["<h2>Max behaviour × coherence over scales</h2>", table.to_html()]
+    if (d / "eval" / "targeting.csv").is_file():
+        from .scoring import paper_style_table
+        from .targeting import load_targeting
+
+        loaded = load_targeting(d)
+        assert loaded is not None
+        tg, tg_summary = loaded
+        if len(tg):
+            parts += ["<h2>Targeting (judge-free)</h2>",
+                      "<p>Each vector calibrated to 01's loss target, its SAE effect measured as in 01: rank of the "
+                      "best target feature among all features (1 = most raised) and target effect / off-target "
+                      "norm; per method, means over tasks with bootstrap CIs over tasks "
+                      "(<code>eval/targeting.csv</code>).</p>",
+                      tg_summary.round(3).to_html(index=False),
+                      "<h3>Target rank per task</h3>", paper_style_table(tg, "target_rank").round(1).to_html()]
     metrics = d / "approximator_metrics.json"
     if metrics.is_file():
         from .training import verdict

@@ -19,6 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter
 
 from .names import METHOD_COLORS
 from .names import METHODS as METHOD_ORDER
@@ -298,6 +299,48 @@ def plot_published_comparison(compare_df: pd.DataFrame) -> Figure:
     return fig
 
 
+def plot_targeting(targeting: pd.DataFrame, seed: int = 0) -> Figure:
+    """Judge-free targeting per method (``targeting``: eval/targeting.csv, one row per task and
+    method). Left: rank of the best target feature among all SAE features by measured effect (1 =
+    the most raised feature; log scale, best at the top). Right: target effect / off-target norm.
+    One dot per task (slightly jittered), a black bar at the mean over tasks; vectors that could not
+    be calibrated (NaN) are left out and counted in the tick label."""
+    methods = _methods(targeting)
+    fig = _figure((max(7.0, 1.5 * len(methods) + 2.5), 3.8))
+    ax_r, ax_q = fig.subplots(1, 2)
+    rng = np.random.default_rng(seed)
+    d_sae = float(targeting["d_sae"].max()) if "d_sae" in targeting and len(targeting) else np.nan
+    labels = []
+    for x, m in enumerate(methods):
+        sub = targeting[targeting["method"] == m]
+        for ax, col in ((ax_r, "target_rank"), (ax_q, "ratio")):
+            v = sub[col].to_numpy(float)
+            v = v[np.isfinite(v)]
+            if len(v):
+                ax.scatter(x + rng.uniform(-0.15, 0.15, len(v)), v, s=22, color=method_color(m), alpha=0.85,
+                           edgecolors="white", linewidths=0.5, zorder=3)
+                ax.hlines(v.mean(), x - 0.3, x + 0.3, color="black", lw=1.6, zorder=4)
+        bad = int((~np.isfinite(sub["target_rank"].to_numpy(float))).sum())
+        labels.append(m + (f"\n({bad} NaN)" if bad else ""))
+    ax_r.set_yscale("log")
+    ax_r.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    top = d_sae if np.isfinite(d_sae) else max(2.0, float(np.nanmax(targeting["target_rank"])) if len(targeting) else 2.0)
+    ax_r.set_ylim(top * 1.3, 0.8)  # inverted: rank 1 at the top
+    if np.isfinite(d_sae):
+        ax_r.axhline(d_sae / 2, color="grey", lw=0.8, ls=":", label="chance (d_sae / 2)")
+        ax_r.legend(fontsize=8, loc="lower right")
+    ax_r.set_ylabel("rank of best target feature (log)")
+    ax_r.set_title("target rank by measured effect", fontsize=10)
+    ax_q.axhline(0, color="black", lw=0.6)
+    ax_q.set_ylabel("target effect / off-target norm")
+    ax_q.set_title("target vs off-target effect", fontsize=10)
+    for ax in (ax_r, ax_q):
+        ax.set_xticks(np.arange(len(methods)), labels, fontsize=9)
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
 class LazyTensors(Mapping[str, np.ndarray]):
     """Read-only view of a safetensors file; each tensor is read (as float numpy) on access only,
     so opening a multi-GB effects file costs nothing until a tensor is used."""
@@ -338,6 +381,8 @@ _RESULT_FILES = {
     "effects": "effects.safetensors",
     "approximator": "approximator.safetensors",
     "eval_vectors": "eval/vectors.safetensors",
+    "targeting": "eval/targeting.csv",
+    "targeting_summary": "eval/targeting_summary.csv",
 }
 
 

@@ -1,0 +1,367 @@
+"""Judge-free targeting: does a task's steering vector move the task's target SAE features?
+
+The paper's case for SAE-TS is that its vectors change the features they aim at and few others.
+This module measures that directly, with notebook 01's machinery and no judge: every vector of
+notebook 03 (one per task and vector-building method; ``prompt`` has none) is
+
+1. calibrated to the run's common loss target exactly as 01 calibrates decoder rows
+   (:func:`calibration.calibrate_scales` on 01's loss chunks, ``effects.scale_grid``,
+   ``effects.loss_target``), so all methods are compared at the same cost in LM loss;
+2. measured with :func:`effects.measure_effects` against 01's unsteered baseline (the run's plan,
+   ``results/<run>/effects_work/plan.safetensors``), seeded with the run seed and a synthetic vector
+   id per (task, method) that cannot collide with 01's ids (:func:`targeting_vector_id`; with
+   ``effects.common_random_numbers`` the seeds do not depend on ids, as in 01);
+3. scored against the task's target features with :func:`targeting_metrics`. All methods of a
+   task are scored against one target list: the one the SAE-based methods use (SAE-TS's, which
+   equals SAE's, pinverse's and rotation's unless the task file gives method-specific lists);
+   FGAA is scored against it too, not against its own contrastive target.
+
+Writes ``results/<run>/eval/``: ``targeting.csv`` (one row per task and method),
+``targeting_summary.csv`` (per method, means over tasks with bootstrap CIs over tasks) and
+``targeting_effects.safetensors`` (the measured effects, for profiles).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .config import ConfigError, RunConfig
+from .names import METHODS
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+    from .effects_runner import Plan
+    from .task_vectors import TaskVectors
+
+
+# Synthetic vector ids of targeting vectors: OFFSET + a hash of (task, method) below SPAN. Rollout
+# seeds take integer keys modulo 2**32 (steering.row_seed), so OFFSET + SPAN stays below 2**31: the
+# ids never alias a decoder-row or file id of 01 (all below OFFSET) nor each other.
+TARGETING_ID_OFFSET = 1_000_000_000
+TARGETING_ID_SPAN = 2**30
+# Where the task's single target list is taken from, in order of preference.
+TARGET_SOURCE_ORDER = ("SAE-TS", "SAE", "pinverse", "rotation")
+METRIC_COLUMNS = ("target_effect", "target_effect_se", "target_rank", "target_rank_mean", "best_target",
+                  "off_target_norm", "ratio")
+COLUMNS = ("task", "method", "vector_id", "scale", "status", "targets", "targets_from", "n_targets",
+           *METRIC_COLUMNS, "d_sae")
+SUMMARY_COLUMNS = ("method", "n_tasks", "mean_rank", "rank_ci_low", "rank_ci_high", "median_rank",
+                   "mean_rank_weighted", "mean_ratio", "ratio_ci_low", "ratio_ci_high", "mean_target_effect")
+
+
+# --- the metric ---------------------------------------------------------------------------------
+
+def _ranks_desc(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """1-based rank of ``x[idx]`` when ``x`` is sorted descending; ties share the mean rank."""
+    xs = np.sort(x)
+    greater = len(x) - np.searchsorted(xs, x[idx], side="right")
+    ties = np.searchsorted(xs, x[idx], side="right") - np.searchsorted(xs, x[idx], side="left")
+    return 1.0 + greater + (ties - 1) / 2.0
+
+
+def targeting_metrics(effect: Any, targets: Sequence[tuple[int, float]], halves: Any | None = None) -> dict[str, float]:
+    """How well one measured effect ``[d_sae]`` hits ``targets`` ``[(feature id, weight), ...]``.
+
+    Weights say which way each target should move: a negative weight asks for a decrease. With
+    ``s_i = sign(w_i)`` and ``W = sum_i |w_i|``:
+
+    - ``target_effect``: ``sum_i w_i * effect[i] / W``, the weighted mean effect on the targets (for
+      positive weights exactly the weighted mean); positive = moved the way the targets ask;
+    - ``target_rank``: rank (1 = largest) of the best target feature when all ``d_sae`` features are
+      sorted by ``s_i * effect``, descending (for positive weights: by effect); ties share the
+      mean rank, so a target among many unmoved features is not ranked 1 by accident;
+      ``target_rank_mean``: the ``|w|``-weighted mean of the targets' ranks; ``best_target``: its id;
+    - ``off_target_norm``: L2 norm of the effect with the target features set to 0;
+    - ``ratio``: ``target_effect / off_target_norm`` (±inf if nothing moved off target, NaN if
+      nothing moved at all); its sign is the sign of ``target_effect``;
+    - ``target_effect_se`` (only with ``halves [2, d_sae]``, the effect measured on each half of the
+      rollouts): ``|t0 - t1| / 2``, where ``t_h`` is ``target_effect`` of half ``h``. For the mean
+      of two independent measurements ``(t0 - t1)^2 / 2`` estimates each one's variance, so
+      ``|t0 - t1| / 2`` estimates the standard error of their mean. It rests on one degree of
+      freedom: a crude, noisy SE, good for flagging effects that are mostly noise, not for tests.
+      NaN without halves or when a half is missing (one sample per prompt).
+
+    A NaN anywhere in ``effect`` (a vector that could not be calibrated) gives NaN metrics.
+    """
+    from .methods import target_vector
+
+    e = _as_numpy(effect).ravel()
+    d_sae = e.shape[0]
+    w_dense = target_vector(list(targets), d_sae, dtype=torch.float64).numpy()  # validates ids and weights
+    ids = np.nonzero(w_dense)[0]
+    w = w_dense[ids]
+    out: dict[str, float] = {k: math.nan for k in METRIC_COLUMNS}
+    if halves is not None:
+        h = _as_numpy(halves).reshape(2, d_sae)
+        t_h = (h[:, ids] * w).sum(-1) / np.abs(w).sum()
+        out["target_effect_se"] = float(abs(t_h[0] - t_h[1]) / 2)
+    if not np.isfinite(e).all():
+        return out
+    target_effect = float((e[ids] * w).sum() / np.abs(w).sum())
+    ranks = np.empty(len(ids))
+    for sign in (1.0, -1.0):
+        sel = np.sign(w) == sign
+        if sel.any():
+            ranks[sel] = _ranks_desc(sign * e, ids[sel])
+    best = int(np.argmin(ranks))
+    off = e.copy()
+    off[ids] = 0.0
+    off_norm = float(np.linalg.norm(off))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(np.float64(target_effect) / np.float64(off_norm))
+    out.update(target_effect=target_effect, target_rank=float(ranks[best]),
+               target_rank_mean=float((ranks * np.abs(w)).sum() / np.abs(w).sum()), best_target=float(ids[best]),
+               off_target_norm=off_norm, ratio=ratio)
+    return out
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().double().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+# --- which vectors, which targets ---------------------------------------------------------------
+
+@dataclass
+class TargetingItem:
+    """One vector to score: ``task``, ``method``, unit ``vector [d_model]``, the task's ``targets``
+    and which method's list they are (``targets_from``; ``resolved`` if none was given)."""
+
+    task: str
+    method: str
+    vector: Tensor
+    targets: list[tuple[int, float]]
+    targets_from: str
+    vector_id: int = -1
+
+
+def targeting_vector_id(task: str, method: str) -> int:
+    """Synthetic id (rollout seed key) of the vector of ``(task, method)``: stable across runs and
+    subsets of tasks, never one of 01's ids (see ``TARGETING_ID_OFFSET``)."""
+    return TARGETING_ID_OFFSET + zlib.crc32(f"{task}\0{method}".encode()) % TARGETING_ID_SPAN
+
+
+def _assign_ids(items: list[TargetingItem]) -> None:
+    used: set[int] = set()
+    for it in items:
+        vid = targeting_vector_id(it.task, it.method)
+        while vid in used:  # a hash collision: the next free id (still in range, still not 01's)
+            vid = TARGETING_ID_OFFSET + (vid - TARGETING_ID_OFFSET + 1) % TARGETING_ID_SPAN
+        used.add(vid)
+        it.vector_id = vid
+
+
+def task_targets(tv: "TaskVectors") -> tuple[list[tuple[int, float]], str] | None:
+    """The task's one target list from the lists 03 recorded (see ``TARGET_SOURCE_ORDER``), or None."""
+    for m in TARGET_SOURCE_ORDER:
+        if tv.targets.get(m):
+            return [(int(f), float(w)) for f, w in tv.targets[m]], m
+    return None
+
+
+def _read_eval_vectors(run: RunConfig, path: Path | None = None) -> dict[str, "TaskVectors"]:
+    """TaskVectors rebuilt from 03's ``eval/vectors.safetensors`` and ``eval/targets.json``."""
+    from safetensors.torch import load_file
+
+    path = path or run.results_dir / "eval" / "vectors.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run notebooks/03_eval.ipynb (evaluate_run) first")
+    return _from_flat(load_file(path), path.parent / "targets.json")
+
+
+def _from_flat(vectors: Mapping[str, Any], targets_json: Path) -> dict[str, "TaskVectors"]:
+    """``{"task/method": vector}`` plus 03's ``targets.json`` (if it exists) -> ``{task: TaskVectors}``."""
+    from .task_vectors import TaskVectors
+
+    out: dict[str, TaskVectors] = {}
+    for key, v in vectors.items():
+        task, method = key.rsplit("/", 1)
+        out.setdefault(task, TaskVectors(task=task)).vectors[method] = torch.as_tensor(v).float()
+    if targets_json.is_file():
+        for rec in json.loads(targets_json.read_text()):
+            if rec["task"] in out:
+                out[rec["task"]].targets[rec["method"]] = [(int(f), float(w)) for f, w in json.loads(rec["targets"])]
+    return out
+
+
+def collect_items(run: RunConfig, model: "HookedTransformer", sae: "SAE",
+                  task_vectors: Mapping[str, Any] | str | Path | None = None) -> list[TargetingItem]:
+    """Every (task, method) vector to score, with the task's targets, in task then method order.
+
+    ``task_vectors``: ``{task: TaskVectors}`` (what 03 built), ``{"task/method": vector}`` (the
+    contents of ``eval/vectors.safetensors``; targets then come from ``eval/targets.json``), a path to
+    such a file, or None for this run's file. A task with no recorded SAE-based targets (e.g. only
+    CAA was evaluated) gets them from :func:`task_vectors.resolve_targets`, as 03 would have chosen them.
+    """
+    from .task_vectors import TaskVectors
+
+    if task_vectors is None or isinstance(task_vectors, (str, Path)):
+        tvs = _read_eval_vectors(run, None if task_vectors is None else Path(task_vectors))
+    elif all(isinstance(v, TaskVectors) for v in task_vectors.values()):
+        tvs = dict(task_vectors)
+    else:
+        tvs = _from_flat(task_vectors, run.results_dir / "eval" / "targets.json")
+    order = {m: i for i, m in enumerate(METHODS)}
+    ctx = None
+    items: list[TargetingItem] = []
+    for name, tv in tvs.items():
+        methods = sorted((m for m in tv.vectors if m != "prompt"), key=lambda m: order.get(m, len(order)))
+        if not methods:
+            continue
+        found = task_targets(tv)
+        if found is None:
+            from .task_vectors import load_context, resolve_targets
+            from .tasks import load_task
+
+            ctx = ctx or load_context(run, model, sae, require_approximator=False)
+            found = (resolve_targets(load_task(name), ctx)[0]["SAE-TS"], "resolved")
+        targets, source = found
+        for m in methods:
+            v = tv.vectors[m].detach().float().cpu()
+            items.append(TargetingItem(name, m, v / v.norm(), targets, source))
+    _assign_ids(items)
+    return items
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+def load_plan(run: RunConfig) -> "Plan":
+    """01's plan (loss chunks, unsteered loss, baseline), checked against the current effects settings."""
+    from .effects_runner import Plan, fingerprint, work_dir
+
+    path = work_dir(run) / "plan.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: targeting reuses 01's loss chunks and baseline; run "
+                                "notebooks/01_effects.ipynb first (or set eval.targeting: false)")
+    plan = Plan.load(path)
+    if plan.fingerprint != fingerprint(run):
+        raise ConfigError(f"{path} was made with other effects settings (fingerprint {plan.fingerprint} != "
+                          f"{fingerprint(run)}); re-run notebooks/01_effects.ipynb with these params "
+                          "(or set eval.targeting: false)")
+    return plan
+
+
+@torch.no_grad()
+def measure_targeting(run: RunConfig, model: "HookedTransformer", sae: "SAE",
+                      task_vectors: Mapping[str, Any] | str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """Calibrate, measure and score every (task, method) vector (module docstring); writes
+    ``eval/targeting.csv``, ``eval/targeting_summary.csv`` and ``eval/targeting_effects.safetensors``
+    and returns the per-vector table (columns ``COLUMNS``)."""
+    from .calibration import calibrate_scales, resid_at_hook
+    from .effects import measure_effects
+    from .effects_runner import rollout_spec
+    from .io_utils import atomic_save_safetensors, atomic_write_text
+    from .loading import bos_id
+    from .progress import progress as progress_bar
+
+    plan = load_plan(run)
+    items = collect_items(run, model, sae, task_vectors)
+    out_dir = run.results_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d_sae = int(plan.baseline_mean.shape[0])
+    n = len(items)
+    effects = torch.full((n, d_sae), float("nan"))
+    halves = torch.full((n, 2, d_sae), float("nan"))
+    scales = torch.full((n,), float("nan"))
+    status = [""] * n
+    hook, e = run.sae.hook_name, run.effects
+    if n:
+        spec = rollout_spec(run, model, bos_id(model, run.model))
+        resid = resid_at_hook(model, hook, plan.loss_tokens)
+        bar = progress_bar(total=n, desc="targeting (vectors)", unit="vec", disable=not progress)
+        k = e.vectors_per_batch
+        for lo in range(0, n, k):
+            block = items[lo:lo + k]
+            vecs = torch.stack([it.vector for it in block]).to(model.cfg.device)
+            cal = calibrate_scales(model, hook, plan.loss_tokens, resid, vecs, e.scale_grid.values(), e.loss_target,
+                                   plan.unsteered_loss)
+            scales[lo:lo + len(block)] = cal.scales
+            status[lo:lo + len(block)] = cal.status
+            ok = torch.isfinite(cal.scales)
+            if ok.any():
+                rows = torch.arange(lo, lo + len(block))[ok]
+                blk = measure_effects(model, sae, hook, spec, vecs[ok], [block[i].vector_id for i in ok.nonzero()[:, 0].tolist()],
+                                      cal.scales[ok].to(vecs.device), plan.baseline_mean, run.seed, keep_samples=1,
+                                      baseline_halves=plan.baseline_halves)
+                effects[rows] = blk.effects.float().cpu()
+                halves[rows] = blk.halves.float().cpu()
+            bar.update(len(block))
+        bar.close()
+    records = []
+    for i, it in enumerate(items):
+        m = targeting_metrics(effects[i], it.targets, halves[i])
+        records.append({"task": it.task, "method": it.method, "vector_id": it.vector_id, "scale": float(scales[i]),
+                        "status": status[i], "targets": json.dumps([[f, w] for f, w in it.targets]),
+                        "targets_from": it.targets_from, "n_targets": len(it.targets), **m, "d_sae": d_sae})
+    df = pd.DataFrame(records, columns=list(COLUMNS))
+    atomic_write_text(out_dir / "targeting.csv", df.to_csv(index=False))
+    summ = targeting_summary(df, n_boot=run.eval.bootstrap, seed=run.seed)
+    atomic_write_text(out_dir / "targeting_summary.csv", summ.to_csv(index=False))
+    atomic_save_safetensors({"effects": effects.contiguous(), "effect_halves": halves.contiguous(), "scales": scales,
+                             "vector_ids": torch.tensor([it.vector_id for it in items], dtype=torch.int64)},
+                            out_dir / "targeting_effects.safetensors",
+                            {"rows": json.dumps([[it.task, it.method] for it in items])})
+    return df
+
+
+# --- summary ------------------------------------------------------------------------------------
+
+def _boot_mean_ci(x: np.ndarray, n_boot: int, rng: np.random.Generator, ci: float) -> tuple[float, float]:
+    if n_boot <= 0 or len(x) < 2:
+        return math.nan, math.nan
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1)
+    lo, hi = np.percentile(means, [50 * (1 - ci), 50 * (1 + ci)])
+    return float(lo), float(hi)
+
+
+def targeting_summary(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+    """Per method (project order): over the tasks with finite metrics, the mean and median best-target
+    rank, the mean weighted rank, the mean target/off-target ratio and the mean target effect;
+    percentile bootstrap CIs of the mean rank and mean ratio resample tasks (each method its own
+    stream from ``seed``; NaN with fewer than 2 tasks or ``n_boot = 0``). Infinite ratios (nothing
+    moved off target) are left out of the ratio mean."""
+    rows = []
+    present = list(pd.unique(df["method"])) if len(df) else []
+    methods = [m for m in METHODS if m in present] + [m for m in present if m not in METHODS]
+    for m in methods:
+        sub = df[df["method"] == m]
+        rank = sub["target_rank"].to_numpy(float)
+        rank = rank[np.isfinite(rank)]
+        ratio = sub["ratio"].to_numpy(float)
+        ratio = ratio[np.isfinite(ratio)]
+        rng = np.random.default_rng([seed, zlib.crc32(f"targeting\0{m}".encode())])
+        r_lo, r_hi = _boot_mean_ci(rank, n_boot, rng, ci)
+        q_lo, q_hi = _boot_mean_ci(ratio, n_boot, rng, ci)
+        wr = sub["target_rank_mean"].to_numpy(float)
+        te = sub["target_effect"].to_numpy(float)
+        rows.append({"method": m, "n_tasks": int(len(rank)),
+                     "mean_rank": float(rank.mean()) if len(rank) else math.nan, "rank_ci_low": r_lo, "rank_ci_high": r_hi,
+                     "median_rank": float(np.median(rank)) if len(rank) else math.nan,
+                     "mean_rank_weighted": float(np.nanmean(wr)) if np.isfinite(wr).any() else math.nan,
+                     "mean_ratio": float(ratio.mean()) if len(ratio) else math.nan, "ratio_ci_low": q_lo, "ratio_ci_high": q_hi,
+                     "mean_target_effect": float(np.nanmean(te)) if np.isfinite(te).any() else math.nan})
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def load_targeting(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """``(targeting.csv, targeting_summary.csv)`` of a run, or None if targeting was not measured."""
+    d = Path(results_dir) / "eval"
+    if not (d / "targeting.csv").is_file():
+        return None
+    df = pd.read_csv(d / "targeting.csv")
+    s = d / "targeting_summary.csv"
+    return df, pd.read_csv(s) if s.is_file() else targeting_summary(df)

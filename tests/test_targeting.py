@@ -1,0 +1,337 @@
+"""Judge-free targeting: the metric on constructed effects, and end to end on the tiny model, a
+vector built to write one token, scored against an SAE feature built to detect that token."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from saets_utils.calibration import calibrate_scales, resid_at_hook
+from saets_utils.config import ConfigError, load_config
+from saets_utils.effects import measure_effects
+from saets_utils.effects_runner import Plan, prepare_plan, rollout_spec, work_dir
+from saets_utils.steering import generate
+from saets_utils.targeting import (
+    COLUMNS, TARGETING_ID_OFFSET, measure_targeting, targeting_metrics, targeting_summary, targeting_vector_id,
+)
+from saets_utils.task_vectors import TaskVectors
+
+HOOK = "blocks.1.hook_resid_post"
+BOS = 1
+FEATURE = 17  # the SAE feature rebuilt as a detector of TOKEN
+TOKEN = "z"
+
+
+# --- the metric on constructed effects ----------------------------------------------------------
+
+def test_target_raised_above_all_others_ranks_first():
+    e = np.linspace(-1, 1, 50)
+    e[7] = 3.0
+    m = targeting_metrics(e, [(7, 1.0)])
+    assert m["target_rank"] == 1 and m["target_rank_mean"] == 1 and m["best_target"] == 7
+    assert m["target_effect"] == 3.0
+    assert math.isnan(m["target_effect_se"])  # no halves given
+    e[7] = 0.5  # now 12 features (the largest of linspace) lie above it
+    assert targeting_metrics(torch.tensor(e), [(7, 1.0)])["target_rank"] == 1 + (e > 0.5).sum()
+
+
+def test_off_target_norm_excludes_targets_and_ratio_follows_target_sign():
+    e = np.zeros(10)
+    e[[2, 5]] = [4.0, -1.0]
+    e[[0, 9]] = [3.0, 4.0]
+    m = targeting_metrics(e, [(2, 1.0), (5, 1.0)])
+    assert m["off_target_norm"] == pytest.approx(5.0)  # sqrt(3^2 + 4^2); targets 2 and 5 left out
+    assert m["target_effect"] == pytest.approx(1.5) and m["ratio"] == pytest.approx(0.3)
+    neg = targeting_metrics(-e, [(2, 1.0), (5, 1.0)])
+    assert neg["target_effect"] == pytest.approx(-1.5) and neg["ratio"] == pytest.approx(-0.3)
+    assert neg["off_target_norm"] == pytest.approx(5.0)
+    # a negative weight asks for a decrease: lowering feature 5 counts as hitting it
+    down = targeting_metrics(e, [(5, -1.0)])
+    assert down["target_effect"] == pytest.approx(1.0) and down["target_rank"] == 1 and down["ratio"] > 0
+    # nothing moved off target: +inf; nothing moved at all: NaN
+    only = np.zeros(10)
+    only[2] = 1.0
+    assert targeting_metrics(only, [(2, 1.0)])["ratio"] == math.inf
+    assert math.isnan(targeting_metrics(np.zeros(10), [(2, 1.0)])["ratio"])
+
+
+def test_weighted_mean_rank_and_effect():
+    e = np.array([10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0])
+    m = targeting_metrics(e, [(1, 3.0), (6, 1.0)])  # ranks 2 and 7
+    assert m["target_rank"] == 2 and m["best_target"] == 1
+    assert m["target_rank_mean"] == pytest.approx((3 * 2 + 1 * 7) / 4)
+    assert m["target_effect"] == pytest.approx((3 * 9 + 1 * 4) / 4)
+
+
+def test_ties_share_the_mean_rank():
+    e = np.zeros(9)
+    e[0] = 1.0
+    # target 4 ties with 7 other unmoved features below feature 0: ranks 2..9, mean 5.5
+    assert targeting_metrics(e, [(4, 1.0)])["target_rank"] == 5.5
+
+
+def test_standard_error_from_halves_and_nan_effects():
+    e = np.zeros(6)
+    e[1] = 2.0
+    halves = np.zeros((2, 6))
+    halves[:, 1] = [1.0, 3.0]
+    assert targeting_metrics(e, [(1, 1.0)], halves)["target_effect_se"] == pytest.approx(1.0)
+    assert math.isnan(targeting_metrics(e, [(1, 1.0)], np.full((2, 6), np.nan))["target_effect_se"])
+    m = targeting_metrics(np.full(6, np.nan), [(1, 1.0)])  # a vector that could not be calibrated
+    assert all(math.isnan(v) for v in m.values())
+    with pytest.raises(ValueError, match="out of range"):
+        targeting_metrics(e, [(6, 1.0)])
+
+
+def test_summary_per_method_with_bootstrap_over_tasks():
+    df = pd.DataFrame({"task": ["a", "b", "c", "a", "b", "c"], "method": ["SAE"] * 3 + ["CAA"] * 3,
+                       "target_rank": [1.0, 3.0, np.nan, 10.0, 20.0, 30.0], "target_rank_mean": [1.0, 3.0, np.nan, 10, 20, 30],
+                       "ratio": [2.0, 4.0, np.nan, 0.1, np.inf, 0.3], "target_effect": [1.0, 2.0, np.nan, 0.1, 0.2, 0.3]})
+    s = targeting_summary(df, n_boot=200, seed=0)
+    assert s["method"].tolist() == ["CAA", "SAE"]  # project order
+    sae = s.set_index("method").loc["SAE"]
+    assert sae["n_tasks"] == 2 and sae["mean_rank"] == 2 and sae["mean_ratio"] == 3
+    assert 1 <= sae["rank_ci_low"] <= sae["mean_rank"] <= sae["rank_ci_high"] <= 3
+    caa = s.set_index("method").loc["CAA"]
+    assert caa["mean_ratio"] == pytest.approx(0.2)  # the infinite ratio is left out
+    assert s.equals(targeting_summary(df, n_boot=200, seed=0))
+    assert targeting_summary(df, n_boot=0)["rank_ci_low"].isna().all()
+
+
+def test_vector_ids_never_alias_effects_ids():
+    ids = {targeting_vector_id(t, m) for t in ("anger", "love", "wedding") for m in ("CAA", "SAE", "SAE-TS")}
+    assert len(ids) == 9
+    assert all(TARGETING_ID_OFFSET <= i < 2**31 for i in ids)  # row_seed keys are taken mod 2**32
+
+
+# --- end to end on the tiny model ---------------------------------------------------------------
+
+def _params(root: Path) -> dict:
+    return {
+        "seed": 1,
+        "model": {"source": "tiny", "bos_token_id": BOS},
+        "sae": {"source": "tiny", "hook_name": HOOK, "train": {"d_sae": 64, "k": 4}},
+        "results_root": str(root / "results"),
+        "effects": {
+            "vectors": {"source": "decoder_rows", "ids": [0, 1]},
+            "scale_grid": {"start": 0, "stop": 40, "step": 10},
+            "loss_target": {"kind": "relative", "value": 0.3},
+            "loss_chunks": 4, "loss_chunk_tokens": 16, "prompts": ["", "I think"],
+            "samples_per_prompt": 4, "total_tokens": 16, "baseline_multiplier": 2, "vectors_per_batch": 4,
+        },
+        "eval": {"bootstrap": 20},
+    }
+
+
+def _write_run(tmp: Path, data: dict):
+    (tmp / "params").mkdir(exist_ok=True)
+    path = tmp / "params" / "tinytarget.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model):
+    """A run whose SAE feature FEATURE detects TOKEN, a vector that makes the model write TOKEN,
+    and 01's plan (loss chunks, baseline) made with that SAE.
+
+    The vector: the direction that, added at the hook and growing, dominates the last layers and
+    the final LayerNorm and so raises TOKEN's logit (the centred unembedding column of TOKEN). The
+    feature: encoder direction = mean activation at positions holding TOKEN minus elsewhere (in
+    rollouts written with that vector), threshold halfway, gain 10. Steered rollouts hold far more
+    TOKENs than unsteered ones, and the unsteered model re-encodes each TOKEN position onto the
+    feature, so the feature's measured effect is large; any other feature moves only through the
+    changed text at its ordinary gain of 0.5.
+    """
+    from saets_utils.tiny import tiny_sae
+
+    tmp = tmp_path_factory.mktemp("targeting")
+    run = _write_run(tmp, _params(tmp))
+    model = tiny_model
+    tok_id = model.tokenizer.encode(TOKEN, add_special_tokens=False)[0]
+    w_u = model.W_U.detach()
+    u = w_u[:, tok_id] - w_u.mean(1)
+    u = u - u.mean()
+    u = u / u.norm()
+    spec = rollout_spec(run, model, BOS)
+    gen = generate(model, torch.tensor([spec.prompts[0]] * 32), 15, list(range(32)), spec.sampling, HOOK, u * 20)
+    acts, is_tok = resid_at_hook(model, HOOK, gen.tokens)[:, 1:], gen.tokens[:, 1:] == tok_id
+    assert 0.1 < is_tok.float().mean() < 0.9
+    d = acts[is_tok].mean(0) - acts[~is_tok].mean(0)
+    d = d / d.norm()
+    threshold = 0.5 * float((acts[is_tok] @ d).mean() + (acts[~is_tok] @ d).mean())
+    sae = tiny_sae(d_in=32, d_sae=64, k=4)
+    with torch.no_grad():
+        sae.W_enc[:, FEATURE] = 10 * d
+        sae.b_enc[FEATURE] = -10 * threshold
+    plan = prepare_plan(run, model, sae)
+    other = sae.W_dec[5].clone()  # an unrelated direction, as a second "method"
+    tvs = {"zeds": TaskVectors("zeds", vectors={"CAA": other, "SAE": u}, targets={"SAE": [(FEATURE, 1.0)]})}
+    df = measure_targeting(run, model, sae, tvs, progress=False)
+    return run, model, sae, plan, tvs, df
+
+
+def test_vector_writing_the_detected_token_ranks_its_feature_first(setup):
+    run, _, _, _, _, df = setup
+    assert list(df.columns) == list(COLUMNS)
+    assert df[["task", "method"]].values.tolist() == [["zeds", "CAA"], ["zeds", "SAE"]]
+    assert (df["targets"] == json.dumps([[FEATURE, 1.0]])).all() and (df["targets_from"] == "SAE").all()
+    sae_row = df.set_index("method").loc["SAE"]
+    assert sae_row["status"] == "ok" and 10 < sae_row["scale"] < 40  # calibrated inside the grid
+    assert sae_row["target_rank"] == 1 and sae_row["best_target"] == FEATURE
+    eff = load_file(run.results_dir / "eval" / "targeting_effects.safetensors")
+    e = eff["effects"][1]
+    others = torch.cat([e[:FEATURE], e[FEATURE + 1:]])
+    assert e[FEATURE] > 3 * others.abs().max()  # a wide margin, not a near tie
+    caa_row = df.set_index("method").loc["CAA"]
+    assert sae_row["ratio"] > 2 * caa_row["ratio"] and sae_row["target_effect"] > 3 * caa_row["target_effect"]
+    assert np.isfinite(df[["target_effect", "target_effect_se", "target_rank", "off_target_norm", "ratio"]].to_numpy(float)).all()
+
+
+def test_measurement_is_01s_at_the_calibrated_scale(setup):
+    """Scales are 01's calibration, effects 01's measurement with the plan's baseline, and the
+    metrics are computed from those measured effects."""
+    run, model, sae, plan, tvs, df = setup
+    eff = load_file(run.results_dir / "eval" / "targeting_effects.safetensors")
+    assert eff["vector_ids"].tolist() == df["vector_id"].tolist()
+    assert not set(df["vector_id"]) & set(plan.vector_ids.tolist())
+    vecs = torch.stack([tvs["zeds"].vectors[m] for m in ("CAA", "SAE")])
+    resid = resid_at_hook(model, HOOK, plan.loss_tokens)
+    cal = calibrate_scales(model, HOOK, plan.loss_tokens, resid, vecs, run.effects.scale_grid.values(),
+                           run.effects.loss_target, plan.unsteered_loss)
+    torch.testing.assert_close(eff["scales"], cal.scales)
+    assert df["status"].tolist() == cal.status
+    blk = measure_effects(model, sae, HOOK, rollout_spec(run, model, BOS), vecs, df["vector_id"].tolist(), cal.scales,
+                          plan.baseline_mean, run.seed, baseline_halves=plan.baseline_halves)
+    torch.testing.assert_close(eff["effects"], blk.effects, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eff["effect_halves"], blk.halves, atol=1e-5, rtol=1e-5)
+    for i, row in df.iterrows():
+        m = targeting_metrics(eff["effects"][i], [(FEATURE, 1.0)], eff["effect_halves"][i])
+        assert row["target_rank"] == m["target_rank"] and row["ratio"] == pytest.approx(m["ratio"])
+        assert row["target_effect_se"] == pytest.approx(m["target_effect_se"])
+    written = pd.read_csv(run.results_dir / "eval" / "targeting.csv")
+    pd.testing.assert_frame_equal(written, df, check_dtype=False)
+    summ = pd.read_csv(run.results_dir / "eval" / "targeting_summary.csv")
+    assert summ["method"].tolist() == ["CAA", "SAE"] and (summ["n_tasks"] == 1).all()
+
+
+def test_reads_03s_files_and_gives_the_same_table(setup, tmp_path):
+    run, model, sae, _, tvs, df = setup
+    ev = run.results_dir / "eval"
+    save_file({f"zeds/{m}": v.contiguous() for m, v in tvs["zeds"].vectors.items()}, str(ev / "vectors.safetensors"))
+    (ev / "targets.json").write_text(json.dumps([{"task": "zeds", "method": "SAE", "targets": json.dumps([[FEATURE, 1.0]]),
+                                                  "how": "test"}]))
+    again = measure_targeting(run, model, sae, progress=False)  # from eval/vectors.safetensors + targets.json
+    pd.testing.assert_frame_equal(again, df)
+
+
+def test_targets_resolved_when_03_recorded_none(setup, monkeypatch):
+    """Only CAA evaluated: the task's targets are discovered the way 03 would have discovered them."""
+    from saets_utils import tasks
+    from saets_utils.task_vectors import load_context, resolve_targets
+
+    run, model, sae, plan, tvs, _ = setup
+    run = run.model_copy(update={"eval": run.eval.model_copy(update={"fgaa_density_max": 1.0})})  # all tiny features are dense
+    short = tasks.Task(name="short", behaviour="b", coherence="c", steering_prompt="p",  # fits the tiny n_ctx
+                       positive=[f"zz zap {i} zzz" for i in range(8)], negative=[f"aa cap {i} aaa" for i in range(8)])
+    monkeypatch.setattr(tasks, "load_task", lambda name, *a, **k: short)
+    save_file({"mean": plan.baseline_mean, "density": plan.baseline_density}, str(run.results_dir / "baseline.safetensors"))
+    try:
+        df = measure_targeting(run, model, sae, {"short": TaskVectors("short", vectors={"CAA": tvs["zeds"].vectors["CAA"]})},
+                               progress=False)
+        expected = resolve_targets(short, load_context(run, model, sae, require_approximator=False))[0]["SAE-TS"]
+    finally:
+        os.remove(run.results_dir / "baseline.safetensors")
+    assert df["targets_from"].tolist() == ["resolved"] and df["method"].tolist() == ["CAA"]
+    assert json.loads(df["targets"].iloc[0]) == [[f, w] for f, w in expected]
+
+
+def test_missing_or_stale_plan_fails_clearly(setup, tmp_path, tiny_model, tiny_sae):
+    run, *_ = setup
+    fresh = _write_run(tmp_path, _params(tmp_path))
+    with pytest.raises(FileNotFoundError, match="01_effects"):
+        measure_targeting(fresh, tiny_model, tiny_sae, {}, progress=False)
+    stale = _params(tmp_path)
+    stale["results_root"] = str(Path(run.results_root))
+    stale["effects"]["loss_target"]["value"] = 0.6
+    (tmp_path / "params" / "tinytarget.yaml").write_text(yaml.safe_dump(stale))
+    changed = load_config(tmp_path / "params" / "tinytarget.yaml")
+    assert work_dir(changed) == work_dir(run) and Plan.load(work_dir(run) / "plan.safetensors")
+    with pytest.raises(ConfigError, match="other effects settings"):
+        measure_targeting(changed, tiny_model, tiny_sae, {}, progress=False)
+
+
+def test_targeting_figure(setup, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from saets_utils import plots
+
+    *_, df = setup
+    many = pd.concat([df.assign(task=t, target_rank=df["target_rank"] * (i + 1)) for i, t in enumerate("abc")])
+    many.loc[many.index[0], ["target_rank", "ratio"]] = np.nan
+    path = plots.save_figure(plots.plot_targeting(many), tmp_path / "targeting.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+    assert plt.get_fignums() == []
+
+
+# --- wiring: 03's evaluate_run, 04's figures, the report index ----------------------------------
+
+def test_evaluate_run_measures_targeting_and_04_draws_it(setup, tmp_path, monkeypatch):
+    """03 on the tiny run (a fake judge; short examples that fit the tiny context) writes the
+    targeting table next to its own; 04 draws it; the report index lists it; switched off, no
+    stale table or figure is left behind."""
+    import shutil
+    from types import SimpleNamespace
+
+    from saets_utils import evaluate, figures, pipeline, tasks
+    from saets_utils.judges import JudgeResult
+
+    run, model, sae, plan, _, _ = setup
+    data = _params(tmp_path)
+    data["eval"] = {"tasks": ["short"], "methods": ["CAA", "SAE", "prompt"], "scale_grid": {"start": 0, "stop": 20, "step": 20},
+                    "samples_per_scale": 2, "new_tokens": 4, "bootstrap": 10, "fgaa_density_max": 1.0}
+    new = _write_run(tmp_path, data)
+    (work_dir(new)).mkdir(parents=True)
+    shutil.copy(work_dir(run) / "plan.safetensors", work_dir(new) / "plan.safetensors")  # 01's plan, same settings
+    save_file({"mean": plan.baseline_mean, "density": plan.baseline_density}, str(new.results_dir / "baseline.safetensors"))
+    short = tasks.Task(name="short", behaviour="b", coherence="c", steering_prompt="p",
+                       positive=[f"zz zap {i} zzz" for i in range(8)], negative=[f"aa cap {i} aaa" for i in range(8)])
+    monkeypatch.setattr(evaluate, "load_tasks", lambda names: [short])
+    judge = SimpleNamespace(judge_id="fake", stats=SimpleNamespace(as_dict=lambda: {"calls": 0}))
+    monkeypatch.setattr(evaluate, "make_judge", lambda *a, **k: judge)
+    monkeypatch.setattr(evaluate, "score_requests",
+                        lambda j, reqs, progress=True: [JudgeResult.scored(1 + len(q.text) % 10, "fake") for q in reqs])
+
+    report = evaluate.evaluate_run(new, model, sae, progress=False)
+    ev = new.results_dir / "eval"
+    assert report.targeting is not None and report.targeting_summary is not None
+    assert report.targeting[["task", "method"]].values.tolist() == [["short", "CAA"], ["short", "SAE"]]
+    assert (report.targeting["targets_from"] == "SAE").all()
+    targets = json.loads((ev / "targets.json").read_text())
+    assert json.loads(report.targeting["targets"].iloc[0]) == json.loads(targets[0]["targets"])
+    pd.testing.assert_frame_equal(pd.read_csv(ev / "targeting_summary.csv"), report.targeting_summary, check_dtype=False)
+    assert np.isfinite(report.targeting["target_rank"]).all()
+
+    made = figures.make_all_figures(new)
+    assert new.results_dir / "figures" / "targeting.png" in made
+    index = pipeline.write_index(new).read_text()
+    assert "Targeting (judge-free)" in index and "targeting.png" in index
+
+    off = new.model_copy(update={"eval": new.eval.model_copy(update={"targeting": False})})
+    report = evaluate.evaluate_run(off, model, sae, progress=False)
+    assert report.targeting is None and not (ev / "targeting.csv").exists()
+    figures.make_all_figures(off)
+    assert not (new.results_dir / "figures" / "targeting.png").exists()
+    assert "Targeting (judge-free)" not in pipeline.write_index(off).read_text()
+    empty = measure_targeting(new, model, sae, {}, progress=False)  # nothing to measure: empty tables, no error
+    assert list(empty.columns) == list(COLUMNS) and empty.empty
+    assert pd.read_csv(ev / "targeting_summary.csv").empty
