@@ -260,16 +260,33 @@ class ApproximatorConfig(_Strict):
             raise ValueError("approximator.ridge_lambda must be >= 0 or 'cv'")
         return v
 
-    fit: Literal["ridge", "adam"] = "ridge"
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v: int | str) -> int | str:
+        if v != "cv" and int(v) < 1:
+            raise ValueError("approximator.rank must be an integer >= 1 or 'cv'")
+        return v
+
+    # ridge: one penalty for all features (ridge_lambda); ridge_per_feature: a penalty per SAE
+    # feature, chosen by exact leave-one-out CV (one-standard-error rule) on a fixed grid up to
+    # infinity (= predict the mean; ridge_lambda is not used); reduced_rank: ridge, then W projected onto its top `rank`
+    # output directions (ridge_lambda and rank, each fixed or "cv"); adam: the reference training.
+    fit: Literal["ridge", "ridge_per_feature", "reduced_rank", "adam"] = "ridge"
     # Ridge penalty, or "cv": chosen by k-fold cross-validation on the training vectors only (the
     # held-out vectors never influence the fit).
     ridge_lambda: float | Literal["cv"] = "cv"
+    # Rank of W for fit: reduced_rank, or "cv": chosen by k-fold CV on the training vectors among
+    # 0 (= the mean effect) .. full rank. A fixed rank above what the data allow is capped.
+    rank: int | Literal["cv"] = "cv"
     cv_folds: int = Field(5, ge=2)
     lr: float = Field(2e-4, gt=0)
     epochs: int = Field(15, gt=0)
     batch_size: int = Field(64, gt=0)
     holdout: int = Field(100, ge=1)
     sae_ts_lambda: float = 1.0
+    # Bootstrap resamples of the held-out vectors for the 95% intervals of R^2 and the noise
+    # ceiling (0: no intervals).
+    bootstrap: int = Field(1000, ge=0)
 
 
 class JudgeConfig(_Strict):

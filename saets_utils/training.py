@@ -5,6 +5,7 @@ and write ``approximator.safetensors`` (W, b, correction, rotation), ``approxima
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,12 +13,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .approximator import EffectApproximator, _mse, approximator_metrics, fit_adam, fit_ridge, split_holdout
+from .approximator import EffectApproximator, approximator_metrics, split_half_reliability, split_holdout
 from .config import RunConfig
 from .effects_store import Effects
+from .fits import RIDGE_PATH, choose_ridge_lambda, fit_approximator
 from .io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
-RIDGE_PATH = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+__all__ = ["RIDGE_PATH", "TrainResult", "choose_ridge_lambda", "metrics_table", "train_approximator", "verdict"]
 
 
 @dataclass
@@ -34,8 +36,11 @@ class TrainResult:
 
 
 def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> TrainResult:
-    """Split (seeded, by id), fit as ``run.approximator.fit`` says, measure on the held-out vectors,
-    save all outputs. Rows without a finite scale or effect (see 01's status column) are dropped."""
+    """Split (seeded, by id), fit as ``run.approximator.fit`` says (:func:`fits.fit_approximator`),
+    measure on the held-out vectors (R^2 with a bootstrap CI; with 01's split-half effects also the
+    noise ceiling, and R^2 over the features whose split-half reliability on the *training* vectors is
+    positive), save all outputs. Rows without a finite scale or effect (see 01's status column) are
+    dropped."""
     cfg = run.approximator
     ok = effects.valid
     X, Y, ids = effects.vectors[ok].float(), effects.effects[ok].float(), effects.vector_ids[ok]
@@ -43,68 +48,88 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
         raise ValueError(f"only {X.shape[0]} vectors have usable effects; measure more in 01")
     train, val = split_holdout(ids, cfg.holdout, run.seed)
     Xt, Yt, Xv, Yv = X[train], Y[train], X[val], Y[val]
-    if cfg.fit == "ridge":
-        lam, cv = choose_ridge_lambda(Xt, Yt, cfg.ridge_lambda, cfg.cv_folds, run.seed)
-        rows = []
-        for lam_i in sorted({*RIDGE_PATH, lam}):
-            a = fit_ridge(Xt, Yt, lam_i)
-            rows.append({"ridge_lambda": lam_i, "train_mse": _mse(a, Xt, Yt), "cv_mse": cv.get(lam_i),
-                         "val_mse": _mse(a, Xv, Yv)})
-        history = pd.DataFrame(rows)
-        approx = fit_ridge(Xt, Yt, lam)
-    else:
-        lam = None
-        approx, hist = fit_adam(Xt, Yt, cfg.lr, cfg.epochs, cfg.batch_size, run.seed, Xv, Yv, progress=True)
-        history = pd.DataFrame(hist)
+    approx, info = fit_approximator(Xt, Yt, cfg, run.seed, Xv, Yv, progress=cfg.fit == "adam")
+    history = pd.DataFrame(info["history"])
+    halves = effects.halves[ok].float() if effects.halves is not None else None
+    if halves is not None and not torch.isfinite(halves).all():
+        halves = None  # a half without finite values cannot give a noise estimate
+    reliable = None
+    if halves is not None and len(train) >= 3:
+        rel = split_half_reliability(halves[train])
+        reliable = torch.nan_to_num(rel, nan=0.0) > 0
     is_rows = effects.meta.get("effects", {}).get("vectors", {}).get("source") == "decoder_rows"
     metrics = approximator_metrics(approx, Xv, Yv, Yt.mean(0), val_ids=ids[val],
-                                   decoder_feature_ids=ids[val] if is_rows else None)
+                                   decoder_feature_ids=ids[val] if is_rows else None,
+                                   Y_val_halves=halves[val] if halves is not None else None,
+                                   n_boot=cfg.bootstrap, seed=run.seed, reliable_features=reliable)
     metrics.update({"fit": cfg.fit, "n_train": int(len(train)), "n_dropped": int((~ok).sum()),
-                    "ridge_lambda": lam, "ridge_lambda_setting": cfg.ridge_lambda if cfg.fit == "ridge" else None})
+                    "ridge_lambda": info["ridge_lambda"],
+                    "ridge_lambda_setting": cfg.ridge_lambda if cfg.fit in ("ridge", "reduced_rank") else None,
+                    "rank": info["rank"], "rank_setting": cfg.rank if cfg.fit == "reduced_rank" else None})
+    for k in ("frac_features_mean", "ridge_lambda_median_finite"):
+        if k in info:
+            metrics[k] = info[k]
     out = run.results_dir
     approx.save(out / "approximator.safetensors", W_dec=W_dec.detach().float().cpu())
     per_feature = metrics.pop("per_feature_r2")
     atomic_write_json(out / "approximator_metrics.json", metrics)
     atomic_write_text(out / "approximator_history.csv", history.to_csv(index=False))
     pred = approx.predict(Xv)
-    atomic_save_safetensors({"vector_ids": ids[val].long(), "pred": pred, "measured": Yv,
-                             "per_feature_r2": torch.tensor([float("nan") if v is None else v for v in per_feature])},
-                            out / "approximator_holdout.safetensors")
+    holdout = {"vector_ids": ids[val].long(), "pred": pred, "measured": Yv,
+               "per_feature_r2": torch.tensor([float("nan") if v is None else v for v in per_feature])}
+    if "lambda_per_feature" in info:
+        holdout["ridge_lambda_per_feature"] = info["lambda_per_feature"].float()
+    atomic_save_safetensors(holdout, out / "approximator_holdout.safetensors")
     return TrainResult(approx, metrics, history, ids[val], pred, Yv)
-
-
-def choose_ridge_lambda(X: Tensor, Y: Tensor, setting: float | str, folds: int, seed: int) -> tuple[float, dict[float, float]]:
-    """The ridge penalty to use: ``setting`` itself, or with ``"cv"`` the value of :data:`RIDGE_PATH`
-    with the lowest k-fold cross-validated MSE on the training vectors ``X [n, d_model]``,
-    ``Y [n, d_sae]``. Returns it and the CV MSE per candidate (empty when not cross-validated)."""
-    if setting != "cv":
-        return float(setting), {}
-    n = X.shape[0]
-    folds = min(folds, n)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    parts = [perm[i::folds] for i in range(folds)]
-    cv: dict[float, float] = {}
-    for lam in RIDGE_PATH:
-        errs = []
-        for k in range(folds):
-            tr = torch.cat([p for j, p in enumerate(parts) if j != k])
-            errs.append(_mse(fit_ridge(X[tr], Y[tr], lam), X[parts[k]], Y[parts[k]]) * len(parts[k]))
-        cv[lam] = sum(errs) / n
-    return min(cv, key=cv.__getitem__), cv
 
 
 def metrics_table(m: dict[str, Any]) -> pd.DataFrame:
     """Held-out metrics as a small table for the notebook."""
-    keys = ["ridge_lambda", "n_train", "n_val", "mse", "mse_mean", "mse_zero", "r2", "per_feature_r2_median",
-            "cosine_mean", "cosine_mean_baseline", "centered_cosine_mean", "decoder_top1_predicted", "decoder_top1_measured"]
+    keys = ["fit", "ridge_lambda", "rank", "frac_features_mean", "n_train", "n_val", "mse", "mse_mean", "mse_zero",
+            "r2", "r2_ci_low", "r2_ci_high", "noise_ceiling", "noise_ceiling_ci_low", "noise_ceiling_ci_high",
+            "n_features_reliable", "r2_reliable", "r2_reliable_ci_low", "r2_reliable_ci_high", "noise_ceiling_reliable",
+            "per_feature_r2_median", "cosine_mean", "cosine_mean_baseline", "centered_cosine_mean",
+            "decoder_top1_predicted", "decoder_top1_measured"]
+    keys = [k for k in keys if m.get(k) is not None]
     return pd.DataFrame({"metric": keys, "value": [m.get(k) for k in keys]})
 
 
+def _num(v: float) -> str:
+    """Three decimals, or two significant digits for small non-zero values (an R^2 of 0.0004 is not 0.000)."""
+    return f"{v:.3f}" if v == 0 or abs(v) >= 0.01 or math.isnan(v) else f"{v:.2g}"
+
+
+def _ci(m: dict[str, Any], key: str) -> str:
+    lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    return f"{_num(m[key])} (95% CI {_num(lo)} to {_num(hi)})" if lo is not None and hi is not None else f"{_num(m[key])} (no interval)"
+
+
 def verdict(m: dict[str, Any]) -> str:
-    """One honest sentence on whether the approximator beats predicting the mean effect."""
-    if m["beats_mean_baseline"]:
-        return (f"The approximator beats the mean-effect baseline on {m['n_val']} held-out vectors: "
-                f"val MSE {m['mse']:.3g} vs {m['mse_mean']:.3g} (R² {m['r2']:.3f}).")
-    return (f"The approximator does NOT beat predicting the mean effect on {m['n_val']} held-out vectors: "
-            f"val MSE {m['mse']:.3g} vs {m['mse_mean']:.3g} (R² {m['r2']:.3f}). Methods that rely on it "
-            "(SAE-TS, pinverse, rotation, FGAA) rest on a weak model here; measure more vectors in 01.")
+    """One honest sentence on whether the approximator beats predicting the mean effect, resting on
+    the bootstrap CI of the held-out R^2 (lower bound > 0: beats; upper < 0: worse; else cannot be
+    told apart), with the noise ceiling when 01 measured split halves. Metrics written before CIs
+    existed fall back to the point estimate and say so."""
+    n, lo, hi = m["n_val"], m.get("r2_ci_low"), m.get("r2_ci_high")
+    mse = f"val MSE {m['mse']:.3g} vs {m['mse_mean']:.3g} for the mean effect"
+    r2 = f"R² {_ci(m, 'r2')}"
+    if lo is None or hi is None or any(math.isnan(v) for v in (lo, hi)):
+        better = m["mse"] < m["mse_mean"]
+        head = (f"Without a confidence interval, the approximator {'has a lower' if better else 'does NOT have a lower'} "
+                f"held-out MSE than the mean-effect baseline on {n} held-out vectors")
+        weak = not better
+    elif lo > 0:
+        head, weak = f"The approximator beats the mean-effect baseline on {n} held-out vectors", False
+    elif hi < 0:
+        head, weak = f"The approximator is worse than the mean-effect baseline on {n} held-out vectors", True
+    else:
+        head, weak = f"The approximator cannot be told apart from the mean-effect baseline on {n} held-out vectors", True
+    text = f"{head}: {r2}; {mse}."
+    if m.get("noise_ceiling") is not None:
+        text += f" Noise ceiling (the best R² any predictor can reach given measurement noise): {_ci(m, 'noise_ceiling')}."
+    if m.get("r2_reliable") is not None:
+        text += (f" On the {m['n_features_reliable']} features with positive split-half reliability: {_ci(m, 'r2_reliable')}"
+                 + (f", ceiling {_num(m['noise_ceiling_reliable'])}." if m.get("noise_ceiling_reliable") is not None else "."))
+    if weak:
+        text += (" Methods that rely on it (SAE-TS, pinverse, rotation, FGAA) rest on a weak model here; measure more "
+                 "vectors (or more rollouts per vector) in 01.")
+    return text

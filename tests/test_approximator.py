@@ -1,14 +1,19 @@
-"""Properties of the effect approximator: fits recover a known linear map, metrics rank
-a perfect fit above the baselines, the split is seeded, files round-trip."""
+"""Properties of the effect approximator: fits recover a known linear map (ridge, Adam, per-feature
+ridge, reduced-rank ridge), metrics rank a perfect fit above the baselines and their intervals behave
+(coverage, noise ceiling), the split is seeded, files round-trip."""
 
 import json
 
 import pytest
 import torch
 
+import math
+
 from saets_utils.approximator import (
-    EffectApproximator, approximator_metrics, fit_adam, fit_ridge, load_rotation, rotation_matrix, split_holdout,
+    EffectApproximator, approximator_metrics, fit_adam, fit_ridge, heldout_r2, load_rotation, noise_ceiling,
+    rotation_matrix, split_half_reliability, split_holdout,
 )
+from saets_utils.fits import _per_feature, choose_ridge_lambda, fit_reduced_rank, fit_ridge_per_feature
 
 D_MODEL, D_SAE, N, NOISE = 16, 24, 400, 0.01
 
@@ -179,3 +184,185 @@ def test_save_load_round_trip(tmp_path, synthetic):
     torch.testing.assert_close(load_rotation(tmp_path / "a.safetensors"), rotation_matrix(approx, W_dec))
     approx.save(tmp_path / "b.safetensors")
     assert load_rotation(tmp_path / "b.safetensors") is None
+
+
+# ---- per-feature ridge ---------------------------------------------------------------------------
+
+def test_per_feature_loo_is_exact_and_columns_are_ridge_fits():
+    g = torch.Generator().manual_seed(7)
+    n, d, m = 14, 5, 4
+    X, Y = torch.randn(n, d, generator=g), torch.randn(n, m, generator=g)
+    Y = Y + X @ torch.randn(d, m, generator=g)
+    lams = (0.1, 1.0, 10.0, math.inf)
+    approx, chosen, rows = _per_feature(X, Y, lams, chunk_size=3, rule="min")
+    for row in rows:  # closed-form LOO MSE == refitting n times without each vector
+        lam, sse = row["ridge_lambda"], 0.0
+        for i in range(n):
+            keep = torch.arange(n) != i
+            pred = Y[keep].mean(0) if math.isinf(lam) else fit_ridge(X[keep], Y[keep], lam).predict(X[i])
+            sse += float(((Y[i] - pred) ** 2).sum())
+        assert row["cv_mse"] == pytest.approx(sse / (n * m), rel=1e-6)
+    assert sum(r["n_features"] for r in rows) == m
+    for j in range(m):  # each column is the ordinary ridge fit at its chosen penalty
+        lam = float(chosen[j])
+        ref = fit_ridge(X, Y[:, j:j + 1], lam if math.isfinite(lam) else 1e15)
+        torch.testing.assert_close(approx.W[:, j], ref.W[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(approx.b[j], ref.b[0], atol=1e-5, rtol=0)
+
+
+def _mixed(seed: int):
+    """8 features driven by x (low noise), 32 features that only move by large noise."""
+    g = torch.Generator().manual_seed(seed)
+    d, ns, nn, n = 12, 8, 32, 150
+    W = torch.zeros(d, ns + nn)
+    W[:, :ns] = 3 * torch.randn(d, ns, generator=g)
+    sd = torch.cat([torch.full((ns,), 0.05), torch.full((nn,), 3.0)])
+    X = unit_rows(n + 2000, d, g)
+    Y = X @ W + torch.randn(ns + nn, generator=g) + sd * torch.randn(n + 2000, ns + nn, generator=g)
+    return X[:n], Y[:n], X[n:], Y[n:], W, ns
+
+
+@pytest.mark.parametrize("rule", ["one_se", "min"])
+def test_per_feature_ridge_fits_signal_features_and_predicts_the_mean_elsewhere(rule):
+    Xt, Yt, Xv, Yv, W, ns = _mixed(0)
+    approx, lam = fit_ridge_per_feature(Xt, Yt, rule=rule)
+    # LS error of a W entry ~ 0.05 / sqrt(150 / 12) = 0.014; small penalties barely shrink.
+    torch.testing.assert_close(approx.W[:, :ns], W[:, :ns], atol=0.1, rtol=0)
+    assert (lam[:ns] <= 1).all() and (lam[ns:] >= 100).float().mean() >= 0.75
+    mse = lambda P, f: float(((P[:, f] - Yv[:, f]) ** 2).mean())
+    noise = slice(ns, None)
+    mean_pred = Yt.mean(0).expand_as(Yv)
+    assert mse(approx.predict(Xv), noise) <= 1.02 * mse(mean_pred, noise)
+    # one penalty for all features must compromise between the two groups; per-feature need not
+    lam1, _ = choose_ridge_lambda(Xt, Yt, "cv", 5, 0)
+    single = fit_ridge(Xt, Yt, lam1)
+    assert mse(approx.predict(Xv), slice(None)) < 0.97 * mse(single.predict(Xv), slice(None))
+
+
+def test_one_se_rule_keeps_pure_noise_at_the_mean():
+    g = torch.Generator().manual_seed(1)
+    X, Y = unit_rows(1200, 12, g), 2 + torch.randn(1200, 30, generator=g)
+    (approx, lam), (loose, lam_min) = (fit_ridge_per_feature(X[:200], Y[:200], rule=r) for r in ("one_se", "min"))
+    assert torch.isinf(lam).float().mean() >= 0.9 and (lam >= 100).all()
+    assert torch.isfinite(lam_min).sum() > torch.isfinite(lam).sum()  # the plain minimum chases noise more often
+    mse = lambda P: float(((P - Y[200:]) ** 2).mean())
+    assert mse(approx.predict(X[200:])) <= min(1.001 * mse(Y[:200].mean(0).expand(1000, 30)), mse(loose.predict(X[200:])))
+    with pytest.raises(ValueError, match="lambdas"):
+        fit_ridge_per_feature(X, Y, lambdas=(0.0, 1.0))
+
+
+# ---- reduced-rank ridge --------------------------------------------------------------------------
+
+def _low_rank(seed: int, n: int = 60):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(30, 3, generator=g) @ torch.randn(3, 40, generator=g)
+    X = unit_rows(n, 30, g)
+    return X, X @ W + 0.5 + 0.3 * torch.randn(n, 40, generator=g), W
+
+
+@pytest.mark.parametrize("lam,rank", [(0.5, 2), (0.0, 3), (3.0, 29)])
+def test_reduced_rank_is_the_projected_ridge_fit(lam, rank):
+    X, Y, _ = _low_rank(0)
+    approx, info = fit_reduced_rank(X, Y, lam, rank, chunk_size=7)
+    W = fit_ridge(X, Y, lam).W.double()
+    Xd = X.double()
+    V = torch.linalg.svd((Xd - Xd.mean(0)) @ W, full_matrices=False).Vh[:rank].T
+    W_k = W @ V @ V.T
+    torch.testing.assert_close(approx.W.double(), W_k, atol=1e-5, rtol=0)
+    torch.testing.assert_close(approx.b.double(), Y.double().mean(0) - Xd.mean(0) @ W_k, atol=1e-5, rtol=0)
+    assert torch.linalg.matrix_rank(approx.W.double(), rtol=1e-5) == rank == info["rank"] and info["history"] == []
+
+
+def test_reduced_rank_cv_recovers_a_rank_3_map_better_than_ridge():
+    X, Y, W = _low_rank(1)
+    X_val, Y_val, _ = _low_rank(2, 40)
+    approx, info = fit_reduced_rank(X, Y, "cv", "cv", folds=5, seed=0, X_val=X_val, Y_val=Y_val @ torch.eye(40))
+    lam, _ = choose_ridge_lambda(X, Y, "cv", 5, 0)
+    err = lambda a: float((a.W - W).norm() / W.norm())
+    assert info["rank"] == 3
+    assert err(approx) < 0.5 * err(fit_ridge(X, Y, lam))
+    ranks = {r["rank"] for r in info["history"]}
+    assert {0, 1, 2, 3, info["rank_max"]} <= ranks and all("val_mse" in r for r in info["history"])
+    best = min(info["history"], key=lambda r: r["cv_mse"])
+    assert best["cv_mse"] <= min(r["cv_mse"] for r in info["history"] if r["rank"] == 0)
+
+
+def test_reduced_rank_cv_on_pure_noise_stays_near_the_mean():
+    g = torch.Generator().manual_seed(3)
+    X, Y = unit_rows(80, 20, g), 1 + torch.randn(80, 30, generator=g)
+    approx, info = fit_reduced_rank(X, Y, "cv", "cv")
+    assert info["rank"] <= 2
+    assert float((approx.predict(X) - Y.mean(0)).pow(2).mean()) < 0.05
+
+
+# ---- held-out R^2 with intervals, noise ceiling ---------------------------------------------------
+
+def test_bootstrap_ci_covers_the_true_r2():
+    # Y = S + noise with equal variances; predicting S has population R^2 = 1 - 1/2 = 0.5 about mu = 0.
+    g = torch.Generator().manual_seed(0)
+    hits = 0
+    for rep in range(200):
+        S = torch.randn(40, 5, generator=g)
+        r = heldout_r2(S, S + torch.randn(40, 5, generator=g), torch.zeros(5), n_boot=300, seed=rep)
+        hits += r["r2_ci_low"] <= 0.5 <= r["r2_ci_high"]
+        assert r["r2_ci_low"] > 0  # strong signal: the interval excludes 0
+    assert 0.85 <= hits / 200 <= 0.99
+
+
+def test_bootstrap_ci_includes_zero_on_pure_noise_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    X, Y = unit_rows(300, 12, g), 2 + torch.randn(300, 30, generator=g)
+    lam, _ = choose_ridge_lambda(X[:200], Y[:200], "cv", 5, 0)
+    P = fit_ridge(X[:200], Y[:200], lam).predict(X[200:])
+    r = heldout_r2(P, Y[200:], Y[:200].mean(0), n_boot=500, seed=1)
+    assert r["r2_ci_low"] < 0 < r["r2_ci_high"]
+    assert r == heldout_r2(P, Y[200:], Y[:200].mean(0), n_boot=500, seed=1)
+    assert heldout_r2(P, Y[200:], Y[:200].mean(0), n_boot=0)["r2_ci_low"] is None
+
+
+def test_noise_ceiling_and_split_half_reliability():
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(400, 20, generator=g)
+    agree = noise_ceiling(S[:, None] + 0.05 * torch.randn(400, 2, 20, generator=g), torch.zeros(20), 300)
+    assert agree["noise_ceiling"] > 0.99
+    pure = noise_ceiling(torch.randn(400, 2, 20, generator=g), torch.zeros(20), 0)
+    assert abs(pure["noise_ceiling"]) < 0.1  # sd of the estimate ~ sqrt(4 / (400 * 20)) = 0.022
+    # its 95% interval contains the true ceiling 0 about 95% of the time
+    hits = 0
+    for rep in range(100):
+        c = noise_ceiling(torch.randn(40, 2, 5, generator=g), torch.zeros(5), 300, seed=rep)
+        hits += c["noise_ceiling_ci_low"] <= 0 <= c["noise_ceiling_ci_high"]
+    assert 0.85 <= hits / 100 <= 1
+    # In between, the ceiling is the R^2 of the true effects (the best predictor) on the noisy means.
+    H = S[:, None] + torch.randn(400, 2, 20, generator=g)
+    c = noise_ceiling(H, torch.zeros(20), 300)
+    best = heldout_r2(S, H.mean(1), torch.zeros(20), 0)["r2"]
+    assert c["noise_ceiling_ci_low"] <= best <= c["noise_ceiling_ci_high"] and abs(c["noise_ceiling"] - 2 / 3) < 0.05
+    H = torch.cat([S[:, None, :5] + 0.1 * torch.randn(400, 2, 5, generator=g), torch.randn(400, 2, 15, generator=g)], 2)
+    rel = split_half_reliability(H)
+    assert (rel[:5] > 0.95).all() and rel[5:].abs().mean() < 0.1
+    with pytest.raises(ValueError, match="Y_halves"):
+        noise_ceiling(H[:, 0], torch.zeros(20))
+
+
+def test_metrics_report_intervals_noise_ceiling_and_reliable_features():
+    g = torch.Generator().manual_seed(4)
+    X = unit_rows(60, D_MODEL, g)
+    W = torch.zeros(D_MODEL, D_SAE)
+    W[:, :4] = 5 * torch.randn(D_MODEL, 4, generator=g)
+    S = X @ W
+    H = S[:, None] + torch.randn(60, 2, D_SAE, generator=g)
+    Y = H.mean(1)
+    reliable = torch.arange(D_SAE) < 4
+    m = approximator_metrics(EffectApproximator(W, torch.zeros(D_SAE)), X, Y, torch.zeros(D_SAE),
+                             Y_val_halves=H, n_boot=200, seed=0, reliable_features=reliable)
+    json.dumps(m, allow_nan=False)
+    assert m["r2_ci_low"] <= m["r2"] <= m["r2_ci_high"] and m["beats_mean_baseline"] == (m["r2_ci_low"] > 0)
+    assert m["noise_ceiling_ci_low"] <= m["noise_ceiling"] <= m["noise_ceiling_ci_high"]
+    assert m["n_features_reliable"] == 4 and m["r2_reliable"] > m["r2"]
+    assert m["noise_ceiling_reliable"] > m["noise_ceiling"]
+    assert m["r2"] == pytest.approx(heldout_r2(X @ W, Y, torch.zeros(D_SAE), 0)["r2"])
+    plain = approximator_metrics(EffectApproximator(W, torch.zeros(D_SAE)), X, Y, torch.zeros(D_SAE), n_boot=0)
+    assert plain["r2_ci_low"] is None and plain["noise_ceiling"] is None and plain["beats_mean_baseline"]
+    with pytest.raises(ValueError, match="Y_val_halves"):
+        approximator_metrics(EffectApproximator(W, torch.zeros(D_SAE)), X, Y, torch.zeros(D_SAE), Y_val_halves=H[:5])
