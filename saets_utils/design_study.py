@@ -1,0 +1,212 @@
+"""Design study over measured effects: how reliable they are, and how held-out approximator quality
+grows with the number of measured vectors, for each fit, against the noise ceiling.
+
+Reads only 01's files (``effects.safetensors`` with ``effect_halves``: each vector measured on two
+independent halves of its rollouts), so it costs no model time. Writes to ``results/<run>/study/``:
+``reliability.json``, ``learning_curve.csv`` and ``learning_curve.png``. Rerun with
+``python -m saets_utils.design_study params/<run>.yaml``; compare designs measured in several runs with
+``--compare params/a.yaml params/b.yaml`` (reliability per second of effects compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .approximator import heldout_r2, noise_ceiling, split_holdout
+from .config import ApproximatorConfig, RunConfig, load_config
+from .effects_store import Effects, load_effects
+from .fits import fit_approximator
+from .io_utils import atomic_write_json, atomic_write_text
+
+DEFAULT_FITS = ("ridge", "ridge_per_feature", "reduced_rank")
+
+
+def _centred(Y: Tensor) -> Tensor:
+    return Y - Y.mean(0, keepdim=True)
+
+
+def reliability_summary(halves: Tensor) -> dict[str, float]:
+    """Agreement of the two half-measurements ``halves [n, 2, d_sae]`` of the same vectors.
+
+    Both halves are centred on their mean over vectors first, so the part every vector shares (the
+    approximator's bias) does not count as agreement: what remains is the vector-specific signal.
+    ``centred_r`` is the correlation of the centred halves over all (vector, feature) cells and
+    ``reliability`` its Spearman-Brown value for the mean of both halves (the full effect).
+    """
+    if halves.ndim != 3 or halves.shape[1] != 2:
+        raise ValueError(f"halves must be [n, 2, d_sae]; got {tuple(halves.shape)}")
+    h = halves.double()
+    a, b = _centred(h[:, 0]), _centred(h[:, 1])
+    r = float((a * b).sum() / ((a * a).sum() * (b * b).sum()).sqrt())
+    fa, fb = (a * b).sum(0), ((a * a).sum(0) * (b * b).sum(0)).sqrt()
+    varying = fb > 0
+    per_feature = fa[varying] / fb[varying]
+    raw_cos = torch.nn.functional.cosine_similarity(h[:, 0], h[:, 1], dim=1)
+    cen_cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    share = float((h.mean(1).mean(0) ** 2).sum() / (h.mean(1) ** 2).sum(1).mean())
+    return {
+        "n_vectors": int(h.shape[0]),
+        "centred_r": r,
+        "reliability": 2 * r / (1 + r) if r > -1 else float("nan"),
+        "raw_cosine_median": float(raw_cos.median()),
+        "centred_cosine_median": float(cen_cos.median()),
+        "per_feature_r_median": float(per_feature.median()) if per_feature.numel() else float("nan"),
+        "features_r_above_0.5": int((per_feature > 0.5).sum()),
+        "features_r_above_0.2": int((per_feature > 0.2).sum()),
+        "shared_fraction": share,  # squared norm of the mean effect / mean squared norm of an effect
+    }
+
+
+def learning_curve(effects: Effects, sizes: Sequence[int], fits: Sequence[str] = DEFAULT_FITS,
+                   holdout: int = 256, seed: int = 0, n_boot: int = 1000,
+                   base: ApproximatorConfig | None = None) -> pd.DataFrame:
+    """Held-out R² (with bootstrap CI over held-out vectors) of each fit on nested training subsets.
+
+    One seeded held-out set of ``holdout`` vectors; training subsets are prefixes of one seeded
+    permutation of the rest, so a larger size contains every smaller one. Rows with ``target =
+    "half"`` train on one half of each vector's rollouts only (half the compute per vector): at equal
+    compute, ``n`` vectors measured fully compare with ``2n`` vectors measured on half their
+    rollouts. The held-out targets are always the full effects. A last row per size-free ``fit =
+    "noise_ceiling"`` gives the best R² any predictor can reach on these held-out measurements.
+    """
+    ok = effects.valid
+    X, Y, ids = effects.vectors[ok].float(), effects.effects[ok].float(), effects.vector_ids[ok]
+    H = effects.halves[ok].float() if effects.halves is not None else None
+    train, val = split_holdout(ids, holdout, seed)
+    pool = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))]
+    Xv, Yv = X[val], Y[val]
+    spp = int(effects.meta.get("effects", {}).get("samples_per_prompt", 2))
+    n_prompts = len(effects.meta.get("effects", {}).get("prompts", [])) or 1
+    base = base or ApproximatorConfig()
+    rows: list[dict[str, Any]] = []
+    targets = ["full"] + (["half"] if H is not None and torch.isfinite(H).all() else [])
+    for n in sorted({int(s) for s in sizes}):
+        if n > len(pool) or n < 4:
+            continue
+        idx = pool[:n]
+        for target in targets:
+            Yt = Y[idx] if target == "full" else H[idx, 0]
+            rollouts = n * n_prompts * (spp if target == "full" else spp // 2)
+            for fit in fits:
+                cfg = base.model_copy(update={"fit": fit})
+                approx, info = fit_approximator(X[idx], Yt, cfg, seed)
+                stats = heldout_r2(approx.predict(Xv).double(), Yv.double(), Yt.double().mean(0), n_boot, seed)
+                rows.append({"n_train": n, "target": target, "fit": fit, "rollouts": rollouts,
+                             "r2": stats["r2"], "r2_ci_low": stats["r2_ci_low"], "r2_ci_high": stats["r2_ci_high"],
+                             "n_val": int(len(val)), **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
+    if H is not None and torch.isfinite(H[val]).all():
+        c = noise_ceiling(H[val].double(), Y[train].double().mean(0), n_boot, seed)
+        rows.append({"n_train": None, "target": "full", "fit": "noise_ceiling", "rollouts": None,
+                     "r2": c["noise_ceiling"], "r2_ci_low": c["noise_ceiling_ci_low"],
+                     "r2_ci_high": c["noise_ceiling_ci_high"], "n_val": int(len(val))})
+    return pd.DataFrame(rows)
+
+
+def plot_learning_curve(curve: pd.DataFrame, title: str = ""):
+    """Held-out R² against training vectors (log x), one line per fit with its 95% CI band; the
+    noise ceiling as a band; zero (the mean-effect baseline) as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    data = curve[curve["fit"] != "noise_ceiling"]
+    ceiling = curve[curve["fit"] == "noise_ceiling"]
+    for ax, x, xlabel in ((axes[0], "n_train", "training vectors"), (axes[1], "rollouts", "training rollouts (compute)")):
+        for (fit, target), g in data.groupby(["fit", "target"]):
+            if x == "n_train" and target != "full":
+                continue
+            g = g.sort_values(x)
+            style = "-" if target == "full" else ":"
+            line, = ax.plot(g[x], g["r2"], style, marker="o", ms=3, label=f"{fit} ({target} rollouts)")
+            ax.fill_between(g[x], g["r2_ci_low"], g["r2_ci_high"], color=line.get_color(), alpha=0.15)
+        ax.axhline(0, color="k", ls="--", lw=1, label="mean effect (R² = 0)")
+        if len(ceiling):
+            c = ceiling.iloc[0]
+            ax.axhspan(c["r2_ci_low"], c["r2_ci_high"], color="grey", alpha=0.25, label="noise ceiling (95% CI)")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out R² (95% bootstrap CI)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "Effect approximator: held-out R² vs data")
+    return fig
+
+
+def run_study(run: RunConfig, sizes: Sequence[int] | None = None, fits: Sequence[str] = DEFAULT_FITS,
+              holdout: int | None = None, n_boot: int = 1000) -> dict[str, Any]:
+    """Reliability, learning curve and figure for ``run``'s measured effects, written to ``study/``."""
+    eff = load_effects(run.results_dir)
+    if eff.halves is None:
+        raise ValueError(f"{run.results_dir} has no effect halves; re-run 01 with samples_per_prompt >= 2")
+    out = run.results_dir / "study"
+    ok = eff.valid
+    holdout = holdout or run.approximator.holdout
+    n_pool = int(ok.sum()) - holdout
+    sizes = sizes or [s for s in (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384) if s < n_pool] + [n_pool]
+    rel = reliability_summary(eff.halves[ok])
+    rel["seconds_per_vector"] = eff.meta.get("seconds_per_vector_mean")
+    curve = learning_curve(eff, sizes, fits, holdout, run.seed, n_boot, run.approximator)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "reliability.json", rel)
+    atomic_write_text(out / "learning_curve.csv", curve.to_csv(index=False))
+    from .plots import save_figure
+
+    fig = plot_learning_curve(curve, f"{run.name}: {int(ok.sum())} vectors, {holdout} held out")
+    save_figure(fig, out / "learning_curve.png")
+    return {"reliability": rel, "curve": curve}
+
+
+def compare_designs(runs: Sequence[RunConfig]) -> pd.DataFrame:
+    """One row per run: its effects settings, split-half reliability and cost per vector, so sampling
+    designs can be compared per unit of compute."""
+    rows = []
+    for run in runs:
+        eff = load_effects(run.results_dir)
+        if eff.halves is None:
+            continue
+        e = run.effects
+        rel = reliability_summary(eff.halves[eff.valid])
+        sec = eff.meta.get("seconds_per_vector_mean") or math.nan
+        rows.append({"run": run.name, "crn": e.common_random_numbers, "prompts": len(e.prompts),
+                     "samples_per_prompt": e.samples_per_prompt, "total_tokens": e.total_tokens,
+                     "loss_target": f"{e.loss_target.kind}:{e.loss_target.value}", "top_p": e.sampling.top_p,
+                     "seconds_per_vector": sec, **rel})
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("params", nargs="+", help="params file(s) of runs whose 01 has finished")
+    ap.add_argument("--compare", action="store_true", help="compare the runs' designs instead of a learning curve")
+    ap.add_argument("--sizes", default=None, help="comma-separated training sizes")
+    ap.add_argument("--fits", default=",".join(DEFAULT_FITS))
+    ap.add_argument("--holdout", type=int, default=None)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--out", default=None, help="with --compare: CSV to write")
+    a = ap.parse_args(argv)
+    runs = [load_config(p) for p in a.params]
+    if a.compare:
+        df = compare_designs(runs)
+        print(df.to_string(index=False))
+        if a.out:
+            atomic_write_text(Path(a.out), df.to_csv(index=False))
+        return
+    for run in runs:
+        sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else None
+        res = run_study(run, sizes, a.fits.split(","), a.holdout, a.bootstrap)
+        print(json.dumps(res["reliability"], indent=1))
+        print(res["curve"].to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
