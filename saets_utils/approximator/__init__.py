@@ -1,0 +1,1 @@
+"""Notebook 02: the effect approximator, its fits, held-out metrics, training and the design study."""

@@ -1,0 +1,1 @@
+"""Language model and SAE: loading, the embedded assets, SAE training, tiny test stand-ins."""

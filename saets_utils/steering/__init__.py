@@ -1,0 +1,1 @@
+"""Steering through a hook, seeded generation, and the steering goals (task files)."""
