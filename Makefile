@@ -16,7 +16,7 @@ install:
 
 # Install, then run notebooks 01 -> 04 on PARAMS; executed notebooks and HTML reports in results/<run>/.
 demo: install
-	$(PYTHON) -m saets_utils.pipeline $(PARAMS) --gpus $(GPUS)
+	$(PYTHON) -m saets_utils.report.pipeline $(PARAMS) --gpus $(GPUS)
 
 # Install, then run the test suite (unit tests and the notebooks on params/test.yaml).
 test: install

@@ -50,12 +50,12 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from saets_utils import calibration as cal_mod  # noqa: E402
-from saets_utils import effects as eff_mod  # noqa: E402
-from saets_utils import steering as steer_mod  # noqa: E402
-from saets_utils.calibration import calibrate_scales, hook_layer, resid_at_hook, steered_losses  # noqa: E402
+from saets_utils.effects import calibration as cal_mod  # noqa: E402
+from saets_utils.effects import measure as eff_mod  # noqa: E402
+from saets_utils.steering import generation as steer_mod  # noqa: E402
+from saets_utils.effects.calibration import calibrate_scales, hook_layer, resid_at_hook, steered_losses  # noqa: E402
 from saets_utils.config import EffectsConfig, LossTarget, SamplingConfig, load_config  # noqa: E402
-from saets_utils.effects import RolloutSpec, measure_effects  # noqa: E402
+from saets_utils.effects.measure import RolloutSpec, measure_effects  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class Setup:
 def _sae_cached(run) -> bool:
     if run.sae.source != "train":
         return True
-    from saets_utils.sae_training import sae_cache_path
+    from saets_utils.models.sae_training import sae_cache_path
 
     return (sae_cache_path(run) / "cfg.json").is_file()
 
@@ -151,10 +151,10 @@ def _sae_cached(run) -> bool:
 def smollm_setup(args) -> Setup:
     """The params file's model, SAE and effect settings; if its SAE is not cached (training takes
     minutes), the SAE settings of ``--fallback-sae-params`` with the params file's effect settings."""
-    from saets_utils.effects_runner import rollout_spec
-    from saets_utils.loading import bos_id, load_sae_from, load_texts, tokenize_chunks
+    from saets_utils.effects.runner import rollout_spec
+    from saets_utils.models.loading import bos_id, load_sae_from, load_texts, tokenize_chunks
     from saets_utils.session import load_model_and_sae
-    from saets_utils.vector_sources import build_vectors
+    from saets_utils.effects.vector_sources import build_vectors
 
     run = load_config(args.params)
     source = f"{args.params} (model, SAE and effect settings)"
@@ -175,7 +175,7 @@ def smollm_setup(args) -> Setup:
         source = (f"SAE of {args.fallback_sae_params} ({run.sae.hook_name}, d_sae {run.sae.train.d_sae}) with the "
                   f"model and effect settings of {args.params} (its SAE is not cached; --allow-train trains it)")
         if not _sae_cached(run):
-            from saets_utils import assets
+            from saets_utils.models import assets
 
             found = [f"{p.parent} ({json.loads(p.read_text())['metadata'].get('hook_name')})"
                      for p in sorted((assets.cache_dir() / "saes").glob("*/cfg.json"))]
@@ -185,8 +185,8 @@ def smollm_setup(args) -> Setup:
     device = args.device or run.resolved_device()
     torch.manual_seed(run.seed)
     if args.random_sae_at:  # the model as load_model_and_sae loads it, a random SAE of the params' shape
-        from saets_utils.loading import load_model, validate_against_model
-        from saets_utils.tiny import tiny_sae
+        from saets_utils.models.loading import load_model, validate_against_model
+        from saets_utils.models.tiny import tiny_sae
 
         model = load_model(run.model, device)
         validate_against_model(run, model)
@@ -195,7 +195,7 @@ def smollm_setup(args) -> Setup:
     else:
         model, sae = load_model_and_sae(run, device)
     if args.dtype and args.dtype != run.model.dtype:  # cast after loading: the SAE cache key includes the dtype
-        from saets_utils.loading import torch_dtype
+        from saets_utils.models.loading import torch_dtype
 
         model.to(torch_dtype(args.dtype))
     e = run.effects
@@ -262,7 +262,7 @@ def gemma_setup(args) -> Setup:
     cfg = HookedTransformerConfig(**{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__})
     # TransformerLens needs a tokenizer to build attention masks when a KV cache is passed (our
     # generate); a character-level stand-in with pad id 0 and right padding, as Gemma's tokenizer.
-    from saets_utils.tiny import tiny_tokenizer
+    from saets_utils.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)

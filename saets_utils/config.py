@@ -321,7 +321,7 @@ class EvalConfig(_Strict):
     # Features that fire only on the start token (excluded by FGAA); REFERENCE.md lists them for Gemma Scope 2B.
     fgaa_bos_features: list[int] = Field(default_factory=list)
     bootstrap: int = Field(1000, ge=0)
-    # Judge-free targeting check (saets_utils/targeting.py): each task's vectors are calibrated to
+    # Judge-free targeting check (saets_utils/evaluation/targeting.py): each task's vectors are calibrated to
     # 01's loss target and their measured SAE effect is scored against the task's target features
     # (rank, target / off-target ratio) -> eval/targeting.csv. Needs 01's effects_work/plan.safetensors.
     targeting: bool = True

@@ -13,8 +13,8 @@ import sys
 import time
 from importlib import metadata
 
-from .config import REPO_ROOT, RunConfig
-from .io_utils import atomic_write_json
+from saets_utils.config import REPO_ROOT, RunConfig
+from saets_utils.io_utils import atomic_write_json
 
 PACKAGES = ("torch", "transformer_lens", "sae_lens", "transformers", "numpy", "pandas", "openai", "papermill", "saets")
 

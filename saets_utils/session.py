@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .config import RunConfig, load_config
+from saets_utils.config import RunConfig, load_config
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -35,7 +35,7 @@ def start_run(params_file: str, overrides: dict[str, Any] | None = None) -> tupl
 
 def load_model_and_sae(run: RunConfig, device: str) -> tuple["HookedTransformer", "SAE"]:
     """The run's model and SAE on ``device``, each checked against the other and the params."""
-    from .loading import load_model, load_sae, validate_against_model, validate_sae
+    from saets_utils.models.loading import load_model, load_sae, validate_against_model, validate_sae
 
     model = load_model(run.model, device)
     validate_against_model(run, model)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from saets_utils.config import REPO_ROOT, ConfigError, RunConfig, load_config
-from saets_utils.loading import validate_against_model, validate_sae
+from saets_utils.models.loading import validate_against_model, validate_sae
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -101,7 +101,7 @@ def test_validate_against_model_malformed_hook(tiny_model):
 
 
 def test_validate_sae_width_mismatch(tiny_model):
-    from saets_utils.tiny import tiny_sae
+    from saets_utils.models.tiny import tiny_sae
 
     validate_sae(run_with_hook(HOOK), tiny_model, tiny_sae(d_in=tiny_model.cfg.d_model))
     with pytest.raises(ConfigError, match=r"d_in 16 but .* d_model 32; pick an SAE trained on this model"):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from saets_utils.config import SamplingConfig
-from saets_utils.effects import (
+from saets_utils.effects.measure import (
     BASELINE, STEERED, FeatureSums, RolloutSpec, encode_positions, measure_baseline, measure_effects,
     prompt_groups, prompt_token_ids, reference_effects,
 )
-from saets_utils.steering import generate, row_seed
+from saets_utils.steering.generation import generate, row_seed
 
 HOOK = "blocks.1.hook_resid_post"
 BOS = 1

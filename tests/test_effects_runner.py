@@ -20,15 +20,15 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from saets_utils import effects_runner
-from saets_utils.calibration import STATUSES
+from saets_utils.effects import runner as effects_runner
+from saets_utils.effects.calibration import STATUSES
 from saets_utils.config import ConfigError, load_config
-from saets_utils.effects import measure_effects
-from saets_utils.effects_runner import (
+from saets_utils.effects.measure import measure_effects
+from saets_utils.effects.runner import (
     Plan, available_devices, fingerprint, prepare_plan, rollout_spec, run_effects, work_dir,
 )
-from saets_utils.effects_store import load_effects
-from saets_utils.vector_sources import build_vectors
+from saets_utils.effects.store import load_effects
+from saets_utils.effects.vector_sources import build_vectors
 
 HOOK = "blocks.1.hook_resid_post"
 N_VECTORS = 24  # with 2 vectors per block: 12 blocks, so a kill lands mid-run even on a slow machine

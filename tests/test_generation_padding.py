@@ -2,7 +2,7 @@
 
 import torch
 
-from saets_utils.steering import generate
+from saets_utils.steering.generation import generate
 
 HOOK = "blocks.1.hook_resid_post"
 

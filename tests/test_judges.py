@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from saets_utils.config import ConfigError, JudgeConfig
-from saets_utils.judges import (
+from saets_utils.judges.base import (
     COHERENCE_CRITERION,
     JudgeCache,
     JudgeRequest,
@@ -24,7 +24,7 @@ from saets_utils.judges import (
     parse_score,
     score_requests,
 )
-from saets_utils.offline_judge import OfflineJudge, repeated_ngram_fraction
+from saets_utils.judges.offline import OfflineJudge, repeated_ngram_fraction
 from tests.fake_openai_server import FakeOpenAIServer, default_score
 
 KEY = "sk-test-SECRET-0123456789abcdef"
@@ -274,7 +274,7 @@ def test_offline_coherence_monotone_and_penalises_repetition():
 
 
 def test_make_mean_logprob_fn_tiny_model(tiny_model):
-    from saets_utils.offline_judge import make_mean_logprob_fn
+    from saets_utils.judges.offline import make_mean_logprob_fn
 
     texts = ["hello world", "a", "the quick brown fox jumps over the lazy dog"]
     fn = make_mean_logprob_fn(tiny_model, bos_token_id=1, batch_size=2)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from saets_utils import loading, sae_training
+from saets_utils.models import loading
+from saets_utils.models import sae_training
 from saets_utils.config import ConfigError, ModelConfig, RunConfig, TextConfig
 
 HOOK = "blocks.1.hook_resid_post"
@@ -148,7 +149,7 @@ def test_trained_sae_is_cached_and_reloaded_without_training(sae_cache, tiny_mod
 
 
 def test_cached_sae_refuses_another_model(sae_cache, tiny_model):
-    from saets_utils.tiny import tiny_model as make_tiny
+    from saets_utils.models.tiny import tiny_model as make_tiny
 
     run = make_run({"train": TRAIN})
     sae_training.train_or_load_sae(run, run.sae, model=tiny_model)
@@ -239,7 +240,7 @@ def test_load_texts_gutenberg_has_many_paragraphs():
 def test_smollm2_transformer_lens_matches_transformers():
     from transformers import AutoModelForCausalLM
 
-    from saets_utils.assets import prepare_smollm2
+    from saets_utils.models.assets import prepare_smollm2
 
     model = loading.load_model(ModelConfig())
     hf = AutoModelForCausalLM.from_pretrained(prepare_smollm2(), dtype=torch.float32).eval()

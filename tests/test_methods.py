@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from saets_utils.approximator import EffectApproximator
+from saets_utils.approximator.model import EffectApproximator
 from saets_utils.config import EvalConfig
-from saets_utils.methods import (
+from saets_utils.evaluation.methods import (
     METHOD_COLORS, METHODS, build_caa_vector, build_fgaa_target, build_fgaa_vector, build_pinverse_vector,
     build_rotation_vector, build_sae_ts_vector, build_sae_vector, discover_target_features, feature_density,
     mean_resid, mean_sae_acts, rotation_matrix, target_vector,
@@ -43,7 +43,7 @@ def seqs(lengths, seed):
 def test_method_names_match_config_and_colours():
     assert set(METHODS) == set(METHOD_COLORS) == set(EvalConfig().methods)
     assert len(set(METHOD_COLORS.values())) == len(METHODS)
-    plots = pytest.importorskip("saets_utils.plots")
+    plots = pytest.importorskip("saets_utils.report.plots")
     assert getattr(plots, "METHOD_COLORS", METHOD_COLORS) == METHOD_COLORS  # one colour per method everywhere
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from saets_utils.config import load_config
-from saets_utils.pipeline import STEPS, execute_notebook, run_pipeline
+from saets_utils.report.pipeline import STEPS, execute_notebook, run_pipeline
 
 pytestmark = pytest.mark.slow
 PARAMS = "params/test.yaml"
@@ -133,7 +133,7 @@ def test_eval_notebook_with_openai_judge_on_loopback(run, tmp_path):
     assert (samples["judge"] == "openai:gpt-4o-mini").all()
     # one call per distinct (criterion, text): none cached yet, identical requests sent once (the
     # coherence criterion is shared by tasks, and unsteered texts are shared by methods)
-    from saets_utils.tasks import load_task
+    from saets_utils.steering.tasks import load_task
 
     crit = {t: load_task(t) for t in run.eval.tasks}
     distinct = {(k, getattr(crit[t], k), x) for t, x in zip(samples["task"], samples["text"])

@@ -12,8 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from saets_utils import plots, scoring  # noqa: E402
-from saets_utils.tasks import METHOD_NAMES  # noqa: E402
+from saets_utils.report import plots
+from saets_utils.evaluation import scoring  # noqa: E402
+from saets_utils.steering.tasks import METHOD_NAMES  # noqa: E402
 
 
 @pytest.fixture(scope="module")

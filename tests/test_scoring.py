@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saets_utils import scoring
-from saets_utils.reference_numbers import REFERENCE_TASKS, published_model, published_table
+from saets_utils.evaluation import scoring
+from saets_utils.evaluation.reference_numbers import REFERENCE_TASKS, published_model, published_table
 
 
 def _samples(cells, task="anger", method="SAE-TS"):

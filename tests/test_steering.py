@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saets_utils.config import SamplingConfig
-from saets_utils.steering import (
+from saets_utils.steering.generation import (
     generate, row_seed, row_uniforms, sample_from_logits, steering_delta, steering_hook,
 )
 

@@ -15,15 +15,15 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from saets_utils.calibration import calibrate_scales, resid_at_hook
+from saets_utils.effects.calibration import calibrate_scales, resid_at_hook
 from saets_utils.config import ConfigError, load_config
-from saets_utils.effects import measure_effects
-from saets_utils.effects_runner import Plan, prepare_plan, rollout_spec, work_dir
-from saets_utils.steering import generate
-from saets_utils.targeting import (
+from saets_utils.effects.measure import measure_effects
+from saets_utils.effects.runner import Plan, prepare_plan, rollout_spec, work_dir
+from saets_utils.steering.generation import generate
+from saets_utils.evaluation.targeting import (
     COLUMNS, TARGETING_ID_OFFSET, measure_targeting, targeting_metrics, targeting_summary, targeting_vector_id,
 )
-from saets_utils.task_vectors import TaskVectors
+from saets_utils.evaluation.task_vectors import TaskVectors
 
 HOOK = "blocks.1.hook_resid_post"
 BOS = 1
@@ -152,7 +152,7 @@ def setup(tmp_path_factory, tiny_model):
     feature, so the feature's measured effect is large; any other feature moves only through the
     changed text at its ordinary gain of 0.5.
     """
-    from saets_utils.tiny import tiny_sae
+    from saets_utils.models.tiny import tiny_sae
 
     tmp = tmp_path_factory.mktemp("targeting")
     run = _write_run(tmp, _params(tmp))
@@ -236,8 +236,8 @@ def test_reads_03s_files_and_gives_the_same_table(setup, tmp_path):
 
 def test_targets_resolved_when_03_recorded_none(setup, monkeypatch):
     """Only CAA evaluated: the task's targets are discovered the way 03 would have discovered them."""
-    from saets_utils import tasks
-    from saets_utils.task_vectors import load_context, resolve_targets
+    from saets_utils.steering import tasks
+    from saets_utils.evaluation.task_vectors import load_context, resolve_targets
 
     run, model, sae, plan, tvs, _ = setup
     run = run.model_copy(update={"eval": run.eval.model_copy(update={"fgaa_density_max": 1.0})})  # all tiny features are dense
@@ -273,7 +273,7 @@ def test_missing_or_stale_plan_fails_clearly(setup, tmp_path, tiny_model, tiny_s
 def test_targeting_figure(setup, tmp_path):
     import matplotlib.pyplot as plt
 
-    from saets_utils import plots
+    from saets_utils.report import plots
 
     *_, df = setup
     many = pd.concat([df.assign(task=t, target_rank=df["target_rank"] * (i + 1)) for i, t in enumerate("abc")])
@@ -292,8 +292,11 @@ def test_evaluate_run_measures_targeting_and_04_draws_it(setup, tmp_path, monkey
     import shutil
     from types import SimpleNamespace
 
-    from saets_utils import evaluate, figures, pipeline, tasks
-    from saets_utils.judges import JudgeResult
+    from saets_utils.evaluation import evaluate
+    from saets_utils.report import figures
+    from saets_utils.report import pipeline
+    from saets_utils.steering import tasks
+    from saets_utils.judges.base import JudgeResult
 
     run, model, sae, plan, _, _ = setup
     data = _params(tmp_path)

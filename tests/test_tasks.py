@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from saets_utils.config import EvalConfig
-from saets_utils.reference_numbers import REFERENCE_TASKS
-from saets_utils.tasks import (METHOD_NAMES, TASKS_DIR, Task, TaskError, available_tasks, check_target_ids, load_task,
+from saets_utils.evaluation.reference_numbers import REFERENCE_TASKS
+from saets_utils.steering.tasks import (METHOD_NAMES, TASKS_DIR, Task, TaskError, available_tasks, check_target_ids, load_task,
                                load_tasks)
 
 K2B, K9B = "gemma-scope-2b-16k-l0_82", "gemma-scope-9b-16k-l0_130"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from saets_utils.config import ApproximatorConfig, load_config
-from saets_utils.effects_store import Effects
-from saets_utils.fits import fit_approximator
-from saets_utils.training import RIDGE_PATH, choose_ridge_lambda, metrics_table, train_approximator, verdict
+from saets_utils.effects.store import Effects
+from saets_utils.approximator.fits import fit_approximator
+from saets_utils.approximator.training import RIDGE_PATH, choose_ridge_lambda, metrics_table, train_approximator, verdict
 
 
 def _data(n: int, noise: float, seed: int = 0):

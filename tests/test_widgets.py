@@ -8,9 +8,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from saets_utils import explore  # noqa: E402
-from saets_utils.tasks import Task  # noqa: E402
-from saets_utils.widgets import CUSTOM, EffectExplorer, SteeringPlayground, parse_targets, playground_generate  # noqa: E402
+from saets_utils.report import explore  # noqa: E402
+from saets_utils.steering.tasks import Task  # noqa: E402
+from saets_utils.report.widgets import CUSTOM, EffectExplorer, SteeringPlayground, parse_targets, playground_generate  # noqa: E402
 
 TINY_RUN = """\
 model: {source: tiny, bos_token_id: 1}
@@ -31,12 +31,12 @@ effects:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from saets_utils.approximator import fit_ridge
+    from saets_utils.approximator.model import fit_ridge
     from saets_utils.config import load_config
-    from saets_utils.effects_runner import run_effects
-    from saets_utils.effects_store import load_effects
-    from saets_utils.loading import load_model, load_sae
-    from saets_utils.task_vectors import load_context
+    from saets_utils.effects.runner import run_effects
+    from saets_utils.effects.store import load_effects
+    from saets_utils.models.loading import load_model, load_sae
+    from saets_utils.evaluation.task_vectors import load_context
 
     tmp = tmp_path_factory.mktemp("widgets")
     (tmp / "tinyrun.yaml").write_text(TINY_RUN)

@@ -4,7 +4,7 @@ grows with the number of measured vectors, for each fit, against the noise ceili
 Reads only 01's files (``effects.safetensors`` with ``effect_halves``: each vector measured on two
 independent halves of its rollouts), so it costs no model time. Writes to ``results/<run>/study/``:
 ``reliability.json``, ``learning_curve.csv`` and ``learning_curve.png``. Rerun with
-``python -m saets_utils.design_study params/<run>.yaml``; compare designs measured in several runs with
+``python -m saets_utils.approximator.design_study params/<run>.yaml``; compare designs measured in several runs with
 ``--compare params/a.yaml params/b.yaml`` (reliability per second of effects compute).
 """
 
@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .approximator import heldout_r2, noise_ceiling, split_holdout
-from .config import ApproximatorConfig, RunConfig, load_config
-from .effects_store import Effects, load_effects
-from .fits import fit_approximator
-from .io_utils import atomic_write_json, atomic_write_text
+from saets_utils.approximator.model import heldout_r2, noise_ceiling, split_holdout
+from saets_utils.config import ApproximatorConfig, RunConfig, load_config
+from saets_utils.effects.store import Effects, load_effects
+from saets_utils.approximator.fits import fit_approximator
+from saets_utils.io_utils import atomic_write_json, atomic_write_text
 
 DEFAULT_FITS = ("ridge", "ridge_per_feature", "reduced_rank")
 
@@ -159,7 +159,7 @@ def run_study(run: RunConfig, sizes: Sequence[int] | None = None, fits: Sequence
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "reliability.json", rel)
     atomic_write_text(out / "learning_curve.csv", curve.to_csv(index=False))
-    from .plots import save_figure
+    from saets_utils.report.plots import save_figure
 
     fig = plot_learning_curve(curve, f"{run.name}: {int(ok.sum())} vectors, {holdout} held out")
     save_figure(fig, out / "learning_curve.png")

@@ -25,10 +25,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .approximator import EffectApproximator, _check_xy, _finite, _mse, fit_adam, fit_ridge
+from saets_utils.approximator.model import EffectApproximator, _check_xy, _finite, _mse, fit_adam, fit_ridge
 
 if TYPE_CHECKING:
-    from .config import ApproximatorConfig
+    from saets_utils.config import ApproximatorConfig
 
 RIDGE_PATH = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 # Per-feature grid: tiny to effectively infinite, plus inf = predict the training mean.

@@ -184,7 +184,7 @@ def fit_adam(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lr: flo
         _check_xy(X_val, Y_val)
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
-    from .progress import progress as progress_bar
+    from saets_utils.progress import progress as progress_bar
 
     device = torch.device(device) if device is not None else X.device
     n = X.shape[0]

@@ -13,11 +13,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .approximator import EffectApproximator, approximator_metrics, split_half_reliability, split_holdout
-from .config import RunConfig
-from .effects_store import Effects
-from .fits import RIDGE_PATH, choose_ridge_lambda, fit_approximator
-from .io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from saets_utils.approximator.model import EffectApproximator, approximator_metrics, split_half_reliability, split_holdout
+from saets_utils.config import RunConfig
+from saets_utils.effects.store import Effects
+from saets_utils.approximator.fits import RIDGE_PATH, choose_ridge_lambda, fit_approximator
+from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
 __all__ = ["RIDGE_PATH", "TrainResult", "choose_ridge_lambda", "metrics_table", "train_approximator", "verdict"]
 

@@ -28,7 +28,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-from .config import LossTarget
+from saets_utils.config import LossTarget
 
 STATUSES = ("ok", "non_monotone", "not_reached", "above_at_zero")
 

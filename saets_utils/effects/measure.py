@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .config import SamplingConfig
-from .steering import generate, row_seed, steering_delta
+from saets_utils.config import SamplingConfig
+from saets_utils.steering.generation import generate, row_seed, steering_delta
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -237,7 +237,7 @@ def reference_effects(model: "HookedTransformer", sae: "SAE", hook_name: str, sp
                       vector: Tensor, vector_id: int, scale: float, baseline_mean: Tensor, seed: int) -> Tensor:
     """Effect ``[d_sae]`` of one vector the way the reference code does it: one prompt per
     generate call, then the rollouts re-run through the unsteered model and SAE-encoded."""
-    from .calibration import resid_at_hook
+    from saets_utils.effects.calibration import resid_at_hook
 
     sums = FeatureSums.zeros(sae.cfg.d_sae)
     delta = steering_delta(vector, scale).to(model.cfg.device)

@@ -27,10 +27,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .calibration import calibrate_scales, resid_at_hook, steered_losses
-from .config import ConfigError, RunConfig
-from .effects import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
-from .io_utils import atomic_write_json, atomic_save_safetensors
+from saets_utils.effects.calibration import calibrate_scales, resid_at_hook, steered_losses
+from saets_utils.config import ConfigError, RunConfig
+from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
+from saets_utils.io_utils import atomic_write_json, atomic_save_safetensors
 
 WORK = "effects_work"
 RECIPE_VERSION = 3  # bump when the measurement changes, so stale partial work is not resumed
@@ -96,8 +96,8 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     """
     import shutil
 
-    from .loading import bos_id, load_sae_from, load_texts, tokenize_chunks
-    from .vector_sources import build_vectors
+    from saets_utils.models.loading import bos_id, load_sae_from, load_texts, tokenize_chunks
+    from saets_utils.effects.vector_sources import build_vectors
 
     wd = work_dir(run)
     fp = fingerprint(run)
@@ -186,7 +186,7 @@ def _claim(wd: Path, attempt: str, k: int) -> bool:
 def work_loop(run: RunConfig, attempt: str, device: str = "cpu", model=None, sae=None, progress=None) -> None:
     """Measure claimed blocks of this attempt until none is left (loading the model and SAE on
     ``device`` unless given)."""
-    from .loading import bos_id, load_model, load_sae
+    from saets_utils.models.loading import bos_id, load_model, load_sae
 
     wd = work_dir(run)
     blocks = json.loads((wd / f"attempt_{attempt}.json").read_text())
@@ -220,7 +220,7 @@ def _spawn_worker(run: RunConfig, device: str, attempt: str, index: int, threads
     (wd / "logs").mkdir(exist_ok=True)
     log = open(wd / "logs" / f"{attempt}_worker{index}.log", "w")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "saets_utils.effects_runner", "--work", str(wd), "--device", device,
+    cmd = [sys.executable, "-m", "saets_utils.effects.runner", "--work", str(wd), "--device", device,
            "--attempt", attempt, "--threads", str(threads)]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -231,7 +231,7 @@ def run_effects(run: RunConfig, model, sae, gpus: int = 0, restart: bool = False
     ``model``/``sae`` (already loaded) build the plan and, with ``gpus = 0``, do the work in-process.
     Raises after reporting each failed worker if any vector is left unmeasured (re-run to resume).
     """
-    from .progress import progress as progress_bar
+    from saets_utils.progress import progress as progress_bar
 
     devices = available_devices(gpus)
     plan = prepare_plan(run, model, sae, restart)
@@ -269,13 +269,13 @@ def run_effects(run: RunConfig, model, sae, gpus: int = 0, restart: bool = False
     if left:
         msg = "\n\n".join(failures) or "no worker error recorded"
         raise RuntimeError(f"{left} of {total} vectors unmeasured; finished ones are saved, re-run to resume.\n{msg}")
-    from .effects_store import merge_effects
+    from saets_utils.effects.store import merge_effects
 
     return merge_effects(run, plan)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Worker entry point: ``python -m saets_utils.effects_runner --work DIR --device D --attempt A``."""
+    """Worker entry point: ``python -m saets_utils.effects.runner --work DIR --device D --attempt A``."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
     ap.add_argument("--device", required=True)

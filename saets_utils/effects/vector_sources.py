@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .config import ConfigError, RunConfig, VectorSource
+from saets_utils.config import ConfigError, RunConfig, VectorSource
 
 if TYPE_CHECKING:
     from sae_lens import SAE

@@ -9,7 +9,7 @@ Writes ``results/<run>/eval/``: ``samples.jsonl`` (every text with its scores or
 ``by_scale.csv``, ``summary.csv``, ``vectors.safetensors`` (``<task>/<method>``), ``targets.json``,
 ``judge_stats.json``; the judge cache lives in ``eval/judge_cache``. With ``eval.targeting`` (default)
 it then measures, without any judge, how well each vector moves the task's target SAE features
-(:mod:`saets_utils.targeting`): ``targeting.csv``, ``targeting_summary.csv``, ``targeting_effects.safetensors``.
+(:mod:`saets_utils.evaluation.targeting`): ``targeting.csv``, ``targeting_summary.csv``, ``targeting_effects.safetensors``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from .config import RunConfig
-from .io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
-from .judges import JudgeRequest, make_judge, score_requests
-from .steering import generate, row_seed
-from .task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
-from .tasks import Task, join_prompt, load_tasks
+from saets_utils.config import RunConfig
+from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from saets_utils.judges.base import JudgeRequest, make_judge, score_requests
+from saets_utils.steering.generation import generate, row_seed
+from saets_utils.evaluation.task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
+from saets_utils.steering.tasks import Task, join_prompt, load_tasks
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -104,15 +104,15 @@ def _requests(task: Task, df: pd.DataFrame, prompt: str) -> list[JudgeRequest]:
 
 def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progress: bool = True) -> EvalReport:
     """Run the whole evaluation of ``run.eval`` and write its files (see module docstring)."""
-    from .progress import progress as progress_bar
+    from saets_utils.progress import progress as progress_bar
 
-    from .offline_judge import make_mean_logprob_fn
-    from .scoring import by_scale, summary
+    from saets_utils.judges.offline import make_mean_logprob_fn
+    from saets_utils.evaluation.scoring import by_scale, summary
 
     tasks = load_tasks(run.eval.tasks)
     targeting = run.eval.targeting and any(m != "prompt" for m in run.eval.methods)  # `prompt` has no vector
     if targeting:
-        from .targeting import load_plan
+        from saets_utils.evaluation.targeting import load_plan
 
         load_plan(run)  # fail before any generation if 01's plan is missing or stale
     needs_approx = bool({"SAE-TS", "pinverse", "rotation", "FGAA"} & set(run.eval.methods))
@@ -160,7 +160,7 @@ def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progres
     atomic_write_json(out / "judge_stats.json", stats)
     tg = tg_summary = None
     if targeting:
-        from .targeting import measure_targeting, targeting_summary
+        from saets_utils.evaluation.targeting import measure_targeting, targeting_summary
 
         tg = measure_targeting(run, model, sae, task_vectors, progress=progress)
         tg_summary = targeting_summary(tg, n_boot=run.eval.bootstrap, seed=run.seed)  # = targeting_summary.csv

@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .approximator import EffectApproximator, rotation_matrix
+from saets_utils.approximator.model import EffectApproximator, rotation_matrix
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -27,7 +27,7 @@ __all__ = [
     "mean_sae_acts", "feature_density", "build_fgaa_target", "build_fgaa_vector", "discover_target_features",
 ]
 
-from .names import METHOD_COLORS, METHODS  # noqa: E402 - re-exported: one name and colour per method
+from saets_utils.names import METHOD_COLORS, METHODS  # noqa: E402 - re-exported: one name and colour per method
 
 Target = list[tuple[int, float]]
 TokenSeqs = Sequence[Tensor | Sequence[int]] | Tensor

@@ -16,8 +16,8 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from saets_utils.reference_numbers import REFERENCE_TASKS, published_table
-from saets_utils.tasks import METHOD_NAMES
+from saets_utils.evaluation.reference_numbers import REFERENCE_TASKS, published_table
+from saets_utils.steering.tasks import METHOD_NAMES
 
 REQUIRED_COLUMNS = ("task", "method", "scale", "behaviour", "coherence")
 _KEYS = ["task", "method"]

@@ -36,15 +36,15 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .config import ConfigError, RunConfig
-from .names import METHODS
+from saets_utils.config import ConfigError, RunConfig
+from saets_utils.names import METHODS
 
 if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
-    from .effects_runner import Plan
-    from .task_vectors import TaskVectors
+    from saets_utils.effects.runner import Plan
+    from saets_utils.evaluation.task_vectors import TaskVectors
 
 
 # Synthetic vector ids of targeting vectors: OFFSET + a hash of (task, method) below SPAN. Rollout
@@ -96,7 +96,7 @@ def targeting_metrics(effect: Any, targets: Sequence[tuple[int, float]], halves:
 
     A NaN anywhere in ``effect`` (a vector that could not be calibrated) gives NaN metrics.
     """
-    from .methods import target_vector
+    from saets_utils.evaluation.methods import target_vector
 
     e = _as_numpy(effect).ravel()
     d_sae = e.shape[0]
@@ -185,7 +185,7 @@ def _read_eval_vectors(run: RunConfig, path: Path | None = None) -> dict[str, "T
 
 def _from_flat(vectors: Mapping[str, Any], targets_json: Path) -> dict[str, "TaskVectors"]:
     """``{"task/method": vector}`` plus 03's ``targets.json`` (if it exists) -> ``{task: TaskVectors}``."""
-    from .task_vectors import TaskVectors
+    from saets_utils.evaluation.task_vectors import TaskVectors
 
     out: dict[str, TaskVectors] = {}
     for key, v in vectors.items():
@@ -207,7 +207,7 @@ def collect_items(run: RunConfig, model: "HookedTransformer", sae: "SAE",
     such a file, or None for this run's file. A task with no recorded SAE-based targets (e.g. only
     CAA was evaluated) gets them from :func:`task_vectors.resolve_targets`, as 03 would have chosen them.
     """
-    from .task_vectors import TaskVectors
+    from saets_utils.evaluation.task_vectors import TaskVectors
 
     if task_vectors is None or isinstance(task_vectors, (str, Path)):
         tvs = _read_eval_vectors(run, None if task_vectors is None else Path(task_vectors))
@@ -224,8 +224,8 @@ def collect_items(run: RunConfig, model: "HookedTransformer", sae: "SAE",
             continue
         found = task_targets(tv)
         if found is None:
-            from .task_vectors import load_context, resolve_targets
-            from .tasks import load_task
+            from saets_utils.evaluation.task_vectors import load_context, resolve_targets
+            from saets_utils.steering.tasks import load_task
 
             ctx = ctx or load_context(run, model, sae, require_approximator=False)
             found = (resolve_targets(load_task(name), ctx)[0]["SAE-TS"], "resolved")
@@ -241,7 +241,7 @@ def collect_items(run: RunConfig, model: "HookedTransformer", sae: "SAE",
 
 def load_plan(run: RunConfig) -> "Plan":
     """01's plan (loss chunks, unsteered loss, baseline), checked against the current effects settings."""
-    from .effects_runner import Plan, fingerprint, work_dir
+    from saets_utils.effects.runner import Plan, fingerprint, work_dir
 
     path = work_dir(run) / "plan.safetensors"
     if not path.is_file():
@@ -261,12 +261,12 @@ def measure_targeting(run: RunConfig, model: "HookedTransformer", sae: "SAE",
     """Calibrate, measure and score every (task, method) vector (module docstring); writes
     ``eval/targeting.csv``, ``eval/targeting_summary.csv`` and ``eval/targeting_effects.safetensors``
     and returns the per-vector table (columns ``COLUMNS``)."""
-    from .calibration import calibrate_scales, resid_at_hook
-    from .effects import measure_effects
-    from .effects_runner import rollout_spec
-    from .io_utils import atomic_save_safetensors, atomic_write_text
-    from .loading import bos_id
-    from .progress import progress as progress_bar
+    from saets_utils.effects.calibration import calibrate_scales, resid_at_hook
+    from saets_utils.effects.measure import measure_effects
+    from saets_utils.effects.runner import rollout_spec
+    from saets_utils.io_utils import atomic_save_safetensors, atomic_write_text
+    from saets_utils.models.loading import bos_id
+    from saets_utils.progress import progress as progress_bar
 
     plan = load_plan(run)
     items = collect_items(run, model, sae, task_vectors)

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from . import methods as M
-from .approximator import EffectApproximator
-from .config import RunConfig
-from .tasks import Task, check_target_ids
+from saets_utils.evaluation import methods as M
+from saets_utils.approximator.model import EffectApproximator
+from saets_utils.config import RunConfig
+from saets_utils.steering.tasks import Task, check_target_ids
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -138,8 +138,8 @@ def load_context(run: RunConfig, model: "HookedTransformer", sae: "SAE", require
     """A :class:`SteeringContext` from ``results/<run>/`` (baseline of 01, approximator of 02)."""
     from safetensors.torch import load_file
 
-    from .approximator import load_rotation
-    from .loading import bos_id
+    from saets_utils.approximator.model import load_rotation
+    from saets_utils.models.loading import bos_id
 
     d = run.results_dir
     if not (d / "baseline.safetensors").is_file():

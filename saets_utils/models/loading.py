@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .config import ConfigError, ModelConfig, RunConfig, SAEConfig, TextConfig
+from saets_utils.config import ConfigError, ModelConfig, RunConfig, SAEConfig, TextConfig
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -59,11 +59,11 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> "HookedTransformer":
     """The configured LM as an eval-mode HookedTransformer on ``device``."""
     dtype = torch_dtype(cfg.dtype)
     if cfg.source == "smollm2":
-        from .assets import prepare_smollm2
+        from saets_utils.models.assets import prepare_smollm2
 
         model = load_hooked_from_hf_folder(prepare_smollm2(), "LlamaForCausalLM", device, dtype)
     elif cfg.source == "tiny":
-        from .tiny import tiny_model
+        from saets_utils.models.tiny import tiny_model
 
         model = tiny_model(seed=0, dtype=dtype).to(device)
     elif cfg.source == "local":
@@ -145,11 +145,11 @@ def load_sae_from(sae_cfg: SAEConfig, run: RunConfig, device: str = "cpu", model
     from sae_lens import SAE
 
     if sae_cfg.source == "train":
-        from .sae_training import train_or_load_sae
+        from saets_utils.models.sae_training import train_or_load_sae
 
         sae = train_or_load_sae(run, sae_cfg, device=device, model=model)
     elif sae_cfg.source == "tiny":
-        from .tiny import tiny_sae
+        from saets_utils.models.tiny import tiny_sae
 
         sae = tiny_sae(d_sae=sae_cfg.train.d_sae, k=sae_cfg.train.k, hook_name=sae_cfg.hook_name).to(device)
     elif sae_cfg.source == "local":
@@ -176,7 +176,7 @@ def load_sae_from(sae_cfg: SAEConfig, run: RunConfig, device: str = "cpu", model
 def load_texts(cfg: TextConfig) -> list[str]:
     """Documents of the text corpus: Gutenberg books split into paragraphs, or a HF dataset column."""
     if cfg.source == "gutenberg":
-        from .assets import prepare_gutenberg
+        from saets_utils.models.assets import prepare_gutenberg
 
         docs: list[str] = []
         for book in sorted((prepare_gutenberg() / "books").glob("*.txt")):

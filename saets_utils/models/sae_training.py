@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import assets, loading
-from .config import ConfigError, RunConfig, SAEConfig, SAETrainConfig
+from saets_utils.models import assets
+from saets_utils.models import loading
+from saets_utils.config import ConfigError, RunConfig, SAEConfig, SAETrainConfig
 
 if TYPE_CHECKING:
     from sae_lens import SAE

@@ -1,6 +1,6 @@
-"""Plain functions behind the effect explorer (notebook 01, :class:`saets_utils.widgets.EffectExplorer`).
+"""Plain functions behind the effect explorer (notebook 01, :class:`saets_utils.report.widgets.EffectExplorer`).
 
-They read one run's :class:`~saets_utils.effects_store.Effects` and answer: which features does a
+They read one run's :class:`~saets_utils.effects.store.Effects` and answer: which features does a
 steering vector raise and lower (and are they dense), was its steering scale calibrated, does a
 decoder-row vector raise its own feature, what does steered text look like, and which vectors
 raise a given feature most.
@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .effects_store import Effects
+from saets_utils.effects.store import Effects
 
 # Features active on more than 1% of baseline positions are "dense" (BOS, position, punctuation
 # features); their effects are usually generic side effects rather than the vector's meaning.

@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from . import plots  # noqa: E402
-from .config import RunConfig  # noqa: E402
+from saets_utils.report import plots  # noqa: E402
+from saets_utils.config import RunConfig  # noqa: E402
 
 N_PROFILES = 4
 
@@ -37,7 +37,7 @@ def make_all_figures(run: RunConfig) -> list[Path]:
         _save(plots.plot_product_vs_scale(bs), fig_dir / "product_vs_scale.png", made)
         _save(plots.plot_behaviour_coherence(bs), fig_dir / "behaviour_coherence.png", made)
     if (ev / "summary.csv").is_file():
-        from .scoring import compare_with_published
+        from saets_utils.evaluation.scoring import compare_with_published
 
         sm = pd.read_csv(ev / "summary.csv")
         _save(plots.plot_best_product(sm), fig_dir / "best_product.png", made)
@@ -63,7 +63,7 @@ def make_all_figures(run: RunConfig) -> list[Path]:
 
 def _effect_profiles(run: RunConfig, fig_dir: Path) -> list[Path]:
     """Profiles of the first few measured vectors; for decoder rows the own feature is the target."""
-    from .effects_store import load_effects
+    from saets_utils.effects.store import load_effects
 
     eff = load_effects(run.results_dir)
     is_rows = run.effects.vectors.source == "decoder_rows"

@@ -1,6 +1,6 @@
 """Run notebooks 01 -> 04 for one params file with papermill and render HTML reports.
 
-``python -m saets_utils.pipeline params/demo.yaml`` executes each notebook into
+``python -m saets_utils.report.pipeline params/demo.yaml`` executes each notebook into
 ``results/<run>/notebooks/``, renders it to ``results/<run>/reports/<name>.html`` and writes
 ``reports/index.html`` (links, the headline table, the figures). A step is skipped when its outputs
 exist and were made from the same settings as now (a stamp per step hashes the params that step
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from .config import REPO_ROOT, RunConfig, load_config
-from .io_utils import atomic_write_json, atomic_write_text
+from saets_utils.config import REPO_ROOT, RunConfig, load_config
+from saets_utils.io_utils import atomic_write_json, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,13 @@ def write_index(run: RunConfig) -> Path:
             parts.append(f'<li><a href="{s.name}.html">{s.name}</a></li>')
     parts.append("</ul>")
     if (d / "eval" / "summary.csv").is_file():
-        from .scoring import paper_style_table
+        from saets_utils.evaluation.scoring import paper_style_table
 
         table = paper_style_table(pd.read_csv(d / "eval" / "summary.csv")).round(3)
         parts += ["<h2>Max behaviour × coherence over scales</h2>", table.to_html()]
     if (d / "eval" / "targeting.csv").is_file():
-        from .scoring import paper_style_table
-        from .targeting import load_targeting
+        from saets_utils.evaluation.scoring import paper_style_table
+        from saets_utils.evaluation.targeting import load_targeting
 
         loaded = load_targeting(d)
         assert loaded is not None
@@ -128,7 +128,7 @@ def write_index(run: RunConfig) -> Path:
                       "<h3>Target rank per task</h3>", paper_style_table(tg, "target_rank").round(1).to_html()]
     metrics = d / "approximator_metrics.json"
     if metrics.is_file():
-        from .training import verdict
+        from saets_utils.approximator.training import verdict
 
         parts += ["<h2>Effect approximator</h2>", f"<p>{html.escape(verdict(json.loads(metrics.read_text())))}</p>"]
     for png in sorted((d / "figures").glob("*.png")):

@@ -21,8 +21,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
-from .names import METHOD_COLORS
-from .names import METHODS as METHOD_ORDER
+from saets_utils.names import METHOD_COLORS
+from saets_utils.names import METHODS as METHOD_ORDER
 
 _EXTRA_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#393b79")
 
@@ -275,7 +275,7 @@ def plot_effect_profile(effect: Any, target_ids: list[int] | tuple[int, ...], de
 
 def plot_published_comparison(compare_df: pd.DataFrame) -> Figure:
     """Our max product (with CI) beside the paper's, one panel per method the paper ran
-    (``compare_df``: :func:`saets_utils.scoring.compare_with_published`)."""
+    (``compare_df``: :func:`saets_utils.evaluation.scoring.compare_with_published`)."""
     df = compare_df.dropna(subset=["published"])
     if df.empty:
         raise ValueError("compare_df has no rows with published numbers to compare against")

@@ -1,7 +1,7 @@
 """ipywidgets UIs over the package functions: the effect explorer (notebook 01) and the steering
 playground (notebook 05).
 
-Callbacks only read widget values and call plain functions (:mod:`saets_utils.explore`,
+Callbacks only read widget values and call plain functions (:mod:`saets_utils.report.explore`,
 :func:`playground_generate`); the last rendered state stays on the widget object (``summary``,
 ``table``, ``samples``, ``result``) so tests drive the UIs without a browser.
 
@@ -24,12 +24,12 @@ from IPython.display import display
 from jaxtyping import Float
 from torch import Tensor
 
-from . import explore
-from .effects_store import Effects
-from .plots import plot_effect_profile
-from .steering import generate, row_seed
-from .task_vectors import SteeringContext, build_target_vector, build_task_vectors
-from .tasks import Task, check_target_ids, join_prompt, load_task
+from saets_utils.report import explore
+from saets_utils.effects.store import Effects
+from saets_utils.report.plots import plot_effect_profile
+from saets_utils.steering.generation import generate, row_seed
+from saets_utils.evaluation.task_vectors import SteeringContext, build_target_vector, build_task_vectors
+from saets_utils.steering.tasks import Task, check_target_ids, join_prompt, load_task
 
 CUSTOM = "(custom targets)"
 

@@ -20,7 +20,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-from .config import SamplingConfig
+from saets_utils.config import SamplingConfig
 
 
 def steering_delta(vectors: Tensor, scales: Tensor | float | Sequence[float]) -> Tensor:

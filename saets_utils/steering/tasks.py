@@ -156,7 +156,7 @@ def _format_errors(path: Path, err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling against saets_utils/tasks.py (Task)"
+            msg = "unknown key; remove it or check its spelling against saets_utils/steering/tasks.py (Task)"
         lines.append(f"  {loc or '<root>'}: {msg}")
     return "\n".join(lines)
 
