@@ -152,7 +152,8 @@ def smollm_setup(args) -> Setup:
     """The params file's model, SAE and effect settings; if its SAE is not cached (training takes
     minutes), the SAE settings of ``--fallback-sae-params`` with the params file's effect settings."""
     from saets_utils.effects.runner import rollout_spec
-    from saets_utils.models.loading import bos_id, load_sae_from, load_texts, tokenize_chunks
+    from saets_utils.models.loading import bos_id, load_texts, tokenize_chunks
+    from saets_utils.models.sae_loading import load_sae_from
     from saets_utils.session import load_model_and_sae
     from saets_utils.effects.vector_sources import build_vectors
 

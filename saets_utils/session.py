@@ -35,7 +35,8 @@ def start_run(params_file: str, overrides: dict[str, Any] | None = None) -> tupl
 
 def load_model_and_sae(run: RunConfig, device: str) -> tuple["HookedTransformer", "SAE"]:
     """The run's model and SAE on ``device``, each checked against the other and the params."""
-    from saets_utils.models.loading import load_model, load_sae, validate_against_model, validate_sae
+    from saets_utils.models.loading import load_model, validate_against_model
+    from saets_utils.models.sae_loading import load_sae, validate_sae
 
     model = load_model(run.model, device)
     validate_against_model(run, model)

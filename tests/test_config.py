@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from saets_utils.config import REPO_ROOT, ConfigError, RunConfig, load_config
-from saets_utils.models.loading import validate_against_model, validate_sae
+from saets_utils.models.loading import validate_against_model
+from saets_utils.models.sae_loading import validate_sae
 
 HOOK = "blocks.1.hook_resid_post"
 

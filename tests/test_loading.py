@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from saets_utils.models import loading
-from saets_utils.models import sae_training
+from saets_utils.models import sae_loading, sae_training
 from saets_utils.config import ConfigError, ModelConfig, RunConfig, TextConfig
 
 HOOK = "blocks.1.hook_resid_post"
@@ -41,7 +41,7 @@ def gemma_scope_encode(p: dict[str, np.ndarray], x: torch.Tensor) -> torch.Tenso
 def test_gemma_scope_npz_encode_matches_reference(tmp_path):
     p = gemma_scope_params()
     np.savez(tmp_path / "params.npz", **p)
-    sae = loading.sae_from_gemma_scope_npz(tmp_path / "params.npz", hook_name=HOOK)
+    sae = sae_loading.sae_from_gemma_scope_npz(tmp_path / "params.npz", hook_name=HOOK)
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1)) * 2
     want = gemma_scope_encode(p, x)
     assert type(sae).__name__ == "JumpReLUSAE" and sae.cfg.metadata.hook_name == HOOK
@@ -54,7 +54,7 @@ def test_gemma_scope_npz_through_load_sae_from(tmp_path):
     p = gemma_scope_params()
     np.savez(tmp_path / "params.npz", **p)
     run = make_run({"source": "gemma_scope_npz", "path": str(tmp_path / "params.npz")})
-    sae = loading.load_sae_from(run.sae, run)
+    sae = sae_loading.load_sae_from(run.sae, run)
     x = torch.randn(3, 8)
     torch.testing.assert_close(sae.encode(x), gemma_scope_encode(p, x))
     assert not sae.training and not any(q.requires_grad for q in sae.parameters())
@@ -65,13 +65,13 @@ def test_gemma_scope_npz_missing_key_fails_clearly(tmp_path):
     del p["threshold"]
     np.savez(tmp_path / "params.npz", **p)
     with pytest.raises(ConfigError, match=r"not a Gemma Scope params.npz: missing \['threshold'\]"):
-        loading.sae_from_gemma_scope_npz(tmp_path / "params.npz")
+        sae_loading.sae_from_gemma_scope_npz(tmp_path / "params.npz")
 
 
 def test_gemma_scope_npz_missing_file_names_field(tmp_path):
     run = make_run({"source": "gemma_scope_npz", "path": str(tmp_path / "nope.npz")})
     with pytest.raises(ConfigError, match="sae.path .* does not exist"):
-        loading.load_sae_from(run.sae, run)
+        sae_loading.load_sae_from(run.sae, run)
 
 
 # --- local sae_lens folder ------------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_gemma_scope_npz_missing_file_names_field(tmp_path):
 def test_local_sae_lens_folder_round_trip(tmp_path, tiny_sae):
     tiny_sae.save_model(tmp_path / "sae")
     run = make_run({"source": "local", "path": str(tmp_path / "sae")})
-    loaded = loading.load_sae_from(run.sae, run)
+    loaded = sae_loading.load_sae_from(run.sae, run)
     assert type(loaded) is type(tiny_sae)
     for name, value in tiny_sae.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], value)
@@ -91,7 +91,7 @@ def test_local_sae_lens_folder_round_trip(tmp_path, tiny_sae):
 def test_local_sae_missing_folder_names_field(tmp_path):
     run = make_run({"source": "local", "path": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="sae.path .* not a folder saved by sae_lens"):
-        loading.load_sae_from(run.sae, run)
+        sae_loading.load_sae_from(run.sae, run)
 
 
 # --- trained SAE: cache round trip and quality ------------------------------------------------
@@ -143,7 +143,7 @@ def test_trained_sae_is_cached_and_reloaded_without_training(sae_cache, tiny_mod
 
     monkeypatch.setattr(sae_training, "train_sae", no_training)
     monkeypatch.setattr(loading, "load_model", no_training)  # a cache hit needs no model
-    second = loading.load_sae_from(run.sae, run)
+    second = sae_loading.load_sae_from(run.sae, run)
     for name, value in first.state_dict().items():
         torch.testing.assert_close(second.state_dict()[name], value)
 

@@ -35,7 +35,8 @@ def tiny_run(tmp_path_factory):
     from saets_utils.config import load_config
     from saets_utils.effects.runner import run_effects
     from saets_utils.effects.store import load_effects
-    from saets_utils.models.loading import load_model, load_sae
+    from saets_utils.models.loading import load_model
+    from saets_utils.models.sae_loading import load_sae
     from saets_utils.evaluation.task_vectors import load_context
 
     tmp = tmp_path_factory.mktemp("widgets")

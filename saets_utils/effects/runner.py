@@ -96,7 +96,8 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     """
     import shutil
 
-    from saets_utils.models.loading import bos_id, load_sae_from, load_texts, tokenize_chunks
+    from saets_utils.models.loading import bos_id, load_texts, tokenize_chunks
+    from saets_utils.models.sae_loading import load_sae_from
     from saets_utils.effects.vector_sources import build_vectors
 
     wd = work_dir(run)
@@ -186,7 +187,8 @@ def _claim(wd: Path, attempt: str, k: int) -> bool:
 def work_loop(run: RunConfig, attempt: str, device: str = "cpu", model=None, sae=None, progress=None) -> None:
     """Measure claimed blocks of this attempt until none is left (loading the model and SAE on
     ``device`` unless given)."""
-    from saets_utils.models.loading import bos_id, load_model, load_sae
+    from saets_utils.models.loading import bos_id, load_model
+    from saets_utils.models.sae_loading import load_sae
 
     wd = work_dir(run)
     blocks = json.loads((wd / f"attempt_{attempt}.json").read_text())
