@@ -12,7 +12,8 @@ from saets_utils.effects.calibration import (
     STATUSES, calibrate_scales, hook_layer, interpolate_scale, loss_target_value, resid_at_hook, steered_losses,
 )
 from saets_utils.config import LossTarget, SamplingConfig
-from saets_utils.steering.generation import generate, steering_hook
+from saets_utils.steering.generation import generate
+from saets_utils.steering.hooks import steering_hook
 
 HOOK = "blocks.1.hook_resid_post"
 GRID = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from saets_utils.config import SamplingConfig
-from saets_utils.steering.generation import (
-    generate, row_seed, row_uniforms, sample_from_logits, steering_delta, steering_hook,
-)
+from saets_utils.steering.generation import generate, row_seed, row_uniforms, sample_from_logits
+from saets_utils.steering.hooks import steering_delta, steering_hook
 
 HOOK = "blocks.1.hook_resid_post"
 NEXT = "blocks.2.hook_resid_pre"  # what the layers after the hook actually receive

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from saets_utils.config import SamplingConfig
-from saets_utils.steering.generation import generate, row_seed, steering_delta
+from saets_utils.steering.generation import generate, row_seed
+from saets_utils.steering.hooks import steering_delta
 
 if TYPE_CHECKING:
     from sae_lens import SAE

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
-from saets_utils.steering.generation import steering_delta
+from saets_utils.steering.hooks import steering_delta
 
 if TYPE_CHECKING:
     from saets_utils.config import RunConfig
