@@ -24,9 +24,8 @@ from saets_utils.effects import runner as effects_runner
 from saets_utils.effects.calibration import STATUSES
 from saets_utils.config import ConfigError, load_config
 from saets_utils.effects.measure import measure_effects
-from saets_utils.effects.runner import (
-    Plan, available_devices, fingerprint, prepare_plan, rollout_spec, run_effects, work_dir,
-)
+from saets_utils.effects.plan import Plan, fingerprint, work_dir
+from saets_utils.effects.runner import available_devices, prepare_plan, rollout_spec, run_effects
 from saets_utils.effects.store import load_effects
 from saets_utils.effects.vector_sources import build_vectors
 

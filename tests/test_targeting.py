@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from saets_utils.effects.calibration import calibrate_scales, resid_at_hook
 from saets_utils.config import ConfigError, load_config
 from saets_utils.effects.measure import measure_effects
-from saets_utils.effects.runner import Plan, prepare_plan, rollout_spec, work_dir
+from saets_utils.effects.plan import Plan, work_dir
+from saets_utils.effects.runner import prepare_plan, rollout_spec
 from saets_utils.steering.generation import generate
 from saets_utils.evaluation.targeting import (
     COLUMNS, TARGETING_ID_OFFSET, measure_targeting, targeting_metrics, targeting_summary, targeting_vector_id,

@@ -13,14 +13,12 @@ workers where no GPU exists, so the orchestration is testable without one).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,23 +28,8 @@ from torch import Tensor
 from saets_utils.effects.calibration import calibrate_scales, resid_at_hook, steered_losses
 from saets_utils.config import ConfigError, RunConfig
 from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
+from saets_utils.effects.plan import Plan, fingerprint, work_dir
 from saets_utils.io_utils import atomic_write_json, atomic_save_safetensors
-
-WORK = "effects_work"
-RECIPE_VERSION = 3  # bump when the measurement changes, so stale partial work is not resumed
-
-
-def work_dir(run: RunConfig) -> Path:
-    return run.results_dir / WORK
-
-
-def fingerprint(run: RunConfig) -> str:
-    """Hash of every setting that changes the numbers (not batching, not worker count)."""
-    eff = run.effects.model_dump(exclude={"vectors_per_batch"})
-    blob = json.dumps({"model": run.model.model_dump(), "sae": run.sae.model_dump(), "text": run.text.model_dump(),
-                       "effects": eff, "seed": run.seed, "recipe": RECIPE_VERSION}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
 def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
     e = run.effects
@@ -54,38 +37,6 @@ def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
                        samples_per_prompt=e.samples_per_prompt, total_tokens=e.total_tokens,
                        sampling=e.sampling, include_first_position=e.include_first_position,
                        common_random_numbers=e.common_random_numbers)
-
-
-@dataclass
-class Plan:
-    """What a run measures: ``vector_ids [n]``, ``vectors [n, d_model]``, loss chunks ``[c, seq]``,
-    ``baseline_mean / baseline_density [d_sae]``, ``baseline_halves [2, d_sae]`` (mean of each half of the
-    baseline rollouts), the unsteered loss and the settings fingerprint."""
-
-    vector_ids: Tensor
-    vectors: Tensor
-    loss_tokens: Tensor
-    baseline_mean: Tensor
-    baseline_density: Tensor
-    baseline_halves: Tensor
-    unsteered_loss: float
-    baseline_positions: int
-    fingerprint: str
-
-    def save(self, path: Path) -> None:
-        tensors = {k: getattr(self, k).contiguous() for k in
-                   ("vector_ids", "vectors", "loss_tokens", "baseline_mean", "baseline_density", "baseline_halves")}
-        meta = {"unsteered_loss": repr(self.unsteered_loss), "baseline_positions": str(self.baseline_positions),
-                "fingerprint": self.fingerprint}
-        atomic_save_safetensors(tensors, path, meta)
-
-    @classmethod
-    def load(cls, path: Path) -> "Plan":
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(unsteered_loss=float(meta["unsteered_loss"]), baseline_positions=int(meta["baseline_positions"]),
-                   fingerprint=meta["fingerprint"], **t)
 
 
 def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:

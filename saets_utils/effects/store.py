@@ -24,12 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
+from saets_utils.effects.plan import Plan, work_dir
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from saets_utils.steering.hooks import steering_delta
 
 if TYPE_CHECKING:
     from saets_utils.config import RunConfig
-    from saets_utils.effects.runner import Plan
 
 
 def _read_shard(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -37,10 +37,8 @@ def _read_shard(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-def merge_effects(run: "RunConfig", plan: "Plan") -> Path:
+def merge_effects(run: "RunConfig", plan: Plan) -> Path:
     """Combine all shards (each vector once, in id order) with the plan into the output files."""
-    from saets_utils.effects.runner import work_dir
-
     rows: dict[int, dict] = {}
     for p in sorted((work_dir(run) / "shards").glob("*.safetensors")):
         t, meta = _read_shard(p)

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
-    from saets_utils.effects.runner import Plan
+    from saets_utils.effects.plan import Plan
     from saets_utils.evaluation.task_vectors import TaskVectors
 
 
@@ -241,7 +241,7 @@ def collect_items(run: RunConfig, model: "HookedTransformer", sae: "SAE",
 
 def load_plan(run: RunConfig) -> "Plan":
     """01's plan (loss chunks, unsteered loss, baseline), checked against the current effects settings."""
-    from saets_utils.effects.runner import Plan, fingerprint, work_dir
+    from saets_utils.effects.plan import Plan, fingerprint, work_dir
 
     path = work_dir(run) / "plan.safetensors"
     if not path.is_file():
