@@ -12,18 +12,10 @@ import numpy as np
 import pytest
 
 from saets_utils.config import ConfigError, JudgeConfig
-from saets_utils.judges.base import (
-    COHERENCE_CRITERION,
-    JudgeCache,
-    JudgeRequest,
-    OpenAIJudge,
-    ReplyError,
-    build_messages,
-    estimate_cost,
-    make_judge,
-    parse_score,
-    score_requests,
-)
+from saets_utils.judges import JudgeCache, JudgeRequest, OpenAIJudge, make_judge, score_requests
+from saets_utils.judges.base import estimate_cost
+from saets_utils.judges.openai_judge import ReplyError, build_messages, parse_score
+from saets_utils.judges.prompts import COHERENCE_CRITERION
 from saets_utils.judges.offline import OfflineJudge, repeated_ngram_fraction
 from tests.fake_openai_server import FakeOpenAIServer, default_score
 

@@ -24,7 +24,7 @@ import torch
 
 from saets_utils.config import RunConfig
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
-from saets_utils.judges.base import JudgeRequest, make_judge, score_requests
+from saets_utils.judges import JudgeRequest, make_judge, score_requests
 from saets_utils.steering.generation import generate, row_seed
 from saets_utils.evaluation.task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
 from saets_utils.steering.tasks import Task, join_prompt, load_tasks

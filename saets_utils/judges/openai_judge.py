@@ -1,0 +1,253 @@
+"""The LLM judge over any OpenAI-compatible chat-completions server: messages from the templates,
+strict parsing of the ``{"score": N}`` reply, retries with backoff, and the API key (from the
+environment or ``.env``, never shown)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
+
+from saets_utils.config import ConfigError, JudgeConfig
+from saets_utils.judges.base import Emit, Judge, JudgeRequest, JudgeResult
+from saets_utils.judges.cache import JudgeCache
+from saets_utils.judges.prompts import BEHAVIOUR_TEMPLATE, COHERENCE_TEMPLATE, SYSTEM_PROMPT
+
+
+def build_messages(req: "JudgeRequest") -> list[dict[str, str]]:
+    """Chat messages asking the judge for ``{"score": N}`` on ``req``'s criterion."""
+    template = BEHAVIOUR_TEMPLATE if req.criterion_kind == "behaviour" else COHERENCE_TEMPLATE
+    user = template.format(criterion=req.criterion, prompt=req.prompt, text=req.text)
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+class JudgeCallError(Exception):
+    """A failed judge attempt; ``kind`` names it in stats and in the result's error."""
+
+    def __init__(self, kind: str, message: str, retriable: bool, retry_after: float | None = None) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind, self.message, self.retriable, self.retry_after = kind, message, retriable, retry_after
+
+
+class ReplyError(JudgeCallError):
+    """The judge answered, but not with ``{"score": <int 1..10>}`` (retried: ``malformed`` or
+    ``out_of_range``)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(kind, message, retriable=True)
+
+
+_FENCE = re.compile(r"^```(?:json)?[ \t]*\n?(.*?)\n?[ \t]*```$", re.S | re.I)
+
+
+def parse_score(content: str | None) -> int:
+    """The integer score in a reply, strictly: a JSON object whose ``score`` is an int in 1..10.
+
+    Tolerated: surrounding whitespace, one Markdown code fence around the object (local models
+    add it often; it is unambiguous) and extra keys. Refused: prose, ``7.5``, ``7.0``, ``"7"``,
+    ``true``, 0, 11. Raises :class:`ReplyError`.
+    """
+    if not content or not content.strip():
+        raise ReplyError("malformed", "empty reply")
+    s = content.strip()
+    if m := _FENCE.match(s):
+        s = m.group(1).strip()
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError:
+        raise ReplyError("malformed", f"reply is not a JSON object: {content[:80]!r}") from None
+    if not isinstance(obj, dict) or "score" not in obj:
+        raise ReplyError("malformed", f"reply has no 'score' key: {content[:80]!r}")
+    v = obj["score"]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ReplyError("malformed", f"score is not an integer: {v!r}")
+    if not 1 <= v <= 10:
+        raise ReplyError("out_of_range", f"score {v} is outside 1..10")
+    return v
+
+
+class _Secret:
+    """Holds the API key; its repr and str never show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (numeric form only), else None."""
+    if not headers:
+        return None
+    for name, unit in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return float(headers[name]) * unit
+        except (KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+class OpenAIJudge(Judge):
+    """LLM judge over any OpenAI-compatible chat-completions server (OpenAI, vLLM, Ollama,
+    llama.cpp): ``cfg.concurrency`` calls in flight, ``cfg.timeout_s`` per call, and up to
+    ``cfg.max_retries`` retries with exponential backoff (honouring Retry-After) on 408/409/429/5xx,
+    timeouts, connection errors and malformed or out-of-range replies. tenacity is the only retry
+    layer (the client's own retries are off). 401/403/400/404/422 fail at once.
+
+    The key comes from ``api_key`` or :func:`resolve_api_key`; it is never logged or shown.
+    """
+
+    kind = "openai"
+
+    def __init__(self, cfg: JudgeConfig, cache: JudgeCache, api_key: str | None = None, *,
+                 json_mode: bool = True, max_tokens: int = 20,
+                 backoff_initial_s: float = 1.0, backoff_max_s: float = 60.0) -> None:
+        self.model = cfg.model
+        super().__init__(cache)
+        self.cfg = cfg
+        self.json_mode, self.max_tokens = json_mode, max_tokens
+        self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
+        self._key = _Secret(api_key or resolve_api_key(cfg.base_url))
+
+    def __repr__(self) -> str:
+        return (f"OpenAIJudge(model={self.model!r}, base_url={self.cfg.base_url!r}, "
+                f"concurrency={self.cfg.concurrency}, timeout_s={self.cfg.timeout_s}, "
+                f"max_retries={self.cfg.max_retries}, api_key='***')")
+
+    __str__ = __repr__
+
+    def _scrub(self, message: str) -> str:
+        key = self._key.get()
+        return (message.replace(key, "***") if len(key) >= 8 else message)[:300]
+
+    async def _score_uncached(self, requests: Sequence[JudgeRequest], emit: Emit) -> None:
+        from openai import AsyncOpenAI
+
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+        todo = iter(enumerate(requests))
+        # One client per event loop: its connection pool is bound to the loop that opened it.
+        async with AsyncOpenAI(api_key=self._key.get(), base_url=self.cfg.base_url,
+                               timeout=self.cfg.timeout_s, max_retries=0) as client:
+            async def worker() -> None:
+                # More workers than slots, so a request sleeping in backoff leaves its slot free.
+                for j, req in todo:
+                    emit(j, await self._score_one(client, sem, req))
+
+            n_workers = min(len(requests), 2 * self.cfg.concurrency)
+            await asyncio.gather(*(worker() for _ in range(n_workers)))
+
+    def _wait(self, state: Any) -> float:
+        """Retry-After when the server sent one, else ``initial * 2**(n-1)`` plus up to ``initial``
+        of jitter, capped at ``backoff_max_s``."""
+        exc = state.outcome.exception() if state.outcome else None
+        after = getattr(exc, "retry_after", None)
+        if after is not None:
+            return min(max(after, 0.0), self.backoff_max_s)
+        expo = self.backoff_initial_s * 2.0 ** (state.attempt_number - 1)
+        return min(expo + random.uniform(0, self.backoff_initial_s), self.backoff_max_s)
+
+    def _before_sleep(self, state: Any) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        self.stats.retries[getattr(exc, "kind", "unexpected")] += 1
+
+    async def _score_one(self, client: Any, sem: asyncio.Semaphore, req: JudgeRequest) -> JudgeResult:
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+        messages = build_messages(req)
+        tally = {"attempts": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.cfg.max_retries + 1), wait=self._wait, reraise=True,
+                retry=retry_if_exception(lambda e: isinstance(e, JudgeCallError) and e.retriable),
+                before_sleep=self._before_sleep,
+            ):
+                with attempt:
+                    tally["attempts"] += 1
+                    score, reply = await self._call(client, sem, messages, tally)
+            return JudgeResult.scored(score, self.judge_id, reply=reply, **tally)
+        except JudgeCallError as e:
+            return JudgeResult.failed(f"{e.kind}: {self._scrub(e.message)}", self.judge_id, **tally)
+        except Exception as e:  # noqa: BLE001 - any other failure is still reported, never dropped
+            return JudgeResult.failed(f"unexpected: {type(e).__name__}: {self._scrub(str(e))}",
+                                      self.judge_id, **tally)
+
+    async def _call(self, client: Any, sem: asyncio.Semaphore, messages: list[dict[str, str]],
+                    tally: dict[str, int]) -> tuple[int, str]:
+        import openai
+
+        kwargs: dict[str, Any] = dict(model=self.model, messages=messages, temperature=0,
+                                      max_tokens=self.max_tokens)
+        if self.json_mode:
+            kwargs["response_format"] = {"type": "json_object"}
+        async with sem:
+            self.stats.calls += 1
+            try:
+                # Outer guard: the client's timeout bounds each read, not a trickling reply.
+                resp = await asyncio.wait_for(client.chat.completions.create(**kwargs),
+                                              timeout=self.cfg.timeout_s + 1.0)
+            except (asyncio.TimeoutError, openai.APITimeoutError):
+                raise JudgeCallError("timeout", f"no reply within {self.cfg.timeout_s} s", True) from None
+            except openai.APIConnectionError as e:
+                raise JudgeCallError("connection", str(e), True) from None
+            except openai.APIStatusError as e:
+                code = e.status_code
+                kind = ("rate_limit" if code == 429 else "server" if code >= 500 or code in (408, 409)
+                        else "auth" if code in (401, 403) else "bad_request")
+                raise JudgeCallError(kind, f"HTTP {code}: {e.message}", kind in ("rate_limit", "server"),
+                                     _retry_after(e.response.headers)) from None
+            except openai.APIError as e:
+                raise ReplyError("malformed", f"unreadable response: {e}") from None
+        usage = getattr(resp, "usage", None)
+        tally["prompt_tokens"] += getattr(usage, "prompt_tokens", 0) or 0
+        tally["completion_tokens"] += getattr(usage, "completion_tokens", 0) or 0
+        self.stats.prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
+        self.stats.completion_tokens += getattr(usage, "completion_tokens", 0) or 0
+        content = resp.choices[0].message.content if resp.choices else None
+        return parse_score(content), content or ""
+
+
+def is_loopback(base_url: str | None) -> bool:
+    """True for http(s)://localhost, 127.x.x.x or [::1] URLs."""
+    host = (urlparse(base_url).hostname or "") if base_url else ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def resolve_api_key(base_url: str | None, env_file: str | os.PathLike[str] | None = None) -> str:
+    """The OpenAI key from ``OPENAI_API_KEY`` or a ``.env`` file (cwd, then the repo root);
+    for a ``base_url`` on loopback without a key, a dummy key.
+
+    Raises ConfigError naming the fix otherwise, before any work.
+    """
+    key = os.environ.get("OPENAI_API_KEY")
+    if not key:
+        from dotenv import dotenv_values
+
+        from saets_utils.config import REPO_ROOT
+
+        files = [Path(env_file)] if env_file else [Path.cwd() / ".env", REPO_ROOT / ".env"]
+        for f in files:
+            if f.is_file() and (key := dotenv_values(f).get("OPENAI_API_KEY")):
+                break
+    if key:
+        return key
+    if is_loopback(base_url):
+        return "sk-local-no-key"  # local servers (vLLM, Ollama, llama.cpp) ignore the key unless started with one
+    where = f"the server at eval.judge.base_url ({base_url})" if base_url else "the OpenAI API"
+    raise ConfigError(
+        f"eval.judge.kind is 'openai' but no API key was found for {where}: set OPENAI_API_KEY in "
+        "the environment or in a .env file at the repo root (never in params; any value will do for a "
+        "self-hosted server without auth), or choose eval.judge.kind: offline"
+    )
