@@ -9,11 +9,11 @@ import torch
 
 import math
 
-from saets_utils.approximator.model import (
-    EffectApproximator, approximator_metrics, fit_adam, fit_ridge, heldout_r2, load_rotation, noise_ceiling,
-    rotation_matrix, split_half_reliability, split_holdout,
+from saets_utils.approximator.fits import (
+    _per_feature, choose_ridge_lambda, fit_adam, fit_reduced_rank, fit_ridge, fit_ridge_per_feature,
 )
-from saets_utils.approximator.fits import _per_feature, choose_ridge_lambda, fit_reduced_rank, fit_ridge_per_feature
+from saets_utils.approximator.metrics import approximator_metrics, heldout_r2, noise_ceiling, split_half_reliability
+from saets_utils.approximator.model import EffectApproximator, load_rotation, rotation_matrix, split_holdout
 
 D_MODEL, D_SAE, N, NOISE = 16, 24, 400, 0.01
 

@@ -31,7 +31,7 @@ effects:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from saets_utils.approximator.model import fit_ridge
+    from saets_utils.approximator.fits import fit_ridge
     from saets_utils.config import load_config
     from saets_utils.effects.runner import run_effects
     from saets_utils.effects.store import load_effects

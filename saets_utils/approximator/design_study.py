@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saets_utils.approximator.model import heldout_r2, noise_ceiling, split_holdout
+from saets_utils.approximator.metrics import heldout_r2, noise_ceiling
+from saets_utils.approximator.model import split_holdout
 from saets_utils.config import ApproximatorConfig, RunConfig, load_config
 from saets_utils.effects.store import Effects, load_effects
 from saets_utils.approximator.fits import fit_approximator

@@ -13,7 +13,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saets_utils.approximator.model import EffectApproximator, approximator_metrics, split_half_reliability, split_holdout
+from saets_utils.approximator.metrics import approximator_metrics, split_half_reliability
+from saets_utils.approximator.model import EffectApproximator, split_holdout
 from saets_utils.config import RunConfig
 from saets_utils.effects.store import Effects
 from saets_utils.approximator.fits import RIDGE_PATH, choose_ridge_lambda, fit_approximator
