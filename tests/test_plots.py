@@ -33,6 +33,15 @@ def tables():
     return scoring.by_scale(samples), summary, scoring.compare_with_published(summary, "gemma-2-2b")
 
 
+def _learning_curve() -> pd.DataFrame:
+    rows = [{"n_train": n, "target": t, "fit": f, "rollouts": n * (2 if t == "full" else 1), "r2": r,
+             "r2_ci_low": r - 0.1, "r2_ci_high": r + 0.1, "n_val": 8}
+            for f in ("ridge", "reduced_rank") for t in ("full", "half") for n, r in ((16, 0.0), (32, 0.1), (64, 0.2))]
+    rows.append({"n_train": None, "target": "full", "fit": "noise_ceiling", "rollouts": None, "r2": 0.6,
+                 "r2_ci_low": 0.5, "r2_ci_high": 0.7, "n_val": 8})
+    return pd.DataFrame(rows)
+
+
 def _cases(tables):
     by_scale, summary, compare = tables
     rng = np.random.default_rng(1)
@@ -49,16 +58,32 @@ def _cases(tables):
         "training_curve": lambda: plots.plot_training_curve(history, {"predict mean": 0.9}),
         "effect_profile": lambda: plots.plot_effect_profile(measured[0], [5, 7], density, top=5, title="anger"),
         "published": lambda: plots.plot_published_comparison(compare),
+        "learning_curve": lambda: plots.plot_learning_curve(_learning_curve(), "study"),
     }
 
 
 @pytest.mark.parametrize("name", ["product_vs_scale", "behaviour_coherence", "best_product", "approximator",
-                                  "approximator_no_density", "training_curve", "effect_profile", "published"])
+                                  "approximator_no_density", "training_curve", "effect_profile", "published",
+                                  "learning_curve"])
 def test_plot_writes_png(tables, tmp_path, name):
     fig = _cases(tables)[name]()
     path = plots.save_figure(fig, tmp_path / "sub" / f"{name}.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+    assert plt.get_fignums() == []
+
+
+def test_study_figure_is_drawn_from_the_study_csv(tmp_path):
+    from saets_utils.config import RunConfig
+    from saets_utils.report.figures import study_figure
+
+    run = RunConfig.model_validate({"name": "s", "sae": {"hook_name": "blocks.1.hook_resid_post"},
+                                    "results_root": str(tmp_path)})
+    assert study_figure(run) is None
+    (run.results_dir / "study").mkdir(parents=True)
+    _learning_curve().to_csv(run.results_dir / "study" / "learning_curve.csv", index=False)
+    path = study_figure(run)
+    assert path == run.results_dir / "study" / "learning_curve.png" and path.stat().st_size > 5_000
     assert plt.get_fignums() == []
 
 

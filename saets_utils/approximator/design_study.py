@@ -3,9 +3,11 @@ grows with the number of measured vectors, for each fit, against the noise ceili
 
 Reads only 01's files (``effects.safetensors`` with ``effect_halves``: each vector measured on two
 independent halves of its rollouts), so it costs no model time. Writes to ``results/<run>/study/``:
-``reliability.json``, ``learning_curve.csv`` and ``learning_curve.png``. Rerun with
+``reliability.json`` and ``learning_curve.csv``. Rerun with
 ``python -m saets_utils.approximator.design_study params/<run>.yaml``; compare designs measured in several runs with
-``--compare params/a.yaml params/b.yaml`` (reliability per second of effects compute).
+``--compare params/a.yaml params/b.yaml`` (reliability per second of effects compute). The figure
+``study/learning_curve.png`` is drawn by the report layer: notebook 04, or
+``python -m saets_utils.report.study`` (this study, same arguments, then the figure).
 """
 
 from __future__ import annotations
@@ -112,40 +114,9 @@ def learning_curve(effects: Effects, sizes: Sequence[int], fits: Sequence[str] =
     return pd.DataFrame(rows)
 
 
-def plot_learning_curve(curve: pd.DataFrame, title: str = ""):
-    """Held-out R² against training vectors (log x), one line per fit with its 95% CI band; the
-    noise ceiling as a band; zero (the mean-effect baseline) as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    data = curve[curve["fit"] != "noise_ceiling"]
-    ceiling = curve[curve["fit"] == "noise_ceiling"]
-    for ax, x, xlabel in ((axes[0], "n_train", "training vectors"), (axes[1], "rollouts", "training rollouts (compute)")):
-        for (fit, target), g in data.groupby(["fit", "target"]):
-            if x == "n_train" and target != "full":
-                continue
-            g = g.sort_values(x)
-            style = "-" if target == "full" else ":"
-            line, = ax.plot(g[x], g["r2"], style, marker="o", ms=3, label=f"{fit} ({target} rollouts)")
-            ax.fill_between(g[x], g["r2_ci_low"], g["r2_ci_high"], color=line.get_color(), alpha=0.15)
-        ax.axhline(0, color="k", ls="--", lw=1, label="mean effect (R² = 0)")
-        if len(ceiling):
-            c = ceiling.iloc[0]
-            ax.axhspan(c["r2_ci_low"], c["r2_ci_high"], color="grey", alpha=0.25, label="noise ceiling (95% CI)")
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out R² (95% bootstrap CI)")
-        ax.legend(fontsize=7)
-    fig.suptitle(title or "Effect approximator: held-out R² vs data")
-    return fig
-
-
 def run_study(run: RunConfig, sizes: Sequence[int] | None = None, fits: Sequence[str] = DEFAULT_FITS,
               holdout: int | None = None, n_boot: int = 1000) -> dict[str, Any]:
-    """Reliability, learning curve and figure for ``run``'s measured effects, written to ``study/``."""
+    """Reliability and learning curve of ``run``'s measured effects, written to ``study/``."""
     eff = load_effects(run.results_dir)
     if eff.halves is None:
         raise ValueError(f"{run.results_dir} has no effect halves; re-run 01 with samples_per_prompt >= 2")
@@ -160,10 +131,6 @@ def run_study(run: RunConfig, sizes: Sequence[int] | None = None, fits: Sequence
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "reliability.json", rel)
     atomic_write_text(out / "learning_curve.csv", curve.to_csv(index=False))
-    from saets_utils.report.plots import save_figure
-
-    fig = plot_learning_curve(curve, f"{run.name}: {int(ok.sum())} vectors, {holdout} held out")
-    save_figure(fig, out / "learning_curve.png")
     return {"reliability": rel, "curve": curve}
 
 
@@ -185,7 +152,8 @@ def compare_designs(runs: Sequence[RunConfig]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of :func:`main` (also read by ``saets_utils.report.study``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("params", nargs="+", help="params file(s) of runs whose 01 has finished")
     ap.add_argument("--compare", action="store_true", help="compare the runs' designs instead of a learning curve")
@@ -194,7 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--holdout", type=int, default=None)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--out", default=None, help="with --compare: CSV to write")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     runs = [load_config(p) for p in a.params]
     if a.compare:
         df = compare_designs(runs)

@@ -1,10 +1,12 @@
-"""Notebook 04's work: draw every figure of a run from its files into ``results/<run>/figures/``.
+"""Notebook 04's work: draw every figure of a run from its files into ``results/<run>/figures/``
+(and the design study's learning curve into ``results/<run>/study/``).
 
 Each figure is drawn only when its inputs exist, so 04 also works on a partial run (e.g. after 01).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -58,7 +60,26 @@ def make_all_figures(run: RunConfig) -> list[Path]:
               fig_dir / "approximator_diagnostics.png", made)
     if (d / "effects.safetensors").is_file():
         made += _effect_profiles(run, fig_dir)
+    study = study_figure(run)
+    if study is not None:
+        made.append(study)
     return made
+
+
+def study_figure(run: RunConfig) -> Path | None:
+    """``study/learning_curve.png`` from the design study's ``study/learning_curve.csv`` (and
+    ``reliability.json`` for the title); None when the study has not run."""
+    study = run.results_dir / "study"
+    if not (study / "learning_curve.csv").is_file():
+        return None
+    curve = pd.read_csv(study / "learning_curve.csv")
+    rel = study / "reliability.json"
+    n_vectors = json.loads(rel.read_text()).get("n_vectors") if rel.is_file() else None
+    held = int(curve["n_val"].iloc[0]) if len(curve) else 0
+    title = f"{run.name}: {n_vectors} vectors, {held} held out" if n_vectors is not None else ""
+    made: list[Path] = []
+    _save(plots.plot_learning_curve(curve, title), study / "learning_curve.png", made)
+    return made[0]
 
 
 def _effect_profiles(run: RunConfig, fig_dir: Path) -> list[Path]:

@@ -341,6 +341,34 @@ def plot_targeting(targeting: pd.DataFrame, seed: int = 0) -> Figure:
     return fig
 
 
+def plot_learning_curve(curve: pd.DataFrame, title: str = "") -> Figure:
+    """Held-out R² against training vectors (log x), one line per fit with its 95% CI band; the
+    noise ceiling as a band; zero (the mean-effect baseline) as a dashed line (``curve``: the design
+    study's study/learning_curve.csv)."""
+    fig = _figure((11, 4))
+    axes = fig.subplots(1, 2)
+    data = curve[curve["fit"] != "noise_ceiling"]
+    ceiling = curve[curve["fit"] == "noise_ceiling"]
+    for ax, x, xlabel in ((axes[0], "n_train", "training vectors"), (axes[1], "rollouts", "training rollouts (compute)")):
+        for (fit, target), g in data.groupby(["fit", "target"]):
+            if x == "n_train" and target != "full":
+                continue
+            g = g.sort_values(x)
+            style = "-" if target == "full" else ":"
+            line, = ax.plot(g[x], g["r2"], style, marker="o", ms=3, label=f"{fit} ({target} rollouts)")
+            ax.fill_between(g[x], g["r2_ci_low"], g["r2_ci_high"], color=line.get_color(), alpha=0.15)
+        ax.axhline(0, color="k", ls="--", lw=1, label="mean effect (R² = 0)")
+        if len(ceiling):
+            c = ceiling.iloc[0]
+            ax.axhspan(c["r2_ci_low"], c["r2_ci_high"], color="grey", alpha=0.25, label="noise ceiling (95% CI)")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out R² (95% bootstrap CI)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "Effect approximator: held-out R² vs data")
+    return fig
+
+
 class LazyTensors(Mapping[str, np.ndarray]):
     """Read-only view of a safetensors file; each tensor is read (as float numpy) on access only,
     so opening a multi-GB effects file costs nothing until a tensor is used."""
