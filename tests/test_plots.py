@@ -1,6 +1,5 @@
 """Every plot runs on small synthetic data and writes a non-empty PNG, leaving no open figures."""
 
-import json
 import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -10,7 +9,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from saets_utils.report import plots
 from saets_utils.evaluation import scoring  # noqa: E402
@@ -98,21 +96,3 @@ def test_published_comparison_needs_published_rows(tables):
     _, _, compare = tables
     with pytest.raises(ValueError, match="published"):
         plots.plot_published_comparison(compare.assign(published=np.nan))
-
-
-def test_load_results(tmp_path, tables):
-    by_scale, summary, _ = tables
-    assert all(v is None for v in plots.load_results(tmp_path / "missing").values())
-    (tmp_path / "eval").mkdir()
-    summary.to_csv(tmp_path / "eval" / "summary.csv", index=False)
-    (tmp_path / "approximator_metrics.json").write_text(json.dumps({"r2": 0.5}))
-    save_file({"effects": torch.ones(3, 4, dtype=torch.bfloat16), "vector_ids": torch.arange(3)},
-              str(tmp_path / "effects.safetensors"))
-    res = plots.load_results(tmp_path)
-    assert res["by_scale"] is None and res["approximator"] is None
-    assert res["approximator_metrics"] == {"r2": 0.5}
-    assert list(res["summary"].columns) == list(summary.columns)
-    eff = res["effects"]
-    assert set(eff) == {"effects", "vector_ids"} and len(eff) == 2
-    assert eff["effects"].dtype == np.float32 and eff["effects"].shape == (3, 4)
-    assert eff["vector_ids"].tolist() == [0, 1, 2]

@@ -1,4 +1,4 @@
-"""Figures of the pipeline, from the files in ``results/<run>/`` (read with :func:`load_results`).
+"""Figures of the pipeline, drawn from tables and tensors read from ``results/<run>/`` (drawing only).
 
 Every function returns a ``matplotlib.figure.Figure`` that is already closed in pyplot: nothing
 leaks, nothing is shown twice, and a returned figure still displays inline in Jupyter (importing
@@ -8,9 +8,8 @@ display). Methods have one colour and one name everywhere (``METHOD_ORDER``, ``M
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -367,66 +366,3 @@ def plot_learning_curve(curve: pd.DataFrame, title: str = "") -> Figure:
         ax.legend(fontsize=7)
     fig.suptitle(title or "Effect approximator: held-out R² vs data")
     return fig
-
-
-class LazyTensors(Mapping[str, np.ndarray]):
-    """Read-only view of a safetensors file; each tensor is read (as float numpy) on access only,
-    so opening a multi-GB effects file costs nothing until a tensor is used."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        with safe_open(str(self.path), framework="pt") as f:
-            self._keys = list(f.keys())
-            self.metadata = f.metadata() or {}
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        if key not in self._keys:
-            raise KeyError(f"{key!r} not in {self.path} (has {self._keys})")
-        with safe_open(str(self.path), framework="pt") as f:
-            t = f.get_tensor(key)
-        return (t.float() if t.is_floating_point() else t).numpy()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __repr__(self) -> str:
-        return f"LazyTensors({self.path.name}: {self._keys})"
-
-
-_RESULT_FILES = {
-    "manifest": "manifest.json",
-    "approximator_metrics": "approximator_metrics.json",
-    "approximator_history": "approximator_history.csv",
-    "by_scale": "eval/by_scale.csv",
-    "summary": "eval/summary.csv",
-    "effects": "effects.safetensors",
-    "approximator": "approximator.safetensors",
-    "eval_vectors": "eval/vectors.safetensors",
-    "targeting": "eval/targeting.csv",
-    "targeting_summary": "eval/targeting_summary.csv",
-}
-
-
-def load_results(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Everything a report plots from ``results/<run>/``: keys of ``_RESULT_FILES`` mapped to a
-    dict (JSON), a DataFrame (CSV), a :class:`LazyTensors` (safetensors) or None when missing."""
-    root = Path(results_dir)
-    out: dict[str, Any] = {}
-    for key, rel in _RESULT_FILES.items():
-        path = root / rel
-        if not path.is_file():
-            out[key] = None
-        elif path.suffix == ".json":
-            out[key] = json.loads(path.read_text())
-        elif path.suffix == ".csv":
-            out[key] = pd.read_csv(path)
-        else:
-            out[key] = LazyTensors(path)
-    return out
