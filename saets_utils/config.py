@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from saets_utils.registry import METHODS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -307,9 +309,8 @@ class EvalConfig(_Strict):
         default_factory=lambda: ["anger", "christian", "conspiracy", "french", "london", "love",
                                  "praise", "want_to_die", "wedding"]
     )
-    methods: list[Literal["CAA", "SAE", "SAE-TS", "pinverse", "rotation", "FGAA", "prompt"]] = Field(
-        default_factory=lambda: ["CAA", "SAE", "SAE-TS", "pinverse", "rotation", "FGAA", "prompt"]
-    )
+    # Names of saets_utils/registry.py (default: all of them, in the registry's order).
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
     scale_grid: ScaleGrid = ScaleGrid(start=0, stop=300, step=20)
     prompt: str = "I think"
     samples_per_scale: int = Field(256, gt=0)
@@ -325,6 +326,14 @@ class EvalConfig(_Strict):
     # 01's loss target and their measured SAE effect is scored against the task's target features
     # (rank, target / off-target ratio) -> eval/targeting.csv. Needs 01's effects_work/plan.safetensors.
     targeting: bool = True
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; use any of {list(METHODS)} (saets_utils/registry.py)")
+        return v
 
 
 class RunConfig(_Strict):

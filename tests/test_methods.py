@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from saets_utils.approximator.model import EffectApproximator
-from saets_utils.config import EvalConfig
+from saets_utils.registry import REGISTRY
 from saets_utils.evaluation.methods import (
-    METHOD_COLORS, METHODS, build_caa_vector, build_fgaa_target, build_fgaa_vector, build_pinverse_vector,
+    build_caa_vector, build_fgaa_target, build_fgaa_vector, build_pinverse_vector,
     build_rotation_vector, build_sae_ts_vector, build_sae_vector, discover_target_features, feature_density,
     mean_resid, mean_sae_acts, rotation_matrix, target_vector,
 )
@@ -38,13 +38,6 @@ def W_dec():
 def seqs(lengths, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.cat([torch.tensor([1]), torch.randint(2, 97, (n - 1,), generator=g)]) for n in lengths]
-
-
-def test_method_names_match_config_and_colours():
-    assert set(METHODS) == set(METHOD_COLORS) == set(EvalConfig().methods)
-    assert len(set(METHOD_COLORS.values())) == len(METHODS)
-    plots = pytest.importorskip("saets_utils.report.plots")
-    assert getattr(plots, "METHOD_COLORS", METHOD_COLORS) == METHOD_COLORS  # one colour per method everywhere
 
 
 def test_target_vector():
@@ -75,7 +68,7 @@ def test_every_vector_method_is_unit_and_leaves_inputs_alone(approx, W_dec, tiny
         "FGAA": build_fgaa_vector(approx, targets),
         "CAA": build_caa_vector(tiny_model, HOOK, pos, neg, include_first_position=True, batch_size=2),
     }
-    assert set(vectors) == set(METHODS) - {"prompt"}
+    assert set(vectors) == {m.name for m in REGISTRY if m.vector}
     for name, v in vectors.items():
         width = tiny_model.cfg.d_model if name == "CAA" else D_MODEL
         assert v.shape == (width,), name

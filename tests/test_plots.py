@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 from saets_utils.report import plots
 from saets_utils.evaluation import scoring  # noqa: E402
-from saets_utils.steering.tasks import METHOD_NAMES  # noqa: E402
+from saets_utils.registry import METHODS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +86,9 @@ def test_study_figure_is_drawn_from_the_study_csv(tmp_path):
 
 
 def test_method_palette_matches_config():
-    assert plots.METHOD_ORDER == METHOD_NAMES
-    assert set(plots.METHOD_COLORS) == set(METHOD_NAMES)
-    assert len(set(plots.METHOD_COLORS.values())) == len(METHOD_NAMES)
+    assert plots.METHOD_ORDER == METHODS
+    assert set(plots.METHOD_COLORS) == set(METHODS)
+    assert len(set(plots.METHOD_COLORS.values())) == len(METHODS)
     assert plots.method_color("other") == plots.method_color("other")
 
 

@@ -8,7 +8,8 @@ import yaml
 
 from saets_utils.config import EvalConfig
 from saets_utils.evaluation.reference_numbers import REFERENCE_TASKS
-from saets_utils.steering.tasks import (METHOD_NAMES, TASKS_DIR, Task, TaskError, available_tasks, check_target_ids, load_task,
+from saets_utils.registry import METHODS
+from saets_utils.steering.tasks import (TASKS_DIR, Task, TaskError, available_tasks, check_target_ids, load_task,
                                load_tasks)
 
 K2B, K9B = "gemma-scope-2b-16k-l0_82", "gemma-scope-9b-16k-l0_130"
@@ -40,7 +41,7 @@ def test_task_file_loads_with_reference_targets(name):
     assert task.behaviour and task.coherence and task.steering_prompt
     t2b, t9b = EXPECTED[name]
     assert task.targets_for(K2B, "SAE-TS") == t2b
-    for method in METHOD_NAMES:
+    for method in METHODS:
         assert task.targets_for(K9B, method) == t9b
     assert task.discover.k >= 1
 

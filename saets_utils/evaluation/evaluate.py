@@ -25,6 +25,7 @@ import torch
 from saets_utils.config import RunConfig
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from saets_utils.judges import JudgeRequest, make_judge, score_requests
+from saets_utils.registry import get_method
 from saets_utils.steering.generation import generate, row_seed
 from saets_utils.evaluation.task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
 from saets_utils.steering.tasks import Task, join_prompt, load_tasks
@@ -63,7 +64,7 @@ def _rows_for_task(task: Task, tv: TaskVectors, run: RunConfig) -> list[dict[str
     e = run.eval
     rows = []
     for method in e.methods:
-        scales = [0.0] if method == "prompt" else e.scale_grid.values()
+        scales = e.scale_grid.values() if get_method(method).vector else [0.0]
         for scale in scales:
             for s in range(e.samples_per_scale):
                 rows.append({"task": task.name, "method": method, "scale": float(scale), "sample": s,
@@ -110,12 +111,12 @@ def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progres
     from saets_utils.evaluation.scoring import by_scale, summary
 
     tasks = load_tasks(run.eval.tasks)
-    targeting = run.eval.targeting and any(m != "prompt" for m in run.eval.methods)  # `prompt` has no vector
+    targeting = run.eval.targeting and any(get_method(m).vector for m in run.eval.methods)  # `prompt` has none
     if targeting:
         from saets_utils.evaluation.targeting import load_plan
 
         load_plan(run)  # fail before any generation if 01's plan is missing or stale
-    needs_approx = bool({"SAE-TS", "pinverse", "rotation", "FGAA"} & set(run.eval.methods))
+    needs_approx = any(get_method(m).needs_approximator for m in run.eval.methods)
     ctx = load_context(run, model, sae, require_approximator=needs_approx)
     out = run.results_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progres
                        examples={t.name: {"positive": t.positive, "negative": t.negative} for t in tasks})
     frames, vectors, targets, requests, task_vectors = [], {}, [], [], {}
     n_scales = len(run.eval.scale_grid.values())
-    total = len(tasks) * run.eval.samples_per_scale * sum(1 if m == "prompt" else n_scales for m in run.eval.methods)
+    total = len(tasks) * run.eval.samples_per_scale * sum(n_scales if get_method(m).vector else 1 for m in run.eval.methods)
     bar = progress_bar(total=total, desc="generate", disable=not progress)
     for task in tasks:
         tv = build_task_vectors(task, ctx, run.eval.methods)
@@ -133,12 +134,12 @@ def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progres
         targets += [{"task": task.name, "method": m, "targets": json.dumps(t), "how": tv.targets_how}
                     for m, t in tv.targets.items()]
         rows = _rows_for_task(task, tv, run)
-        steered = [r for r in rows if r["method"] != "prompt"]
-        prompted = [r for r in rows if r["method"] == "prompt"]
+        steered = [r for r in rows if get_method(r["method"]).vector]
+        prompted = [r for r in rows if not get_method(r["method"]).vector]
         texts = generate_rows(ctx, steered, "", bar) if steered else []
         texts += generate_rows(ctx, prompted, task.steering_prompt, bar) if prompted else []
         df = pd.DataFrame([{k: v for k, v in r.items() if k != "vector"} for r in steered + prompted])
-        df["prompt"] = [run.eval.prompt if r["method"] != "prompt" else join_prompt(task.steering_prompt, run.eval.prompt)
+        df["prompt"] = [run.eval.prompt if get_method(r["method"]).vector else join_prompt(task.steering_prompt, run.eval.prompt)
                         for r in steered + prompted]
         df["text"] = texts
         frames.append(df)

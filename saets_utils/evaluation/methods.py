@@ -1,4 +1,5 @@
-"""Build one steering vector per method: CAA, SAE, SAE-TS, pinverse, rotation, FGAA.
+"""Build one steering vector per method: CAA, SAE, SAE-TS, pinverse, rotation, FGAA (pure functions
+of tensors; :mod:`saets_utils.evaluation.task_vectors` feeds them a task and the run's files).
 
 Each builder is a plain function that returns a unit vector [d_model] (``prompt`` needs none),
 never mutates its inputs and rejects bad input with a ValueError. A target is a list of
@@ -22,12 +23,10 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 __all__ = [
-    "METHODS", "METHOD_COLORS", "Target", "target_vector", "build_sae_vector", "build_sae_ts_vector",
+    "Target", "target_vector", "build_sae_vector", "build_sae_ts_vector",
     "build_pinverse_vector", "rotation_matrix", "build_rotation_vector", "mean_resid", "build_caa_vector",
     "mean_sae_acts", "feature_density", "build_fgaa_target", "build_fgaa_vector", "discover_target_features",
 ]
-
-from saets_utils.names import METHOD_COLORS, METHODS  # noqa: E402 - re-exported: one name and colour per method
 
 Target = list[tuple[int, float]]
 TokenSeqs = Sequence[Tensor | Sequence[int]] | Tensor

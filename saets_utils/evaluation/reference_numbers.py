@@ -1,8 +1,10 @@
 """Published SAE-TS results (Chalnev, Siu, Conmy 2024): max over steering scales of
 mean behavioural score x mean coherence score, per task and method.
 
-Kept as data so notebooks can put our numbers beside the paper's. Method names are ours
-(the paper's "Pinv" is ``pinverse``, "Rotation" is ``rotation``); task names are our file stems.
+Kept as data so notebooks can put our numbers beside the paper's. The data keep the paper's
+method names (its column headers); tables use ours, mapped through each method's ``paper_name`` in
+:mod:`saets_utils.registry` (the paper's "Pinv" is ``pinverse``, "Rotation" is ``rotation``).
+Task names are our file stems.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import re
 
 import pandas as pd
 
-_METHODS_2B = ("CAA", "SAE", "SAE-TS", "pinverse", "rotation")
+from saets_utils.registry import REGISTRY
+
+# The paper's column headers, in its order.
+_METHODS_2B = ("CAA", "SAE", "SAE-TS", "Pinv", "Rotation")
 
 # Gemma-2-2B, Gemma Scope layer 12, 16k, L0 82 (paper's results table).
 _GEMMA_2_2B: dict[str, tuple[float, ...]] = {
@@ -33,6 +38,9 @@ REFERENCE_TASKS: tuple[str, ...] = tuple(t for t in _GEMMA_2_2B if t != "average
 # Gemma-2-9B: the paper gives averages over the nine tasks only.
 _GEMMA_2_9B_AVERAGE: dict[str, float] = {"CAA": 0.2531, "SAE": 0.2184, "SAE-TS": 0.3376}
 
+# The paper's method name -> ours.
+_OURS: dict[str, str] = {m.paper_name: m.name for m in REGISTRY if m.paper_name is not None}
+
 # Base models only: the paper steered the pretrained models, not the "-it" variants.
 _PATTERNS = {
     "gemma-2-2b": re.compile(r"gemma-2-2b(?!-it)", re.IGNORECASE),
@@ -42,8 +50,8 @@ _PATTERNS = {
 
 def _rows(model: str) -> list[tuple[str, str, float]]:
     if model == "gemma-2-2b":
-        return [(t, m, p) for t, vals in _GEMMA_2_2B.items() for m, p in zip(_METHODS_2B, vals)]
-    return [("average", m, p) for m, p in _GEMMA_2_9B_AVERAGE.items()]
+        return [(t, _OURS[m], p) for t, vals in _GEMMA_2_2B.items() for m, p in zip(_METHODS_2B, vals)]
+    return [("average", _OURS[m], p) for m, p in _GEMMA_2_9B_AVERAGE.items()]
 
 
 def published_model(model_name: str) -> str | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from saets_utils.evaluation.reference_numbers import REFERENCE_TASKS, published_table
-from saets_utils.steering.tasks import METHOD_NAMES
+from saets_utils.registry import METHODS
 
 REQUIRED_COLUMNS = ("task", "method", "scale", "behaviour", "coherence")
 _KEYS = ["task", "method"]
@@ -54,7 +54,7 @@ def _clean(samples: pd.DataFrame) -> pd.DataFrame:
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
     """Tasks in order of first appearance, methods in the project's order, scales ascending."""
     tasks = {t: i for i, t in enumerate(pd.unique(df["task"]))}
-    methods = {m: i for i, m in enumerate(METHOD_NAMES)}
+    methods = {m: i for i, m in enumerate(METHODS)}
     key = {"task": lambda s: s.map(tasks), "method": lambda s: s.map(lambda m: methods.get(m, len(methods)))}
     cols = [c for c in ("task", "method", "scale") if c in df]
     return df.sort_values(cols, key=lambda s: key[s.name](s) if s.name in key else s, kind="stable").reset_index(drop=True)
@@ -128,8 +128,8 @@ def paper_style_table(summary: pd.DataFrame, value: str = "max_product") -> pd.D
     laid out like the paper's results table."""
     table = summary.pivot(index="task", columns="method", values=value)
     table = table.reindex(index=list(pd.unique(summary["task"])),
-                          columns=[m for m in METHOD_NAMES if m in table.columns]
-                          + [m for m in table.columns if m not in METHOD_NAMES])
+                          columns=[m for m in METHODS if m in table.columns]
+                          + [m for m in table.columns if m not in METHODS])
     table.loc["average"] = table.mean(axis=0, skipna=True)
     table.columns.name = None
     return table

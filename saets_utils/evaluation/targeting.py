@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from saets_utils.config import ConfigError, RunConfig
-from saets_utils.names import METHODS
+from saets_utils.registry import METHODS, REGISTRY
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -52,8 +52,10 @@ if TYPE_CHECKING:
 # ids never alias a decoder-row or file id of 01 (all below OFFSET) nor each other.
 TARGETING_ID_OFFSET = 1_000_000_000
 TARGETING_ID_SPAN = 2**30
-# Where the task's single target list is taken from, in order of preference.
-TARGET_SOURCE_ORDER = ("SAE-TS", "SAE", "pinverse", "rotation")
+# Where the task's single target list is taken from, in order of preference: SAE-TS's, then the
+# other methods built from the task's target features in registry order (SAE, pinverse, rotation).
+TARGET_SOURCE_ORDER: tuple[str, ...] = ("SAE-TS", *(m.name for m in REGISTRY if m.targets == "task" and m.name != "SAE-TS"))
+_VECTORLESS = frozenset(m.name for m in REGISTRY if not m.vector)  # the prompt baseline
 METRIC_COLUMNS = ("target_effect", "target_effect_se", "target_rank", "target_rank_mean", "best_target",
                   "off_target_norm", "ratio")
 COLUMNS = ("task", "method", "vector_id", "scale", "status", "targets", "targets_from", "n_targets",
@@ -219,7 +221,7 @@ def collect_items(run: RunConfig, model: "HookedTransformer", sae: "SAE",
     ctx = None
     items: list[TargetingItem] = []
     for name, tv in tvs.items():
-        methods = sorted((m for m in tv.vectors if m != "prompt"), key=lambda m: order.get(m, len(order)))
+        methods = sorted((m for m in tv.vectors if m not in _VECTORLESS), key=lambda m: order.get(m, len(order)))
         if not methods:
             continue
         found = task_targets(tv)
@@ -228,7 +230,7 @@ def collect_items(run: RunConfig, model: "HookedTransformer", sae: "SAE",
             from saets_utils.steering.tasks import load_task
 
             ctx = ctx or load_context(run, model, sae, require_approximator=False)
-            found = (resolve_targets(load_task(name), ctx)[0]["SAE-TS"], "resolved")
+            found = (resolve_targets(load_task(name), ctx)[0][TARGET_SOURCE_ORDER[0]], "resolved")
         targets, source = found
         for m in methods:
             v = tv.vectors[m].detach().float().cpu()

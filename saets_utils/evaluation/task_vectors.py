@@ -3,10 +3,15 @@
 Target features come from the task file (keyed by ``sae.targets_key``) or, for an SAE with no
 published ids (the embedded default), are discovered from the task's contrastive examples.
 Every choice is recorded in a :class:`TaskVectors` so 03 can write down how each vector was built.
+
+Each method of :mod:`saets_utils.registry` that has a vector has one builder here, registered with
+``@builds("<name>")``: it turns the context, the task and the method's targets into a unit vector
+with the pure functions of :mod:`saets_utils.evaluation.methods`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -16,13 +21,15 @@ from torch import Tensor
 from saets_utils.evaluation import methods as M
 from saets_utils.approximator.model import EffectApproximator
 from saets_utils.config import RunConfig
+from saets_utils.registry import METHODS, REGISTRY, Method, get_method
 from saets_utils.steering.tasks import Task, check_target_ids
 
 if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
-TARGET_METHODS = ("SAE", "SAE-TS", "pinverse", "rotation")
+# Methods built from the task's target features (listed in its file, or discovered), registry order.
+TARGET_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.targets == "task")
 
 
 @dataclass
@@ -86,51 +93,110 @@ def resolve_targets(task: Task, ctx: SteeringContext, acts: tuple[Tensor, Tensor
     return {m: found for m in TARGET_METHODS}, how
 
 
+# (context, task or None for hand-written targets, the method's targets or [] if it uses none) -> unit vector
+Builder = Callable[[SteeringContext, Task | None, M.Target], Tensor]
+BUILDERS: dict[str, Builder] = {}
+
+
+def builds(name: str) -> Callable[[Builder], Builder]:
+    """Register the function that builds the vector of registry method ``name`` (one per method)."""
+    entry = get_method(name)
+
+    def register(fn: Builder) -> Builder:
+        if not entry.vector:
+            raise ValueError(f"{name} steers without a vector; it has no builder")
+        if name in BUILDERS:
+            raise ValueError(f"{name} already has a builder ({BUILDERS[name].__name__})")
+        BUILDERS[name] = fn
+        return fn
+
+    return register
+
+
+def _w_dec(ctx: SteeringContext) -> Tensor:
+    return ctx.sae.W_dec.detach().float().cpu()
+
+
+def _approx(ctx: SteeringContext) -> EffectApproximator:
+    assert ctx.approx is not None  # checked by _build against the registry's needs_approximator
+    return ctx.approx
+
+
+@builds("CAA")
+def _caa(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
+    if task is None:
+        raise ValueError("CAA needs a task's contrastive examples, not target features")
+    return M.build_caa_vector(ctx.model, ctx.hook_name, ctx.tokens(task.positive), ctx.tokens(task.negative),
+                              ctx.run.effects.include_first_position)
+
+
+@builds("SAE")
+def _sae(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
+    return M.build_sae_vector(_w_dec(ctx), targets)
+
+
+@builds("SAE-TS")
+def _sae_ts(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
+    return M.build_sae_ts_vector(_approx(ctx), targets, ctx.run.approximator.sae_ts_lambda)
+
+
+@builds("pinverse")
+def _pinverse(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
+    return M.build_pinverse_vector(_approx(ctx), targets)
+
+
+@builds("rotation")
+def _rotation(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
+    return M.build_rotation_vector(_approx(ctx), _w_dec(ctx), targets, R=ctx.rotation,
+                                   lam=ctx.run.approximator.sae_ts_lambda)
+
+
+@builds("FGAA")
+def _fgaa(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
+    return M.build_fgaa_vector(_approx(ctx), targets, ctx.run.approximator.sae_ts_lambda)
+
+
+def _build(ctx: SteeringContext, entry: Method, task: Task | None, targets: M.Target) -> Tensor:
+    if entry.needs_approximator and ctx.approx is None:
+        raise FileNotFoundError(f"{entry.name} needs the effect approximator; run notebooks/02_train.ipynb first")
+    return BUILDERS[entry.name](ctx, task, targets)
+
+
 def build_target_vector(ctx: SteeringContext, method: str, targets: list[tuple[int, float]]) -> Tensor:
     """Unit vector of a target-based method (SAE, SAE-TS, pinverse, rotation, FGAA) for ``targets``;
     FGAA is the SAE-TS formula applied to its own target."""
-    if method == "SAE":
-        return M.build_sae_vector(ctx.sae.W_dec.detach().float().cpu(), targets)
-    if method not in (*TARGET_METHODS, "FGAA"):
-        raise ValueError(f"{method!r} is not built from target features; use one of {(*TARGET_METHODS, 'FGAA')}")
-    if ctx.approx is None:
-        raise FileNotFoundError(f"{method} needs the effect approximator; run notebooks/02_train.ipynb first")
-    lam = ctx.run.approximator.sae_ts_lambda
-    if method == "SAE-TS":
-        return M.build_sae_ts_vector(ctx.approx, targets, lam)
-    if method == "FGAA":
-        return M.build_fgaa_vector(ctx.approx, targets, lam)
-    if method == "pinverse":
-        return M.build_pinverse_vector(ctx.approx, targets)
-    return M.build_rotation_vector(ctx.approx, ctx.sae.W_dec.detach().float().cpu(), targets, R=ctx.rotation, lam=lam)
+    entry = get_method(method)
+    if not entry.from_targets:
+        raise ValueError(f"{method!r} is not built from target features; use one of "
+                         f"{tuple(m.name for m in REGISTRY if m.from_targets)}")
+    return _build(ctx, entry, None, targets)
 
 
 def build_task_vectors(task: Task, ctx: SteeringContext, methods: list[str]) -> TaskVectors:
     """Unit vectors for every steering method in ``methods`` (``prompt`` needs none)."""
-    unknown = set(methods) - set(M.METHODS)
+    unknown = set(methods) - set(METHODS)
     if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)}; use one of {M.METHODS}")
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; use one of {METHODS}")
+    entries = [get_method(m) for m in methods]
     out = TaskVectors(task=task.name)
-    needs_acts = "FGAA" in methods or ctx.run.sae.targets_key is None
+    needs_acts = any(e.targets == "contrast" for e in entries) or ctx.run.sae.targets_key is None
     acts = contrast_acts(task, ctx) if needs_acts else None
     targets, out.targets_how = resolve_targets(task, ctx, acts)
-    needs_approx = {"SAE-TS", "pinverse", "rotation", "FGAA"} & set(methods)
+    needs_approx = {e.name for e in entries if e.needs_approximator}
     if needs_approx and ctx.approx is None:
         raise FileNotFoundError(f"methods {sorted(needs_approx)} need the effect approximator; run notebooks/02_train.ipynb first")
-    if "FGAA" in methods:
-        assert acts is not None
-        targets["FGAA"] = M.build_fgaa_target(acts[0], acts[1], ctx.density, ctx.run.eval.fgaa_density_max,
-                                              ctx.run.eval.fgaa_bos_features, ctx.run.eval.fgaa_top_k)
-    for m in methods:
-        if m == "prompt":
+    for e in entries:
+        if e.targets == "contrast":
+            assert acts is not None
+            targets[e.name] = M.build_fgaa_target(acts[0], acts[1], ctx.density, ctx.run.eval.fgaa_density_max,
+                                                  ctx.run.eval.fgaa_bos_features, ctx.run.eval.fgaa_top_k)
+    for e in entries:
+        if not e.vector:
             continue
-        if m == "CAA":
-            v = M.build_caa_vector(ctx.model, ctx.hook_name, ctx.tokens(task.positive), ctx.tokens(task.negative),
-                                   ctx.run.effects.include_first_position)
-        else:
-            v = build_target_vector(ctx, m, targets[m])
-            out.targets[m] = targets[m]
-        out.vectors[m] = v.float().cpu()
+        v = _build(ctx, e, task, targets.get(e.name, []))
+        if e.from_targets:
+            out.targets[e.name] = targets[e.name]
+        out.vectors[e.name] = v.float().cpu()
     return out
 
 

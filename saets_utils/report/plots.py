@@ -3,7 +3,8 @@
 Every function returns a ``matplotlib.figure.Figure`` that is already closed in pyplot: nothing
 leaks, nothing is shown twice, and a returned figure still displays inline in Jupyter (importing
 pyplot registers the inline formatter) and saves headless with :func:`save_figure` (Agg when no
-display). Methods have one colour and one name everywhere (``METHOD_ORDER``, ``METHOD_COLORS``).
+display). Methods have one colour and one name everywhere (``METHOD_ORDER``, ``METHOD_COLORS``, from
+:mod:`saets_utils.registry`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
-from saets_utils.names import METHOD_COLORS
-from saets_utils.names import METHODS as METHOD_ORDER
+from saets_utils.registry import METHOD_COLORS
+from saets_utils.registry import METHODS as METHOD_ORDER
 
 _EXTRA_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#393b79")
 

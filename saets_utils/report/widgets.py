@@ -29,6 +29,7 @@ from saets_utils.effects.store import Effects
 from saets_utils.report.plots import plot_effect_profile
 from saets_utils.steering.generation import generate, row_seed
 from saets_utils.evaluation.task_vectors import SteeringContext, build_target_vector, build_task_vectors
+from saets_utils.registry import get_method
 from saets_utils.steering.tasks import Task, check_target_ids, join_prompt, load_task
 
 CUSTOM = "(custom targets)"
@@ -130,7 +131,7 @@ def parse_targets(text: str, d_sae: int) -> list[tuple[int, float]]:
 
 def custom_target_vector(ctx: SteeringContext, targets: list[tuple[int, float]], method: str) -> Float[Tensor, " d_model"]:
     """Unit vector of a target-based ``method`` for hand-written ``targets`` (FGAA uses the SAE-TS formula)."""
-    if method in ("CAA", "prompt"):
+    if not get_method(method).from_targets:
         raise ValueError(f"{method} needs a task's examples or instruction; choose a task, not custom targets")
     return build_target_vector(ctx, method, targets)
 
@@ -216,7 +217,7 @@ class SteeringPlayground:
         """The cached unit vector of ``method`` for ``task`` (or the targets text when task is custom); None for ``prompt``."""
         key = (f"custom:{self.targets.value.strip()}" if task == CUSTOM else task, method)
         if key not in self.vectors:
-            if method == "prompt":
+            if not get_method(method).vector:
                 self.vectors[key] = None
             elif task == CUSTOM:
                 targets = parse_targets(self.targets.value, self.ctx.sae.cfg.d_sae)
@@ -229,10 +230,11 @@ class SteeringPlayground:
         """Read the controls, generate, render; errors are shown in ``.status`` (and kept in ``.error``)."""
         task, method = self.task.value, self.method.value
         try:
-            if method == "prompt" and task == CUSTOM:
-                raise ValueError("the prompt method needs a task's instruction; choose a task")
+            vectorless = not get_method(method).vector
+            if vectorless and task == CUSTOM:
+                raise ValueError(f"the {method} method needs a task's instruction; choose a task")
             vector = self.vector_for(task, method)
-            prefix = self.tasks[task].steering_prompt if method == "prompt" else ""
+            prefix = self.tasks[task].steering_prompt if vectorless else ""
             self.result = playground_generate(self.ctx, vector, self.scale.value, self.prompt.value, self.seed.value,
                                               self.new_tokens.value, prefix, self.n_samples, self.k)
         except (ValueError, FileNotFoundError, KeyError) as err:
@@ -241,7 +243,7 @@ class SteeringPlayground:
             return {}
         self.error = ""
         r = self.result
-        what = f"{method} for {task}" + ("" if method == "prompt" else f" at scale {r['scale']:.4g}")
+        what = f"{method} for {task}" + ("" if vectorless else f" at scale {r['scale']:.4g}")
         self.status.value = f"<b>{html.escape(what)}</b> &middot; steered prompt: <code>{html.escape(r['steered_prompt'])}</code>"
         rows = "".join(f"<tr><td><pre style='white-space:pre-wrap'>{html.escape(a)}</pre></td>"
                        f"<td><pre style='white-space:pre-wrap'>{html.escape(b)}</pre></td></tr>"

@@ -16,17 +16,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from saets_utils.config import REPO_ROOT, EvalConfig
+from saets_utils.config import REPO_ROOT
+from saets_utils.registry import METHODS
 
 TASKS_DIR = REPO_ROOT / "params" / "tasks"
-
-# Method names as the config spells them (CAA, SAE, SAE-TS, pinverse, rotation, FGAA, prompt).
-METHOD_NAMES: tuple[str, ...] = get_args(get_args(EvalConfig.model_fields["methods"].annotation)[0])
 
 Target = tuple[int, float]
 
@@ -94,9 +92,9 @@ class Task(BaseModel):
             if isinstance(entry, dict):
                 if "default" not in entry:
                     raise ValueError(f"{key}: a per-method mapping needs a 'default' list")
-                unknown = set(entry) - set(METHOD_NAMES) - {"default"}
+                unknown = set(entry) - set(METHODS) - {"default"}
                 if unknown:
-                    raise ValueError(f"{key}: unknown method(s) {sorted(unknown)}; use {list(METHOD_NAMES)} or 'default'")
+                    raise ValueError(f"{key}: unknown method(s) {sorted(unknown)}; use {list(METHODS)} or 'default'")
                 try:
                     out[key] = {m: _check_targets(t) for m, t in entry.items()}
                 except ValueError as e:
