@@ -1,8 +1,12 @@
-"""Repository contracts: notebooks carry no outputs, each has a papermill parameters cell, the two
-README commands and CI agree, params files validate."""
+"""Repository contracts: notebooks carry no outputs, each has a papermill parameters cell and plain
+imports from the package, the package exports what they use without importing anything heavy, the
+two README commands and CI agree, params files validate."""
 
+import ast
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +42,31 @@ def test_notebook_cells_stay_thin(path):
         if c["cell_type"] == "code":
             n = len("".join(c["source"]).splitlines())
             assert n <= 15, f"{path.name}: a code cell has {n} lines; move the logic into saets_utils"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_import_the_package_plainly(path):
+    """No os.chdir (papermill and load_config resolve paths from the repo root), no autoreload in
+    headless runs, and the package's names from its top level."""
+    code = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    for src in code:
+        assert "chdir" not in src and "autoreload" not in src and not re.search(r"^import (os|sys)\b", src, re.M)
+        assert not re.search(r"^from saets_utils\.", src, re.M), f"{path.name}: import notebook names from saets_utils"
+
+
+def test_package_exports_load_lazily_and_match_their_types():
+    import saets_utils
+
+    tree = ast.parse((ROOT / "saets_utils" / "__init__.py").read_text())
+    typed = {a.asname or a.name: node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and node.module and node.module.startswith("saets_utils") for a in node.names}
+    assert typed == saets_utils._EXPORTS  # the TYPE_CHECKING imports name the same modules as the lazy table
+    assert set(saets_utils.__all__) == {"__version__", *saets_utils._EXPORTS}
+    probe = "import sys, saets_utils; print(sorted({'torch', 'pandas', 'openai', 'saets_utils.config'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]", f"importing saets_utils imported {out.strip()}"
+    for name in saets_utils._EXPORTS:
+        assert getattr(saets_utils, name) is not None
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.stem)
