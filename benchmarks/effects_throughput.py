@@ -10,7 +10,7 @@ One run, one model, one SAE, one set of effect settings, two ways of measuring t
     (prompt repeated ``samples_per_prompt`` times, KV cache, no stop at EOS) with the steering hook,
     and the rollouts re-run through the unsteered model up to the hook and SAE-encoded.
 (b) ours: ``calibrate_scales`` + ``measure_effects`` on blocks of ``vectors_per_batch`` vectors,
-    exactly as ``effects_runner.compute_block`` calls them (without writing a shard).
+    exactly as ``effects.runner.compute_block`` calls them (without writing a shard).
 
 Per-run setup that both paths share and that does not scale with the number of vectors (loss
 chunks, the activations at the hook on them, the unsteered loss, the unsteered baseline) is timed
@@ -52,10 +52,13 @@ import torch  # noqa: E402
 
 from saets_utils.effects import calibration as cal_mod  # noqa: E402
 from saets_utils.effects import measure as eff_mod  # noqa: E402
+from saets_utils.effects import reference as ref_mod  # noqa: E402
 from saets_utils.steering import generation as steer_mod  # noqa: E402
 from saets_utils.effects.calibration import calibrate_scales, hook_layer, resid_at_hook, steered_losses  # noqa: E402
 from saets_utils.config import EffectsConfig, LossTarget, SamplingConfig, load_config  # noqa: E402
 from saets_utils.effects.measure import RolloutSpec, measure_effects  # noqa: E402
+from saets_utils.effects.reference import reference_effects, transformer_lens_rollouts  # noqa: E402
+from saets_utils.steering.hooks import steering_hook  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,12 +334,6 @@ def gemma_target(model, hook: str, loss_tokens: torch.Tensor, vectors: torch.Ten
 # (a) the reference loop, one vector at a time
 # --------------------------------------------------------------------------------------------
 
-def _steer(delta: torch.Tensor):
-    def hook(resid, hook):  # noqa: ARG001 - TransformerLens signature
-        return resid + delta.to(resid.dtype)
-    return hook
-
-
 @torch.no_grad()
 def ref_unsteered_loss(s: Setup) -> float:
     return float(s.model(s.loss_tokens, return_type="loss"))
@@ -350,7 +347,7 @@ def ref_calibrate(s: Setup, v: torch.Tensor, target: float, prof: Profile, shape
     t = s.loss_tokens.numel()
     with prof.phase("ref.calibration"):
         for scale in grid:
-            with s.model.hooks(fwd_hooks=[(s.hook, _steer(scale * v))]):
+            with steering_hook(s.model, s.hook, scale * v):
                 loss = float(s.model(s.loss_tokens, return_type="loss"))
             prof.count["layer_tokens"] += t * shape.n_layers
             prof.count["unembed_tokens"] += t
@@ -369,34 +366,46 @@ def ref_calibrate(s: Setup, v: torch.Tensor, target: float, prof: Profile, shape
 
 @torch.no_grad()
 def ref_effect(s: Setup, v: torch.Tensor, scale: float, prof: Profile, shape: ModelShape) -> torch.Tensor:
-    """One generate call per prompt with the steering hook, then re-run to the hook and encode."""
-    sp, model = s.spec, s.model
-    total = torch.zeros(s.sae.cfg.d_sae, dtype=torch.float64)
-    n = 0
-    delta = scale * v
-    for ids in sp.prompts:
-        prompt = torch.tensor([ids] * sp.samples_per_prompt, device=s.device)
-        new = sp.total_tokens - len(ids)
+    """The package's reference loop (``saets_utils.effects.reference``) with the reference's own
+    sampler: one TransformerLens generate call per prompt under the steering hook, then the rollouts
+    re-run to the hook and SAE-encoded; each phase timed and counted."""
+    sample = transformer_lens_rollouts(s.model, s.hook, s.spec.sampling)
+
+    def rollouts(prompt: torch.Tensor, new_tokens: int, seeds: list[int], delta: torch.Tensor) -> torch.Tensor:
         with prof.phase("ref.generate"):
-            with model.hooks(fwd_hooks=[(s.hook, _steer(delta))]):
-                out = model.generate(prompt, max_new_tokens=new, top_k=sp.sampling.top_k, top_p=sp.sampling.top_p,
-                                     temperature=sp.sampling.temperature, stop_at_eos=False,
-                                     use_past_kv_cache=True, verbose=False)
-        rows = out.shape[0]
-        prof.count["layer_tokens"] += rows * (sp.total_tokens - 1) * shape.n_layers
-        prof.count["unembed_tokens"] += rows * (sp.total_tokens - 1)
+            out = sample(prompt, new_tokens, seeds, delta)
+        prof.count["layer_tokens"] += out.shape[0] * (out.shape[1] - 1) * shape.n_layers
+        prof.count["unembed_tokens"] += out.shape[0] * (out.shape[1] - 1)
+        return out
+
+    with instrumented_reference(prof, shape):
+        return reference_effects(s.model, s.sae, s.hook, s.spec, v, 0, scale, torch.zeros(s.sae.cfg.d_sae), s.seed,
+                                 rollouts)
+
+
+@contextmanager
+def instrumented_reference(prof: Profile, shape: ModelShape) -> Iterator[None]:
+    """Time and count the reference loop's re-run to the hook and its SAE encoding (patched on
+    ``saets_utils.effects.reference``, restored on exit)."""
+    orig_resid, orig_enc = ref_mod.resid_at_hook, ref_mod.encode_positions
+
+    def resid(model, hook_name, tokens, batch_size=64):
         with prof.phase("ref.rerun_to_hook"):
-            _, cache = model.run_with_cache(out, names_filter=s.hook, stop_at_layer=shape.hook_layer + 1)
-            acts = cache[s.hook]
-        prof.count["layer_tokens"] += out.numel() * (shape.hook_layer + 1)
+            out = orig_resid(model, hook_name, tokens, batch_size)
+        prof.count["layer_tokens"] += tokens.numel() * (shape.hook_layer + 1)
+        return out
+
+    def enc(sae, acts, include_first_position):
         with prof.phase("ref.sae_encode"):
-            if not sp.include_first_position:
-                acts = acts[:, 1:]
-            codes = s.sae.encode(acts.to(s.sae.W_dec.dtype)).reshape(-1, s.sae.cfg.d_sae)
-            total += codes.sum(0).double().cpu()
-            n += codes.shape[0]
-        prof.count["sae_tokens"] += codes.shape[0]
-    return (total / n).float()
+            out = orig_enc(sae, acts, include_first_position)
+        prof.count["sae_tokens"] += out.shape[0] * out.shape[1]
+        return out
+
+    ref_mod.resid_at_hook, ref_mod.encode_positions = resid, enc
+    try:
+        yield
+    finally:
+        ref_mod.resid_at_hook, ref_mod.encode_positions = orig_resid, orig_enc
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +480,7 @@ def warm(s: Setup) -> None:
     """A tiny run of each path's kernels (2 rows, 2 new tokens), results discarded."""
     prompt = torch.tensor([s.spec.prompts[-1]] * 2, device=s.device)
     v = s.vectors[0]
-    with s.model.hooks(fwd_hooks=[(s.hook, _steer(20.0 * v))]):
+    with steering_hook(s.model, s.hook, 20.0 * v):
         s.model.generate(prompt, max_new_tokens=2, top_k=s.spec.sampling.top_k, top_p=s.spec.sampling.top_p,
                          stop_at_eos=False, use_past_kv_cache=True, verbose=False)
     g = steer_mod.generate(s.model, prompt, 2, [0, 1], s.spec.sampling, s.hook, (20.0 * v)[None].repeat(2, 1),

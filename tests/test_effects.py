@@ -11,8 +11,9 @@ import torch
 from saets_utils.config import SamplingConfig
 from saets_utils.effects.measure import (
     BASELINE, STEERED, FeatureSums, RolloutSpec, encode_positions, measure_baseline, measure_effects,
-    prompt_groups, prompt_token_ids, reference_effects,
+    prompt_groups, prompt_token_ids,
 )
+from saets_utils.effects.reference import reference_effects
 from saets_utils.steering.generation import generate, row_seed
 
 HOOK = "blocks.1.hook_resid_post"

@@ -14,8 +14,8 @@ Fast path (:func:`measure_effects`): several vectors share one batch (one vector
 prompts of one length are batched together, generation uses the KV cache, and the unsteered
 activations are captured at the hook during generation instead of re-running the rollouts:
 steering enters after the hook, so the activations there are those of the unsteered model.
-:func:`reference_effects` is the one-vector, one-prompt-per-call loop of the reference code,
-kept for the equivalence test and the benchmark.
+:func:`saets_utils.effects.reference.reference_effects` is the one-vector, one-prompt-per-call loop
+of the reference code, kept for the equivalence test and the benchmark.
 """
 
 from __future__ import annotations
@@ -231,21 +231,3 @@ def measure_effects(model: "HookedTransformer", sae: "SAE", hook_name: str, spec
         halves = torch.full((v, 2, sae.cfg.d_sae), float("nan"))
     assert samples is not None
     return EffectsBlock(effects=effects, halves=halves, sample_tokens=samples)
-
-
-@torch.no_grad()
-def reference_effects(model: "HookedTransformer", sae: "SAE", hook_name: str, spec: RolloutSpec,
-                      vector: Tensor, vector_id: int, scale: float, baseline_mean: Tensor, seed: int) -> Tensor:
-    """Effect ``[d_sae]`` of one vector the way the reference code does it: one prompt per
-    generate call, then the rollouts re-run through the unsteered model and SAE-encoded."""
-    from saets_utils.effects.calibration import resid_at_hook
-
-    sums = FeatureSums.zeros(sae.cfg.d_sae)
-    delta = steering_delta(vector, scale).to(model.cfg.device)
-    for p, ids in enumerate(spec.prompts):
-        seeds = [spec.steered_seed(seed, vector_id, p, s) for s in range(spec.samples_per_prompt)]
-        prompt = torch.tensor([ids] * len(seeds))
-        gen = generate(model, prompt, spec.new_tokens(p), seeds, spec.sampling, hook_name, delta, use_cache=False)
-        acts = resid_at_hook(model, hook_name, gen.tokens)
-        sums.add(encode_positions(sae, acts, spec.include_first_position))
-    return sums.mean - baseline_mean.float()
