@@ -18,4 +18,6 @@ def tiny_model():
 def tiny_sae():
     from saets_utils.models.tiny import tiny_sae
 
-    return tiny_sae(d_in=32, d_sae=64, k=4)
+    from helpers import D_MODEL, D_SAE, K
+
+    return tiny_sae(d_in=D_MODEL, d_sae=D_SAE, k=K)

@@ -15,7 +15,8 @@ from saets_utils.config import LossTarget, SamplingConfig
 from saets_utils.steering.generation import generate
 from saets_utils.steering.hooks import steering_hook
 
-HOOK = "blocks.1.hook_resid_post"
+from helpers import HOOK
+
 GRID = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 TARGET = LossTarget(kind="relative", value=0.3)
 

@@ -12,7 +12,8 @@ from saets_utils.config import REPO_ROOT, ConfigError, RunConfig, load_config
 from saets_utils.models.loading import validate_against_model
 from saets_utils.models.sae_loading import validate_sae
 
-HOOK = "blocks.1.hook_resid_post"
+from helpers import HOOK, build_run_cfg
+
 
 
 def write_params(tmp_path: Path, data: dict[str, Any], stem: str = "run") -> Path:
@@ -78,32 +79,32 @@ def test_missing_hook_name_is_reported(tmp_path):
     assert "sae.hook_name" in config_error(tmp_path, {"sae": {}})
 
 
-def run_with_hook(hook_name: str) -> RunConfig:
-    return RunConfig.model_validate({"name": "t", "model": {"source": "tiny"}, "sae": {"hook_name": hook_name}})
+def run_with_hook(tmp_path: Path, hook_name: str) -> RunConfig:
+    return build_run_cfg(tmp_path, model={"bos_token_id": None}, sae={"hook_name": hook_name})
 
 
-def test_validate_against_model_accepts_existing_hook(tiny_model):
-    validate_against_model(run_with_hook(HOOK), tiny_model)
+def test_validate_against_model_accepts_existing_hook(tiny_model, tmp_path):
+    validate_against_model(run_with_hook(tmp_path, HOOK), tiny_model)
 
 
-def test_validate_against_model_hook_not_in_model(tiny_model):
+def test_validate_against_model_hook_not_in_model(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match=r"'blocks.1.hook_nope' is not a hook.*use e.g. blocks.1.hook_resid_post"):
-        validate_against_model(run_with_hook("blocks.1.hook_nope"), tiny_model)
+        validate_against_model(run_with_hook(tmp_path, "blocks.1.hook_nope"), tiny_model)
 
 
-def test_validate_against_model_layer_out_of_range(tiny_model):
+def test_validate_against_model_layer_out_of_range(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match=r"layer 7 out of range.*layers 0..2"):
-        validate_against_model(run_with_hook("blocks.7.hook_resid_post"), tiny_model)
+        validate_against_model(run_with_hook(tmp_path, "blocks.7.hook_resid_post"), tiny_model)
 
 
-def test_validate_against_model_malformed_hook(tiny_model):
+def test_validate_against_model_malformed_hook(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="not of the form blocks.<layer>"):
-        validate_against_model(run_with_hook("hook_embed"), tiny_model)
+        validate_against_model(run_with_hook(tmp_path, "hook_embed"), tiny_model)
 
 
-def test_validate_sae_width_mismatch(tiny_model):
+def test_validate_sae_width_mismatch(tiny_model, tmp_path):
     from saets_utils.models.tiny import tiny_sae
 
-    validate_sae(run_with_hook(HOOK), tiny_model, tiny_sae(d_in=tiny_model.cfg.d_model))
+    validate_sae(run_with_hook(tmp_path, HOOK), tiny_model, tiny_sae(d_in=tiny_model.cfg.d_model))
     with pytest.raises(ConfigError, match=r"d_in 16 but .* d_model 32; pick an SAE trained on this model"):
-        validate_sae(run_with_hook(HOOK), tiny_model, tiny_sae(d_in=16))
+        validate_sae(run_with_hook(tmp_path, HOOK), tiny_model, tiny_sae(d_in=16))

@@ -16,8 +16,8 @@ from saets_utils.effects.measure import (
 from saets_utils.effects.reference import reference_effects
 from saets_utils.steering.generation import generate, row_seed
 
-HOOK = "blocks.1.hook_resid_post"
-BOS = 1
+from helpers import BOS, HOOK
+
 SEED = 3
 IDS = [5, 11, 17, 40]  # decoder rows used as steering vectors (ids on purpose not 0..n-1)
 

@@ -16,48 +16,30 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from saets_utils.effects import runner as effects_runner
 from saets_utils.effects.calibration import STATUSES
-from saets_utils.config import ConfigError, load_config
+from saets_utils.config import ConfigError, RunConfig
 from saets_utils.effects.measure import measure_effects
 from saets_utils.effects.plan import Plan, fingerprint, work_dir
 from saets_utils.effects.runner import available_devices, prepare_plan, rollout_spec, run_effects
 from saets_utils.effects.store import load_effects
 from saets_utils.effects.vector_sources import build_vectors
 
-HOOK = "blocks.1.hook_resid_post"
+from helpers import HOOK, build_run_cfg
+
 N_VECTORS = 24  # with 2 vectors per block: 12 blocks, so a kill lands mid-run even on a slow machine
 WAIT_S = 240  # bound on every wait for worker subprocesses
 
 
-def params(root: Path, **effects: Any) -> dict:
-    return {
-        "seed": 1,
-        "model": {"source": "tiny", "bos_token_id": 1},
-        "sae": {"source": "tiny", "hook_name": HOOK, "train": {"d_sae": 64, "k": 4}},
-        "results_root": str(root),
-        "effects": {
-            "vectors": {"source": "decoder_rows", "ids": {"start": 0, "stop": N_VECTORS}},
-            "scale_grid": {"start": 0, "stop": 40, "step": 10},
-            "loss_target": {"kind": "relative", "value": 0.3},
-            "loss_chunks": 4, "loss_chunk_tokens": 16,
-            "prompts": ["", "I think"], "samples_per_prompt": 4, "total_tokens": 16,
-            "baseline_multiplier": 2, "vectors_per_batch": 2,
-            **effects,
-        },
-    }
+DECODER_ROWS = {"source": "decoder_rows", "ids": {"start": 0, "stop": N_VECTORS}}
 
 
-def write_config(tmp_path: Path, data: dict, overrides: dict | None = None, stem: str = "tinyrun"):
-    folder = tmp_path / "params"
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{stem}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return load_config(path, overrides)
+def tiny_run(tmp_path: Path, **effects: Any) -> RunConfig:
+    """The tiny run of these tests: N_VECTORS decoder rows, 2 per block, seed 1; ``effects`` keys replace these."""
+    return build_run_cfg(tmp_path, seed=1, effects={"vectors": DECODER_ROWS, "vectors_per_batch": 2, **effects})
 
 
 def shard_files(run) -> list[Path]:
@@ -76,7 +58,7 @@ def shard_ids(run) -> Counter:
 def reference(tmp_path_factory, tiny_model, tiny_sae):
     """An uninterrupted in-process run (gpus=0) of all N_VECTORS vectors."""
     tmp = tmp_path_factory.mktemp("reference")
-    run = write_config(tmp, params(tmp / "results"))
+    run = tiny_run(tmp)
     path = run_effects(run, tiny_model, tiny_sae, gpus=0)
     return run, path
 
@@ -153,12 +135,12 @@ def test_rerun_does_no_work(reference, tiny_model, tiny_sae, monkeypatch):
 
 
 def test_plan_made_with_other_settings_needs_restart(tmp_path, tiny_model, tiny_sae, monkeypatch):
-    small = params(tmp_path / "results", vectors={"source": "decoder_rows", "ids": [3, 9, 12]})
-    run = write_config(tmp_path, small)
+    small = {"source": "decoder_rows", "ids": [3, 9, 12]}
+    run = tiny_run(tmp_path, vectors=small)
     run_effects(run, tiny_model, tiny_sae, gpus=0)
     old_shards = shard_files(run)
     assert old_shards
-    changed = write_config(tmp_path, small, {"effects": {"loss_target": {"kind": "relative", "value": 0.5}}})
+    changed = tiny_run(tmp_path, vectors=small, loss_target={"kind": "relative", "value": 0.5})
     assert fingerprint(changed) != fingerprint(run)
     with pytest.raises(ConfigError, match="restart=True"):
         run_effects(changed, tiny_model, tiny_sae, gpus=0)
@@ -172,7 +154,7 @@ def test_plan_made_with_other_settings_needs_restart(tmp_path, tiny_model, tiny_
 
 def test_resume_after_a_killed_worker_gives_the_uninterrupted_result(tmp_path, reference, tiny_model, tiny_sae,
                                                                      monkeypatch):
-    run = write_config(tmp_path, params(tmp_path / "results"))
+    run = tiny_run(tmp_path)
     procs = []
     spawn = effects_runner._spawn_worker
 
@@ -267,7 +249,7 @@ def test_available_devices_with_gpus(monkeypatch, tmp_path, tiny_model, tiny_sae
     assert available_devices(2) == ["cuda:0", "cuda:1"]
     with pytest.raises(ConfigError, match="only 2 CUDA"):
         available_devices(3)
-    run = write_config(tmp_path, params(tmp_path / "results"))
+    run = tiny_run(tmp_path)
     with pytest.raises(ConfigError, match="gpus=3"):
         run_effects(run, tiny_model, tiny_sae, gpus=3)
     assert not work_dir(run).exists()  # refused before any plan or work
@@ -298,8 +280,8 @@ def good_vectors(n: int = 3) -> torch.Tensor:
     return torch.randn(n, 32, generator=torch.Generator().manual_seed(0))
 
 
-def fails_before_work(tmp_path, data, model, sae, match: str) -> str:
-    run = write_config(tmp_path, data)
+def fails_before_work(tmp_path, vectors, model, sae, match: str) -> str:
+    run = tiny_run(tmp_path, vectors=vectors)
     with pytest.raises(ConfigError, match=match) as err:
         run_effects(run, model, sae, gpus=0)
     assert not (work_dir(run) / "plan.safetensors").exists()
@@ -308,15 +290,15 @@ def fails_before_work(tmp_path, data, model, sae, match: str) -> str:
 
 
 def test_decoder_row_out_of_range(tmp_path, no_forward, tiny_sae):
-    data = params(tmp_path / "r", vectors={"source": "decoder_rows", "ids": {"start": 60, "stop": 70}})
-    msg = fails_before_work(tmp_path, data, no_forward, tiny_sae, "out of range")
+    vectors = {"source": "decoder_rows", "ids": {"start": 60, "stop": 70}}
+    msg = fails_before_work(tmp_path, vectors, no_forward, tiny_sae, "out of range")
     assert "64" in msg and "0..63" in msg
-    data = params(tmp_path / "r", vectors={"source": "decoder_rows", "ids": [1, -1]})
-    fails_before_work(tmp_path, data, no_forward, tiny_sae, "out of range")
-    data = params(tmp_path / "r", vectors={"source": "decoder_rows", "ids": [4, 4]})
-    fails_before_work(tmp_path, data, no_forward, tiny_sae, "duplicates")
-    data = params(tmp_path / "r", vectors={"source": "decoder_rows", "ids": {"start": 5, "stop": 5}})
-    fails_before_work(tmp_path, data, no_forward, tiny_sae, "selects no")
+    vectors = {"source": "decoder_rows", "ids": [1, -1]}
+    fails_before_work(tmp_path, vectors, no_forward, tiny_sae, "out of range")
+    vectors = {"source": "decoder_rows", "ids": [4, 4]}
+    fails_before_work(tmp_path, vectors, no_forward, tiny_sae, "duplicates")
+    vectors = {"source": "decoder_rows", "ids": {"start": 5, "stop": 5}}
+    fails_before_work(tmp_path, vectors, no_forward, tiny_sae, "selects no")
 
 
 @pytest.mark.parametrize("row", [
@@ -328,25 +310,25 @@ def test_bad_vector_in_file(tmp_path, no_forward, tiny_sae, row):
     vecs = good_vectors()
     vecs[1] = row
     path = vectors_file(tmp_path, vecs, ids=[10, 20, 30])
-    data = params(tmp_path / "r", vectors={"source": "file", "path": str(path)})
-    msg = fails_before_work(tmp_path, data, no_forward, tiny_sae, "zero or non-finite")
+    vectors = {"source": "file", "path": str(path)}
+    msg = fails_before_work(tmp_path, vectors, no_forward, tiny_sae, "zero or non-finite")
     assert "[20]" in msg  # names the offending vector id
 
 
 def test_repeated_ids_in_vectors_file(tmp_path, no_forward, tiny_sae):
     path = vectors_file(tmp_path, good_vectors(), ids=[5, 5, 7])
-    data = params(tmp_path / "r", vectors={"source": "file", "path": str(path)})
-    fails_before_work(tmp_path, data, no_forward, tiny_sae, "appear more than once")
+    vectors = {"source": "file", "path": str(path)}
+    fails_before_work(tmp_path, vectors, no_forward, tiny_sae, "appear more than once")
 
 
 def test_vectors_file_problems(tmp_path, no_forward, tiny_sae):
-    data = params(tmp_path / "r", vectors={"source": "file", "path": str(tmp_path / "missing.safetensors")})
-    fails_before_work(tmp_path, data, no_forward, tiny_sae, "does not exist")
+    vectors = {"source": "file", "path": str(tmp_path / "missing.safetensors")}
+    fails_before_work(tmp_path, vectors, no_forward, tiny_sae, "does not exist")
     path = vectors_file(tmp_path, torch.randn(3, 16))
-    data = params(tmp_path / "r", vectors={"source": "file", "path": str(path)})
-    fails_before_work(tmp_path, data, no_forward, tiny_sae, r"need \[n, 32\]")
+    vectors = {"source": "file", "path": str(path)}
+    fails_before_work(tmp_path, vectors, no_forward, tiny_sae, r"need \[n, 32\]")
     save_file({"other": torch.randn(3, 32)}, str(path))
-    fails_before_work(tmp_path, data, no_forward, tiny_sae, "no 'vectors' tensor")
+    fails_before_work(tmp_path, vectors, no_forward, tiny_sae, "no 'vectors' tensor")
 
 
 @pytest.mark.parametrize("effects, match", [
@@ -360,18 +342,18 @@ def test_vectors_file_problems(tmp_path, no_forward, tiny_sae):
 ])
 def test_config_rejects_bad_effects_settings(tmp_path, effects, match):
     with pytest.raises(ConfigError, match=match):
-        write_config(tmp_path, params(tmp_path / "r", **effects))
+        tiny_run(tmp_path, **effects)
 
 
 def test_vector_sources_yield_unit_vectors_in_id_order(tmp_path, tiny_sae):
-    run = write_config(tmp_path, params(tmp_path / "r", vectors={"source": "random", "count": 5}))
+    run = tiny_run(tmp_path, vectors={"source": "random", "count": 5})
     ids, vecs = build_vectors(run, tiny_sae, 32)
     assert ids.tolist() == [0, 1, 2, 3, 4] and vecs.shape == (5, 32)
     torch.testing.assert_close(vecs.norm(dim=-1), torch.ones(5))
     again = build_vectors(run, tiny_sae, 32)[1]
     assert torch.equal(vecs, again)  # seeded by the run seed
     path = vectors_file(tmp_path, good_vectors(4) * 3.0, ids=[7, 8, 9, 11])
-    run = write_config(tmp_path, params(tmp_path / "r", vectors={"source": "file", "path": str(path), "ids": [1, 3]}))
+    run = tiny_run(tmp_path, vectors={"source": "file", "path": str(path), "ids": [1, 3]})
     ids, vecs = build_vectors(run, tiny_sae, 32)
     assert ids.tolist() == [8, 11]
     g = good_vectors(4)
@@ -379,7 +361,7 @@ def test_vector_sources_yield_unit_vectors_in_id_order(tmp_path, tiny_sae):
 
 
 def test_prepare_plan_reuses_the_saved_plan(tmp_path, tiny_model, tiny_sae, monkeypatch):
-    run = write_config(tmp_path, params(tmp_path / "r", vectors={"source": "decoder_rows", "ids": [2, 5]}))
+    run = tiny_run(tmp_path, vectors={"source": "decoder_rows", "ids": [2, 5]})
     plan = prepare_plan(run, tiny_model, tiny_sae)
     assert plan.vector_ids.tolist() == [2, 5] and plan.loss_tokens.shape == (4, 16)
     assert torch.all(plan.loss_tokens[:, 0] == 1)  # every chunk starts with the configured BOS

@@ -4,7 +4,8 @@ import torch
 
 from saets_utils.steering.generation import generate
 
-HOOK = "blocks.1.hook_resid_post"
+from helpers import HOOK
+
 
 
 def test_pad_token_in_sequence_is_attended_with_kv_cache(tiny_model):

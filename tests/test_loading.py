@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +13,14 @@ from saets_utils.models import loading
 from saets_utils.models import sae_loading, sae_training
 from saets_utils.config import ConfigError, ModelConfig, RunConfig, TextConfig
 
-HOOK = "blocks.1.hook_resid_post"
+from helpers import HOOK, build_run_cfg
 
 
-def make_run(sae: dict, model: dict | None = None) -> RunConfig:
-    return RunConfig.model_validate({"name": "t", "model": model or {"source": "tiny"}, "sae": {"hook_name": HOOK, **sae}})
+
+def make_run(tmp_path: Path, sae: dict, model: dict | None = None) -> RunConfig:
+    """A tiny run whose SAE is ``sae`` (source ``train`` unless given) and whose model takes the
+    tokenizer's start token unless ``model`` says otherwise."""
+    return build_run_cfg(tmp_path, model=model or {"bos_token_id": None}, sae={"source": "train", **sae})
 
 
 # --- Gemma Scope params.npz -------------------------------------------------------------------
@@ -53,7 +57,7 @@ def test_gemma_scope_npz_encode_matches_reference(tmp_path):
 def test_gemma_scope_npz_through_load_sae_from(tmp_path):
     p = gemma_scope_params()
     np.savez(tmp_path / "params.npz", **p)
-    run = make_run({"source": "gemma_scope_npz", "path": str(tmp_path / "params.npz")})
+    run = make_run(tmp_path, {"source": "gemma_scope_npz", "path": str(tmp_path / "params.npz")})
     sae = sae_loading.load_sae_from(run.sae, run)
     x = torch.randn(3, 8)
     torch.testing.assert_close(sae.encode(x), gemma_scope_encode(p, x))
@@ -69,7 +73,7 @@ def test_gemma_scope_npz_missing_key_fails_clearly(tmp_path):
 
 
 def test_gemma_scope_npz_missing_file_names_field(tmp_path):
-    run = make_run({"source": "gemma_scope_npz", "path": str(tmp_path / "nope.npz")})
+    run = make_run(tmp_path, {"source": "gemma_scope_npz", "path": str(tmp_path / "nope.npz")})
     with pytest.raises(ConfigError, match="sae.path .* does not exist"):
         sae_loading.load_sae_from(run.sae, run)
 
@@ -78,7 +82,7 @@ def test_gemma_scope_npz_missing_file_names_field(tmp_path):
 
 def test_local_sae_lens_folder_round_trip(tmp_path, tiny_sae):
     tiny_sae.save_model(tmp_path / "sae")
-    run = make_run({"source": "local", "path": str(tmp_path / "sae")})
+    run = make_run(tmp_path, {"source": "local", "path": str(tmp_path / "sae")})
     loaded = sae_loading.load_sae_from(run.sae, run)
     assert type(loaded) is type(tiny_sae)
     for name, value in tiny_sae.state_dict().items():
@@ -89,7 +93,7 @@ def test_local_sae_lens_folder_round_trip(tmp_path, tiny_sae):
 
 
 def test_local_sae_missing_folder_names_field(tmp_path):
-    run = make_run({"source": "local", "path": str(tmp_path / "nope")})
+    run = make_run(tmp_path, {"source": "local", "path": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="sae.path .* not a folder saved by sae_lens"):
         sae_loading.load_sae_from(run.sae, run)
 
@@ -113,8 +117,8 @@ def sae_cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_trained_sae_is_cached_and_reloaded_without_training(sae_cache, tiny_model, monkeypatch):
-    run = make_run({"train": TRAIN})
+def test_trained_sae_is_cached_and_reloaded_without_training(sae_cache, tiny_model, monkeypatch, tmp_path):
+    run = make_run(tmp_path, {"train": TRAIN})
     seen: list[torch.Tensor] = []
     real_train = sae_training.train_sae
 
@@ -148,28 +152,28 @@ def test_trained_sae_is_cached_and_reloaded_without_training(sae_cache, tiny_mod
         torch.testing.assert_close(second.state_dict()[name], value)
 
 
-def test_cached_sae_refuses_another_model(sae_cache, tiny_model):
+def test_cached_sae_refuses_another_model(sae_cache, tiny_model, tmp_path):
     from saets_utils.models.tiny import tiny_model as make_tiny
 
-    run = make_run({"train": TRAIN})
+    run = make_run(tmp_path, {"train": TRAIN})
     sae_training.train_or_load_sae(run, run.sae, model=tiny_model)
     with pytest.raises(ConfigError, match="trained on another model"):
         sae_training.train_or_load_sae(run, run.sae, model=make_tiny(seed=1))
 
 
-def test_cache_key_changes_with_settings():
-    base = make_run({"train": TRAIN})
+def test_cache_key_changes_with_settings(tmp_path):
+    base = make_run(tmp_path, {"train": TRAIN})
     keys = {sae_training.sae_cache_key(r, r.sae) for r in [
-        base, make_run({"train": {**TRAIN, "k": 8}}), make_run({"train": TRAIN}, {"source": "tiny", "bos_token_id": 0}),
-        base.model_copy(update={"seed": 1}), make_run({"train": TRAIN, "hook_name": "blocks.2.hook_resid_post"}),
+        base, make_run(tmp_path, {"train": {**TRAIN, "k": 8}}), make_run(tmp_path, {"train": TRAIN}, {"source": "tiny", "bos_token_id": 0}),
+        base.model_copy(update={"seed": 1}), make_run(tmp_path, {"train": TRAIN, "hook_name": "blocks.2.hook_resid_post"}),
     ]}
     assert len(keys) == 5
-    assert sae_training.sae_cache_key(base, base.sae) == sae_training.sae_cache_key(make_run({"train": TRAIN}), base.sae)
+    assert sae_training.sae_cache_key(base, base.sae) == sae_training.sae_cache_key(make_run(tmp_path, {"train": TRAIN}), base.sae)
 
 
-def test_load_sae_quality_is_none_before_training(sae_cache):
-    assert sae_training.load_sae_quality(make_run({"train": TRAIN})) is None
-    assert sae_training.load_sae_quality(make_run({"source": "tiny"})) is None
+def test_load_sae_quality_is_none_before_training(sae_cache, tmp_path):
+    assert sae_training.load_sae_quality(make_run(tmp_path, {"train": TRAIN})) is None
+    assert sae_training.load_sae_quality(make_run(tmp_path, {"source": "tiny"})) is None
 
 
 def exact_sae(d_in: int):

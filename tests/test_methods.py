@@ -15,8 +15,9 @@ from saets_utils.evaluation.methods import (
     mean_resid, mean_sae_acts, rotation_matrix, target_vector,
 )
 
+from helpers import HOOK
+
 D_MODEL, D_SAE = 16, 24
-HOOK = "blocks.1.hook_resid_post"
 
 
 def unit_rows(n, d, g):

@@ -14,6 +14,8 @@ from saets_utils.report import plots
 from saets_utils.evaluation import scoring  # noqa: E402
 from saets_utils.registry import METHODS  # noqa: E402
 
+from helpers import build_run_cfg  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def tables():
@@ -72,11 +74,9 @@ def test_plot_writes_png(tables, tmp_path, name):
 
 
 def test_study_figure_is_drawn_from_the_study_csv(tmp_path):
-    from saets_utils.config import RunConfig
     from saets_utils.report.figures import study_figure
 
-    run = RunConfig.model_validate({"name": "s", "sae": {"hook_name": "blocks.1.hook_resid_post"},
-                                    "results_root": str(tmp_path)})
+    run = build_run_cfg(tmp_path)
     assert study_figure(run) is None
     (run.results_dir / "study").mkdir(parents=True)
     _learning_curve().to_csv(run.results_dir / "study" / "learning_curve.csv", index=False)

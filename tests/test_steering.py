@@ -11,7 +11,8 @@ from saets_utils.config import SamplingConfig
 from saets_utils.steering.generation import generate, row_seed, row_uniforms, sample_from_logits
 from saets_utils.steering.hooks import steering_delta, steering_hook
 
-HOOK = "blocks.1.hook_resid_post"
+from helpers import HOOK
+
 NEXT = "blocks.2.hook_resid_pre"  # what the layers after the hook actually receive
 SAMPLING = SamplingConfig(top_k=50, top_p=0.3)
 WIDE_SAMPLING = SamplingConfig(top_k=40, top_p=0.9)  # many candidate tokens: a sharper test of seeding

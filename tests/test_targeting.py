@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from saets_utils.effects.calibration import calibrate_scales, resid_at_hook
-from saets_utils.config import ConfigError, load_config
+from saets_utils.config import ConfigError
 from saets_utils.effects.measure import measure_effects
 from saets_utils.effects.plan import Plan, work_dir
 from saets_utils.effects.runner import prepare_plan, rollout_spec
@@ -26,8 +24,8 @@ from saets_utils.evaluation.targeting import (
 )
 from saets_utils.evaluation.task_vectors import TaskVectors
 
-HOOK = "blocks.1.hook_resid_post"
-BOS = 1
+from helpers import BOS, HOOK, build_run_cfg
+
 FEATURE = 17  # the SAE feature rebuilt as a detector of TOKEN
 TOKEN = "z"
 
@@ -116,28 +114,9 @@ def test_vector_ids_never_alias_effects_ids():
 
 # --- end to end on the tiny model ---------------------------------------------------------------
 
-def _params(root: Path) -> dict:
-    return {
-        "seed": 1,
-        "model": {"source": "tiny", "bos_token_id": BOS},
-        "sae": {"source": "tiny", "hook_name": HOOK, "train": {"d_sae": 64, "k": 4}},
-        "results_root": str(root / "results"),
-        "effects": {
-            "vectors": {"source": "decoder_rows", "ids": [0, 1]},
-            "scale_grid": {"start": 0, "stop": 40, "step": 10},
-            "loss_target": {"kind": "relative", "value": 0.3},
-            "loss_chunks": 4, "loss_chunk_tokens": 16, "prompts": ["", "I think"],
-            "samples_per_prompt": 4, "total_tokens": 16, "baseline_multiplier": 2, "vectors_per_batch": 4,
-        },
-        "eval": {"bootstrap": 20},
-    }
-
-
-def _write_run(tmp: Path, data: dict):
-    (tmp / "params").mkdir(exist_ok=True)
-    path = tmp / "params" / "tinytarget.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return load_config(path)
+# The tiny run of these tests: decoder rows 0 and 1 measured in 01, seed 1.
+TARGETING = {"seed": 1, "effects": {"vectors": {"source": "decoder_rows", "ids": [0, 1]}, "vectors_per_batch": 4},
+             "eval": {"bootstrap": 20}}
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +135,7 @@ def setup(tmp_path_factory, tiny_model):
     from saets_utils.models.tiny import tiny_sae
 
     tmp = tmp_path_factory.mktemp("targeting")
-    run = _write_run(tmp, _params(tmp))
+    run = build_run_cfg(tmp, TARGETING, stem="tinytarget")
     model = tiny_model
     tok_id = model.tokenizer.encode(TOKEN, add_special_tokens=False)[0]
     w_u = model.W_U.detach()
@@ -258,14 +237,11 @@ def test_targets_resolved_when_03_recorded_none(setup, monkeypatch):
 
 def test_missing_or_stale_plan_fails_clearly(setup, tmp_path, tiny_model, tiny_sae):
     run, *_ = setup
-    fresh = _write_run(tmp_path, _params(tmp_path))
+    fresh = build_run_cfg(tmp_path, TARGETING, stem="tinytarget")
     with pytest.raises(FileNotFoundError, match="01_effects"):
         measure_targeting(fresh, tiny_model, tiny_sae, {}, progress=False)
-    stale = _params(tmp_path)
-    stale["results_root"] = str(Path(run.results_root))
-    stale["effects"]["loss_target"]["value"] = 0.6
-    (tmp_path / "params" / "tinytarget.yaml").write_text(yaml.safe_dump(stale))
-    changed = load_config(tmp_path / "params" / "tinytarget.yaml")
+    changed = build_run_cfg(tmp_path, TARGETING, stem="tinytarget", results_root=run.results_root,
+                            effects={"loss_target": {"value": 0.6}})
     assert work_dir(changed) == work_dir(run) and Plan.load(work_dir(run) / "plan.safetensors")
     with pytest.raises(ConfigError, match="other effects settings"):
         measure_targeting(changed, tiny_model, tiny_sae, {}, progress=False)
@@ -300,10 +276,9 @@ def test_evaluate_run_measures_targeting_and_04_draws_it(setup, tmp_path, monkey
     from saets_utils.judges.base import JudgeResult
 
     run, model, sae, plan, _, _ = setup
-    data = _params(tmp_path)
-    data["eval"] = {"tasks": ["short"], "methods": ["CAA", "SAE", "prompt"], "scale_grid": {"start": 0, "stop": 20, "step": 20},
-                    "samples_per_scale": 2, "new_tokens": 4, "bootstrap": 10, "fgaa_density_max": 1.0}
-    new = _write_run(tmp_path, data)
+    new = build_run_cfg(tmp_path, TARGETING, stem="tinytarget", eval={
+        "tasks": ["short"], "methods": ["CAA", "SAE", "prompt"], "scale_grid": {"start": 0, "stop": 20, "step": 20},
+        "samples_per_scale": 2, "new_tokens": 4, "bootstrap": 10, "fgaa_density_max": 1.0})
     (work_dir(new)).mkdir(parents=True)
     shutil.copy(work_dir(run) / "plan.safetensors", work_dir(new) / "plan.safetensors")  # 01's plan, same settings
     save_file({"mean": plan.baseline_mean, "density": plan.baseline_density}, str(new.results_dir / "baseline.safetensors"))

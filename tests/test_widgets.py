@@ -10,29 +10,13 @@ import torch  # noqa: E402
 
 from saets_utils.report import explore  # noqa: E402
 from saets_utils.steering.tasks import Task  # noqa: E402
+from helpers import build_run_cfg  # noqa: E402
 from saets_utils.report.widgets import CUSTOM, EffectExplorer, SteeringPlayground, parse_targets, playground_generate  # noqa: E402
-
-TINY_RUN = """\
-model: {source: tiny, bos_token_id: 1}
-sae: {source: tiny, hook_name: blocks.1.hook_resid_post, train: {d_sae: 64, k: 4}}
-effects:
-  vectors: {source: decoder_rows, ids: {start: 0, stop: 12}}
-  scale_grid: {start: 0, stop: 40, step: 10}
-  loss_target: {kind: relative, value: 0.3}
-  loss_chunks: 4
-  loss_chunk_tokens: 16
-  prompts: ["", "I think"]
-  samples_per_prompt: 3
-  total_tokens: 12
-  baseline_multiplier: 2
-  vectors_per_batch: 2
-"""
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from saets_utils.approximator.fits import fit_ridge
-    from saets_utils.config import load_config
     from saets_utils.effects.runner import run_effects
     from saets_utils.effects.store import load_effects
     from saets_utils.models.loading import load_model
@@ -40,9 +24,10 @@ def tiny_run(tmp_path_factory):
     from saets_utils.evaluation.task_vectors import load_context
 
     tmp = tmp_path_factory.mktemp("widgets")
-    (tmp / "tinyrun.yaml").write_text(TINY_RUN)
+    settings = {"vectors": {"source": "decoder_rows", "ids": {"start": 0, "stop": 12}}, "samples_per_prompt": 3,
+                "total_tokens": 12, "vectors_per_batch": 2}
     # density max 1: the tiny SAE's features are all dense, and target discovery drops dense ones
-    run = load_config(tmp / "tinyrun.yaml", {"results_root": str(tmp), "eval": {"fgaa_density_max": 1.0}})
+    run = build_run_cfg(tmp, effects=settings, eval={"fgaa_density_max": 1.0})
     model, sae = load_model(run.model), load_sae(run)
     run_effects(run, model, sae, gpus=0)
     effects = load_effects(run.results_dir)
