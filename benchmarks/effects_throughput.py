@@ -36,7 +36,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,16 +50,15 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from saets_utils.config import EffectsConfig, LossTarget, SamplingConfig, load_config  # noqa: E402
 from saets_utils.effects import calibration as cal_mod  # noqa: E402
 from saets_utils.effects import measure as eff_mod  # noqa: E402
 from saets_utils.effects import reference as ref_mod  # noqa: E402
-from saets_utils.steering import generation as steer_mod  # noqa: E402
 from saets_utils.effects.calibration import calibrate_scales, hook_layer, resid_at_hook, steered_losses  # noqa: E402
-from saets_utils.config import EffectsConfig, LossTarget, SamplingConfig, load_config  # noqa: E402
 from saets_utils.effects.measure import RolloutSpec, measure_effects  # noqa: E402
 from saets_utils.effects.reference import reference_effects, transformer_lens_rollouts  # noqa: E402
+from saets_utils.steering import generation as steer_mod  # noqa: E402
 from saets_utils.steering.hooks import steering_hook  # noqa: E402
-
 
 # --------------------------------------------------------------------------------------------
 # timing and work accounting
@@ -106,7 +105,7 @@ class ModelShape:
     hook_layer: int
 
     @classmethod
-    def of(cls, model, sae, hook_name: str) -> "ModelShape":
+    def of(cls, model, sae, hook_name: str) -> ModelShape:
         per_block = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
         return cls(model.cfg.n_layers, sum(per_block) / len(per_block), model.W_U.numel(),
                    sae.W_enc.numel(), hook_layer(hook_name))
@@ -155,10 +154,10 @@ def smollm_setup(args) -> Setup:
     """The params file's model, SAE and effect settings; if its SAE is not cached (training takes
     minutes), the SAE settings of ``--fallback-sae-params`` with the params file's effect settings."""
     from saets_utils.effects.runner import rollout_spec
+    from saets_utils.effects.vector_sources import build_vectors
     from saets_utils.models.loading import bos_id, load_texts, tokenize_chunks
     from saets_utils.models.sae_loading import load_sae_from
     from saets_utils.session import load_model_and_sae
-    from saets_utils.effects.vector_sources import build_vectors
 
     run = load_config(args.params)
     source = f"{args.params} (model, SAE and effect settings)"
@@ -628,10 +627,8 @@ def main(argv=None) -> dict:
         f"{platform.processor() or platform.machine()}")
     if s.device.startswith("cuda"):
         out(f"{'gpu':>16}: {torch.cuda.get_device_name()}")
-    try:
+    with suppress(OSError):
         out(f"{'load average':>16}: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (at the end of the run)")
-    except OSError:
-        pass
     out(f"{'non-emb params':>16}: {shape.n_params / 1e6:.1f} M (blocks {shape.n_layers} x "
         f"{shape.block_params / 1e6:.2f} M + unembed {shape.unembed_params / 1e6:.1f} M); SAE enc "
         f"{shape.sae_enc_params / 1e6:.1f} M")

@@ -45,7 +45,7 @@ class ModelConfig(_Strict):
     bos_token_id: int | None = None
 
     @model_validator(mode="after")
-    def _local_needs_path(self) -> "ModelConfig":
+    def _local_needs_path(self) -> ModelConfig:
         if self.source == "local" and not self.path:
             raise ValueError("model.path is required when model.source is 'local'")
         return self
@@ -64,7 +64,7 @@ class SAETrainConfig(_Strict):
     n_batches_in_buffer: int = Field(16, gt=0)
 
     @model_validator(mode="after")
-    def _buffer_big_enough(self) -> "SAETrainConfig":
+    def _buffer_big_enough(self) -> SAETrainConfig:
         if self.n_batches_in_buffer * self.context_size < self.batch_size_tokens:
             raise ValueError(
                 "sae.train.n_batches_in_buffer * context_size must be >= batch_size_tokens "
@@ -95,7 +95,7 @@ class SAEConfig(_Strict):
     train: SAETrainConfig = SAETrainConfig()
 
     @model_validator(mode="after")
-    def _source_fields(self) -> "SAEConfig":
+    def _source_fields(self) -> SAEConfig:
         need = {
             "sae_lens": ("release", "sae_id"),
             "local": ("path",),
@@ -142,7 +142,7 @@ class TextConfig(_Strict):
     hf_column: str = "text"
 
     @model_validator(mode="after")
-    def _hf_needs_name(self) -> "TextConfig":
+    def _hf_needs_name(self) -> TextConfig:
         if self.source == "hf" and not self.hf_dataset:
             raise ValueError("text.hf_dataset is required when text.source is 'hf'")
         return self
@@ -171,7 +171,7 @@ class ScaleGrid(_Strict):
     step: float = 20.0
 
     @model_validator(mode="after")
-    def _non_empty(self) -> "ScaleGrid":
+    def _non_empty(self) -> ScaleGrid:
         if self.step <= 0 or self.stop < self.start:
             raise ValueError(
                 f"scale grid is empty (start={self.start}, stop={self.stop}, step={self.step}); "
@@ -180,7 +180,7 @@ class ScaleGrid(_Strict):
         return self
 
     def values(self) -> list[float]:
-        n = int(round((self.stop - self.start) / self.step)) + 1
+        n = round((self.stop - self.start) / self.step) + 1
         return [self.start + i * self.step for i in range(n) if self.start + i * self.step <= self.stop + 1e-9]
 
 
@@ -208,7 +208,7 @@ class VectorSource(_Strict):
     sae: SAEConfig | None = None
 
     @model_validator(mode="after")
-    def _fields(self) -> "VectorSource":
+    def _fields(self) -> VectorSource:
         if self.source in ("random", "pairs") and not self.count:
             raise ValueError(f"effects.vectors.count is required when source is '{self.source}'")
         if self.source == "file" and not self.path:

@@ -33,7 +33,7 @@ def start_run(params_file: str, overrides: dict[str, Any] | None = None) -> tupl
     return run, device
 
 
-def load_model_and_sae(run: RunConfig, device: str) -> tuple["HookedTransformer", "SAE"]:
+def load_model_and_sae(run: RunConfig, device: str) -> tuple[HookedTransformer, SAE]:
     """The run's model and SAE on ``device``, each checked against the other and the params."""
     from saets_utils.models.loading import load_model, validate_against_model
     from saets_utils.models.sae_loading import load_sae, validate_sae

@@ -16,8 +16,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tiny_sae():
-    from saets_utils.models.tiny import tiny_sae
-
     from helpers import D_MODEL, D_SAE, K
+    from saets_utils.models.tiny import tiny_sae
 
     return tiny_sae(d_in=D_MODEL, d_sae=D_SAE, k=K)

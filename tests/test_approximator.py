@@ -3,14 +3,18 @@ ridge, reduced-rank ridge), metrics rank a perfect fit above the baselines and t
 (coverage, noise ceiling), the split is seeded, files round-trip."""
 
 import json
+import math
 
 import pytest
 import torch
 
-import math
-
 from saets_utils.approximator.fits import (
-    _per_feature, choose_ridge_lambda, fit_adam, fit_reduced_rank, fit_ridge, fit_ridge_per_feature,
+    _per_feature,
+    choose_ridge_lambda,
+    fit_adam,
+    fit_reduced_rank,
+    fit_ridge,
+    fit_ridge_per_feature,
 )
 from saets_utils.approximator.metrics import approximator_metrics, heldout_r2, noise_ceiling, split_half_reliability
 from saets_utils.approximator.model import EffectApproximator, load_rotation, rotation_matrix, split_holdout
@@ -45,7 +49,7 @@ def test_ridge_recovers_known_map(synthetic):
 
 
 def test_ridge_bias_is_unpenalised(synthetic):
-    X, Y, _, b = synthetic
+    X, Y, _, _b = synthetic
     # A huge penalty shrinks W to ~0, so b must become the mean effect (not be shrunk itself).
     approx = fit_ridge(X, Y, lam=1e9)
     assert approx.W.abs().max() < 1e-3

@@ -8,14 +8,19 @@ import math
 import pytest
 import torch
 
-from saets_utils.effects.calibration import (
-    STATUSES, calibrate_scales, hook_layer, interpolate_scale, loss_target_value, resid_at_hook, steered_losses,
-)
+from helpers import HOOK
 from saets_utils.config import LossTarget, SamplingConfig
+from saets_utils.effects.calibration import (
+    STATUSES,
+    calibrate_scales,
+    hook_layer,
+    interpolate_scale,
+    loss_target_value,
+    resid_at_hook,
+    steered_losses,
+)
 from saets_utils.steering.generation import generate
 from saets_utils.steering.hooks import steering_hook
-
-from helpers import HOOK
 
 GRID = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 TARGET = LossTarget(kind="relative", value=0.3)

@@ -8,12 +8,10 @@ from typing import Any
 import pytest
 import yaml
 
+from helpers import HOOK, build_run_cfg
 from saets_utils.config import REPO_ROOT, ConfigError, RunConfig, load_config
 from saets_utils.models.loading import validate_against_model
 from saets_utils.models.sae_loading import validate_sae
-
-from helpers import HOOK, build_run_cfg
-
 
 
 def write_params(tmp_path: Path, data: dict[str, Any], stem: str = "run") -> Path:
@@ -66,7 +64,7 @@ def test_invalid_params_name_field_and_fix(tmp_path, data, field, fix):
 
 
 def test_missing_params_file_names_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match="not found; pass e.g. params/"):
+    with pytest.raises(ConfigError, match=r"not found; pass e.g. params/"):
         load_config(tmp_path / "nope.yaml")
 
 
@@ -98,7 +96,7 @@ def test_validate_against_model_layer_out_of_range(tiny_model, tmp_path):
 
 
 def test_validate_against_model_malformed_hook(tiny_model, tmp_path):
-    with pytest.raises(ConfigError, match="not of the form blocks.<layer>"):
+    with pytest.raises(ConfigError, match=r"not of the form blocks.<layer>"):
         validate_against_model(run_with_hook(tmp_path, "hook_embed"), tiny_model)
 
 

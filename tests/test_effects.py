@@ -8,15 +8,21 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import BOS, HOOK
 from saets_utils.config import SamplingConfig
 from saets_utils.effects.measure import (
-    BASELINE, STEERED, FeatureSums, RolloutSpec, encode_positions, measure_baseline, measure_effects,
-    prompt_groups, prompt_token_ids,
+    BASELINE,
+    STEERED,
+    FeatureSums,
+    RolloutSpec,
+    encode_positions,
+    measure_baseline,
+    measure_effects,
+    prompt_groups,
+    prompt_token_ids,
 )
 from saets_utils.effects.reference import reference_effects
 from saets_utils.steering.generation import generate, row_seed
-
-from helpers import BOS, HOOK
 
 SEED = 3
 IDS = [5, 11, 17, 40]  # decoder rows used as steering vectors (ids on purpose not 0..n-1)

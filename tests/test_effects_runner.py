@@ -19,16 +19,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from helpers import HOOK, build_run_cfg
+from saets_utils.config import ConfigError, RunConfig
 from saets_utils.effects import runner as effects_runner
 from saets_utils.effects.calibration import STATUSES
-from saets_utils.config import ConfigError, RunConfig
 from saets_utils.effects.measure import measure_effects
 from saets_utils.effects.plan import Plan, fingerprint, work_dir
 from saets_utils.effects.runner import available_devices, prepare_plan, rollout_spec, run_effects
 from saets_utils.effects.store import load_effects
 from saets_utils.effects.vector_sources import build_vectors
-
-from helpers import HOOK, build_run_cfg
 
 N_VECTORS = 24  # with 2 vectors per block: 12 blocks, so a kill lands mid-run even on a slow machine
 WAIT_S = 240  # bound on every wait for worker subprocesses
@@ -169,7 +168,7 @@ def test_resume_after_a_killed_worker_gives_the_uninterrupted_result(tmp_path, r
     def target():
         try:
             outcome["path"] = run_effects(run, tiny_model, tiny_sae, gpus=2, poll_s=0.1)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+        except BaseException as e:  # handed to the test thread
             outcome["error"] = e
 
     thread = threading.Thread(target=target, daemon=True)

@@ -2,10 +2,8 @@
 
 import torch
 
-from saets_utils.steering.generation import generate
-
 from helpers import HOOK
-
+from saets_utils.steering.generation import generate
 
 
 def test_pad_token_in_sequence_is_attended_with_kv_cache(tiny_model):

@@ -14,9 +14,9 @@ import pytest
 from saets_utils.config import ConfigError, JudgeConfig
 from saets_utils.judges import JudgeCache, JudgeRequest, OpenAIJudge, make_judge, score_requests
 from saets_utils.judges.base import estimate_cost
+from saets_utils.judges.offline import OfflineJudge, repeated_ngram_fraction
 from saets_utils.judges.openai_judge import ReplyError, build_messages, parse_score
 from saets_utils.judges.prompts import COHERENCE_CRITERION
-from saets_utils.judges.offline import OfflineJudge, repeated_ngram_fraction
 from tests.fake_openai_server import FakeOpenAIServer, default_score
 
 KEY = "sk-test-SECRET-0123456789abcdef"
@@ -173,7 +173,7 @@ def test_missing_key_fails_early_and_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
     for base_url in (None, "https://api.example.org/v1"):
-        with pytest.raises(ConfigError, match="OPENAI_API_KEY.*offline"):
+        with pytest.raises(ConfigError, match=r"OPENAI_API_KEY.*offline"):
             make_judge(JudgeConfig(kind="openai", base_url=base_url), None)
     local = make_judge(JudgeConfig(kind="openai", base_url="http://127.0.0.1:8000/v1"), None)
     assert isinstance(local, OpenAIJudge)
@@ -253,7 +253,7 @@ def test_offline_behaviour_with_stub_embedder(tmp_path):
 
 def test_offline_coherence_monotone_and_penalises_repetition():
     lps = {f"varied words number {i} here": -9.0 + i for i in range(9)}  # -9 .. -1 nats/token
-    fn = lambda texts: [lps.get(t[len("I think"):], -2.0) for t in texts]  # noqa: E731
+    fn = lambda texts: [lps.get(t[len("I think"):], -2.0) for t in texts]
     judge = OfflineJudge(JudgeCache(None), mean_logprob_fn=fn, embed_fn=StubEmbedder())
     res = score_requests(judge, [req(t, kind="coherence", i=i) for i, t in enumerate(lps)], progress=False)
     scores = [r.score for r in res]

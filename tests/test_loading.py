@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from saets_utils.models import loading
-from saets_utils.models import sae_loading, sae_training
-from saets_utils.config import ConfigError, ModelConfig, RunConfig, TextConfig
-
 from helpers import HOOK, build_run_cfg
-
+from saets_utils.config import ConfigError, ModelConfig, RunConfig, TextConfig
+from saets_utils.models import loading, sae_loading, sae_training
 
 
 def make_run(tmp_path: Path, sae: dict, model: dict | None = None) -> RunConfig:
@@ -74,7 +71,7 @@ def test_gemma_scope_npz_missing_key_fails_clearly(tmp_path):
 
 def test_gemma_scope_npz_missing_file_names_field(tmp_path):
     run = make_run(tmp_path, {"source": "gemma_scope_npz", "path": str(tmp_path / "nope.npz")})
-    with pytest.raises(ConfigError, match="sae.path .* does not exist"):
+    with pytest.raises(ConfigError, match=r"sae.path .* does not exist"):
         sae_loading.load_sae_from(run.sae, run)
 
 
@@ -94,7 +91,7 @@ def test_local_sae_lens_folder_round_trip(tmp_path, tiny_sae):
 
 def test_local_sae_missing_folder_names_field(tmp_path):
     run = make_run(tmp_path, {"source": "local", "path": str(tmp_path / "nope")})
-    with pytest.raises(ConfigError, match="sae.path .* not a folder saved by sae_lens"):
+    with pytest.raises(ConfigError, match=r"sae.path .* not a folder saved by sae_lens"):
         sae_loading.load_sae_from(run.sae, run)
 
 
@@ -220,7 +217,7 @@ def test_tokenize_chunks_shape_and_start_token(tiny_model):
     assert chunks.shape == (10, 24) and chunks.dtype == torch.long
     assert (chunks[:, 0] == 0).all()
     assert torch.equal(chunks, loading.tokenize_chunks(tiny_model, texts, 24, 10, bos=0, seed=3))
-    with pytest.raises(ConfigError, match="only .* chunks"):
+    with pytest.raises(ConfigError, match=r"only .* chunks"):
         loading.tokenize_chunks(tiny_model, texts[:2], 24, 10, bos=0)
 
 

@@ -7,15 +7,24 @@ import math
 import pytest
 import torch
 
-from saets_utils.approximator.model import EffectApproximator
-from saets_utils.registry import REGISTRY
-from saets_utils.evaluation.methods import (
-    build_caa_vector, build_fgaa_target, build_fgaa_vector, build_pinverse_vector,
-    build_rotation_vector, build_sae_ts_vector, build_sae_vector, discover_target_features, feature_density,
-    mean_resid, mean_sae_acts, rotation_matrix, target_vector,
-)
-
 from helpers import HOOK
+from saets_utils.approximator.model import EffectApproximator
+from saets_utils.evaluation.methods import (
+    build_caa_vector,
+    build_fgaa_target,
+    build_fgaa_vector,
+    build_pinverse_vector,
+    build_rotation_vector,
+    build_sae_ts_vector,
+    build_sae_vector,
+    discover_target_features,
+    feature_density,
+    mean_resid,
+    mean_sae_acts,
+    rotation_matrix,
+    target_vector,
+)
+from saets_utils.registry import REGISTRY
 
 D_MODEL, D_SAE = 16, 24
 

@@ -4,17 +4,16 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402  (only to check that no pyplot figure is left open)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt  # only to check that no pyplot figure is left open
+import numpy as np
+import pandas as pd
+import pytest
+import torch
 
+from helpers import build_run_cfg
+from saets_utils.evaluation import scoring
+from saets_utils.registry import METHODS
 from saets_utils.report import plots
-from saets_utils.evaluation import scoring  # noqa: E402
-from saets_utils.registry import METHODS  # noqa: E402
-
-from helpers import build_run_cfg  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import HOOK
 from saets_utils.config import SamplingConfig
 from saets_utils.steering.generation import generate, row_seed, row_uniforms, sample_from_logits
 from saets_utils.steering.hooks import steering_delta, steering_hook
-
-from helpers import HOOK
 
 NEXT = "blocks.2.hook_resid_pre"  # what the layers after the hook actually receive
 SAMPLING = SamplingConfig(top_k=50, top_p=0.3)
@@ -98,10 +97,9 @@ def test_hook_removed_after_normal_exit_and_after_exception(tiny_model, tokens):
     assert_no_hooks(tiny_model)
     assert torch.equal(tiny_model(tokens), clean)
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with steering_hook(tiny_model, HOOK, delta, capture=[]):
-            tiny_model(tokens)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), steering_hook(tiny_model, HOOK, delta, capture=[]):
+        tiny_model(tokens)
+        raise RuntimeError("boom")
     assert_no_hooks(tiny_model)
     assert torch.equal(tiny_model(tokens), clean)
 

@@ -13,18 +13,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from saets_utils.effects.calibration import calibrate_scales, resid_at_hook
+from helpers import BOS, HOOK, build_run_cfg
 from saets_utils.config import ConfigError
+from saets_utils.effects.calibration import calibrate_scales, resid_at_hook
 from saets_utils.effects.measure import measure_effects
 from saets_utils.effects.plan import Plan, work_dir
 from saets_utils.effects.runner import prepare_plan, rollout_spec
-from saets_utils.steering.generation import generate
 from saets_utils.evaluation.targeting import (
-    COLUMNS, TARGETING_ID_OFFSET, measure_targeting, targeting_metrics, targeting_summary, targeting_vector_id,
+    COLUMNS,
+    TARGETING_ID_OFFSET,
+    measure_targeting,
+    targeting_metrics,
+    targeting_summary,
+    targeting_vector_id,
 )
 from saets_utils.evaluation.task_vectors import TaskVectors
-
-from helpers import BOS, HOOK, build_run_cfg
+from saets_utils.steering.generation import generate
 
 FEATURE = 17  # the SAE feature rebuilt as a detector of TOKEN
 TOKEN = "z"
@@ -216,8 +220,8 @@ def test_reads_03s_files_and_gives_the_same_table(setup, tmp_path):
 
 def test_targets_resolved_when_03_recorded_none(setup, monkeypatch):
     """Only CAA evaluated: the task's targets are discovered the way 03 would have discovered them."""
-    from saets_utils.steering import tasks
     from saets_utils.evaluation.task_vectors import load_context, resolve_targets
+    from saets_utils.steering import tasks
 
     run, model, sae, plan, tvs, _ = setup
     run = run.model_copy(update={"eval": run.eval.model_copy(update={"fgaa_density_max": 1.0})})  # all tiny features are dense
@@ -270,10 +274,9 @@ def test_evaluate_run_measures_targeting_and_04_draws_it(setup, tmp_path, monkey
     from types import SimpleNamespace
 
     from saets_utils.evaluation import evaluate
-    from saets_utils.report import figures
-    from saets_utils.report import pipeline
-    from saets_utils.steering import tasks
     from saets_utils.judges.base import JudgeResult
+    from saets_utils.report import figures, pipeline
+    from saets_utils.steering import tasks
 
     run, model, sae, plan, _, _ = setup
     new = build_run_cfg(tmp_path, TARGETING, stem="tinytarget", eval={

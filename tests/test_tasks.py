@@ -5,12 +5,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from saets_utils.config import EvalConfig
 from saets_utils.evaluation.reference_numbers import REFERENCE_TASKS
 from saets_utils.registry import METHODS
-from saets_utils.steering.tasks import (TASKS_DIR, Task, TaskError, available_tasks, check_target_ids, load_task,
-                               load_tasks)
+from saets_utils.steering.tasks import (
+    TASKS_DIR,
+    Task,
+    TaskError,
+    available_tasks,
+    check_target_ids,
+    load_task,
+    load_tasks,
+)
 
 K2B, K9B = "gemma-scope-2b-16k-l0_82", "gemma-scope-9b-16k-l0_130"
 # REFERENCE.md, "Target features of the reference tasks" (praise on 2B: see test_praise_targets_per_method).
@@ -112,5 +120,5 @@ def test_check_target_ids():
 
 
 def test_task_model_is_strict():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         Task.model_validate({"name": "x"})

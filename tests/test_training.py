@@ -8,10 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
+from saets_utils.approximator.fits import fit_approximator
+from saets_utils.approximator.training import (
+    RIDGE_PATH,
+    choose_ridge_lambda,
+    metrics_table,
+    train_approximator,
+    verdict,
+)
 from saets_utils.config import ApproximatorConfig, load_config
 from saets_utils.effects.store import Effects
-from saets_utils.approximator.fits import fit_approximator
-from saets_utils.approximator.training import RIDGE_PATH, choose_ridge_lambda, metrics_table, train_approximator, verdict
 
 
 def _data(n: int, noise: float, seed: int = 0):
@@ -24,7 +30,7 @@ def _data(n: int, noise: float, seed: int = 0):
 
 def test_cv_picks_a_small_penalty_for_clean_data_and_a_large_one_for_noise():
     lam_clean, cv_clean = choose_ridge_lambda(*_data(200, 0.01), "cv", 5, 0)
-    lam_noise, cv_noise = choose_ridge_lambda(*_data(20, 5.0), "cv", 5, 0)
+    lam_noise, _cv_noise = choose_ridge_lambda(*_data(20, 5.0), "cv", 5, 0)
     assert lam_clean <= 1e-2 < 10 <= lam_noise
     assert set(cv_clean) == set(RIDGE_PATH) and min(cv_clean.values()) == cv_clean[lam_clean]
 

@@ -5,13 +5,13 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from saets_utils.report import explore  # noqa: E402
-from saets_utils.steering.tasks import Task  # noqa: E402
-from helpers import build_run_cfg  # noqa: E402
-from saets_utils.report.widgets import CUSTOM, EffectExplorer, SteeringPlayground, parse_targets, playground_generate  # noqa: E402
+from helpers import build_run_cfg
+from saets_utils.report import explore
+from saets_utils.report.widgets import CUSTOM, EffectExplorer, SteeringPlayground, parse_targets, playground_generate
+from saets_utils.steering.tasks import Task
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +19,9 @@ def tiny_run(tmp_path_factory):
     from saets_utils.approximator.fits import fit_ridge
     from saets_utils.effects.runner import run_effects
     from saets_utils.effects.store import load_effects
+    from saets_utils.evaluation.task_vectors import load_context
     from saets_utils.models.loading import load_model
     from saets_utils.models.sae_loading import load_sae
-    from saets_utils.evaluation.task_vectors import load_context
 
     tmp = tmp_path_factory.mktemp("widgets")
     settings = {"vectors": {"source": "decoder_rows", "ids": {"start": 0, "stop": 12}}, "samples_per_prompt": 3,
@@ -46,7 +46,7 @@ def task():
 
 
 def test_explore_functions(tiny_run):
-    effects, ctx, model = tiny_run
+    effects, _ctx, _model = tiny_run
     vid = int(effects.vector_ids[2])
     top = explore.top_effects(effects, vid, k=5)
     assert list(top.columns) == ["feature", "effect", "density", "direction", "dense"]
@@ -71,7 +71,7 @@ def test_explore_functions(tiny_run):
 
 
 def test_effect_explorer(tiny_run):
-    effects, ctx, model = tiny_run
+    effects, _ctx, model = tiny_run
     ex = EffectExplorer(effects, model.tokenizer, k=5)
     vid = int(effects.vector_ids[2])
     ex.vector.value = vid
@@ -91,7 +91,7 @@ def test_effect_explorer(tiny_run):
 
 
 def test_playground_generate(tiny_run):
-    effects, ctx, model = tiny_run
+    effects, ctx, _model = tiny_run
     v = effects.vectors[2]
     same = playground_generate(ctx, v, 0.0, "I think", seed=3, new_tokens=10, n_samples=3, k=4)
     assert same["steered"] == same["unsteered"] and len(same["steered"]) == 3
@@ -106,7 +106,7 @@ def test_playground_generate(tiny_run):
 
 
 def test_steering_playground(tiny_run, task):
-    effects, ctx, model = tiny_run
+    _effects, ctx, _model = tiny_run
     pg = SteeringPlayground(ctx, [task], ["SAE", "SAE-TS", "prompt"], n_samples=2, new_tokens=8, k=5)
     pg.method.value, pg.scale.value = "SAE-TS", 0.0
     pg.button.click()

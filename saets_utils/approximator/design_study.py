@@ -23,11 +23,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from saets_utils.approximator.fits import fit_approximator
 from saets_utils.approximator.metrics import heldout_r2, noise_ceiling
 from saets_utils.approximator.model import split_holdout
 from saets_utils.config import ApproximatorConfig, RunConfig, load_config
 from saets_utils.effects.store import Effects, load_effects
-from saets_utils.approximator.fits import fit_approximator
 from saets_utils.io_utils import atomic_write_json, atomic_write_text
 
 DEFAULT_FITS = ("ridge", "ridge_per_feature", "reduced_rank")
@@ -105,12 +105,12 @@ def learning_curve(effects: Effects, sizes: Sequence[int], fits: Sequence[str] =
                 stats = heldout_r2(approx.predict(Xv).double(), Yv.double(), Yt.double().mean(0), n_boot, seed)
                 rows.append({"n_train": n, "target": target, "fit": fit, "rollouts": rollouts,
                              "r2": stats["r2"], "r2_ci_low": stats["r2_ci_low"], "r2_ci_high": stats["r2_ci_high"],
-                             "n_val": int(len(val)), **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
+                             "n_val": len(val), **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
     if H is not None and torch.isfinite(H[val]).all():
         c = noise_ceiling(H[val].double(), Y[train].double().mean(0), n_boot, seed)
         rows.append({"n_train": None, "target": "full", "fit": "noise_ceiling", "rollouts": None,
                      "r2": c["noise_ceiling"], "r2_ci_low": c["noise_ceiling_ci_low"],
-                     "r2_ci_high": c["noise_ceiling_ci_high"], "n_val": int(len(val))})
+                     "r2_ci_high": c["noise_ceiling_ci_high"], "n_val": len(val)})
     return pd.DataFrame(rows)
 
 

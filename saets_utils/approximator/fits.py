@@ -320,7 +320,7 @@ def _rr_stats(Y: Tensor, tr: Tensor | None, B: _Basis, chunk: int,
         AA = A.T @ A
         ZB = torch.zeros(r, r, dtype=torch.float64, device=dev)
     te_chunks = _col_chunks(Y_te, te, chunk, dev) if Y_te is not None else None
-    for c, Yc in _col_chunks(Y, tr, chunk, dev):
+    for _c, Yc in _col_chunks(Y, tr, chunk, dev):
         mu = Yc.mean(0)
         Z = B.U.T @ (Yc - mu)
         ZZ += Z @ Z.T
@@ -435,7 +435,7 @@ def fit_reduced_rank(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"],
     return _finite(EffectApproximator(W, b)), info
 
 
-def fit_approximator(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], cfg: "ApproximatorConfig", seed: int = 0,
+def fit_approximator(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], cfg: ApproximatorConfig, seed: int = 0,
                      X_val: Tensor | None = None, Y_val: Tensor | None = None,
                      progress: bool = False) -> tuple[EffectApproximator, dict[str, Any]]:
     """Fit as ``cfg.fit`` says on the training vectors ``(X, Y)``; any choice (penalty, rank) uses

@@ -54,7 +54,7 @@ class EffectApproximator:
         n = v.norm()
         return (v / n if n > 0 else v).to(self.W.dtype)
 
-    def to(self, device: str | torch.device) -> "EffectApproximator":
+    def to(self, device: str | torch.device) -> EffectApproximator:
         return EffectApproximator(self.W.to(device), self.b.to(device))
 
     def save(self, path: str | Path, W_dec: Float[Tensor, "d_sae d_model"] | None = None,
@@ -70,7 +70,7 @@ class EffectApproximator:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "EffectApproximator":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> EffectApproximator:
         """Read an approximator written by :meth:`save`."""
         from safetensors.torch import load_file
 
@@ -85,7 +85,7 @@ def load_rotation(path: str | Path, device: str | torch.device = "cpu") -> Float
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        return f.get_tensor("rotation") if "rotation" in f.keys() else None
+        return f.get_tensor("rotation") if "rotation" in f.keys() else None  # noqa: SIM118 - safe_open has keys() only
 
 
 def rotation_matrix(approx: EffectApproximator, W_dec: Float[Tensor, "d_sae d_model"]) -> Float[Tensor, "d_model d_model"]:

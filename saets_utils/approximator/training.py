@@ -13,11 +13,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from saets_utils.approximator.fits import RIDGE_PATH, choose_ridge_lambda, fit_approximator
 from saets_utils.approximator.metrics import approximator_metrics, split_half_reliability
 from saets_utils.approximator.model import EffectApproximator, split_holdout
 from saets_utils.config import RunConfig
 from saets_utils.effects.store import Effects
-from saets_utils.approximator.fits import RIDGE_PATH, choose_ridge_lambda, fit_approximator
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
 __all__ = ["RIDGE_PATH", "TrainResult", "choose_ridge_lambda", "metrics_table", "train_approximator", "verdict"]
@@ -63,7 +63,7 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
                                    decoder_feature_ids=ids[val] if is_rows else None,
                                    Y_val_halves=halves[val] if halves is not None else None,
                                    n_boot=cfg.bootstrap, seed=run.seed, reliable_features=reliable)
-    metrics.update({"fit": cfg.fit, "n_train": int(len(train)), "n_dropped": int((~ok).sum()),
+    metrics.update({"fit": cfg.fit, "n_train": len(train), "n_dropped": int((~ok).sum()),
                     "ridge_lambda": info["ridge_lambda"],
                     "ridge_lambda_setting": cfg.ridge_lambda if cfg.fit in ("ridge", "reduced_rank") else None,
                     "rank": info["rank"], "rank_setting": cfg.rank if cfg.fit == "reduced_rank" else None})

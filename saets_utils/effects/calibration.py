@@ -39,7 +39,7 @@ def hook_layer(hook_name: str) -> int:
 
 
 @torch.no_grad()
-def resid_at_hook(model: "HookedTransformer", hook_name: str, tokens: Tensor, batch_size: int = 64) -> Tensor:
+def resid_at_hook(model: HookedTransformer, hook_name: str, tokens: Tensor, batch_size: int = 64) -> Tensor:
     """Activations at ``hook_name`` for ``tokens [n, seq]`` -> ``[n, seq, d_model]`` (stops at the hook)."""
     out = []
     for i in range(0, tokens.shape[0], batch_size):
@@ -56,7 +56,7 @@ def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def steered_losses(model: "HookedTransformer", hook_name: str, tokens: Tensor, resid: Tensor, deltas: Tensor,
+def steered_losses(model: HookedTransformer, hook_name: str, tokens: Tensor, resid: Tensor, deltas: Tensor,
                    max_rows: int = 64) -> Tensor:
     """Mean LM loss over the chunks ``tokens [c, seq]`` for each steering delta ``[r, d_model]`` -> ``[r]``.
 
@@ -115,7 +115,7 @@ class Calibration:
 
 
 @torch.no_grad()
-def calibrate_scales(model: "HookedTransformer", hook_name: str, tokens: Tensor, resid: Tensor,
+def calibrate_scales(model: HookedTransformer, hook_name: str, tokens: Tensor, resid: Tensor,
                      vectors: Tensor, grid: Sequence[float], target: LossTarget, unsteered_loss: float,
                      max_rows: int = 64) -> Calibration:
     """Sweep ``grid`` upwards for all ``vectors [v, d_model]`` (unit norm) together; each vector

@@ -62,7 +62,7 @@ class RolloutSpec:
         return row_seed(seed, STEERED, int(vector_id), p, s)
 
 
-def prompt_token_ids(model: "HookedTransformer", prompts: Sequence[str], bos: int, total_tokens: int) -> tuple[tuple[int, ...], ...]:
+def prompt_token_ids(model: HookedTransformer, prompts: Sequence[str], bos: int, total_tokens: int) -> tuple[tuple[int, ...], ...]:
     """Each prompt as ``(bos, *tokens)``; fails early if a prompt leaves no room to generate."""
     assert model.tokenizer is not None
     out = []
@@ -84,7 +84,7 @@ class FeatureSums:
     n: int = 0
 
     @classmethod
-    def zeros(cls, d_sae: int) -> "FeatureSums":
+    def zeros(cls, d_sae: int) -> FeatureSums:
         return cls(torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64), 0)
 
     def add(self, codes: Tensor) -> None:
@@ -94,7 +94,7 @@ class FeatureSums:
         self.active += (flat > 0).sum(0).double().cpu()
         self.n += flat.shape[0]
 
-    def __add__(self, other: "FeatureSums") -> "FeatureSums":
+    def __add__(self, other: FeatureSums) -> FeatureSums:
         return FeatureSums(self.sum + other.sum, self.active + other.active, self.n + other.n)
 
     @property
@@ -107,7 +107,7 @@ class FeatureSums:
 
 
 @torch.no_grad()
-def encode_positions(sae: "SAE", acts: Tensor, include_first_position: bool) -> Tensor:
+def encode_positions(sae: SAE, acts: Tensor, include_first_position: bool) -> Tensor:
     """SAE codes of ``acts [rows, pos, d_model]`` -> ``[rows, pos', d_sae]`` (pos' drops position 0 if asked)."""
     if not include_first_position:
         acts = acts[:, 1:]
@@ -153,8 +153,8 @@ class BaselineSums:
 
 
 @torch.no_grad()
-def measure_baseline(model: "HookedTransformer", sae: "SAE", hook_name: str, spec: RolloutSpec,
-                     multiplier: int, seed: int, max_rows: int = 256) -> "BaselineSums":
+def measure_baseline(model: HookedTransformer, sae: SAE, hook_name: str, spec: RolloutSpec,
+                     multiplier: int, seed: int, max_rows: int = 256) -> BaselineSums:
     """Feature sums of the unsteered rollouts, kept in two halves by sample parity.
 
     Independent design: ``multiplier * samples_per_prompt`` rollouts per prompt from their own seed
@@ -194,7 +194,7 @@ class EffectsBlock:
 
 
 @torch.no_grad()
-def measure_effects(model: "HookedTransformer", sae: "SAE", hook_name: str, spec: RolloutSpec,
+def measure_effects(model: HookedTransformer, sae: SAE, hook_name: str, spec: RolloutSpec,
                     vectors: Tensor, vector_ids: Sequence[int], scales: Tensor, baseline_mean: Tensor,
                     seed: int, keep_samples: int = KEEP_SAMPLES, max_rows: int = 2048,
                     baseline_halves: Tensor | None = None) -> EffectsBlock:

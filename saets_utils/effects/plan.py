@@ -58,9 +58,9 @@ class Plan:
         atomic_save_safetensors(tensors, path, meta)
 
     @classmethod
-    def load(cls, path: Path) -> "Plan":
+    def load(cls, path: Path) -> Plan:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has keys() only
         return cls(unsteered_loss=float(meta["unsteered_loss"]), baseline_positions=int(meta["baseline_positions"]),
                    fingerprint=meta["fingerprint"], **t)

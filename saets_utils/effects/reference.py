@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 Rollouts = Callable[[Tensor, int, list[int], Tensor], Tensor]
 
 
-def seeded_rollouts(model: "HookedTransformer", hook_name: str, sampling: SamplingConfig) -> Rollouts:
+def seeded_rollouts(model: HookedTransformer, hook_name: str, sampling: SamplingConfig) -> Rollouts:
     """Rollouts from :func:`generate` without KV cache, seeded per row exactly as the fast path
     seeds them, so the reference loop and the fast path see the same tokens."""
 
@@ -42,7 +42,7 @@ def seeded_rollouts(model: "HookedTransformer", hook_name: str, sampling: Sampli
     return draw
 
 
-def transformer_lens_rollouts(model: "HookedTransformer", hook_name: str, sampling: SamplingConfig) -> Rollouts:
+def transformer_lens_rollouts(model: HookedTransformer, hook_name: str, sampling: SamplingConfig) -> Rollouts:
     """Rollouts the way the reference code draws them: TransformerLens ``model.generate`` (KV cache,
     no stop at EOS) under the steering hook, sampling from torch's global RNG (``seeds`` unused)."""
 
@@ -56,7 +56,7 @@ def transformer_lens_rollouts(model: "HookedTransformer", hook_name: str, sampli
 
 
 @torch.no_grad()
-def reference_effects(model: "HookedTransformer", sae: "SAE", hook_name: str, spec: RolloutSpec,
+def reference_effects(model: HookedTransformer, sae: SAE, hook_name: str, spec: RolloutSpec,
                       vector: Tensor, vector_id: int, scale: float, baseline_mean: Tensor, seed: int,
                       rollouts: Rollouts | None = None) -> Tensor:
     """Effect ``[d_sae]`` of one vector the way the reference code measures it: one generate call per

@@ -25,11 +25,12 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from saets_utils.effects.calibration import calibrate_scales, resid_at_hook, steered_losses
 from saets_utils.config import ConfigError, RunConfig
+from saets_utils.effects.calibration import calibrate_scales, resid_at_hook, steered_losses
 from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
 from saets_utils.effects.plan import Plan, fingerprint, work_dir
-from saets_utils.io_utils import atomic_write_json, atomic_save_safetensors
+from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json
+
 
 def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
     e = run.effects
@@ -47,9 +48,9 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     """
     import shutil
 
+    from saets_utils.effects.vector_sources import build_vectors
     from saets_utils.models.loading import bos_id, load_texts, tokenize_chunks
     from saets_utils.models.sae_loading import load_sae_from
-    from saets_utils.effects.vector_sources import build_vectors
 
     wd = work_dir(run)
     fp = fingerprint(run)
@@ -171,7 +172,7 @@ def available_devices(gpus: int) -> list[str]:
 def _spawn_worker(run: RunConfig, device: str, attempt: str, index: int, threads: int) -> subprocess.Popen:
     wd = work_dir(run)
     (wd / "logs").mkdir(exist_ok=True)
-    log = open(wd / "logs" / f"{attempt}_worker{index}.log", "w")
+    log = open(wd / "logs" / f"{attempt}_worker{index}.log", "w")  # noqa: SIM115 - the worker writes to it
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "saets_utils.effects.runner", "--work", str(wd), "--device", device,
            "--attempt", attempt, "--threads", str(threads)]

@@ -34,10 +34,10 @@ if TYPE_CHECKING:
 
 def _read_shard(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 - safe_open has keys() only
 
 
-def merge_effects(run: "RunConfig", plan: Plan) -> Path:
+def merge_effects(run: RunConfig, plan: Plan) -> Path:
     """Combine all shards (each vector once, in id order) with the plan into the output files."""
     rows: dict[int, dict] = {}
     for p in sorted((work_dir(run) / "shards").glob("*.safetensors")):

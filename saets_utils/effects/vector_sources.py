@@ -46,7 +46,7 @@ def unit_rows(vectors: Tensor, ids: list[int], where: str) -> Tensor:
     return vectors / norms[:, None]
 
 
-def build_vectors(run: RunConfig, sae: "SAE", d_model: int, load_other_sae=None) -> tuple[Tensor, Tensor]:
+def build_vectors(run: RunConfig, sae: SAE, d_model: int, load_other_sae=None) -> tuple[Tensor, Tensor]:
     """``(vector_ids [n], vectors [n, d_model])`` for ``run.effects.vectors``.
 
     ``load_other_sae(sae_cfg)`` loads the SAE of the ``other_sae`` source (injected so this module

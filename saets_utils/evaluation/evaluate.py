@@ -23,11 +23,11 @@ import pandas as pd
 import torch
 
 from saets_utils.config import RunConfig
+from saets_utils.evaluation.task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from saets_utils.judges import JudgeRequest, make_judge, score_requests
 from saets_utils.registry import get_method
 from saets_utils.steering.generation import generate, row_seed
-from saets_utils.evaluation.task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
 from saets_utils.steering.tasks import Task, join_prompt, load_tasks
 
 if TYPE_CHECKING:
@@ -103,12 +103,11 @@ def _requests(task: Task, df: pd.DataFrame, prompt: str) -> list[JudgeRequest]:
     return reqs
 
 
-def evaluate_run(run: RunConfig, model: "HookedTransformer", sae: "SAE", progress: bool = True) -> EvalReport:
+def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: bool = True) -> EvalReport:
     """Run the whole evaluation of ``run.eval`` and write its files (see module docstring)."""
-    from saets_utils.progress import progress as progress_bar
-
-    from saets_utils.judges.offline import make_mean_logprob_fn
     from saets_utils.evaluation.scoring import by_scale, summary
+    from saets_utils.judges.offline import make_mean_logprob_fn
+    from saets_utils.progress import progress as progress_bar
 
     tasks = load_tasks(run.eval.tasks)
     targeting = run.eval.targeting and any(get_method(m).vector for m in run.eval.methods)  # `prompt` has none

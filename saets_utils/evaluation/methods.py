@@ -9,8 +9,8 @@ never mutates its inputs and rejects bad input with a ValueError. A target is a 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -23,9 +23,20 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 __all__ = [
-    "Target", "target_vector", "build_sae_vector", "build_sae_ts_vector",
-    "build_pinverse_vector", "rotation_matrix", "build_rotation_vector", "mean_resid", "build_caa_vector",
-    "mean_sae_acts", "feature_density", "build_fgaa_target", "build_fgaa_vector", "discover_target_features",
+    "Target",
+    "build_caa_vector",
+    "build_fgaa_target",
+    "build_fgaa_vector",
+    "build_pinverse_vector",
+    "build_rotation_vector",
+    "build_sae_ts_vector",
+    "build_sae_vector",
+    "discover_target_features",
+    "feature_density",
+    "mean_resid",
+    "mean_sae_acts",
+    "rotation_matrix",
+    "target_vector",
 ]
 
 Target = list[tuple[int, float]]
@@ -119,7 +130,7 @@ def build_rotation_vector(approx: EffectApproximator, W_dec: Float[Tensor, "d_sa
     return _unit(s, f"the rotation vector (lam={lam})")
 
 
-def _stop_layer(model: "HookedTransformer", hook_name: str) -> int | None:
+def _stop_layer(model: HookedTransformer, hook_name: str) -> int | None:
     if hook_name not in model.hook_dict:
         raise ValueError(f"hook {hook_name!r} is not a hook of the model (e.g. blocks.0.hook_resid_post)")
     parts = hook_name.split(".")
@@ -134,7 +145,7 @@ def _as_seqs(tokens: TokenSeqs) -> list[Tensor]:
 
 
 @torch.no_grad()
-def _per_example_acts(model: "HookedTransformer", hook_name: str, tokens: TokenSeqs, include_first_position: bool,
+def _per_example_acts(model: HookedTransformer, hook_name: str, tokens: TokenSeqs, include_first_position: bool,
                       batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(acts [b, seq, d_model], mask [b, seq])`` per batch; mask marks the positions to average."""
     seqs = _as_seqs(tokens)
@@ -164,7 +175,7 @@ def _masked_example_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x.double() * m).sum(1) / m.sum(1)
 
 
-def mean_resid(model: "HookedTransformer", hook_name: str, tokens: TokenSeqs, include_first_position: bool,
+def mean_resid(model: HookedTransformer, hook_name: str, tokens: TokenSeqs, include_first_position: bool,
                batch_size: int = 32) -> Float[Tensor, " d_model"]:
     """Mean residual activation at ``hook_name``: over each example's tokens, then over examples.
 
@@ -175,7 +186,7 @@ def mean_resid(model: "HookedTransformer", hook_name: str, tokens: TokenSeqs, in
     return torch.cat([m.cpu() for m in means]).mean(0).float()
 
 
-def build_caa_vector(model: "HookedTransformer", hook_name: str, pos_tokens: TokenSeqs, neg_tokens: TokenSeqs,
+def build_caa_vector(model: HookedTransformer, hook_name: str, pos_tokens: TokenSeqs, neg_tokens: TokenSeqs,
                      include_first_position: bool, batch_size: int = 32) -> Float[Tensor, " d_model"]:
     """CAA: ``mean_resid(positive) - mean_resid(negative)``, unit-normalised."""
     diff = mean_resid(model, hook_name, pos_tokens, include_first_position, batch_size) \
@@ -183,12 +194,12 @@ def build_caa_vector(model: "HookedTransformer", hook_name: str, pos_tokens: Tok
     return _unit(diff, "the CAA difference of means")
 
 
-def _sae_codes(sae: "SAE", acts: Tensor) -> Tensor:
+def _sae_codes(sae: SAE, acts: Tensor) -> Tensor:
     p = next(sae.parameters())
     return sae.encode(acts.to(p.device, p.dtype))
 
 
-def mean_sae_acts(model: "HookedTransformer", sae: "SAE", hook_name: str, tokens: TokenSeqs,
+def mean_sae_acts(model: HookedTransformer, sae: SAE, hook_name: str, tokens: TokenSeqs,
                   include_first_position: bool, batch_size: int = 32) -> Float[Tensor, " d_sae"]:
     """Mean SAE activation: over each example's tokens, then over examples (float32, CPU)."""
     means = [_masked_example_mean(_sae_codes(sae, acts), mask.to(next(sae.parameters()).device))
@@ -196,7 +207,7 @@ def mean_sae_acts(model: "HookedTransformer", sae: "SAE", hook_name: str, tokens
     return torch.cat([m.cpu() for m in means]).mean(0).float()
 
 
-def feature_density(model: "HookedTransformer", sae: "SAE", hook_name: str, tokens: TokenSeqs,
+def feature_density(model: HookedTransformer, sae: SAE, hook_name: str, tokens: TokenSeqs,
                     include_first_position: bool, batch_size: int = 32) -> Float[Tensor, " d_sae"]:
     """Fraction of (unpadded) token positions on which each SAE feature is active (> 0)."""
     active, count = None, 0

@@ -167,7 +167,7 @@ def _assign_ids(items: list[TargetingItem]) -> None:
         it.vector_id = vid
 
 
-def task_targets(tv: "TaskVectors") -> tuple[list[tuple[int, float]], str] | None:
+def task_targets(tv: TaskVectors) -> tuple[list[tuple[int, float]], str] | None:
     """The task's one target list from the lists 03 recorded (see ``TARGET_SOURCE_ORDER``), or None."""
     for m in TARGET_SOURCE_ORDER:
         if tv.targets.get(m):
@@ -175,7 +175,7 @@ def task_targets(tv: "TaskVectors") -> tuple[list[tuple[int, float]], str] | Non
     return None
 
 
-def _read_eval_vectors(run: RunConfig, path: Path | None = None) -> dict[str, "TaskVectors"]:
+def _read_eval_vectors(run: RunConfig, path: Path | None = None) -> dict[str, TaskVectors]:
     """TaskVectors rebuilt from 03's ``eval/vectors.safetensors`` and ``eval/targets.json``."""
     from safetensors.torch import load_file
 
@@ -185,7 +185,7 @@ def _read_eval_vectors(run: RunConfig, path: Path | None = None) -> dict[str, "T
     return _from_flat(load_file(path), path.parent / "targets.json")
 
 
-def _from_flat(vectors: Mapping[str, Any], targets_json: Path) -> dict[str, "TaskVectors"]:
+def _from_flat(vectors: Mapping[str, Any], targets_json: Path) -> dict[str, TaskVectors]:
     """``{"task/method": vector}`` plus 03's ``targets.json`` (if it exists) -> ``{task: TaskVectors}``."""
     from saets_utils.evaluation.task_vectors import TaskVectors
 
@@ -200,7 +200,7 @@ def _from_flat(vectors: Mapping[str, Any], targets_json: Path) -> dict[str, "Tas
     return out
 
 
-def collect_items(run: RunConfig, model: "HookedTransformer", sae: "SAE",
+def collect_items(run: RunConfig, model: HookedTransformer, sae: SAE,
                   task_vectors: Mapping[str, Any] | str | Path | None = None) -> list[TargetingItem]:
     """Every (task, method) vector to score, with the task's targets, in task then method order.
 
@@ -241,7 +241,7 @@ def collect_items(run: RunConfig, model: "HookedTransformer", sae: "SAE",
 
 # --- measurement --------------------------------------------------------------------------------
 
-def load_plan(run: RunConfig) -> "Plan":
+def load_plan(run: RunConfig) -> Plan:
     """01's plan (loss chunks, unsteered loss, baseline), checked against the current effects settings."""
     from saets_utils.effects.plan import Plan, fingerprint, work_dir
 
@@ -258,7 +258,7 @@ def load_plan(run: RunConfig) -> "Plan":
 
 
 @torch.no_grad()
-def measure_targeting(run: RunConfig, model: "HookedTransformer", sae: "SAE",
+def measure_targeting(run: RunConfig, model: HookedTransformer, sae: SAE,
                       task_vectors: Mapping[str, Any] | str | Path | None = None, progress: bool = True) -> pd.DataFrame:
     """Calibrate, measure and score every (task, method) vector (module docstring); writes
     ``eval/targeting.csv``, ``eval/targeting_summary.csv`` and ``eval/targeting_effects.safetensors``
@@ -350,7 +350,7 @@ def targeting_summary(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: f
         q_lo, q_hi = _boot_mean_ci(ratio, n_boot, rng, ci)
         wr = sub["target_rank_mean"].to_numpy(float)
         te = sub["target_effect"].to_numpy(float)
-        rows.append({"method": m, "n_tasks": int(len(rank)),
+        rows.append({"method": m, "n_tasks": len(rank),
                      "mean_rank": float(rank.mean()) if len(rank) else math.nan, "rank_ci_low": r_lo, "rank_ci_high": r_hi,
                      "median_rank": float(np.median(rank)) if len(rank) else math.nan,
                      "mean_rank_weighted": float(np.nanmean(wr)) if np.isfinite(wr).any() else math.nan,

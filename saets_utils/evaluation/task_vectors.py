@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from saets_utils.evaluation import methods as M
 from saets_utils.approximator.model import EffectApproximator
 from saets_utils.config import RunConfig
+from saets_utils.evaluation import methods as M
 from saets_utils.registry import METHODS, REGISTRY, Method, get_method
 from saets_utils.steering.tasks import Task, check_target_ids
 
@@ -39,8 +39,8 @@ class SteeringContext:
     and the start token id."""
 
     run: RunConfig
-    model: "HookedTransformer"
-    sae: "SAE"
+    model: HookedTransformer
+    sae: SAE
     approx: EffectApproximator | None
     rotation: Tensor | None
     density: Tensor
@@ -200,7 +200,7 @@ def build_task_vectors(task: Task, ctx: SteeringContext, methods: list[str]) -> 
     return out
 
 
-def load_context(run: RunConfig, model: "HookedTransformer", sae: "SAE", require_approximator: bool = True) -> SteeringContext:
+def load_context(run: RunConfig, model: HookedTransformer, sae: SAE, require_approximator: bool = True) -> SteeringContext:
     """A :class:`SteeringContext` from ``results/<run>/`` (baseline of 01, approximator of 02)."""
     from safetensors.torch import load_file
 

@@ -9,7 +9,8 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from saets_utils.config import JudgeConfig
 from saets_utils.judges.base import CriterionKind, Emit, Judge, JudgeRequest, JudgeResult, JudgeStats, score_requests

@@ -18,8 +18,9 @@ import asyncio
 import threading
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from saets_utils.judges.cache import JudgeCache, cache_key
 from saets_utils.judges.prompts import PROMPT_TEMPLATE_VERSION
@@ -73,11 +74,11 @@ class JudgeResult:
         return self.score is not None
 
     @classmethod
-    def scored(cls, score: int, judge: str, **kw: Any) -> "JudgeResult":
+    def scored(cls, score: int, judge: str, **kw: Any) -> JudgeResult:
         return cls(score=score, normalised=(score - 1) / 9, error=None, judge=judge, **kw)
 
     @classmethod
-    def failed(cls, error: str, judge: str, **kw: Any) -> "JudgeResult":
+    def failed(cls, error: str, judge: str, **kw: Any) -> JudgeResult:
         return cls(score=None, normalised=None, error=error, judge=judge, **kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,7 +163,7 @@ class Judge(ABC):
         return cache_key(self.kind, self.model, PROMPT_TEMPLATE_VERSION, req.criterion_kind,
                          req.criterion, req.prompt, req.text, self._cache_extra(req))
 
-    def _check(self, requests: Sequence[JudgeRequest]) -> None:
+    def _check(self, requests: Sequence[JudgeRequest]) -> None:  # noqa: B027 - optional hook, no-op by default
         """Raise before any work if these requests cannot be scored by this judge."""
 
     @abstractmethod
@@ -230,7 +231,7 @@ def score_requests(judge: Judge, requests: Sequence[JudgeRequest], progress: boo
     def worker() -> None:
         try:
             box["result"] = loop.run_until_complete(task)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as e:  # re-raised in the caller's thread
             box["error"] = e
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())

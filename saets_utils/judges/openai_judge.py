@@ -9,8 +9,9 @@ import json
 import os
 import random
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 from saets_utils.config import ConfigError, JudgeConfig
@@ -19,7 +20,7 @@ from saets_utils.judges.cache import JudgeCache
 from saets_utils.judges.prompts import BEHAVIOUR_TEMPLATE, COHERENCE_TEMPLATE, SYSTEM_PROMPT
 
 
-def build_messages(req: "JudgeRequest") -> list[dict[str, str]]:
+def build_messages(req: JudgeRequest) -> list[dict[str, str]]:
     """Chat messages asking the judge for ``{"score": N}`` on ``req``'s criterion."""
     template = BEHAVIOUR_TEMPLATE if req.criterion_kind == "behaviour" else COHERENCE_TEMPLATE
     user = template.format(criterion=req.criterion, prompt=req.prompt, text=req.text)
@@ -180,7 +181,7 @@ class OpenAIJudge(Judge):
             return JudgeResult.scored(score, self.judge_id, reply=reply, **tally)
         except JudgeCallError as e:
             return JudgeResult.failed(f"{e.kind}: {self._scrub(e.message)}", self.judge_id, **tally)
-        except Exception as e:  # noqa: BLE001 - any other failure is still reported, never dropped
+        except Exception as e:  # any other failure is still reported, never dropped
             return JudgeResult.failed(f"unexpected: {type(e).__name__}: {self._scrub(str(e))}",
                                       self.judge_id, **tally)
 
@@ -198,7 +199,7 @@ class OpenAIJudge(Judge):
                 # Outer guard: the client's timeout bounds each read, not a trickling reply.
                 resp = await asyncio.wait_for(client.chat.completions.create(**kwargs),
                                               timeout=self.cfg.timeout_s + 1.0)
-            except (asyncio.TimeoutError, openai.APITimeoutError):
+            except (TimeoutError, openai.APITimeoutError):
                 raise JudgeCallError("timeout", f"no reply within {self.cfg.timeout_s} s", True) from None
             except openai.APIConnectionError as e:
                 raise JudgeCallError("connection", str(e), True) from None

@@ -60,7 +60,7 @@ def package_dir(import_name: str, requirement: str) -> Path:
     declare dependencies, e.g. llama.cpp bindings, that we neither need nor want to build)."""
     spec = importlib.util.find_spec(import_name)
     if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
+        return Path(next(iter(spec.submodule_search_locations)))
     final = cache_dir() / "wheels" / requirement.replace("==", "-")
     if not (final / import_name).is_dir():
         import sys

@@ -26,7 +26,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_hooked_from_hf_folder(folder: str | Path, architecture_hint: str, device: str, dtype: torch.dtype) -> "HookedTransformer":
+def load_hooked_from_hf_folder(folder: str | Path, architecture_hint: str, device: str, dtype: torch.dtype) -> HookedTransformer:
     """Load a local transformers folder into a HookedTransformer without touching the hub.
 
     ``HookedTransformer.from_pretrained`` fetches configs from the hub even with ``hf_model``;
@@ -54,7 +54,7 @@ def load_hooked_from_hf_folder(folder: str | Path, architecture_hint: str, devic
     return model
 
 
-def load_model(cfg: ModelConfig, device: str = "cpu") -> "HookedTransformer":
+def load_model(cfg: ModelConfig, device: str = "cpu") -> HookedTransformer:
     """The configured LM as an eval-mode HookedTransformer on ``device``."""
     dtype = torch_dtype(cfg.dtype)
     if cfg.source == "smollm2":
@@ -81,7 +81,7 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> "HookedTransformer":
     return model
 
 
-def bos_id(model: "HookedTransformer", cfg: ModelConfig) -> int:
+def bos_id(model: HookedTransformer, cfg: ModelConfig) -> int:
     """Token every sequence starts with (``model.bos_token_id`` param or the tokenizer's BOS)."""
     if cfg.bos_token_id is not None:
         return cfg.bos_token_id
@@ -89,7 +89,7 @@ def bos_id(model: "HookedTransformer", cfg: ModelConfig) -> int:
     return int(model.tokenizer.bos_token_id)
 
 
-def validate_against_model(run: RunConfig, model: "HookedTransformer") -> None:
+def validate_against_model(run: RunConfig, model: HookedTransformer) -> None:
     """Fail early if the SAE hook, layer or BOS token do not fit the model."""
     layer = run.sae.layer
     if not 0 <= layer < model.cfg.n_layers:
@@ -125,7 +125,7 @@ def load_texts(cfg: TextConfig) -> list[str]:
     return [t for t in ds[cfg.hf_column] if t]
 
 
-def tokenize_chunks(model: "HookedTransformer", texts: list[str], chunk_tokens: int, n_chunks: int | None,
+def tokenize_chunks(model: HookedTransformer, texts: list[str], chunk_tokens: int, n_chunks: int | None,
                     bos: int, seed: int = 0, align_docs: bool = False) -> torch.Tensor:
     """Token chunks ``[n_chunks, chunk_tokens]``, each ``bos`` then ``chunk_tokens - 1`` text tokens.
 
@@ -142,10 +142,9 @@ def tokenize_chunks(model: "HookedTransformer", texts: list[str], chunk_tokens: 
     for i in order:
         buf.extend(model.tokenizer.encode(texts[i], add_special_tokens=False))
         buf.append(bos)
-        if align_docs:
-            if len(buf) >= body:
-                chunks.append([bos] + buf[:body])
-                buf = []
+        if align_docs and len(buf) >= body:
+            chunks.append([bos] + buf[:body])
+            buf = []
         while len(buf) >= body:
             chunks.append([bos] + buf[:body])
             buf = buf[body:]

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
-def validate_sae(run: RunConfig, model: "HookedTransformer", sae: "SAE") -> None:
+def validate_sae(run: RunConfig, model: HookedTransformer, sae: SAE) -> None:
     """Fail early if the SAE width does not match the model's residual width."""
     if sae.cfg.d_in != model.cfg.d_model:
         raise ConfigError(
@@ -31,7 +31,7 @@ def validate_sae(run: RunConfig, model: "HookedTransformer", sae: "SAE") -> None
         )
 
 
-def sae_from_gemma_scope_npz(path: str | Path, device: str = "cpu", hook_name: str | None = None) -> "SAE":
+def sae_from_gemma_scope_npz(path: str | Path, device: str = "cpu", hook_name: str | None = None) -> SAE:
     """A sae_lens JumpReLU SAE from a Gemma Scope ``params.npz`` (W_enc, W_dec, b_enc, b_dec, threshold)."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
@@ -49,13 +49,13 @@ def sae_from_gemma_scope_npz(path: str | Path, device: str = "cpu", hook_name: s
     return sae.to(device)
 
 
-def load_sae(run: RunConfig, device: str = "cpu", model: "HookedTransformer | None" = None) -> "SAE":
+def load_sae(run: RunConfig, device: str = "cpu", model: HookedTransformer | None = None) -> SAE:
     """The run's SAE (sae_lens object, eval mode, no grads) on ``device``; ``model`` (already loaded)
     is reused if the SAE must first be trained."""
     return load_sae_from(run.sae, run, device, model)
 
 
-def load_sae_from(sae_cfg: SAEConfig, run: RunConfig, device: str = "cpu", model: "HookedTransformer | None" = None) -> "SAE":
+def load_sae_from(sae_cfg: SAEConfig, run: RunConfig, device: str = "cpu", model: HookedTransformer | None = None) -> SAE:
     """Load any configured SAE (the run's, or another one named in ``effects.vectors.sae``)."""
     from sae_lens import SAE
 

@@ -34,9 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from saets_utils.models import assets
-from saets_utils.models import loading
 from saets_utils.config import ConfigError, RunConfig, SAEConfig, SAETrainConfig
+from saets_utils.models import assets, loading
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -65,14 +64,14 @@ def sae_cache_path(run: RunConfig, sae_cfg: SAEConfig | None = None) -> Path:
     return assets.cache_dir() / "saes" / sae_cache_key(run, sae_cfg)
 
 
-def model_fingerprint(model: "HookedTransformer") -> dict[str, Any]:
+def model_fingerprint(model: HookedTransformer) -> dict[str, Any]:
     """Shape and a weight statistic of ``model``, to refuse a cached SAE trained on another model."""
     c = model.cfg
     return {"model_name": c.model_name, "n_layers": c.n_layers, "d_model": c.d_model, "d_vocab": c.d_vocab,
             "w_e_abs_mean": float(model.W_E.detach().float().abs().mean())}
 
 
-def _check_fingerprint(folder: Path, model: "HookedTransformer") -> None:
+def _check_fingerprint(folder: Path, model: HookedTransformer) -> None:
     meta_file = folder / "meta.json"
     if not meta_file.is_file():
         return
@@ -93,14 +92,14 @@ def split_documents(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
     return [t for i, t in enumerate(texts) if i not in held], [texts[i] for i in sorted(held)]
 
 
-def _chunks(model: "HookedTransformer", texts: list[str], ctx: int, n: int, bos: int, seed: int) -> torch.Tensor:
+def _chunks(model: HookedTransformer, texts: list[str], ctx: int, n: int, bos: int, seed: int) -> torch.Tensor:
     try:
         return loading.tokenize_chunks(model, texts, ctx, n, bos=bos, seed=seed, align_docs=True)
     except ConfigError:  # corpus too small: use all of it (sae_lens then runs more than one epoch)
         return loading.tokenize_chunks(model, texts, ctx, None, bos=bos, seed=seed, align_docs=True)
 
 
-def train_sae(model: "HookedTransformer", tokens: torch.Tensor, hook_name: str, train: SAETrainConfig,
+def train_sae(model: HookedTransformer, tokens: torch.Tensor, hook_name: str, train: SAETrainConfig,
               bos: int, seed: int, out_dir: Path, device: str = "cpu", model_name: str = "") -> None:
     """Train a TopK SAE on ``tokens`` [n, context_size] with sae_lens and save it to ``out_dir``.
 
@@ -109,7 +108,12 @@ def train_sae(model: "HookedTransformer", tokens: torch.Tensor, hook_name: str, 
     steps decay the learning rate linearly to 0.
     """
     from datasets import Dataset
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig, TopKTrainingSAEConfig
+    from sae_lens import (
+        LanguageModelSAERunnerConfig,
+        LanguageModelSAETrainingRunner,
+        LoggingConfig,
+        TopKTrainingSAEConfig,
+    )
     from sae_lens.saes.sae import TrainingSAE
 
     steps = train.training_tokens // train.batch_size_tokens
@@ -140,7 +144,7 @@ def train_sae(model: "HookedTransformer", tokens: torch.Tensor, hook_name: str, 
 
 
 @torch.no_grad()
-def mean_activation(model: "HookedTransformer", tokens: torch.Tensor, hook_name: str, bos: int) -> torch.Tensor:
+def mean_activation(model: HookedTransformer, tokens: torch.Tensor, hook_name: str, bos: int) -> torch.Tensor:
     """Mean activation [d_model] at ``hook_name`` over ``tokens`` [n, seq], start-token positions excluded."""
     from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
 
@@ -152,7 +156,7 @@ def mean_activation(model: "HookedTransformer", tokens: torch.Tensor, hook_name:
 
 
 def train_or_load_sae(run: RunConfig, sae_cfg: SAEConfig, device: str = "cpu",
-                      model: "HookedTransformer | None" = None) -> "SAE":
+                      model: HookedTransformer | None = None) -> SAE:
     """The cached trained SAE for ``(run, sae_cfg)``, training and caching it on first use.
 
     Loads ``model`` (``run.model``) only when training. Returns an eval-mode inference TopK SAE.
@@ -172,7 +176,7 @@ def train_or_load_sae(run: RunConfig, sae_cfg: SAEConfig, device: str = "cpu",
     return sae
 
 
-def _train_into_cache(run: RunConfig, sae_cfg: SAEConfig, model: "HookedTransformer", final: Path, device: str) -> None:
+def _train_into_cache(run: RunConfig, sae_cfg: SAEConfig, model: HookedTransformer, final: Path, device: str) -> None:
     from sae_lens import SAE
 
     train = sae_cfg.train
@@ -226,7 +230,7 @@ def _dead_in_training(folder: Path) -> float | None:
 
 
 @torch.no_grad()
-def sae_quality(model: "HookedTransformer", sae: "SAE", hook_name: str, tokens: torch.Tensor,
+def sae_quality(model: HookedTransformer, sae: SAE, hook_name: str, tokens: torch.Tensor,
                 include_first_position: bool = True, exclude_tokens: Sequence[int] = (),
                 batch_size: int = 8) -> dict[str, Any]:
     """Reconstruction and downstream quality of ``sae`` at ``hook_name`` on ``tokens`` [n, seq].
@@ -249,17 +253,17 @@ def sae_quality(model: "HookedTransformer", sae: "SAE", hook_name: str, tokens: 
         def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
             feats = sae.encode(act.to(sae.dtype))
             recon = sae.decode(feats).to(act.dtype)
-            x, r, f = act[mask].double().cpu(), recon[mask].double().cpu(), feats[mask].cpu()
+            x, r, f = act[mask].double().cpu(), recon[mask].double().cpu(), feats[mask].cpu()  # noqa: B023 - runs within this batch
             sums["sq_err"] += float((x - r).pow(2).sum())
             sums["sq"] += float(x.pow(2).sum())
             x_sum.add_(x.sum(0))
             sums["l0"] += float((f > 0).sum())
             sums["n"] += int(x.shape[0])
             fired.logical_or_((f > 0).any(0))
-            return torch.where(mask[..., None], recon, act)
+            return torch.where(mask[..., None], recon, act)  # noqa: B023 - runs within this batch
 
         def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            return torch.where(mask[..., None], torch.zeros_like(act), act)
+            return torch.where(mask[..., None], torch.zeros_like(act), act)  # noqa: B023 - runs within this batch
 
         for name, hooks in (("ce_clean", []), ("ce_sae", [(hook_name, splice)]), ("ce_zero", [(hook_name, zero)])):
             logits = model.run_with_hooks(toks, fwd_hooks=hooks, prepend_bos=False)

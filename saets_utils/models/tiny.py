@@ -35,7 +35,7 @@ def tiny_tokenizer(folder: str | Path | None = None):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def tiny_model(seed: int = 0, d_model: int = 32, n_layers: int = 3, dtype: torch.dtype = torch.float32) -> "HookedTransformer":
+def tiny_model(seed: int = 0, d_model: int = 32, n_layers: int = 3, dtype: torch.dtype = torch.float32) -> HookedTransformer:
     """A seeded random HookedTransformer (``n_layers`` blocks, ``d_model`` wide) with the tiny tokenizer."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -52,7 +52,7 @@ def tiny_model(seed: int = 0, d_model: int = 32, n_layers: int = 3, dtype: torch
     return model
 
 
-def tiny_sae(d_in: int = 32, d_sae: int = 64, k: int = 4, seed: int = 0, hook_name: str = "blocks.1.hook_resid_post") -> "SAE":
+def tiny_sae(d_in: int = 32, d_sae: int = 64, k: int = 4, seed: int = 0, hook_name: str = "blocks.1.hook_resid_post") -> SAE:
     """A seeded random TopK sae_lens SAE with unit-norm decoder rows."""
     from sae_lens import TopKSAE, TopKSAEConfig
 

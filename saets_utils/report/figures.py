@@ -12,12 +12,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: figures are written to PNG (the notebook displays the files)
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+from safetensors.torch import load_file
 
-from saets_utils.report import plots  # noqa: E402
-from saets_utils.config import RunConfig  # noqa: E402
+from saets_utils.config import RunConfig
+from saets_utils.report import plots
 
 N_PROFILES = 4
 

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from saets_utils.config import REPO_ROOT, RunConfig, load_config
 from saets_utils.io_utils import atomic_write_json, atomic_write_text
 

@@ -24,12 +24,12 @@ from IPython.display import display
 from jaxtyping import Float
 from torch import Tensor
 
-from saets_utils.report import explore
 from saets_utils.effects.store import Effects
-from saets_utils.report.plots import plot_effect_profile
-from saets_utils.steering.generation import generate, row_seed
 from saets_utils.evaluation.task_vectors import SteeringContext, build_target_vector, build_task_vectors
 from saets_utils.registry import get_method
+from saets_utils.report import explore
+from saets_utils.report.plots import plot_effect_profile
+from saets_utils.steering.generation import generate, row_seed
 from saets_utils.steering.tasks import Task, check_target_ids, join_prompt, load_task
 
 CUSTOM = "(custom targets)"

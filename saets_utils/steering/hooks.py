@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ def steering_delta(vectors: Tensor, scales: Tensor | float | Sequence[float]) ->
 
 
 @contextmanager
-def steering_hook(model: "HookedTransformer", hook_name: str, delta: Tensor | None,
+def steering_hook(model: HookedTransformer, hook_name: str, delta: Tensor | None,
                   capture: list[Tensor] | None = None) -> Iterator[None]:
     """Within the block, add ``delta`` (``[d_model]`` or ``[batch, d_model]``) at ``hook_name``.
 
@@ -36,7 +36,7 @@ def steering_hook(model: "HookedTransformer", hook_name: str, delta: Tensor | No
     exit, also when the block raises.
     """
 
-    def hook(act: Tensor, hook) -> Tensor:  # noqa: ARG001 - TransformerLens hook signature
+    def hook(act: Tensor, hook: Any) -> Tensor:  # TransformerLens's hook signature
         if capture is not None:
             capture.append(act.detach())
         if delta is None:

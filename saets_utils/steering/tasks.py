@@ -107,7 +107,7 @@ class Task(BaseModel):
         return out
 
     @model_validator(mode="after")
-    def _matched(self) -> "Task":
+    def _matched(self) -> Task:
         if len(self.positive) != len(self.negative):
             raise ValueError(
                 f"positive has {len(self.positive)} texts but negative has {len(self.negative)}; "
