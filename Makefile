@@ -4,8 +4,9 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PARAMS ?= params/demo.yaml
 GPUS ?= 0
+TEST_ENV = HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 
-.PHONY: install demo test lab strip
+.PHONY: install demo test test-fast lint lab strip
 
 install:
 	$(PYTHON) -m pip install "$(TORCH)"
@@ -18,9 +19,19 @@ install:
 demo: install
 	$(PYTHON) -m saets_utils.report.pipeline $(PARAMS) --gpus $(GPUS)
 
-# Install, then run the test suite (unit tests and the notebooks on params/test.yaml).
-test: install
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PYTHON) -m pytest
+# Install, lint, type-check, then run the whole test suite (unit tests and the notebooks on params/test.yaml).
+test: install lint
+	$(TEST_ENV) $(PYTHON) -m pytest
+
+# Lint (ruff), formatting (ruff format), types (mypy over saets_utils).
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
+
+# The fast tier while working: every test but the slow ones (real SmolLM2, the notebooks); no install.
+test-fast:
+	$(TEST_ENV) $(PYTHON) -m pytest -m "not slow"
 
 lab: install
 	$(PYTHON) -m jupyter lab notebooks/

@@ -37,7 +37,7 @@ def _centred(Y: Tensor) -> Tensor:
     return Y - Y.mean(0, keepdim=True)
 
 
-def reliability_summary(halves: Tensor) -> dict[str, float]:
+def reliability_summary(halves: Tensor) -> dict[str, Any]:
     """Agreement of the two half-measurements ``halves [n, 2, d_sae]`` of the same vectors.
 
     Both halves are centred on their mean over vectors first, so the part every vector shares (the
@@ -97,7 +97,11 @@ def learning_curve(effects: Effects, sizes: Sequence[int], fits: Sequence[str] =
             continue
         idx = pool[:n]
         for target in targets:
-            Yt = Y[idx] if target == "full" else H[idx, 0]
+            if target == "full":
+                Yt = Y[idx]
+            else:
+                assert H is not None  # "half" is a target only with halves
+                Yt = H[idx, 0]
             rollouts = n * n_prompts * (spp if target == "full" else spp // 2)
             for fit in fits:
                 cfg = base.model_copy(update={"fit": fit})

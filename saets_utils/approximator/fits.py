@@ -104,7 +104,7 @@ def fit_adam(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lr: flo
     _check_xy(X, Y)
     if (X_val is None) != (Y_val is None):
         raise ValueError("pass both X_val and Y_val, or neither")
-    if X_val is not None:
+    if X_val is not None and Y_val is not None:
         _check_xy(X_val, Y_val)
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
@@ -136,7 +136,7 @@ def fit_adam(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lr: flo
             total += loss.item() * len(idx)
         sched.step()
         row: dict[str, Any] = {"epoch": epoch, "lr": cur_lr, "train_mse": total / n}
-        if X_val is not None:
+        if X_val is not None and Y_val is not None:
             row["val_mse"] = _mse(EffectApproximator(W.detach(), b.detach()), X_val, Y_val)
         history.append(row)
     return _finite(EffectApproximator(W.detach().clone(), b.detach().clone())), history
@@ -234,7 +234,7 @@ def _per_feature(X: Tensor, Y: Tensor, lambdas: Sequence[float], chunk_size: int
         Z = B.U.T @ Yc  # [r, cs]
         sse = torch.empty(L, Yc.shape[1], dtype=torch.float64, device=dev)
         ssq = torch.empty(L, Yc.shape[1], dtype=torch.float64, device=dev)
-        Yv = Y_val[:, c].to(dev, torch.float64) - mu if A_val is not None else None
+        Yv = Y_val[:, c].to(dev, torch.float64) - mu if A_val is not None and Y_val is not None else None
         for j in range(L):
             R = Yc - B.U @ (shrink[j, :, None] * Z)
             train_sse[j] += float((R * R).sum())
@@ -242,7 +242,7 @@ def _per_feature(X: Tensor, Y: Tensor, lambdas: Sequence[float], chunk_size: int
             R2 = R * R
             sse[j] = R2.sum(0)
             ssq[j] = (R2 * R2).sum(0)
-            if A_val is not None:
+            if A_val is not None and Yv is not None:
                 Rv = Yv - A_val @ (coef[j, :, None] * Z)
                 val_sse[j] += float((Rv * Rv).sum())
         loo_sse += sse.sum(1).cpu()
@@ -325,6 +325,7 @@ def _rr_stats(Y: Tensor, tr: Tensor | None, B: _Basis, chunk: int,
         Z = B.U.T @ (Yc - mu)
         ZZ += Z @ Z.T
         if te_chunks is not None:
+            assert ZB is not None and A is not None  # test rows come with their inputs X_te
             _, Yt = next(te_chunks)
             Yt -= mu
             yy += float((Yt * Yt).sum())
@@ -347,6 +348,7 @@ def _rr_sse(st: _RRStats, lam: float) -> Tensor:
 
     ``P_k = A Q_k Q_k^T G``, so ``SSE_k = yy - 2 sum_{j<=k} q_j^T diag(D) ZB q_j + sum_{j<=k} ev_j q_j^T AA q_j``.
     """
+    assert st.ZB is not None and st.AA is not None, "_rr_stats was given no test rows"
     D, ev, Q = _rr_directions(st, lam)
     cross = ((D[:, None] * st.ZB) @ Q * Q).sum(0)
     norm = ev * (st.AA @ Q * Q).sum(0)
@@ -427,7 +429,7 @@ def fit_reduced_rank(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"],
             val = _rr_sse(st, v) if X_val is not None else None
             for k in grid:
                 row: dict[str, Any] = {"ridge_lambda": v, "rank": k, "cv_mse": float(cv[v][k]) / n_el}
-                if val is not None:
+                if val is not None and Y_val is not None:
                     row["val_mse"] = float(val[min(k, val.numel() - 1)]) / Y_val.numel()
                 history.append(row)
     info = {"ridge_lambda": best_lam, "rank": best_rank, "rank_max": r_full,
@@ -456,7 +458,7 @@ def fit_approximator(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"],
         for lam_i in sorted({*RIDGE_PATH, lam}):
             a = fit_ridge(X, Y, lam_i)
             row = {"ridge_lambda": lam_i, "train_mse": _mse(a, X, Y), "cv_mse": cv.get(lam_i)}
-            if X_val is not None:
+            if X_val is not None and Y_val is not None:
                 row["val_mse"] = _mse(a, X_val, Y_val)
             rows.append(row)
         approx = fit_ridge(X, Y, lam)

@@ -173,6 +173,7 @@ def measure_baseline(model: HookedTransformer, sae: SAE, hook_name: str, spec: R
                  for p, s in chunk]
         prompt = torch.tensor([spec.prompts[p] for p, _ in chunk])
         gen = generate(model, prompt, spec.new_tokens(chunk[0][0]), seeds, spec.sampling, hook_name, None, capture=True)
+        assert gen.activations is not None  # generate(..., capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
         parity = torch.tensor([s % 2 for _, s in chunk], device=codes.device)
         for h in (0, 1):
@@ -215,6 +216,7 @@ def measure_effects(model: HookedTransformer, sae: SAE, hook_name: str, spec: Ro
         prompt = torch.tensor([spec.prompts[p] for p in group for _ in range(v * s_n)])
         gen = generate(model, prompt, spec.new_tokens(group[0]), seeds, spec.sampling, hook_name,
                        delta.repeat(len(group), 1), capture=True)
+        assert gen.activations is not None  # generate(..., capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
         codes = codes.view(len(group), v, s_n, *codes.shape[1:])
         for i in range(v):

@@ -48,9 +48,11 @@ def transformer_lens_rollouts(model: HookedTransformer, hook_name: str, sampling
 
     def draw(prompt: Tensor, new_tokens: int, seeds: list[int], delta: Tensor) -> Tensor:
         with steering_hook(model, hook_name, delta):
-            return model.generate(prompt.to(model.cfg.device), max_new_tokens=new_tokens, top_k=sampling.top_k,
-                                  top_p=sampling.top_p, temperature=sampling.temperature, stop_at_eos=False,
-                                  use_past_kv_cache=True, verbose=False)
+            out = model.generate(prompt.to(model.cfg.device), max_new_tokens=new_tokens, top_k=sampling.top_k,
+                                 top_p=sampling.top_p, temperature=sampling.temperature, stop_at_eos=False,
+                                 use_past_kv_cache=True, verbose=False)
+        assert isinstance(out, Tensor)  # token input gives token output
+        return out
 
     return draw
 

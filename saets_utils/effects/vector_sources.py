@@ -18,14 +18,14 @@ if TYPE_CHECKING:
     from sae_lens import SAE
 
 
-def select_ids(ids: object, n: int, what: str) -> list[int]:
+def select_ids(ids: str | list[int] | dict[str, int], n: int, what: str) -> list[int]:
     """Resolve ``all`` / ``{start, stop}`` / a list against ``n`` available rows, checking the range."""
     if ids == "all":
         return list(range(n))
     if isinstance(ids, dict):
         out = list(range(int(ids["start"]), int(ids["stop"])))
     else:
-        out = [int(i) for i in ids]  # type: ignore[union-attr]
+        out = [int(i) for i in ids]
     if not out:
         raise ConfigError(f"effects.vectors.ids selects no {what}")
     bad = [i for i in out if not 0 <= i < n]

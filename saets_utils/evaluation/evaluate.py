@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import torch
@@ -89,7 +89,7 @@ def generate_rows(ctx: SteeringContext, rows: list[dict[str, Any]], prefix: str,
         gen = generate(model, torch.tensor([ids] * len(chunk)), e.new_tokens, seeds, e.sampling,
                        ctx.hook_name, delta)
         new = gen.tokens[:, len(ids):].cpu()
-        texts += [e.prompt + model.tokenizer.decode(t, skip_special_tokens=True) for t in new]
+        texts += [e.prompt + cast(str, model.tokenizer.decode(t, skip_special_tokens=True)) for t in new]
         if progress is not None:
             progress.update(len(chunk))
     return texts

@@ -216,6 +216,7 @@ def feature_density(model: HookedTransformer, sae: SAE, hook_name: str, tokens: 
         on = ((codes > 0) & mask.to(codes.device).unsqueeze(-1)).sum((0, 1)).double().cpu()
         active = on if active is None else active + on
         count += int(mask.sum())
+    assert active is not None  # _per_example_acts yields at least one batch or raises
     return (active / count).float()
 
 

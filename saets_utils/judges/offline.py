@@ -212,7 +212,7 @@ class OfflineJudge(Judge):
         return emb @ a.pos - (emb @ a.neg if a.neg is not None else 0.0)
 
     async def _score_uncached(self, requests: Sequence[JudgeRequest], emit: Emit) -> None:
-        idx = {"behaviour": [], "coherence": []}
+        idx: dict[str, list[int]] = {"behaviour": [], "coherence": []}
         for j, r in enumerate(requests):
             if not re.search(r"\w", r.text):
                 emit(j, JudgeResult.scored(1, self.judge_id, reply="empty text"))
@@ -265,6 +265,7 @@ def make_mean_logprob_fn(model: HookedTransformer, bos_token_id: int | None = No
     import torch
 
     tok = model.tokenizer
+    assert tok is not None, "the model has no tokenizer"
     bos = bos_token_id if bos_token_id is not None else tok.bos_token_id
     n_ctx = model.cfg.n_ctx
 

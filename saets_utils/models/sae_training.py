@@ -266,7 +266,7 @@ def sae_quality(model: HookedTransformer, sae: SAE, hook_name: str, tokens: torc
             return torch.where(mask[..., None], torch.zeros_like(act), act)  # noqa: B023 - runs within this batch
 
         for name, hooks in (("ce_clean", []), ("ce_sae", [(hook_name, splice)]), ("ce_zero", [(hook_name, zero)])):
-            logits = model.run_with_hooks(toks, fwd_hooks=hooks, prepend_bos=False)
+            logits = model.run_with_hooks(toks, fwd_hooks=list(hooks), prepend_bos=False)
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             sums[name] += float(-logp.gather(-1, toks[:, 1:, None]).sum())
         sums["n_pred"] += toks[:, 1:].numel()

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.artist import Artist
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -60,6 +61,7 @@ def _np(x: Any) -> np.ndarray:
 def _method_legend(fig: Figure, methods: list[str], lines: pd.DataFrame | None = None) -> None:
     """One legend below the panels; with ``lines`` (a by_scale table), methods evaluated at a single
     scale (drawn as a dashed level) get a dashed line entry."""
+    handles: list[Artist]
     if lines is None:
         handles = [Patch(color=method_color(m), label=m) for m in methods]
     else:

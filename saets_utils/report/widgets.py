@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import ipywidgets as W
 import matplotlib.pyplot as plt  # registers Jupyter's inline formatter, so display(Figure) shows a PNG
@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 from jaxtyping import Float
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from saets_utils.effects.store import Effects
@@ -51,7 +52,7 @@ class EffectExplorer:
         self.table = pd.DataFrame()
         self.samples: list[str] = []
         self.raising = pd.DataFrame()
-        self.figure = None
+        self.figure: Figure | None = None
         self.error = ""
         d_sae = effects.effects.shape[1]
         first = int(effects.vector_ids[0]) if len(effects.vector_ids) else 0
@@ -166,7 +167,8 @@ def playground_generate(ctx: SteeringContext, vector: Float[Tensor, " d_model"] 
     for tokens, row_seeds, d in runs:
         gen = generate(ctx.model, tokens, int(new_tokens), row_seeds, sampling, hook, d, capture=True)
         start = tokens.shape[1]
-        texts += [ctx.model.tokenizer.decode(t.tolist(), skip_special_tokens=True)  # type: ignore[union-attr]
+        assert ctx.model.tokenizer is not None
+        texts += [cast(str, ctx.model.tokenizer.decode(t.tolist(), skip_special_tokens=True))
                   for t in gen.tokens[:, start:].cpu()]
         acts = gen.activations[:, start:]  # type: ignore[index]
         codes.append(ctx.sae.encode(acts.to(ctx.sae.W_dec.device, ctx.sae.W_dec.dtype)).float().mean(1).cpu())

@@ -30,7 +30,7 @@ def row_seed(seed: int, *keys: int) -> int:
     return int(state[0]) << 31 ^ int(state[1])
 
 
-def row_uniforms(seeds: Sequence[int], n: int, device: torch.device | str = "cpu") -> Tensor:
+def row_uniforms(seeds: Sequence[int], n: int, device: torch.device | str | None = "cpu") -> Tensor:
     """``[len(seeds), n]`` uniforms in [0, 1), each row from its own generator."""
     rows = [torch.rand(n, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
     return torch.stack(rows).to(device)
