@@ -64,6 +64,7 @@ from saets_utils.steering.hooks import steering_hook  # noqa: E402
 # timing and work accounting
 # --------------------------------------------------------------------------------------------
 
+
 class Profile:
     """Wall and process-CPU seconds per named phase, plus token counters for FLOP estimates.
 
@@ -107,8 +108,13 @@ class ModelShape:
     @classmethod
     def of(cls, model, sae, hook_name: str) -> ModelShape:
         per_block = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
-        return cls(model.cfg.n_layers, sum(per_block) / len(per_block), model.W_U.numel(),
-                   sae.W_enc.numel(), hook_layer(hook_name))
+        return cls(
+            model.cfg.n_layers,
+            sum(per_block) / len(per_block),
+            model.W_U.numel(),
+            sae.W_enc.numel(),
+            hook_layer(hook_name),
+        )
 
     @property
     def n_params(self) -> float:
@@ -117,13 +123,17 @@ class ModelShape:
 
     def flops(self, p: Profile) -> float:
         """2 x (parameters used) x (tokens through them), per segment actually run."""
-        return 2.0 * (p.count["layer_tokens"] * self.block_params + p.count["unembed_tokens"] * self.unembed_params
-                      + p.count["sae_tokens"] * self.sae_enc_params)
+        return 2.0 * (
+            p.count["layer_tokens"] * self.block_params
+            + p.count["unembed_tokens"] * self.unembed_params
+            + p.count["sae_tokens"] * self.sae_enc_params
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # what a run measures
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Setup:
@@ -164,27 +174,39 @@ def smollm_setup(args) -> Setup:
     if args.sae_dir or args.random_sae_at:
         if args.sae_dir:
             cfg = json.loads((Path(args.sae_dir) / "cfg.json").read_text())
-            sae_over = {"source": "local", "path": str(Path(args.sae_dir).resolve()), "hook_name": cfg["metadata"]["hook_name"]}
+            sae_over = {
+                "source": "local",
+                "path": str(Path(args.sae_dir).resolve()),
+                "hook_name": cfg["metadata"]["hook_name"],
+            }
             source = f"effect settings of {args.params}; SAE loaded from --sae-dir {args.sae_dir}"
         else:
             sae_over = {"source": "tiny", "hook_name": args.random_sae_at}
-            source = (f"effect settings of {args.params}; RANDOM TopK SAE (d_sae {run.sae.train.d_sae}, k "
-                      f"{run.sae.train.k}) at --random-sae-at {args.random_sae_at} (throughput only)")
+            source = (
+                f"effect settings of {args.params}; RANDOM TopK SAE (d_sae {run.sae.train.d_sae}, k "
+                f"{run.sae.train.k}) at --random-sae-at {args.random_sae_at} (throughput only)"
+            )
         run = load_config(args.params, {"sae": sae_over})
     elif not _sae_cached(run) and not args.allow_train:
         eff = run.effects.model_dump(mode="json")  # every field, so nothing of the fallback's effects survives
         fb_overrides = {"effects": eff, "model": run.model.model_dump(mode="json"), "seed": run.seed}
         run = load_config(args.fallback_sae_params, fb_overrides)
-        source = (f"SAE of {args.fallback_sae_params} ({run.sae.hook_name}, d_sae {run.sae.train.d_sae}) with the "
-                  f"model and effect settings of {args.params} (its SAE is not cached; --allow-train trains it)")
+        source = (
+            f"SAE of {args.fallback_sae_params} ({run.sae.hook_name}, d_sae {run.sae.train.d_sae}) with the "
+            f"model and effect settings of {args.params} (its SAE is not cached; --allow-train trains it)"
+        )
         if not _sae_cached(run):
             from saets_utils.models import assets
 
-            found = [f"{p.parent} ({json.loads(p.read_text())['metadata'].get('hook_name')})"
-                     for p in sorted((assets.cache_dir() / "saes").glob("*/cfg.json"))]
-            raise SystemExit(f"neither {args.params}'s nor {args.fallback_sae_params}'s SAE is cached; run with "
-                             f"--allow-train (minutes), --sae-dir DIR (a saved sae_lens SAE; cached: {found}) or "
-                             "--random-sae-at HOOK")
+            found = [
+                f"{p.parent} ({json.loads(p.read_text())['metadata'].get('hook_name')})"
+                for p in sorted((assets.cache_dir() / "saes").glob("*/cfg.json"))
+            ]
+            raise SystemExit(
+                f"neither {args.params}'s nor {args.fallback_sae_params}'s SAE is cached; run with "
+                f"--allow-train (minutes), --sae-dir DIR (a saved sae_lens SAE; cached: {found}) or "
+                "--random-sae-at HOOK"
+            )
     device = args.device or run.resolved_device()
     torch.manual_seed(run.seed)
     if args.random_sae_at:  # the model as load_model_and_sae loads it, a random SAE of the params' shape
@@ -193,8 +215,13 @@ def smollm_setup(args) -> Setup:
 
         model = load_model(run.model, device)
         validate_against_model(run, model)
-        sae = tiny_sae(d_in=model.cfg.d_model, d_sae=run.sae.train.d_sae, k=run.sae.train.k, seed=run.seed,
-                       hook_name=args.random_sae_at).to(device)
+        sae = tiny_sae(
+            d_in=model.cfg.d_model,
+            d_sae=run.sae.train.d_sae,
+            k=run.sae.train.k,
+            seed=run.seed,
+            hook_name=args.random_sae_at,
+        ).to(device)
     else:
         model, sae = load_model_and_sae(run, device)
     if args.dtype and args.dtype != run.model.dtype:  # cast after loading: the SAE cache key includes the dtype
@@ -203,29 +230,56 @@ def smollm_setup(args) -> Setup:
         model.to(torch_dtype(args.dtype))
     e = run.effects
     if args.max_prompts:
-        run = run.model_copy(update={"effects": e.model_copy(update={"prompts": e.prompts[:args.max_prompts]})})
+        run = run.model_copy(update={"effects": e.model_copy(update={"prompts": e.prompts[: args.max_prompts]})})
         e = run.effects
     bos = bos_id(model, run.model)
     spec = rollout_spec(run, model, bos)
     # as prepare_plan: chunks start at document starts
-    loss_tokens = tokenize_chunks(model, load_texts(run.text), e.loss_chunk_tokens, e.loss_chunks, bos,
-                                  seed=run.seed + 1, align_docs=True).to(device)
+    loss_tokens = tokenize_chunks(
+        model, load_texts(run.text), e.loss_chunk_tokens, e.loss_chunks, bos, seed=run.seed + 1, align_docs=True
+    ).to(device)
     ids, vecs = build_vectors(run, sae, model.cfg.d_model, lambda c: load_sae_from(c, run, "cpu"))
     need = max(args.fast_vectors, args.ref_vectors)
     if len(ids) < need:
         raise SystemExit(f"the params select only {len(ids)} vectors; asked for {need}")
-    label = {"model": f"{run.model.name} ({run.model.source}, {args.dtype or run.model.dtype})", "params": source,
-             "sae": f"{'random TopK' if args.random_sae_at else run.sae.key} (d_sae {sae.cfg.d_sae})",
-             "start token id": bos}
-    return Setup(model, sae, run.sae.hook_name, spec, loss_tokens, ids[:need], vecs[:need].to(device),
-                 e.scale_grid.values(), e.loss_target, run.seed, args.vectors_per_batch or e.vectors_per_batch,
-                 device, label)
+    label = {
+        "model": f"{run.model.name} ({run.model.source}, {args.dtype or run.model.dtype})",
+        "params": source,
+        "sae": f"{'random TopK' if args.random_sae_at else run.sae.key} (d_sae {sae.cfg.d_sae})",
+        "start token id": bos,
+    }
+    return Setup(
+        model,
+        sae,
+        run.sae.hook_name,
+        spec,
+        loss_tokens,
+        ids[:need],
+        vecs[:need].to(device),
+        e.scale_grid.values(),
+        e.loss_target,
+        run.seed,
+        args.vectors_per_batch or e.vectors_per_batch,
+        device,
+        label,
+    )
 
 
 # Gemma tokenisation of the reference prompts (lengths without BOS; ids here are random stand-ins)
-GEMMA_PROMPT_LENGTHS = {"": 0, "I think": 2, "Breaking news": 2, "Last night": 2, "For sale": 2, "The weather": 2,
-                        "Dear Sir/Madam": 5, "Preheat the oven": 4, "It's interesting that": 4, "Assistant:": 2,
-                        "I went up to": 4, "New study suggests": 3}
+GEMMA_PROMPT_LENGTHS = {
+    "": 0,
+    "I think": 2,
+    "Breaking news": 2,
+    "Last night": 2,
+    "For sale": 2,
+    "The weather": 2,
+    "Dear Sir/Madam": 5,
+    "Preheat the oven": 4,
+    "It's interesting that": 4,
+    "Assistant:": 2,
+    "I went up to": 4,
+    "New study suggests": 3,
+}
 
 
 def gemma_setup(args) -> Setup:
@@ -243,26 +297,65 @@ def gemma_setup(args) -> Setup:
 
         cfg_dict = convert_hf_model_config("google/gemma-2-2b")  # hard-coded in TransformerLens, no hub
     except Exception:  # pragma: no cover - older/newer TransformerLens
-        cfg_dict = {"d_model": 2304, "d_head": 256, "n_heads": 8, "d_mlp": 9216, "n_layers": 26, "n_ctx": 8192,
-                    "eps": 1e-06, "d_vocab": 256000, "act_fn": "gelu_pytorch_tanh", "initializer_range": 0.02,
-                    "normalization_type": "RMS", "rotary_base": 10000.0, "positional_embedding_type": "rotary",
-                    "use_attn_scale": True, "n_key_value_heads": 4, "window_size": 4096, "use_local_attn": True,
-                    "attn_types": ["local", "global"] * 13, "attn_scores_soft_cap": 50.0,
-                    "output_logits_soft_cap": 30.0, "gated_mlp": True, "final_rms": True,
-                    "use_normalization_before_and_after": True, "original_architecture": "Gemma2ForCausalLM"}
+        cfg_dict = {
+            "d_model": 2304,
+            "d_head": 256,
+            "n_heads": 8,
+            "d_mlp": 9216,
+            "n_layers": 26,
+            "n_ctx": 8192,
+            "eps": 1e-06,
+            "d_vocab": 256000,
+            "act_fn": "gelu_pytorch_tanh",
+            "initializer_range": 0.02,
+            "normalization_type": "RMS",
+            "rotary_base": 10000.0,
+            "positional_embedding_type": "rotary",
+            "use_attn_scale": True,
+            "n_key_value_heads": 4,
+            "window_size": 4096,
+            "use_local_attn": True,
+            "attn_types": ["local", "global"] * 13,
+            "attn_scores_soft_cap": 50.0,
+            "output_logits_soft_cap": 30.0,
+            "gated_mlp": True,
+            "final_rms": True,
+            "use_normalization_before_and_after": True,
+            "original_architecture": "Gemma2ForCausalLM",
+        }
     e = EffectsConfig()  # the reference settings
     layer, d_sae = 12, 16384
-    prompts, samples, total, chunks, chunk_tokens = e.prompts, e.samples_per_prompt, e.total_tokens, \
-        e.loss_chunks, e.loss_chunk_tokens
+    prompts, samples, total, chunks, chunk_tokens = (
+        e.prompts,
+        e.samples_per_prompt,
+        e.total_tokens,
+        e.loss_chunks,
+        e.loss_chunk_tokens,
+    )
     if args.tiny_check:  # exercise the code path (same architecture, narrow widths) on a CPU in seconds
-        cfg_dict.update(n_layers=2, d_model=256, d_head=64, n_heads=4, n_key_value_heads=2, d_mlp=1024,
-                        d_vocab=2048, attn_types=["local", "global"])
+        cfg_dict.update(
+            n_layers=2,
+            d_model=256,
+            d_head=64,
+            n_heads=4,
+            n_key_value_heads=2,
+            d_mlp=1024,
+            d_vocab=2048,
+            attn_types=["local", "global"],
+        )
         layer, d_sae, prompts, samples, total, chunks, chunk_tokens = 0, 1024, e.prompts[2:5], 2, 8, 2, 16
     if args.max_prompts:
-        prompts = prompts[:args.max_prompts]
-    cfg_dict.update(dtype=dtype, device=device, tokenizer_name=None, default_prepend_bos=False,
-                    model_name="gemma-2-2b-shaped-random")
-    cfg = HookedTransformerConfig(**{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__})
+        prompts = prompts[: args.max_prompts]
+    cfg_dict.update(
+        dtype=dtype,
+        device=device,
+        tokenizer_name=None,
+        default_prepend_bos=False,
+        model_name="gemma-2-2b-shaped-random",
+    )
+    cfg = HookedTransformerConfig(
+        **{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__}
+    )
     # TransformerLens needs a tokenizer to build attention masks when a KV cache is passed (our
     # generate); a character-level stand-in with pad id 0 and right padding, as Gemma's tokenizer.
     from saets_utils.models.tiny import tiny_tokenizer
@@ -292,23 +385,45 @@ def gemma_setup(args) -> Setup:
         p.requires_grad_(False)
     bos = 2  # Gemma's <bos>
     vocab = cfg.d_vocab
-    prompt_ids = tuple((bos, *torch.randint(3, vocab, (GEMMA_PROMPT_LENGTHS.get(p, 3),), generator=g).tolist())
-                       for p in prompts)
-    spec = RolloutSpec(prompts=prompt_ids, samples_per_prompt=samples, total_tokens=total, sampling=SamplingConfig(),
-                       include_first_position=True)
+    prompt_ids = tuple(
+        (bos, *torch.randint(3, vocab, (GEMMA_PROMPT_LENGTHS.get(p, 3),), generator=g).tolist()) for p in prompts
+    )
+    spec = RolloutSpec(
+        prompts=prompt_ids,
+        samples_per_prompt=samples,
+        total_tokens=total,
+        sampling=SamplingConfig(),
+        include_first_position=True,
+    )
     loss_tokens = torch.randint(3, vocab, (chunks, chunk_tokens), generator=g)
     loss_tokens[:, 0] = bos
     need = max(args.fast_vectors, args.ref_vectors)
-    label = {"model": f"Gemma-2-2B-shaped, random weights ({cfg.n_layers} layers, d_model {d_model}, "
-                      f"vocab {vocab}, {args.dtype})" + (" [TINY CHECK]" if args.tiny_check else ""),
-             "params": "reference settings (EffectsConfig defaults; 14 prompts x 64 samples x 32 tokens, 64 x 32 loss chunks)",
-             "sae": f"random JumpReLU d_sae {d_sae}, float32", "start token id": bos}
+    label = {
+        "model": f"Gemma-2-2B-shaped, random weights ({cfg.n_layers} layers, d_model {d_model}, "
+        f"vocab {vocab}, {args.dtype})" + (" [TINY CHECK]" if args.tiny_check else ""),
+        "params": "reference settings (EffectsConfig defaults; 14 prompts x 64 samples x 32 tokens, 64 x 32 loss chunks)",
+        "sae": f"random JumpReLU d_sae {d_sae}, float32",
+        "start token id": bos,
+    }
     vectors = w_dec[:need].to(device)
     loss_tokens = loss_tokens.to(device)
     target, note = gemma_target(model, hook, loss_tokens, vectors, args.gemma_target_scale)
     label["loss target"] = note
-    return Setup(model, sae, hook, spec, loss_tokens, torch.arange(need), vectors, e.scale_grid.values(), target, 0,
-                 args.vectors_per_batch or e.vectors_per_batch, device, label)
+    return Setup(
+        model,
+        sae,
+        hook,
+        spec,
+        loss_tokens,
+        torch.arange(need),
+        vectors,
+        e.scale_grid.values(),
+        target,
+        0,
+        args.vectors_per_batch or e.vectors_per_batch,
+        device,
+        label,
+    )
 
 
 @torch.no_grad()
@@ -319,19 +434,26 @@ def gemma_target(model, hook: str, loss_tokens: torch.Tensor, vectors: torch.Ten
     if scale <= 0:
         return LossTarget(kind="relative", value=0.5), "relative +0.5 (as the paper)"
     resid = resid_at_hook(model, hook, loss_tokens)
-    base = float(steered_losses(model, hook, loss_tokens, resid, torch.zeros(1, vectors.shape[1], device=vectors.device))[0])
+    base = float(
+        steered_losses(model, hook, loss_tokens, resid, torch.zeros(1, vectors.shape[1], device=vectors.device))[0]
+    )
     rise = steered_losses(model, hook, loss_tokens, resid, vectors[:4] * scale) - base
     value = float(rise.median())
     if not value > 1e-3:
-        return LossTarget(kind="relative", value=0.5), (f"relative +0.5 (the random model's loss does not rise with "
-                                                         f"steering: {value:+.4f} at scale {scale:g}; full-grid sweeps)")
-    return LossTarget(kind="relative", value=value), (f"relative {value:+.4f} = median loss rise of 4 vectors at "
-                                                      f"scale {scale:g} (--gemma-target-scale), so crossings land near it")
+        return LossTarget(kind="relative", value=0.5), (
+            f"relative +0.5 (the random model's loss does not rise with "
+            f"steering: {value:+.4f} at scale {scale:g}; full-grid sweeps)"
+        )
+    return LossTarget(kind="relative", value=value), (
+        f"relative {value:+.4f} = median loss rise of 4 vectors at "
+        f"scale {scale:g} (--gemma-target-scale), so crossings land near it"
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # (a) the reference loop, one vector at a time
 # --------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def ref_unsteered_loss(s: Setup) -> float:
@@ -378,8 +500,9 @@ def ref_effect(s: Setup, v: torch.Tensor, scale: float, prof: Profile, shape: Mo
         return out
 
     with instrumented_reference(prof, shape):
-        return reference_effects(s.model, s.sae, s.hook, s.spec, v, 0, scale, torch.zeros(s.sae.cfg.d_sae), s.seed,
-                                 rollouts)
+        return reference_effects(
+            s.model, s.sae, s.hook, s.spec, v, 0, scale, torch.zeros(s.sae.cfg.d_sae), s.seed, rollouts
+        )
 
 
 @contextmanager
@@ -411,6 +534,7 @@ def instrumented_reference(prof: Profile, shape: ModelShape) -> Iterator[None]:
 # (b) our path, as compute_block runs it; thin timing wrappers around the package functions
 # --------------------------------------------------------------------------------------------
 
+
 @contextmanager
 def instrumented(prof: Profile, shape: ModelShape, fine: bool) -> Iterator[None]:
     """Time and count the package's inner calls (patched on the module objects, restored on exit)."""
@@ -424,8 +548,9 @@ def instrumented(prof: Profile, shape: ModelShape, fine: bool) -> Iterator[None]
         prof.count["unembed_tokens"] += t
         return orig_sl(model, hook_name, tokens, resid, deltas, max_rows)
 
-    def gen(model, prompt_tokens, new_tokens, seeds, sampling, hook_name=None, delta=None, use_cache=True,
-            capture=False):
+    def gen(
+        model, prompt_tokens, new_tokens, seeds, sampling, hook_name=None, delta=None, use_cache=True, capture=False
+    ):
         rows, plen = prompt_tokens.shape
         prof.count["layer_tokens"] += rows * (plen + new_tokens - 1) * shape.n_layers + rows * (shape.hook_layer + 1)
         prof.count["unembed_tokens"] += rows * (plen + new_tokens - 1)
@@ -457,8 +582,7 @@ def instrumented(prof: Profile, shape: ModelShape, fine: bool) -> Iterator[None]
 
 
 @torch.no_grad()
-def fast_block(s: Setup, rows: list[int], resid: torch.Tensor, unsteered: float, baseline: torch.Tensor,
-               prof: Profile):
+def fast_block(s: Setup, rows: list[int], resid: torch.Tensor, unsteered: float, baseline: torch.Tensor, prof: Profile):
     """``compute_block`` without the shard: calibrate, then measure the vectors that got a scale."""
     vecs = s.vectors[rows]
     ids = s.vector_ids[rows]
@@ -468,8 +592,17 @@ def fast_block(s: Setup, rows: list[int], resid: torch.Tensor, unsteered: float,
     effects = torch.full((len(rows), baseline.shape[0]), float("nan"))
     if ok.any():
         with prof.phase("fast.measure_effects"):
-            blk = measure_effects(s.model, s.sae, s.hook, s.spec, vecs[ok], ids[ok].tolist(),
-                                  cal.scales[ok].to(vecs.device), baseline.to(vecs.device), s.seed)
+            blk = measure_effects(
+                s.model,
+                s.sae,
+                s.hook,
+                s.spec,
+                vecs[ok],
+                ids[ok].tolist(),
+                cal.scales[ok].to(vecs.device),
+                baseline.to(vecs.device),
+                s.seed,
+            )
         effects[ok] = blk.effects.float().cpu()
     return cal, effects
 
@@ -480,39 +613,68 @@ def warm(s: Setup) -> None:
     prompt = torch.tensor([s.spec.prompts[-1]] * 2, device=s.device)
     v = s.vectors[0]
     with steering_hook(s.model, s.hook, 20.0 * v):
-        s.model.generate(prompt, max_new_tokens=2, top_k=s.spec.sampling.top_k, top_p=s.spec.sampling.top_p,
-                         stop_at_eos=False, use_past_kv_cache=True, verbose=False)
-    g = steer_mod.generate(s.model, prompt, 2, [0, 1], s.spec.sampling, s.hook, (20.0 * v)[None].repeat(2, 1),
-                           capture=True)
+        s.model.generate(
+            prompt,
+            max_new_tokens=2,
+            top_k=s.spec.sampling.top_k,
+            top_p=s.spec.sampling.top_p,
+            stop_at_eos=False,
+            use_past_kv_cache=True,
+            verbose=False,
+        )
+    g = steer_mod.generate(
+        s.model, prompt, 2, [0, 1], s.spec.sampling, s.hook, (20.0 * v)[None].repeat(2, 1), capture=True
+    )
     eff_mod.encode_positions(s.sae, g.activations, s.spec.include_first_position)
 
 
 # --------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params/demo.yaml", help="run whose model, SAE and effect settings to use")
-    ap.add_argument("--fallback-sae-params", default="params/test.yaml",
-                    help="SAE settings to use when --params's SAE is not cached (effect settings stay --params's)")
+    ap.add_argument(
+        "--fallback-sae-params",
+        default="params/test.yaml",
+        help="SAE settings to use when --params's SAE is not cached (effect settings stay --params's)",
+    )
     ap.add_argument("--sae-dir", default=None, help="use this saved sae_lens SAE folder (its hook) instead")
-    ap.add_argument("--random-sae-at", default=None, metavar="HOOK",
-                    help="use a seeded random TopK SAE of the params' shape at HOOK instead (throughput only)")
+    ap.add_argument(
+        "--random-sae-at",
+        default=None,
+        metavar="HOOK",
+        help="use a seeded random TopK SAE of the params' shape at HOOK instead (throughput only)",
+    )
     ap.add_argument("--allow-train", action="store_true", help="train --params's SAE if not cached (minutes)")
     ap.add_argument("--ref-vectors", type=int, default=2, help="vectors measured by the reference loop (a)")
     ap.add_argument("--fast-vectors", type=int, default=32, help="vectors measured by our path (b)")
     ap.add_argument("--vectors-per-batch", type=int, default=None, help="block size of (b) (default: params)")
     ap.add_argument("--device", default=None, help="cpu / cuda[:N] (default: params' device, or cuda if available)")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="model dtype (default: params; bfloat16 with --gemma-shaped)")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype (default: params; bfloat16 with --gemma-shaped)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts (smoke tests)")
-    ap.add_argument("--gemma-shaped", action="store_true",
-                    help="Gemma-2-2B config with random weights (bf16), random JumpReLU SAE 16k, reference settings")
-    ap.add_argument("--gemma-target-scale", type=float, default=100.0,
-                    help="with --gemma-shaped: pick the relative loss target that random vectors reach near this "
-                         "scale (0: the paper's +0.5, which random weights may never reach)")
+    ap.add_argument(
+        "--gemma-shaped",
+        action="store_true",
+        help="Gemma-2-2B config with random weights (bf16), random JumpReLU SAE 16k, reference settings",
+    )
+    ap.add_argument(
+        "--gemma-target-scale",
+        type=float,
+        default=100.0,
+        help="with --gemma-shaped: pick the relative loss target that random vectors reach near this "
+        "scale (0: the paper's +0.5, which random weights may never reach)",
+    )
     ap.add_argument("--tiny-check", action="store_true", help="with --gemma-shaped: 2 layers, tiny settings, CPU ok")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s of the device (H100/H200 bf16)")
+    ap.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s of the device (H100/H200 bf16)"
+    )
     ap.add_argument("--no-fine-profile", action="store_true", help="skip per-step sampling timers inside generate")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     return ap.parse_args(argv)
@@ -543,8 +705,11 @@ def main(argv=None) -> dict:
     # one-time per run / worker, not counted per vector
     with setup.phase("fast: loss-chunk activations at the hook + unsteered loss"):
         resid = resid_at_hook(s.model, s.hook, s.loss_tokens)
-        unsteered_fast = float(steered_losses(s.model, s.hook, s.loss_tokens, resid,
-                                              torch.zeros(1, s.model.cfg.d_model, device=s.device))[0])
+        unsteered_fast = float(
+            steered_losses(s.model, s.hook, s.loss_tokens, resid, torch.zeros(1, s.model.cfg.d_model, device=s.device))[
+                0
+            ]
+        )
     with setup.phase("ref: unsteered loss (full forward)"):
         unsteered_ref = ref_unsteered_loss(s)
     if s.device.startswith("cuda"):  # CUDA/cuBLAS initialisation and first-call overheads, outside the timings
@@ -567,13 +732,18 @@ def main(argv=None) -> dict:
             r = ref_rows[i]
             t0 = time.perf_counter()
             sc, st = ref_calibrate(s, s.vectors[r], target_ref, ref, shape)
-            eff = ref_effect(s, s.vectors[r], sc, ref, shape) - baseline if math.isfinite(sc) else \
-                torch.full((s.sae.cfg.d_sae,), float("nan"))
+            eff = (
+                ref_effect(s, s.vectors[r], sc, ref, shape) - baseline
+                if math.isfinite(sc)
+                else torch.full((s.sae.cfg.d_sae,), float("nan"))
+            )
             ref_scales.append(sc)
             ref_status.append(st)
             ref_effects.append(eff)
-            print(f"  (a) vector {int(s.vector_ids[r])}: scale {sc:.2f} ({st}) in {time.perf_counter() - t0:.1f} s",
-                  flush=True)
+            print(
+                f"  (a) vector {int(s.vector_ids[r])}: scale {sc:.2f} ({st}) in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
         if i < len(blocks):
             rows = blocks[i]
             t0 = time.perf_counter()
@@ -614,78 +784,145 @@ def main(argv=None) -> dict:
         out(f"{key:>16}: {val}")
     out(f"{'hook':>16}: {s.hook} (layer {shape.hook_layer} of {shape.n_layers})")
     out(f"{'prompts':>16}: {len(sp.prompts)} (token lengths {[len(p) for p in sp.prompts]})")
-    out(f"{'samples/prompt':>16}: {sp.samples_per_prompt}  -> {len(sp.prompts) * sp.samples_per_prompt} rollouts/vector")
-    out(f"{'total tokens':>16}: {sp.total_tokens} (prompt included); include_first_position={sp.include_first_position}")
+    out(
+        f"{'samples/prompt':>16}: {sp.samples_per_prompt}  -> {len(sp.prompts) * sp.samples_per_prompt} rollouts/vector"
+    )
+    out(
+        f"{'total tokens':>16}: {sp.total_tokens} (prompt included); include_first_position={sp.include_first_position}"
+    )
     out(f"{'sampling':>16}: top_k {sp.sampling.top_k}, top_p {sp.sampling.top_p}, T {sp.sampling.temperature}")
     out(f"{'scale grid':>16}: {s.grid[0]:g}..{s.grid[-1]:g} step {s.grid[1] - s.grid[0]:g} ({len(s.grid)} points)")
-    out(f"{'loss chunks':>16}: {s.loss_tokens.shape[0]} x {s.loss_tokens.shape[1]} tokens; target {s.target.kind} "
-        f"{s.target.value:+g} -> {target_ref:.4f} (unsteered: full fwd {unsteered_ref:.5f}, from hook {unsteered_fast:.5f})")
+    out(
+        f"{'loss chunks':>16}: {s.loss_tokens.shape[0]} x {s.loss_tokens.shape[1]} tokens; target {s.target.kind} "
+        f"{s.target.value:+g} -> {target_ref:.4f} (unsteered: full fwd {unsteered_ref:.5f}, from hook {unsteered_fast:.5f})"
+    )
     out(f"{'block size (b)':>16}: {k} vectors -> {k * sp.samples_per_prompt} generation rows per prompt")
-    out(f"{'device':>16}: {s.device}; torch {torch.__version__}; threads {torch.get_num_threads()} "
+    out(
+        f"{'device':>16}: {s.device}; torch {torch.__version__}; threads {torch.get_num_threads()} "
         f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); cpus {os.cpu_count()}; "
-        f"{platform.processor() or platform.machine()}")
+        f"{platform.processor() or platform.machine()}"
+    )
     if s.device.startswith("cuda"):
         out(f"{'gpu':>16}: {torch.cuda.get_device_name()}")
     with suppress(OSError):
         out(f"{'load average':>16}: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (at the end of the run)")
-    out(f"{'non-emb params':>16}: {shape.n_params / 1e6:.1f} M (blocks {shape.n_layers} x "
+    out(
+        f"{'non-emb params':>16}: {shape.n_params / 1e6:.1f} M (blocks {shape.n_layers} x "
         f"{shape.block_params / 1e6:.2f} M + unembed {shape.unembed_params / 1e6:.1f} M); SAE enc "
-        f"{shape.sae_enc_params / 1e6:.1f} M")
+        f"{shape.sae_enc_params / 1e6:.1f} M"
+    )
     out("-" * 78)
-    out(f"one-time setup (not per vector): model+SAE load {t_load:.1f} s; " +
-        "; ".join(f"{n} {setup.wall[n]:.2f} s" for n in setup.wall))
+    out(
+        f"one-time setup (not per vector): model+SAE load {t_load:.1f} s; "
+        + "; ".join(f"{n} {setup.wall[n]:.2f} s" for n in setup.wall)
+    )
     out("-" * 78)
-    out(f"(a) reference: {args.ref_vectors} vectors in {ref_wall:.1f} s wall ({ref_cpu:.1f} s CPU) "
-        f"-> {ref_vps:.4f} vectors/s ({ref_wall / max(args.ref_vectors, 1):.2f} s/vector)")
+    out(
+        f"(a) reference: {args.ref_vectors} vectors in {ref_wall:.1f} s wall ({ref_cpu:.1f} s CPU) "
+        f"-> {ref_vps:.4f} vectors/s ({ref_wall / max(args.ref_vectors, 1):.2f} s/vector)"
+    )
     for n in ("ref.calibration", "ref.generate", "ref.rerun_to_hook", "ref.sae_encode"):
-        out(f"      {n:<34} {ref.wall[n] / max(args.ref_vectors, 1):8.3f} s/vector  ({100 * ref.wall[n] / ref_wall:5.1f}%)")
+        out(
+            f"      {n:<34} {ref.wall[n] / max(args.ref_vectors, 1):8.3f} s/vector  ({100 * ref.wall[n] / ref_wall:5.1f}%)"
+        )
     out(f"      grid points (full forwards) per vector: {ref.count['grid_points'] / max(args.ref_vectors, 1):.2f}")
-    out(f"(b) ours:      {args.fast_vectors} vectors in {fast_wall:.1f} s wall ({fast_cpu:.1f} s CPU) "
-        f"-> {fast_vps:.4f} vectors/s ({fast_wall / max(args.fast_vectors, 1):.3f} s/vector)")
-    fast_names = ["fast.calibration", "fast.measure_effects", "fast.generate(+capture)", "fast.generate.sampling",
-                  "fast.generate.row_uniforms", "fast.sae_encode"]
+    out(
+        f"(b) ours:      {args.fast_vectors} vectors in {fast_wall:.1f} s wall ({fast_cpu:.1f} s CPU) "
+        f"-> {fast_vps:.4f} vectors/s ({fast_wall / max(args.fast_vectors, 1):.3f} s/vector)"
+    )
+    fast_names = [
+        "fast.calibration",
+        "fast.measure_effects",
+        "fast.generate(+capture)",
+        "fast.generate.sampling",
+        "fast.generate.row_uniforms",
+        "fast.sae_encode",
+    ]
     for n in fast_names:
         if n in fast.wall:
-            out(f"      {n:<34} {fast.wall[n] / args.fast_vectors:8.3f} s/vector  ({100 * fast.wall[n] / fast_wall:5.1f}%)")
+            out(
+                f"      {n:<34} {fast.wall[n] / args.fast_vectors:8.3f} s/vector  ({100 * fast.wall[n] / fast_wall:5.1f}%)"
+            )
     other = fast.wall["fast.measure_effects"] - fast.wall["fast.generate(+capture)"] - fast.wall["fast.sae_encode"]
-    out(f"      {'fast.measure_effects other':<34} {other / args.fast_vectors:8.3f} s/vector  "
-        f"({100 * other / fast_wall:5.1f}%)  (seeds, FeatureSums, host copies)")
+    out(
+        f"      {'fast.measure_effects other':<34} {other / args.fast_vectors:8.3f} s/vector  "
+        f"({100 * other / fast_wall:5.1f}%)  (seeds, FeatureSums, host copies)"
+    )
     out(f"      grid points (steered loss evaluations) per vector: {fast.count['grid_points'] / args.fast_vectors:.2f}")
     out("-" * 78)
     out(f"SPEED-UP (b)/(a): {ratio:.1f}x vectors/s by wall clock ({ratio_cpu:.1f}x by process CPU time); target >= 10x")
-    out(f"  calibration only: {(ref.wall['ref.calibration'] / args.ref_vectors) / (fast.wall['fast.calibration'] / args.fast_vectors):.1f}x; "
-        f"rollouts+encode only: {((ref_wall - ref.wall['ref.calibration']) / args.ref_vectors) / (fast.wall['fast.measure_effects'] / args.fast_vectors):.1f}x")
-    out(f"scales of the same {len(common)} vectors, (a) vs (b): ref {[round(x, 3) for x in ref_scales]} "
-        f"({ref_status}) vs ours {[round(float(x), 3) for x in fast_scales[common]]} ({[fast_status[r] for r in common]})")
+    out(
+        f"  calibration only: {(ref.wall['ref.calibration'] / args.ref_vectors) / (fast.wall['fast.calibration'] / args.fast_vectors):.1f}x; "
+        f"rollouts+encode only: {((ref_wall - ref.wall['ref.calibration']) / args.ref_vectors) / (fast.wall['fast.measure_effects'] / args.fast_vectors):.1f}x"
+    )
+    out(
+        f"scales of the same {len(common)} vectors, (a) vs (b): ref {[round(x, 3) for x in ref_scales]} "
+        f"({ref_status}) vs ours {[round(float(x), 3) for x in fast_scales[common]]} ({[fast_status[r] for r in common]})"
+    )
     out(f"  max |scale_a - scale_b| = {max_scale_diff:.3g}")
-    out(f"  cosine(effect_a, effect_b) per vector (different sampling RNG, {len(sp.prompts) * sp.samples_per_prompt} "
-        f"rollouts each, so only roughly similar): {[round(c, 3) for c in cos]}")
-    out(f"  (b) scale statuses over all {args.fast_vectors}: "
-        f"{ {st: fast_status.count(st) for st in sorted(set(fast_status))} }")
+    out(
+        f"  cosine(effect_a, effect_b) per vector (different sampling RNG, {len(sp.prompts) * sp.samples_per_prompt} "
+        f"rollouts each, so only roughly similar): {[round(c, 3) for c in cos]}"
+    )
+    out(
+        f"  (b) scale statuses over all {args.fast_vectors}: "
+        f"{ {st: fast_status.count(st) for st in sorted(set(fast_status))} }"
+    )
     ref_fl, fast_fl = shape.flops(ref), shape.flops(fast)
     peak = args.peak_tflops * 1e12
-    out(f"model FLOPs (2 x params used x tokens): (a) {ref_fl / max(args.ref_vectors, 1) / 1e12:.3f} TFLOP/vector at "
+    out(
+        f"model FLOPs (2 x params used x tokens): (a) {ref_fl / max(args.ref_vectors, 1) / 1e12:.3f} TFLOP/vector at "
         f"{ref_fl / ref_wall / 1e12:.3f} TFLOP/s = {100 * ref_fl / ref_wall / peak:.2f}% of {args.peak_tflops:g}; "
         f"(b) {fast_fl / args.fast_vectors / 1e12:.3f} TFLOP/vector at {fast_fl / fast_wall / 1e12:.3f} TFLOP/s "
-        f"= {100 * fast_fl / fast_wall / peak:.2f}% of peak")
+        f"= {100 * fast_fl / fast_wall / peak:.2f}% of peak"
+    )
     out(f"total benchmark wall time: {time.perf_counter() - t_start:.0f} s")
     out("=" * 78)
     print("\n".join(lines), flush=True)
 
     result = {
-        "settings": {**{k2: str(v) for k2, v in s.label.items()}, "hook": s.hook, "prompts": len(sp.prompts),
-                     "samples_per_prompt": sp.samples_per_prompt, "total_tokens": sp.total_tokens,
-                     "grid": s.grid, "loss_chunks": list(s.loss_tokens.shape), "target": s.target.model_dump(),
-                     "vectors_per_batch": k, "device": s.device, "threads": torch.get_num_threads(),
-                     "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv},
-        "ref": {"vectors": args.ref_vectors, "wall_s": ref_wall, "cpu_s": ref_cpu, "vectors_per_s": ref_vps,
-                "phases_wall_s": dict(ref.wall), "counts": dict(ref.count), "flops": ref_fl},
-        "fast": {"vectors": args.fast_vectors, "wall_s": fast_wall, "cpu_s": fast_cpu, "vectors_per_s": fast_vps,
-                 "phases_wall_s": dict(fast.wall), "counts": dict(fast.count), "flops": fast_fl},
-        "setup_wall_s": dict(setup.wall), "load_s": t_load,
-        "ratio_wall": ratio, "ratio_cpu": ratio_cpu, "max_abs_scale_diff": max_scale_diff,
-        "ref_scales": ref_scales, "fast_scales_same_vectors": fast_scales[common].tolist(), "effect_cosines": cos,
+        "settings": {
+            **{k2: str(v) for k2, v in s.label.items()},
+            "hook": s.hook,
+            "prompts": len(sp.prompts),
+            "samples_per_prompt": sp.samples_per_prompt,
+            "total_tokens": sp.total_tokens,
+            "grid": s.grid,
+            "loss_chunks": list(s.loss_tokens.shape),
+            "target": s.target.model_dump(),
+            "vectors_per_batch": k,
+            "device": s.device,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "argv": sys.argv[1:] if argv is None else argv,
+        },
+        "ref": {
+            "vectors": args.ref_vectors,
+            "wall_s": ref_wall,
+            "cpu_s": ref_cpu,
+            "vectors_per_s": ref_vps,
+            "phases_wall_s": dict(ref.wall),
+            "counts": dict(ref.count),
+            "flops": ref_fl,
+        },
+        "fast": {
+            "vectors": args.fast_vectors,
+            "wall_s": fast_wall,
+            "cpu_s": fast_cpu,
+            "vectors_per_s": fast_vps,
+            "phases_wall_s": dict(fast.wall),
+            "counts": dict(fast.count),
+            "flops": fast_fl,
+        },
+        "setup_wall_s": dict(setup.wall),
+        "load_s": t_load,
+        "ratio_wall": ratio,
+        "ratio_cpu": ratio_cpu,
+        "max_abs_scale_diff": max_scale_diff,
+        "ref_scales": ref_scales,
+        "fast_scales_same_vectors": fast_scales[common].tolist(),
+        "effect_cosines": cos,
         "report": "\n".join(lines),
     }
     if args.json:

@@ -115,9 +115,7 @@ class SAEConfig(_Strict):
         """Layer index parsed from ``blocks.<layer>.hook_...``."""
         parts = self.hook_name.split(".")
         if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
-            raise ConfigError(
-                f"sae.hook_name {self.hook_name!r} is not of the form blocks.<layer>.hook_resid_post"
-            )
+            raise ConfigError(f"sae.hook_name {self.hook_name!r} is not of the form blocks.<layer>.hook_resid_post")
         return int(parts[1])
 
     @property
@@ -229,9 +227,22 @@ class EffectsConfig(_Strict):
     loss_chunks: int = Field(64, gt=0)
     loss_chunk_tokens: int = Field(32, gt=1)
     prompts: list[str] = Field(
-        default_factory=lambda: ["", "", "", "I think", "Breaking news", "Last night",
-                                 "For sale", "The weather", "Dear Sir/Madam", "Preheat the oven",
-                                 "It's interesting that", "Assistant:", "I went up to", "New study suggests"]
+        default_factory=lambda: [
+            "",
+            "",
+            "",
+            "I think",
+            "Breaking news",
+            "Last night",
+            "For sale",
+            "The weather",
+            "Dear Sir/Madam",
+            "Preheat the oven",
+            "It's interesting that",
+            "Assistant:",
+            "I went up to",
+            "New study suggests",
+        ]
     )
     samples_per_prompt: int = Field(64, gt=0)
     total_tokens: int = Field(32, gt=1)
@@ -249,7 +260,6 @@ class EffectsConfig(_Strict):
     # reference's independent sampling, less variance while steered and unsteered texts share a
     # prefix. False: the reference design (independent rollouts per vector, 10x baseline).
     common_random_numbers: bool = False
-
 
 
 class ApproximatorConfig(_Strict):
@@ -306,8 +316,17 @@ class EvalConfig(_Strict):
     """Settings of notebook 03 (defaults follow the reference evaluation)."""
 
     tasks: list[str] = Field(
-        default_factory=lambda: ["anger", "christian", "conspiracy", "french", "london", "love",
-                                 "praise", "want_to_die", "wedding"]
+        default_factory=lambda: [
+            "anger",
+            "christian",
+            "conspiracy",
+            "french",
+            "london",
+            "love",
+            "praise",
+            "want_to_die",
+            "wedding",
+        ]
     )
     # Names of saets_utils/registry.py (default: all of them, in the registry's order).
     methods: list[str] = Field(default_factory=lambda: list(METHODS))

@@ -40,8 +40,9 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike[str],
-                            metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
     """``safetensors.torch.save_file`` through a temporary sibling and an atomic rename."""
     from safetensors.torch import save_file
 

@@ -13,9 +13,19 @@ from typing import Any
 from tqdm.std import tqdm
 
 
-def progress(*, total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False,
-             initial: int = 0, **kw: Any) -> tqdm:
+def progress(
+    *, total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False, initial: int = 0, **kw: Any
+) -> tqdm:
     """A text progress bar on stderr (see module docstring)."""
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=unit, disable=disable, initial=initial, file=sys.stderr,
-                mininterval=0.5 if interactive else 5.0, dynamic_ncols=interactive, **kw)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=disable,
+        initial=initial,
+        file=sys.stderr,
+        mininterval=0.5 if interactive else 5.0,
+        dynamic_ncols=interactive,
+        **kw,
+    )

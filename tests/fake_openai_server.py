@@ -70,8 +70,9 @@ class FakeOpenAIServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fake-openai", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-openai", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -104,7 +105,14 @@ class FakeOpenAIServer:
         messages = body.get("messages") or [{}]
         content = str(messages[-1].get("content", ""))
         with self._lock:
-            self.requests.append({"path": h.path, "headers": {k.lower(): v for k, v in h.headers.items()}, "body": body, "t": time.monotonic()})
+            self.requests.append(
+                {
+                    "path": h.path,
+                    "headers": {k.lower(): v for k, v in h.headers.items()},
+                    "body": body,
+                    "t": time.monotonic(),
+                }
+            )
             count = self._seen.get(content, 0)
             self._seen[content] = count + 1
             self.in_flight += 1
@@ -129,15 +137,21 @@ class FakeOpenAIServer:
 
     def _reply(self, h: BaseHTTPRequestHandler, body: dict[str, Any], content: str, fault: str | None) -> None:
         if fault == "429":
-            return self._send(h, 429, {"error": {"message": "Rate limit reached", "type": "requests",
-                                                 "code": "rate_limit_exceeded"}},
-                              {"Retry-After": str(self.retry_after)})
+            return self._send(
+                h,
+                429,
+                {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}},
+                {"Retry-After": str(self.retry_after)},
+            )
         if fault == "500":
             return self._send(h, 500, {"error": {"message": "The server had an error", "type": "server_error"}})
         if fault == "401":
             auth = h.headers.get("Authorization", "")
-            return self._send(h, 401, {"error": {"message": f"Incorrect API key provided: {auth[7:]}",
-                                                 "type": "invalid_request_error"}})
+            return self._send(
+                h,
+                401,
+                {"error": {"message": f"Incorrect API key provided: {auth[7:]}", "type": "invalid_request_error"}},
+            )
         if fault == "slow":
             self._stopping.wait(self.slow_s)
         score = default_score(content)
@@ -150,18 +164,34 @@ class FakeOpenAIServer:
         }.get(fault or "", json.dumps({"score": score}))
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
         completion_tokens = 5
-        self._send(h, 200, {
-            "id": f"chatcmpl-fake-{len(self.requests)}", "object": "chat.completion",
-            "created": int(time.time()), "model": body.get("model", "fake"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                         "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        })
+        self._send(
+            h,
+            200,
+            {
+                "id": f"chatcmpl-fake-{len(self.requests)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", "fake"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": reply},
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            },
+        )
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, payload: dict[str, Any],
-              headers: dict[str, str] | None = None) -> None:
+    def _send(
+        h: BaseHTTPRequestHandler, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         data = json.dumps(payload).encode("utf-8")
         h.send_response(status)
         h.send_header("Content-Type", "application/json")

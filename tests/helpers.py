@@ -24,8 +24,11 @@ TINY_PARAMS: dict[str, Any] = {
     "effects": {
         "scale_grid": {"start": 0, "stop": 40, "step": 10},
         "loss_target": {"kind": "relative", "value": 0.3},
-        "loss_chunks": 4, "loss_chunk_tokens": 16,
-        "prompts": ["", "I think"], "samples_per_prompt": 4, "total_tokens": 16,
+        "loss_chunks": 4,
+        "loss_chunk_tokens": 16,
+        "prompts": ["", "I think"],
+        "samples_per_prompt": 4,
+        "total_tokens": 16,
         "baseline_multiplier": 2,
     },
 }

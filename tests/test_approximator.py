@@ -192,6 +192,7 @@ def test_save_load_round_trip(tmp_path, synthetic):
 
 # ---- per-feature ridge ---------------------------------------------------------------------------
 
+
 def test_per_feature_loo_is_exact_and_columns_are_ridge_fits():
     g = torch.Generator().manual_seed(7)
     n, d, m = 14, 5, 4
@@ -209,7 +210,7 @@ def test_per_feature_loo_is_exact_and_columns_are_ridge_fits():
     assert sum(r["n_features"] for r in rows) == m
     for j in range(m):  # each column is the ordinary ridge fit at its chosen penalty
         lam = float(chosen[j])
-        ref = fit_ridge(X, Y[:, j:j + 1], lam if math.isfinite(lam) else 1e15)
+        ref = fit_ridge(X, Y[:, j : j + 1], lam if math.isfinite(lam) else 1e15)
         torch.testing.assert_close(approx.W[:, j], ref.W[:, 0], atol=1e-5, rtol=0)
         torch.testing.assert_close(approx.b[j], ref.b[0], atol=1e-5, rtol=0)
 
@@ -250,12 +251,15 @@ def test_one_se_rule_keeps_pure_noise_at_the_mean():
     assert torch.isinf(lam).float().mean() >= 0.9 and (lam >= 100).all()
     assert torch.isfinite(lam_min).sum() > torch.isfinite(lam).sum()  # the plain minimum chases noise more often
     mse = lambda P: float(((P - Y[200:]) ** 2).mean())
-    assert mse(approx.predict(X[200:])) <= min(1.001 * mse(Y[:200].mean(0).expand(1000, 30)), mse(loose.predict(X[200:])))
+    assert mse(approx.predict(X[200:])) <= min(
+        1.001 * mse(Y[:200].mean(0).expand(1000, 30)), mse(loose.predict(X[200:]))
+    )
     with pytest.raises(ValueError, match="lambdas"):
         fit_ridge_per_feature(X, Y, lambdas=(0.0, 1.0))
 
 
 # ---- reduced-rank ridge --------------------------------------------------------------------------
+
 
 def _low_rank(seed: int, n: int = 60):
     g = torch.Generator().manual_seed(seed)
@@ -300,6 +304,7 @@ def test_reduced_rank_cv_on_pure_noise_stays_near_the_mean():
 
 
 # ---- held-out R^2 with intervals, noise ceiling ---------------------------------------------------
+
 
 def test_bootstrap_ci_covers_the_true_r2():
     # Y = S + noise with equal variances; predicting S has population R^2 = 1 - 1/2 = 0.5 about mu = 0.
@@ -358,8 +363,16 @@ def test_metrics_report_intervals_noise_ceiling_and_reliable_features():
     H = S[:, None] + torch.randn(60, 2, D_SAE, generator=g)
     Y = H.mean(1)
     reliable = torch.arange(D_SAE) < 4
-    m = approximator_metrics(EffectApproximator(W, torch.zeros(D_SAE)), X, Y, torch.zeros(D_SAE),
-                             Y_val_halves=H, n_boot=200, seed=0, reliable_features=reliable)
+    m = approximator_metrics(
+        EffectApproximator(W, torch.zeros(D_SAE)),
+        X,
+        Y,
+        torch.zeros(D_SAE),
+        Y_val_halves=H,
+        n_boot=200,
+        seed=0,
+        reliable_features=reliable,
+    )
     json.dumps(m, allow_nan=False)
     assert m["r2_ci_low"] <= m["r2"] <= m["r2_ci_high"] and m["beats_mean_baseline"] == (m["r2_ci_low"] > 0)
     assert m["noise_ceiling_ci_low"] <= m["noise_ceiling"] <= m["noise_ceiling_ci_high"]

@@ -28,6 +28,7 @@ TARGET = LossTarget(kind="relative", value=0.3)
 
 # --- interpolation on hand-made curves --------------------------------------------------------
 
+
 def test_hook_layer():
     assert hook_layer("blocks.12.hook_resid_post") == 12 and hook_layer(HOOK) == 1
 
@@ -77,11 +78,13 @@ def test_loss_target_value_relative_vs_absolute():
 
 # --- losses on the tiny model -----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def chunks(tiny_model):
     """``[6, 16]`` chunks of the tiny model's own text: low loss unsteered, so steering raises it."""
-    return generate(tiny_model, torch.ones(6, 1, dtype=torch.long), 15, list(range(6)),
-                    SamplingConfig(top_k=20, top_p=0.9)).tokens
+    return generate(
+        tiny_model, torch.ones(6, 1, dtype=torch.long), 15, list(range(6)), SamplingConfig(top_k=20, top_p=0.9)
+    ).tokens
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +122,17 @@ def test_steered_losses_equal_the_hooked_models_loss(tiny_model, chunks, resid, 
             ref = float(tiny_model(chunks, return_type="loss"))
         assert float(losses[i]) == pytest.approx(ref, abs=1e-5)
     # how many deltas share a forward does not matter
-    torch.testing.assert_close(steered_losses(tiny_model, HOOK, chunks, resid, deltas, max_rows=1), losses,
-                               atol=1e-6, rtol=0)
-    torch.testing.assert_close(steered_losses(tiny_model, HOOK, chunks, resid, deltas, max_rows=13), losses,
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        steered_losses(tiny_model, HOOK, chunks, resid, deltas, max_rows=1), losses, atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        steered_losses(tiny_model, HOOK, chunks, resid, deltas, max_rows=13), losses, atol=1e-6, rtol=0
+    )
     assert losses[-1] > losses[0] + 0.1  # steering hard raises the loss on the model's own text
 
 
 # --- calibrate_scales on the tiny model -------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def calibration(tiny_model, tiny_sae, chunks, resid, unsteered):
@@ -149,11 +155,11 @@ def test_ok_scale_reaches_the_target_within_the_interpolation_error(tiny_model, 
         if st != "ok":
             continue
         j = int(torch.nonzero(row > cal.target)[0, 0])
-        assert torch.isnan(row[j + 1:]).all(), "the sweep stops for a vector once it crossed"
-        assert torch.isfinite(row[:j + 1]).all() and (row[:j] <= cal.target).all()
+        assert torch.isnan(row[j + 1 :]).all(), "the sweep stops for a vector once it crossed"
+        assert torch.isfinite(row[: j + 1]).all() and (row[:j] <= cal.target).all()
         s = float(cal.scales[i])
         assert GRID[j - 1] <= s <= GRID[j]
-        loss = float(steered_losses(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[i:i + 1] * s)[0])
+        loss = float(steered_losses(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[i : i + 1] * s)[0])
         lo, hi = float(row[j - 1]), float(row[j])
         assert lo - 1e-6 <= loss <= hi + 1e-6
         assert abs(loss - cal.target) <= hi - lo
@@ -169,10 +175,10 @@ def test_not_reached_takes_the_largest_scale_and_stays_below(calibration):
 
 def test_batching_vectors_gives_the_same_calibration(tiny_model, tiny_sae, chunks, resid, unsteered, calibration):
     for i in range(0, 16, 3):
-        one = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[i:i + 1], GRID, TARGET, unsteered)
-        assert one.status == calibration.status[i:i + 1]
-        torch.testing.assert_close(one.scales, calibration.scales[i:i + 1], atol=1e-4, rtol=0)
-        torch.testing.assert_close(one.losses, calibration.losses[i:i + 1], atol=1e-6, rtol=0, equal_nan=True)
+        one = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[i : i + 1], GRID, TARGET, unsteered)
+        assert one.status == calibration.status[i : i + 1]
+        torch.testing.assert_close(one.scales, calibration.scales[i : i + 1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(one.losses, calibration.losses[i : i + 1], atol=1e-6, rtol=0, equal_nan=True)
     small = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:16], GRID, TARGET, unsteered, max_rows=7)
     assert small.status == calibration.status
     torch.testing.assert_close(small.scales, calibration.scales, atol=1e-4, rtol=0)
@@ -182,10 +188,26 @@ def test_batching_vectors_gives_the_same_calibration(tiny_model, tiny_sae, chunk
 
 
 def test_absolute_target_below_unsteered_loss_skips_every_vector(tiny_model, tiny_sae, chunks, resid, unsteered):
-    cal = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], GRID,
-                           LossTarget(kind="absolute", value=unsteered - 0.1), unsteered)
+    cal = calibrate_scales(
+        tiny_model,
+        HOOK,
+        chunks,
+        resid,
+        tiny_sae.W_dec[:3],
+        GRID,
+        LossTarget(kind="absolute", value=unsteered - 0.1),
+        unsteered,
+    )
     assert cal.status == ["above_at_zero"] * 3 and torch.isnan(cal.scales).all()
     assert torch.isnan(cal.losses[:, 1:]).all()  # nothing beyond scale 0 was evaluated
-    high = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], GRID,
-                            LossTarget(kind="absolute", value=unsteered + 100.0), unsteered)
+    high = calibrate_scales(
+        tiny_model,
+        HOOK,
+        chunks,
+        resid,
+        tiny_sae.W_dec[:3],
+        GRID,
+        LossTarget(kind="absolute", value=unsteered + 100.0),
+        unsteered,
+    )
     assert high.status == ["not_reached"] * 3 and torch.all(high.scales == GRID[-1])

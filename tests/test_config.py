@@ -45,17 +45,27 @@ def test_overrides_win_over_file(tmp_path):
     [
         ({"sae": {"hook_name": HOOK}, "bogus": 1}, "bogus", "remove it"),
         ({"sae": {"hook_name": HOOK, "trian": {"k": 4}}}, "sae.trian", "remove it"),
-        ({"sae": {"hook_name": HOOK}, "effects": {"scale_grid": {"start": 10, "stop": 0}}},
-         "effects.scale_grid", "stop >= start"),
+        (
+            {"sae": {"hook_name": HOOK}, "effects": {"scale_grid": {"start": 10, "stop": 0}}},
+            "effects.scale_grid",
+            "stop >= start",
+        ),
         ({"sae": {"hook_name": HOOK}, "effects": {"scale_grid": {"step": 0}}}, "effects.scale_grid", "step > 0"),
         ({"sae": {"hook_name": HOOK}, "model": {"source": "local"}}, "model.path", "required"),
         ({"sae": {"hook_name": HOOK, "source": "sae_lens", "sae_id": "x"}}, "sae.release", "required"),
         ({"sae": {"hook_name": HOOK, "source": "gemma_scope_npz"}}, "sae.path", "sae.repo_id + sae.sae_id"),
         ({"sae": {"hook_name": HOOK}, "text": {"source": "hf"}}, "text.hf_dataset", "required"),
         ({"sae": {"hook_name": HOOK}, "device": "gpu"}, "device", "'cuda[:N]'"),
-        ({"sae": {"hook_name": HOOK, "train": {"n_batches_in_buffer": 2, "context_size": 128,
-                                               "batch_size_tokens": 1024}}},
-         "n_batches_in_buffer", "raise n_batches_in_buffer"),
+        (
+            {
+                "sae": {
+                    "hook_name": HOOK,
+                    "train": {"n_batches_in_buffer": 2, "context_size": 128, "batch_size_tokens": 1024},
+                }
+            },
+            "n_batches_in_buffer",
+            "raise n_batches_in_buffer",
+        ),
     ],
 )
 def test_invalid_params_name_field_and_fix(tmp_path, data, field, fix):

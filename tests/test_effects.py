@@ -32,8 +32,9 @@ IDS = [5, 11, 17, 40]  # decoder rows used as steering vectors (ids on purpose n
 def spec(tiny_model) -> RolloutSpec:
     # prompts of three lengths, two of them twice (the empty prompt, BOS only, is repeated as in the reference)
     prompts = prompt_token_ids(tiny_model, ["", "I think", "News", "", "Good"], BOS, total_tokens=12)
-    return RolloutSpec(prompts=prompts, samples_per_prompt=3, total_tokens=12,
-                       sampling=SamplingConfig(top_k=40, top_p=0.8))
+    return RolloutSpec(
+        prompts=prompts, samples_per_prompt=3, total_tokens=12, sampling=SamplingConfig(top_k=40, top_p=0.8)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,7 @@ def unsteered_mean_codes(model, sae, spec: RolloutSpec, seeds_for) -> torch.Tens
 
 
 # --- prompts ----------------------------------------------------------------------------------
+
 
 def test_prompt_token_ids_prepend_bos_and_reject_prompts_without_room(tiny_model):
     tok = tiny_model.tokenizer
@@ -82,6 +84,7 @@ def test_rollout_spec_new_tokens_and_prompt_groups(spec):
 
 # --- feature sums -----------------------------------------------------------------------------
 
+
 def test_feature_sums_mean_and_density():
     s = FeatureSums.zeros(3)
     s.add(torch.tensor([[[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]]]))
@@ -102,6 +105,7 @@ def test_encode_positions_drops_position_zero_only_when_asked(tiny_sae):
 
 # --- baseline ---------------------------------------------------------------------------------
 
+
 def test_baseline_is_unsteered_rollouts_from_the_baseline_seed_stream(tiny_model, tiny_sae, spec):
     base = measure_baseline(tiny_model, tiny_sae, HOOK, spec, multiplier=2, seed=SEED)
     assert base.n == 5 * 6 * 12  # prompts * (multiplier * samples) * positions
@@ -115,31 +119,36 @@ def test_baseline_is_unsteered_rollouts_from_the_baseline_seed_stream(tiny_model
 
 # --- effects ----------------------------------------------------------------------------------
 
+
 def test_scale_zero_is_zero_effect_against_a_baseline_from_the_same_seeds(tiny_model, tiny_sae, spec, vectors):
     zero = torch.zeros(len(IDS))
     raw = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, zero, torch.zeros(64), SEED)
     for i, vid in enumerate(IDS):
         # effect at scale 0 + baseline mean == mean SAE codes of unsteered rollouts with the same row seeds
         same_seeds = unsteered_mean_codes(
-            tiny_model, tiny_sae, spec,
-            lambda p, vid=vid: [row_seed(SEED, STEERED, vid, p, s) for s in range(spec.samples_per_prompt)])
+            tiny_model,
+            tiny_sae,
+            spec,
+            lambda p, vid=vid: [row_seed(SEED, STEERED, vid, p, s) for s in range(spec.samples_per_prompt)],
+        )
         torch.testing.assert_close(raw.effects[i], same_seeds, atol=1e-5, rtol=1e-5)
-        eff = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors[i:i + 1], [vid], zero[:1], same_seeds, SEED)
+        eff = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors[i : i + 1], [vid], zero[:1], same_seeds, SEED)
         assert eff.effects.abs().max() <= 1e-6
     # rows are seeded by vector id: different ids give different rollouts even unsteered
     assert not torch.equal(raw.effects[0], raw.effects[1])
 
 
 def test_steering_has_an_effect(tiny_model, tiny_sae, spec, vectors):
-    blk = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, torch.tensor([0.0, 0.0, 20.0, 20.0]),
-                          torch.zeros(64), SEED)
+    blk = measure_effects(
+        tiny_model, tiny_sae, HOOK, spec, vectors, IDS, torch.tensor([0.0, 0.0, 20.0, 20.0]), torch.zeros(64), SEED
+    )
     base = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, torch.zeros(4), torch.zeros(64), SEED)
     assert torch.equal(blk.effects[:2], base.effects[:2])
     assert (blk.effects[2:] - base.effects[2:]).abs().max() > 1e-2
     assert blk.effects.shape == (4, 64) and blk.effects.dtype == torch.float32
     assert blk.sample_tokens.shape == (4, 3, 12)  # keep_samples 4, but only 3 samples per prompt
     last = spec.prompts[-1]
-    assert torch.equal(blk.sample_tokens[:, :, :len(last)], torch.tensor(last).expand(4, 3, -1))
+    assert torch.equal(blk.sample_tokens[:, :, : len(last)], torch.tensor(last).expand(4, 3, -1))
 
 
 @pytest.fixture(scope="module")
@@ -158,20 +167,32 @@ def test_batched_effects_equal_the_reference_loop(tiny_model, tiny_sae, spec, ve
     for i, vid in enumerate(IDS):
         for p, ids in enumerate(spec.prompts):
             seeds = [row_seed(SEED, STEERED, vid, p, s) for s in range(spec.samples_per_prompt)]
-            gen = generate(tiny_model, torch.tensor([ids] * len(seeds)), spec.new_tokens(p), seeds, spec.sampling,
-                           HOOK, vectors[i] * SCALES[i], use_cache=False)
+            gen = generate(
+                tiny_model,
+                torch.tensor([ids] * len(seeds)),
+                spec.new_tokens(p),
+                seeds,
+                spec.sampling,
+                HOOK,
+                vectors[i] * SCALES[i],
+                use_cache=False,
+            )
             hits += int((gen.tokens[:, :-1] == eos).sum())
     assert hits > 0
     for i, vid in enumerate(IDS):
-        ref = reference_effects(tiny_model, tiny_sae, HOOK, spec, vectors[i], vid, float(SCALES[i]), baseline_mean, SEED)
+        ref = reference_effects(
+            tiny_model, tiny_sae, HOOK, spec, vectors[i], vid, float(SCALES[i]), baseline_mean, SEED
+        )
         torch.testing.assert_close(batched.effects[i], ref, atol=1e-5, rtol=1e-5)
 
 
-def test_grouping_vectors_into_blocks_does_not_change_effects(tiny_model, tiny_sae, spec, vectors, baseline_mean,
-                                                              batched):
+def test_grouping_vectors_into_blocks_does_not_change_effects(
+    tiny_model, tiny_sae, spec, vectors, baseline_mean, batched
+):
     def run(rows):
-        return measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors[rows], [IDS[r] for r in rows], SCALES[rows],
-                               baseline_mean, SEED)
+        return measure_effects(
+            tiny_model, tiny_sae, HOOK, spec, vectors[rows], [IDS[r] for r in rows], SCALES[rows], baseline_mean, SEED
+        )
 
     halves = [run([0, 1]), run([2, 3])]
     torch.testing.assert_close(torch.cat([h.effects for h in halves]), batched.effects, atol=1e-6, rtol=0)
@@ -183,9 +204,13 @@ def test_grouping_vectors_into_blocks_does_not_change_effects(tiny_model, tiny_s
 
 
 @pytest.mark.parametrize("max_rows", [1, 12, 25])
-def test_batching_prompts_does_not_change_effects(tiny_model, tiny_sae, spec, vectors, baseline_mean, batched, max_rows):
+def test_batching_prompts_does_not_change_effects(
+    tiny_model, tiny_sae, spec, vectors, baseline_mean, batched, max_rows
+):
     # max_rows 1 or 12: one prompt per batch; 25: two equally long prompts share a batch of 4 * 3 rows each
-    blk = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, SCALES, baseline_mean, SEED, max_rows=max_rows)
+    blk = measure_effects(
+        tiny_model, tiny_sae, HOOK, spec, vectors, IDS, SCALES, baseline_mean, SEED, max_rows=max_rows
+    )
     torch.testing.assert_close(blk.effects, batched.effects, atol=1e-6, rtol=0)
     assert torch.equal(blk.sample_tokens, batched.sample_tokens)
 
@@ -193,8 +218,9 @@ def test_batching_prompts_does_not_change_effects(tiny_model, tiny_sae, spec, ve
 def test_include_first_position_false_drops_position_zero(tiny_model, tiny_sae, spec, vectors, baseline_mean):
     zero = torch.zeros(64)
     with_0 = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, SCALES, zero, SEED).effects
-    no_0 = measure_effects(tiny_model, tiny_sae, HOOK, replace(spec, include_first_position=False), vectors, IDS,
-                           SCALES, zero, SEED).effects
+    no_0 = measure_effects(
+        tiny_model, tiny_sae, HOOK, replace(spec, include_first_position=False), vectors, IDS, SCALES, zero, SEED
+    ).effects
     # every rollout starts with BOS, whose activation at position 0 sees nothing else: one fixed code
     _, cache = tiny_model.run_with_cache(torch.tensor([[BOS]]), names_filter=[HOOK])
     c0 = tiny_sae.encode(cache[HOOK])[0, 0]
@@ -207,24 +233,27 @@ def test_include_first_position_false_drops_position_zero(tiny_model, tiny_sae, 
     torch.testing.assert_close(baseline_mean * t, base_no_0.mean * (t - 1) + c0, atol=1e-4, rtol=1e-5)
 
 
-
 # --- common random numbers and split halves ---------------------------------------------------
+
 
 def test_common_random_numbers_pair_each_steered_rollout_with_an_unsteered_one(tiny_model, tiny_sae, spec, vectors):
     crn = replace(spec, common_random_numbers=True)
     base = measure_baseline(tiny_model, tiny_sae, HOOK, crn, multiplier=5, seed=SEED)
     assert base.n == 5 * 3 * 12  # the paired rollouts only: multiplier unused
     zero = torch.zeros(len(IDS))
-    blk = measure_effects(tiny_model, tiny_sae, HOOK, crn, vectors, IDS, zero, base.mean, SEED,
-                          baseline_halves=base.half_means)
+    blk = measure_effects(
+        tiny_model, tiny_sae, HOOK, crn, vectors, IDS, zero, base.mean, SEED, baseline_halves=base.half_means
+    )
     # at scale 0 every vector writes exactly the paired unsteered texts: zero effect, also per half
     assert blk.effects.abs().max() <= 1e-6 and blk.halves.abs().max() <= 1e-6
     # the seeds no longer depend on the vector: two vectors at the same scale give the same texts
-    same = measure_effects(tiny_model, tiny_sae, HOOK, crn, vectors[:2], IDS[:2], torch.tensor([0.0, 0.0]),
-                           base.mean, SEED)
+    same = measure_effects(
+        tiny_model, tiny_sae, HOOK, crn, vectors[:2], IDS[:2], torch.tensor([0.0, 0.0]), base.mean, SEED
+    )
     assert torch.equal(same.sample_tokens[0], same.sample_tokens[1])
-    steered = measure_effects(tiny_model, tiny_sae, HOOK, crn, vectors, IDS, SCALES, base.mean, SEED,
-                              baseline_halves=base.half_means)
+    steered = measure_effects(
+        tiny_model, tiny_sae, HOOK, crn, vectors, IDS, SCALES, base.mean, SEED, baseline_halves=base.half_means
+    )
     assert (steered.effects[[0, 2, 3]].abs().amax(-1) > 1e-3).all()
     # the independent design at scale 0 does not vanish against its own (independent) baseline
     ind = measure_baseline(tiny_model, tiny_sae, HOOK, spec, multiplier=1, seed=SEED)
@@ -237,14 +266,20 @@ def test_halves_are_two_independent_measurements_that_average_to_the_effect(tiny
     spec4 = RolloutSpec(prompts=prompts, samples_per_prompt=4, total_tokens=10, sampling=SamplingConfig())
     base = measure_baseline(tiny_model, tiny_sae, HOOK, spec4, multiplier=2, seed=SEED)
     torch.testing.assert_close(base.half_means.mean(0), base.mean, atol=1e-6, rtol=0)
-    blk = measure_effects(tiny_model, tiny_sae, HOOK, spec4, vectors, IDS, SCALES, base.mean, SEED,
-                          baseline_halves=base.half_means)
+    blk = measure_effects(
+        tiny_model, tiny_sae, HOOK, spec4, vectors, IDS, SCALES, base.mean, SEED, baseline_halves=base.half_means
+    )
     assert blk.halves.shape == (len(IDS), 2, 64)
     torch.testing.assert_close(blk.halves.mean(1), blk.effects, atol=1e-5, rtol=0)
     assert not torch.equal(blk.halves[:, 0], blk.halves[:, 1])
     # half h is exactly the effect of the samples of parity h: rebuild half 1 of vector 0 the slow way
-    slow = unsteered_mean_codes(tiny_model, tiny_sae, spec4, lambda p: [row_seed(SEED, STEERED, IDS[1], p, s) for s in (1, 3)])
-    torch.testing.assert_close(blk.halves[1, 1] + base.half_means[1], slow, atol=1e-5, rtol=1e-5)  # vector 1 has scale 0
-    one = measure_effects(tiny_model, tiny_sae, HOOK, replace(spec4, samples_per_prompt=1), vectors, IDS, SCALES,
-                          base.mean, SEED)
+    slow = unsteered_mean_codes(
+        tiny_model, tiny_sae, spec4, lambda p: [row_seed(SEED, STEERED, IDS[1], p, s) for s in (1, 3)]
+    )
+    torch.testing.assert_close(
+        blk.halves[1, 1] + base.half_means[1], slow, atol=1e-5, rtol=1e-5
+    )  # vector 1 has scale 0
+    one = measure_effects(
+        tiny_model, tiny_sae, HOOK, replace(spec4, samples_per_prompt=1), vectors, IDS, SCALES, base.mean, SEED
+    )
     assert torch.isnan(one.halves).all()  # one sample per prompt: no halves

@@ -64,6 +64,7 @@ def reference(tmp_path_factory, tiny_model, tiny_sae):
 
 # --- output contract --------------------------------------------------------------------------
 
+
 def test_run_writes_the_contract_files(reference, tiny_sae):
     run, path = reference
     assert path == run.results_dir / "effects.safetensors"
@@ -106,13 +107,23 @@ def test_stored_effects_are_measure_effects_at_the_stored_scale(reference, tiny_
     plan = Plan.load(work_dir(run) / "plan.safetensors")
     spec = rollout_spec(run, tiny_model, 1)
     rows = [i for i in range(N_VECTORS) if eff.table.status[i] == "ok"][:2]
-    blk = measure_effects(tiny_model, tiny_sae, HOOK, spec, eff.vectors[rows], eff.vector_ids[rows].tolist(),
-                          eff.scales[rows], plan.baseline_mean, run.seed)
+    blk = measure_effects(
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        spec,
+        eff.vectors[rows],
+        eff.vector_ids[rows].tolist(),
+        eff.scales[rows],
+        plan.baseline_mean,
+        run.seed,
+    )
     torch.testing.assert_close(blk.effects, eff.effects[rows], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(eff.baseline_mean, plan.baseline_mean)
 
 
 # --- resuming ---------------------------------------------------------------------------------
+
 
 def test_rerun_does_no_work(reference, tiny_model, tiny_sae, monkeypatch):
     run, path = reference
@@ -151,8 +162,9 @@ def test_plan_made_with_other_settings_needs_restart(tmp_path, tiny_model, tiny_
     assert load_file(path)["vector_ids"].tolist() == [3, 9, 12]
 
 
-def test_resume_after_a_killed_worker_gives_the_uninterrupted_result(tmp_path, reference, tiny_model, tiny_sae,
-                                                                     monkeypatch):
+def test_resume_after_a_killed_worker_gives_the_uninterrupted_result(
+    tmp_path, reference, tiny_model, tiny_sae, monkeypatch
+):
     run = tiny_run(tmp_path)
     procs = []
     spawn = effects_runner._spawn_worker
@@ -205,8 +217,10 @@ def test_resume_after_a_killed_worker_gives_the_uninterrupted_result(tmp_path, r
         thread.join(30)
 
     done = shard_ids(run)
-    print(f"kill landed with {len(done)} of {N_VECTORS} vectors done; run "
-          f"{'failed' if 'error' in outcome else 'completed'}")  # shown with -s or on failure
+    print(
+        f"kill landed with {len(done)} of {N_VECTORS} vectors done; run "
+        f"{'failed' if 'error' in outcome else 'completed'}"
+    )  # shown with -s or on failure
     if "error" in outcome:
         err = outcome["error"]
         assert isinstance(err, RuntimeError), repr(err)
@@ -234,6 +248,7 @@ def test_resume_after_a_killed_worker_gives_the_uninterrupted_result(tmp_path, r
 
 # --- devices ----------------------------------------------------------------------------------
 
+
 def test_available_devices_without_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert available_devices(0) == []
@@ -256,9 +271,11 @@ def test_available_devices_with_gpus(monkeypatch, tmp_path, tiny_model, tiny_sae
 
 # --- bad inputs fail before any model forward -------------------------------------------------
 
+
 @pytest.fixture
 def no_forward(tiny_model, monkeypatch):
     """Any forward pass of the model fails the test (not with a ConfigError)."""
+
     def forward(*a, **k):
         raise AssertionError("the model ran before the inputs were validated")
 
@@ -300,11 +317,15 @@ def test_decoder_row_out_of_range(tmp_path, no_forward, tiny_sae):
     fails_before_work(tmp_path, vectors, no_forward, tiny_sae, "selects no")
 
 
-@pytest.mark.parametrize("row", [
-    torch.cat([torch.ones(5), torch.tensor([float("nan")]), torch.ones(26)]),  # one NaN entry
-    torch.zeros(32),
-    torch.full((32,), float("inf")),
-], ids=["nan", "zero", "inf"])
+@pytest.mark.parametrize(
+    "row",
+    [
+        torch.cat([torch.ones(5), torch.tensor([float("nan")]), torch.ones(26)]),  # one NaN entry
+        torch.zeros(32),
+        torch.full((32,), float("inf")),
+    ],
+    ids=["nan", "zero", "inf"],
+)
 def test_bad_vector_in_file(tmp_path, no_forward, tiny_sae, row):
     vecs = good_vectors()
     vecs[1] = row
@@ -330,15 +351,18 @@ def test_vectors_file_problems(tmp_path, no_forward, tiny_sae):
     fails_before_work(tmp_path, vectors, no_forward, tiny_sae, "no 'vectors' tensor")
 
 
-@pytest.mark.parametrize("effects, match", [
-    ({"scale_grid": {"start": 0, "stop": 40, "step": 0}}, "scale grid is empty"),
-    ({"scale_grid": {"start": 40, "stop": 0, "step": 10}}, "scale grid is empty"),
-    ({"vectors": {"source": "steering_ideas"}}, "effects.vectors.source"),
-    ({"vectors": {"source": "random"}}, "count is required"),
-    ({"vectors": {"source": "pairs"}}, "count is required"),
-    ({"vectors": {"source": "file"}}, "path is required"),
-    ({"vectors": {"source": "decoder_rows", "ids": {"begin": 0, "stop": 3}}}, "start: a, stop: b"),
-])
+@pytest.mark.parametrize(
+    "effects, match",
+    [
+        ({"scale_grid": {"start": 0, "stop": 40, "step": 0}}, "scale grid is empty"),
+        ({"scale_grid": {"start": 40, "stop": 0, "step": 10}}, "scale grid is empty"),
+        ({"vectors": {"source": "steering_ideas"}}, "effects.vectors.source"),
+        ({"vectors": {"source": "random"}}, "count is required"),
+        ({"vectors": {"source": "pairs"}}, "count is required"),
+        ({"vectors": {"source": "file"}}, "path is required"),
+        ({"vectors": {"source": "decoder_rows", "ids": {"begin": 0, "stop": 3}}}, "start: a, stop: b"),
+    ],
+)
 def test_config_rejects_bad_effects_settings(tmp_path, effects, match):
     with pytest.raises(ConfigError, match=match):
         tiny_run(tmp_path, **effects)

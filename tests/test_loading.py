@@ -22,6 +22,7 @@ def make_run(tmp_path: Path, sae: dict, model: dict | None = None) -> RunConfig:
 
 # --- Gemma Scope params.npz -------------------------------------------------------------------
 
+
 def gemma_scope_params(d_in: int = 8, d_sae: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
@@ -77,6 +78,7 @@ def test_gemma_scope_npz_missing_file_names_field(tmp_path):
 
 # --- local sae_lens folder ------------------------------------------------------------------
 
+
 def test_local_sae_lens_folder_round_trip(tmp_path, tiny_sae):
     tiny_sae.save_model(tmp_path / "sae")
     run = make_run(tmp_path, {"source": "local", "path": str(tmp_path / "sae")})
@@ -97,14 +99,21 @@ def test_local_sae_missing_folder_names_field(tmp_path):
 
 # --- trained SAE: cache round trip and quality ------------------------------------------------
 
+
 def synthetic_texts(n: int = 400, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     words = "the cat sat on a mat while dogs ran far away into green hills and cold rivers".split()
     return [" ".join(rng.choice(words, size=int(rng.integers(5, 25)))) for _ in range(n)]
 
 
-TRAIN = {"d_sae": 64, "k": 4, "training_tokens": 4096, "context_size": 32, "batch_size_tokens": 256,
-         "n_batches_in_buffer": 16}
+TRAIN = {
+    "d_sae": 64,
+    "k": 4,
+    "training_tokens": 4096,
+    "context_size": 32,
+    "batch_size_tokens": 256,
+    "n_batches_in_buffer": 16,
+}
 
 
 @pytest.fixture()
@@ -160,12 +169,20 @@ def test_cached_sae_refuses_another_model(sae_cache, tiny_model, tmp_path):
 
 def test_cache_key_changes_with_settings(tmp_path):
     base = make_run(tmp_path, {"train": TRAIN})
-    keys = {sae_training.sae_cache_key(r, r.sae) for r in [
-        base, make_run(tmp_path, {"train": {**TRAIN, "k": 8}}), make_run(tmp_path, {"train": TRAIN}, {"source": "tiny", "bos_token_id": 0}),
-        base.model_copy(update={"seed": 1}), make_run(tmp_path, {"train": TRAIN, "hook_name": "blocks.2.hook_resid_post"}),
-    ]}
+    keys = {
+        sae_training.sae_cache_key(r, r.sae)
+        for r in [
+            base,
+            make_run(tmp_path, {"train": {**TRAIN, "k": 8}}),
+            make_run(tmp_path, {"train": TRAIN}, {"source": "tiny", "bos_token_id": 0}),
+            base.model_copy(update={"seed": 1}),
+            make_run(tmp_path, {"train": TRAIN, "hook_name": "blocks.2.hook_resid_post"}),
+        ]
+    }
     assert len(keys) == 5
-    assert sae_training.sae_cache_key(base, base.sae) == sae_training.sae_cache_key(make_run(tmp_path, {"train": TRAIN}), base.sae)
+    assert sae_training.sae_cache_key(base, base.sae) == sae_training.sae_cache_key(
+        make_run(tmp_path, {"train": TRAIN}), base.sae
+    )
 
 
 def test_load_sae_quality_is_none_before_training(sae_cache, tmp_path):
@@ -203,13 +220,16 @@ def test_sae_quality_positions_scored(tiny_model, tiny_sae):
     tokens[:, 0] = 1
     tokens[0, 5] = 1
     all_q = sae_training.sae_quality(tiny_model, tiny_sae, HOOK, tokens)
-    some = sae_training.sae_quality(tiny_model, tiny_sae, HOOK, tokens, include_first_position=False, exclude_tokens=[1])
+    some = sae_training.sae_quality(
+        tiny_model, tiny_sae, HOOK, tokens, include_first_position=False, exclude_tokens=[1]
+    )
     assert all_q["n_tokens_scored"] == 20 and some["n_tokens_scored"] == 17
     assert all_q["ce_clean"] == pytest.approx(some["ce_clean"])
     assert some["l0"] <= tiny_sae.cfg.k and 0 <= some["dead_fraction"] <= 1
 
 
 # --- text chunks ------------------------------------------------------------------------------
+
 
 def test_tokenize_chunks_shape_and_start_token(tiny_model):
     texts = synthetic_texts(50)
@@ -236,6 +256,7 @@ def test_load_texts_gutenberg_has_many_paragraphs():
 
 
 # --- the real embedded SmolLM2 ----------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_smollm2_transformer_lens_matches_transformers():

@@ -55,11 +55,21 @@ def test_target_vector():
     assert t.shape == (D_SAE,) and t[3] == 0.5 and t[7] == -2.0 and t.abs().sum() == 2.5
 
 
-@pytest.mark.parametrize("targets, msg", [
-    ([], "empty"), ([(D_SAE, 1.0)], "out of range"), ([(-1, 1.0)], "out of range"), ([(1.5, 1.0)], "out of range"),
-    ([(True, 1.0)], "out of range"), ([(2, 1.0), (2, 1.0)], "twice"), ([(2, float("nan"))], "not finite"),
-    ([(2, 0.0)], "zero"), ([(2,)], "pair"), ([("x", 1.0)], "pair"),
-])
+@pytest.mark.parametrize(
+    "targets, msg",
+    [
+        ([], "empty"),
+        ([(D_SAE, 1.0)], "out of range"),
+        ([(-1, 1.0)], "out of range"),
+        ([(1.5, 1.0)], "out of range"),
+        ([(True, 1.0)], "out of range"),
+        ([(2, 1.0), (2, 1.0)], "twice"),
+        ([(2, float("nan"))], "not finite"),
+        ([(2, 0.0)], "zero"),
+        ([(2,)], "pair"),
+        ([("x", 1.0)], "pair"),
+    ],
+)
 def test_target_vector_rejects_bad_targets(targets, msg):
     with pytest.raises(ValueError, match=msg):
         target_vector(targets, D_SAE)
@@ -99,7 +109,10 @@ def test_sae_ts_raises_target_effect_where_decoder_row_misfires():
     W_dec = unit_rows(D_SAE, D_MODEL, g)
     W_dec[0] = e[0]
     approx = EffectApproximator(W, torch.randn(D_SAE, generator=g))
-    sae, ts = approx.predict(build_sae_vector(W_dec, [(0, 1.0)])), approx.predict(build_sae_ts_vector(approx, [(0, 1.0)]))
+    sae, ts = (
+        approx.predict(build_sae_vector(W_dec, [(0, 1.0)])),
+        approx.predict(build_sae_ts_vector(approx, [(0, 1.0)])),
+    )
     assert ts[0] > sae[0] + 0.3
     assert ts[0] - ts[1] > sae[0] - sae[1]
 
@@ -133,7 +146,9 @@ def test_pinverse_solves_least_squares(approx):
     x = torch.linalg.lstsq(approx.W.double().T, rhs).solution.squeeze(1)  # min ||x @ W - rhs||
     v = build_pinverse_vector(approx, targets)
     torch.testing.assert_close(v.double(), x / x.norm(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(build_pinverse_vector(approx, targets, W_pinv=torch.linalg.pinv(approx.W)), v, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        build_pinverse_vector(approx, targets, W_pinv=torch.linalg.pinv(approx.W)), v, atol=1e-5, rtol=0
+    )
 
 
 def test_rotation_matrix_is_orthogonal(approx, W_dec):
@@ -191,7 +206,9 @@ def test_caa_matches_direct_computation(tiny_model, include_first):
 
 def test_mean_resid_accepts_equal_length_tensor(tiny_model):
     toks = torch.stack(seqs([5, 5, 5], 6))
-    torch.testing.assert_close(mean_resid(tiny_model, HOOK, toks, True), mean_resid(tiny_model, HOOK, list(toks), True, batch_size=1))
+    torch.testing.assert_close(
+        mean_resid(tiny_model, HOOK, toks, True), mean_resid(tiny_model, HOOK, list(toks), True, batch_size=1)
+    )
 
 
 def test_mean_resid_rejects_bad_input(tiny_model):
@@ -244,12 +261,27 @@ def test_discover_target_features():
     assert all(w > 0 for _, w in found) and all(density[i] <= 0.01 for i, _ in found)
 
 
-@pytest.mark.parametrize("kwargs, msg", [
-    (dict(neg_acts=torch.zeros(D_SAE + 1)), "must all be"), (dict(top_k=0), "top-k"), (dict(density_max=0.0), "density_max"),
-    (dict(bos_features=[D_SAE]), "out of range"), (dict(pos_acts=torch.zeros(D_SAE)), "no feature is more active"),
-])
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        (dict(neg_acts=torch.zeros(D_SAE + 1)), "must all be"),
+        (dict(top_k=0), "top-k"),
+        (dict(density_max=0.0), "density_max"),
+        (dict(bos_features=[D_SAE]), "out of range"),
+        (dict(pos_acts=torch.zeros(D_SAE)), "no feature is more active"),
+    ],
+)
 def test_fgaa_target_rejects_bad_input(kwargs, msg):
-    args = dict(pos_acts=torch.ones(D_SAE), neg_acts=torch.zeros(D_SAE), density=torch.zeros(D_SAE),
-                density_max=0.01, bos_features=[], top_k=3) | kwargs
+    args = (
+        dict(
+            pos_acts=torch.ones(D_SAE),
+            neg_acts=torch.zeros(D_SAE),
+            density=torch.zeros(D_SAE),
+            density_max=0.01,
+            bos_features=[],
+            top_k=3,
+        )
+        | kwargs
+    )
     with pytest.raises(ValueError, match=msg):
         build_fgaa_target(**args)

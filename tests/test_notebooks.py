@@ -71,7 +71,9 @@ def test_eval_outputs_and_cached_rerun(run):
     assert (scored | errors).all()
     summary = pd.read_csv(ev / "summary.csv")
     assert set(summary["method"]) == set(run.eval.methods) and set(summary["task"]) == set(run.eval.tasks)
-    assert ((summary["ci_low"] <= summary["max_product"] + 1e-9) & (summary["max_product"] <= summary["ci_high"] + 1e-9)).all()
+    assert (
+        (summary["ci_low"] <= summary["max_product"] + 1e-9) & (summary["max_product"] <= summary["ci_high"] + 1e-9)
+    ).all()
     vecs = load_file(ev / "vectors.safetensors")
     assert set(vecs) == {f"{t}/{m}" for t in run.eval.tasks for m in run.eval.methods if m != "prompt"}
     step = next(s for s in STEPS if s.name == "03_eval")
@@ -82,7 +84,12 @@ def test_eval_outputs_and_cached_rerun(run):
 
 def test_figures_and_reports(run):
     figs = {p.name for p in (run.results_dir / "figures").glob("*.png")}
-    assert {"product_vs_scale.png", "behaviour_coherence.png", "best_product.png", "approximator_diagnostics.png"} <= figs
+    assert {
+        "product_vs_scale.png",
+        "behaviour_coherence.png",
+        "best_product.png",
+        "approximator_diagnostics.png",
+    } <= figs
     reports = run.results_dir / "reports"
     for s in STEPS:
         assert (reports / f"{s.name}.html").stat().st_size > 10_000
@@ -107,9 +114,15 @@ def test_playground_notebook_runs(run, tmp_path):
 
     from saets_utils.config import REPO_ROOT
 
-    pm.execute_notebook(str(REPO_ROOT / "notebooks" / "05_playground.ipynb"), str(tmp_path / "05.ipynb"),
-                        parameters={"params_file": PARAMS}, cwd=str(REPO_ROOT), kernel_name="python3",
-                        progress_bar=False, execution_timeout=600)
+    pm.execute_notebook(
+        str(REPO_ROOT / "notebooks" / "05_playground.ipynb"),
+        str(tmp_path / "05.ipynb"),
+        parameters={"params_file": PARAMS},
+        cwd=str(REPO_ROOT),
+        kernel_name="python3",
+        progress_bar=False,
+        execution_timeout=600,
+    )
 
 
 def test_eval_notebook_with_openai_judge_on_loopback(run, tmp_path):
@@ -120,13 +133,21 @@ def test_eval_notebook_with_openai_judge_on_loopback(run, tmp_path):
 
     dst = tmp_path / run.name
     dst.mkdir()
-    for name in ("effects.safetensors", "effects_table.csv", "effects_meta.json", "baseline.safetensors",
-                 "effects_samples.safetensors", "approximator.safetensors"):
+    for name in (
+        "effects.safetensors",
+        "effects_table.csv",
+        "effects_meta.json",
+        "baseline.safetensors",
+        "effects_samples.safetensors",
+        "approximator.safetensors",
+    ):
         shutil.copy(run.results_dir / name, dst / name)
     step = next(s for s in STEPS if s.name == "03_eval")
     with FakeOpenAIServer() as server:
-        overrides = {"results_root": str(tmp_path),
-                     "eval": {"judge": {"kind": "openai", "base_url": server.base_url, "model": "gpt-4o-mini"}}}
+        overrides = {
+            "results_root": str(tmp_path),
+            "eval": {"judge": {"kind": "openai", "base_url": server.base_url, "model": "gpt-4o-mini"}},
+        }
         execute_notebook(run, step, PARAMS, {"overrides": overrides}, 1200)
         n_calls = server.n_requests
     samples = pd.read_json(dst / "eval" / "samples.jsonl", lines=True)
@@ -136,7 +157,10 @@ def test_eval_notebook_with_openai_judge_on_loopback(run, tmp_path):
     from saets_utils.steering.tasks import load_task
 
     crit = {t: load_task(t) for t in run.eval.tasks}
-    distinct = {(k, getattr(crit[t], k), x) for t, x in zip(samples["task"], samples["text"])
-                for k in ("behaviour", "coherence")}
+    distinct = {
+        (k, getattr(crit[t], k), x)
+        for t, x in zip(samples["task"], samples["text"])
+        for k in ("behaviour", "coherence")
+    }
     assert n_calls == len(distinct)
     assert samples["behaviour"].between(0, 1).all() and samples["coherence"].between(0, 1).all()

@@ -25,19 +25,51 @@ def tables():
             scales = [0.0] if m == "prompt" else [0.0, 40.0, 80.0, 120.0]
             for s in scales:
                 for i in range(12):
-                    rows.append(dict(task=task, method=m, scale=s, sample=i, behaviour=rng.uniform(0, s / 120 if s else 0.2),
-                                     coherence=rng.uniform(1 - s / 150, 1), behaviour_error=None, coherence_error=None))
+                    rows.append(
+                        dict(
+                            task=task,
+                            method=m,
+                            scale=s,
+                            sample=i,
+                            behaviour=rng.uniform(0, s / 120 if s else 0.2),
+                            coherence=rng.uniform(1 - s / 150, 1),
+                            behaviour_error=None,
+                            coherence_error=None,
+                        )
+                    )
     samples = pd.DataFrame(rows)
     summary = scoring.summary(samples, n_boot=50)
     return scoring.by_scale(samples), summary, scoring.compare_with_published(summary, "gemma-2-2b")
 
 
 def _learning_curve() -> pd.DataFrame:
-    rows = [{"n_train": n, "target": t, "fit": f, "rollouts": n * (2 if t == "full" else 1), "r2": r,
-             "r2_ci_low": r - 0.1, "r2_ci_high": r + 0.1, "n_val": 8}
-            for f in ("ridge", "reduced_rank") for t in ("full", "half") for n, r in ((16, 0.0), (32, 0.1), (64, 0.2))]
-    rows.append({"n_train": None, "target": "full", "fit": "noise_ceiling", "rollouts": None, "r2": 0.6,
-                 "r2_ci_low": 0.5, "r2_ci_high": 0.7, "n_val": 8})
+    rows = [
+        {
+            "n_train": n,
+            "target": t,
+            "fit": f,
+            "rollouts": n * (2 if t == "full" else 1),
+            "r2": r,
+            "r2_ci_low": r - 0.1,
+            "r2_ci_high": r + 0.1,
+            "n_val": 8,
+        }
+        for f in ("ridge", "reduced_rank")
+        for t in ("full", "half")
+        for n, r in ((16, 0.0), (32, 0.1), (64, 0.2))
+    ]
+    rows.append(
+        {
+            "n_train": None,
+            "target": "full",
+            "fit": "noise_ceiling",
+            "rollouts": None,
+            "r2": 0.6,
+            "r2_ci_low": 0.5,
+            "r2_ci_high": 0.7,
+            "n_val": 8,
+        }
+    )
     return pd.DataFrame(rows)
 
 
@@ -61,9 +93,20 @@ def _cases(tables):
     }
 
 
-@pytest.mark.parametrize("name", ["product_vs_scale", "behaviour_coherence", "best_product", "approximator",
-                                  "approximator_no_density", "training_curve", "effect_profile", "published",
-                                  "learning_curve"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "product_vs_scale",
+        "behaviour_coherence",
+        "best_product",
+        "approximator",
+        "approximator_no_density",
+        "training_curve",
+        "effect_profile",
+        "published",
+        "learning_curve",
+    ],
+)
 def test_plot_writes_png(tables, tmp_path, name):
     fig = _cases(tables)[name]()
     path = plots.save_figure(fig, tmp_path / "sub" / f"{name}.png")

@@ -58,11 +58,17 @@ def test_package_exports_load_lazily_and_match_their_types():
     import saets_utils
 
     tree = ast.parse((ROOT / "saets_utils" / "__init__.py").read_text())
-    typed = {a.asname or a.name: node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-             and node.module and node.module.startswith("saets_utils") for a in node.names}
+    typed = {
+        a.asname or a.name: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("saets_utils")
+        for a in node.names
+    }
     assert typed == saets_utils._EXPORTS  # the TYPE_CHECKING imports name the same modules as the lazy table
     assert set(saets_utils.__all__) == {"__version__", *saets_utils._EXPORTS}
-    probe = "import sys, saets_utils; print(sorted({'torch', 'pandas', 'openai', 'saets_utils.config'} & set(sys.modules)))"
+    probe = (
+        "import sys, saets_utils; print(sorted({'torch', 'pandas', 'openai', 'saets_utils.config'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]", f"importing saets_utils imported {out.strip()}"
     for name in saets_utils._EXPORTS:

@@ -14,15 +14,26 @@ def _samples(cells, task="anger", method="SAE-TS"):
     rows = []
     for scale, (bs, cs) in cells.items():
         for i, (b, c) in enumerate(zip(bs, cs)):
-            rows.append(dict(task=task, method=method, scale=scale, sample=i, behaviour=b, coherence=c,
-                             behaviour_error=None, coherence_error=None))
+            rows.append(
+                dict(
+                    task=task,
+                    method=method,
+                    scale=scale,
+                    sample=i,
+                    behaviour=b,
+                    coherence=c,
+                    behaviour_error=None,
+                    coherence_error=None,
+                )
+            )
     return pd.DataFrame(rows)
 
 
 def _noisy(rng, n, means, task="anger", method="SAE-TS"):
     """n texts per scale; behaviour ~ Bernoulli-ish around means[scale][0], coherence around [1]."""
-    cells = {s: (np.clip(rng.normal(b, 0.25, n), 0, 1), np.clip(rng.normal(c, 0.25, n), 0, 1))
-             for s, (b, c) in means.items()}
+    cells = {
+        s: (np.clip(rng.normal(b, 0.25, n), 0, 1), np.clip(rng.normal(c, 0.25, n), 0, 1)) for s, (b, c) in means.items()
+    }
     return _samples(cells, task, method)
 
 
@@ -92,8 +103,21 @@ def test_bootstrap_is_seeded_and_per_method():
 
 
 def _summary_for(tasks, methods, value=0.2):
-    return pd.DataFrame([dict(task=t, method=m, best_scale=40.0, max_product=value + 0.01 * i, ci_low=value - 0.05,
-                              ci_high=value + 0.1, n=8) for i, t in enumerate(tasks) for m in methods])
+    return pd.DataFrame(
+        [
+            dict(
+                task=t,
+                method=m,
+                best_scale=40.0,
+                max_product=value + 0.01 * i,
+                ci_low=value - 0.05,
+                ci_high=value + 0.1,
+                n=8,
+            )
+            for i, t in enumerate(tasks)
+            for m in methods
+        ]
+    )
 
 
 def test_paper_style_table():

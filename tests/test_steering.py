@@ -37,6 +37,7 @@ def assert_no_hooks(model) -> None:
 
 # --- the hook ---------------------------------------------------------------------------------
 
+
 def test_steering_delta_shapes_and_values():
     v = unit(3, 8, 0)
     d = steering_delta(v, [0.0, 2.0, -1.5])
@@ -81,8 +82,8 @@ def test_per_row_deltas_steer_each_row_by_its_own_delta(tiny_model, tokens):
         batched = tiny_model(tokens)
     for i in range(3):
         with steering_hook(tiny_model, HOOK, deltas[i]):
-            alone = tiny_model(tokens[i:i + 1])
-        torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+            alone = tiny_model(tokens[i : i + 1])
+        torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=1e-5)
     # row 1 has a zero delta: it is the clean model's output, unaffected by its neighbours' vectors
     torch.testing.assert_close(batched[1], tiny_model(tokens[1:2])[0], atol=1e-5, rtol=1e-5)
     assert (batched[0] - tiny_model(tokens[0:1])[0]).abs().max() > 1e-2
@@ -105,6 +106,7 @@ def test_hook_removed_after_normal_exit_and_after_exception(tiny_model, tokens):
 
 
 # --- sampling ---------------------------------------------------------------------------------
+
 
 def nucleus(logits: torch.Tensor, top_k: int, top_p: float) -> list[set[int]]:
     """Per row, the smallest set of most probable tokens (within the top k) whose mass reaches top_p."""
@@ -208,6 +210,7 @@ def test_row_uniforms_and_seeds_depend_only_on_the_row():
 
 # --- generation -------------------------------------------------------------------------------
 
+
 def prompt(n_rows: int, ids=(1, 42, 17)) -> torch.Tensor:
     return torch.tensor([list(ids)] * n_rows)
 
@@ -238,8 +241,17 @@ def test_kv_cache_generation_equals_no_cache_under_steering(tiny_model, sampling
 def test_captured_activations_are_the_unsteered_model_on_generated_tokens(tiny_model, use_cache):
     model = tiny_model
     deltas = steering_delta(unit(4, 32, 7), [0.0, 2.0, 5.0, 9.0])
-    gen = generate(model, prompt(4), 10, [row_seed(1, i) for i in range(4)], WIDE_SAMPLING, HOOK, deltas,
-                   use_cache=use_cache, capture=True)
+    gen = generate(
+        model,
+        prompt(4),
+        10,
+        [row_seed(1, i) for i in range(4)],
+        WIDE_SAMPLING,
+        HOOK,
+        deltas,
+        use_cache=use_cache,
+        capture=True,
+    )
     assert gen.activations is not None and gen.activations.shape == (4, 13, 32)
     _, cache = model.run_with_cache(gen.tokens, names_filter=[HOOK])
     torch.testing.assert_close(gen.activations, cache[HOOK], atol=1e-4, rtol=1e-4)
@@ -273,9 +285,11 @@ def test_batched_generation_equals_one_row_at_a_time(tiny_model):
     seeds = [row_seed(3, i) for i in range(5)]
     batched = generate(tiny_model, prompt(5), 12, seeds, WIDE_SAMPLING, HOOK, deltas, capture=True)
     for i in range(5):
-        alone = generate(tiny_model, prompt(1), 12, seeds[i:i + 1], WIDE_SAMPLING, HOOK, deltas[i:i + 1], capture=True)
-        assert torch.equal(batched.tokens[i:i + 1], alone.tokens), f"row {i} depends on its batch"
-        torch.testing.assert_close(batched.activations[i:i + 1], alone.activations, atol=1e-4, rtol=1e-4)
+        alone = generate(
+            tiny_model, prompt(1), 12, seeds[i : i + 1], WIDE_SAMPLING, HOOK, deltas[i : i + 1], capture=True
+        )
+        assert torch.equal(batched.tokens[i : i + 1], alone.tokens), f"row {i} depends on its batch"
+        torch.testing.assert_close(batched.activations[i : i + 1], alone.activations, atol=1e-4, rtol=1e-4)
     # same delta, different seeds: different text (the seed is what makes rows differ)
     assert not torch.equal(batched.tokens[2], batched.tokens[4])
     # and the same seed twice gives the same text

@@ -36,6 +36,7 @@ TOKEN = "z"
 
 # --- the metric on constructed effects ----------------------------------------------------------
 
+
 def test_target_raised_above_all_others_ranks_first():
     e = np.linspace(-1, 1, 50)
     e[7] = 3.0
@@ -96,9 +97,16 @@ def test_standard_error_from_halves_and_nan_effects():
 
 
 def test_summary_per_method_with_bootstrap_over_tasks():
-    df = pd.DataFrame({"task": ["a", "b", "c", "a", "b", "c"], "method": ["SAE"] * 3 + ["CAA"] * 3,
-                       "target_rank": [1.0, 3.0, np.nan, 10.0, 20.0, 30.0], "target_rank_mean": [1.0, 3.0, np.nan, 10, 20, 30],
-                       "ratio": [2.0, 4.0, np.nan, 0.1, np.inf, 0.3], "target_effect": [1.0, 2.0, np.nan, 0.1, 0.2, 0.3]})
+    df = pd.DataFrame(
+        {
+            "task": ["a", "b", "c", "a", "b", "c"],
+            "method": ["SAE"] * 3 + ["CAA"] * 3,
+            "target_rank": [1.0, 3.0, np.nan, 10.0, 20.0, 30.0],
+            "target_rank_mean": [1.0, 3.0, np.nan, 10, 20, 30],
+            "ratio": [2.0, 4.0, np.nan, 0.1, np.inf, 0.3],
+            "target_effect": [1.0, 2.0, np.nan, 0.1, 0.2, 0.3],
+        }
+    )
     s = targeting_summary(df, n_boot=200, seed=0)
     assert s["method"].tolist() == ["CAA", "SAE"]  # project order
     sae = s.set_index("method").loc["SAE"]
@@ -119,8 +127,11 @@ def test_vector_ids_never_alias_effects_ids():
 # --- end to end on the tiny model ---------------------------------------------------------------
 
 # The tiny run of these tests: decoder rows 0 and 1 measured in 01, seed 1.
-TARGETING = {"seed": 1, "effects": {"vectors": {"source": "decoder_rows", "ids": [0, 1]}, "vectors_per_batch": 4},
-             "eval": {"bootstrap": 20}}
+TARGETING = {
+    "seed": 1,
+    "effects": {"vectors": {"source": "decoder_rows", "ids": [0, 1]}, "vectors_per_batch": 4},
+    "eval": {"bootstrap": 20},
+}
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +185,13 @@ def test_vector_writing_the_detected_token_ranks_its_feature_first(setup):
     assert sae_row["target_rank"] == 1 and sae_row["best_target"] == FEATURE
     eff = load_file(run.results_dir / "eval" / "targeting_effects.safetensors")
     e = eff["effects"][1]
-    others = torch.cat([e[:FEATURE], e[FEATURE + 1:]])
+    others = torch.cat([e[:FEATURE], e[FEATURE + 1 :]])
     assert e[FEATURE] > 3 * others.abs().max()  # a wide margin, not a near tie
     caa_row = df.set_index("method").loc["CAA"]
     assert sae_row["ratio"] > 2 * caa_row["ratio"] and sae_row["target_effect"] > 3 * caa_row["target_effect"]
-    assert np.isfinite(df[["target_effect", "target_effect_se", "target_rank", "off_target_norm", "ratio"]].to_numpy(float)).all()
+    assert np.isfinite(
+        df[["target_effect", "target_effect_se", "target_rank", "off_target_norm", "ratio"]].to_numpy(float)
+    ).all()
 
 
 def test_measurement_is_01s_at_the_calibrated_scale(setup):
@@ -190,12 +203,30 @@ def test_measurement_is_01s_at_the_calibrated_scale(setup):
     assert not set(df["vector_id"]) & set(plan.vector_ids.tolist())
     vecs = torch.stack([tvs["zeds"].vectors[m] for m in ("CAA", "SAE")])
     resid = resid_at_hook(model, HOOK, plan.loss_tokens)
-    cal = calibrate_scales(model, HOOK, plan.loss_tokens, resid, vecs, run.effects.scale_grid.values(),
-                           run.effects.loss_target, plan.unsteered_loss)
+    cal = calibrate_scales(
+        model,
+        HOOK,
+        plan.loss_tokens,
+        resid,
+        vecs,
+        run.effects.scale_grid.values(),
+        run.effects.loss_target,
+        plan.unsteered_loss,
+    )
     torch.testing.assert_close(eff["scales"], cal.scales)
     assert df["status"].tolist() == cal.status
-    blk = measure_effects(model, sae, HOOK, rollout_spec(run, model, BOS), vecs, df["vector_id"].tolist(), cal.scales,
-                          plan.baseline_mean, run.seed, baseline_halves=plan.baseline_halves)
+    blk = measure_effects(
+        model,
+        sae,
+        HOOK,
+        rollout_spec(run, model, BOS),
+        vecs,
+        df["vector_id"].tolist(),
+        cal.scales,
+        plan.baseline_mean,
+        run.seed,
+        baseline_halves=plan.baseline_halves,
+    )
     torch.testing.assert_close(eff["effects"], blk.effects, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(eff["effect_halves"], blk.halves, atol=1e-5, rtol=1e-5)
     for i, row in df.iterrows():
@@ -212,8 +243,9 @@ def test_reads_03s_files_and_gives_the_same_table(setup, tmp_path):
     run, model, sae, _, tvs, df = setup
     ev = run.results_dir / "eval"
     save_file({f"zeds/{m}": v.contiguous() for m, v in tvs["zeds"].vectors.items()}, str(ev / "vectors.safetensors"))
-    (ev / "targets.json").write_text(json.dumps([{"task": "zeds", "method": "SAE", "targets": json.dumps([[FEATURE, 1.0]]),
-                                                  "how": "test"}]))
+    (ev / "targets.json").write_text(
+        json.dumps([{"task": "zeds", "method": "SAE", "targets": json.dumps([[FEATURE, 1.0]]), "how": "test"}])
+    )
     again = measure_targeting(run, model, sae, progress=False)  # from eval/vectors.safetensors + targets.json
     pd.testing.assert_frame_equal(again, df)
 
@@ -224,14 +256,29 @@ def test_targets_resolved_when_03_recorded_none(setup, monkeypatch):
     from saets_utils.steering import tasks
 
     run, model, sae, plan, tvs, _ = setup
-    run = run.model_copy(update={"eval": run.eval.model_copy(update={"fgaa_density_max": 1.0})})  # all tiny features are dense
-    short = tasks.Task(name="short", behaviour="b", coherence="c", steering_prompt="p",  # fits the tiny n_ctx
-                       positive=[f"zz zap {i} zzz" for i in range(8)], negative=[f"aa cap {i} aaa" for i in range(8)])
+    run = run.model_copy(
+        update={"eval": run.eval.model_copy(update={"fgaa_density_max": 1.0})}
+    )  # all tiny features are dense
+    short = tasks.Task(
+        name="short",
+        behaviour="b",
+        coherence="c",
+        steering_prompt="p",  # fits the tiny n_ctx
+        positive=[f"zz zap {i} zzz" for i in range(8)],
+        negative=[f"aa cap {i} aaa" for i in range(8)],
+    )
     monkeypatch.setattr(tasks, "load_task", lambda name, *a, **k: short)
-    save_file({"mean": plan.baseline_mean, "density": plan.baseline_density}, str(run.results_dir / "baseline.safetensors"))
+    save_file(
+        {"mean": plan.baseline_mean, "density": plan.baseline_density}, str(run.results_dir / "baseline.safetensors")
+    )
     try:
-        df = measure_targeting(run, model, sae, {"short": TaskVectors("short", vectors={"CAA": tvs["zeds"].vectors["CAA"]})},
-                               progress=False)
+        df = measure_targeting(
+            run,
+            model,
+            sae,
+            {"short": TaskVectors("short", vectors={"CAA": tvs["zeds"].vectors["CAA"]})},
+            progress=False,
+        )
         expected = resolve_targets(short, load_context(run, model, sae, require_approximator=False))[0]["SAE-TS"]
     finally:
         os.remove(run.results_dir / "baseline.safetensors")
@@ -244,8 +291,9 @@ def test_missing_or_stale_plan_fails_clearly(setup, tmp_path, tiny_model, tiny_s
     fresh = build_run_cfg(tmp_path, TARGETING, stem="tinytarget")
     with pytest.raises(FileNotFoundError, match="01_effects"):
         measure_targeting(fresh, tiny_model, tiny_sae, {}, progress=False)
-    changed = build_run_cfg(tmp_path, TARGETING, stem="tinytarget", results_root=run.results_root,
-                            effects={"loss_target": {"value": 0.6}})
+    changed = build_run_cfg(
+        tmp_path, TARGETING, stem="tinytarget", results_root=run.results_root, effects={"loss_target": {"value": 0.6}}
+    )
     assert work_dir(changed) == work_dir(run) and Plan.load(work_dir(run) / "plan.safetensors")
     with pytest.raises(ConfigError, match="other effects settings"):
         measure_targeting(changed, tiny_model, tiny_sae, {}, progress=False)
@@ -266,6 +314,7 @@ def test_targeting_figure(setup, tmp_path):
 
 # --- wiring: 03's evaluate_run, 04's figures, the report index ----------------------------------
 
+
 def test_evaluate_run_measures_targeting_and_04_draws_it(setup, tmp_path, monkeypatch):
     """03 on the tiny run (a fake judge; short examples that fit the tiny context) writes the
     targeting table next to its own; 04 draws it; the report index lists it; switched off, no
@@ -279,19 +328,41 @@ def test_evaluate_run_measures_targeting_and_04_draws_it(setup, tmp_path, monkey
     from saets_utils.steering import tasks
 
     run, model, sae, plan, _, _ = setup
-    new = build_run_cfg(tmp_path, TARGETING, stem="tinytarget", eval={
-        "tasks": ["short"], "methods": ["CAA", "SAE", "prompt"], "scale_grid": {"start": 0, "stop": 20, "step": 20},
-        "samples_per_scale": 2, "new_tokens": 4, "bootstrap": 10, "fgaa_density_max": 1.0})
+    new = build_run_cfg(
+        tmp_path,
+        TARGETING,
+        stem="tinytarget",
+        eval={
+            "tasks": ["short"],
+            "methods": ["CAA", "SAE", "prompt"],
+            "scale_grid": {"start": 0, "stop": 20, "step": 20},
+            "samples_per_scale": 2,
+            "new_tokens": 4,
+            "bootstrap": 10,
+            "fgaa_density_max": 1.0,
+        },
+    )
     (work_dir(new)).mkdir(parents=True)
     shutil.copy(work_dir(run) / "plan.safetensors", work_dir(new) / "plan.safetensors")  # 01's plan, same settings
-    save_file({"mean": plan.baseline_mean, "density": plan.baseline_density}, str(new.results_dir / "baseline.safetensors"))
-    short = tasks.Task(name="short", behaviour="b", coherence="c", steering_prompt="p",
-                       positive=[f"zz zap {i} zzz" for i in range(8)], negative=[f"aa cap {i} aaa" for i in range(8)])
+    save_file(
+        {"mean": plan.baseline_mean, "density": plan.baseline_density}, str(new.results_dir / "baseline.safetensors")
+    )
+    short = tasks.Task(
+        name="short",
+        behaviour="b",
+        coherence="c",
+        steering_prompt="p",
+        positive=[f"zz zap {i} zzz" for i in range(8)],
+        negative=[f"aa cap {i} aaa" for i in range(8)],
+    )
     monkeypatch.setattr(evaluate, "load_tasks", lambda names: [short])
     judge = SimpleNamespace(judge_id="fake", stats=SimpleNamespace(as_dict=lambda: {"calls": 0}))
     monkeypatch.setattr(evaluate, "make_judge", lambda *a, **k: judge)
-    monkeypatch.setattr(evaluate, "score_requests",
-                        lambda j, reqs, progress=True: [JudgeResult.scored(1 + len(q.text) % 10, "fake") for q in reqs])
+    monkeypatch.setattr(
+        evaluate,
+        "score_requests",
+        lambda j, reqs, progress=True: [JudgeResult.scored(1 + len(q.text) % 10, "fake") for q in reqs],
+    )
 
     report = evaluate.evaluate_run(new, model, sae, progress=False)
     ev = new.results_dir / "eval"
@@ -300,7 +371,9 @@ def test_evaluate_run_measures_targeting_and_04_draws_it(setup, tmp_path, monkey
     assert (report.targeting["targets_from"] == "SAE").all()
     targets = json.loads((ev / "targets.json").read_text())
     assert json.loads(report.targeting["targets"].iloc[0]) == json.loads(targets[0]["targets"])
-    pd.testing.assert_frame_equal(pd.read_csv(ev / "targeting_summary.csv"), report.targeting_summary, check_dtype=False)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(ev / "targeting_summary.csv"), report.targeting_summary, check_dtype=False
+    )
     assert np.isfinite(report.targeting["target_rank"]).all()
 
     made = figures.make_all_figures(new)

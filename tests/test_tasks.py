@@ -86,17 +86,20 @@ def _write(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"colour": "red"}, ["colour", "unknown key"]),
-    ({"targets": {K2B: [[4111, 0.0]]}}, ["targets", "4111", "non-zero"]),
-    ({"targets": {K2B: [[4111, float("nan")]]}}, ["targets", "finite"]),
-    ({"targets": {K2B: [[-3, 1.0]]}}, ["targets", "-3", "negative"]),
-    ({"targets": {K2B: {"SAE": [[1, 1.0]]}}}, ["targets", "default"]),
-    ({"targets": {K2B: {"default": [[1, 1.0]], "SAETS": [[2, 1.0]]}}}, ["targets", "SAETS"]),
-    ({"negative": ["only one"] * 8 + ["x"]}, ["positive has 10", "negative has 9"]),
-    ({"positive": ["too few"] * 3, "negative": ["too few"] * 3}, ["positive", "at least 8"]),
-    ({"discover": {"k": 0}}, ["discover.k"]),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"colour": "red"}, ["colour", "unknown key"]),
+        ({"targets": {K2B: [[4111, 0.0]]}}, ["targets", "4111", "non-zero"]),
+        ({"targets": {K2B: [[4111, float("nan")]]}}, ["targets", "finite"]),
+        ({"targets": {K2B: [[-3, 1.0]]}}, ["targets", "-3", "negative"]),
+        ({"targets": {K2B: {"SAE": [[1, 1.0]]}}}, ["targets", "default"]),
+        ({"targets": {K2B: {"default": [[1, 1.0]], "SAETS": [[2, 1.0]]}}}, ["targets", "SAETS"]),
+        ({"negative": ["only one"] * 8 + ["x"]}, ["positive has 10", "negative has 9"]),
+        ({"positive": ["too few"] * 3, "negative": ["too few"] * 3}, ["positive", "at least 8"]),
+        ({"discover": {"k": 0}}, ["discover.k"]),
+    ],
+)
 def test_bad_task_file_names_the_field(tmp_path, changes, words):
     with pytest.raises(TaskError) as err:
         load_task(_write(tmp_path, **changes))

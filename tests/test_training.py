@@ -98,15 +98,29 @@ def test_verdict_rests_on_the_interval():
     beats = verdict(_metrics(0.09, 0.02, 0.15))
     assert beats.startswith("The approximator beats the mean-effect baseline") and "0.020 to 0.150" in beats
     assert "weak model" not in beats
-    unsure = verdict(_metrics(0.09, -0.01, 0.2, noise_ceiling=0.3, noise_ceiling_ci_low=0.25, noise_ceiling_ci_high=0.35))
-    assert "cannot be told apart from the mean-effect baseline" in unsure and "R² 0.090 (95% CI -0.010 to 0.200)" in unsure
+    unsure = verdict(
+        _metrics(0.09, -0.01, 0.2, noise_ceiling=0.3, noise_ceiling_ci_low=0.25, noise_ceiling_ci_high=0.35)
+    )
+    assert (
+        "cannot be told apart from the mean-effect baseline" in unsure and "R² 0.090 (95% CI -0.010 to 0.200)" in unsure
+    )
     assert "Noise ceiling" in unsure and "0.300 (95% CI 0.250 to 0.350)" in unsure and "weak model" in unsure
     worse = verdict(_metrics(-0.05, -0.08, -0.01))
     assert "worse than the mean-effect baseline" in worse and "Noise ceiling" not in worse
     tiny = verdict(_metrics(0.0005, 0.0001, 0.0009))
     assert tiny.startswith("The approximator beats") and "R² 0.0005 (95% CI 0.0001 to 0.0009)" in tiny
-    reliable = verdict(_metrics(0.01, -0.01, 0.03, r2_reliable=0.2, r2_reliable_ci_low=0.1, r2_reliable_ci_high=0.3,
-                                n_features_reliable=12, noise_ceiling_reliable=0.5))
+    reliable = verdict(
+        _metrics(
+            0.01,
+            -0.01,
+            0.03,
+            r2_reliable=0.2,
+            r2_reliable_ci_low=0.1,
+            r2_reliable_ci_high=0.3,
+            n_features_reliable=12,
+            noise_ceiling_reliable=0.5,
+        )
+    )
     assert "12 features with positive split-half reliability: 0.200 (95% CI 0.100 to 0.300), ceiling 0.500" in reliable
     old = verdict({"n_val": 50, "mse": 1.0, "mse_mean": 1.1, "r2": 0.09, "beats_mean_baseline": True})
     assert "Without a confidence interval" in old and "no interval" in old
@@ -121,22 +135,34 @@ def _fake_effects(n: int, d_model: int, d_sae: int, seed: int = 0) -> Effects:
     W[:, :5] = 4 * torch.randn(d_model, 5, generator=g)
     halves = (X @ W)[:, None] + 0.5 * torch.randn(n, 2, d_sae, generator=g)
     ids = torch.arange(n) * 3
-    return Effects(effects=halves.mean(1), vectors=X, scales=torch.ones(n), vector_ids=ids,
-                   table=pd.DataFrame({"id": ids.tolist()}), baseline_mean=torch.zeros(d_sae),
-                   baseline_density=torch.full((d_sae,), 0.1), meta={"effects": {"vectors": {"source": "random"}}},
-                   halves=halves)
+    return Effects(
+        effects=halves.mean(1),
+        vectors=X,
+        scales=torch.ones(n),
+        vector_ids=ids,
+        table=pd.DataFrame({"id": ids.tolist()}),
+        baseline_mean=torch.zeros(d_sae),
+        baseline_density=torch.full((d_sae,), 0.1),
+        meta={"effects": {"vectors": {"source": "random"}}},
+        halves=halves,
+    )
 
 
 @pytest.mark.parametrize("fit", ["ridge_per_feature", "reduced_rank"])
 def test_train_approximator_writes_intervals_and_noise_ceiling(tmp_path, fit):
-    run = load_config("params/test.yaml", {"results_root": str(tmp_path),
-                                            "approximator": {"fit": fit, "holdout": 40, "bootstrap": 200}})
+    run = load_config(
+        "params/test.yaml",
+        {"results_root": str(tmp_path), "approximator": {"fit": fit, "holdout": 40, "bootstrap": 200}},
+    )
     effects = _fake_effects(160, 12, 30)
     res = train_approximator(run, effects, torch.randn(30, 12))
     m = json.loads((run.results_dir / "approximator_metrics.json").read_text())
     assert m["fit"] == fit and m["n_train"] == 120 and m["n_val"] == 40
     assert m["r2_ci_low"] > 0 and m["beats_mean_baseline"] and verdict(m).startswith("The approximator beats")
-    assert m["r2_ci_low"] <= m["noise_ceiling"] and m["noise_ceiling_ci_low"] <= m["noise_ceiling"] <= m["noise_ceiling_ci_high"]
+    assert (
+        m["r2_ci_low"] <= m["noise_ceiling"]
+        and m["noise_ceiling_ci_low"] <= m["noise_ceiling"] <= m["noise_ceiling_ci_high"]
+    )
     assert m["n_features_reliable"] >= 5 and m["r2_reliable"] > m["r2"]
     assert "Noise ceiling" in verdict(m)
     hist = pd.read_csv(run.results_dir / "approximator_history.csv")

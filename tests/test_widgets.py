@@ -24,16 +24,21 @@ def tiny_run(tmp_path_factory):
     from saets_utils.models.sae_loading import load_sae
 
     tmp = tmp_path_factory.mktemp("widgets")
-    settings = {"vectors": {"source": "decoder_rows", "ids": {"start": 0, "stop": 12}}, "samples_per_prompt": 3,
-                "total_tokens": 12, "vectors_per_batch": 2}
+    settings = {
+        "vectors": {"source": "decoder_rows", "ids": {"start": 0, "stop": 12}},
+        "samples_per_prompt": 3,
+        "total_tokens": 12,
+        "vectors_per_batch": 2,
+    }
     # density max 1: the tiny SAE's features are all dense, and target discovery drops dense ones
     run = build_run_cfg(tmp, effects=settings, eval={"fgaa_density_max": 1.0})
     model, sae = load_model(run.model), load_sae(run)
     run_effects(run, model, sae, gpus=0)
     effects = load_effects(run.results_dir)
     ok = effects.valid
-    fit_ridge(effects.vectors[ok], effects.effects[ok], lam=1e-2).save(run.results_dir / "approximator.safetensors",
-                                                                       W_dec=sae.W_dec)
+    fit_ridge(effects.vectors[ok], effects.effects[ok], lam=1e-2).save(
+        run.results_dir / "approximator.safetensors", W_dec=sae.W_dec
+    )
     return effects, load_context(run, model, sae), model
 
 
@@ -41,8 +46,14 @@ def tiny_run(tmp_path_factory):
 def task():
     pos = [f"Wow!!! Great {w}!!! Yes!!!" for w in ("day", "cat", "song", "game", "meal", "trip", "book", "idea")]
     neg = [f"the {w} was there, as usual." for w in ("day", "cat", "song", "game", "meal", "trip", "book", "idea")]
-    return Task(name="shout", behaviour="Is it excited?", coherence="Is it fluent?", steering_prompt="Shout!",
-                positive=pos, negative=neg)
+    return Task(
+        name="shout",
+        behaviour="Is it excited?",
+        coherence="Is it fluent?",
+        steering_prompt="Shout!",
+        positive=pos,
+        negative=neg,
+    )
 
 
 def test_explore_functions(tiny_run):
@@ -96,7 +107,9 @@ def test_playground_generate(tiny_run):
     same = playground_generate(ctx, v, 0.0, "I think", seed=3, new_tokens=10, n_samples=3, k=4)
     assert same["steered"] == same["unsteered"] and len(same["steered"]) == 3
     # float32 means of identical texts: equal up to summation rounding
-    assert torch.allclose(torch.tensor(same["measured"]["effect"].to_numpy()), torch.tensor(0.0, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(
+        torch.tensor(same["measured"]["effect"].to_numpy()), torch.tensor(0.0, dtype=torch.float64), atol=1e-6
+    )
     far = playground_generate(ctx, v, 200.0, "I think", seed=3, new_tokens=10, n_samples=3, k=4)
     assert far["unsteered"] == same["unsteered"] and far["steered"] != far["unsteered"]
     assert len(far["predicted"]) == 4 and len(far["measured"]) == 4

@@ -69,9 +69,15 @@ def reliability_summary(halves: Tensor) -> dict[str, Any]:
     }
 
 
-def learning_curve(effects: Effects, sizes: Sequence[int], fits: Sequence[str] = DEFAULT_FITS,
-                   holdout: int = 256, seed: int = 0, n_boot: int = 1000,
-                   base: ApproximatorConfig | None = None) -> pd.DataFrame:
+def learning_curve(
+    effects: Effects,
+    sizes: Sequence[int],
+    fits: Sequence[str] = DEFAULT_FITS,
+    holdout: int = 256,
+    seed: int = 0,
+    n_boot: int = 1000,
+    base: ApproximatorConfig | None = None,
+) -> pd.DataFrame:
     """Held-out R² (with bootstrap CI over held-out vectors) of each fit on nested training subsets.
 
     One seeded held-out set of ``holdout`` vectors; training subsets are prefixes of one seeded
@@ -107,19 +113,43 @@ def learning_curve(effects: Effects, sizes: Sequence[int], fits: Sequence[str] =
                 cfg = base.model_copy(update={"fit": fit})
                 approx, info = fit_approximator(X[idx], Yt, cfg, seed)
                 stats = heldout_r2(approx.predict(Xv).double(), Yv.double(), Yt.double().mean(0), n_boot, seed)
-                rows.append({"n_train": n, "target": target, "fit": fit, "rollouts": rollouts,
-                             "r2": stats["r2"], "r2_ci_low": stats["r2_ci_low"], "r2_ci_high": stats["r2_ci_high"],
-                             "n_val": len(val), **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
+                rows.append(
+                    {
+                        "n_train": n,
+                        "target": target,
+                        "fit": fit,
+                        "rollouts": rollouts,
+                        "r2": stats["r2"],
+                        "r2_ci_low": stats["r2_ci_low"],
+                        "r2_ci_high": stats["r2_ci_high"],
+                        "n_val": len(val),
+                        **{k: v for k, v in info.items() if isinstance(v, (int, float, str))},
+                    }
+                )
     if H is not None and torch.isfinite(H[val]).all():
         c = noise_ceiling(H[val].double(), Y[train].double().mean(0), n_boot, seed)
-        rows.append({"n_train": None, "target": "full", "fit": "noise_ceiling", "rollouts": None,
-                     "r2": c["noise_ceiling"], "r2_ci_low": c["noise_ceiling_ci_low"],
-                     "r2_ci_high": c["noise_ceiling_ci_high"], "n_val": len(val)})
+        rows.append(
+            {
+                "n_train": None,
+                "target": "full",
+                "fit": "noise_ceiling",
+                "rollouts": None,
+                "r2": c["noise_ceiling"],
+                "r2_ci_low": c["noise_ceiling_ci_low"],
+                "r2_ci_high": c["noise_ceiling_ci_high"],
+                "n_val": len(val),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def run_study(run: RunConfig, sizes: Sequence[int] | None = None, fits: Sequence[str] = DEFAULT_FITS,
-              holdout: int | None = None, n_boot: int = 1000) -> dict[str, Any]:
+def run_study(
+    run: RunConfig,
+    sizes: Sequence[int] | None = None,
+    fits: Sequence[str] = DEFAULT_FITS,
+    holdout: int | None = None,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
     """Reliability and learning curve of ``run``'s measured effects, written to ``study/``."""
     eff = load_effects(run.results_dir)
     if eff.halves is None:
@@ -149,10 +179,19 @@ def compare_designs(runs: Sequence[RunConfig]) -> pd.DataFrame:
         e = run.effects
         rel = reliability_summary(eff.halves[eff.valid])
         sec = eff.meta.get("seconds_per_vector_mean") or math.nan
-        rows.append({"run": run.name, "crn": e.common_random_numbers, "prompts": len(e.prompts),
-                     "samples_per_prompt": e.samples_per_prompt, "total_tokens": e.total_tokens,
-                     "loss_target": f"{e.loss_target.kind}:{e.loss_target.value}", "top_p": e.sampling.top_p,
-                     "seconds_per_vector": sec, **rel})
+        rows.append(
+            {
+                "run": run.name,
+                "crn": e.common_random_numbers,
+                "prompts": len(e.prompts),
+                "samples_per_prompt": e.samples_per_prompt,
+                "total_tokens": e.total_tokens,
+                "loss_target": f"{e.loss_target.kind}:{e.loss_target.value}",
+                "top_p": e.sampling.top_p,
+                "seconds_per_vector": sec,
+                **rel,
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -39,7 +39,9 @@ PER_FEATURE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, m
 
 def _check_xy(X: Tensor, Y: Tensor) -> None:
     if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
-        raise ValueError(f"need X [n, d_model] and Y [n, d_sae] with the same n; got X {tuple(X.shape)}, Y {tuple(Y.shape)}")
+        raise ValueError(
+            f"need X [n, d_model] and Y [n, d_sae] with the same n; got X {tuple(X.shape)}, Y {tuple(Y.shape)}"
+        )
     if X.shape[0] < 2:
         raise ValueError(f"need at least 2 (vector, effect) pairs to fit; got {X.shape[0]}")
 
@@ -50,8 +52,9 @@ def _finite(approx: EffectApproximator) -> EffectApproximator:
     return approx
 
 
-def fit_ridge(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lam: float = 1e-3,
-              chunk_size: int = 4096) -> EffectApproximator:
+def fit_ridge(
+    X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lam: float = 1e-3, chunk_size: int = 4096
+) -> EffectApproximator:
     """Closed-form ridge fit, ``min ||X W + b - Y||^2 + lam ||W||^2`` with an unpenalised bias.
 
     Centres X and Y, solves in float64 (primal d_model x d_model system, or the n x n dual when
@@ -66,11 +69,13 @@ def fit_ridge(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lam: f
     Xd = X.double()
     mu_x = Xd.mean(0)
     Xc = Xd - mu_x
-    mu_y = sum(Y[i:i + chunk_size].to(dev, torch.float64).sum(0) for i in range(0, n, chunk_size)) / n
+    mu_y = sum(Y[i : i + chunk_size].to(dev, torch.float64).sum(0) for i in range(0, n, chunk_size)) / n
     if n >= d:
         G = Xc.T @ Xc
         # Xc^T 1 = 0, so Xc^T Y equals Xc^T (Y - mean): no centred copy of Y is needed.
-        XtY = sum(Xc[i:i + chunk_size].T @ Y[i:i + chunk_size].to(dev, torch.float64) for i in range(0, n, chunk_size))
+        XtY = sum(
+            Xc[i : i + chunk_size].T @ Y[i : i + chunk_size].to(dev, torch.float64) for i in range(0, n, chunk_size)
+        )
         if lam > 0:
             W = torch.linalg.solve(G + lam * torch.eye(d, dtype=G.dtype, device=dev), XtY)
         else:
@@ -78,7 +83,11 @@ def fit_ridge(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lam: f
     else:
         K = Xc @ Xc.T
         Yc = Y.to(dev, torch.float64) - mu_y
-        A = torch.linalg.solve(K + lam * torch.eye(n, dtype=K.dtype, device=dev), Yc) if lam > 0 else torch.linalg.pinv(K, hermitian=True) @ Yc
+        A = (
+            torch.linalg.solve(K + lam * torch.eye(n, dtype=K.dtype, device=dev), Yc)
+            if lam > 0
+            else torch.linalg.pinv(K, hermitian=True) @ Yc
+        )
         W = Xc.T @ A
     b = mu_y - mu_x @ W
     return _finite(EffectApproximator(W.float(), b.float()))
@@ -88,14 +97,23 @@ def fit_ridge(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lam: f
 def _mse(approx: EffectApproximator, X: Tensor, Y: Tensor, chunk: int = 4096) -> float:
     total = 0.0
     for i in range(0, X.shape[0], chunk):
-        pred = approx.predict(X[i:i + chunk].to(approx.W.device))
-        total += F.mse_loss(pred, Y[i:i + chunk].to(pred), reduction="sum").item()
+        pred = approx.predict(X[i : i + chunk].to(approx.W.device))
+        total += F.mse_loss(pred, Y[i : i + chunk].to(pred), reduction="sum").item()
     return total / (X.shape[0] * Y.shape[1])
 
 
-def fit_adam(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lr: float = 2e-4, epochs: int = 15,
-             batch_size: int = 64, seed: int = 0, X_val: Tensor | None = None, Y_val: Tensor | None = None,
-             device: str | torch.device | None = None, progress: bool = False) -> tuple[EffectApproximator, list[dict[str, Any]]]:
+def fit_adam(
+    X: Float[Tensor, "n d_model"],
+    Y: Float[Tensor, "n d_sae"],
+    lr: float = 2e-4,
+    epochs: int = 15,
+    batch_size: int = 64,
+    seed: int = 0,
+    X_val: Tensor | None = None,
+    Y_val: Tensor | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[EffectApproximator, list[dict[str, Any]]]:
     """The reference training: MSE, Adam, shuffled minibatches, cosine LR decay per epoch (T_max = epochs).
 
     Returns the approximator and one history row per epoch: ``epoch``, ``lr``, ``train_mse`` (mean
@@ -126,7 +144,7 @@ def fit_adam(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lr: flo
         perm = torch.randperm(n, generator=g)
         total = 0.0
         for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             xb = X[idx].to(device, torch.float32)
             yb = Y[idx].to(device, torch.float32)
             loss = F.mse_loss(xb @ W + b, yb)
@@ -142,7 +160,9 @@ def fit_adam(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lr: flo
     return _finite(EffectApproximator(W.detach().clone(), b.detach().clone())), history
 
 
-def choose_ridge_lambda(X: Tensor, Y: Tensor, setting: float | str, folds: int, seed: int) -> tuple[float, dict[float, float]]:
+def choose_ridge_lambda(
+    X: Tensor, Y: Tensor, setting: float | str, folds: int, seed: int
+) -> tuple[float, dict[float, float]]:
     """The ridge penalty to use: ``setting`` itself, or with ``"cv"`` the value of :data:`RIDGE_PATH`
     with the lowest k-fold cross-validated MSE on the training vectors ``X [n, d_model]``,
     ``Y [n, d_sae]``. Returns it and the CV MSE per candidate (empty when not cross-validated)."""
@@ -199,9 +219,15 @@ def _check_lambdas(lambdas: Sequence[float]) -> Tensor:
     return lam
 
 
-def _per_feature(X: Tensor, Y: Tensor, lambdas: Sequence[float], chunk_size: int,
-                 X_val: Tensor | None = None, Y_val: Tensor | None = None,
-                 rule: Literal["one_se", "min"] = "one_se") -> tuple[EffectApproximator, Tensor, list[dict[str, Any]]]:
+def _per_feature(
+    X: Tensor,
+    Y: Tensor,
+    lambdas: Sequence[float],
+    chunk_size: int,
+    X_val: Tensor | None = None,
+    Y_val: Tensor | None = None,
+    rule: Literal["one_se", "min"] = "one_se",
+) -> tuple[EffectApproximator, Tensor, list[dict[str, Any]]]:
     """:func:`fit_ridge_per_feature` plus one history row per grid value (train / LOO / val MSE of
     that single penalty for all features, and how many features chose it)."""
     _check_xy(X, Y)
@@ -211,14 +237,15 @@ def _per_feature(X: Tensor, Y: Tensor, lambdas: Sequence[float], chunk_size: int
     n, d = X.shape
     dev = X.device
     B = _basis(X)
-    s2 = B.s ** 2
+    s2 = B.s**2
     L = lam.numel()
     lam_d = lam.to(dev)
-    shrink = torch.where(torch.isinf(lam_d)[:, None], torch.zeros(L, s2.numel(), dtype=s2.dtype, device=dev),
-                         s2 / (s2 + lam_d[:, None]))  # [L, r]: s^2 / (s^2 + lam)
+    shrink = torch.where(
+        torch.isinf(lam_d)[:, None], torch.zeros(L, s2.numel(), dtype=s2.dtype, device=dev), s2 / (s2 + lam_d[:, None])
+    )  # [L, r]: s^2 / (s^2 + lam)
     coef = torch.where(torch.isinf(lam_d)[:, None], torch.zeros_like(shrink), B.s / (s2 + lam_d[:, None]))  # [L, r]
     # Hat diagonal of intercept + ridge: 1/n + sum_k U_ik^2 s_k^2 / (s_k^2 + lam).
-    denom = (1 - (1 / n + (B.U ** 2) @ shrink.T)).clamp_min(1e-12)  # [n, L]
+    denom = (1 - (1 / n + (B.U**2) @ shrink.T)).clamp_min(1e-12)  # [n, L]
     A_val = None
     if X_val is not None:
         A_val = (X_val.to(dev, torch.float64) - B.mu_x) @ B.Vt.T  # [n_val, r]
@@ -238,7 +265,7 @@ def _per_feature(X: Tensor, Y: Tensor, lambdas: Sequence[float], chunk_size: int
         for j in range(L):
             R = Yc - B.U @ (shrink[j, :, None] * Z)
             train_sse[j] += float((R * R).sum())
-            R /= denom[:, j:j + 1]
+            R /= denom[:, j : j + 1]
             R2 = R * R
             sse[j] = R2.sum(0)
             ssq[j] = (R2 * R2).sum(0)
@@ -250,7 +277,7 @@ def _per_feature(X: Tensor, Y: Tensor, lambdas: Sequence[float], chunk_size: int
         if rule == "one_se":
             # Largest penalty whose LOO SSE is within one standard error of the minimum.
             smin = sse.gather(0, best[None])[0]
-            var = (ssq.gather(0, best[None])[0] - smin ** 2 / n) / max(n - 1, 1)
+            var = (ssq.gather(0, best[None])[0] - smin**2 / n) / max(n - 1, 1)
             se = (n * var.clamp_min(0)).sqrt()
             best = (sse <= (smin + se)[None]).double().argmax(0)
         chosen[c] = lam[best.cpu()]
@@ -260,18 +287,26 @@ def _per_feature(X: Tensor, Y: Tensor, lambdas: Sequence[float], chunk_size: int
     counts = torch.bincount(torch.searchsorted(-lam, -chosen), minlength=L)  # lam is descending
     rows = []
     for j in range(L):
-        row: dict[str, Any] = {"ridge_lambda": float(lam[j]), "n_features": int(counts[j]),
-                               "frac_features": float(counts[j]) / Y.shape[1],
-                               "train_mse": float(train_sse[j]) / Y.numel(), "cv_mse": float(loo_sse[j]) / Y.numel()}
+        row: dict[str, Any] = {
+            "ridge_lambda": float(lam[j]),
+            "n_features": int(counts[j]),
+            "frac_features": float(counts[j]) / Y.shape[1],
+            "train_mse": float(train_sse[j]) / Y.numel(),
+            "cv_mse": float(loo_sse[j]) / Y.numel(),
+        }
         if Y_val is not None:
             row["val_mse"] = float(val_sse[j]) / Y_val.numel()
         rows.append(row)
     return _finite(EffectApproximator(W, b)), chosen, rows[::-1]
 
 
-def fit_ridge_per_feature(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"],
-                          lambdas: Sequence[float] = PER_FEATURE_LAMBDAS, rule: Literal["one_se", "min"] = "one_se",
-                          chunk_size: int = 512) -> tuple[EffectApproximator, Float[Tensor, " d_sae"]]:
+def fit_ridge_per_feature(
+    X: Float[Tensor, "n d_model"],
+    Y: Float[Tensor, "n d_sae"],
+    lambdas: Sequence[float] = PER_FEATURE_LAMBDAS,
+    rule: Literal["one_se", "min"] = "one_se",
+    chunk_size: int = 512,
+) -> tuple[EffectApproximator, Float[Tensor, " d_sae"]]:
     """Ridge with an unpenalised bias and one penalty per output feature, each chosen from ``lambdas``
     by exact leave-one-out CV on ``(X [n, d_model], Y [n, d_sae])``.
 
@@ -307,8 +342,15 @@ class _RRStats:
     yy: float
 
 
-def _rr_stats(Y: Tensor, tr: Tensor | None, B: _Basis, chunk: int,
-              X_te: Tensor | None = None, Y_te: Tensor | None = None, te: Tensor | None = None) -> _RRStats:
+def _rr_stats(
+    Y: Tensor,
+    tr: Tensor | None,
+    B: _Basis,
+    chunk: int,
+    X_te: Tensor | None = None,
+    Y_te: Tensor | None = None,
+    te: Tensor | None = None,
+) -> _RRStats:
     dev = B.U.device
     r = B.s.numel()
     ZZ = torch.zeros(r, r, dtype=torch.float64, device=dev)
@@ -337,7 +379,7 @@ def _rr_directions(st: _RRStats, lam: float) -> tuple[Tensor, Tensor, Tensor]:
     """For penalty ``lam``: shrinkage ``D = s^2/(s^2+lam)`` [r], eigenvalues (descending) and
     eigenvectors ``Q`` of ``G G^T`` with ``G = diag(D) Z``: the fitted values are ``U G``, so the top
     right singular vectors of the centred fit are ``G^T Q_k / sigma``."""
-    s2 = st.s ** 2
+    s2 = st.s**2
     D = s2 / (s2 + lam)
     ev, Q = torch.linalg.eigh(D[:, None] * st.ZZ * D[None, :])
     return D, ev.flip(0).clamp_min(0), Q.flip(1)
@@ -365,10 +407,18 @@ def _rank_grid(r: int) -> list[int]:
     return sorted(v for v in out if v <= r)
 
 
-def fit_reduced_rank(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], lam: float | Literal["cv"] = "cv",
-                     rank: int | Literal["cv"] = "cv", folds: int = 5, seed: int = 0,
-                     lambdas: Sequence[float] = RIDGE_PATH, chunk_size: int = 1024,
-                     X_val: Tensor | None = None, Y_val: Tensor | None = None) -> tuple[EffectApproximator, dict[str, Any]]:
+def fit_reduced_rank(
+    X: Float[Tensor, "n d_model"],
+    Y: Float[Tensor, "n d_sae"],
+    lam: float | Literal["cv"] = "cv",
+    rank: int | Literal["cv"] = "cv",
+    folds: int = 5,
+    seed: int = 0,
+    lambdas: Sequence[float] = RIDGE_PATH,
+    chunk_size: int = 1024,
+    X_val: Tensor | None = None,
+    Y_val: Tensor | None = None,
+) -> tuple[EffectApproximator, dict[str, Any]]:
     """Reduced-rank ridge: the ridge fit ``W`` (penalty ``lam``, unpenalised bias), projected onto the
     top ``rank`` right singular vectors ``V_k`` of the centred fitted values ``Xc W``: ``W V_k V_k^T``.
 
@@ -432,14 +482,25 @@ def fit_reduced_rank(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"],
                 if val is not None and Y_val is not None:
                     row["val_mse"] = float(val[min(k, val.numel() - 1)]) / Y_val.numel()
                 history.append(row)
-    info = {"ridge_lambda": best_lam, "rank": best_rank, "rank_max": r_full,
-            "rank_requested": None if rank == "cv" else int(rank), "history": history}
+    info = {
+        "ridge_lambda": best_lam,
+        "rank": best_rank,
+        "rank_max": r_full,
+        "rank_requested": None if rank == "cv" else int(rank),
+        "history": history,
+    }
     return _finite(EffectApproximator(W, b)), info
 
 
-def fit_approximator(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], cfg: ApproximatorConfig, seed: int = 0,
-                     X_val: Tensor | None = None, Y_val: Tensor | None = None,
-                     progress: bool = False) -> tuple[EffectApproximator, dict[str, Any]]:
+def fit_approximator(
+    X: Float[Tensor, "n d_model"],
+    Y: Float[Tensor, "n d_sae"],
+    cfg: ApproximatorConfig,
+    seed: int = 0,
+    X_val: Tensor | None = None,
+    Y_val: Tensor | None = None,
+    progress: bool = False,
+) -> tuple[EffectApproximator, dict[str, Any]]:
     """Fit as ``cfg.fit`` says on the training vectors ``(X, Y)``; any choice (penalty, rank) uses
     them only. ``X_val``/``Y_val`` only add validation MSE to the history rows.
 
@@ -466,8 +527,12 @@ def fit_approximator(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"],
     elif cfg.fit == "ridge_per_feature":
         approx, chosen, rows = _per_feature(X, Y, PER_FEATURE_LAMBDAS, 512, X_val, Y_val)
         fin = chosen[torch.isfinite(chosen)]
-        info.update(history=rows, lambda_per_feature=chosen, frac_features_mean=float(torch.isinf(chosen).double().mean()),
-                    ridge_lambda_median_finite=float(fin.quantile(0.5)) if fin.numel() else None)
+        info.update(
+            history=rows,
+            lambda_per_feature=chosen,
+            frac_features_mean=float(torch.isinf(chosen).double().mean()),
+            ridge_lambda_median_finite=float(fin.quantile(0.5)) if fin.numel() else None,
+        )
     elif cfg.fit == "reduced_rank":
         approx, rr = fit_reduced_rank(X, Y, cfg.ridge_lambda, cfg.rank, cfg.cv_folds, seed, X_val=X_val, Y_val=Y_val)
         info.update(rr)

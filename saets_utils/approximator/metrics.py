@@ -21,14 +21,15 @@ def _per_vector_sq(A: Tensor, B: Tensor, feats: Tensor | None = None, chunk: int
     B = B.expand_as(A) if B.ndim == 1 else B
     out = []
     for i in range(0, A.shape[0], chunk):
-        a, b = A[i:i + chunk].double(), B[i:i + chunk].to(A.device, torch.float64)
+        a, b = A[i : i + chunk].double(), B[i : i + chunk].to(A.device, torch.float64)
         d = (a - b) if feats is None else (a - b)[:, feats]
         out.append((d * d).sum(1))
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
 
 
-def bootstrap_one_minus_ratio(num: Float[Tensor, " n"], den: Float[Tensor, " n"], n_boot: int, seed: int = 0,
-                              level: float = 0.95) -> tuple[float, float, float] | tuple[float, None, None]:
+def bootstrap_one_minus_ratio(
+    num: Float[Tensor, " n"], den: Float[Tensor, " n"], n_boot: int, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float] | tuple[float, None, None]:
     """``1 - sum(num) / sum(den)`` and its percentile bootstrap interval over the ``n`` units.
 
     Each resample draws ``n`` units with replacement and recomputes the ratio of sums (numerator and
@@ -57,8 +58,14 @@ def bootstrap_one_minus_ratio(num: Float[Tensor, " n"], den: Float[Tensor, " n"]
     return point, lo, hi
 
 
-def heldout_r2(P: Float[Tensor, "n d_sae"], Y: Float[Tensor, "n d_sae"], mu: Float[Tensor, " d_sae"],
-               n_boot: int = 1000, seed: int = 0, features: Tensor | None = None) -> dict[str, Any]:
+def heldout_r2(
+    P: Float[Tensor, "n d_sae"],
+    Y: Float[Tensor, "n d_sae"],
+    mu: Float[Tensor, " d_sae"],
+    n_boot: int = 1000,
+    seed: int = 0,
+    features: Tensor | None = None,
+) -> dict[str, Any]:
     """Held-out ``R^2 = 1 - sum SSE / sum SST`` (sums over vectors and features; SST about the train
     mean ``mu``) of predictions ``P`` for measured effects ``Y``, with a 95% percentile bootstrap CI
     over held-out vectors (``r2_ci_low``/``r2_ci_high``; None when ``n_boot = 0``).
@@ -66,7 +73,9 @@ def heldout_r2(P: Float[Tensor, "n d_sae"], Y: Float[Tensor, "n d_sae"], mu: Flo
     ``features`` (bool [d_sae] or indices) restricts the sums to those features.
     """
     if P.shape != Y.shape or P.ndim != 2 or mu.shape != (Y.shape[1],):
-        raise ValueError(f"need P, Y [n, d_sae] and mu [d_sae]; got {tuple(P.shape)}, {tuple(Y.shape)}, {tuple(mu.shape)}")
+        raise ValueError(
+            f"need P, Y [n, d_sae] and mu [d_sae]; got {tuple(P.shape)}, {tuple(Y.shape)}, {tuple(mu.shape)}"
+        )
     f = None if features is None else torch.as_tensor(features).to(Y.device)
     sse = _per_vector_sq(P, Y, f)
     sst = _per_vector_sq(Y, mu.to(Y.device), f)
@@ -74,8 +83,13 @@ def heldout_r2(P: Float[Tensor, "n d_sae"], Y: Float[Tensor, "n d_sae"], mu: Flo
     return {"r2": r2, "r2_ci_low": lo, "r2_ci_high": hi, "n_boot": int(n_boot)}
 
 
-def noise_ceiling(Y_halves: Float[Tensor, "n 2 d_sae"], mu: Float[Tensor, " d_sae"], n_boot: int = 1000,
-                  seed: int = 0, features: Tensor | None = None) -> dict[str, Any]:
+def noise_ceiling(
+    Y_halves: Float[Tensor, "n 2 d_sae"],
+    mu: Float[Tensor, " d_sae"],
+    n_boot: int = 1000,
+    seed: int = 0,
+    features: Tensor | None = None,
+) -> dict[str, Any]:
     """The best held-out R^2 any predictor can reach on the full effects ``Y = (Y1 + Y2) / 2``, given
     their measurement noise: ``1 - mean ||Y1 - Y2||^2 / 4 / mean ||Y - mu||^2``.
 
@@ -89,8 +103,12 @@ def noise_ceiling(Y_halves: Float[Tensor, "n 2 d_sae"], mu: Float[Tensor, " d_sa
     f = None if features is None else torch.as_tensor(features).to(Y_halves.device)
     Y1, Y2 = Y_halves[:, 0], Y_halves[:, 1]
     noise = _per_vector_sq(Y1, Y2, f) / 4
-    sst = torch.cat([_per_vector_sq((Y1[i:i + 1024].double() + Y2[i:i + 1024].double()) / 2, mu, f)
-                     for i in range(0, Y1.shape[0], 1024)])
+    sst = torch.cat(
+        [
+            _per_vector_sq((Y1[i : i + 1024].double() + Y2[i : i + 1024].double()) / 2, mu, f)
+            for i in range(0, Y1.shape[0], 1024)
+        ]
+    )
     c, lo, hi = bootstrap_one_minus_ratio(noise, sst, n_boot, seed)
     return {"noise_ceiling": c, "noise_ceiling_ci_low": lo, "noise_ceiling_ci_high": hi}
 
@@ -107,12 +125,12 @@ def split_half_reliability(Y_halves: Float[Tensor, "n 2 d_sae"]) -> Float[Tensor
     d = Y_halves.shape[2]
     out = torch.empty(d, dtype=torch.float64)
     for c in range(0, d, 4096):
-        h = Y_halves[:, :, c:c + 4096].double()
+        h = Y_halves[:, :, c : c + 4096].double()
         h = h - h.mean(0)
         a, b = h[:, 0], h[:, 1]
         den = ((a * a).sum(0) * (b * b).sum(0)).sqrt()
         r = torch.where(den > 0, (a * b).sum(0) / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
-        out[c:c + 4096] = (2 * r / (1 + r)).cpu()
+        out[c : c + 4096] = (2 * r / (1 + r)).cpu()
     return out
 
 
@@ -122,11 +140,18 @@ def _median(x: Tensor) -> float:
 
 
 @torch.no_grad()
-def approximator_metrics(approx: EffectApproximator, X_val: Float[Tensor, "n d_model"], Y_val: Float[Tensor, "n d_sae"],
-                         Y_train_mean: Float[Tensor, " d_sae"], val_ids: Int[Tensor, " n"] | None = None,
-                         decoder_feature_ids: Int[Tensor, " n"] | None = None,
-                         Y_val_halves: Float[Tensor, "n 2 d_sae"] | None = None, n_boot: int = 1000, seed: int = 0,
-                         reliable_features: Tensor | None = None) -> dict[str, Any]:
+def approximator_metrics(
+    approx: EffectApproximator,
+    X_val: Float[Tensor, "n d_model"],
+    Y_val: Float[Tensor, "n d_sae"],
+    Y_train_mean: Float[Tensor, " d_sae"],
+    val_ids: Int[Tensor, " n"] | None = None,
+    decoder_feature_ids: Int[Tensor, " n"] | None = None,
+    Y_val_halves: Float[Tensor, "n 2 d_sae"] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    reliable_features: Tensor | None = None,
+) -> dict[str, Any]:
     """Held-out fit quality, as plain JSON-serialisable values.
 
     MSE of the approximator, of predicting zero and of predicting the train mean effect; R^2 against
@@ -144,13 +169,15 @@ def approximator_metrics(approx: EffectApproximator, X_val: Float[Tensor, "n d_m
     ``noise_ceiling_reliable``: the same quantities over those features only.
     """
     if X_val.ndim != 2 or Y_val.shape != (X_val.shape[0], approx.d_sae) or X_val.shape[0] == 0:
-        raise ValueError(f"need X_val [n, d_model] and Y_val [n, d_sae={approx.d_sae}] with n >= 1; got {tuple(X_val.shape)}, {tuple(Y_val.shape)}")
+        raise ValueError(
+            f"need X_val [n, d_model] and Y_val [n, d_sae={approx.d_sae}] with n >= 1; got {tuple(X_val.shape)}, {tuple(Y_val.shape)}"
+        )
     dev = approx.W.device
     Y = Y_val.to(dev, torch.float64)
     P = approx.predict(X_val.to(dev)).double()
     mu = Y_train_mean.to(dev, torch.float64).expand_as(Y)
     mse = ((P - Y) ** 2).mean().item()
-    mse_zero = (Y ** 2).mean().item()
+    mse_zero = (Y**2).mean().item()
     mse_mean = ((mu - Y) ** 2).mean().item()
     sse_f = ((P - Y) ** 2).sum(0)
     sst_f = ((mu - Y) ** 2).sum(0)
@@ -196,25 +223,35 @@ def approximator_metrics(approx: EffectApproximator, X_val: Float[Tensor, "n d_m
             raise ValueError(f"decoder_feature_ids has {fid.numel()} entries for {Y.shape[0]} validation vectors")
         is_row = fid >= 0
         if (fid >= approx.d_sae).any():
-            raise ValueError(f"decoder_feature_ids must be < d_sae={approx.d_sae} (or -1 for vectors that are not decoder rows)")
+            raise ValueError(
+                f"decoder_feature_ids must be < d_sae={approx.d_sae} (or -1 for vectors that are not decoder rows)"
+            )
         if is_row.any():
             out["decoder_top1_predicted"] = float((P[is_row].argmax(1) == fid[is_row]).double().mean())
             out["decoder_top1_measured"] = float((Y[is_row].argmax(1) == fid[is_row]).double().mean())
         out["n_decoder_rows"] = int(is_row.sum())
     if Y_val_halves is not None:
         if Y_val_halves.shape != (Y.shape[0], 2, approx.d_sae):
-            raise ValueError(f"Y_val_halves must be [n_val, 2, d_sae] = [{Y.shape[0]}, 2, {approx.d_sae}]; got {tuple(Y_val_halves.shape)}")
+            raise ValueError(
+                f"Y_val_halves must be [n_val, 2, d_sae] = [{Y.shape[0]}, 2, {approx.d_sae}]; got {tuple(Y_val_halves.shape)}"
+            )
         out.update(noise_ceiling(Y_val_halves.to(dev), mu1, n_boot, seed))
     if reliable_features is not None:
         rel = torch.as_tensor(reliable_features).to(dev).bool().flatten()
         if rel.numel() != approx.d_sae:
-            raise ValueError(f"reliable_features must be a bool mask over d_sae={approx.d_sae} features; got {rel.numel()} entries")
+            raise ValueError(
+                f"reliable_features must be a bool mask over d_sae={approx.d_sae} features; got {rel.numel()} entries"
+            )
         out["n_features_reliable"] = int(rel.sum())
         if rel.any():
             r = heldout_r2(P, Y, mu1, n_boot, seed, features=rel)
-            out.update({"r2_reliable": r["r2"], "r2_reliable_ci_low": r["r2_ci_low"], "r2_reliable_ci_high": r["r2_ci_high"]})
+            out.update(
+                {"r2_reliable": r["r2"], "r2_reliable_ci_low": r["r2_ci_low"], "r2_reliable_ci_high": r["r2_ci_high"]}
+            )
             if Y_val_halves is not None:
-                out["noise_ceiling_reliable"] = noise_ceiling(Y_val_halves.to(dev), mu1, 0, features=rel)["noise_ceiling"]
+                out["noise_ceiling_reliable"] = noise_ceiling(Y_val_halves.to(dev), mu1, 0, features=rel)[
+                    "noise_ceiling"
+                ]
     out["per_feature_r2"] = [None if math.isnan(v) else v for v in r2_f.tolist()]
     if val_ids is not None:
         ids = torch.as_tensor(val_ids).flatten().tolist()

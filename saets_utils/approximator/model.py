@@ -31,7 +31,9 @@ class EffectApproximator:
 
     def __post_init__(self) -> None:
         if self.W.ndim != 2 or self.b.ndim != 1 or self.W.shape[1] != self.b.shape[0]:
-            raise ValueError(f"EffectApproximator needs W [d_model, d_sae] and b [d_sae]; got W {tuple(self.W.shape)}, b {tuple(self.b.shape)}")
+            raise ValueError(
+                f"EffectApproximator needs W [d_model, d_sae] and b [d_sae]; got W {tuple(self.W.shape)}, b {tuple(self.b.shape)}"
+            )
 
     @property
     def d_model(self) -> int:
@@ -44,7 +46,9 @@ class EffectApproximator:
     def predict(self, x: Float[Tensor, "*n d_model"]) -> Float[Tensor, "*n d_sae"]:
         """Predicted effect of each (unit-norm) steering vector in ``x``."""
         if x.shape[-1] != self.d_model:
-            raise ValueError(f"steering vectors have width {x.shape[-1]}, the approximator expects d_model={self.d_model}")
+            raise ValueError(
+                f"steering vectors have width {x.shape[-1]}, the approximator expects d_model={self.d_model}"
+            )
         return x.to(self.W) @ self.W + self.b
 
     @property
@@ -57,8 +61,12 @@ class EffectApproximator:
     def to(self, device: str | torch.device) -> EffectApproximator:
         return EffectApproximator(self.W.to(device), self.b.to(device))
 
-    def save(self, path: str | Path, W_dec: Float[Tensor, "d_sae d_model"] | None = None,
-             metadata: dict[str, str] | None = None) -> None:
+    def save(
+        self,
+        path: str | Path,
+        W_dec: Float[Tensor, "d_sae d_model"] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         """Write ``W``, ``b``, ``correction`` and, given ``W_dec``, the ``rotation`` matrix to safetensors."""
         from safetensors.torch import save_file
 
@@ -76,7 +84,9 @@ class EffectApproximator:
 
         t = load_file(str(path), device=str(device))
         if "W" not in t or "b" not in t:
-            raise ValueError(f"{path} holds no effect approximator (keys {sorted(t)}); write it with EffectApproximator.save")
+            raise ValueError(
+                f"{path} holds no effect approximator (keys {sorted(t)}); write it with EffectApproximator.save"
+            )
         return cls(t["W"], t["b"])
 
 
@@ -88,7 +98,9 @@ def load_rotation(path: str | Path, device: str | torch.device = "cpu") -> Float
         return f.get_tensor("rotation") if "rotation" in f.keys() else None  # noqa: SIM118 - safe_open has keys() only
 
 
-def rotation_matrix(approx: EffectApproximator, W_dec: Float[Tensor, "d_sae d_model"]) -> Float[Tensor, "d_model d_model"]:
+def rotation_matrix(
+    approx: EffectApproximator, W_dec: Float[Tensor, "d_sae d_model"]
+) -> Float[Tensor, "d_model d_model"]:
     """Orthogonal ``R`` with ``R @ norm(W_dec[j]) ~= norm(W[:, j])``: maps decoder directions onto the
     directions that drive each feature's effect, so it also applies to never-measured features.
 
@@ -98,7 +110,9 @@ def rotation_matrix(approx: EffectApproximator, W_dec: Float[Tensor, "d_sae d_mo
     a transposition slip. Callers apply ``R @ d`` (tested on a known rotation).
     """
     if W_dec.shape != (approx.d_sae, approx.d_model):
-        raise ValueError(f"W_dec must be [d_sae, d_model] = [{approx.d_sae}, {approx.d_model}] to match the approximator; got {tuple(W_dec.shape)}")
+        raise ValueError(
+            f"W_dec must be [d_sae, d_model] = [{approx.d_sae}, {approx.d_model}] to match the approximator; got {tuple(W_dec.shape)}"
+        )
     W = approx.W.double()
     D = W_dec.to(W)
     # Dead features (all-zero column or row) contribute nothing instead of NaN.
@@ -108,7 +122,9 @@ def rotation_matrix(approx: EffectApproximator, W_dec: Float[Tensor, "d_sae d_mo
     return (U @ Vh).to(approx.W.dtype)
 
 
-def split_holdout(vector_ids: Int[Tensor, " n"], n_holdout: int, seed: int = 0) -> tuple[Int[Tensor, " n_train"], Int[Tensor, " n_holdout"]]:
+def split_holdout(
+    vector_ids: Int[Tensor, " n"], n_holdout: int, seed: int = 0
+) -> tuple[Int[Tensor, " n_train"], Int[Tensor, " n_holdout"]]:
     """Seeded random train/validation split; returns sorted row positions into ``vector_ids``.
 
     The split depends on the set of ids, not on their row order, so effects gathered in a different
@@ -117,9 +133,13 @@ def split_holdout(vector_ids: Int[Tensor, " n"], n_holdout: int, seed: int = 0) 
     ids = torch.as_tensor(vector_ids).long().flatten().cpu()
     n = ids.numel()
     if not 1 <= n_holdout < n:
-        raise ValueError(f"n_holdout must be between 1 and n - 1 = {n - 1} (there are {n} vectors); got {n_holdout}. Lower approximator.holdout or measure more vectors")
+        raise ValueError(
+            f"n_holdout must be between 1 and n - 1 = {n - 1} (there are {n} vectors); got {n_holdout}. Lower approximator.holdout or measure more vectors"
+        )
     if ids.unique().numel() != n:
-        raise ValueError("vector_ids contains duplicates; a vector measured twice would leak between train and validation")
+        raise ValueError(
+            "vector_ids contains duplicates; a vector measured twice would leak between train and validation"
+        )
     order = torch.argsort(ids)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val = order[perm[:n_holdout]].sort().values

@@ -59,14 +59,29 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
         rel = split_half_reliability(halves[train])
         reliable = torch.nan_to_num(rel, nan=0.0) > 0
     is_rows = effects.meta.get("effects", {}).get("vectors", {}).get("source") == "decoder_rows"
-    metrics = approximator_metrics(approx, Xv, Yv, Yt.mean(0), val_ids=ids[val],
-                                   decoder_feature_ids=ids[val] if is_rows else None,
-                                   Y_val_halves=halves[val] if halves is not None else None,
-                                   n_boot=cfg.bootstrap, seed=run.seed, reliable_features=reliable)
-    metrics.update({"fit": cfg.fit, "n_train": len(train), "n_dropped": int((~ok).sum()),
-                    "ridge_lambda": info["ridge_lambda"],
-                    "ridge_lambda_setting": cfg.ridge_lambda if cfg.fit in ("ridge", "reduced_rank") else None,
-                    "rank": info["rank"], "rank_setting": cfg.rank if cfg.fit == "reduced_rank" else None})
+    metrics = approximator_metrics(
+        approx,
+        Xv,
+        Yv,
+        Yt.mean(0),
+        val_ids=ids[val],
+        decoder_feature_ids=ids[val] if is_rows else None,
+        Y_val_halves=halves[val] if halves is not None else None,
+        n_boot=cfg.bootstrap,
+        seed=run.seed,
+        reliable_features=reliable,
+    )
+    metrics.update(
+        {
+            "fit": cfg.fit,
+            "n_train": len(train),
+            "n_dropped": int((~ok).sum()),
+            "ridge_lambda": info["ridge_lambda"],
+            "ridge_lambda_setting": cfg.ridge_lambda if cfg.fit in ("ridge", "reduced_rank") else None,
+            "rank": info["rank"],
+            "rank_setting": cfg.rank if cfg.fit == "reduced_rank" else None,
+        }
+    )
     for k in ("frac_features_mean", "ridge_lambda_median_finite"):
         if k in info:
             metrics[k] = info[k]
@@ -76,8 +91,12 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
     atomic_write_json(out / "approximator_metrics.json", metrics)
     atomic_write_text(out / "approximator_history.csv", history.to_csv(index=False))
     pred = approx.predict(Xv)
-    holdout = {"vector_ids": ids[val].long(), "pred": pred, "measured": Yv,
-               "per_feature_r2": torch.tensor([float("nan") if v is None else v for v in per_feature])}
+    holdout = {
+        "vector_ids": ids[val].long(),
+        "pred": pred,
+        "measured": Yv,
+        "per_feature_r2": torch.tensor([float("nan") if v is None else v for v in per_feature]),
+    }
     if "lambda_per_feature" in info:
         holdout["ridge_lambda_per_feature"] = info["lambda_per_feature"].float()
     atomic_save_safetensors(holdout, out / "approximator_holdout.safetensors")
@@ -86,11 +105,34 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
 
 def metrics_table(m: dict[str, Any]) -> pd.DataFrame:
     """Held-out metrics as a small table for the notebook."""
-    keys = ["fit", "ridge_lambda", "rank", "frac_features_mean", "n_train", "n_val", "mse", "mse_mean", "mse_zero",
-            "r2", "r2_ci_low", "r2_ci_high", "noise_ceiling", "noise_ceiling_ci_low", "noise_ceiling_ci_high",
-            "n_features_reliable", "r2_reliable", "r2_reliable_ci_low", "r2_reliable_ci_high", "noise_ceiling_reliable",
-            "per_feature_r2_median", "cosine_mean", "cosine_mean_baseline", "centered_cosine_mean",
-            "decoder_top1_predicted", "decoder_top1_measured"]
+    keys = [
+        "fit",
+        "ridge_lambda",
+        "rank",
+        "frac_features_mean",
+        "n_train",
+        "n_val",
+        "mse",
+        "mse_mean",
+        "mse_zero",
+        "r2",
+        "r2_ci_low",
+        "r2_ci_high",
+        "noise_ceiling",
+        "noise_ceiling_ci_low",
+        "noise_ceiling_ci_high",
+        "n_features_reliable",
+        "r2_reliable",
+        "r2_reliable_ci_low",
+        "r2_reliable_ci_high",
+        "noise_ceiling_reliable",
+        "per_feature_r2_median",
+        "cosine_mean",
+        "cosine_mean_baseline",
+        "centered_cosine_mean",
+        "decoder_top1_predicted",
+        "decoder_top1_measured",
+    ]
     keys = [k for k in keys if m.get(k) is not None]
     return pd.DataFrame({"metric": keys, "value": [m.get(k) for k in keys]})
 
@@ -102,7 +144,11 @@ def _num(v: float) -> str:
 
 def _ci(m: dict[str, Any], key: str) -> str:
     lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-    return f"{_num(m[key])} (95% CI {_num(lo)} to {_num(hi)})" if lo is not None and hi is not None else f"{_num(m[key])} (no interval)"
+    return (
+        f"{_num(m[key])} (95% CI {_num(lo)} to {_num(hi)})"
+        if lo is not None and hi is not None
+        else f"{_num(m[key])} (no interval)"
+    )
 
 
 def verdict(m: dict[str, Any]) -> str:
@@ -115,22 +161,37 @@ def verdict(m: dict[str, Any]) -> str:
     r2 = f"R² {_ci(m, 'r2')}"
     if lo is None or hi is None or any(math.isnan(v) for v in (lo, hi)):
         better = m["mse"] < m["mse_mean"]
-        head = (f"Without a confidence interval, the approximator {'has a lower' if better else 'does NOT have a lower'} "
-                f"held-out MSE than the mean-effect baseline on {n} held-out vectors")
+        head = (
+            f"Without a confidence interval, the approximator {'has a lower' if better else 'does NOT have a lower'} "
+            f"held-out MSE than the mean-effect baseline on {n} held-out vectors"
+        )
         weak = not better
     elif lo > 0:
         head, weak = f"The approximator beats the mean-effect baseline on {n} held-out vectors", False
     elif hi < 0:
         head, weak = f"The approximator is worse than the mean-effect baseline on {n} held-out vectors", True
     else:
-        head, weak = f"The approximator cannot be told apart from the mean-effect baseline on {n} held-out vectors", True
+        head, weak = (
+            f"The approximator cannot be told apart from the mean-effect baseline on {n} held-out vectors",
+            True,
+        )
     text = f"{head}: {r2}; {mse}."
     if m.get("noise_ceiling") is not None:
-        text += f" Noise ceiling (the best R² any predictor can reach given measurement noise): {_ci(m, 'noise_ceiling')}."
+        text += (
+            f" Noise ceiling (the best R² any predictor can reach given measurement noise): {_ci(m, 'noise_ceiling')}."
+        )
     if m.get("r2_reliable") is not None:
-        text += (f" On the {m['n_features_reliable']} features with positive split-half reliability: {_ci(m, 'r2_reliable')}"
-                 + (f", ceiling {_num(m['noise_ceiling_reliable'])}." if m.get("noise_ceiling_reliable") is not None else "."))
+        text += (
+            f" On the {m['n_features_reliable']} features with positive split-half reliability: {_ci(m, 'r2_reliable')}"
+            + (
+                f", ceiling {_num(m['noise_ceiling_reliable'])}."
+                if m.get("noise_ceiling_reliable") is not None
+                else "."
+            )
+        )
     if weak:
-        text += (" Methods that rely on it (SAE-TS, pinverse, rotation, FGAA) rest on a weak model here; measure more "
-                 "vectors (or more rollouts per vector) in 01.")
+        text += (
+            " Methods that rely on it (SAE-TS, pinverse, rotation, FGAA) rest on a weak model here; measure more "
+            "vectors (or more rollouts per vector) in 01."
+        )
     return text

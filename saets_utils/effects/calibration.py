@@ -43,8 +43,11 @@ def resid_at_hook(model: HookedTransformer, hook_name: str, tokens: Tensor, batc
     """Activations at ``hook_name`` for ``tokens [n, seq]`` -> ``[n, seq, d_model]`` (stops at the hook)."""
     out = []
     for i in range(0, tokens.shape[0], batch_size):
-        _, cache = model.run_with_cache(tokens[i:i + batch_size].to(model.cfg.device), names_filter=hook_name,
-                                        stop_at_layer=hook_layer(hook_name) + 1)
+        _, cache = model.run_with_cache(
+            tokens[i : i + batch_size].to(model.cfg.device),
+            names_filter=hook_name,
+            stop_at_layer=hook_layer(hook_name) + 1,
+        )
         out.append(cache[hook_name])
     return torch.cat(out)
 
@@ -56,8 +59,9 @@ def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def steered_losses(model: HookedTransformer, hook_name: str, tokens: Tensor, resid: Tensor, deltas: Tensor,
-                   max_rows: int = 64) -> Tensor:
+def steered_losses(
+    model: HookedTransformer, hook_name: str, tokens: Tensor, resid: Tensor, deltas: Tensor, max_rows: int = 64
+) -> Tensor:
     """Mean LM loss over the chunks ``tokens [c, seq]`` for each steering delta ``[r, d_model]`` -> ``[r]``.
 
     ``resid [c, seq, d_model]`` are the unsteered activations at the hook (:func:`resid_at_hook`);
@@ -68,11 +72,11 @@ def steered_losses(model: HookedTransformer, hook_name: str, tokens: Tensor, res
     losses = torch.empty(deltas.shape[0], dtype=torch.float64)
     per = max(1, max_rows // c)  # deltas per forward
     for i in range(0, deltas.shape[0], per):
-        d = deltas[i:i + per].to(resid.device, resid.dtype)
+        d = deltas[i : i + per].to(resid.device, resid.dtype)
         x = (resid[None] + d[:, None, None, :]).flatten(0, 1)  # [per*c, seq, d_model]
         logits = model(x, start_at_layer=layer)
         loss = _next_token_loss(logits, tokens.repeat(d.shape[0], 1))
-        losses[i:i + d.shape[0]] = loss.view(d.shape[0], c).mean(-1).double().cpu()
+        losses[i : i + d.shape[0]] = loss.view(d.shape[0], c).mean(-1).double().cpu()
     return losses
 
 
@@ -81,7 +85,9 @@ def loss_target_value(target: LossTarget, unsteered_loss: float) -> float:
     return target.value if target.kind == "absolute" else unsteered_loss + target.value
 
 
-def interpolate_scale(grid: Sequence[float], losses: Sequence[float], target: float, tol: float = 0.05) -> tuple[float, str]:
+def interpolate_scale(
+    grid: Sequence[float], losses: Sequence[float], target: float, tol: float = 0.05
+) -> tuple[float, str]:
     """Scale at which the loss curve first exceeds ``target`` (linear interpolation), and a status.
 
     ``losses`` may end with NaN (points never evaluated after the crossing).
@@ -115,9 +121,17 @@ class Calibration:
 
 
 @torch.no_grad()
-def calibrate_scales(model: HookedTransformer, hook_name: str, tokens: Tensor, resid: Tensor,
-                     vectors: Tensor, grid: Sequence[float], target: LossTarget, unsteered_loss: float,
-                     max_rows: int = 64) -> Calibration:
+def calibrate_scales(
+    model: HookedTransformer,
+    hook_name: str,
+    tokens: Tensor,
+    resid: Tensor,
+    vectors: Tensor,
+    grid: Sequence[float],
+    target: LossTarget,
+    unsteered_loss: float,
+    max_rows: int = 64,
+) -> Calibration:
     """Sweep ``grid`` upwards for all ``vectors [v, d_model]`` (unit norm) together; each vector
     leaves the sweep once its loss exceeds the target."""
     grid = sorted(float(s) for s in grid)

@@ -62,7 +62,9 @@ class RolloutSpec:
         return row_seed(seed, STEERED, int(vector_id), p, s)
 
 
-def prompt_token_ids(model: HookedTransformer, prompts: Sequence[str], bos: int, total_tokens: int) -> tuple[tuple[int, ...], ...]:
+def prompt_token_ids(
+    model: HookedTransformer, prompts: Sequence[str], bos: int, total_tokens: int
+) -> tuple[tuple[int, ...], ...]:
     """Each prompt as ``(bos, *tokens)``; fails early if a prompt leaves no room to generate."""
     assert model.tokenizer is not None
     out = []
@@ -120,7 +122,7 @@ def prompt_groups(spec: RolloutSpec, max_prompts: int | None = None) -> list[lis
     for p, ids in enumerate(spec.prompts):
         by_len.setdefault(len(ids), []).append(p)
     k = max_prompts or len(spec.prompts)
-    return [g[i:i + k] for g in by_len.values() for i in range(0, len(g), k)]
+    return [g[i : i + k] for g in by_len.values() for i in range(0, len(g), k)]
 
 
 @dataclass
@@ -153,8 +155,15 @@ class BaselineSums:
 
 
 @torch.no_grad()
-def measure_baseline(model: HookedTransformer, sae: SAE, hook_name: str, spec: RolloutSpec,
-                     multiplier: int, seed: int, max_rows: int = 256) -> BaselineSums:
+def measure_baseline(
+    model: HookedTransformer,
+    sae: SAE,
+    hook_name: str,
+    spec: RolloutSpec,
+    multiplier: int,
+    seed: int,
+    max_rows: int = 256,
+) -> BaselineSums:
     """Feature sums of the unsteered rollouts, kept in two halves by sample parity.
 
     Independent design: ``multiplier * samples_per_prompt`` rollouts per prompt from their own seed
@@ -167,10 +176,12 @@ def measure_baseline(model: HookedTransformer, sae: SAE, hook_name: str, spec: R
     start = 0
     while start < len(rows):
         length = len(spec.prompts[rows[start][0]])
-        chunk = [r for r in rows[start:start + max_rows] if len(spec.prompts[r[0]]) == length]
+        chunk = [r for r in rows[start : start + max_rows] if len(spec.prompts[r[0]]) == length]
         start += len(chunk)
-        seeds = [row_seed(seed, PAIRED, p, s) if spec.common_random_numbers else row_seed(seed, BASELINE, p, s)
-                 for p, s in chunk]
+        seeds = [
+            row_seed(seed, PAIRED, p, s) if spec.common_random_numbers else row_seed(seed, BASELINE, p, s)
+            for p, s in chunk
+        ]
         prompt = torch.tensor([spec.prompts[p] for p, _ in chunk])
         gen = generate(model, prompt, spec.new_tokens(chunk[0][0]), seeds, spec.sampling, hook_name, None, capture=True)
         assert gen.activations is not None  # generate(..., capture=True)
@@ -195,10 +206,20 @@ class EffectsBlock:
 
 
 @torch.no_grad()
-def measure_effects(model: HookedTransformer, sae: SAE, hook_name: str, spec: RolloutSpec,
-                    vectors: Tensor, vector_ids: Sequence[int], scales: Tensor, baseline_mean: Tensor,
-                    seed: int, keep_samples: int = KEEP_SAMPLES, max_rows: int = 2048,
-                    baseline_halves: Tensor | None = None) -> EffectsBlock:
+def measure_effects(
+    model: HookedTransformer,
+    sae: SAE,
+    hook_name: str,
+    spec: RolloutSpec,
+    vectors: Tensor,
+    vector_ids: Sequence[int],
+    scales: Tensor,
+    baseline_mean: Tensor,
+    seed: int,
+    keep_samples: int = KEEP_SAMPLES,
+    max_rows: int = 2048,
+    baseline_halves: Tensor | None = None,
+) -> EffectsBlock:
     """Effects of ``vectors [v, d_model]`` (unit) steered at ``scales [v]`` against ``baseline_mean
     [d_sae]``; each half of the rollouts against ``baseline_halves [2, d_sae]`` (the baseline's own
     halves, :attr:`BaselineSums.half_means`; default: the full mean). One batch per group of equally
@@ -214,8 +235,16 @@ def measure_effects(model: HookedTransformer, sae: SAE, hook_name: str, spec: Ro
     for group in prompt_groups(spec, max(1, max_rows // (v * s_n))):
         seeds = [spec.steered_seed(seed, vid, p, s) for p in group for vid in vector_ids for s in range(s_n)]
         prompt = torch.tensor([spec.prompts[p] for p in group for _ in range(v * s_n)])
-        gen = generate(model, prompt, spec.new_tokens(group[0]), seeds, spec.sampling, hook_name,
-                       delta.repeat(len(group), 1), capture=True)
+        gen = generate(
+            model,
+            prompt,
+            spec.new_tokens(group[0]),
+            seeds,
+            spec.sampling,
+            hook_name,
+            delta.repeat(len(group), 1),
+            capture=True,
+        )
         assert gen.activations is not None  # generate(..., capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
         codes = codes.view(len(group), v, s_n, *codes.shape[1:])

@@ -29,8 +29,18 @@ def work_dir(run: RunConfig) -> Path:
 def fingerprint(run: RunConfig) -> str:
     """Hash of every setting that changes the numbers (not batching, not worker count)."""
     eff = run.effects.model_dump(exclude={"vectors_per_batch"})
-    blob = json.dumps({"model": run.model.model_dump(), "sae": run.sae.model_dump(), "text": run.text.model_dump(),
-                       "effects": eff, "seed": run.seed, "recipe": RECIPE_VERSION}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "model": run.model.model_dump(),
+            "sae": run.sae.model_dump(),
+            "text": run.text.model_dump(),
+            "effects": eff,
+            "seed": run.seed,
+            "recipe": RECIPE_VERSION,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -51,10 +61,15 @@ class Plan:
     fingerprint: str
 
     def save(self, path: Path) -> None:
-        tensors = {k: getattr(self, k).contiguous() for k in
-                   ("vector_ids", "vectors", "loss_tokens", "baseline_mean", "baseline_density", "baseline_halves")}
-        meta = {"unsteered_loss": repr(self.unsteered_loss), "baseline_positions": str(self.baseline_positions),
-                "fingerprint": self.fingerprint}
+        tensors = {
+            k: getattr(self, k).contiguous()
+            for k in ("vector_ids", "vectors", "loss_tokens", "baseline_mean", "baseline_density", "baseline_halves")
+        }
+        meta = {
+            "unsteered_loss": repr(self.unsteered_loss),
+            "baseline_positions": str(self.baseline_positions),
+            "fingerprint": self.fingerprint,
+        }
         atomic_save_safetensors(tensors, path, meta)
 
     @classmethod
@@ -62,5 +77,9 @@ class Plan:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has keys() only
-        return cls(unsteered_loss=float(meta["unsteered_loss"]), baseline_positions=int(meta["baseline_positions"]),
-                   fingerprint=meta["fingerprint"], **t)
+        return cls(
+            unsteered_loss=float(meta["unsteered_loss"]),
+            baseline_positions=int(meta["baseline_positions"]),
+            fingerprint=meta["fingerprint"],
+            **t,
+        )

@@ -48,9 +48,16 @@ def transformer_lens_rollouts(model: HookedTransformer, hook_name: str, sampling
 
     def draw(prompt: Tensor, new_tokens: int, seeds: list[int], delta: Tensor) -> Tensor:
         with steering_hook(model, hook_name, delta):
-            out = model.generate(prompt.to(model.cfg.device), max_new_tokens=new_tokens, top_k=sampling.top_k,
-                                 top_p=sampling.top_p, temperature=sampling.temperature, stop_at_eos=False,
-                                 use_past_kv_cache=True, verbose=False)
+            out = model.generate(
+                prompt.to(model.cfg.device),
+                max_new_tokens=new_tokens,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                temperature=sampling.temperature,
+                stop_at_eos=False,
+                use_past_kv_cache=True,
+                verbose=False,
+            )
         assert isinstance(out, Tensor)  # token input gives token output
         return out
 
@@ -58,9 +65,18 @@ def transformer_lens_rollouts(model: HookedTransformer, hook_name: str, sampling
 
 
 @torch.no_grad()
-def reference_effects(model: HookedTransformer, sae: SAE, hook_name: str, spec: RolloutSpec,
-                      vector: Tensor, vector_id: int, scale: float, baseline_mean: Tensor, seed: int,
-                      rollouts: Rollouts | None = None) -> Tensor:
+def reference_effects(
+    model: HookedTransformer,
+    sae: SAE,
+    hook_name: str,
+    spec: RolloutSpec,
+    vector: Tensor,
+    vector_id: int,
+    scale: float,
+    baseline_mean: Tensor,
+    seed: int,
+    rollouts: Rollouts | None = None,
+) -> Tensor:
     """Effect ``[d_sae]`` of one vector the way the reference code measures it: one generate call per
     prompt, then each prompt's rollouts re-run at once through the unsteered model and SAE-encoded.
 

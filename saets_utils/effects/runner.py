@@ -34,10 +34,14 @@ from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json
 
 def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
     e = run.effects
-    return RolloutSpec(prompts=prompt_token_ids(model, e.prompts, bos, e.total_tokens),
-                       samples_per_prompt=e.samples_per_prompt, total_tokens=e.total_tokens,
-                       sampling=e.sampling, include_first_position=e.include_first_position,
-                       common_random_numbers=e.common_random_numbers)
+    return RolloutSpec(
+        prompts=prompt_token_ids(model, e.prompts, bos, e.total_tokens),
+        samples_per_prompt=e.samples_per_prompt,
+        total_tokens=e.total_tokens,
+        sampling=e.sampling,
+        include_first_position=e.include_first_position,
+        common_random_numbers=e.common_random_numbers,
+    )
 
 
 def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
@@ -60,8 +64,10 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
         if plan.fingerprint == fp and not restart:
             return plan
         if not restart:
-            raise ConfigError(f"{wd} holds work made with other effects settings (fingerprint {plan.fingerprint} "
-                              f"!= {fp}); re-run with restart=True to discard it, or use another params file")
+            raise ConfigError(
+                f"{wd} holds work made with other effects settings (fingerprint {plan.fingerprint} "
+                f"!= {fp}); re-run with restart=True to discard it, or use another params file"
+            )
     if restart and wd.exists():
         shutil.rmtree(wd)
     wd.mkdir(parents=True, exist_ok=True)
@@ -70,13 +76,27 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     spec = rollout_spec(run, model, bos)
     # Chunks start at document starts, as the SAE's training chunks do (a chunk starting mid-sentence
     # makes position 1 a second attention sink on SmolLM2).
-    loss_tokens = tokenize_chunks(model, load_texts(run.text), run.effects.loss_chunk_tokens,
-                                  run.effects.loss_chunks, bos, seed=run.seed + 1, align_docs=True)
+    loss_tokens = tokenize_chunks(
+        model,
+        load_texts(run.text),
+        run.effects.loss_chunk_tokens,
+        run.effects.loss_chunks,
+        bos,
+        seed=run.seed + 1,
+        align_docs=True,
+    )
     hook = run.sae.hook_name
     resid = resid_at_hook(model, hook, loss_tokens)
     unsteered = float(steered_losses(model, hook, loss_tokens, resid, torch.zeros(1, model.cfg.d_model))[0])
-    base = measure_baseline(model, sae, hook, spec, run.effects.baseline_multiplier, run.seed,
-                            max_rows=run.effects.vectors_per_batch * run.effects.samples_per_prompt)
+    base = measure_baseline(
+        model,
+        sae,
+        hook,
+        spec,
+        run.effects.baseline_multiplier,
+        run.seed,
+        max_rows=run.effects.vectors_per_batch * run.effects.samples_per_prompt,
+    )
     plan = Plan(ids, vectors, loss_tokens, base.mean, base.density, base.half_means, unsteered, base.n, fp)
     plan.save(plan_path)
     return plan
@@ -97,34 +117,61 @@ def todo_blocks(run: RunConfig, plan: Plan) -> list[list[int]]:
     done = done_ids(run)
     rows = [i for i, v in enumerate(plan.vector_ids.tolist()) if v not in done]
     k = run.effects.vectors_per_batch
-    return [rows[i:i + k] for i in range(0, len(rows), k)]
+    return [rows[i : i + k] for i in range(0, len(rows), k)]
 
 
-def compute_block(run: RunConfig, model, sae, plan: Plan, resid: Tensor, spec: RolloutSpec, rows: list[int],
-                  shard_path: Path) -> None:
+def compute_block(
+    run: RunConfig, model, sae, plan: Plan, resid: Tensor, spec: RolloutSpec, rows: list[int], shard_path: Path
+) -> None:
     """Calibrate scales and measure effects for plan rows ``rows``; write one shard atomically."""
     t0 = time.perf_counter()
     hook = run.sae.hook_name
     vecs = plan.vectors[rows].to(model.cfg.device)
     ids = plan.vector_ids[rows]
-    cal = calibrate_scales(model, hook, plan.loss_tokens, resid, vecs, run.effects.scale_grid.values(),
-                           run.effects.loss_target, plan.unsteered_loss)
+    cal = calibrate_scales(
+        model,
+        hook,
+        plan.loss_tokens,
+        resid,
+        vecs,
+        run.effects.scale_grid.values(),
+        run.effects.loss_target,
+        plan.unsteered_loss,
+    )
     ok = torch.isfinite(cal.scales)
     d_sae = plan.baseline_mean.shape[0]
     effects = torch.full((len(rows), d_sae), float("nan"))
     halves = torch.full((len(rows), 2, d_sae), float("nan"))
     samples = torch.zeros((len(rows), KEEP_SAMPLES, run.effects.total_tokens), dtype=torch.int64)
     if ok.any():
-        blk = measure_effects(model, sae, hook, spec, vecs[ok], ids[ok].tolist(), cal.scales[ok].to(vecs.device),
-                              plan.baseline_mean, run.seed, baseline_halves=plan.baseline_halves)
+        blk = measure_effects(
+            model,
+            sae,
+            hook,
+            spec,
+            vecs[ok],
+            ids[ok].tolist(),
+            cal.scales[ok].to(vecs.device),
+            plan.baseline_mean,
+            run.seed,
+            baseline_halves=plan.baseline_halves,
+        )
         effects[ok] = blk.effects.float().cpu()
         halves[ok] = blk.halves.float().cpu()
         samples[ok, : blk.sample_tokens.shape[1]] = blk.sample_tokens
     seconds = (time.perf_counter() - t0) / len(rows)
     atomic_save_safetensors(
-        {"vector_ids": ids.contiguous(), "effects": effects, "effect_halves": halves, "scales": cal.scales, "losses": cal.losses.float(),
-         "sample_tokens": samples}, shard_path,
-        {"status": json.dumps(cal.status), "seconds": repr(seconds), "target": repr(cal.target)})
+        {
+            "vector_ids": ids.contiguous(),
+            "effects": effects,
+            "effect_halves": halves,
+            "scales": cal.scales,
+            "losses": cal.losses.float(),
+            "sample_tokens": samples,
+        },
+        shard_path,
+        {"status": json.dumps(cal.status), "seconds": repr(seconds), "target": repr(cal.target)},
+    )
 
 
 def _claim(wd: Path, attempt: str, k: int) -> bool:
@@ -174,8 +221,19 @@ def _spawn_worker(run: RunConfig, device: str, attempt: str, index: int, threads
     (wd / "logs").mkdir(exist_ok=True)
     log = open(wd / "logs" / f"{attempt}_worker{index}.log", "w")  # noqa: SIM115 - the worker writes to it
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "saets_utils.effects.runner", "--work", str(wd), "--device", device,
-           "--attempt", attempt, "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "saets_utils.effects.runner",
+        "--work",
+        str(wd),
+        "--device",
+        device,
+        "--attempt",
+        attempt,
+        "--threads",
+        str(threads),
+    ]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 

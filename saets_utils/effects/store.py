@@ -44,9 +44,18 @@ def merge_effects(run: RunConfig, plan: Plan) -> Path:
         t, meta = _read_shard(p)
         status = json.loads(meta["status"])
         for j, vid in enumerate(t["vector_ids"].tolist()):
-            rows.setdefault(vid, {"effects": t["effects"][j], "halves": t["effect_halves"][j], "scale": float(t["scales"][j]),
-                                  "losses": t["losses"][j], "samples": t["sample_tokens"][j],
-                                  "status": status[j], "seconds": float(meta["seconds"])})
+            rows.setdefault(
+                vid,
+                {
+                    "effects": t["effects"][j],
+                    "halves": t["effect_halves"][j],
+                    "scale": float(t["scales"][j]),
+                    "losses": t["losses"][j],
+                    "samples": t["sample_tokens"][j],
+                    "status": status[j],
+                    "seconds": float(meta["seconds"]),
+                },
+            )
     order = torch.argsort(plan.vector_ids)
     ids = plan.vector_ids[order]
     missing = [v for v in ids.tolist() if v not in rows]
@@ -56,28 +65,57 @@ def merge_effects(run: RunConfig, plan: Plan) -> Path:
     vectors = plan.vectors[order]
     scales = torch.tensor([r["scale"] for r in recs], dtype=torch.float32)
     out = run.results_dir
-    atomic_save_safetensors({
-        "effects": torch.stack([r["effects"] for r in recs]).float(), "vectors": vectors.float(),
-        "effect_halves": torch.stack([r["halves"] for r in recs]).float(),
-        "scales": scales, "vector_ids": ids.long(), "used_vectors": steering_delta(vectors.float(), scales),
-        "losses": torch.stack([r["losses"] for r in recs]).float(),
-    }, out / "effects.safetensors")
-    atomic_save_safetensors({"mean": plan.baseline_mean.float(), "density": plan.baseline_density.float(),
-                             "halves": plan.baseline_halves.float()},
-                            out / "baseline.safetensors")
-    atomic_save_safetensors({"vector_ids": ids.long(), "sample_tokens": torch.stack([r["samples"] for r in recs])},
-                            out / "effects_samples.safetensors")
-    table = pd.DataFrame({"id": ids.tolist(), "scale": scales.tolist(), "status": [r["status"] for r in recs],
-                          "seconds": [r["seconds"] for r in recs]})
+    atomic_save_safetensors(
+        {
+            "effects": torch.stack([r["effects"] for r in recs]).float(),
+            "vectors": vectors.float(),
+            "effect_halves": torch.stack([r["halves"] for r in recs]).float(),
+            "scales": scales,
+            "vector_ids": ids.long(),
+            "used_vectors": steering_delta(vectors.float(), scales),
+            "losses": torch.stack([r["losses"] for r in recs]).float(),
+        },
+        out / "effects.safetensors",
+    )
+    atomic_save_safetensors(
+        {
+            "mean": plan.baseline_mean.float(),
+            "density": plan.baseline_density.float(),
+            "halves": plan.baseline_halves.float(),
+        },
+        out / "baseline.safetensors",
+    )
+    atomic_save_safetensors(
+        {"vector_ids": ids.long(), "sample_tokens": torch.stack([r["samples"] for r in recs])},
+        out / "effects_samples.safetensors",
+    )
+    table = pd.DataFrame(
+        {
+            "id": ids.tolist(),
+            "scale": scales.tolist(),
+            "status": [r["status"] for r in recs],
+            "seconds": [r["seconds"] for r in recs],
+        }
+    )
     atomic_write_text(out / "effects_table.csv", table.to_csv(index=False))
-    atomic_write_json(out / "effects_meta.json", {
-        "model": run.model.model_dump(), "sae": {**run.sae.model_dump(), "key": run.sae.key},
-        "hook_name": run.sae.hook_name, "effects": run.effects.model_dump(), "seed": run.seed,
-        "fingerprint": plan.fingerprint, "n_vectors": len(ids), "d_sae": int(plan.baseline_mean.shape[0]),
-        "d_model": int(vectors.shape[1]), "unsteered_loss": plan.unsteered_loss,
-        "baseline_positions": plan.baseline_positions, "status_counts": dict(Counter(table["status"])),
-        "seconds_per_vector_mean": float(table["seconds"].mean()),
-    })
+    atomic_write_json(
+        out / "effects_meta.json",
+        {
+            "model": run.model.model_dump(),
+            "sae": {**run.sae.model_dump(), "key": run.sae.key},
+            "hook_name": run.sae.hook_name,
+            "effects": run.effects.model_dump(),
+            "seed": run.seed,
+            "fingerprint": plan.fingerprint,
+            "n_vectors": len(ids),
+            "d_sae": int(plan.baseline_mean.shape[0]),
+            "d_model": int(vectors.shape[1]),
+            "unsteered_loss": plan.unsteered_loss,
+            "baseline_positions": plan.baseline_positions,
+            "status_counts": dict(Counter(table["status"])),
+            "seconds_per_vector_mean": float(table["seconds"].mean()),
+        },
+    )
     return out / "effects.safetensors"
 
 
@@ -118,8 +156,15 @@ def load_effects(results_dir: str | Path) -> Effects:
     t = load_file(d / "effects.safetensors")
     b = load_file(d / "baseline.safetensors")
     samples = d / "effects_samples.safetensors"
-    return Effects(effects=t["effects"], vectors=t["vectors"], scales=t["scales"], vector_ids=t["vector_ids"],
-                   table=pd.read_csv(d / "effects_table.csv"), baseline_mean=b["mean"], baseline_density=b["density"],
-                   meta=json.loads((d / "effects_meta.json").read_text()),
-                   sample_tokens=load_file(samples)["sample_tokens"] if samples.is_file() else None,
-                   halves=t.get("effect_halves"))
+    return Effects(
+        effects=t["effects"],
+        vectors=t["vectors"],
+        scales=t["scales"],
+        vector_ids=t["vector_ids"],
+        table=pd.read_csv(d / "effects_table.csv"),
+        baseline_mean=b["mean"],
+        baseline_density=b["density"],
+        meta=json.loads((d / "effects_meta.json").read_text()),
+        sample_tokens=load_file(samples)["sample_tokens"] if samples.is_file() else None,
+        halves=t.get("effect_halves"),
+    )

@@ -25,7 +25,7 @@ import torch
 from saets_utils.config import RunConfig
 from saets_utils.evaluation.task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
-from saets_utils.judges import JudgeRequest, make_judge, score_requests
+from saets_utils.judges import CriterionKind, JudgeRequest, make_judge, score_requests
 from saets_utils.registry import get_method
 from saets_utils.steering.generation import generate, row_seed
 from saets_utils.steering.tasks import Task, join_prompt, load_tasks
@@ -67,8 +67,15 @@ def _rows_for_task(task: Task, tv: TaskVectors, run: RunConfig) -> list[dict[str
         scales = e.scale_grid.values() if get_method(method).vector else [0.0]
         for scale in scales:
             for s in range(e.samples_per_scale):
-                rows.append({"task": task.name, "method": method, "scale": float(scale), "sample": s,
-                             "vector": tv.vectors.get(method)})
+                rows.append(
+                    {
+                        "task": task.name,
+                        "method": method,
+                        "scale": float(scale),
+                        "sample": s,
+                        "vector": tv.vectors.get(method),
+                    }
+                )
     return rows
 
 
@@ -82,13 +89,13 @@ def generate_rows(ctx: SteeringContext, rows: list[dict[str, Any]], prefix: str,
     d_model = model.cfg.d_model
     texts: list[str] = []
     for i in range(0, len(rows), MAX_ROWS):
-        chunk = rows[i:i + MAX_ROWS]
-        delta = torch.stack([(r["vector"] * r["scale"]) if r["vector"] is not None else torch.zeros(d_model)
-                             for r in chunk]).to(model.cfg.device)
+        chunk = rows[i : i + MAX_ROWS]
+        delta = torch.stack(
+            [(r["vector"] * r["scale"]) if r["vector"] is not None else torch.zeros(d_model) for r in chunk]
+        ).to(model.cfg.device)
         seeds = [row_seed(ctx.run.seed, EVAL_STREAM, r["sample"]) for r in chunk]
-        gen = generate(model, torch.tensor([ids] * len(chunk)), e.new_tokens, seeds, e.sampling,
-                       ctx.hook_name, delta)
-        new = gen.tokens[:, len(ids):].cpu()
+        gen = generate(model, torch.tensor([ids] * len(chunk)), e.new_tokens, seeds, e.sampling, ctx.hook_name, delta)
+        new = gen.tokens[:, len(ids) :].cpu()
         texts += [e.prompt + cast(str, model.tokenizer.decode(t, skip_special_tokens=True)) for t in new]
         if progress is not None:
             progress.update(len(chunk))
@@ -97,9 +104,21 @@ def generate_rows(ctx: SteeringContext, rows: list[dict[str, Any]], prefix: str,
 
 def _requests(task: Task, df: pd.DataFrame, prompt: str) -> list[JudgeRequest]:
     reqs = []
-    for kind, crit in (("behaviour", task.behaviour), ("coherence", task.coherence)):
-        reqs += [JudgeRequest(task=task.name, method=r.method, scale=r.scale, criterion_kind=kind, criterion=crit,  # type: ignore[arg-type]
-                              prompt=prompt, text=r.text, sample=int(r.sample)) for r in df.itertuples()]
+    criteria: tuple[tuple[CriterionKind, str], ...] = (("behaviour", task.behaviour), ("coherence", task.coherence))
+    for kind, crit in criteria:
+        reqs += [
+            JudgeRequest(
+                task=task.name,
+                method=r.method,
+                scale=r.scale,
+                criterion_kind=kind,
+                criterion=crit,
+                prompt=prompt,
+                text=r.text,
+                sample=int(r.sample),
+            )
+            for r in df.itertuples()
+        ]
     return reqs
 
 
@@ -120,26 +139,36 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
     out = run.results_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     lm_fn = make_mean_logprob_fn(model, ctx.bos) if run.eval.judge.kind == "offline" else None
-    judge = make_judge(run.eval.judge, out / "judge_cache", mean_logprob_fn=lm_fn,
-                       examples={t.name: {"positive": t.positive, "negative": t.negative} for t in tasks})
+    judge = make_judge(
+        run.eval.judge,
+        out / "judge_cache",
+        mean_logprob_fn=lm_fn,
+        examples={t.name: {"positive": t.positive, "negative": t.negative} for t in tasks},
+    )
     frames, vectors, targets, requests, task_vectors = [], {}, [], [], {}
     n_scales = len(run.eval.scale_grid.values())
-    total = len(tasks) * run.eval.samples_per_scale * sum(n_scales if get_method(m).vector else 1 for m in run.eval.methods)
+    total = (
+        len(tasks) * run.eval.samples_per_scale * sum(n_scales if get_method(m).vector else 1 for m in run.eval.methods)
+    )
     bar = progress_bar(total=total, desc="generate", disable=not progress)
     for task in tasks:
         tv = build_task_vectors(task, ctx, run.eval.methods)
         task_vectors[task.name] = tv
         vectors.update({f"{task.name}/{m}": v for m, v in tv.vectors.items()})
-        targets += [{"task": task.name, "method": m, "targets": json.dumps(t), "how": tv.targets_how}
-                    for m, t in tv.targets.items()]
+        targets += [
+            {"task": task.name, "method": m, "targets": json.dumps(t), "how": tv.targets_how}
+            for m, t in tv.targets.items()
+        ]
         rows = _rows_for_task(task, tv, run)
         steered = [r for r in rows if get_method(r["method"]).vector]
         prompted = [r for r in rows if not get_method(r["method"]).vector]
         texts = generate_rows(ctx, steered, "", bar) if steered else []
         texts += generate_rows(ctx, prompted, task.steering_prompt, bar) if prompted else []
         df = pd.DataFrame([{k: v for k, v in r.items() if k != "vector"} for r in steered + prompted])
-        df["prompt"] = [run.eval.prompt if get_method(r["method"]).vector else join_prompt(task.steering_prompt, run.eval.prompt)
-                        for r in steered + prompted]
+        df["prompt"] = [
+            run.eval.prompt if get_method(r["method"]).vector else join_prompt(task.steering_prompt, run.eval.prompt)
+            for r in steered + prompted
+        ]
         df["text"] = texts
         frames.append(df)
         requests += _requests(task, df, run.eval.prompt)
@@ -147,16 +176,23 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
     atomic_save_safetensors(vectors, out / "vectors.safetensors")
     results = score_requests(judge, requests, progress=progress)
     samples = _attach_scores(pd.concat(frames, ignore_index=True), requests, results)
-    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n"
-                                                     for r in samples.to_dict("records")))
+    atomic_write_text(
+        out / "samples.jsonl",
+        "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in samples.to_dict("records")),
+    )
     bs = by_scale(samples)
     sm = summary(samples, n_boot=run.eval.bootstrap, seed=run.seed)
     atomic_write_text(out / "by_scale.csv", bs.to_csv(index=False))
     atomic_write_text(out / "summary.csv", sm.to_csv(index=False))
     tdf = pd.DataFrame(targets)
     atomic_write_json(out / "targets.json", targets)
-    stats = {"judge": judge.judge_id, **judge.stats.as_dict(), "n_texts": len(samples),
-             "n_requests": len(requests), "n_errors": int(sum(not r.ok for r in results))}
+    stats = {
+        "judge": judge.judge_id,
+        **judge.stats.as_dict(),
+        "n_texts": len(samples),
+        "n_requests": len(requests),
+        "n_errors": int(sum(not r.ok for r in results)),
+    }
     atomic_write_json(out / "judge_stats.json", stats)
     tg = tg_summary = None
     if targeting:

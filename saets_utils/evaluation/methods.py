@@ -50,8 +50,9 @@ def _unit(v: Tensor, what: str) -> Tensor:
     return v / n
 
 
-def target_vector(targets: Target, d_sae: int, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device | None = None) -> Float[Tensor, " d_sae"]:
+def target_vector(
+    targets: Target, d_sae: int, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+) -> Float[Tensor, " d_sae"]:
     """Dense target ``t`` [d_sae] from ``[(feature id, weight), ...]``."""
     if not targets:
         raise ValueError("target is empty; give at least one (feature id, weight) pair")
@@ -96,8 +97,9 @@ def build_sae_ts_vector(approx: EffectApproximator, targets: Target, lam: float 
     return _unit(s, f"the SAE-TS vector (lam={lam})")
 
 
-def build_pinverse_vector(approx: EffectApproximator, targets: Target,
-                          W_pinv: Float[Tensor, "d_sae d_model"] | None = None) -> Float[Tensor, " d_model"]:
+def build_pinverse_vector(
+    approx: EffectApproximator, targets: Target, W_pinv: Float[Tensor, "d_sae d_model"] | None = None
+) -> Float[Tensor, " d_model"]:
     """Pseudoinverse: least-squares ``x`` with ``x @ W + b ~= t / ||t||``, i.e. ``(t/||t|| - b) @ pinv(W)``.
 
     Unit-normalised here so every method is compared at the same steering scales; the reference
@@ -107,20 +109,29 @@ def build_pinverse_vector(approx: EffectApproximator, targets: Target,
     if W_pinv is None:
         W_pinv = torch.linalg.pinv(approx.W.double())
     elif W_pinv.shape != (approx.d_sae, approx.d_model):
-        raise ValueError(f"W_pinv must be [d_sae, d_model] = [{approx.d_sae}, {approx.d_model}]; got {tuple(W_pinv.shape)}")
+        raise ValueError(
+            f"W_pinv must be [d_sae, d_model] = [{approx.d_sae}, {approx.d_model}]; got {tuple(W_pinv.shape)}"
+        )
     x = (t / t.norm() - approx.b.double()) @ W_pinv.double()
     return _unit(x, "the pseudoinverse solution").to(approx.W.dtype)
 
 
-def build_rotation_vector(approx: EffectApproximator, W_dec: Float[Tensor, "d_sae d_model"], targets: Target,
-                          R: Float[Tensor, "d_model d_model"] | None = None, lam: float = 1.0) -> Float[Tensor, " d_model"]:
+def build_rotation_vector(
+    approx: EffectApproximator,
+    W_dec: Float[Tensor, "d_sae d_model"],
+    targets: Target,
+    R: Float[Tensor, "d_model d_model"] | None = None,
+    lam: float = 1.0,
+) -> Float[Tensor, " d_model"]:
     """Rotation: rotate the target's decoder direction into effect space, ``norm(R d) - lam * norm(W b)``, normalised.
 
     Needs no measured effect for the target feature, only its decoder row. ``R`` defaults to
     :func:`rotation_matrix`; pass a precomputed one (it is saved next to the approximator).
     """
     if W_dec.shape != (approx.d_sae, approx.d_model):
-        raise ValueError(f"W_dec must be [d_sae, d_model] = [{approx.d_sae}, {approx.d_model}] to match the approximator; got {tuple(W_dec.shape)}")
+        raise ValueError(
+            f"W_dec must be [d_sae, d_model] = [{approx.d_sae}, {approx.d_model}] to match the approximator; got {tuple(W_dec.shape)}"
+        )
     if R is None:
         R = rotation_matrix(approx, W_dec)
     elif R.shape != (approx.d_model, approx.d_model):
@@ -145,25 +156,28 @@ def _as_seqs(tokens: TokenSeqs) -> list[Tensor]:
 
 
 @torch.no_grad()
-def _per_example_acts(model: HookedTransformer, hook_name: str, tokens: TokenSeqs, include_first_position: bool,
-                      batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+def _per_example_acts(
+    model: HookedTransformer, hook_name: str, tokens: TokenSeqs, include_first_position: bool, batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(acts [b, seq, d_model], mask [b, seq])`` per batch; mask marks the positions to average."""
     seqs = _as_seqs(tokens)
     start = 0 if include_first_position else 1
     for i, s in enumerate(seqs):
         if s.numel() <= start:
-            raise ValueError(f"token sequence {i} has {s.numel()} tokens and no position to average"
-                             + ("" if include_first_position else " once the first (start) position is excluded"))
+            raise ValueError(
+                f"token sequence {i} has {s.numel()} tokens and no position to average"
+                + ("" if include_first_position else " once the first (start) position is excluded")
+            )
     stop = _stop_layer(model, hook_name)
     device = model.cfg.device
     for i in range(0, len(seqs), batch_size):
-        batch = seqs[i:i + batch_size]
+        batch = seqs[i : i + batch_size]
         lens = torch.tensor([len(s) for s in batch])
         # Right padding: with causal attention a pad token never influences an earlier real
         # position, so no attention mask is needed; padded positions are masked out of the mean.
         toks = torch.zeros(len(batch), int(lens.max()), dtype=torch.long)
         for j, s in enumerate(batch):
-            toks[j, :len(s)] = s
+            toks[j, : len(s)] = s
         _, cache = model.run_with_cache(toks.to(device), names_filter=hook_name, stop_at_layer=stop)
         pos = torch.arange(toks.shape[1])
         mask = (pos[None] < lens[:, None]) & (pos[None] >= start)
@@ -175,22 +189,33 @@ def _masked_example_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x.double() * m).sum(1) / m.sum(1)
 
 
-def mean_resid(model: HookedTransformer, hook_name: str, tokens: TokenSeqs, include_first_position: bool,
-               batch_size: int = 32) -> Float[Tensor, " d_model"]:
+def mean_resid(
+    model: HookedTransformer, hook_name: str, tokens: TokenSeqs, include_first_position: bool, batch_size: int = 32
+) -> Float[Tensor, " d_model"]:
     """Mean residual activation at ``hook_name``: over each example's tokens, then over examples.
 
     ``tokens``: 1-D token id tensors of any lengths (BOS already added by the caller), or a 2-D
     tensor of equal-length rows. Returned as float32 on the CPU.
     """
-    means = [_masked_example_mean(acts, mask) for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size)]
+    means = [
+        _masked_example_mean(acts, mask)
+        for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size)
+    ]
     return torch.cat([m.cpu() for m in means]).mean(0).float()
 
 
-def build_caa_vector(model: HookedTransformer, hook_name: str, pos_tokens: TokenSeqs, neg_tokens: TokenSeqs,
-                     include_first_position: bool, batch_size: int = 32) -> Float[Tensor, " d_model"]:
+def build_caa_vector(
+    model: HookedTransformer,
+    hook_name: str,
+    pos_tokens: TokenSeqs,
+    neg_tokens: TokenSeqs,
+    include_first_position: bool,
+    batch_size: int = 32,
+) -> Float[Tensor, " d_model"]:
     """CAA: ``mean_resid(positive) - mean_resid(negative)``, unit-normalised."""
-    diff = mean_resid(model, hook_name, pos_tokens, include_first_position, batch_size) \
-        - mean_resid(model, hook_name, neg_tokens, include_first_position, batch_size)
+    diff = mean_resid(model, hook_name, pos_tokens, include_first_position, batch_size) - mean_resid(
+        model, hook_name, neg_tokens, include_first_position, batch_size
+    )
     return _unit(diff, "the CAA difference of means")
 
 
@@ -199,16 +224,30 @@ def _sae_codes(sae: SAE, acts: Tensor) -> Tensor:
     return sae.encode(acts.to(p.device, p.dtype))
 
 
-def mean_sae_acts(model: HookedTransformer, sae: SAE, hook_name: str, tokens: TokenSeqs,
-                  include_first_position: bool, batch_size: int = 32) -> Float[Tensor, " d_sae"]:
+def mean_sae_acts(
+    model: HookedTransformer,
+    sae: SAE,
+    hook_name: str,
+    tokens: TokenSeqs,
+    include_first_position: bool,
+    batch_size: int = 32,
+) -> Float[Tensor, " d_sae"]:
     """Mean SAE activation: over each example's tokens, then over examples (float32, CPU)."""
-    means = [_masked_example_mean(_sae_codes(sae, acts), mask.to(next(sae.parameters()).device))
-             for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size)]
+    means = [
+        _masked_example_mean(_sae_codes(sae, acts), mask.to(next(sae.parameters()).device))
+        for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size)
+    ]
     return torch.cat([m.cpu() for m in means]).mean(0).float()
 
 
-def feature_density(model: HookedTransformer, sae: SAE, hook_name: str, tokens: TokenSeqs,
-                    include_first_position: bool, batch_size: int = 32) -> Float[Tensor, " d_sae"]:
+def feature_density(
+    model: HookedTransformer,
+    sae: SAE,
+    hook_name: str,
+    tokens: TokenSeqs,
+    include_first_position: bool,
+    batch_size: int = 32,
+) -> Float[Tensor, " d_sae"]:
     """Fraction of (unpadded) token positions on which each SAE feature is active (> 0)."""
     active, count = None, 0
     for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size):
@@ -220,10 +259,13 @@ def feature_density(model: HookedTransformer, sae: SAE, hook_name: str, tokens: 
     return (active / count).float()
 
 
-def _top_contrast(pos_acts: Tensor, neg_acts: Tensor, density: Tensor, density_max: float, k: int,
-                  exclude: Sequence[int] = ()) -> Target:
+def _top_contrast(
+    pos_acts: Tensor, neg_acts: Tensor, density: Tensor, density_max: float, k: int, exclude: Sequence[int] = ()
+) -> Target:
     if not (pos_acts.shape == neg_acts.shape == density.shape) or pos_acts.ndim != 1:
-        raise ValueError(f"pos_acts, neg_acts and density must all be [d_sae]; got {tuple(pos_acts.shape)}, {tuple(neg_acts.shape)}, {tuple(density.shape)}")
+        raise ValueError(
+            f"pos_acts, neg_acts and density must all be [d_sae]; got {tuple(pos_acts.shape)}, {tuple(neg_acts.shape)}, {tuple(density.shape)}"
+        )
     if k < 1:
         raise ValueError(f"top-k must be >= 1; got {k}")
     if not 0 < density_max <= 1:
@@ -241,14 +283,22 @@ def _top_contrast(pos_acts: Tensor, neg_acts: Tensor, density: Tensor, density_m
     vals, ids = diff.topk(min(k, d_sae))
     pos = vals > 0
     if not pos.any():
-        raise ValueError("no feature is more active on the positive examples once dense and excluded features are dropped")
+        raise ValueError(
+            "no feature is more active on the positive examples once dense and excluded features are dropped"
+        )
     vals, ids = vals[pos], ids[pos]
     vals = vals / vals.sum()
     return [(int(i), float(v)) for i, v in zip(ids, vals)]
 
 
-def build_fgaa_target(pos_acts: Float[Tensor, " d_sae"], neg_acts: Float[Tensor, " d_sae"], density: Float[Tensor, " d_sae"],
-                      density_max: float, bos_features: Sequence[int], top_k: int) -> Target:
+def build_fgaa_target(
+    pos_acts: Float[Tensor, " d_sae"],
+    neg_acts: Float[Tensor, " d_sae"],
+    density: Float[Tensor, " d_sae"],
+    density_max: float,
+    bos_features: Sequence[int],
+    top_k: int,
+) -> Target:
     """FGAA target: ``pos - neg`` mean SAE activations, dense (> density_max) and BOS-only features
     dropped, the top-k positive entries kept and L1-normalised (largest first)."""
     return _top_contrast(pos_acts, neg_acts, density, density_max, top_k, exclude=bos_features)
@@ -259,8 +309,13 @@ def build_fgaa_vector(approx: EffectApproximator, targets: Target, lam: float = 
     return build_sae_ts_vector(approx, targets, lam)
 
 
-def discover_target_features(pos_acts: Float[Tensor, " d_sae"], neg_acts: Float[Tensor, " d_sae"], density: Float[Tensor, " d_sae"],
-                             density_max: float, k: int) -> Target:
+def discover_target_features(
+    pos_acts: Float[Tensor, " d_sae"],
+    neg_acts: Float[Tensor, " d_sae"],
+    density: Float[Tensor, " d_sae"],
+    density_max: float,
+    k: int,
+) -> Target:
     """Target features for an SAE with no published ids: the top-k features of the positive minus
     negative contrast, dense features dropped, weights L1-normalised (largest first)."""
     return _top_contrast(pos_acts, neg_acts, density, density_max, k)

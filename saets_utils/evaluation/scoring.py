@@ -57,7 +57,9 @@ def _sorted(df: pd.DataFrame) -> pd.DataFrame:
     methods = {m: i for i, m in enumerate(METHODS)}
     key = {"task": lambda s: s.map(tasks), "method": lambda s: s.map(lambda m: methods.get(m, len(methods)))}
     cols = [c for c in ("task", "method", "scale") if c in df]
-    return df.sort_values(cols, key=lambda s: key[s.name](s) if s.name in key else s, kind="stable").reset_index(drop=True)
+    return df.sort_values(cols, key=lambda s: key[s.name](s) if s.name in key else s, kind="stable").reset_index(
+        drop=True
+    )
 
 
 def by_scale(samples: pd.DataFrame) -> pd.DataFrame:
@@ -65,8 +67,12 @@ def by_scale(samples: pd.DataFrame) -> pd.DataFrame:
     ``n`` texts and ``errors`` (texts with at least one failed judgement)."""
     df = _clean(samples)
     g = df.groupby(_KEYS + ["scale"], sort=False)
-    out = g.agg(behaviour=("behaviour", "mean"), coherence=("coherence", "mean"),
-                n=("behaviour", "size"), errors=("error", "sum")).reset_index()
+    out = g.agg(
+        behaviour=("behaviour", "mean"),
+        coherence=("coherence", "mean"),
+        n=("behaviour", "size"),
+        errors=("error", "sum"),
+    ).reset_index()
     out["product"] = out["behaviour"] * out["coherence"]
     out["errors"] = out["errors"].astype(int)
     cols = _KEYS + ["scale", "behaviour", "coherence", "product", "n", "errors"]
@@ -84,7 +90,7 @@ def _boot_max(cells: list[tuple[np.ndarray, np.ndarray]], n_boot: int, rng: np.r
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resample: that scale drops out
                 prod = np.nanmean(b[idx], axis=1) * np.nanmean(c[idx], axis=1)
-            best[lo:lo + len(idx)] = np.fmax(best[lo:lo + len(idx)], prod)
+            best[lo : lo + len(idx)] = np.fmax(best[lo : lo + len(idx)], prod)
     return best
 
 
@@ -111,15 +117,19 @@ def summary(samples: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float 
             boot = _boot_max(arrays, n_boot, rng)
             if np.isfinite(boot).any():
                 lo, hi = np.nanpercentile(boot, [50 * (1 - ci), 50 * (1 + ci)])
-        rows.append({
-            "task": task, "method": method,
-            "best_scale": np.nan if best is None else best["scale"],
-            "max_product": np.nan if best is None else best["product"],
-            "ci_low": lo, "ci_high": hi,
-            "n": 0 if best is None else int(best["n"]),
-            "behaviour": np.nan if best is None else best["behaviour"],
-            "coherence": np.nan if best is None else best["coherence"],
-        })
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "best_scale": np.nan if best is None else best["scale"],
+                "max_product": np.nan if best is None else best["product"],
+                "ci_low": lo,
+                "ci_high": hi,
+                "n": 0 if best is None else int(best["n"]),
+                "behaviour": np.nan if best is None else best["behaviour"],
+                "coherence": np.nan if best is None else best["coherence"],
+            }
+        )
     return _sorted(pd.DataFrame(rows))
 
 
@@ -127,9 +137,10 @@ def paper_style_table(summary: pd.DataFrame, value: str = "max_product") -> pd.D
     """Tasks as rows, methods as columns (project order), plus an ``average`` row over tasks,
     laid out like the paper's results table."""
     table = summary.pivot(index="task", columns="method", values=value)
-    table = table.reindex(index=list(pd.unique(summary["task"])),
-                          columns=[m for m in METHODS if m in table.columns]
-                          + [m for m in table.columns if m not in METHODS])
+    table = table.reindex(
+        index=list(pd.unique(summary["task"])),
+        columns=[m for m in METHODS if m in table.columns] + [m for m in table.columns if m not in METHODS],
+    )
     table.loc["average"] = table.mean(axis=0, skipna=True)
     table.columns.name = None
     return table

@@ -54,17 +54,49 @@ TARGETING_ID_OFFSET = 1_000_000_000
 TARGETING_ID_SPAN = 2**30
 # Where the task's single target list is taken from, in order of preference: SAE-TS's, then the
 # other methods built from the task's target features in registry order (SAE, pinverse, rotation).
-TARGET_SOURCE_ORDER: tuple[str, ...] = ("SAE-TS", *(m.name for m in REGISTRY if m.targets == "task" and m.name != "SAE-TS"))
+TARGET_SOURCE_ORDER: tuple[str, ...] = (
+    "SAE-TS",
+    *(m.name for m in REGISTRY if m.targets == "task" and m.name != "SAE-TS"),
+)
 _VECTORLESS = frozenset(m.name for m in REGISTRY if not m.vector)  # the prompt baseline
-METRIC_COLUMNS = ("target_effect", "target_effect_se", "target_rank", "target_rank_mean", "best_target",
-                  "off_target_norm", "ratio")
-COLUMNS = ("task", "method", "vector_id", "scale", "status", "targets", "targets_from", "n_targets",
-           *METRIC_COLUMNS, "d_sae")
-SUMMARY_COLUMNS = ("method", "n_tasks", "mean_rank", "rank_ci_low", "rank_ci_high", "median_rank",
-                   "mean_rank_weighted", "mean_ratio", "ratio_ci_low", "ratio_ci_high", "mean_target_effect")
+METRIC_COLUMNS = (
+    "target_effect",
+    "target_effect_se",
+    "target_rank",
+    "target_rank_mean",
+    "best_target",
+    "off_target_norm",
+    "ratio",
+)
+COLUMNS = (
+    "task",
+    "method",
+    "vector_id",
+    "scale",
+    "status",
+    "targets",
+    "targets_from",
+    "n_targets",
+    *METRIC_COLUMNS,
+    "d_sae",
+)
+SUMMARY_COLUMNS = (
+    "method",
+    "n_tasks",
+    "mean_rank",
+    "rank_ci_low",
+    "rank_ci_high",
+    "median_rank",
+    "mean_rank_weighted",
+    "mean_ratio",
+    "ratio_ci_low",
+    "ratio_ci_high",
+    "mean_target_effect",
+)
 
 
 # --- the metric ---------------------------------------------------------------------------------
+
 
 def _ranks_desc(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """1-based rank of ``x[idx]`` when ``x`` is sorted descending; ties share the mean rank."""
@@ -124,9 +156,14 @@ def targeting_metrics(effect: Any, targets: Sequence[tuple[int, float]], halves:
     off_norm = float(np.linalg.norm(off))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = float(np.float64(target_effect) / np.float64(off_norm))
-    out.update(target_effect=target_effect, target_rank=float(ranks[best]),
-               target_rank_mean=float((ranks * np.abs(w)).sum() / np.abs(w).sum()), best_target=float(ids[best]),
-               off_target_norm=off_norm, ratio=ratio)
+    out.update(
+        target_effect=target_effect,
+        target_rank=float(ranks[best]),
+        target_rank_mean=float((ranks * np.abs(w)).sum() / np.abs(w).sum()),
+        best_target=float(ids[best]),
+        off_target_norm=off_norm,
+        ratio=ratio,
+    )
     return out
 
 
@@ -137,6 +174,7 @@ def _as_numpy(x: Any) -> np.ndarray:
 
 
 # --- which vectors, which targets ---------------------------------------------------------------
+
 
 @dataclass
 class TargetingItem:
@@ -200,8 +238,9 @@ def _from_flat(vectors: Mapping[str, Any], targets_json: Path) -> dict[str, Task
     return out
 
 
-def collect_items(run: RunConfig, model: HookedTransformer, sae: SAE,
-                  task_vectors: Mapping[str, Any] | str | Path | None = None) -> list[TargetingItem]:
+def collect_items(
+    run: RunConfig, model: HookedTransformer, sae: SAE, task_vectors: Mapping[str, Any] | str | Path | None = None
+) -> list[TargetingItem]:
     """Every (task, method) vector to score, with the task's targets, in task then method order.
 
     ``task_vectors``: ``{task: TaskVectors}`` (what 03 built), ``{"task/method": vector}`` (the
@@ -241,25 +280,35 @@ def collect_items(run: RunConfig, model: HookedTransformer, sae: SAE,
 
 # --- measurement --------------------------------------------------------------------------------
 
+
 def load_plan(run: RunConfig) -> Plan:
     """01's plan (loss chunks, unsteered loss, baseline), checked against the current effects settings."""
     from saets_utils.effects.plan import Plan, fingerprint, work_dir
 
     path = work_dir(run) / "plan.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: targeting reuses 01's loss chunks and baseline; run "
-                                "notebooks/01_effects.ipynb first (or set eval.targeting: false)")
+        raise FileNotFoundError(
+            f"{path} not found: targeting reuses 01's loss chunks and baseline; run "
+            "notebooks/01_effects.ipynb first (or set eval.targeting: false)"
+        )
     plan = Plan.load(path)
     if plan.fingerprint != fingerprint(run):
-        raise ConfigError(f"{path} was made with other effects settings (fingerprint {plan.fingerprint} != "
-                          f"{fingerprint(run)}); re-run notebooks/01_effects.ipynb with these params "
-                          "(or set eval.targeting: false)")
+        raise ConfigError(
+            f"{path} was made with other effects settings (fingerprint {plan.fingerprint} != "
+            f"{fingerprint(run)}); re-run notebooks/01_effects.ipynb with these params "
+            "(or set eval.targeting: false)"
+        )
     return plan
 
 
 @torch.no_grad()
-def measure_targeting(run: RunConfig, model: HookedTransformer, sae: SAE,
-                      task_vectors: Mapping[str, Any] | str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+def measure_targeting(
+    run: RunConfig,
+    model: HookedTransformer,
+    sae: SAE,
+    task_vectors: Mapping[str, Any] | str | Path | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Calibrate, measure and score every (task, method) vector (module docstring); writes
     ``eval/targeting.csv``, ``eval/targeting_summary.csv`` and ``eval/targeting_effects.safetensors``
     and returns the per-vector table (columns ``COLUMNS``)."""
@@ -287,18 +336,29 @@ def measure_targeting(run: RunConfig, model: HookedTransformer, sae: SAE,
         bar = progress_bar(total=n, desc="targeting (vectors)", unit="vec", disable=not progress)
         k = e.vectors_per_batch
         for lo in range(0, n, k):
-            block = items[lo:lo + k]
+            block = items[lo : lo + k]
             vecs = torch.stack([it.vector for it in block]).to(model.cfg.device)
-            cal = calibrate_scales(model, hook, plan.loss_tokens, resid, vecs, e.scale_grid.values(), e.loss_target,
-                                   plan.unsteered_loss)
-            scales[lo:lo + len(block)] = cal.scales
-            status[lo:lo + len(block)] = cal.status
+            cal = calibrate_scales(
+                model, hook, plan.loss_tokens, resid, vecs, e.scale_grid.values(), e.loss_target, plan.unsteered_loss
+            )
+            scales[lo : lo + len(block)] = cal.scales
+            status[lo : lo + len(block)] = cal.status
             ok = torch.isfinite(cal.scales)
             if ok.any():
                 rows = torch.arange(lo, lo + len(block))[ok]
-                blk = measure_effects(model, sae, hook, spec, vecs[ok], [block[i].vector_id for i in ok.nonzero()[:, 0].tolist()],
-                                      cal.scales[ok].to(vecs.device), plan.baseline_mean, run.seed, keep_samples=1,
-                                      baseline_halves=plan.baseline_halves)
+                blk = measure_effects(
+                    model,
+                    sae,
+                    hook,
+                    spec,
+                    vecs[ok],
+                    [block[i].vector_id for i in ok.nonzero()[:, 0].tolist()],
+                    cal.scales[ok].to(vecs.device),
+                    plan.baseline_mean,
+                    run.seed,
+                    keep_samples=1,
+                    baseline_halves=plan.baseline_halves,
+                )
                 effects[rows] = blk.effects.float().cpu()
                 halves[rows] = blk.halves.float().cpu()
             bar.update(len(block))
@@ -306,21 +366,39 @@ def measure_targeting(run: RunConfig, model: HookedTransformer, sae: SAE,
     records = []
     for i, it in enumerate(items):
         m = targeting_metrics(effects[i], it.targets, halves[i])
-        records.append({"task": it.task, "method": it.method, "vector_id": it.vector_id, "scale": float(scales[i]),
-                        "status": status[i], "targets": json.dumps([[f, w] for f, w in it.targets]),
-                        "targets_from": it.targets_from, "n_targets": len(it.targets), **m, "d_sae": d_sae})
+        records.append(
+            {
+                "task": it.task,
+                "method": it.method,
+                "vector_id": it.vector_id,
+                "scale": float(scales[i]),
+                "status": status[i],
+                "targets": json.dumps([[f, w] for f, w in it.targets]),
+                "targets_from": it.targets_from,
+                "n_targets": len(it.targets),
+                **m,
+                "d_sae": d_sae,
+            }
+        )
     df = pd.DataFrame(records, columns=list(COLUMNS))
     atomic_write_text(out_dir / "targeting.csv", df.to_csv(index=False))
     summ = targeting_summary(df, n_boot=run.eval.bootstrap, seed=run.seed)
     atomic_write_text(out_dir / "targeting_summary.csv", summ.to_csv(index=False))
-    atomic_save_safetensors({"effects": effects.contiguous(), "effect_halves": halves.contiguous(), "scales": scales,
-                             "vector_ids": torch.tensor([it.vector_id for it in items], dtype=torch.int64)},
-                            out_dir / "targeting_effects.safetensors",
-                            {"rows": json.dumps([[it.task, it.method] for it in items])})
+    atomic_save_safetensors(
+        {
+            "effects": effects.contiguous(),
+            "effect_halves": halves.contiguous(),
+            "scales": scales,
+            "vector_ids": torch.tensor([it.vector_id for it in items], dtype=torch.int64),
+        },
+        out_dir / "targeting_effects.safetensors",
+        {"rows": json.dumps([[it.task, it.method] for it in items])},
+    )
     return df
 
 
 # --- summary ------------------------------------------------------------------------------------
+
 
 def _boot_mean_ci(x: np.ndarray, n_boot: int, rng: np.random.Generator, ci: float) -> tuple[float, float]:
     if n_boot <= 0 or len(x) < 2:
@@ -350,12 +428,21 @@ def targeting_summary(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: f
         q_lo, q_hi = _boot_mean_ci(ratio, n_boot, rng, ci)
         wr = sub["target_rank_mean"].to_numpy(float)
         te = sub["target_effect"].to_numpy(float)
-        rows.append({"method": m, "n_tasks": len(rank),
-                     "mean_rank": float(rank.mean()) if len(rank) else math.nan, "rank_ci_low": r_lo, "rank_ci_high": r_hi,
-                     "median_rank": float(np.median(rank)) if len(rank) else math.nan,
-                     "mean_rank_weighted": float(np.nanmean(wr)) if np.isfinite(wr).any() else math.nan,
-                     "mean_ratio": float(ratio.mean()) if len(ratio) else math.nan, "ratio_ci_low": q_lo, "ratio_ci_high": q_hi,
-                     "mean_target_effect": float(np.nanmean(te)) if np.isfinite(te).any() else math.nan})
+        rows.append(
+            {
+                "method": m,
+                "n_tasks": len(rank),
+                "mean_rank": float(rank.mean()) if len(rank) else math.nan,
+                "rank_ci_low": r_lo,
+                "rank_ci_high": r_hi,
+                "median_rank": float(np.median(rank)) if len(rank) else math.nan,
+                "mean_rank_weighted": float(np.nanmean(wr)) if np.isfinite(wr).any() else math.nan,
+                "mean_ratio": float(ratio.mean()) if len(ratio) else math.nan,
+                "ratio_ci_low": q_lo,
+                "ratio_ci_high": q_hi,
+                "mean_target_effect": float(np.nanmean(te)) if np.isfinite(te).any() else math.nan,
+            }
+        )
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 

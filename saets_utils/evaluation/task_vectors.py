@@ -75,8 +75,9 @@ def contrast_acts(task: Task, ctx: SteeringContext) -> tuple[Tensor, Tensor]:
     return pos, neg
 
 
-def resolve_targets(task: Task, ctx: SteeringContext, acts: tuple[Tensor, Tensor] | None = None
-                    ) -> tuple[dict[str, list[tuple[int, float]]], str]:
+def resolve_targets(
+    task: Task, ctx: SteeringContext, acts: tuple[Tensor, Tensor] | None = None
+) -> tuple[dict[str, list[tuple[int, float]]], str]:
     """Targets per target-based method and a sentence saying where they came from."""
     key = ctx.run.sae.targets_key
     d_sae = ctx.sae.cfg.d_sae
@@ -84,12 +85,16 @@ def resolve_targets(task: Task, ctx: SteeringContext, acts: tuple[Tensor, Tensor
     if all(t is not None for t in listed.values()):
         for m, t in listed.items():
             check_target_ids(t, d_sae, f"params/tasks/{task.name}.yaml targets[{key}] ({m})")  # type: ignore[arg-type]
-        return {m: list(t) for m, t in listed.items() if t is not None}, f"listed in params/tasks/{task.name}.yaml under {key}"
+        return {
+            m: list(t) for m, t in listed.items() if t is not None
+        }, f"listed in params/tasks/{task.name}.yaml under {key}"
     pos, neg = acts if acts is not None else contrast_acts(task, ctx)
     found = M.discover_target_features(pos, neg, ctx.density, ctx.run.eval.fgaa_density_max, task.discover.k)
-    how = (f"discovered: top {task.discover.k} feature(s) of mean SAE activation on the {len(task.positive)} positive "
-           f"minus {len(task.negative)} negative examples, features with baseline density > "
-           f"{ctx.run.eval.fgaa_density_max} dropped, weights L1-normalised")
+    how = (
+        f"discovered: top {task.discover.k} feature(s) of mean SAE activation on the {len(task.positive)} positive "
+        f"minus {len(task.negative)} negative examples, features with baseline density > "
+        f"{ctx.run.eval.fgaa_density_max} dropped, weights L1-normalised"
+    )
     return {m: found for m in TARGET_METHODS}, how
 
 
@@ -126,8 +131,13 @@ def _approx(ctx: SteeringContext) -> EffectApproximator:
 def _caa(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
     if task is None:
         raise ValueError("CAA needs a task's contrastive examples, not target features")
-    return M.build_caa_vector(ctx.model, ctx.hook_name, ctx.tokens(task.positive), ctx.tokens(task.negative),
-                              ctx.run.effects.include_first_position)
+    return M.build_caa_vector(
+        ctx.model,
+        ctx.hook_name,
+        ctx.tokens(task.positive),
+        ctx.tokens(task.negative),
+        ctx.run.effects.include_first_position,
+    )
 
 
 @builds("SAE")
@@ -147,8 +157,9 @@ def _pinverse(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Ten
 
 @builds("rotation")
 def _rotation(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
-    return M.build_rotation_vector(_approx(ctx), _w_dec(ctx), targets, R=ctx.rotation,
-                                   lam=ctx.run.approximator.sae_ts_lambda)
+    return M.build_rotation_vector(
+        _approx(ctx), _w_dec(ctx), targets, R=ctx.rotation, lam=ctx.run.approximator.sae_ts_lambda
+    )
 
 
 @builds("FGAA")
@@ -167,8 +178,10 @@ def build_target_vector(ctx: SteeringContext, method: str, targets: list[tuple[i
     FGAA is the SAE-TS formula applied to its own target."""
     entry = get_method(method)
     if not entry.from_targets:
-        raise ValueError(f"{method!r} is not built from target features; use one of "
-                         f"{tuple(m.name for m in REGISTRY if m.from_targets)}")
+        raise ValueError(
+            f"{method!r} is not built from target features; use one of "
+            f"{tuple(m.name for m in REGISTRY if m.from_targets)}"
+        )
     return _build(ctx, entry, None, targets)
 
 
@@ -184,12 +197,20 @@ def build_task_vectors(task: Task, ctx: SteeringContext, methods: list[str]) -> 
     targets, out.targets_how = resolve_targets(task, ctx, acts)
     needs_approx = {e.name for e in entries if e.needs_approximator}
     if needs_approx and ctx.approx is None:
-        raise FileNotFoundError(f"methods {sorted(needs_approx)} need the effect approximator; run notebooks/02_train.ipynb first")
+        raise FileNotFoundError(
+            f"methods {sorted(needs_approx)} need the effect approximator; run notebooks/02_train.ipynb first"
+        )
     for e in entries:
         if e.targets == "contrast":
             assert acts is not None
-            targets[e.name] = M.build_fgaa_target(acts[0], acts[1], ctx.density, ctx.run.eval.fgaa_density_max,
-                                                  ctx.run.eval.fgaa_bos_features, ctx.run.eval.fgaa_top_k)
+            targets[e.name] = M.build_fgaa_target(
+                acts[0],
+                acts[1],
+                ctx.density,
+                ctx.run.eval.fgaa_density_max,
+                ctx.run.eval.fgaa_bos_features,
+                ctx.run.eval.fgaa_top_k,
+            )
     for e in entries:
         if not e.vector:
             continue
@@ -200,7 +221,9 @@ def build_task_vectors(task: Task, ctx: SteeringContext, methods: list[str]) -> 
     return out
 
 
-def load_context(run: RunConfig, model: HookedTransformer, sae: SAE, require_approximator: bool = True) -> SteeringContext:
+def load_context(
+    run: RunConfig, model: HookedTransformer, sae: SAE, require_approximator: bool = True
+) -> SteeringContext:
     """A :class:`SteeringContext` from ``results/<run>/`` (baseline of 01, approximator of 02)."""
     from safetensors.torch import load_file
 
@@ -216,5 +239,6 @@ def load_context(run: RunConfig, model: HookedTransformer, sae: SAE, require_app
         raise FileNotFoundError(f"{path} not found; run notebooks/02_train.ipynb first")
     approx = EffectApproximator.load(path) if path.is_file() else None
     rotation = load_rotation(path) if path.is_file() else None
-    return SteeringContext(run=run, model=model, sae=sae, approx=approx, rotation=rotation, density=density,
-                           bos=bos_id(model, run.model))
+    return SteeringContext(
+        run=run, model=model, sae=sae, approx=approx, rotation=rotation, density=density, bos=bos_id(model, run.model)
+    )

@@ -19,15 +19,30 @@ from saets_utils.judges.offline import MiniLMEmbedder, OfflineJudge, TaskExample
 from saets_utils.judges.openai_judge import OpenAIJudge, resolve_api_key
 
 __all__ = [
-    "CriterionKind", "Emit", "Judge", "JudgeCache", "JudgeRequest", "JudgeResult", "JudgeStats", "MiniLMEmbedder",
-    "OfflineJudge", "OpenAIJudge", "TaskExamples", "make_judge", "make_mean_logprob_fn", "resolve_api_key",
+    "CriterionKind",
+    "Emit",
+    "Judge",
+    "JudgeCache",
+    "JudgeRequest",
+    "JudgeResult",
+    "JudgeStats",
+    "MiniLMEmbedder",
+    "OfflineJudge",
+    "OpenAIJudge",
+    "TaskExamples",
+    "make_judge",
+    "make_mean_logprob_fn",
+    "resolve_api_key",
     "score_requests",
 ]
 
 
-def make_judge(cfg: JudgeConfig, cache_dir: str | os.PathLike[str] | None,
-               mean_logprob_fn: Callable[[list[str]], list[float]] | None = None,
-               examples: Mapping[str, Any] | None = None) -> Judge:
+def make_judge(
+    cfg: JudgeConfig,
+    cache_dir: str | os.PathLike[str] | None,
+    mean_logprob_fn: Callable[[list[str]], list[float]] | None = None,
+    examples: Mapping[str, Any] | None = None,
+) -> Judge:
     """The judge ``cfg`` names, with its cache in ``cache_dir`` (None: in memory).
 
     ``openai``: checks the key up front (see :func:`resolve_api_key`). ``offline``: needs

@@ -99,8 +99,9 @@ def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int) -> flo
     """Estimated USD for the tokens at ``PRICES_PER_M`` (dated snapshots such as
     ``gpt-4o-mini-2024-07-18`` use their base name); None for an unknown model."""
     price = PRICES_PER_M.get(model) or next(
-        (p for name, p in sorted(PRICES_PER_M.items(), key=lambda kv: -len(kv[0]))
-         if model.startswith(name + "-20")), None)
+        (p for name, p in sorted(PRICES_PER_M.items(), key=lambda kv: -len(kv[0])) if model.startswith(name + "-20")),
+        None,
+    )
     if price is None:
         return None
     return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
@@ -132,9 +133,11 @@ class JudgeStats:
 
     def __str__(self) -> str:
         cost = "n/a" if self.cost_usd is None else f"${self.cost_usd:.4f}"
-        return (f"{self.requests} requests: {self.scored} scored, {sum(self.errors.values())} errors "
-                f"{dict(self.errors) or ''}, {self.cache_hits} from cache, {self.calls} calls, "
-                f"retries {dict(self.retries) or 0}, tokens {self.prompt_tokens}+{self.completion_tokens}, cost {cost}")
+        return (
+            f"{self.requests} requests: {self.scored} scored, {sum(self.errors.values())} errors "
+            f"{dict(self.errors) or ''}, {self.cache_hits} from cache, {self.calls} calls, "
+            f"retries {dict(self.retries) or 0}, tokens {self.prompt_tokens}+{self.completion_tokens}, cost {cost}"
+        )
 
 
 Emit = Callable[[int, JudgeResult], None]
@@ -160,8 +163,16 @@ class Judge(ABC):
 
     def cache_key(self, req: JudgeRequest) -> str:
         """sha256 of what decides this request's score under this judge."""
-        return cache_key(self.kind, self.model, PROMPT_TEMPLATE_VERSION, req.criterion_kind,
-                         req.criterion, req.prompt, req.text, self._cache_extra(req))
+        return cache_key(
+            self.kind,
+            self.model,
+            PROMPT_TEMPLATE_VERSION,
+            req.criterion_kind,
+            req.criterion,
+            req.prompt,
+            req.text,
+            self._cache_extra(req),
+        )
 
     def _check(self, requests: Sequence[JudgeRequest]) -> None:  # noqa: B027 - optional hook, no-op by default
         """Raise before any work if these requests cannot be scored by this judge."""
@@ -171,8 +182,9 @@ class Judge(ABC):
         """Score each request, calling ``emit(i, result)`` exactly once per index as soon as
         its result is known."""
 
-    async def ascore(self, requests: Sequence[JudgeRequest],
-                     on_done: Callable[[int], None] | None = None) -> list[JudgeResult]:
+    async def ascore(
+        self, requests: Sequence[JudgeRequest], on_done: Callable[[int], None] | None = None
+    ) -> list[JudgeResult]:
         """Scores for ``requests`` (one per request, in order); ``on_done(k)`` reports progress."""
         requests = list(requests)
         self._check(requests)
@@ -184,8 +196,13 @@ class Judge(ABC):
             rec = self.cache.get(key)
             if rec is not None:
                 results[i] = JudgeResult.scored(
-                    rec["score"], self.judge_id, cached=True, prompt_tokens=rec.get("prompt_tokens", 0),
-                    completion_tokens=rec.get("completion_tokens", 0), reply=rec.get("reply"))
+                    rec["score"],
+                    self.judge_id,
+                    cached=True,
+                    prompt_tokens=rec.get("prompt_tokens", 0),
+                    completion_tokens=rec.get("completion_tokens", 0),
+                    reply=rec.get("reply"),
+                )
                 self.stats.cache_hits += 1
                 done(1)
             else:
@@ -194,8 +211,15 @@ class Judge(ABC):
 
         def emit(j: int, res: JudgeResult) -> None:
             if res.ok:
-                self.cache.set(keys[j], {"score": res.score, "prompt_tokens": res.prompt_tokens,
-                                         "completion_tokens": res.completion_tokens, "reply": res.reply})
+                self.cache.set(
+                    keys[j],
+                    {
+                        "score": res.score,
+                        "prompt_tokens": res.prompt_tokens,
+                        "completion_tokens": res.completion_tokens,
+                        "reply": res.reply,
+                    },
+                )
             for i in groups[keys[j]]:
                 results[i] = res
             done(len(groups[keys[j]]))
@@ -212,8 +236,9 @@ class Judge(ABC):
         return final
 
 
-def score_requests(judge: Judge, requests: Sequence[JudgeRequest], progress: bool = True,
-                   desc: str | None = None) -> list[JudgeResult]:
+def score_requests(
+    judge: Judge, requests: Sequence[JudgeRequest], progress: bool = True, desc: str | None = None
+) -> list[JudgeResult]:
     """Score ``requests`` synchronously, from a script or inside Jupyter/papermill.
 
     The coroutine always runs on a fresh event loop in a worker thread: ``asyncio.run`` fails

@@ -50,7 +50,7 @@ def _q_to_score(q: float) -> int:
 def repeated_ngram_fraction(text: str, n: int = 3) -> float:
     """Share of word n-grams that repeat an earlier one: 0 for varied text, ~1 for a loop."""
     words = re.findall(r"\w+|[^\w\s]", text.lower())
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 0.0 if len(grams) < 2 else 1.0 - len(set(grams)) / len(grams)
 
 
@@ -113,8 +113,13 @@ class MiniLMEmbedder:
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                enc = self._tok(texts[i:i + self.batch_size], padding=True, truncation=True,
-                                max_length=self.max_length, return_tensors="pt").to(self.device)
+                enc = self._tok(
+                    texts[i : i + self.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 hidden = self._model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -149,11 +154,21 @@ class OfflineJudge(Judge):
 
     kind = "offline"
 
-    def __init__(self, cache: JudgeCache, examples: Mapping[str, Any] | None = None,
-                 mean_logprob_fn: MeanLogprobFn | None = None, embed_fn: EmbedFn | None = None, *,
-                 embedder_name: str | None = None, lm_name: str | None = None,
-                 logprob_floor: float = -7.0, logprob_ceiling: float = -3.0, repetition_n: int = 3,
-                 criterion_only_range: tuple[float, float] = (0.10, 0.50), batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        cache: JudgeCache,
+        examples: Mapping[str, Any] | None = None,
+        mean_logprob_fn: MeanLogprobFn | None = None,
+        embed_fn: EmbedFn | None = None,
+        *,
+        embedder_name: str | None = None,
+        lm_name: str | None = None,
+        logprob_floor: float = -7.0,
+        logprob_ceiling: float = -3.0,
+        repetition_n: int = 3,
+        criterion_only_range: tuple[float, float] = (0.10, 0.50),
+        batch_size: int = 64,
+    ) -> None:
         if not logprob_ceiling > logprob_floor:
             raise ValueError("logprob_ceiling must be above logprob_floor")
         if embed_fn is None:
@@ -170,8 +185,10 @@ class OfflineJudge(Judge):
         self._anchors: dict[tuple[str, str], _Anchors] = {}
 
     def __repr__(self) -> str:
-        return (f"OfflineJudge(model={self.model!r}, lm={self.lm_name!r}, tasks={sorted(self.examples)}, "
-                f"logprob_floor={self.floor}, logprob_ceiling={self.ceiling})")
+        return (
+            f"OfflineJudge(model={self.model!r}, lm={self.lm_name!r}, tasks={sorted(self.examples)}, "
+            f"logprob_floor={self.floor}, logprob_ceiling={self.ceiling})"
+        )
 
     def _cache_extra(self, req: JudgeRequest) -> str:
         if req.criterion_kind == "coherence":
@@ -181,8 +198,10 @@ class OfflineJudge(Judge):
 
     def _check(self, requests: Sequence[JudgeRequest]) -> None:
         if self.mean_logprob_fn is None and any(r.criterion_kind == "coherence" for r in requests):
-            raise ValueError("the offline judge scores coherence with the unsteered LM: pass "
-                             "mean_logprob_fn=make_mean_logprob_fn(model, bos_token_id) to make_judge")
+            raise ValueError(
+                "the offline judge scores coherence with the unsteered LM: pass "
+                "mean_logprob_fn=make_mean_logprob_fn(model, bos_token_id) to make_judge"
+            )
 
     def anchors(self, task: str, criterion: str) -> _Anchors:
         """Positive/negative anchors and the (lo, hi) margin calibration of a task."""
@@ -195,7 +214,7 @@ class OfflineJudge(Judge):
             a = _Anchors(crit, None, lo, hi)
         else:
             e = _unit(np.asarray(self.embed_fn([*ex.positive, criterion, *ex.negative]), np.float64))
-            pos, neg = e[:len(ex.positive) + 1], e[len(ex.positive) + 1:]
+            pos, neg = e[: len(ex.positive) + 1], e[len(ex.positive) + 1 :]
             c_pos, c_neg = _unit(pos.mean(0)), _unit(neg.mean(0))
 
             def loo(own: np.ndarray) -> np.ndarray:  # centroid of the others, per row
@@ -220,19 +239,23 @@ class OfflineJudge(Judge):
                 idx[r.criterion_kind].append(j)
         b = idx["behaviour"]
         for s in range(0, len(b), self.batch_size):
-            chunk = b[s:s + self.batch_size]
+            chunk = b[s : s + self.batch_size]
             emb = _unit(np.asarray(self.embed_fn([requests[j].text for j in chunk]), np.float64))
             self.stats.calls += len(chunk)
             for row, j in enumerate(chunk):
                 a = self.anchors(requests[j].task, requests[j].criterion)
                 m = float(self.behaviour_margin(a, emb[row]))
                 q = (m - a.lo) / (a.hi - a.lo)
-                emit(j, JudgeResult.scored(_q_to_score(q), self.judge_id,
-                                           reply=f"margin={m:.4f} lo={a.lo:.4f} hi={a.hi:.4f}"))
+                emit(
+                    j,
+                    JudgeResult.scored(
+                        _q_to_score(q), self.judge_id, reply=f"margin={m:.4f} lo={a.lo:.4f} hi={a.hi:.4f}"
+                    ),
+                )
             await asyncio.sleep(0)  # a cancellation point between batches
         c = idx["coherence"]
         for s in range(0, len(c), self.batch_size):
-            chunk = c[s:s + self.batch_size]
+            chunk = c[s : s + self.batch_size]
             texts = [self._lm_text(requests[j]) for j in chunk]
             lps = list(self.mean_logprob_fn(texts))  # type: ignore[misc]
             self.stats.calls += len(chunk)
@@ -251,12 +274,14 @@ class OfflineJudge(Judge):
         rep = repeated_ngram_fraction(text, self.repetition_n)
         q = (lp - self.floor) / (self.ceiling - self.floor)
         q = min(max(q, 0.0), 1.0) * (1.0 - rep)
-        return JudgeResult.scored(_q_to_score(q), self.judge_id,
-                                  reply=f"mean_logprob={lp:.4f} repeated_{self.repetition_n}grams={rep:.3f}")
+        return JudgeResult.scored(
+            _q_to_score(q), self.judge_id, reply=f"mean_logprob={lp:.4f} repeated_{self.repetition_n}grams={rep:.3f}"
+        )
 
 
-def make_mean_logprob_fn(model: HookedTransformer, bos_token_id: int | None = None,
-                         batch_size: int = 16) -> MeanLogprobFn:
+def make_mean_logprob_fn(
+    model: HookedTransformer, bos_token_id: int | None = None, batch_size: int = 16
+) -> MeanLogprobFn:
     """texts -> mean per-token log-prob (nats) of each text after ``bos_token_id`` (None: the
     tokenizer's BOS) under ``model`` as it is: no steering, and it refuses to run while hooks are
     attached. Right-padded batches (causal attention makes padding invisible to real tokens),
@@ -272,20 +297,22 @@ def make_mean_logprob_fn(model: HookedTransformer, bos_token_id: int | None = No
     @torch.inference_mode()
     def mean_logprob(texts: list[str]) -> list[float]:
         if any(hp._forward_hooks for hp in model.hook_dict.values()):
-            raise RuntimeError("hooks are attached to the model; the coherence LM must be unsteered "
-                               "(call model.reset_hooks() after steering)")
+            raise RuntimeError(
+                "hooks are attached to the model; the coherence LM must be unsteered "
+                "(call model.reset_hooks() after steering)"
+            )
         ids = [([bos] if bos is not None else []) + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         ids = [x[:n_ctx] for x in ids]
         out = [float("nan")] * len(texts)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for s in range(0, len(order), batch_size):
-            rows = order[s:s + batch_size]
+            rows = order[s : s + batch_size]
             width = max(2, max(len(ids[i]) for i in rows))
             tokens = torch.zeros((len(rows), width), dtype=torch.long)
             valid = torch.zeros((len(rows), width), dtype=torch.bool)
             for r, i in enumerate(rows):
-                tokens[r, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
-                valid[r, :len(ids[i])] = True
+                tokens[r, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+                valid[r, : len(ids[i])] = True
             tokens = tokens.to(model.cfg.device)
             logits = model(tokens, return_type="logits").float()
             lp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1).cpu()

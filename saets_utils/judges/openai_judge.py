@@ -113,9 +113,17 @@ class OpenAIJudge(Judge):
 
     kind = "openai"
 
-    def __init__(self, cfg: JudgeConfig, cache: JudgeCache, api_key: str | None = None, *,
-                 json_mode: bool = True, max_tokens: int = 20,
-                 backoff_initial_s: float = 1.0, backoff_max_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        cfg: JudgeConfig,
+        cache: JudgeCache,
+        api_key: str | None = None,
+        *,
+        json_mode: bool = True,
+        max_tokens: int = 20,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+    ) -> None:
         self.model = cfg.model
         super().__init__(cache)
         self.cfg = cfg
@@ -124,9 +132,11 @@ class OpenAIJudge(Judge):
         self._key = _Secret(api_key or resolve_api_key(cfg.base_url))
 
     def __repr__(self) -> str:
-        return (f"OpenAIJudge(model={self.model!r}, base_url={self.cfg.base_url!r}, "
-                f"concurrency={self.cfg.concurrency}, timeout_s={self.cfg.timeout_s}, "
-                f"max_retries={self.cfg.max_retries}, api_key='***')")
+        return (
+            f"OpenAIJudge(model={self.model!r}, base_url={self.cfg.base_url!r}, "
+            f"concurrency={self.cfg.concurrency}, timeout_s={self.cfg.timeout_s}, "
+            f"max_retries={self.cfg.max_retries}, api_key='***')"
+        )
 
     __str__ = __repr__
 
@@ -140,8 +150,10 @@ class OpenAIJudge(Judge):
         sem = asyncio.Semaphore(self.cfg.concurrency)
         todo = iter(enumerate(requests))
         # One client per event loop: its connection pool is bound to the loop that opened it.
-        async with AsyncOpenAI(api_key=self._key.get(), base_url=self.cfg.base_url,
-                               timeout=self.cfg.timeout_s, max_retries=0) as client:
+        async with AsyncOpenAI(
+            api_key=self._key.get(), base_url=self.cfg.base_url, timeout=self.cfg.timeout_s, max_retries=0
+        ) as client:
+
             async def worker() -> None:
                 # More workers than slots, so a request sleeping in backoff leaves its slot free.
                 for j, req in todo:
@@ -171,7 +183,9 @@ class OpenAIJudge(Judge):
         tally = {"attempts": 0, "prompt_tokens": 0, "completion_tokens": 0}
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.cfg.max_retries + 1), wait=self._wait, reraise=True,
+                stop=stop_after_attempt(self.cfg.max_retries + 1),
+                wait=self._wait,
+                reraise=True,
                 retry=retry_if_exception(lambda e: isinstance(e, JudgeCallError) and e.retriable),
                 before_sleep=self._before_sleep,
             ):
@@ -182,33 +196,44 @@ class OpenAIJudge(Judge):
         except JudgeCallError as e:
             return JudgeResult.failed(f"{e.kind}: {self._scrub(e.message)}", self.judge_id, **tally)
         except Exception as e:  # any other failure is still reported, never dropped
-            return JudgeResult.failed(f"unexpected: {type(e).__name__}: {self._scrub(str(e))}",
-                                      self.judge_id, **tally)
+            return JudgeResult.failed(f"unexpected: {type(e).__name__}: {self._scrub(str(e))}", self.judge_id, **tally)
 
-    async def _call(self, client: Any, sem: asyncio.Semaphore, messages: list[dict[str, str]],
-                    tally: dict[str, int]) -> tuple[int, str]:
+    async def _call(
+        self, client: Any, sem: asyncio.Semaphore, messages: list[dict[str, str]], tally: dict[str, int]
+    ) -> tuple[int, str]:
         import openai
 
-        kwargs: dict[str, Any] = dict(model=self.model, messages=messages, temperature=0,
-                                      max_tokens=self.max_tokens)
+        kwargs: dict[str, Any] = dict(model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens)
         if self.json_mode:
             kwargs["response_format"] = {"type": "json_object"}
         async with sem:
             self.stats.calls += 1
             try:
                 # Outer guard: the client's timeout bounds each read, not a trickling reply.
-                resp = await asyncio.wait_for(client.chat.completions.create(**kwargs),
-                                              timeout=self.cfg.timeout_s + 1.0)
+                resp = await asyncio.wait_for(
+                    client.chat.completions.create(**kwargs), timeout=self.cfg.timeout_s + 1.0
+                )
             except (TimeoutError, openai.APITimeoutError):
                 raise JudgeCallError("timeout", f"no reply within {self.cfg.timeout_s} s", True) from None
             except openai.APIConnectionError as e:
                 raise JudgeCallError("connection", str(e), True) from None
             except openai.APIStatusError as e:
                 code = e.status_code
-                kind = ("rate_limit" if code == 429 else "server" if code >= 500 or code in (408, 409)
-                        else "auth" if code in (401, 403) else "bad_request")
-                raise JudgeCallError(kind, f"HTTP {code}: {e.message}", kind in ("rate_limit", "server"),
-                                     _retry_after(e.response.headers)) from None
+                kind = (
+                    "rate_limit"
+                    if code == 429
+                    else "server"
+                    if code >= 500 or code in (408, 409)
+                    else "auth"
+                    if code in (401, 403)
+                    else "bad_request"
+                )
+                raise JudgeCallError(
+                    kind,
+                    f"HTTP {code}: {e.message}",
+                    kind in ("rate_limit", "server"),
+                    _retry_after(e.response.headers),
+                ) from None
             except openai.APIError as e:
                 raise ReplyError("malformed", f"unreadable response: {e}") from None
         usage = getattr(resp, "usage", None)

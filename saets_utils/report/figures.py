@@ -56,8 +56,11 @@ def make_all_figures(run: RunConfig) -> list[Path]:
         h = load_file(d / "approximator_holdout.safetensors")
         a = load_file(d / "approximator.safetensors")
         dens = load_file(d / "baseline.safetensors")["density"] if (d / "baseline.safetensors").is_file() else None
-        _save(plots.plot_approximator_diagnostics(h["pred"], h["measured"], a["b"], dens),
-              fig_dir / "approximator_diagnostics.png", made)
+        _save(
+            plots.plot_approximator_diagnostics(h["pred"], h["measured"], a["b"], dens),
+            fig_dir / "approximator_diagnostics.png",
+            made,
+        )
     if (d / "effects.safetensors").is_file():
         made += _effect_profiles(run, fig_dir)
     study = study_figure(run)
@@ -92,7 +95,11 @@ def _effect_profiles(run: RunConfig, fig_dir: Path) -> list[Path]:
     valid = eff.valid.nonzero()[:, 0].tolist()[:N_PROFILES]
     for i in valid:
         vid = int(eff.vector_ids[i])
-        fig = plots.plot_effect_profile(eff.effects[i], [vid] if is_rows else [], eff.baseline_density,
-                                        title=f"vector {vid} at scale {float(eff.scales[i]):.1f}")
+        fig = plots.plot_effect_profile(
+            eff.effects[i],
+            [vid] if is_rows else [],
+            eff.baseline_density,
+            title=f"vector {vid} at scale {float(eff.scales[i]):.1f}",
+        )
         _save(fig, fig_dir / f"effect_profile_{vid}.png", made)
     return made

@@ -31,8 +31,11 @@ class Step:
 
 
 STEPS = (
-    Step("01_effects", ("effects.safetensors", "effects_table.csv", "effects_meta.json"),
-         ("seed", "model", "sae", "text", "effects")),
+    Step(
+        "01_effects",
+        ("effects.safetensors", "effects_table.csv", "effects_meta.json"),
+        ("seed", "model", "sae", "text", "effects"),
+    ),
     Step("02_train", ("approximator.safetensors", "approximator_metrics.json"), ("approximator",)),
     Step("03_eval", ("eval/summary.csv", "eval/by_scale.csv", "eval/samples.jsonl"), ("eval",)),
     Step("04_plots", ("figures",), ()),
@@ -47,8 +50,11 @@ def _stamp_key(run: RunConfig, step: Step, previous: str) -> str:
     data = json.loads(run.model_dump_json())
     blob = {k: data.get(k) for k in step.params_keys}
     if step.name == "03_eval":
-        blob["tasks"] = {t: (REPO_ROOT / "params" / "tasks" / f"{t}.yaml").read_text()
-                         for t in run.eval.tasks if (REPO_ROOT / "params" / "tasks" / f"{t}.yaml").is_file()}
+        blob["tasks"] = {
+            t: (REPO_ROOT / "params" / "tasks" / f"{t}.yaml").read_text()
+            for t in run.eval.tasks
+            if (REPO_ROOT / "params" / "tasks" / f"{t}.yaml").is_file()
+        }
     return hashlib.sha256((previous + json.dumps(blob, sort_keys=True, default=str)).encode()).hexdigest()[:16]
 
 
@@ -73,13 +79,21 @@ def execute_notebook(run: RunConfig, step: Step, params_file: str, parameters: d
     out = run.results_dir / "notebooks" / f"{step.name}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        pm.execute_notebook(str(REPO_ROOT / "notebooks" / f"{step.name}.ipynb"), str(out),
-                            parameters={"params_file": params_file, **parameters}, cwd=str(REPO_ROOT),
-                            kernel_name="python3", progress_bar=False, log_output=True,
-                            execution_timeout=timeout_s)
+        pm.execute_notebook(
+            str(REPO_ROOT / "notebooks" / f"{step.name}.ipynb"),
+            str(out),
+            parameters={"params_file": params_file, **parameters},
+            cwd=str(REPO_ROOT),
+            kernel_name="python3",
+            progress_bar=False,
+            log_output=True,
+            execution_timeout=timeout_s,
+        )
     except PapermillExecutionError as e:
-        raise StepFailed(f"notebook {step.name}.ipynb failed in cell {e.cell_index} (execution count {e.exec_count}): "
-                         f"{e.ename}: {e.evalue}\nexecuted copy with the traceback: {out}") from None
+        raise StepFailed(
+            f"notebook {step.name}.ipynb failed in cell {e.cell_index} (execution count {e.exec_count}): "
+            f"{e.ename}: {e.evalue}\nexecuted copy with the traceback: {out}"
+        ) from None
     return out
 
 
@@ -99,8 +113,10 @@ def write_index(run: RunConfig) -> Path:
     import pandas as pd
 
     d = run.results_dir
-    parts = [f"<h1>saets run <code>{html.escape(run.name)}</code></h1>",
-             f"<p>model {html.escape(run.model.name)} · SAE {html.escape(run.sae.key)} · judge {run.eval.judge.kind}</p><ul>"]
+    parts = [
+        f"<h1>saets run <code>{html.escape(run.name)}</code></h1>",
+        f"<p>model {html.escape(run.model.name)} · SAE {html.escape(run.sae.key)} · judge {run.eval.judge.kind}</p><ul>",
+    ]
     for s in STEPS:
         if (d / "reports" / f"{s.name}.html").is_file():
             parts.append(f'<li><a href="{s.name}.html">{s.name}</a></li>')
@@ -118,13 +134,16 @@ def write_index(run: RunConfig) -> Path:
         assert loaded is not None
         tg, tg_summary = loaded
         if len(tg):
-            parts += ["<h2>Targeting (judge-free)</h2>",
-                      "<p>Each vector calibrated to 01's loss target, its SAE effect measured as in 01: rank of the "
-                      "best target feature among all features (1 = most raised) and target effect / off-target "
-                      "norm; per method, means over tasks with bootstrap CIs over tasks "
-                      "(<code>eval/targeting.csv</code>).</p>",
-                      tg_summary.round(3).to_html(index=False),
-                      "<h3>Target rank per task</h3>", paper_style_table(tg, "target_rank").round(1).to_html()]
+            parts += [
+                "<h2>Targeting (judge-free)</h2>",
+                "<p>Each vector calibrated to 01's loss target, its SAE effect measured as in 01: rank of the "
+                "best target feature among all features (1 = most raised) and target effect / off-target "
+                "norm; per method, means over tasks with bootstrap CIs over tasks "
+                "(<code>eval/targeting.csv</code>).</p>",
+                tg_summary.round(3).to_html(index=False),
+                "<h3>Target rank per task</h3>",
+                paper_style_table(tg, "target_rank").round(1).to_html(),
+            ]
     metrics = d / "approximator_metrics.json"
     if metrics.is_file():
         from saets_utils.approximator.training import verdict
@@ -138,8 +157,9 @@ def write_index(run: RunConfig) -> Path:
     return path
 
 
-def run_pipeline(params_file: str, steps: list[str] | None = None, force: bool = False, gpus: int = 0,
-                 timeout_s: int | None = None) -> Path:
+def run_pipeline(
+    params_file: str, steps: list[str] | None = None, force: bool = False, gpus: int = 0, timeout_s: int | None = None
+) -> Path:
     """Execute the selected steps in order (skipping current ones), render reports, write the index."""
     run = load_config(params_file)  # validates before anything runs
     reports = run.results_dir / "reports"

@@ -66,8 +66,18 @@ def _method_legend(fig: Figure, methods: list[str], lines: pd.DataFrame | None =
         handles = [Patch(color=method_color(m), label=m) for m in methods]
     else:
         single = lines.groupby("method")["scale"].nunique() == 1
-        handles = [Line2D([], [], color=method_color(m), marker="" if single.get(m) else "o", ms=4,
-                          ls="--" if single.get(m) else "-", label=m) for m in methods]
+        handles = [
+            Line2D(
+                [],
+                [],
+                color=method_color(m),
+                marker="" if single.get(m) else "o",
+                ms=4,
+                ls="--" if single.get(m) else "-",
+                label=m,
+            )
+            for m in methods
+        ]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(methods), frameon=False)
 
 
@@ -84,9 +94,9 @@ def _task_grid(tasks: list[str], ncols: int, panel: tuple[float, float]) -> tupl
     nrows = -(-len(tasks) // ncols)
     fig = _figure((panel[0] * ncols, panel[1] * nrows + 0.6))
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel()
-    for ax in axes[len(tasks):]:
+    for ax in axes[len(tasks) :]:
         ax.set_visible(False)
-    return fig, list(axes[:len(tasks)])
+    return fig, list(axes[: len(tasks)])
 
 
 def plot_product_vs_scale(by_scale: pd.DataFrame, ncols: int = 3) -> Figure:
@@ -140,7 +150,7 @@ def plot_behaviour_coherence(by_scale: pd.DataFrame, ncols: int = 3) -> Figure:
         for ax in (ax_b, ax_c):
             ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3)
-    for sf in subfigs[len(tasks):]:
+    for sf in subfigs[len(tasks) :]:
         sf.set_visible(False)
     _method_legend(fig, methods, by_scale)
     return fig
@@ -160,10 +170,21 @@ def plot_best_product(summary: pd.DataFrame) -> Figure:
     x = np.arange(len(groups))
     for i, m in enumerate(methods):
         vals = np.append(table[m].to_numpy(float), np.nanmean(table[m].to_numpy(float)))
-        err = np.vstack([np.append((table[m] - lo[m]).to_numpy(float), np.nan),
-                         np.append((hi[m] - table[m]).to_numpy(float), np.nan)])
-        ax.bar(x + (i - (len(methods) - 1) / 2) * width, vals, width, color=method_color(m), label=m,
-               yerr=np.clip(err, 0, None), error_kw={"elinewidth": 0.8, "capsize": 1.5})
+        err = np.vstack(
+            [
+                np.append((table[m] - lo[m]).to_numpy(float), np.nan),
+                np.append((hi[m] - table[m]).to_numpy(float), np.nan),
+            ]
+        )
+        ax.bar(
+            x + (i - (len(methods) - 1) / 2) * width,
+            vals,
+            width,
+            color=method_color(m),
+            label=m,
+            yerr=np.clip(err, 0, None),
+            error_kw={"elinewidth": 0.8, "capsize": 1.5},
+        )
     ax.axvline(len(tasks) - 0.5, color="black", lw=0.6, ls=":")
     ax.set_xticks(x, [_label(g) for g in groups], rotation=30, ha="right")
     ax.set_ylabel("max behaviour × coherence")
@@ -172,8 +193,9 @@ def plot_best_product(summary: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_approximator_diagnostics(pred: Any, measured: Any, b: Any, density: Any | None = None,
-                                  top: int = 20, max_points: int = 50_000, seed: int = 0) -> Figure:
+def plot_approximator_diagnostics(
+    pred: Any, measured: Any, b: Any, density: Any | None = None, top: int = 20, max_points: int = 50_000, seed: int = 0
+) -> Figure:
     """Left: predicted vs measured effect entries for held-out vectors (``pred``, ``measured``
     [n, d_sae]; a seeded subsample of ``max_points``). Right: the ``top`` largest |b| entries of the
     approximator bias [d_sae], each annotated with its feature density [d_sae] when given: large
@@ -207,8 +229,15 @@ def plot_approximator_diagnostics(pred: Any, measured: Any, b: Any, density: Any
     if density is not None:
         dens = _np(density).ravel()
         for row, i in enumerate(ids):
-            ax_b.annotate(f"{dens[i]:.2g}", (bias[i], row), xytext=(3 if bias[i] >= 0 else -3, 0),
-                          textcoords="offset points", va="center", ha="left" if bias[i] >= 0 else "right", fontsize=7)
+            ax_b.annotate(
+                f"{dens[i]:.2g}",
+                (bias[i], row),
+                xytext=(3 if bias[i] >= 0 else -3, 0),
+                textcoords="offset points",
+                va="center",
+                ha="left" if bias[i] >= 0 else "right",
+                fontsize=7,
+            )
         ax_b.margins(x=0.18)
     ax_b.grid(axis="x", alpha=0.3)
     return fig
@@ -238,8 +267,14 @@ def plot_training_curve(history: pd.DataFrame, baselines: Mapping[str, float] | 
     return fig
 
 
-def plot_effect_profile(effect: Any, target_ids: list[int] | tuple[int, ...], density: Any | None = None,
-                        top: int = 15, title: str = "", dense_threshold: float = 0.01) -> Figure:
+def plot_effect_profile(
+    effect: Any,
+    target_ids: list[int] | tuple[int, ...],
+    density: Any | None = None,
+    top: int = 15,
+    title: str = "",
+    dense_threshold: float = 0.01,
+) -> Figure:
     """The ``top`` most raised and most lowered features of one effect vector [d_sae] (measured or
     predicted), with the target features always shown (red) and dense features (density >
     ``dense_threshold``) hatched: tells at a glance whether a vector hits its target or side effects."""
@@ -266,8 +301,11 @@ def plot_effect_profile(effect: Any, target_ids: list[int] | tuple[int, ...], de
     ax.axvline(0, color="black", lw=0.6)
     ax.set_xlabel("effect (change in mean SAE activation)")
     ax.set_title(title or "effect profile", fontsize=10)
-    handles = [Patch(color="#d62728", label="target"), Patch(color="#1f77b4", label="raised"),
-               Patch(color="#ff7f0e", label="lowered")]
+    handles = [
+        Patch(color="#d62728", label="target"),
+        Patch(color="#1f77b4", label="raised"),
+        Patch(color="#ff7f0e", label="lowered"),
+    ]
     if density is not None:
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label=f"dense (> {dense_threshold:g})"))
     ax.legend(handles=handles, fontsize=8, loc="lower right")
@@ -289,15 +327,29 @@ def plot_published_comparison(compare_df: pd.DataFrame) -> Figure:
         x = np.arange(len(d))
         ax.bar(x - 0.2, d["published"], 0.4, color="#cccccc", edgecolor="#555555", label="paper")
         err = np.vstack([d["ours"] - d["ci_low"], d["ci_high"] - d["ours"]]).astype(float)
-        ax.bar(x + 0.2, d["ours"], 0.4, color=method_color(m), label="ours",
-               yerr=np.clip(err, 0, None), error_kw={"elinewidth": 0.8, "capsize": 2})
+        ax.bar(
+            x + 0.2,
+            d["ours"],
+            0.4,
+            color=method_color(m),
+            label="ours",
+            yerr=np.clip(err, 0, None),
+            error_kw={"elinewidth": 0.8, "capsize": 2},
+        )
         ax.set_xticks(x, [_label(t) for t in d["task"]], rotation=45, ha="right", fontsize=8)
         ax.set_title(m)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("max behaviour × coherence")
-    fig.legend(handles=[Patch(facecolor="#cccccc", edgecolor="#555555", label="paper"),
-                        Patch(facecolor="white", edgecolor="black", label="ours (method colour, bootstrap CI)")],
-               loc="outside upper center", ncols=2, frameon=False, fontsize=9)
+    fig.legend(
+        handles=[
+            Patch(facecolor="#cccccc", edgecolor="#555555", label="paper"),
+            Patch(facecolor="white", edgecolor="black", label="ours (method colour, bootstrap CI)"),
+        ],
+        loc="outside upper center",
+        ncols=2,
+        frameon=False,
+        fontsize=9,
+    )
     return fig
 
 
@@ -319,14 +371,24 @@ def plot_targeting(targeting: pd.DataFrame, seed: int = 0) -> Figure:
             v = sub[col].to_numpy(float)
             v = v[np.isfinite(v)]
             if len(v):
-                ax.scatter(x + rng.uniform(-0.15, 0.15, len(v)), v, s=22, color=method_color(m), alpha=0.85,
-                           edgecolors="white", linewidths=0.5, zorder=3)
+                ax.scatter(
+                    x + rng.uniform(-0.15, 0.15, len(v)),
+                    v,
+                    s=22,
+                    color=method_color(m),
+                    alpha=0.85,
+                    edgecolors="white",
+                    linewidths=0.5,
+                    zorder=3,
+                )
                 ax.hlines(v.mean(), x - 0.3, x + 0.3, color="black", lw=1.6, zorder=4)
         bad = int((~np.isfinite(sub["target_rank"].to_numpy(float))).sum())
         labels.append(m + (f"\n({bad} NaN)" if bad else ""))
     ax_r.set_yscale("log")
     ax_r.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    top = d_sae if np.isfinite(d_sae) else max(2.0, float(np.nanmax(targeting["target_rank"])) if len(targeting) else 2.0)
+    top = (
+        d_sae if np.isfinite(d_sae) else max(2.0, float(np.nanmax(targeting["target_rank"])) if len(targeting) else 2.0)
+    )
     ax_r.set_ylim(top * 1.3, 0.8)  # inverted: rank 1 at the top
     if np.isfinite(d_sae):
         ax_r.axhline(d_sae / 2, color="grey", lw=0.8, ls=":", label="chance (d_sae / 2)")
@@ -351,13 +413,16 @@ def plot_learning_curve(curve: pd.DataFrame, title: str = "") -> Figure:
     axes = fig.subplots(1, 2)
     data = curve[curve["fit"] != "noise_ceiling"]
     ceiling = curve[curve["fit"] == "noise_ceiling"]
-    for ax, x, xlabel in ((axes[0], "n_train", "training vectors"), (axes[1], "rollouts", "training rollouts (compute)")):
+    for ax, x, xlabel in (
+        (axes[0], "n_train", "training vectors"),
+        (axes[1], "rollouts", "training rollouts (compute)"),
+    ):
         for (fit, target), g in data.groupby(["fit", "target"]):
             if x == "n_train" and target != "full":
                 continue
             g = g.sort_values(x)
             style = "-" if target == "full" else ":"
-            line, = ax.plot(g[x], g["r2"], style, marker="o", ms=3, label=f"{fit} ({target} rollouts)")
+            (line,) = ax.plot(g[x], g["r2"], style, marker="o", ms=3, label=f"{fit} ({target} rollouts)")
             ax.fill_between(g[x], g["r2_ci_low"], g["r2_ci_high"], color=line.get_color(), alpha=0.15)
         ax.axhline(0, color="k", ls="--", lw=1, label="mean effect (R² = 0)")
         if len(ceiling):

@@ -85,20 +85,35 @@ class EffectExplorer:
         self.table = explore.top_effects(e, vector_id, self.k)
         self.samples = explore.decode_samples(e, vector_id, self.tokenizer) if self.tokenizer is not None else []
         s = self.summary
-        own = ("" if s["own_rank"] is None else
-               f" &middot; own feature #{s['own_feature']}: rank {s['own_rank']}"
-               f" ({'in' if s['own_in_top_k'] else 'not in'} top {self.k}), effect {s['own_effect']:.4g}")
-        self.summary_html.value = (f"<b>vector {s['vector_id']}</b> &middot; scale {s['scale']:.4g} &middot; "
-                                   f"calibration: {html.escape(str(s['status']))} &middot; {s['seconds']:.2f} s{own}")
+        own = (
+            ""
+            if s["own_rank"] is None
+            else f" &middot; own feature #{s['own_feature']}: rank {s['own_rank']}"
+            f" ({'in' if s['own_in_top_k'] else 'not in'} top {self.k}), effect {s['own_effect']:.4g}"
+        )
+        self.summary_html.value = (
+            f"<b>vector {s['vector_id']}</b> &middot; scale {s['scale']:.4g} &middot; "
+            f"calibration: {html.escape(str(s['status']))} &middot; {s['seconds']:.2f} s{own}"
+        )
         self.table_html.value = _html_table(self.table, f"top {self.k} raised / lowered features")
-        self.samples_html.value = "<b>steered samples</b><ol>" + "".join(
-            f"<li><pre style='white-space:pre-wrap;margin:0'>{html.escape(t)}</pre></li>" for t in self.samples) + "</ol>"
+        self.samples_html.value = (
+            "<b>steered samples</b><ol>"
+            + "".join(
+                f"<li><pre style='white-space:pre-wrap;margin:0'>{html.escape(t)}</pre></li>" for t in self.samples
+            )
+            + "</ol>"
+        )
         self.plot.clear_output(wait=True)
         self.figure = None
         if bool(e.valid[row]):
             targets = [s["own_feature"]] if s["own_feature"] is not None else []
-            self.figure = plot_effect_profile(e.effects[row], targets, density=e.baseline_density, top=self.k,
-                                              title=f"effect of vector {vector_id} at scale {s['scale']:.3g}")
+            self.figure = plot_effect_profile(
+                e.effects[row],
+                targets,
+                density=e.baseline_density,
+                top=self.k,
+                title=f"effect of vector {vector_id} at scale {s['scale']:.3g}",
+            )
             with self.plot:
                 display(self.figure)
             plt.close(self.figure)  # no-op for an unmanaged Figure; guards against a pyplot one
@@ -106,8 +121,9 @@ class EffectExplorer:
     def find(self, feature: int) -> None:
         """List the vectors that raise SAE ``feature`` most in the vector selector."""
         self.raising = explore.vectors_raising_feature(self.effects, feature, self.n_vectors)
-        self.vector_list.options = [(f"{v} (effect {x:+.3g})", int(v))
-                                    for v, x in zip(self.raising["vector_id"], self.raising["effect"])]
+        self.vector_list.options = [
+            (f"{v} (effect {x:+.3g})", int(v)) for v, x in zip(self.raising["vector_id"], self.raising["effect"])
+        ]
         self.vector_list.value = None
 
     def _pick(self, change: dict) -> None:
@@ -130,7 +146,9 @@ def parse_targets(text: str, d_sae: int) -> list[tuple[int, float]]:
     return out
 
 
-def custom_target_vector(ctx: SteeringContext, targets: list[tuple[int, float]], method: str) -> Float[Tensor, " d_model"]:
+def custom_target_vector(
+    ctx: SteeringContext, targets: list[tuple[int, float]], method: str
+) -> Float[Tensor, " d_model"]:
     """Unit vector of a target-based ``method`` for hand-written ``targets`` (FGAA uses the SAE-TS formula)."""
     if not get_method(method).from_targets:
         raise ValueError(f"{method} needs a task's examples or instruction; choose a task, not custom targets")
@@ -138,8 +156,17 @@ def custom_target_vector(ctx: SteeringContext, targets: list[tuple[int, float]],
 
 
 @torch.no_grad()
-def playground_generate(ctx: SteeringContext, vector: Float[Tensor, " d_model"] | None, scale: float, prompt: str,
-                        seed: int, new_tokens: int, prompt_prefix: str = "", n_samples: int = 3, k: int = 10) -> dict[str, Any]:
+def playground_generate(
+    ctx: SteeringContext,
+    vector: Float[Tensor, " d_model"] | None,
+    scale: float,
+    prompt: str,
+    seed: int,
+    new_tokens: int,
+    prompt_prefix: str = "",
+    n_samples: int = 3,
+    k: int = 10,
+) -> dict[str, Any]:
     """Unsteered and steered continuations of ``prompt`` drawn with the same seeds (same per-row
     uniforms), so any difference is the steering's. ``vector`` (normalised here) is added at
     ``scale``; ``prompt_prefix`` is prepended to the steered prompt only (the ``prompt`` method).
@@ -158,8 +185,13 @@ def playground_generate(ctx: SteeringContext, vector: Float[Tensor, " d_model"] 
     n = n_samples
     if len(ids[0]) == len(ids[1]):  # one batch of 2n rows: on CPU a step costs about the same for n or 2n rows
         zeros = torch.zeros(n, ctx.model.cfg.d_model, device=dev)
-        runs = [(torch.stack([ids[0]] * n + [ids[1]] * n), seeds * 2,
-                 None if delta is None else torch.cat([zeros, delta.expand(n, -1)]))]
+        runs = [
+            (
+                torch.stack([ids[0]] * n + [ids[1]] * n),
+                seeds * 2,
+                None if delta is None else torch.cat([zeros, delta.expand(n, -1)]),
+            )
+        ]
     else:
         runs = [(ids[0].repeat(n, 1), seeds, None), (ids[1].repeat(n, 1), seeds, delta)]
     texts: list[str] = []
@@ -168,8 +200,10 @@ def playground_generate(ctx: SteeringContext, vector: Float[Tensor, " d_model"] 
         gen = generate(ctx.model, tokens, int(new_tokens), row_seeds, sampling, hook, d, capture=True)
         start = tokens.shape[1]
         assert ctx.model.tokenizer is not None
-        texts += [cast(str, ctx.model.tokenizer.decode(t.tolist(), skip_special_tokens=True))
-                  for t in gen.tokens[:, start:].cpu()]
+        texts += [
+            cast(str, ctx.model.tokenizer.decode(t.tolist(), skip_special_tokens=True))
+            for t in gen.tokens[:, start:].cpu()
+        ]
         acts = gen.activations[:, start:]  # type: ignore[index]
         codes.append(ctx.sae.encode(acts.to(ctx.sae.W_dec.device, ctx.sae.W_dec.dtype)).float().mean(1).cpu())
     per_row = torch.cat(codes)  # [2n, d_sae]; every row has new_tokens positions
@@ -178,8 +212,16 @@ def playground_generate(ctx: SteeringContext, vector: Float[Tensor, " d_model"] 
     if unit is not None and ctx.approx is not None:
         predicted = explore.top_features(ctx.approx.predict(unit).cpu(), ctx.density, k, lowered=False)
         predicted.insert(2, "bias", ctx.approx.b.cpu()[predicted["feature"].tolist()].numpy())
-    return {"prompt": prompt, "steered_prompt": steered_prompt, "scale": float(scale), "seeds": seeds,
-            "unsteered": texts[:n], "steered": texts[n:], "predicted": predicted, "measured": measured}
+    return {
+        "prompt": prompt,
+        "steered_prompt": steered_prompt,
+        "scale": float(scale),
+        "seeds": seeds,
+        "unsteered": texts[:n],
+        "steered": texts[n:],
+        "predicted": predicted,
+        "measured": measured,
+    }
 
 
 class SteeringPlayground:
@@ -190,11 +232,22 @@ class SteeringPlayground:
     Vectors are built once per (task or targets, method) and cached in ``.vectors``.
     """
 
-    def __init__(self, ctx: SteeringContext, tasks: Sequence[str | Task] | Mapping[str, Task], methods: Sequence[str],
-                 scale: float | None = None, n_samples: int = 3, new_tokens: int = 24, k: int = 10) -> None:
+    def __init__(
+        self,
+        ctx: SteeringContext,
+        tasks: Sequence[str | Task] | Mapping[str, Task],
+        methods: Sequence[str],
+        scale: float | None = None,
+        n_samples: int = 3,
+        new_tokens: int = 24,
+        k: int = 10,
+    ) -> None:
         self.ctx, self.n_samples, self.k = ctx, n_samples, k
-        items = tasks.items() if isinstance(tasks, Mapping) else (
-            (t.name, t) if isinstance(t, Task) else (str(t), load_task(t)) for t in tasks)
+        items = (
+            tasks.items()
+            if isinstance(tasks, Mapping)
+            else ((t.name, t) if isinstance(t, Task) else (str(t), load_task(t)) for t in tasks)
+        )
         self.tasks: dict[str, Task] = dict(items)
         self.vectors: dict[tuple[str, str], Tensor | None] = {}
         self.result: dict[str, Any] = {}
@@ -203,17 +256,29 @@ class SteeringPlayground:
         self.task = W.Dropdown(options=[*self.tasks, CUSTOM], description="task")
         self.targets = W.Text(placeholder="123:1.0, 456:0.5", description="targets")
         self.method = W.Dropdown(options=list(methods), description="method")
-        self.scale = W.FloatSlider(value=grid[len(grid) // 2] if scale is None else scale, min=0.0,
-                                   max=max(grid[-1], scale or 0.0), step=1.0, description="scale")
+        self.scale = W.FloatSlider(
+            value=grid[len(grid) // 2] if scale is None else scale,
+            min=0.0,
+            max=max(grid[-1], scale or 0.0),
+            step=1.0,
+            description="scale",
+        )
         self.prompt = W.Text(value=ctx.run.eval.prompt, description="prompt")
         self.seed = W.IntText(value=ctx.run.seed, description="seed")
         self.new_tokens = W.BoundedIntText(value=new_tokens, min=1, max=512, description="new tokens")
         self.button = W.Button(description="Generate", button_style="primary")
         self.status, self.samples_html, self.predicted_html, self.measured_html = W.HTML(), W.HTML(), W.HTML(), W.HTML()
         self.button.on_click(lambda _: self.generate())
-        self.widget = W.VBox([W.HBox([self.task, self.targets, self.method]), W.HBox([self.scale, self.seed, self.new_tokens]),
-                              W.HBox([self.prompt, self.button]), self.status, self.samples_html,
-                              W.HBox([self.predicted_html, self.measured_html])])
+        self.widget = W.VBox(
+            [
+                W.HBox([self.task, self.targets, self.method]),
+                W.HBox([self.scale, self.seed, self.new_tokens]),
+                W.HBox([self.prompt, self.button]),
+                self.status,
+                self.samples_html,
+                W.HBox([self.predicted_html, self.measured_html]),
+            ]
+        )
 
     def vector_for(self, task: str, method: str) -> Tensor | None:
         """The cached unit vector of ``method`` for ``task`` (or the targets text when task is custom); None for ``prompt``."""
@@ -237,8 +302,17 @@ class SteeringPlayground:
                 raise ValueError(f"the {method} method needs a task's instruction; choose a task")
             vector = self.vector_for(task, method)
             prefix = self.tasks[task].steering_prompt if vectorless else ""
-            self.result = playground_generate(self.ctx, vector, self.scale.value, self.prompt.value, self.seed.value,
-                                              self.new_tokens.value, prefix, self.n_samples, self.k)
+            self.result = playground_generate(
+                self.ctx,
+                vector,
+                self.scale.value,
+                self.prompt.value,
+                self.seed.value,
+                self.new_tokens.value,
+                prefix,
+                self.n_samples,
+                self.k,
+            )
         except (ValueError, FileNotFoundError, KeyError) as err:
             self.error = str(err)
             self.status.value = f"<span style='color:#d62728'>{html.escape(self.error)}</span>"
@@ -246,12 +320,19 @@ class SteeringPlayground:
         self.error = ""
         r = self.result
         what = f"{method} for {task}" + ("" if vectorless else f" at scale {r['scale']:.4g}")
-        self.status.value = f"<b>{html.escape(what)}</b> &middot; steered prompt: <code>{html.escape(r['steered_prompt'])}</code>"
-        rows = "".join(f"<tr><td><pre style='white-space:pre-wrap'>{html.escape(a)}</pre></td>"
-                       f"<td><pre style='white-space:pre-wrap'>{html.escape(b)}</pre></td></tr>"
-                       for a, b in zip(r["unsteered"], r["steered"]))
+        self.status.value = (
+            f"<b>{html.escape(what)}</b> &middot; steered prompt: <code>{html.escape(r['steered_prompt'])}</code>"
+        )
+        rows = "".join(
+            f"<tr><td><pre style='white-space:pre-wrap'>{html.escape(a)}</pre></td>"
+            f"<td><pre style='white-space:pre-wrap'>{html.escape(b)}</pre></td></tr>"
+            for a, b in zip(r["unsteered"], r["steered"])
+        )
         self.samples_html.value = f"<table><tr><th>unsteered</th><th>steered</th></tr>{rows}</table>"
-        self.predicted_html.value = ("<i>no predicted effects (prompt method or no approximator)</i>" if r["predicted"] is None
-                                     else _html_table(r["predicted"], "predicted top features (unit vector, calibrated scale)"))
+        self.predicted_html.value = (
+            "<i>no predicted effects (prompt method or no approximator)</i>"
+            if r["predicted"] is None
+            else _html_table(r["predicted"], "predicted top features (unit vector, calibrated scale)")
+        )
         self.measured_html.value = _html_table(r["measured"], "measured: steered minus unsteered mean SAE activation")
         return r

@@ -71,9 +71,17 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model: HookedTransformer, prompt_tokens: Tensor, new_tokens: int, seeds: Sequence[int],
-             sampling: SamplingConfig | None, hook_name: str | None = None, delta: Tensor | None = None,
-             use_cache: bool = True, capture: bool = False) -> Generation:
+def generate(
+    model: HookedTransformer,
+    prompt_tokens: Tensor,
+    new_tokens: int,
+    seeds: Sequence[int],
+    sampling: SamplingConfig | None,
+    hook_name: str | None = None,
+    delta: Tensor | None = None,
+    use_cache: bool = True,
+    capture: bool = False,
+) -> Generation:
     """Generate ``new_tokens`` after ``prompt_tokens [batch, prompt_len]`` (all rows the same length),
     steering each row by ``delta [batch, d_model]`` (or ``[d_model]``) at ``hook_name``.
 

@@ -26,8 +26,9 @@ def steering_delta(vectors: Tensor, scales: Tensor | float | Sequence[float]) ->
 
 
 @contextmanager
-def steering_hook(model: HookedTransformer, hook_name: str, delta: Tensor | None,
-                  capture: list[Tensor] | None = None) -> Iterator[None]:
+def steering_hook(
+    model: HookedTransformer, hook_name: str, delta: Tensor | None, capture: list[Tensor] | None = None
+) -> Iterator[None]:
     """Within the block, add ``delta`` (``[d_model]`` or ``[batch, d_model]``) at ``hook_name``.
 
     ``capture``, if given, receives the hook's activations *before* steering on every forward
