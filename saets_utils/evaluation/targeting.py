@@ -5,9 +5,9 @@ This module measures that directly, with notebook 01's machinery and no judge: e
 notebook 03 (one per task and vector-building method; ``prompt`` has none) is
 
 1. calibrated to the run's common loss target exactly as 01 calibrates decoder rows
-   (:func:`calibration.calibrate_scales` on 01's loss chunks, ``effects.scale_grid``,
+   (:func:`effects.calibration.calibrate_scales` on 01's loss chunks, ``effects.scale_grid``,
    ``effects.loss_target``), so all methods are compared at the same cost in LM loss;
-2. measured with :func:`effects.measure_effects` against 01's unsteered baseline (the run's plan,
+2. measured with :func:`effects.measure.measure_effects` against 01's unsteered baseline (the run's plan,
    ``results/<run>/effects_work/plan.safetensors``), seeded with the run seed and a synthetic vector
    id per (task, method) that cannot collide with 01's ids (:func:`targeting_vector_id`; with
    ``effects.common_random_numbers`` the seeds do not depend on ids, as in 01);
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 
 # Synthetic vector ids of targeting vectors: OFFSET + a hash of (task, method) below SPAN. Rollout
-# seeds take integer keys modulo 2**32 (steering.row_seed), so OFFSET + SPAN stays below 2**31: the
+# seeds take integer keys modulo 2**32 (steering.generation.row_seed), so OFFSET + SPAN stays below 2**31: the
 # ids never alias a decoder-row or file id of 01 (all below OFFSET) nor each other.
 TARGETING_ID_OFFSET = 1_000_000_000
 TARGETING_ID_SPAN = 2**30
