@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from saets_utils.config import ConfigError, RunConfig
-from saets_utils.effects.calibration import calibrate_scales, resid_at_hook, steered_losses
+from saets_utils.effects.calibration import Calibration, calibrate_scales, resid_at_hook, steered_losses
 from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
 from saets_utils.effects.plan import Plan, fingerprint, work_dir
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json
@@ -120,54 +122,81 @@ def todo_blocks(run: RunConfig, plan: Plan) -> list[list[int]]:
     return [rows[i : i + k] for i in range(0, len(rows), k)]
 
 
-def compute_block(
-    run: RunConfig, model, sae, plan: Plan, resid: Tensor, spec: RolloutSpec, rows: list[int], shard_path: Path
-) -> None:
-    """Calibrate scales and measure effects for plan rows ``rows``; write one shard atomically."""
-    t0 = time.perf_counter()
+@dataclass
+class BlockEffects:
+    """A block of vectors calibrated and measured: the ``calibration``, ``effects [v, d_sae]`` and
+    ``halves [v, 2, d_sae]`` (NaN for vectors that got no scale) and ``sample_tokens [v, k, total_tokens]``
+    (zeros for those)."""
+
+    calibration: Calibration
+    effects: Tensor
+    halves: Tensor
+    sample_tokens: Tensor
+
+
+def calibrate_and_measure(
+    run: RunConfig,
+    model,
+    sae,
+    plan: Plan,
+    resid: Tensor,
+    spec: RolloutSpec,
+    vectors: Tensor,
+    vector_ids: Sequence[int],
+    keep_samples: int = KEEP_SAMPLES,
+) -> BlockEffects:
+    """01's recipe for unit ``vectors [v, d_model]`` (on the model's device): calibrate a scale each to
+    the run's loss target on the plan's loss chunks (``resid``: their activations at the hook), then
+    measure the effects of those that got one against the plan's baseline. Targeting uses it too."""
     hook = run.sae.hook_name
-    vecs = plan.vectors[rows].to(model.cfg.device)
-    ids = plan.vector_ids[rows]
+    e = run.effects
     cal = calibrate_scales(
-        model,
-        hook,
-        plan.loss_tokens,
-        resid,
-        vecs,
-        run.effects.scale_grid.values(),
-        run.effects.loss_target,
-        plan.unsteered_loss,
+        model, hook, plan.loss_tokens, resid, vectors, e.scale_grid.values(), e.loss_target, plan.unsteered_loss
     )
     ok = torch.isfinite(cal.scales)
-    d_sae = plan.baseline_mean.shape[0]
-    effects = torch.full((len(rows), d_sae), float("nan"))
-    halves = torch.full((len(rows), 2, d_sae), float("nan"))
-    samples = torch.zeros((len(rows), KEEP_SAMPLES, run.effects.total_tokens), dtype=torch.int64)
+    v, d_sae = vectors.shape[0], plan.baseline_mean.shape[0]
+    effects = torch.full((v, d_sae), float("nan"))
+    halves = torch.full((v, 2, d_sae), float("nan"))
+    samples = torch.zeros((v, keep_samples, e.total_tokens), dtype=torch.int64)
     if ok.any():
         blk = measure_effects(
             model,
             sae,
             hook,
             spec,
-            vecs[ok],
-            ids[ok].tolist(),
-            cal.scales[ok].to(vecs.device),
+            vectors[ok],
+            [vector_ids[i] for i in ok.nonzero()[:, 0].tolist()],
+            cal.scales[ok].to(vectors.device),
             plan.baseline_mean,
             run.seed,
+            keep_samples=keep_samples,
             baseline_halves=plan.baseline_halves,
         )
         effects[ok] = blk.effects.float().cpu()
         halves[ok] = blk.halves.float().cpu()
         samples[ok, : blk.sample_tokens.shape[1]] = blk.sample_tokens
+    return BlockEffects(cal, effects, halves, samples)
+
+
+def compute_block(
+    run: RunConfig, model, sae, plan: Plan, resid: Tensor, spec: RolloutSpec, rows: list[int], shard_path: Path
+) -> None:
+    """Calibrate scales and measure effects for plan rows ``rows``; write one shard atomically."""
+    t0 = time.perf_counter()
+    ids = plan.vector_ids[rows]
+    res = calibrate_and_measure(
+        run, model, sae, plan, resid, spec, plan.vectors[rows].to(model.cfg.device), ids.tolist()
+    )
+    cal = res.calibration
     seconds = (time.perf_counter() - t0) / len(rows)
     atomic_save_safetensors(
         {
             "vector_ids": ids.contiguous(),
-            "effects": effects,
-            "effect_halves": halves,
+            "effects": res.effects,
+            "effect_halves": res.halves,
             "scales": cal.scales,
             "losses": cal.losses.float(),
-            "sample_tokens": samples,
+            "sample_tokens": res.sample_tokens,
         },
         shard_path,
         {"status": json.dumps(cal.status), "seconds": repr(seconds), "target": repr(cal.target)},

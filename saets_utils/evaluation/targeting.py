@@ -312,9 +312,8 @@ def measure_targeting(
     """Calibrate, measure and score every (task, method) vector (module docstring); writes
     ``eval/targeting.csv``, ``eval/targeting_summary.csv`` and ``eval/targeting_effects.safetensors``
     and returns the per-vector table (columns ``COLUMNS``)."""
-    from saets_utils.effects.calibration import calibrate_scales, resid_at_hook
-    from saets_utils.effects.measure import measure_effects
-    from saets_utils.effects.runner import rollout_spec
+    from saets_utils.effects.calibration import resid_at_hook
+    from saets_utils.effects.runner import calibrate_and_measure, rollout_spec
     from saets_utils.io_utils import atomic_save_safetensors, atomic_write_text
     from saets_utils.models.loading import bos_id
     from saets_utils.progress import progress as progress_bar
@@ -338,29 +337,13 @@ def measure_targeting(
         for lo in range(0, n, k):
             block = items[lo : lo + k]
             vecs = torch.stack([it.vector for it in block]).to(model.cfg.device)
-            cal = calibrate_scales(
-                model, hook, plan.loss_tokens, resid, vecs, e.scale_grid.values(), e.loss_target, plan.unsteered_loss
+            res = calibrate_and_measure(
+                run, model, sae, plan, resid, spec, vecs, [it.vector_id for it in block], keep_samples=1
             )
-            scales[lo : lo + len(block)] = cal.scales
-            status[lo : lo + len(block)] = cal.status
-            ok = torch.isfinite(cal.scales)
-            if ok.any():
-                rows = torch.arange(lo, lo + len(block))[ok]
-                blk = measure_effects(
-                    model,
-                    sae,
-                    hook,
-                    spec,
-                    vecs[ok],
-                    [block[i].vector_id for i in ok.nonzero()[:, 0].tolist()],
-                    cal.scales[ok].to(vecs.device),
-                    plan.baseline_mean,
-                    run.seed,
-                    keep_samples=1,
-                    baseline_halves=plan.baseline_halves,
-                )
-                effects[rows] = blk.effects.float().cpu()
-                halves[rows] = blk.halves.float().cpu()
+            scales[lo : lo + len(block)] = res.calibration.scales
+            status[lo : lo + len(block)] = res.calibration.status
+            effects[lo : lo + len(block)] = res.effects
+            halves[lo : lo + len(block)] = res.halves
             bar.update(len(block))
         bar.close()
     records = []
