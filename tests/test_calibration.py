@@ -188,26 +188,10 @@ def test_batching_vectors_gives_the_same_calibration(tiny_model, tiny_sae, chunk
 
 
 def test_absolute_target_below_unsteered_loss_skips_every_vector(tiny_model, tiny_sae, chunks, resid, unsteered):
-    cal = calibrate_scales(
-        tiny_model,
-        HOOK,
-        chunks,
-        resid,
-        tiny_sae.W_dec[:3],
-        GRID,
-        LossTarget(kind="absolute", value=unsteered - 0.1),
-        unsteered,
-    )
+    below = LossTarget(kind="absolute", value=unsteered - 0.1)
+    cal = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], GRID, below, unsteered)
     assert cal.status == ["above_at_zero"] * 3 and torch.isnan(cal.scales).all()
     assert torch.isnan(cal.losses[:, 1:]).all()  # nothing beyond scale 0 was evaluated
-    high = calibrate_scales(
-        tiny_model,
-        HOOK,
-        chunks,
-        resid,
-        tiny_sae.W_dec[:3],
-        GRID,
-        LossTarget(kind="absolute", value=unsteered + 100.0),
-        unsteered,
-    )
+    far_above = LossTarget(kind="absolute", value=unsteered + 100.0)
+    high = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], GRID, far_above, unsteered)
     assert high.status == ["not_reached"] * 3 and torch.all(high.scales == GRID[-1])
