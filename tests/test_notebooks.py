@@ -140,7 +140,9 @@ def test_eval_notebook_with_openai_judge_on_loopback(run, tmp_path):
         "baseline.safetensors",
         "effects_samples.safetensors",
         "approximator.safetensors",
+        "effects_work/plan.safetensors",  # 03's judge-free targeting reuses 01's plan
     ):
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(run.results_dir / name, dst / name)
     step = next(s for s in STEPS if s.name == "03_eval")
     with FakeOpenAIServer() as server:
