@@ -260,6 +260,11 @@ class EffectsConfig(_Strict):
     # reference's independent sampling, less variance while steered and unsteered texts share a
     # prefix. False: the reference design (independent rollouts per vector, 10x baseline).
     common_random_numbers: bool = False
+    # Positions whose residual norm at the hook exceeds this are left out of effect means, like
+    # position 0. On SmolLM2, ~1.4% of generated positions (tokens such as "-", "\n", ",") are
+    # attention sinks with norm 12k-25k against a median of ~140; their SAE codes are outliers in
+    # many features at once and dominate the effects' variance. None: keep every position (reference).
+    max_resid_norm: float | None = Field(None, gt=0)
 
 
 class ApproximatorConfig(_Strict):

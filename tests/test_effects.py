@@ -283,3 +283,25 @@ def test_halves_are_two_independent_measurements_that_average_to_the_effect(tiny
         tiny_model, tiny_sae, HOOK, replace(spec4, samples_per_prompt=1), vectors, IDS, SCALES, base.mean, SEED
     )
     assert torch.isnan(one.halves).all()  # one sample per prompt: no halves
+
+
+def test_positions_over_max_resid_norm_are_left_out(tiny_model, tiny_sae, spec):
+    """Attention-sink positions (huge residual norm) count nowhere: the baseline equals the mean SAE
+    code over the remaining positions, computed the slow way; a bound above every norm changes nothing."""
+    seeds = {p: [row_seed(SEED, BASELINE, p, s) for s in range(spec.samples_per_prompt)] for p in range(len(spec.prompts))}
+    acts = []
+    for p, ids in enumerate(spec.prompts):
+        gen = generate(tiny_model, torch.tensor([ids] * len(seeds[p])), spec.new_tokens(p), seeds[p], spec.sampling)
+        _, cache = tiny_model.run_with_cache(gen.tokens, names_filter=[HOOK])
+        acts.append(cache[HOOK])
+    flat = torch.cat([a.reshape(-1, a.shape[-1]) for a in acts])
+    bound = float(flat.norm(dim=-1).median())
+    keep = flat.norm(dim=-1) <= bound
+    assert 0 < keep.sum() < len(keep)
+    expected = tiny_sae.encode(flat[keep]).mean(0)
+    got = measure_baseline(tiny_model, tiny_sae, HOOK, replace(spec, max_resid_norm=bound), multiplier=1, seed=SEED)
+    assert got.n == int(keep.sum())
+    torch.testing.assert_close(got.mean, expected, atol=1e-5, rtol=1e-5)
+    loose = measure_baseline(tiny_model, tiny_sae, HOOK, replace(spec, max_resid_norm=1e9), multiplier=1, seed=SEED)
+    plain = measure_baseline(tiny_model, tiny_sae, HOOK, spec, multiplier=1, seed=SEED)
+    assert torch.equal(loose.mean, plain.mean) and loose.n == plain.n

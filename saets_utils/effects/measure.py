@@ -50,6 +50,7 @@ class RolloutSpec:
     sampling: SamplingConfig
     include_first_position: bool = True
     common_random_numbers: bool = False
+    max_resid_norm: float | None = None
 
     def new_tokens(self, p: int) -> int:
         return self.total_tokens - len(self.prompts[p])
@@ -89,9 +90,11 @@ class FeatureSums:
     def zeros(cls, d_sae: int) -> FeatureSums:
         return cls(torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64), 0)
 
-    def add(self, codes: Tensor) -> None:
-        """Add ``codes [rows, pos, d_sae]``."""
+    def add(self, codes: Tensor, keep: Tensor | None = None) -> None:
+        """Add ``codes [rows, pos, d_sae]``, only the positions where ``keep [rows, pos]`` is True."""
         flat = codes.reshape(-1, codes.shape[-1])
+        if keep is not None:
+            flat = flat[keep.reshape(-1).to(flat.device)]
         self.sum += flat.sum(0).double().cpu()
         self.active += (flat > 0).sum(0).double().cpu()
         self.n += flat.shape[0]
@@ -114,6 +117,17 @@ def encode_positions(sae: SAE, acts: Tensor, include_first_position: bool) -> Te
     if not include_first_position:
         acts = acts[:, 1:]
     return sae.encode(acts.to(sae.W_dec.dtype))
+
+
+def kept_positions(acts: Tensor, include_first_position: bool, max_resid_norm: float | None) -> Tensor | None:
+    """``[rows, pos']`` mask of the positions that count (aligned with :func:`encode_positions`):
+    all but those whose residual norm in ``acts [rows, pos, d_model]`` exceeds ``max_resid_norm``
+    (attention sinks); None when every position counts."""
+    if max_resid_norm is None:
+        return None
+    if not include_first_position:
+        acts = acts[:, 1:]
+    return acts.float().norm(dim=-1) <= max_resid_norm
 
 
 def prompt_groups(spec: RolloutSpec, max_prompts: int | None = None) -> list[list[int]]:
@@ -186,10 +200,11 @@ def measure_baseline(
         gen = generate(model, prompt, spec.new_tokens(chunk[0][0]), seeds, spec.sampling, hook_name, None, capture=True)
         assert gen.activations is not None  # generate(..., capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
+        keep = kept_positions(gen.activations, spec.include_first_position, spec.max_resid_norm)
         parity = torch.tensor([s % 2 for _, s in chunk], device=codes.device)
         for h in (0, 1):
             if (parity == h).any():
-                halves[h].add(codes[parity == h])
+                halves[h].add(codes[parity == h], None if keep is None else keep[parity == h])
     return BaselineSums(halves)
 
 
@@ -248,10 +263,12 @@ def measure_effects(
         assert gen.activations is not None  # generate(..., capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
         codes = codes.view(len(group), v, s_n, *codes.shape[1:])
+        keep = kept_positions(gen.activations, spec.include_first_position, spec.max_resid_norm)
+        keep = None if keep is None else keep.view(len(group), v, s_n, -1)
         for i in range(v):
             for h in (0, 1):
                 if h < s_n:
-                    sums[i][h].add(codes[:, i, h::2])
+                    sums[i][h].add(codes[:, i, h::2], None if keep is None else keep[:, i, h::2])
         samples = gen.tokens.view(len(group), v, s_n, -1)[-1, :, :keep_samples].cpu()
     base = baseline_mean.float().cpu()
     base_h = base.expand(2, -1) if baseline_halves is None else baseline_halves.float().cpu()

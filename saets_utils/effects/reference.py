@@ -19,7 +19,7 @@ from torch import Tensor
 
 from saets_utils.config import SamplingConfig
 from saets_utils.effects.calibration import resid_at_hook
-from saets_utils.effects.measure import FeatureSums, RolloutSpec, encode_positions
+from saets_utils.effects.measure import FeatureSums, RolloutSpec, encode_positions, kept_positions
 from saets_utils.steering.generation import generate
 from saets_utils.steering.hooks import steering_delta, steering_hook
 
@@ -90,5 +90,8 @@ def reference_effects(
         seeds = [spec.steered_seed(seed, vector_id, p, s) for s in range(spec.samples_per_prompt)]
         tokens = draw(torch.tensor([ids] * len(seeds)), spec.new_tokens(p), seeds, delta)
         acts = resid_at_hook(model, hook_name, tokens, batch_size=tokens.shape[0])
-        sums.add(encode_positions(sae, acts, spec.include_first_position))
+        sums.add(
+            encode_positions(sae, acts, spec.include_first_position),
+            kept_positions(acts, spec.include_first_position, spec.max_resid_norm),
+        )
     return sums.mean - baseline_mean.float()

@@ -1,0 +1,58 @@
+"""Design study on synthetic effects with a known signal: reliability sees the vector-specific part
+only, the learning curve rises with data toward the noise ceiling, and pure noise shows no signal."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from saets_utils.approximator.design_study import learning_curve, reliability_summary
+from saets_utils.effects.store import Effects
+
+D_MODEL, D_SAE, N = 16, 40, 400
+
+
+def synthetic_effects(signal: float, noise: float, seed: int = 0) -> Effects:
+    """Effects = shared bias + signal * x @ W (on 8 of 40 features) + independent noise per half."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, D_MODEL, generator=g)
+    X = X / X.norm(dim=1, keepdim=True)
+    W = torch.zeros(D_MODEL, D_SAE)
+    W[:, :8] = torch.randn(D_MODEL, 8, generator=g) * signal
+    bias = torch.randn(D_SAE, generator=g) * 3  # large shared part, as the dense features have
+    halves = (X @ W + bias)[:, None, :] + noise * torch.randn(N, 2, D_SAE, generator=g)
+    eff = halves.mean(1)
+    meta = {"effects": {"samples_per_prompt": 2, "prompts": ["", "a"]}}
+    return Effects(effects=eff, vectors=X, scales=torch.ones(N), vector_ids=torch.arange(N), table=pd.DataFrame(),
+                   baseline_mean=torch.zeros(D_SAE), baseline_density=torch.zeros(D_SAE), meta=meta, halves=halves)
+
+
+def test_reliability_counts_only_the_vector_specific_part():
+    strong = reliability_summary(synthetic_effects(signal=4.0, noise=0.5).halves)
+    noise = reliability_summary(synthetic_effects(signal=0.0, noise=0.5).halves)
+    assert strong["reliability"] > 0.8 and strong["features_r_above_0.5"] >= 6
+    # the large shared bias makes raw halves agree even for pure noise, but centred they do not
+    assert noise["raw_cosine_median"] > 0.9
+    assert abs(noise["reliability"]) < 0.1 and noise["features_r_above_0.5"] == 0
+    assert noise["shared_fraction"] > 0.9
+
+
+def test_learning_curve_rises_toward_the_ceiling_and_stays_at_zero_without_signal():
+    curve = learning_curve(synthetic_effects(signal=2.0, noise=1.0), sizes=[16, 64, 256], fits=["ridge_per_feature"],
+                           holdout=100, n_boot=200)
+    full = curve[(curve.fit == "ridge_per_feature") & (curve.target == "full")].set_index("n_train")
+    assert full.loc[256, "r2"] > full.loc[16, "r2"] and full.loc[256, "r2_ci_low"] > 0
+    ceiling = curve[curve.fit == "noise_ceiling"].iloc[0]
+    assert full.loc[256, "r2"] <= ceiling["r2_ci_high"] + 0.02
+    half = curve[(curve.fit == "ridge_per_feature") & (curve.target == "half")].set_index("n_train")
+    assert (half["rollouts"] * 2 == full["rollouts"]).all()  # half the rollouts per vector
+    flat = learning_curve(synthetic_effects(signal=0.0, noise=1.0), sizes=[64, 256], fits=["ridge_per_feature"],
+                          holdout=100, n_boot=200)
+    row = flat[(flat.fit == "ridge_per_feature") & (flat.target == "full") & (flat.n_train == 256)].iloc[0]
+    assert row["r2_ci_low"] <= 0 <= row["r2_ci_high"] or abs(row["r2"]) < 0.01
+
+
+def test_learning_curve_needs_a_holdout_that_leaves_training_vectors():
+    with pytest.raises(ValueError, match="n_holdout"):
+        learning_curve(synthetic_effects(1.0, 1.0), sizes=[8], holdout=N)
