@@ -1,0 +1,62 @@
+"""Copy a finished run's compact outputs into the tracked ``results/published/<run>/`` folder.
+
+What a README may cite: metrics (JSON), tables (CSV), figures (PNG) and the HTML reports; never raw
+effects or generations. ``python -m saets_utils.publish params/<run>.yaml`` after the pipeline and the
+design study have run; the copy lists every file with its size in ``MANIFEST.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from .config import REPO_ROOT, RunConfig, load_config
+
+# Compact outputs, relative to results/<run>/ (globs). Raw effects, samples and caches stay out.
+COMPACT = (
+    "manifest.json", "effects_meta.json", "effects_table.csv", "approximator_metrics.json",
+    "approximator_history.csv", "study/*.json", "study/*.csv", "study/*.png",
+    "eval/summary.csv", "eval/by_scale.csv", "eval/targeting.csv", "eval/targeting_summary.csv",
+    "eval/targets.json", "eval/judge_stats.json", "figures/*.png", "reports/*.html",
+)
+MAX_BYTES = 2_000_000  # per file: anything larger is not compact
+
+
+def published_dir(run: RunConfig) -> Path:
+    return REPO_ROOT / "results" / "published" / run.name
+
+
+def publish(run: RunConfig) -> list[Path]:
+    """Copy the compact outputs of ``results/<run>/`` to ``results/published/<run>/`` (replacing an
+    earlier copy); returns the copied paths. Fails if the run has no approximator metrics yet."""
+    src = run.results_dir
+    if not (src / "approximator_metrics.json").is_file():
+        raise FileNotFoundError(f"{src} has no approximator_metrics.json; run the pipeline on {run.name} first")
+    dst = published_dir(run)
+    if dst.exists():
+        shutil.rmtree(dst)
+    copied = []
+    for pattern in COMPACT:
+        for p in sorted(src.glob(pattern)):
+            if p.is_file() and p.stat().st_size <= MAX_BYTES:
+                out = dst / p.relative_to(src)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, out)
+                copied.append(out)
+    lines = [f"{p.relative_to(dst)}\t{p.stat().st_size}" for p in copied]
+    (dst / "MANIFEST.txt").write_text(f"compact outputs of results/{run.name}/ (file, bytes)\n" + "\n".join(lines) + "\n")
+    return copied
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("params_file")
+    a = ap.parse_args(argv)
+    run = load_config(a.params_file)
+    for p in publish(run):
+        print(p.relative_to(REPO_ROOT))
+
+
+if __name__ == "__main__":
+    main()
