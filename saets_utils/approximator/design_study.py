@@ -168,16 +168,18 @@ def run_study(
     return {"reliability": rel, "curve": curve}
 
 
-def compare_designs(runs: Sequence[RunConfig]) -> pd.DataFrame:
+def compare_designs(runs: Sequence[RunConfig], max_id: int | None = None) -> pd.DataFrame:
     """One row per run: its effects settings, split-half reliability and cost per vector, so sampling
-    designs can be compared per unit of compute."""
+    designs can be compared per unit of compute; ``max_id`` keeps vector ids below it only (the same
+    vectors in every run)."""
     rows = []
     for run in runs:
         eff = load_effects(run.results_dir)
         if eff.halves is None:
             continue
         e = run.effects
-        rel = reliability_summary(eff.halves[eff.valid])
+        keep = eff.valid if max_id is None else eff.valid & (eff.vector_ids < max_id)
+        rel = reliability_summary(eff.halves[keep])
         sec = eff.meta.get("seconds_per_vector_mean") or math.nan
         rows.append(
             {
@@ -188,6 +190,8 @@ def compare_designs(runs: Sequence[RunConfig]) -> pd.DataFrame:
                 "total_tokens": e.total_tokens,
                 "loss_target": f"{e.loss_target.kind}:{e.loss_target.value}",
                 "top_p": e.sampling.top_p,
+                "max_resid_norm": e.max_resid_norm,
+                "rollout_tokens_per_vector": len(e.prompts) * e.samples_per_prompt * e.total_tokens,
                 "seconds_per_vector": sec,
                 **rel,
             }
@@ -205,6 +209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--holdout", type=int, default=None)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--out", default=None, help="with --compare: CSV to write")
+    ap.add_argument("--max-id", type=int, default=None, help="with --compare: only vector ids below this")
     return ap.parse_args(argv)
 
 
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     runs = [load_config(p) for p in a.params]
     if a.compare:
-        df = compare_designs(runs)
+        df = compare_designs(runs, a.max_id)
         print(df.to_string(index=False))
         if a.out:
             atomic_write_text(Path(a.out), df.to_csv(index=False))
