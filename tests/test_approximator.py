@@ -383,3 +383,14 @@ def test_metrics_report_intervals_noise_ceiling_and_reliable_features():
     assert plain["r2_ci_low"] is None and plain["noise_ceiling"] is None and plain["beats_mean_baseline"]
     with pytest.raises(ValueError, match="Y_val_halves"):
         approximator_metrics(EffectApproximator(W, torch.zeros(D_SAE)), X, Y, torch.zeros(D_SAE), Y_val_halves=H[:5])
+
+
+def test_noise_ceiling_ignores_noise_shared_by_every_vector():
+    """With common random numbers each half carries a large noise term common to all vectors; it
+    sits in the bias, so it must not lower the ceiling."""
+    g = torch.Generator().manual_seed(7)
+    S = torch.randn(300, 1, 20, generator=g)  # vector-specific signal, same in both halves
+    shared = 10 * torch.randn(1, 2, 20, generator=g)  # one draw per half, the same for every vector
+    H = S + shared + 0.1 * torch.randn(300, 2, 20, generator=g)
+    c = noise_ceiling(H, H.mean(1).mean(0), 0)
+    assert c["noise_ceiling"] > 0.98

@@ -91,10 +91,13 @@ def noise_ceiling(
     features: Tensor | None = None,
 ) -> dict[str, Any]:
     """The best held-out R^2 any predictor can reach on the full effects ``Y = (Y1 + Y2) / 2``, given
-    their measurement noise: ``1 - mean ||Y1 - Y2||^2 / 4 / mean ||Y - mu||^2``.
+    their measurement noise: ``1 - mean ||D_i - mean_j D_j||^2 n / (n - 1) / 4 / mean ||Y - mu||^2``
+    with ``D = Y1 - Y2``.
 
-    ``||Y1 - Y2||^2 / 4`` is an unbiased estimate of the noise variance of the mean of two independent
-    halves (summed over features), which even the true map cannot predict. With a paired 95%
+    That is the noise variance of the mean of two independent halves (summed over features), which
+    even the true map cannot predict. ``D`` is centred over vectors because noise shared by every
+    vector (the baseline's, and with common random numbers the rollouts' own) is the same for the
+    training vectors too, so it sits in the bias and costs a predictor nothing. With a paired 95%
     percentile bootstrap CI over vectors (``noise_ceiling_ci_low``/``_high``); ``features`` as in
     :func:`heldout_r2`.
     """
@@ -102,7 +105,9 @@ def noise_ceiling(
         raise ValueError(f"need Y_halves [n, 2, d_sae] and mu [d_sae]; got {tuple(Y_halves.shape)}, {tuple(mu.shape)}")
     f = None if features is None else torch.as_tensor(features).to(Y_halves.device)
     Y1, Y2 = Y_halves[:, 0], Y_halves[:, 1]
-    noise = _per_vector_sq(Y1, Y2, f) / 4
+    D = Y1.double() - Y2.double()
+    n = D.shape[0]
+    noise = _per_vector_sq(D, D.mean(0), f) / 4 * (n / max(n - 1, 1))
     sst = torch.cat(
         [
             _per_vector_sq((Y1[i : i + 1024].double() + Y2[i : i + 1024].double()) / 2, mu, f)
