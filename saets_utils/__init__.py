@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "train_approximator": "saets_utils.approximator.training",
     "metrics_table": "saets_utils.approximator.training",
     "verdict": "saets_utils.approximator.training",
+    "run_study": "saets_utils.approximator.design_study",
     "evaluate_run": "saets_utils.evaluation.evaluate",
     "load_context": "saets_utils.evaluation.task_vectors",
     "paper_style_table": "saets_utils.evaluation.scoring",
@@ -44,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "make_all_figures": "saets_utils.report.figures",
     "plot_training_curve": "saets_utils.report.plots",
     "plot_approximator_diagnostics": "saets_utils.report.plots",
+    "plot_learning_curve": "saets_utils.report.plots",
     "EffectExplorer": "saets_utils.report.widgets",
     "SteeringPlayground": "saets_utils.report.widgets",
 }
@@ -51,6 +53,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from saets_utils.approximator.design_study import run_study
     from saets_utils.approximator.training import metrics_table, train_approximator, verdict
     from saets_utils.config import RunConfig, load_config
     from saets_utils.effects.runner import run_effects
@@ -64,7 +67,7 @@ if TYPE_CHECKING:
     from saets_utils.registry import METHODS
     from saets_utils.report.explore import effects_overview
     from saets_utils.report.figures import make_all_figures
-    from saets_utils.report.plots import plot_approximator_diagnostics, plot_training_curve
+    from saets_utils.report.plots import plot_approximator_diagnostics, plot_learning_curve, plot_training_curve
     from saets_utils.report.widgets import EffectExplorer, SteeringPlayground
     from saets_utils.session import load_model_and_sae, start_run
 

@@ -24,8 +24,17 @@ def synthetic_effects(signal: float, noise: float, seed: int = 0) -> Effects:
     halves = (X @ W + bias)[:, None, :] + noise * torch.randn(N, 2, D_SAE, generator=g)
     eff = halves.mean(1)
     meta = {"effects": {"samples_per_prompt": 2, "prompts": ["", "a"]}}
-    return Effects(effects=eff, vectors=X, scales=torch.ones(N), vector_ids=torch.arange(N), table=pd.DataFrame(),
-                   baseline_mean=torch.zeros(D_SAE), baseline_density=torch.zeros(D_SAE), meta=meta, halves=halves)
+    return Effects(
+        effects=eff,
+        vectors=X,
+        scales=torch.ones(N),
+        vector_ids=torch.arange(N),
+        table=pd.DataFrame(),
+        baseline_mean=torch.zeros(D_SAE),
+        baseline_density=torch.zeros(D_SAE),
+        meta=meta,
+        halves=halves,
+    )
 
 
 def test_reliability_counts_only_the_vector_specific_part():
@@ -39,16 +48,22 @@ def test_reliability_counts_only_the_vector_specific_part():
 
 
 def test_learning_curve_rises_toward_the_ceiling_and_stays_at_zero_without_signal():
-    curve = learning_curve(synthetic_effects(signal=2.0, noise=1.0), sizes=[16, 64, 256], fits=["ridge_per_feature"],
-                           holdout=100, n_boot=200)
+    curve = learning_curve(
+        synthetic_effects(signal=2.0, noise=1.0),
+        sizes=[16, 64, 256],
+        fits=["ridge_per_feature"],
+        holdout=100,
+        n_boot=200,
+    )
     full = curve[(curve.fit == "ridge_per_feature") & (curve.target == "full")].set_index("n_train")
     assert full.loc[256, "r2"] > full.loc[16, "r2"] and full.loc[256, "r2_ci_low"] > 0
     ceiling = curve[curve.fit == "noise_ceiling"].iloc[0]
     assert full.loc[256, "r2"] <= ceiling["r2_ci_high"] + 0.02
     half = curve[(curve.fit == "ridge_per_feature") & (curve.target == "half")].set_index("n_train")
     assert (half["rollouts"] * 2 == full["rollouts"]).all()  # half the rollouts per vector
-    flat = learning_curve(synthetic_effects(signal=0.0, noise=1.0), sizes=[64, 256], fits=["ridge_per_feature"],
-                          holdout=100, n_boot=200)
+    flat = learning_curve(
+        synthetic_effects(signal=0.0, noise=1.0), sizes=[64, 256], fits=["ridge_per_feature"], holdout=100, n_boot=200
+    )
     row = flat[(flat.fit == "ridge_per_feature") & (flat.target == "full") & (flat.n_train == 256)].iloc[0]
     assert row["r2_ci_low"] <= 0 <= row["r2_ci_high"] or abs(row["r2"]) < 0.01
 

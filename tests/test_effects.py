@@ -288,7 +288,9 @@ def test_halves_are_two_independent_measurements_that_average_to_the_effect(tiny
 def test_positions_over_max_resid_norm_are_left_out(tiny_model, tiny_sae, spec):
     """Attention-sink positions (huge residual norm) count nowhere: the baseline equals the mean SAE
     code over the remaining positions, computed the slow way; a bound above every norm changes nothing."""
-    seeds = {p: [row_seed(SEED, BASELINE, p, s) for s in range(spec.samples_per_prompt)] for p in range(len(spec.prompts))}
+    seeds = {
+        p: [row_seed(SEED, BASELINE, p, s) for s in range(spec.samples_per_prompt)] for p in range(len(spec.prompts))
+    }
     acts = []
     for p, ids in enumerate(spec.prompts):
         gen = generate(tiny_model, torch.tensor([ids] * len(seeds[p])), spec.new_tokens(p), seeds[p], spec.sampling)

@@ -1,7 +1,7 @@
 """Copy a finished run's compact outputs into the tracked ``results/published/<run>/`` folder.
 
 What a README may cite: metrics (JSON), tables (CSV), figures (PNG) and the HTML reports; never raw
-effects or generations. ``python -m saets_utils.publish params/<run>.yaml`` after the pipeline and the
+effects or generations. ``python -m saets_utils.report.publish params/<run>.yaml`` after the pipeline and the
 design study have run; the copy lists every file with its size in ``MANIFEST.txt``.
 """
 
@@ -11,14 +11,26 @@ import argparse
 import shutil
 from pathlib import Path
 
-from .config import REPO_ROOT, RunConfig, load_config
+from saets_utils.config import REPO_ROOT, RunConfig, load_config
 
 # Compact outputs, relative to results/<run>/ (globs). Raw effects, samples and caches stay out.
 COMPACT = (
-    "manifest.json", "effects_meta.json", "effects_table.csv", "approximator_metrics.json",
-    "approximator_history.csv", "study/*.json", "study/*.csv", "study/*.png",
-    "eval/summary.csv", "eval/by_scale.csv", "eval/targeting.csv", "eval/targeting_summary.csv",
-    "eval/targets.json", "eval/judge_stats.json", "figures/*.png", "reports/*.html",
+    "manifest.json",
+    "effects_meta.json",
+    "effects_table.csv",
+    "approximator_metrics.json",
+    "approximator_history.csv",
+    "study/*.json",
+    "study/*.csv",
+    "study/*.png",
+    "eval/summary.csv",
+    "eval/by_scale.csv",
+    "eval/targeting.csv",
+    "eval/targeting_summary.csv",
+    "eval/targets.json",
+    "eval/judge_stats.json",
+    "figures/*.png",
+    "reports/*.html",
 )
 MAX_BYTES = 2_000_000  # per file: anything larger is not compact
 
@@ -45,7 +57,9 @@ def publish(run: RunConfig) -> list[Path]:
                 shutil.copy2(p, out)
                 copied.append(out)
     lines = [f"{p.relative_to(dst)}\t{p.stat().st_size}" for p in copied]
-    (dst / "MANIFEST.txt").write_text(f"compact outputs of results/{run.name}/ (file, bytes)\n" + "\n".join(lines) + "\n")
+    (dst / "MANIFEST.txt").write_text(
+        f"compact outputs of results/{run.name}/ (file, bytes)\n" + "\n".join(lines) + "\n"
+    )
     return copied
 
 
