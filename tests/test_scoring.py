@@ -153,3 +153,19 @@ def test_published_numbers():
     assert published_model("google/gemma-2-9b") == "gemma-2-9b"
     assert published_table("gemma-2-9b")["task"].unique().tolist() == ["average"]
     assert published_table("gemma-2-2b-it") is None and published_table("SmolLM2-135M") is None
+
+
+def test_method_differences_pair_tasks_and_bracket_the_mean_difference():
+    from saets_utils.evaluation.scoring import method_differences
+
+    tasks = [f"t{i}" for i in range(8)]
+    rows = [{"task": t, "method": "A", "v": 1.0 + 0.1 * i} for i, t in enumerate(tasks)]
+    rows += [{"task": t, "method": "B", "v": 0.5 + 0.1 * i} for i, t in enumerate(tasks)]  # A - B = 0.5 everywhere
+    rows += [{"task": t, "method": "C", "v": (-1) ** i * 0.3} for i, t in enumerate(tasks)]
+    df = method_differences(pd.DataFrame(rows), "v", [("A", "B"), ("A", "C"), ("A", "missing")], n_boot=2000)
+    ab = df[df.b == "B"].iloc[0]
+    # paired: a constant difference has no spread although both methods vary a lot over tasks
+    assert ab.mean_diff == pytest.approx(0.5) and ab.ci_low == pytest.approx(0.5) and ab.ci_high == pytest.approx(0.5)
+    ac = df[df.b == "C"].iloc[0]
+    assert ac.ci_low < ac.mean_diff < ac.ci_high and ac.n_tasks == 8
+    assert "missing" not in set(df.b)

@@ -175,3 +175,43 @@ def compare_with_published(summary: pd.DataFrame, model_name: str) -> pd.DataFra
     out["published"] = out["published"].astype(float)
     out["difference"] = out["ours"] - out["published"]
     return _sorted(out[_KEYS + ["ours", "ci_low", "ci_high", "published", "difference"]])
+
+
+def method_differences(
+    table: pd.DataFrame,
+    value: str,
+    pairs: list[tuple[str, str]],
+    n_boot: int = 10000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """Mean over tasks of ``value[a] - value[b]`` for each method pair, with a percentile bootstrap
+    CI that resamples tasks (paired: both methods of a task move together).
+
+    ``table`` has one row per (task, method) with a ``value`` column (e.g. summary.csv's
+    ``max_product`` or targeting.csv's ``ratio``). Returns columns a, b, value, n_tasks, mean_diff,
+    ci_low, ci_high.
+    """
+    wide = table.pivot(index="task", columns="method", values=value)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for a, b in pairs:
+        if a not in wide or b not in wide:
+            continue
+        d = (wide[a] - wide[b]).dropna().to_numpy(dtype=float)
+        if d.size == 0:
+            continue
+        boot = d[rng.integers(0, d.size, (n_boot, d.size))].mean(1)
+        lo, hi = np.percentile(boot, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
+        rows.append(
+            {
+                "a": a,
+                "b": b,
+                "value": value,
+                "n_tasks": int(d.size),
+                "mean_diff": float(d.mean()),
+                "ci_low": float(lo),
+                "ci_high": float(hi),
+            }
+        )
+    return pd.DataFrame(rows, columns=["a", "b", "value", "n_tasks", "mean_diff", "ci_low", "ci_high"])

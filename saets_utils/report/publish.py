@@ -56,11 +56,45 @@ def publish(run: RunConfig) -> list[Path]:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(p, out)
                 copied.append(out)
+    copied += _method_differences(dst)
     lines = [f"{p.relative_to(dst)}\t{p.stat().st_size}" for p in copied]
     (dst / "MANIFEST.txt").write_text(
         f"compact outputs of results/{run.name}/ (file, bytes)\n" + "\n".join(lines) + "\n"
     )
     return copied
+
+
+PAIRS = [
+    ("SAE-TS", "SAE"),
+    ("SAE-TS", "CAA"),
+    ("SAE", "CAA"),
+    ("SAE-TS", "pinverse"),
+    ("SAE-TS", "rotation"),
+    ("SAE-TS", "FGAA"),
+    ("CAA", "prompt"),
+]
+
+
+def _method_differences(dst: Path) -> list[Path]:
+    """``eval/method_differences.csv``: paired method differences over tasks with bootstrap CIs, for
+    the judge's max product and the targeting ratio and log10 target rank."""
+    import numpy as np
+    import pandas as pd
+
+    from saets_utils.evaluation.scoring import method_differences
+
+    frames = []
+    if (dst / "eval" / "summary.csv").is_file():
+        frames.append(method_differences(pd.read_csv(dst / "eval" / "summary.csv"), "max_product", PAIRS))
+    if (dst / "eval" / "targeting.csv").is_file():
+        tg = pd.read_csv(dst / "eval" / "targeting.csv")
+        tg["log10_rank"] = np.log10(tg["target_rank"])
+        frames += [method_differences(tg, v, PAIRS) for v in ("ratio", "log10_rank")]
+    if not frames:
+        return []
+    out = dst / "eval" / "method_differences.csv"
+    pd.concat(frames).to_csv(out, index=False)
+    return [out]
 
 
 def main(argv: list[str] | None = None) -> None:
