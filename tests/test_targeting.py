@@ -136,8 +136,9 @@ TARGETING = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model):
-    """A run whose SAE feature FEATURE detects TOKEN, a vector that makes the model write TOKEN,
-    and 01's plan (loss chunks, baseline) made with that SAE.
+    """A run whose SAE feature FEATURE detects TOKEN and whose decoder row is a vector that makes the
+    model write TOKEN, and 01's plan (loss chunks, baseline) made with that SAE: steering with the
+    decoder row must rank its own feature first.
 
     The vector: the direction that, added at the hook and growing, dominates the last layers and
     the final LayerNorm and so raises TOKEN's logit (the centred unembedding column of TOKEN). The
@@ -168,9 +169,11 @@ def setup(tmp_path_factory, tiny_model):
     with torch.no_grad():
         sae.W_enc[:, FEATURE] = 10 * d
         sae.b_enc[FEATURE] = -10 * threshold
+        sae.W_dec[FEATURE] = u  # the feature's decoder row is the vector that writes TOKEN
     plan = prepare_plan(run, model, sae)
     other = sae.W_dec[5].clone()  # an unrelated direction, as a second "method"
-    tvs = {"zeds": TaskVectors("zeds", vectors={"CAA": other, "SAE": u}, targets={"SAE": [(FEATURE, 1.0)]})}
+    row = sae.W_dec[FEATURE].detach().clone()  # the SAE method's vector: the target's own decoder row
+    tvs = {"zeds": TaskVectors("zeds", vectors={"CAA": other, "SAE": row}, targets={"SAE": [(FEATURE, 1.0)]})}
     df = measure_targeting(run, model, sae, tvs, progress=False)
     return run, model, sae, plan, tvs, df
 
