@@ -2,6 +2,7 @@
 offline judge), with assertions on the files they write. Slow: minutes on 2 cores."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -18,6 +19,8 @@ PARAMS = "params/test.yaml"
 @pytest.fixture(scope="module")
 def run():
     cfg = load_config(PARAMS)
+    # a fresh run: work left by older code (another effects fingerprint) is refused by 01, rightly
+    shutil.rmtree(cfg.results_dir, ignore_errors=True)
     run_pipeline(PARAMS, force=True, timeout_s=1200)
     return cfg
 
