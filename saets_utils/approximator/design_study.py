@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from saets_utils.approximator.fits import fit_approximator
-from saets_utils.approximator.metrics import heldout_r2, noise_ceiling
+from saets_utils.approximator.metrics import heldout_r2, noise_ceiling, split_half_reliability
 from saets_utils.approximator.model import split_holdout
 from saets_utils.config import ApproximatorConfig, RunConfig, load_config
 from saets_utils.effects.store import Effects, load_effects
@@ -50,9 +50,9 @@ def reliability_summary(halves: Tensor) -> dict[str, Any]:
     h = halves.double()
     a, b = _centred(h[:, 0]), _centred(h[:, 1])
     r = float((a * b).sum() / ((a * a).sum() * (b * b).sum()).sqrt())
-    fa, fb = (a * b).sum(0), ((a * a).sum(0) * (b * b).sum(0)).sqrt()
-    varying = fb > 0
-    per_feature = fa[varying] / fb[varying]
+    sb = split_half_reliability(halves)  # per feature, Spearman-Brown corrected
+    sb = sb[torch.isfinite(sb)]
+    per_feature = sb / (2 - sb)  # back to the plain correlation of the two halves
     raw_cos = torch.nn.functional.cosine_similarity(h[:, 0], h[:, 1], dim=1)
     cen_cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
     share = float((h.mean(1).mean(0) ** 2).sum() / (h.mean(1) ** 2).sum(1).mean())
