@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from saets_utils.approximator.fits import (
+    _folds,
+    _mse,
     _per_feature,
     choose_ridge_lambda,
     fit_adam,
     fit_reduced_rank,
     fit_ridge,
     fit_ridge_per_feature,
+    ridge_cv_path,
 )
 from saets_utils.approximator.metrics import approximator_metrics, heldout_r2, noise_ceiling, split_half_reliability
 from saets_utils.approximator.model import EffectApproximator, load_rotation, rotation_matrix, split_holdout
@@ -394,3 +397,34 @@ def test_noise_ceiling_ignores_noise_shared_by_every_vector():
     H = S + shared + 0.1 * torch.randn(300, 2, 20, generator=g)
     c = noise_ceiling(H, H.mean(1).mean(0), 0)
     assert c["noise_ceiling"] > 0.98
+
+
+@pytest.mark.parametrize(("n", "d"), [(60, 8), (30, 40)])
+def test_ridge_cv_path_equals_refitting_every_fold_and_penalty(n, d):
+    """The one-decomposition-per-fold path gives the CV MSE of refitting fit_ridge per fold and
+    penalty (more and fewer vectors than inputs; lam 0 = minimum-norm least squares)."""
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = (
+        X @ torch.randn(d, 5, generator=g, dtype=torch.float64)
+        + 0.5 * torch.randn(n, 5, generator=g, dtype=torch.float64)
+        + 3
+    )
+    lams = [0.0, 1e-2, 1.0, 100.0]
+    fast = ridge_cv_path(X, Y, lams, folds=5, seed=1)
+    parts = _folds(n, 5, 1)
+    for lam in lams:
+        sse = 0.0
+        for k, part in enumerate(parts):
+            tr = torch.cat([p for j, p in enumerate(parts) if j != k])
+            sse += _mse(fit_ridge(X[tr], Y[tr], lam), X[part], Y[part]) * len(part)
+        assert fast[lam] == pytest.approx(sse / n, rel=1e-5)
+    best, cv = choose_ridge_lambda(X.float(), Y.float(), "cv", folds=5, seed=1)
+    assert best == min(cv, key=cv.__getitem__) and len(cv) == 8
+
+
+def test_ridge_cv_path_rejects_bad_penalties():
+    X, Y = torch.randn(10, 3), torch.randn(10, 2)
+    for bad in ([], [-1.0], [math.inf], [math.nan]):
+        with pytest.raises(ValueError, match="lambdas"):
+            ridge_cv_path(X, Y, bad)
