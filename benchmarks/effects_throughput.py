@@ -9,8 +9,15 @@ One run, one model, one SAE, one set of effect settings, two ways of measuring t
     target and interpolates linearly. Then one TransformerLens ``model.generate`` call per prompt
     (prompt repeated ``samples_per_prompt`` times, KV cache, no stop at EOS) with the steering hook,
     and the rollouts re-run through the unsteered model up to the hook and SAE-encoded.
-(b) ours: ``calibrate_scales`` + ``measure_effects`` on blocks of ``vectors_per_batch`` vectors,
-    exactly as ``effects.runner.compute_block`` calls them (without writing a shard).
+(b) ours: ``calibrate`` (the params' method: the secant search by default, ``--calibration sweep``
+    for the grid sweep) + ``measure_effects`` on blocks of ``vectors_per_batch`` vectors, exactly
+    as ``effects.runner.compute_block`` calls them (without writing a shard). The secant search's
+    starting scale (the sweep's median over the first 4 vectors, once per worker) is setup.
+
+It also times a raw batched forward of the same model (same dtype, threads and batch shape as
+one generation call) and reports our effects step's rollout tokens/s as a fraction of it.
+``--profile`` adds a torch.profiler summary of one more block and, on CUDA, counts the host syncs
+inside one ``generate`` call (torch.cuda sync debug mode).
 
 Per-run setup that both paths share and that does not scale with the number of vectors (loss
 chunks, the activations at the hook on them, the unsteered loss, the unsteered baseline) is timed
@@ -50,12 +57,19 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from saets_utils.config import EffectsConfig, LossTarget, SamplingConfig, load_config  # noqa: E402
+from saets_utils.config import CalibrationConfig, EffectsConfig, LossTarget, SamplingConfig, load_config  # noqa: E402
 from saets_utils.effects import calibration as cal_mod  # noqa: E402
 from saets_utils.effects import measure as eff_mod  # noqa: E402
 from saets_utils.effects import reference as ref_mod  # noqa: E402
-from saets_utils.effects.calibration import calibrate_scales, hook_layer, resid_at_hook, steered_losses  # noqa: E402
+from saets_utils.effects.calibration import (  # noqa: E402
+    calibrate,
+    hook_layer,
+    resid_at_hook,
+    scale_hint,
+    steered_losses,
+)
 from saets_utils.effects.measure import RolloutSpec, measure_effects  # noqa: E402
+from saets_utils.effects.memory import rows_for_memory  # noqa: E402
 from saets_utils.effects.reference import reference_effects, transformer_lens_rollouts  # noqa: E402
 from saets_utils.steering import generation as steer_mod  # noqa: E402
 from saets_utils.steering.hooks import steering_hook  # noqa: E402
@@ -150,6 +164,7 @@ class Setup:
     vectors_per_batch: int
     device: str
     label: dict = field(default_factory=dict)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 def _sae_cached(run) -> bool:
@@ -262,6 +277,7 @@ def smollm_setup(args) -> Setup:
         args.vectors_per_batch or e.vectors_per_batch,
         device,
         label,
+        e.calibration,
     )
 
 
@@ -285,7 +301,6 @@ GEMMA_PROMPT_LENGTHS = {
 def gemma_setup(args) -> Setup:
     """A HookedTransformer with Gemma-2-2B's config and random weights, a random JumpReLU SAE of
     width 16384 at ``blocks.12.hook_resid_post``, random token chunks, the reference settings."""
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -371,7 +386,7 @@ def gemma_setup(args) -> Setup:
     hook = f"blocks.{layer}.hook_resid_post"
     d_model = cfg.d_model
     g = torch.Generator().manual_seed(1)
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_model, d_sae=d_sae, device=device, apply_b_dec_to_input=False))
+    sae = _jumprelu_sae(d_model, d_sae, device)
     w_dec = torch.randn(d_sae, d_model, generator=g)
     w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
     with torch.no_grad():
@@ -423,7 +438,36 @@ def gemma_setup(args) -> Setup:
         args.vectors_per_batch or e.vectors_per_batch,
         device,
         label,
+        e.calibration,
     )
+
+
+class _StandInJumpReLU(torch.nn.Module):
+    """sae_lens's JumpReLU encoder math (``relu(x W_enc + b_enc)`` where above ``threshold``), for a
+    GPU machine without sae_lens installed."""
+
+    def __init__(self, d_in: int, d_sae: int, device: str):
+        super().__init__()
+        self.W_enc = torch.nn.Parameter(torch.zeros(d_in, d_sae, device=device))
+        self.W_dec = torch.nn.Parameter(torch.zeros(d_sae, d_in, device=device))
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_in, device=device))
+        self.threshold = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+        self.cfg = type("Cfg", (), {"d_sae": d_sae, "d_in": d_in})()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = x @ self.W_enc + self.b_enc
+        return torch.relu(pre) * (pre > self.threshold)
+
+
+def _jumprelu_sae(d_model: int, d_sae: int, device: str):
+    """sae_lens's JumpReLU SAE, or the stand-in where sae_lens is not installed."""
+    try:
+        from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    except ImportError:
+        print("sae_lens not importable here: a stand-in JumpReLU encoder with the same math is used", flush=True)
+        return _StandInJumpReLU(d_model, d_sae, device)
+    return JumpReLUSAE(JumpReLUSAEConfig(d_in=d_model, d_sae=d_sae, device=device, apply_b_dec_to_input=False))
 
 
 @torch.no_grad()
@@ -543,6 +587,7 @@ def instrumented(prof: Profile, shape: ModelShape, fine: bool) -> Iterator[None]
 
     def sl(model, hook_name, tokens, resid, deltas, max_rows=64):
         prof.count["grid_points"] += deltas.shape[0]
+        prof.count["chunk_evals"] += deltas.shape[0] * tokens.shape[0]
         t = tokens.numel() * deltas.shape[0]
         prof.count["layer_tokens"] += t * (shape.n_layers - shape.hook_layer - 1)
         prof.count["unembed_tokens"] += t
@@ -552,6 +597,9 @@ def instrumented(prof: Profile, shape: ModelShape, fine: bool) -> Iterator[None]
         model, prompt_tokens, new_tokens, seeds, sampling, hook_name=None, delta=None, use_cache=True, capture=False
     ):
         rows, plen = prompt_tokens.shape
+        prof.count["gen_calls"] += 1
+        prof.count["gen_rows"] += rows
+        prof.count["rollout_tokens"] += rows * (plen + new_tokens)
         prof.count["layer_tokens"] += rows * (plen + new_tokens - 1) * shape.n_layers + rows * (shape.hook_layer + 1)
         prof.count["unembed_tokens"] += rows * (plen + new_tokens - 1)
         with prof.phase("fast.generate(+capture)"):
@@ -582,12 +630,23 @@ def instrumented(prof: Profile, shape: ModelShape, fine: bool) -> Iterator[None]
 
 
 @torch.no_grad()
-def fast_block(s: Setup, rows: list[int], resid: torch.Tensor, unsteered: float, baseline: torch.Tensor, prof: Profile):
+def fast_block(
+    s: Setup,
+    rows: list[int],
+    resid: torch.Tensor,
+    unsteered: float,
+    baseline: torch.Tensor,
+    prof: Profile,
+    hint=None,
+):
     """``compute_block`` without the shard: calibrate, then measure the vectors that got a scale."""
     vecs = s.vectors[rows]
     ids = s.vector_ids[rows]
     with prof.phase("fast.calibration"):
-        cal = calibrate_scales(s.model, s.hook, s.loss_tokens, resid, vecs, s.grid, s.target, unsteered)
+        cal_rows = rows_for_memory(s.model, s.loss_tokens.shape[1], default=64)
+        cal = calibrate(
+            s.model, s.hook, s.loss_tokens, resid, vecs, s.calibration, s.grid, s.target, unsteered, hint, cal_rows
+        )
     ok = torch.isfinite(cal.scales)
     effects = torch.full((len(rows), baseline.shape[0]), float("nan"))
     if ok.any():
@@ -602,9 +661,62 @@ def fast_block(s: Setup, rows: list[int], resid: torch.Tensor, unsteered: float,
                 cal.scales[ok].to(vecs.device),
                 baseline.to(vecs.device),
                 s.seed,
+                max_rows=rows_for_memory(s.model, s.spec.total_tokens, default=2048, logit_positions=8),
             )
         effects[ok] = blk.effects.float().cpu()
     return cal, effects
+
+
+@torch.no_grad()
+def raw_forward_tokens_per_s(s: Setup, rows: int, seq: int, reps: int) -> float:
+    """Tokens/s of a plain batched forward ``model(tokens [rows, seq])`` (logits, no hooks, no cache):
+    what the machine gives this model at this batch shape, dtype and thread count."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, s.model.cfg.d_vocab, (rows, seq), generator=g).to(s.device)
+    prof = Profile(s.device)
+    s.model(tokens[:, :2])  # warm-up
+    with prof.phase("raw"):
+        for _ in range(reps):
+            s.model(tokens)
+    return rows * seq * reps / prof.wall["raw"]
+
+
+def profile_block(s: Setup, rows: list[int], resid, unsteered: float, baseline, hint, steps: int = 4) -> list[str]:
+    """torch.profiler's top operators over one calibration evaluation and a short ``generate`` call
+    (``steps`` new tokens, one block's rows for one prompt: profiling a whole block records millions
+    of events), and on CUDA the host syncs counted by torch.cuda's sync debug mode in that call."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = s.device.startswith("cuda")
+    n = len(rows) * s.spec.samples_per_prompt
+    prompt = torch.tensor([s.spec.prompts[-1]] * n, device=s.device)
+    delta = (20.0 * s.vectors[rows[0]])[None].repeat(n, 1)
+    vecs = s.vectors[rows] * 20.0
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        steered_losses(s.model, s.hook, s.loss_tokens, resid, vecs)
+        steer_mod.generate(s.model, prompt, steps, list(range(n)), s.spec.sampling, s.hook, delta, capture=True)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    lines = [
+        f"--profile: one calibration evaluation of {len(rows)} vectors + generate({n} rows, {steps} tokens); by {key}"
+    ]
+    lines += prof.key_averages().table(sort_by=key, row_limit=15).splitlines()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                steer_mod.generate(s.model, prompt, steps, list(range(n)), s.spec.sampling, s.hook, delta, capture=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        msgs = [str(w.message).splitlines()[0] for w in caught]
+        lines.append(f"host syncs inside one generate call ({steps} new tokens, {n} rows): {len(msgs)}")
+        for m in sorted(set(msgs))[:5]:
+            lines.append(f"    {msgs.count(m)} x {m[:160]}")
+    return lines
 
 
 @torch.no_grad()
@@ -677,6 +789,13 @@ def parse_args(argv=None):
     )
     ap.add_argument("--no-fine-profile", action="store_true", help="skip per-step sampling timers inside generate")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument(
+        "--calibration", choices=["secant", "sweep"], default=None, help="(b)'s scale search (default: the params')"
+    )
+    ap.add_argument("--raw-reps", type=int, default=3, help="repetitions of the raw batched forward timed")
+    ap.add_argument(
+        "--profile", action="store_true", help="torch.profiler summary of one more block; on CUDA count host syncs"
+    )
     return ap.parse_args(argv)
 
 
@@ -695,6 +814,8 @@ def main(argv=None) -> dict:
         args.ref_vectors, args.fast_vectors = min(args.ref_vectors, 1), min(args.fast_vectors, 2)
         args.vectors_per_batch = args.vectors_per_batch or 2
     s = gemma_setup(args) if args.gemma_shaped else smollm_setup(args)
+    if args.calibration:
+        s.calibration = s.calibration.model_copy(update={"method": args.calibration})
     t_load = time.perf_counter() - t_start
     shape = ModelShape.of(s.model, s.sae, s.hook)
     setup = Profile(s.device)
@@ -715,6 +836,10 @@ def main(argv=None) -> dict:
     if s.device.startswith("cuda"):  # CUDA/cuBLAS initialisation and first-call overheads, outside the timings
         with setup.phase("gpu warm-up (both generate paths, SAE encode)"):
             warm(s)
+    hint = None
+    if s.calibration.method == "secant":
+        with setup.phase("fast: secant starting scale (sweep of 4 vectors, once per worker)"):
+            hint = scale_hint(s.model, s.hook, s.loss_tokens, resid, s.vectors[:4], s.grid, s.target, unsteered_fast)
     target_ref = unsteered_ref + s.target.value if s.target.kind == "relative" else s.target.value
     baseline = torch.zeros(s.sae.cfg.d_sae)
 
@@ -748,7 +873,7 @@ def main(argv=None) -> dict:
             rows = blocks[i]
             t0 = time.perf_counter()
             with instrumented(fast, shape, fine=not args.no_fine_profile and not s.device.startswith("cuda")):
-                c, eff = fast_block(s, rows, resid, unsteered_fast, baseline, fast)
+                c, eff = fast_block(s, rows, resid, unsteered_fast, baseline, fast, hint)
             fast_scales[rows] = c.scales.float().cpu()
             for j, r in enumerate(rows):
                 fast_status[r] = c.status[j]
@@ -762,6 +887,17 @@ def main(argv=None) -> dict:
     ref_vps, fast_vps = _rate(args.ref_vectors, ref_wall), _rate(args.fast_vectors, fast_wall)
     ratio = fast_vps / ref_vps
     ratio_cpu = _rate(args.fast_vectors, fast_cpu) / _rate(args.ref_vectors, ref_cpu)
+    cal_ratio = (ref.wall["ref.calibration"] / args.ref_vectors) / (fast.wall["fast.calibration"] / args.fast_vectors)
+    rollout_ratio = ((ref_wall - ref.wall["ref.calibration"]) / args.ref_vectors) / (
+        fast.wall["fast.measure_effects"] / args.fast_vectors
+    )
+    # the machine's raw forward throughput at the batch shape of our average generate call
+    gen_rows = max(1, round(fast.count["gen_rows"] / max(fast.count["gen_calls"], 1)))
+    raw_tps = raw_forward_tokens_per_s(s, gen_rows, sp.total_tokens, args.raw_reps)
+    eff_tps = fast.count["rollout_tokens"] / max(fast.wall["fast.measure_effects"], 1e-9)
+    all_tps = fast.count["rollout_tokens"] / max(fast_wall, 1e-9)
+    chunk_evals = fast.count["chunk_evals"] / s.loss_tokens.shape[0] / args.fast_vectors
+    profile_lines = profile_block(s, blocks[0], resid, unsteered_fast, baseline, hint) if args.profile else []
 
     common = ref_rows
     rs = torch.tensor(ref_scales, dtype=torch.float64)
@@ -849,12 +985,18 @@ def main(argv=None) -> dict:
         f"      {'fast.measure_effects other':<34} {other / args.fast_vectors:8.3f} s/vector  "
         f"({100 * other / fast_wall:5.1f}%)  (seeds, FeatureSums, host copies)"
     )
-    out(f"      grid points (steered loss evaluations) per vector: {fast.count['grid_points'] / args.fast_vectors:.2f}")
-    out("-" * 78)
-    out(f"SPEED-UP (b)/(a): {ratio:.1f}x vectors/s by wall clock ({ratio_cpu:.1f}x by process CPU time); target >= 10x")
     out(
-        f"  calibration only: {(ref.wall['ref.calibration'] / args.ref_vectors) / (fast.wall['fast.calibration'] / args.fast_vectors):.1f}x; "
-        f"rollouts+encode only: {((ref_wall - ref.wall['ref.calibration']) / args.ref_vectors) / (fast.wall['fast.measure_effects'] / args.fast_vectors):.1f}x"
+        f"      calibration ({s.calibration.method}): loss evaluations on all {s.loss_tokens.shape[0]} chunks "
+        f"per vector {chunk_evals:.2f} (coarse ones pro rata), from the layer after the hook"
+    )
+    out("-" * 78)
+    out(f"SPEED-UP (b)/(a): {ratio:.1f}x vectors/s by wall clock ({ratio_cpu:.1f}x by process CPU time); target >= 40x")
+    out(f"  calibration only: {cal_ratio:.1f}x (target >= 10x); rollouts+encode only: {rollout_ratio:.1f}x")
+    out(
+        f"  effects step (rollouts, capture, encode): {eff_tps:,.0f} rollout tokens/s = "
+        f"{100 * eff_tps / raw_tps:.0f}% of a raw batched forward ({raw_tps:,.0f} tokens/s at [{gen_rows}, "
+        f"{sp.total_tokens}], same dtype and threads; target >= 80%); with calibration {all_tps:,.0f} tokens/s "
+        f"= {100 * all_tps / raw_tps:.0f}%"
     )
     out(
         f"scales of the same {len(common)} vectors, (a) vs (b): ref {[round(x, 3) for x in ref_scales]} "
@@ -877,6 +1019,7 @@ def main(argv=None) -> dict:
         f"(b) {fast_fl / args.fast_vectors / 1e12:.3f} TFLOP/vector at {fast_fl / fast_wall / 1e12:.3f} TFLOP/s "
         f"= {100 * fast_fl / fast_wall / peak:.2f}% of peak"
     )
+    lines += profile_lines
     out(f"total benchmark wall time: {time.perf_counter() - t_start:.0f} s")
     out("=" * 78)
     print("\n".join(lines), flush=True)
@@ -919,6 +1062,14 @@ def main(argv=None) -> dict:
         "load_s": t_load,
         "ratio_wall": ratio,
         "ratio_cpu": ratio_cpu,
+        "ratio_calibration": cal_ratio,
+        "ratio_rollouts": rollout_ratio,
+        "calibration_method": s.calibration.method,
+        "calibration_chunk_evals_per_vector": chunk_evals,
+        "raw_forward_tokens_per_s": raw_tps,
+        "raw_forward_batch": [gen_rows, sp.total_tokens],
+        "effects_tokens_per_s": eff_tps,
+        "effects_fraction_of_raw": eff_tps / raw_tps,
         "max_abs_scale_diff": max_scale_diff,
         "ref_scales": ref_scales,
         "fast_scales_same_vectors": fast_scales[common].tolist(),

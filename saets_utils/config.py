@@ -218,12 +218,30 @@ class VectorSource(_Strict):
         return self
 
 
+class CalibrationConfig(_Strict):
+    """How 01 finds each vector's scale (:mod:`saets_utils.effects.calibration`).
+
+    ``sweep``: the reference's sweep of ``scale_grid`` upwards until the loss exceeds the target,
+    interpolated between the last two grid points. ``secant`` (default): about one evaluation on
+    all loss chunks per vector: it starts from the sweep's median scale over the plan's first 4
+    vectors (refined on ``coarse_chunks`` chunks, default an eighth, when there are 8 or more),
+    then evaluates near the crossing of a local power law ``loss - unsteered ~ scale ** p``
+    until the next step moves the scale by at most ``rtol`` (at most ``max_evals`` evaluations).
+    """
+
+    method: Literal["sweep", "secant"] = "secant"
+    coarse_chunks: int | None = Field(None, gt=0)
+    rtol: float = Field(0.05, gt=0, lt=1)
+    max_evals: int = Field(3, gt=0, le=10)
+
+
 class EffectsConfig(_Strict):
     """Settings of notebook 01 (defaults follow the reference run)."""
 
     vectors: VectorSource = VectorSource()
     scale_grid: ScaleGrid = ScaleGrid()
     loss_target: LossTarget = LossTarget()
+    calibration: CalibrationConfig = CalibrationConfig()
     loss_chunks: int = Field(64, gt=0)
     loss_chunk_tokens: int = Field(32, gt=1)
     prompts: list[str] = Field(

@@ -4,6 +4,7 @@ next-token loss, and the tiny-model sweep landing on the target (batched like on
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -12,11 +13,15 @@ from helpers import HOOK
 from saets_utils.config import LossTarget, SamplingConfig
 from saets_utils.effects.calibration import (
     STATUSES,
+    SearchStart,
     calibrate_scales,
+    calibrate_scales_secant,
     hook_layer,
     interpolate_scale,
+    local_exponent,
     loss_target_value,
     resid_at_hook,
+    scale_hint,
     steered_losses,
 )
 from saets_utils.steering.generation import generate
@@ -195,3 +200,73 @@ def test_absolute_target_below_unsteered_loss_skips_every_vector(tiny_model, tin
     far_above = LossTarget(kind="absolute", value=unsteered + 100.0)
     high = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], GRID, far_above, unsteered)
     assert high.status == ["not_reached"] * 3 and torch.all(high.scales == GRID[-1])
+
+
+# --- the secant search against the sweep (the oracle) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def start(tiny_model, tiny_sae, chunks, resid, unsteered):
+    return scale_hint(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:4], GRID, TARGET, unsteered)
+
+
+def _same_outcome(a: str, b: str) -> bool:
+    return a == b or {a, b} <= {"ok", "non_monotone"}
+
+
+@pytest.mark.parametrize("coarse_chunks", [None, 2])
+def test_secant_finds_the_sweeps_scales_with_fewer_evaluations(
+    tiny_model, tiny_sae, chunks, resid, unsteered, calibration, start, coarse_chunks
+):
+    vecs = tiny_sae.W_dec[:16]
+    sec = calibrate_scales_secant(
+        tiny_model, HOOK, chunks, resid, vecs, GRID, TARGET, unsteered, start, coarse_chunks=coarse_chunks
+    )
+    assert all(_same_outcome(a, b) for a, b in zip(calibration.status, sec.status, strict=True))
+    ok = torch.tensor([st != "not_reached" for st in calibration.status])
+    assert ok.any() and (~ok).any()
+    # not reached: the grid's largest scale, and every point it evaluated stays below the target
+    assert torch.all(sec.scales[~ok] == GRID[-1])
+    assert sec.probe_losses is not None and bool((sec.probe_losses[~ok].nan_to_num(-1.0) <= sec.target).all())
+    # crossed: within 5% of the sweep's scale, and the loss there is on the target
+    torch.testing.assert_close(sec.scales[ok], calibration.scales[ok], rtol=0.05, atol=0)
+    loss = steered_losses(tiny_model, HOOK, chunks, resid, vecs[ok] * sec.scales[ok, None])
+    assert float((loss - sec.target).abs().max()) < 0.02
+    assert sec.evaluations is not None and calibration.evaluations is not None
+    assert float(sec.evaluations.mean()) < 0.5 * float(calibration.evaluations.mean())
+    if coarse_chunks:  # evaluations on 2 of the 6 chunks count a third each
+        assert not torch.all(sec.evaluations == sec.evaluations.round())
+
+
+def test_secant_without_a_start_and_batched_like_one_at_a_time(tiny_model, tiny_sae, chunks, resid, unsteered, start):
+    vecs = tiny_sae.W_dec[:8]
+    both = calibrate_scales_secant(tiny_model, HOOK, chunks, resid, vecs, GRID, TARGET, unsteered, start)
+    for i in (0, 2, 5):
+        one = calibrate_scales_secant(tiny_model, HOOK, chunks, resid, vecs[i : i + 1], GRID, TARGET, unsteered, start)
+        assert one.status == both.status[i : i + 1]
+        torch.testing.assert_close(one.scales, both.scales[i : i + 1], atol=1e-4, rtol=0)
+    cold = calibrate_scales_secant(tiny_model, HOOK, chunks, resid, vecs, GRID, TARGET, unsteered, None)
+    torch.testing.assert_close(cold.scales, both.scales, rtol=0.05, atol=0)
+
+
+def test_secant_skips_vectors_above_the_target_at_zero(tiny_model, tiny_sae, chunks, resid, unsteered, start):
+    below = LossTarget(kind="absolute", value=unsteered - 0.1)
+    cal = calibrate_scales_secant(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], GRID, below, unsteered, start)
+    assert cal.status == ["above_at_zero"] * 3 and torch.isnan(cal.scales).all()
+    assert cal.evaluations is not None and torch.all(cal.evaluations == 0)
+
+
+def test_scale_hint_is_the_sweeps_median_and_none_when_nothing_crosses(
+    tiny_model, tiny_sae, chunks, resid, unsteered, calibration, start
+):
+    assert isinstance(start, SearchStart) and start.exponent > 0
+    crossed = [float(calibration.scales[i]) for i in range(4) if calibration.status[i] != "not_reached"]
+    assert start.scale == pytest.approx(statistics.median(crossed), abs=1e-4)
+    far = LossTarget(kind="absolute", value=unsteered + 100.0)
+    assert scale_hint(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:4], GRID, far, unsteered) is None
+
+
+def test_local_exponent_of_a_power_law():
+    assert local_exponent([2.0, 4.0], [0.5, 4.0], 2.0) == pytest.approx(3.0)
+    assert local_exponent([2.0, 4.0], [0.0, 4.0], 2.0) == 2.0  # no rise: the default
+    assert local_exponent([2.0, 4.0], [1.0, 1e9], 2.0) == 8.0  # clamped

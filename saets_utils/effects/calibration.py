@@ -17,6 +17,7 @@ Outcomes are recorded per vector, never silently invented:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-from saets_utils.config import LossTarget
+from saets_utils.config import CalibrationConfig, LossTarget
 
 STATUSES = ("ok", "non_monotone", "not_reached", "above_at_zero")
 
@@ -111,13 +112,18 @@ def interpolate_scale(
 @dataclass
 class Calibration:
     """Per-vector result: ``scales [v]`` (NaN where skipped), ``status`` (one of :data:`STATUSES`),
-    ``losses [v, g]`` (NaN where the sweep stopped), the ``target`` and the ``unsteered_loss``."""
+    ``losses [v, g]`` (NaN where the sweep stopped), the ``target`` and the ``unsteered_loss``; the
+    secant search adds the points it evaluated on all chunks (``probe_scales``/``probe_losses
+    [v, k]``) and ``evaluations [v]``, its cost in evaluations on all chunks."""
 
     scales: Tensor
     status: list[str]
     losses: Tensor
     target: float
     unsteered_loss: float
+    probe_scales: Tensor | None = None
+    probe_losses: Tensor | None = None
+    evaluations: Tensor | None = None
 
 
 @torch.no_grad()
@@ -153,4 +159,233 @@ def calibrate_scales(
         sc, st = interpolate_scale(grid, losses[i].tolist(), tgt)
         scales.append(sc)
         status.append(st)
-    return Calibration(torch.tensor(scales, dtype=torch.float32), status, losses, tgt, unsteered_loss)
+    evaluations = torch.isfinite(losses).sum(1).double() - float(grid[0] == 0.0)  # scale 0 is free
+    return Calibration(
+        torch.tensor(scales, dtype=torch.float32), status, losses, tgt, unsteered_loss, None, None, evaluations
+    )
+
+
+# --- the cheap search: a few evaluations near the crossing instead of a sweep ----------------------
+
+EXPONENT_RANGE = (0.5, 8.0)
+
+
+def _power_law_scale(s: float, rise: float, need: float, exponent: float, s_max: float) -> float:
+    """Scale where ``rise * (scale / s) ** exponent`` reaches ``need``; where the loss did not rise,
+    twice ``s``; at most ``s_max``."""
+    if rise <= 1e-6:
+        return min(2.0 * s, s_max)
+    return min(s * (need / rise) ** (1.0 / exponent), s_max)
+
+
+def local_exponent(s: Sequence[float], rise: Sequence[float], default: float) -> float:
+    """Exponent of ``rise ~ scale ** p`` through the two points ``(s[i], rise[i])`` (clamped to
+    :data:`EXPONENT_RANGE`); ``default`` where they do not determine it."""
+    if len(s) < 2 or min(rise[0], rise[1]) <= 1e-6 or s[0] <= 0 or s[1] <= 0 or s[0] == s[1]:
+        return default
+    p = math.log(rise[1] / rise[0]) / math.log(s[1] / s[0])
+    return min(max(p, EXPONENT_RANGE[0]), EXPONENT_RANGE[1]) if math.isfinite(p) else default
+
+
+def _next_scale(
+    s: Tensor, loss: Tensor, l0: float, target: float, exponent: float, s_max: float
+) -> tuple[float, float]:
+    """From the points ``(s [k], loss [k])`` evaluated so far: the scale to try next (the crossing
+    of a power law through the two points closest to the target, or through the closest one with
+    ``exponent``) and the scale it moves from."""
+    order = sorted(range(len(s)), key=lambda i: abs(float(loss[i]) - target))
+    near = order[0]
+    p = exponent
+    if len(order) > 1:
+        two = order[:2]
+        p = local_exponent([float(s[i]) for i in two], [float(loss[i]) - l0 for i in two], exponent)
+    nxt = _power_law_scale(float(s[near]), float(loss[near]) - l0, target - l0, p, s_max)
+    return nxt, float(s[near])
+
+
+@torch.no_grad()
+def calibrate_scales_secant(
+    model: HookedTransformer,
+    hook_name: str,
+    tokens: Tensor,
+    resid: Tensor,
+    vectors: Tensor,
+    grid: Sequence[float],
+    target: LossTarget,
+    unsteered_loss: float,
+    start: SearchStart | None = None,
+    coarse_chunks: int | None = None,
+    rtol: float = 0.05,
+    max_evals: int = 3,
+    tol: float = 0.05,
+    max_rows: int = 64,
+) -> Calibration:
+    """The scale at which the loss crosses the target for ``vectors [v, d_model]`` (unit norm), from
+    one to ``max_evals`` evaluations on all loss chunks per vector instead of the reference's sweep.
+
+    The loss rise is modelled locally as ``loss - unsteered ~ scale ** p``.
+
+    1. **Guess**: ``start.scale`` (e.g. the sweep's median over a few fixed vectors,
+       :func:`scale_hint`), refined by one evaluation on the first ``coarse_chunks`` chunks
+       (default ``c // 8``: none below 8 chunks, where one chunk's loss is too noisy to help).
+       Without a start, the sweep on those chunks (or on all of them).
+    2. **Refine** on all chunks: evaluate at the guess, move to the crossing of the power law
+       through the point (``p = start.exponent``) or through the two points closest to the target
+       (``p`` fitted to them); stop once the move is at most ``rtol`` of the scale.
+
+    Statuses as :func:`calibrate_scales`: ``not_reached`` when the loss at the grid's largest scale
+    stays below the target (scale = that maximum), ``above_at_zero`` (NaN), and ``non_monotone``
+    when an evaluated loss lies more than ``tol`` below the unsteered loss (a sweep sees more dips
+    than these few points do). ``losses [v, g]`` holds only the unsteered loss (column 0);
+    ``probe_scales``/``probe_losses [v, max_evals]`` the points evaluated on all chunks and
+    ``evaluations [v]`` the cost in evaluations on all chunks (coarse ones pro rata).
+    """
+    grid = sorted(float(s) for s in grid)
+    s_max = grid[-1]
+    tgt = loss_target_value(target, unsteered_loss)
+    v, c = vectors.shape[0], tokens.shape[0]
+    losses = torch.full((v, len(grid)), float("nan"), dtype=torch.float64)
+    losses[:, 0] = unsteered_loss
+    probe_s = torch.full((v, max_evals), float("nan"), dtype=torch.float64)
+    probe_l = torch.full((v, max_evals), float("nan"), dtype=torch.float64)
+    cost = torch.zeros(v, dtype=torch.float64)
+    if unsteered_loss > tgt:
+        nan = torch.full((v,), float("nan"))
+        return Calibration(nan, ["above_at_zero"] * v, losses, tgt, unsteered_loss, probe_s, probe_l, cost)
+    exponent = start.exponent if start is not None else 2.0
+
+    # 1. the guess
+    m = min(c, coarse_chunks or c // 8)
+    coarse = 0 < m < c
+    if start is not None:
+        guess = torch.full((v,), min(start.scale, s_max), dtype=torch.float64)
+        if coarse:
+            sub_t, sub_r = tokens[:m], resid[:m]
+            l0_sub = float(steered_losses(model, hook_name, sub_t, sub_r, vectors[:1] * 0.0)[0])
+            l_h = steered_losses(model, hook_name, sub_t, sub_r, vectors * guess[:, None].to(vectors), max_rows)
+            cost += m / c
+            guess = torch.tensor(
+                [
+                    _power_law_scale(float(guess[i]), float(l_h[i]) - l0_sub, tgt - unsteered_loss, exponent, s_max)
+                    for i in range(v)
+                ],
+                dtype=torch.float64,
+            )
+    else:
+        sub = slice(0, m if coarse else c)
+        l0_sub = (
+            unsteered_loss
+            if not coarse
+            else float(steered_losses(model, hook_name, tokens[sub], resid[sub], vectors[:1] * 0.0)[0])
+        )
+        sweep = calibrate_scales(model, hook_name, tokens[sub], resid[sub], vectors, grid, target, l0_sub, max_rows)
+        assert sweep.evaluations is not None
+        cost += sweep.evaluations * (m / c if coarse else 1.0)
+        guess = sweep.scales.double().nan_to_num(nan=grid[1] if len(grid) > 1 else s_max)
+    guess = guess.clamp(min=1e-3 * s_max, max=s_max)
+
+    # 2. refine on all chunks
+    scale = torch.full((v,), float("nan"), dtype=torch.float64)
+    active = torch.ones(v, dtype=torch.bool)
+    for k in range(max_evals):
+        idx = active.nonzero()[:, 0]
+        if idx.numel() == 0:
+            break
+        s_k = guess[idx]
+        l_k = steered_losses(model, hook_name, tokens, resid, vectors[idx] * s_k[:, None].to(vectors), max_rows)
+        cost[idx] += 1
+        probe_s[idx, k], probe_l[idx, k] = s_k, l_k
+        for i in idx.tolist():
+            pts_s, pts_l = probe_s[i, : k + 1], probe_l[i, : k + 1]
+            if bool((pts_s >= s_max).any()) and not bool((pts_l > tgt).any()):
+                scale[i], active[i] = s_max, False  # not reached: the sweep's answer too
+                continue
+            nxt, frm = _next_scale(pts_s, pts_l, unsteered_loss, tgt, exponent, s_max)
+            if abs(nxt - frm) <= rtol * frm or k + 1 == max_evals:
+                scale[i], active[i] = nxt, False
+            else:
+                guess[i] = nxt
+    status = []
+    for i in range(v):
+        seen = probe_l[i][torch.isfinite(probe_l[i])]
+        at_max = bool(scale[i] >= s_max and (seen <= tgt).all())
+        dips = bool((seen < unsteered_loss - tol).any())
+        status.append("not_reached" if at_max else "non_monotone" if dips else "ok")
+    return Calibration(scale.float(), status, losses, tgt, unsteered_loss, probe_s, probe_l, cost)
+
+
+def calibrate(
+    model: HookedTransformer,
+    hook_name: str,
+    tokens: Tensor,
+    resid: Tensor,
+    vectors: Tensor,
+    cfg: CalibrationConfig,
+    grid: Sequence[float],
+    target: LossTarget,
+    unsteered_loss: float,
+    start: SearchStart | None = None,
+    max_rows: int = 64,
+) -> Calibration:
+    """Scales for ``vectors [v, d_model]`` with the method ``cfg`` names (``start``: the secant
+    search's starting point, :func:`scale_hint`; the sweep ignores it)."""
+    if cfg.method == "sweep":
+        return calibrate_scales(model, hook_name, tokens, resid, vectors, grid, target, unsteered_loss, max_rows)
+    return calibrate_scales_secant(
+        model,
+        hook_name,
+        tokens,
+        resid,
+        vectors,
+        grid,
+        target,
+        unsteered_loss,
+        start=start,
+        coarse_chunks=cfg.coarse_chunks,
+        rtol=cfg.rtol,
+        max_evals=cfg.max_evals,
+        max_rows=max_rows,
+    )
+
+
+@dataclass(frozen=True)
+class SearchStart:
+    """Where the secant search starts: a ``scale`` and the ``exponent`` of ``loss rise ~ scale ** p``
+    near the crossing."""
+
+    scale: float
+    exponent: float
+
+
+def scale_hint(
+    model: HookedTransformer,
+    hook_name: str,
+    tokens: Tensor,
+    resid: Tensor,
+    vectors: Tensor,
+    grid: Sequence[float],
+    target: LossTarget,
+    unsteered_loss: float,
+    default_exponent: float = 2.0,
+) -> SearchStart | None:
+    """The secant search's start from the reference sweep of ``vectors [k, d_model]`` (a few fixed
+    vectors, e.g. a plan's first rows, so every block of a run starts alike whatever worker or
+    resume computes it): their median scale, and the median exponent of the loss rise between the
+    two grid points around each crossing. None if none crosses."""
+    cal = calibrate_scales(model, hook_name, tokens, resid, vectors, grid, target, unsteered_loss)
+    g = sorted(float(x) for x in grid)
+    ok = [i for i, st in enumerate(cal.status) if st in ("ok", "non_monotone")]
+    if not ok:
+        return None
+    exps = []
+    for i in ok:
+        row = cal.losses[i]
+        j = int(torch.isfinite(row).sum()) - 1  # the first point above the target
+        exps.append(
+            local_exponent(
+                [g[j - 1], g[j]], [float(row[j - 1]) - unsteered_loss, float(row[j]) - unsteered_loss], math.nan
+            )
+        )
+    finite = [p for p in exps if math.isfinite(p)]
+    exponent = float(np.median(finite)) if finite else default_exponent
+    return SearchStart(float(np.median([float(cal.scales[i]) for i in ok])), exponent)

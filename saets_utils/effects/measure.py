@@ -91,24 +91,28 @@ class FeatureSums:
         return cls(torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64), 0)
 
     def add(self, codes: Tensor, keep: Tensor | None = None) -> None:
-        """Add ``codes [rows, pos, d_sae]``, only the positions where ``keep [rows, pos]`` is True."""
+        """Add ``codes [rows, pos, d_sae]``, only the positions where ``keep [rows, pos]`` is True.
+        The sums move to the codes' device (no host copy per call on a GPU)."""
         flat = codes.reshape(-1, codes.shape[-1])
         if keep is not None:
             flat = flat[keep.reshape(-1).to(flat.device)]
-        self.sum += flat.sum(0).double().cpu()
-        self.active += (flat > 0).sum(0).double().cpu()
+        if self.sum.device != flat.device:
+            self.sum, self.active = self.sum.to(flat.device), self.active.to(flat.device)
+        self.sum += flat.sum(0).double()
+        self.active += (flat > 0).sum(0).double()
         self.n += flat.shape[0]
 
     def __add__(self, other: FeatureSums) -> FeatureSums:
-        return FeatureSums(self.sum + other.sum, self.active + other.active, self.n + other.n)
+        return FeatureSums(self.sum.cpu() + other.sum.cpu(), self.active.cpu() + other.active.cpu(), self.n + other.n)
 
     @property
     def mean(self) -> Tensor:
-        return (self.sum / max(self.n, 1)).float()
+        """``[d_sae]`` float32 on the CPU."""
+        return (self.sum.cpu() / max(self.n, 1)).float()
 
     @property
     def density(self) -> Tensor:
-        return (self.active / max(self.n, 1)).float()
+        return (self.active.cpu() / max(self.n, 1)).float()
 
 
 @torch.no_grad()

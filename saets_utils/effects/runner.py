@@ -28,8 +28,16 @@ from safetensors import safe_open
 from torch import Tensor
 
 from saets_utils.config import ConfigError, RunConfig
-from saets_utils.effects.calibration import Calibration, calibrate_scales, resid_at_hook, steered_losses
+from saets_utils.effects.calibration import (
+    Calibration,
+    SearchStart,
+    calibrate,
+    resid_at_hook,
+    scale_hint,
+    steered_losses,
+)
 from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
+from saets_utils.effects.memory import rows_for_memory
 from saets_utils.effects.plan import Plan, fingerprint, work_dir
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json
 
@@ -135,6 +143,29 @@ class BlockEffects:
     sample_tokens: Tensor
 
 
+HINT_VECTORS = 4
+
+
+def plan_scale_hint(run: RunConfig, model, plan: Plan, resid: Tensor) -> SearchStart | None:
+    """The secant calibration's starting scale for every block of the run: the reference sweep's
+    median scale over the plan's first :data:`HINT_VECTORS` vectors (the same whichever worker or
+    resume computes it); None with the sweep method."""
+    e = run.effects
+    if e.calibration.method == "sweep":
+        return None
+    vecs = plan.vectors[:HINT_VECTORS].to(model.cfg.device)
+    return scale_hint(
+        model,
+        run.sae.hook_name,
+        plan.loss_tokens,
+        resid,
+        vecs,
+        e.scale_grid.values(),
+        e.loss_target,
+        plan.unsteered_loss,
+    )
+
+
 def calibrate_and_measure(
     run: RunConfig,
     model,
@@ -145,14 +176,28 @@ def calibrate_and_measure(
     vectors: Tensor,
     vector_ids: Sequence[int],
     keep_samples: int = KEEP_SAMPLES,
+    hint: SearchStart | None = None,
 ) -> BlockEffects:
     """01's recipe for unit ``vectors [v, d_model]`` (on the model's device): calibrate a scale each to
     the run's loss target on the plan's loss chunks (``resid``: their activations at the hook), then
-    measure the effects of those that got one against the plan's baseline. Targeting uses it too."""
+    measure the effects of those that got one against the plan's baseline. Targeting uses it too.
+    ``hint``: the secant calibration's starting scale (:func:`plan_scale_hint`)."""
     hook = run.sae.hook_name
     e = run.effects
-    cal = calibrate_scales(
-        model, hook, plan.loss_tokens, resid, vectors, e.scale_grid.values(), e.loss_target, plan.unsteered_loss
+    grid = e.scale_grid.values()
+    cal_rows = rows_for_memory(model, plan.loss_tokens.shape[1], default=64)
+    cal = calibrate(
+        model,
+        hook,
+        plan.loss_tokens,
+        resid,
+        vectors,
+        e.calibration,
+        grid,
+        e.loss_target,
+        plan.unsteered_loss,
+        hint,
+        max_rows=cal_rows,
     )
     ok = torch.isfinite(cal.scales)
     v, d_sae = vectors.shape[0], plan.baseline_mean.shape[0]
@@ -171,6 +216,7 @@ def calibrate_and_measure(
             plan.baseline_mean,
             run.seed,
             keep_samples=keep_samples,
+            max_rows=rows_for_memory(model, e.total_tokens, default=2048, logit_positions=8),
             baseline_halves=plan.baseline_halves,
         )
         effects[ok] = blk.effects.float().cpu()
@@ -180,13 +226,21 @@ def calibrate_and_measure(
 
 
 def compute_block(
-    run: RunConfig, model, sae, plan: Plan, resid: Tensor, spec: RolloutSpec, rows: list[int], shard_path: Path
-) -> None:
+    run: RunConfig,
+    model,
+    sae,
+    plan: Plan,
+    resid: Tensor,
+    spec: RolloutSpec,
+    rows: list[int],
+    shard_path: Path,
+    hint: SearchStart | None = None,
+) -> Calibration:
     """Calibrate scales and measure effects for plan rows ``rows``; write one shard atomically."""
     t0 = time.perf_counter()
     ids = plan.vector_ids[rows]
     res = calibrate_and_measure(
-        run, model, sae, plan, resid, spec, plan.vectors[rows].to(model.cfg.device), ids.tolist()
+        run, model, sae, plan, resid, spec, plan.vectors[rows].to(model.cfg.device), ids.tolist(), hint=hint
     )
     cal = res.calibration
     seconds = (time.perf_counter() - t0) / len(rows)
@@ -202,6 +256,7 @@ def compute_block(
         shard_path,
         {"status": json.dumps(cal.status), "seconds": repr(seconds), "target": repr(cal.target)},
     )
+    return cal
 
 
 def _claim(wd: Path, attempt: str, k: int) -> bool:
@@ -227,9 +282,11 @@ def work_loop(run: RunConfig, attempt: str, device: str = "cpu", model=None, sae
     spec = rollout_spec(run, model, bos_id(model, run.model))
     resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
     (wd / "shards").mkdir(exist_ok=True)
+    hint = plan_scale_hint(run, model, plan, resid)
     for k, rows in enumerate(blocks):
         if _claim(wd, attempt, k):
-            compute_block(run, model, sae, plan, resid, spec, rows, wd / "shards" / f"{attempt}_{k:05d}.safetensors")
+            shard = wd / "shards" / f"{attempt}_{k:05d}.safetensors"
+            compute_block(run, model, sae, plan, resid, spec, rows, shard, hint)
             if progress is not None:
                 progress.update(len(rows))
 

@@ -313,7 +313,7 @@ def measure_targeting(
     ``eval/targeting.csv``, ``eval/targeting_summary.csv`` and ``eval/targeting_effects.safetensors``
     and returns the per-vector table (columns ``COLUMNS``)."""
     from saets_utils.effects.calibration import resid_at_hook
-    from saets_utils.effects.runner import calibrate_and_measure, rollout_spec
+    from saets_utils.effects.runner import calibrate_and_measure, plan_scale_hint, rollout_spec
     from saets_utils.io_utils import atomic_save_safetensors, atomic_write_text
     from saets_utils.models.loading import bos_id
     from saets_utils.progress import progress as progress_bar
@@ -332,13 +332,14 @@ def measure_targeting(
     if n:
         spec = rollout_spec(run, model, bos_id(model, run.model))
         resid = resid_at_hook(model, hook, plan.loss_tokens)
+        hint = plan_scale_hint(run, model, plan, resid)
         bar = progress_bar(total=n, desc="targeting (vectors)", unit="vec", disable=not progress)
         k = e.vectors_per_batch
         for lo in range(0, n, k):
             block = items[lo : lo + k]
             vecs = torch.stack([it.vector for it in block]).to(model.cfg.device)
             res = calibrate_and_measure(
-                run, model, sae, plan, resid, spec, vecs, [it.vector_id for it in block], keep_samples=1
+                run, model, sae, plan, resid, spec, vecs, [it.vector_id for it in block], keep_samples=1, hint=hint
             )
             scales[lo : lo + len(block)] = res.calibration.scales
             status[lo : lo + len(block)] = res.calibration.status

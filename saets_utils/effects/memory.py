@@ -1,0 +1,46 @@
+"""Batch sizes from the device's free memory.
+
+On a GPU, 01's forwards batch as many rows as fit comfortably: calibration's logits are
+``[rows, seq, vocab]`` in float32 (twice: logits and log-probabilities), generation keeps a KV cache
+per row. On a CPU the configured defaults stand (there, larger batches do not run faster).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+def bytes_per_row(model: HookedTransformer, seq: int, logit_positions: int | None = None) -> int:
+    """Rough peak bytes one batch row of ``seq`` tokens needs: logits plus their float32 copies at
+    ``logit_positions`` positions (default all, as a loss needs; generation keeps the prompt's, then
+    one per step), a KV cache and a block's transient activations."""
+    c = model.cfg
+    act = torch.finfo(c.dtype).bits // 8
+    kv_heads = getattr(c, "n_key_value_heads", None) or c.n_heads
+    logits = (seq if logit_positions is None else logit_positions) * c.d_vocab * (act + 4 * 2)
+    kv = 2 * c.n_layers * kv_heads * c.d_head * seq * act
+    acts = 12 * seq * max(c.d_model, c.d_mlp or 0) * act
+    return logits + kv + acts
+
+
+def rows_for_memory(
+    model: HookedTransformer,
+    seq: int,
+    default: int,
+    logit_positions: int | None = None,
+    fraction: float = 0.4,
+    cap: int = 16384,
+) -> int:
+    """Rows per forward: on CUDA as many as ``fraction`` of the free memory holds (at most ``cap``;
+    :func:`bytes_per_row`); elsewhere ``default``."""
+    device = torch.device(model.cfg.device or "cpu")
+    if device.type != "cuda":
+        return default
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = int(free * fraction) // max(bytes_per_row(model, seq, logit_positions), 1)
+    return max(1, min(cap, fit))
