@@ -231,7 +231,7 @@ class CalibrationConfig(_Strict):
 
     method: Literal["sweep", "secant"] = "secant"
     coarse_chunks: int | None = Field(None, gt=0)
-    rtol: float = Field(0.05, gt=0, lt=1)
+    rtol: float = Field(0.1, gt=0, lt=1)
     max_evals: int = Field(3, gt=0, le=10)
 
 

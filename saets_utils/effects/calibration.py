@@ -215,7 +215,7 @@ def calibrate_scales_secant(
     unsteered_loss: float,
     start: SearchStart | None = None,
     coarse_chunks: int | None = None,
-    rtol: float = 0.05,
+    rtol: float = 0.1,
     max_evals: int = 3,
     tol: float = 0.05,
     max_rows: int = 64,
