@@ -7,6 +7,8 @@ Each figure is drawn only when its inputs exist, so 04 also works on a partial r
 from __future__ import annotations
 
 import json
+import textwrap
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -43,9 +45,14 @@ def make_all_figures(run: RunConfig) -> list[Path]:
 
         sm = pd.read_csv(ev / "summary.csv")
         _save(plots.plot_best_product(sm), fig_dir / "best_product.png", made)
-        cmp = compare_with_published(sm, run.model.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the mismatch goes into the figure's title instead
+            cmp = compare_with_published(sm, run.model.name, run.eval.judge)
         if cmp is not None and cmp["published"].notna().any():
-            _save(plots.plot_published_comparison(cmp), fig_dir / "published_comparison.png", made)
+            fig = plots.plot_published_comparison(cmp)
+            if cmp.attrs.get("warning"):
+                fig.suptitle(textwrap.fill(cmp.attrs["warning"], 110), color="red", fontsize=9, y=1.02)
+            _save(fig, fig_dir / "published_comparison.png", made)
     if (ev / "targeting.csv").is_file():
         tg = pd.read_csv(ev / "targeting.csv")
         if len(tg):
