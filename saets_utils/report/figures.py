@@ -40,6 +40,13 @@ def make_all_figures(run: RunConfig) -> list[Path]:
         bs = pd.read_csv(ev / "by_scale.csv")
         _save(plots.plot_product_vs_scale(bs), fig_dir / "product_vs_scale.png", made)
         _save(plots.plot_behaviour_coherence(bs), fig_dir / "behaviour_coherence.png", made)
+        _save(plots.plot_pareto(bs), fig_dir / "pareto.png", made)
+        for method in sorted(set(bs["method"]) & {"SAE-TS", "SAE", "CAA"}):
+            _save(plots.plot_metric_lines(bs, method), fig_dir / f"metric_lines_{method}.png", made)
+    if (ev / "battle_ratings.csv").is_file():
+        ratings = pd.read_csv(ev / "battle_ratings.csv")
+        if len(ratings):
+            _save(plots.plot_battle_ratings(ratings), fig_dir / "battle_ratings.png", made)
     if (ev / "summary.csv").is_file():
         from saets_utils.evaluation.scoring import compare_with_published
 
