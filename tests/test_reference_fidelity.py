@@ -78,16 +78,15 @@ def test_cut_loss_tokens_switch(tmp_path, tiny_model):
     assert all(tiny_model.tokenizer.decode(r[1:]).startswith("Document") for r in docs)
 
 
-def test_combined_vectors_follow_the_reference(tmp_path, tiny_sae):
+def test_combined_vectors_follow_the_reference(tmp_path):
     from helpers import build_run_cfg
-
     from saets_utils.effects.vector_sources import build_vectors
 
     d = 32
     w = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)))[0][:4]  # 4 orthonormal rows
     sae = type("S", (), {"W_dec": w})()
     run = build_run_cfg(tmp_path, effects={"vectors": {"source": "combined", "count": 64}})
-    ids, vecs = build_vectors(run, sae, d)
+    _, vecs = build_vectors(run, sae, d)
     coef = vecs @ w.T  # coordinates in the rows' basis
     nonzero = (coef.abs() > 1e-5).sum(-1)
     assert (coef > -1e-5).all() and (nonzero <= 2).all()
@@ -186,7 +185,7 @@ def test_bradley_terry_ties_and_errors():
 
 def _eval_tables():
     rows = []
-    for m, best in (("CAA", 20.0), ("SAE", 40.0), ("prompt", 0.0)):
+    for m in ("CAA", "SAE", "prompt"):
         for s in (0.0, 20.0, 40.0) if m != "prompt" else (0.0,):
             for i in range(3):
                 rows.append(
