@@ -91,7 +91,7 @@ def tiny_sae(
 def tiny_gemma2_model(
     seed: int = 0,
     d_model: int = 64,
-    n_layers: int = 14,
+    n_layers: int = 4,
     dtype: torch.dtype = torch.float32,
     sink_norm: float = 200.0,
     unembed_std: float = 0.5,
@@ -100,8 +100,7 @@ def tiny_gemma2_model(
     after each sublayer, grouped-query attention, attention and logit soft-capping, alternating
     local/global attention, gated GELU MLP, rotary positions) and the tiny tokenizer.
 
-    ``n_layers`` 14 so that the reference hook ``blocks.12.hook_resid_post`` exists; the local
-    window (8 tokens) is shorter than the sequences, so local and global layers differ.
+    The local window (8 tokens) is shorter than the sequences, so local and global layers differ.
     """
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -114,7 +113,7 @@ def tiny_gemma2_model(
         n_key_value_heads=2,
         d_mlp=2 * d_model,
         d_vocab=len(tok),
-        n_ctx=128,
+        n_ctx=256,
         eps=1e-6,
         act_fn="gelu_pytorch_tanh",
         normalization_type="RMS",
@@ -219,7 +218,7 @@ def write_reference_ci_assets(
     model = tiny_gemma2_model(seed=0)
     ids = [1, *model.tokenizer.encode(" ".join(texts)[:2000], add_special_tokens=False)]  # type: ignore[union-attr]
     rows = torch.tensor([ids[i : i + 32] for i in range(0, len(ids) - 32, 32)])
-    acts = resid_at_hook(model, "blocks.12.hook_resid_post", rows).flatten(0, 1)
+    acts = resid_at_hook(model, "blocks.2.hook_resid_post", rows).flatten(0, 1)
     d = model.cfg.d_model
     write_gemma_scope_npz(folder / "sae_16k" / "params.npz", d, d_sae, seed=1, acts=acts)
     write_gemma_scope_npz(folder / "sae_vectors" / "params.npz", d, d_sae_vectors, seed=2, acts=acts)
