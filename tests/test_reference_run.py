@@ -67,7 +67,6 @@ def test_ci_params_differ_from_the_reference_only_in_allowed_fields():
 @pytest.fixture(scope="module")
 def ci_run():
     from fake_openai_server import FakeOpenAIServer
-
     from saets_utils.models.tiny import write_reference_ci_assets
     from saets_utils.report.pipeline import STEPS, execute_notebook
     from saets_utils.steering.tasks import load_tasks
