@@ -313,6 +313,9 @@ class ApproximatorConfig(_Strict):
     rank: int | Literal["cv"] = "cv"
     cv_folds: int = Field(5, ge=2)
     lr: float = Field(2e-4, gt=0)
+    # Start of fit: adam. ``mean``: W = 0, b = the mean effect (epoch 1 starts at the baseline the fit
+    # is judged against). ``reference``: the reference code's random (Kaiming-uniform) W and zero b.
+    adam_init: Literal["mean", "reference"] = "mean"
     epochs: int = Field(15, gt=0)
     batch_size: int = Field(64, gt=0)
     holdout: int = Field(100, ge=1)

@@ -262,3 +262,20 @@ def test_offline_battle_judge_prefers_the_higher_score():
     v = judge_battles(judge, plan, {"anger": {"behaviour": "angry", "coherence": "fluent"}}, "I think", False)
     assert v["winner"].tolist() == ["A", "tie"]
     assert score_requests(judge, [], progress=False) == []
+
+
+def test_adam_reference_init_keeps_unmoved_features_random():
+    """init='reference' starts as the reference's LinearAdapter (Kaiming-uniform W, zero b), so a
+    feature no training vector moved keeps a random column (its SAE-TS vector is defined);
+    init='mean' leaves it at zero."""
+    from saets_utils.approximator.fits import fit_adam
+
+    X = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
+    Y = torch.zeros(20, 5)
+    Y[:, 0] = X[:, 0]
+    ref, _ = fit_adam(X, Y, epochs=2, init="reference")
+    mean, _ = fit_adam(X, Y, epochs=2, init="mean")
+    bound = (6 / 5) ** 0.5  # kaiming_uniform_ on [d_model, d_sae]: fan_in = d_sae
+    assert 0 < ref.W[:, 3].abs().max() <= bound and mean.W[:, 3].abs().max() == 0
+    with pytest.raises(ValueError, match="init"):
+        fit_adam(X, Y, epochs=1, init="zeros")

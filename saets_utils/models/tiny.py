@@ -180,8 +180,9 @@ def write_gemma_scope_npz(
     """Write a seeded random JumpReLU SAE as a Gemma Scope ``params.npz`` (``W_enc [d_in, d_sae]``,
     ``W_dec [d_sae, d_in]`` with unit rows, ``b_enc``, ``b_dec``, ``threshold``).
 
-    With ``acts [n, d_in]`` (activations at the hook), each feature's threshold is its
-    ``1 - density`` quantile there, so about ``density`` of positions fire each feature.
+    With ``acts [n, d_in]`` (activations at the hook), ``b_enc`` centres each feature's
+    pre-activation there and its threshold is the ``1 - density`` quantile, so about ``density`` of
+    positions fire each feature.
     """
     import numpy as np
 
@@ -190,9 +191,10 @@ def write_gemma_scope_npz(
     w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
     w_enc = w_dec.T.clone()
     b_enc = torch.zeros(d_sae)
-    if acts is not None:
-        pre = acts.float() @ w_enc + b_enc
-        threshold = pre.quantile(1 - density, dim=0).clamp(min=1e-6)
+    if acts is not None:  # centre each feature's pre-activation, so every feature can fire
+        pre = acts.float() @ w_enc
+        b_enc = -pre.mean(0)
+        threshold = (pre + b_enc).quantile(1 - density, dim=0).clamp(min=1e-6)
     else:
         threshold = torch.full((d_sae,), 0.1)
     params = {"W_enc": w_enc, "W_dec": w_dec, "b_enc": b_enc, "b_dec": torch.zeros(d_in), "threshold": threshold}
@@ -210,15 +212,16 @@ def write_reference_ci_assets(
     ``blocks.12.hook_resid_post`` of :func:`tiny_gemma2_model`, as wide as the reference SAE so the
     task files' Gemma Scope feature ids stay valid) and ``sae_vectors/params.npz`` (the SAE whose
     decoder rows 01 measures, standing in for the 65k SAE). Thresholds from the model's activations."""
-    from saets_utils.effects.calibration import resid_at_hook
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "loss_text.txt").write_text("\n\n".join(t.strip() for t in texts) + "\n", encoding="utf-8")
     model = tiny_gemma2_model(seed=0)
     ids = [1, *model.tokenizer.encode(" ".join(texts)[:2000], add_special_tokens=False)]  # type: ignore[union-attr]
     rows = torch.tensor([ids[i : i + 32] for i in range(0, len(ids) - 32, 32)])
-    acts = resid_at_hook(model, "blocks.2.hook_resid_post", rows).flatten(0, 1)
+    hook = "blocks.2.hook_resid_post"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(rows, names_filter=hook, stop_at_layer=3)
+    acts = cache[hook].flatten(0, 1)
     d = model.cfg.d_model
     write_gemma_scope_npz(folder / "sae_16k" / "params.npz", d, d_sae, seed=1, acts=acts)
     write_gemma_scope_npz(folder / "sae_vectors" / "params.npz", d, d_sae_vectors, seed=2, acts=acts)
