@@ -162,7 +162,7 @@ def plan_battles(samples: pd.DataFrame, summary: pd.DataFrame, per_pair: int, se
     """Battles to judge: per task and pair of methods, ``per_pair`` pairs of texts, each drawn (with
     replacement) from the method's texts at its best scale (``summary.best_scale``), sides (A/B)
     assigned at random. Seeded per (task, pair), so adding a method leaves other pairs' draws alone.
-    Columns: task, method_a, method_b, text_a, text_b, prompt."""
+    Columns: task, method_a, method_b, text_a, text_b."""
     rows = []
     for task, sm in summary.dropna(subset=["best_scale"]).groupby("task", sort=False):
         pools = {}
@@ -176,7 +176,6 @@ def plan_battles(samples: pd.DataFrame, summary: pd.DataFrame, per_pair: int, se
                 t1 = pools[m1].iloc[int(rng.integers(len(pools[m1])))]
                 t2 = pools[m2].iloc[int(rng.integers(len(pools[m2])))]
                 (a, ta), (b, tb) = ((m1, t1), (m2, t2)) if rng.random() < 0.5 else ((m2, t2), (m1, t1))
-                prompt = ta["prompt"] if "prompt" in ta and a != "prompt" else tb.get("prompt", "")
                 rows.append(
                     {
                         "task": task,
@@ -184,10 +183,9 @@ def plan_battles(samples: pd.DataFrame, summary: pd.DataFrame, per_pair: int, se
                         "method_b": b,
                         "text_a": ta["text"],
                         "text_b": tb["text"],
-                        "prompt": prompt,
                     }
                 )
-    return pd.DataFrame(rows, columns=["task", "method_a", "method_b", "text_a", "text_b", "prompt"])
+    return pd.DataFrame(rows, columns=["task", "method_a", "method_b", "text_a", "text_b"])
 
 
 def judge_battles(
