@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "verdict": "saets_utils.approximator.training",
     "run_study": "saets_utils.approximator.design_study",
     "evaluate_run": "saets_utils.evaluation.evaluate",
+    "run_battles": "saets_utils.evaluation.battles",
     "load_context": "saets_utils.evaluation.task_vectors",
     "paper_style_table": "saets_utils.evaluation.scoring",
     "compare_with_published": "saets_utils.evaluation.scoring",
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from saets_utils.config import RunConfig, load_config
     from saets_utils.effects.runner import run_effects
     from saets_utils.effects.store import load_effects
+    from saets_utils.evaluation.battles import run_battles
     from saets_utils.evaluation.evaluate import evaluate_run
     from saets_utils.evaluation.scoring import compare_with_published, paper_style_table
     from saets_utils.evaluation.task_vectors import load_context

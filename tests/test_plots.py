@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import build_run_cfg
+from saets_utils.config import JudgeConfig
 from saets_utils.evaluation import scoring
 from saets_utils.registry import METHODS
 from saets_utils.report import plots
@@ -39,7 +40,8 @@ def tables():
                     )
     samples = pd.DataFrame(rows)
     summary = scoring.summary(samples, n_boot=50)
-    return scoring.by_scale(samples), summary, scoring.compare_with_published(summary, "gemma-2-2b")
+    judge = JudgeConfig(kind="openai", model="gpt-4o-mini", template="reference")
+    return scoring.by_scale(samples), summary, scoring.compare_with_published(summary, "gemma-2-2b", judge)
 
 
 def _learning_curve() -> pd.DataFrame:
@@ -90,6 +92,19 @@ def _cases(tables):
         "effect_profile": lambda: plots.plot_effect_profile(measured[0], [5, 7], density, top=5, title="anger"),
         "published": lambda: plots.plot_published_comparison(compare),
         "learning_curve": lambda: plots.plot_learning_curve(_learning_curve(), "study"),
+        "pareto": lambda: plots.plot_pareto(by_scale),
+        "metric_lines": lambda: plots.plot_metric_lines(by_scale, "SAE-TS"),
+        "battle_ratings": lambda: plots.plot_battle_ratings(
+            pd.DataFrame(
+                {
+                    "method": ["CAA", "SAE-TS"],
+                    "rating": [980.0, 1020.0],
+                    "ci_low": [950.0, 990.0],
+                    "ci_high": [1010.0, 1050.0],
+                    "battles": [10, 10],
+                }
+            )
+        ),
     }
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from saets_utils.config import JudgeConfig
 from saets_utils.evaluation import scoring
 from saets_utils.evaluation.reference_numbers import REFERENCE_TASKS, published_model, published_table
 
@@ -128,18 +129,51 @@ def test_paper_style_table():
     assert t.loc["average", "CAA"] == pytest.approx(0.205)
 
 
+REF_JUDGE = JudgeConfig(kind="openai", model="gpt-4o-mini", template="reference")
+
+
 def test_compare_with_published():
-    assert scoring.compare_with_published(_summary_for(["anger"], ["CAA"]), "SmolLM2-135M-Instruct") is None
-    c = scoring.compare_with_published(_summary_for(["anger", "london"], ["CAA", "FGAA"]), "google/gemma-2-2b")
-    assert list(c.columns) == ["task", "method", "ours", "ci_low", "ci_high", "published", "difference"]
+    assert scoring.compare_with_published(_summary_for(["anger"], ["CAA"]), "SmolLM2-135M-Instruct", REF_JUDGE) is None
+    c = scoring.compare_with_published(
+        _summary_for(["anger", "london"], ["CAA", "FGAA"]), "google/gemma-2-2b", REF_JUDGE
+    )
+    assert list(c.columns) == [
+        "task",
+        "method",
+        "ours",
+        "ci_low",
+        "ci_high",
+        "published",
+        "difference",
+        "judge",
+        "comparable",
+    ]
+    assert c["comparable"].all() and c.attrs["warning"] is None
     row = c[(c.task == "anger") & (c.method == "CAA")].iloc[0]
     assert row["published"] == 0.1666 and row["difference"] == pytest.approx(0.2 - 0.1666)
     avg = c[(c.task == "average") & (c.method == "CAA")].iloc[0]
     assert avg["published"] == pytest.approx((0.1666 + 0.0476) / 2)  # over our tasks, not the paper's nine
     assert c[c.method == "FGAA"]["published"].isna().all()
-    c9 = scoring.compare_with_published(_summary_for(list(REFERENCE_TASKS), ["SAE-TS"]), "gemma-2-9b")
+    c9 = scoring.compare_with_published(_summary_for(list(REFERENCE_TASKS), ["SAE-TS"]), "gemma-2-9b", REF_JUDGE)
     assert c9[c9.task == "average"]["published"].tolist() == [0.3376]
     assert c9[c9.task != "average"]["published"].isna().all()
+
+
+@pytest.mark.parametrize(
+    "judge",
+    [
+        JudgeConfig(kind="openai", model="gpt-4o-mini", template="project"),
+        JudgeConfig(kind="openai", model="gpt-4.1", template="reference"),
+        JudgeConfig(kind="offline"),
+    ],
+)
+def test_compare_with_published_labels_or_refuses_another_judge(judge):
+    sm = _summary_for(["anger"], ["CAA"])
+    with pytest.warns(UserWarning, match="NOT COMPARABLE"):
+        c = scoring.compare_with_published(sm, "gemma-2-2b", judge)
+    assert not c["comparable"].any() and "NOT COMPARABLE" in c.attrs["warning"]
+    with pytest.raises(ValueError, match="reference template"):
+        scoring.compare_with_published(sm, "gemma-2-2b", judge, strict=True)
 
 
 def test_published_numbers():

@@ -113,8 +113,13 @@ def fit_adam(
     Y_val: Tensor | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    init: str = "mean",
 ) -> tuple[EffectApproximator, list[dict[str, Any]]]:
     """The reference training: MSE, Adam, shuffled minibatches, cosine LR decay per epoch (T_max = epochs).
+
+    ``init``: ``mean`` (W = 0, b = the mean effect) or ``reference`` (the reference code's
+    ``LinearAdapter``: W Kaiming-uniform over ``[d_model, d_sae]``, b = 0; a feature no training
+    vector moved keeps a random column instead of a zero one).
 
     Returns the approximator and one history row per epoch: ``epoch``, ``lr``, ``train_mse`` (mean
     over the epoch's batches) and, with a validation set, ``val_mse`` (after the epoch).
@@ -134,8 +139,15 @@ def fit_adam(
     # Start at the mean predictor (W = 0, b = mean effect) instead of the reference's random W and
     # zero b: the large dense-feature entries of b need not be learnt at lr 2e-4, and epoch 1
     # starts from the baseline the fit is judged against.
-    W = torch.zeros(X.shape[1], Y.shape[1], device=device, requires_grad=True)
-    b = Y.float().mean(0).to(device).requires_grad_(True)
+    if init == "reference":
+        W0 = torch.nn.init.kaiming_uniform_(torch.empty(X.shape[1], Y.shape[1]), generator=g)
+        W = W0.to(device).requires_grad_(True)
+        b = torch.zeros(Y.shape[1], device=device, requires_grad=True)
+    elif init == "mean":
+        W = torch.zeros(X.shape[1], Y.shape[1], device=device, requires_grad=True)
+        b = Y.float().mean(0).to(device).requires_grad_(True)
+    else:
+        raise ValueError(f"init must be 'mean' or 'reference', not {init!r}")
     opt = torch.optim.Adam([W, b], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     history: list[dict[str, Any]] = []
@@ -621,7 +633,9 @@ def fit_approximator(
         approx, rr = fit_reduced_rank(X, Y, cfg.ridge_lambda, cfg.rank, cfg.cv_folds, seed, X_val=X_val, Y_val=Y_val)
         info.update(rr)
     elif cfg.fit == "adam":
-        approx, rows = fit_adam(X, Y, cfg.lr, cfg.epochs, cfg.batch_size, seed, X_val, Y_val, progress=progress)
+        approx, rows = fit_adam(
+            X, Y, cfg.lr, cfg.epochs, cfg.batch_size, seed, X_val, Y_val, progress=progress, init=cfg.adam_init
+        )
         info.update(history=rows)
     else:
         raise ValueError(f"unknown approximator.fit {cfg.fit!r}; use ridge, ridge_per_feature, reduced_rank or adam")

@@ -64,7 +64,7 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     import shutil
 
     from saets_utils.effects.vector_sources import build_vectors
-    from saets_utils.models.loading import bos_id, load_texts, tokenize_chunks
+    from saets_utils.models.loading import bos_id, cut_loss_tokens
     from saets_utils.models.sae_loading import load_sae_from
 
     wd = work_dir(run)
@@ -85,17 +85,8 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     ids, vectors = build_vectors(run, sae, model.cfg.d_model, lambda c: load_sae_from(c, run, "cpu"))
     bos = bos_id(model, run.model)
     spec = rollout_spec(run, model, bos)
-    # Chunks start at document starts, as the SAE's training chunks do (a chunk starting mid-sentence
-    # makes position 1 a second attention sink on SmolLM2).
-    loss_tokens = tokenize_chunks(
-        model,
-        load_texts(run.text),
-        run.effects.loss_chunk_tokens,
-        run.effects.loss_chunks,
-        bos,
-        seed=run.seed + 1,
-        align_docs=True,
-    )
+    # Document starts or the reference's concatenated rows, as effects.loss_chunking says.
+    loss_tokens = cut_loss_tokens(run, model, bos)
     hook = run.sae.hook_name
     resid = resid_at_hook(model, hook, loss_tokens)
     unsteered = float(steered_losses(model, hook, loss_tokens, resid, torch.zeros(1, model.cfg.d_model))[0])

@@ -70,6 +70,14 @@ def build_vectors(run: RunConfig, sae: SAE, d_model: int, load_other_sae=None) -
         ids = list(range(int(src.count or 0)))
         pairs = torch.stack([torch.randperm(w_dec.shape[0], generator=g)[:2] for _ in ids])
         vecs = w_dec[pairs[:, 0]] + w_dec[pairs[:, 1]]
+    elif src.source == "combined":
+        # The reference's "sample and combine": two rows drawn independently (a row may be drawn
+        # twice) with independent U(0, 1) weights, then unit-normalised below.
+        w_dec = sae.W_dec.detach().float().cpu()
+        ids = list(range(int(src.count or 0)))
+        drawn = torch.randint(0, w_dec.shape[0], (len(ids), 2), generator=g)
+        weights = torch.rand(len(ids), 2, generator=g)
+        vecs = weights[:, :1] * w_dec[drawn[:, 0]] + weights[:, 1:] * w_dec[drawn[:, 1]]
     elif src.source == "file":
         from safetensors.torch import load_file
 

@@ -95,16 +95,31 @@ def generate_rows(ctx: SteeringContext, rows: list[dict[str, Any]], prefix: str,
         ).to(model.cfg.device)
         seeds = [row_seed(ctx.run.seed, EVAL_STREAM, r["sample"]) for r in chunk]
         gen = generate(model, torch.tensor([ids] * len(chunk)), e.new_tokens, seeds, e.sampling, ctx.hook_name, delta)
-        new = gen.tokens[:, len(ids) :].cpu()
+        new = list(gen.tokens[:, len(ids) :].cpu())
+        if e.stop_at_eos:
+            new = [cut_at_eos(t, model.tokenizer.eos_token_id) for t in new]
         texts += [e.prompt + cast(str, model.tokenizer.decode(t, skip_special_tokens=True)) for t in new]
         if progress is not None:
             progress.update(len(chunk))
     return texts
 
 
-def _requests(task: Task, df: pd.DataFrame, prompt: str) -> list[JudgeRequest]:
+def cut_at_eos(tokens: torch.Tensor, eos: int | None) -> torch.Tensor:
+    """``tokens [n]`` up to (not including) the first ``eos``. Rows are sampled with their own
+    seeds, so the tokens before an EOS are those a generation stopping at EOS would give."""
+    if eos is None:
+        return tokens
+    hits = (tokens == eos).nonzero()
+    return tokens[: int(hits[0, 0])] if len(hits) else tokens
+
+
+def _requests(task: Task, df: pd.DataFrame, prompt: str, template: str = "project") -> list[JudgeRequest]:
     reqs = []
     criteria: tuple[tuple[CriterionKind, str], ...] = (("behaviour", task.behaviour), ("coherence", task.coherence))
+    if template == "reference":
+        from saets_utils.judges.reference import reference_criteria
+
+        criteria = reference_criteria(task.name, task.behaviour)
     for kind, crit in criteria:
         reqs += [
             JudgeRequest(
@@ -171,7 +186,7 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
         ]
         df["text"] = texts
         frames.append(df)
-        requests += _requests(task, df, run.eval.prompt)
+        requests += _requests(task, df, run.eval.prompt, _template(run))
     bar.close()
     atomic_save_safetensors(vectors, out / "vectors.safetensors")
     results = score_requests(judge, requests, progress=progress)
@@ -204,6 +219,11 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
         for name in ("targeting.csv", "targeting_summary.csv", "targeting_effects.safetensors"):
             (out / name).unlink(missing_ok=True)
     return EvalReport(samples, bs, sm, tdf, stats, tg, tg_summary)
+
+
+def _template(run: RunConfig) -> str:
+    """The judge template actually used: the offline judge has no prompt template."""
+    return run.eval.judge.template if run.eval.judge.kind == "openai" else "project"
 
 
 def _attach_scores(df: pd.DataFrame, requests: list[JudgeRequest], results: list) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import zlib
 import numpy as np
 import pandas as pd
 
+from saets_utils.config import JudgeConfig
 from saets_utils.evaluation.reference_numbers import REFERENCE_TASKS, published_table
 from saets_utils.registry import METHODS
 
@@ -146,18 +147,45 @@ def paper_style_table(summary: pd.DataFrame, value: str = "max_product") -> pd.D
     return table
 
 
-def compare_with_published(summary: pd.DataFrame, model_name: str) -> pd.DataFrame | None:
+# The paper's judge: gpt-4o-mini with the reference code's minimal prompt (judges/reference.py).
+PUBLISHED_JUDGE = ("openai", "gpt-4o-mini", "reference")
+
+
+def judge_mismatch(judge: JudgeConfig) -> str | None:
+    """Why scores from ``judge`` are not comparable with the paper's (None when they are)."""
+    used = (judge.kind, judge.model, judge.template if judge.kind == "openai" else "-")
+    if used == PUBLISHED_JUDGE:
+        return None
+    return (
+        f"NOT COMPARABLE with the paper: judged by {used[0]}:{used[1]} with the {used[2]!r} template; "
+        f"the paper's numbers come from {PUBLISHED_JUDGE[1]} with the reference template "
+        "(eval.judge: {kind: openai, model: gpt-4o-mini, template: reference})"
+    )
+
+
+def compare_with_published(
+    summary: pd.DataFrame, model_name: str, judge: JudgeConfig, strict: bool = False
+) -> pd.DataFrame | None:
     """Our max product beside the paper's, one row per task (and ``average``) and method;
     None when the paper has no numbers for ``model_name``.
 
-    Columns: ``task, method, ours, ci_low, ci_high, published, difference`` (ours - published).
-    The published average is recomputed over our tasks where per-task numbers exist; the
-    paper's own average is used only when we ran all nine reference tasks. ``published`` is NaN
-    for methods the paper did not run (FGAA, prompt).
+    Columns: ``task, method, ours, ci_low, ci_high, published, difference`` (ours - published),
+    ``judge`` and ``comparable``. The published average is recomputed over our tasks where per-task
+    numbers exist; the paper's own average is used only when we ran all nine reference tasks.
+    ``published`` is NaN for methods the paper did not run (FGAA, prompt).
+
+    The paper's scores come from gpt-4o-mini with the reference template. With any other judge or
+    template the table is labelled loudly (``comparable`` False, the reason in ``attrs["warning"]``
+    and a warning), or refused with ``strict`` (ValueError).
     """
     pub = published_table(model_name)
     if pub is None:
         return None
+    mismatch = judge_mismatch(judge)
+    if mismatch and strict:
+        raise ValueError(mismatch)
+    if mismatch:
+        warnings.warn(mismatch, stacklevel=2)
     ours = summary[_KEYS + ["max_product", "ci_low", "ci_high"]].rename(columns={"max_product": "ours"})
     avg = ours.groupby("method", sort=False)["ours"].mean().reset_index().assign(task="average")
     per_task = pub[pub["task"] != "average"]
@@ -174,7 +202,11 @@ def compare_with_published(summary: pd.DataFrame, model_name: str) -> pd.DataFra
     out = pd.concat([ours, avg], ignore_index=True).merge(published, on=_KEYS, how="left")
     out["published"] = out["published"].astype(float)
     out["difference"] = out["ours"] - out["published"]
-    return _sorted(out[_KEYS + ["ours", "ci_low", "ci_high", "published", "difference"]])
+    out["judge"] = f"{judge.kind}:{judge.model}/{judge.template if judge.kind == 'openai' else '-'}"
+    out["comparable"] = mismatch is None
+    table = _sorted(out[_KEYS + ["ours", "ci_low", "ci_high", "published", "difference", "judge", "comparable"]])
+    table.attrs["warning"] = mismatch
+    return table
 
 
 def method_differences(

@@ -20,8 +20,13 @@ from saets_utils.judges.cache import JudgeCache
 from saets_utils.judges.prompts import BEHAVIOUR_TEMPLATE, COHERENCE_TEMPLATE, SYSTEM_PROMPT
 
 
-def build_messages(req: JudgeRequest) -> list[dict[str, str]]:
-    """Chat messages asking the judge for ``{"score": N}`` on ``req``'s criterion."""
+def build_messages(req: JudgeRequest, template_name: str = "project") -> list[dict[str, str]]:
+    """Chat messages asking the judge for ``{"score": N}`` on ``req``'s criterion, in the
+    ``project`` template (judges/prompts.py) or the ``reference`` one (judges/reference.py)."""
+    if template_name == "reference":
+        from saets_utils.judges.reference import reference_messages
+
+        return reference_messages(req)
     template = BEHAVIOUR_TEMPLATE if req.criterion_kind == "behaviour" else COHERENCE_TEMPLATE
     user = template.format(criterion=req.criterion, prompt=req.prompt, text=req.text)
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
@@ -140,6 +145,21 @@ class OpenAIJudge(Judge):
 
     __str__ = __repr__
 
+    def _messages(self, req: JudgeRequest) -> list[dict[str, str]]:
+        """The chat messages of ``req`` (subclasses ask other questions, e.g. the battle judge)."""
+        return build_messages(req, self.cfg.template)
+
+    def _parse(self, content: str | None) -> int:
+        """The integer result in a reply; raises :class:`ReplyError` (retried)."""
+        return parse_score(content)
+
+    def _cache_extra(self, req: JudgeRequest) -> str:
+        if self.cfg.template == "reference":  # the project template keeps its earlier keys
+            from saets_utils.judges.reference import REFERENCE_TEMPLATE_VERSION
+
+            return f"template={REFERENCE_TEMPLATE_VERSION}"
+        return ""
+
     def _scrub(self, message: str) -> str:
         key = self._key.get()
         return (message.replace(key, "***") if len(key) >= 8 else message)[:300]
@@ -179,7 +199,7 @@ class OpenAIJudge(Judge):
     async def _score_one(self, client: Any, sem: asyncio.Semaphore, req: JudgeRequest) -> JudgeResult:
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
-        messages = build_messages(req)
+        messages = self._messages(req)
         tally = {"attempts": 0, "prompt_tokens": 0, "completion_tokens": 0}
         try:
             async for attempt in AsyncRetrying(
@@ -242,7 +262,7 @@ class OpenAIJudge(Judge):
         self.stats.prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
         self.stats.completion_tokens += getattr(usage, "completion_tokens", 0) or 0
         content = resp.choices[0].message.content if resp.choices else None
-        return parse_score(content), content or ""
+        return self._parse(content), content or ""
 
 
 def is_loopback(base_url: str | None) -> bool:

@@ -76,6 +76,10 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> HookedTransformer:
         from saets_utils.models.tiny import tiny_model
 
         model = tiny_model(seed=0, dtype=dtype).to(device)
+    elif cfg.source == "tiny_gemma2":
+        from saets_utils.models.tiny import tiny_gemma2_model
+
+        model = tiny_gemma2_model(seed=0, dtype=dtype).to(device)
     elif cfg.source == "local":
         folder = Path(cfg.path or "")
         if not (folder / "config.json").is_file():
@@ -85,9 +89,9 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> HookedTransformer:
         from transformer_lens import HookedTransformer
 
         model = (
-            HookedTransformer.from_pretrained_no_processing(cfg.name, device=device, dtype=dtype)
-            if dtype != torch.float32
-            else HookedTransformer.from_pretrained(cfg.name, device=device, dtype=dtype)
+            HookedTransformer.from_pretrained(cfg.name, device=device, dtype=dtype)
+            if cfg.process_weights or dtype == torch.float32
+            else HookedTransformer.from_pretrained_no_processing(cfg.name, device=device, dtype=dtype)
         )
         model.eval()
     for p in model.parameters():
@@ -121,7 +125,16 @@ def validate_against_model(run: RunConfig, model: HookedTransformer) -> None:
 
 
 def load_texts(cfg: TextConfig) -> list[str]:
-    """Documents of the text corpus: Gutenberg books split into paragraphs, or a HF dataset column."""
+    """Documents of the text corpus: Gutenberg books split into paragraphs, a HF dataset column, or
+    a local text file split at blank lines."""
+    if cfg.source == "local":
+        from saets_utils.config import REPO_ROOT
+
+        path = Path(cfg.path or "")
+        path = path if path.is_absolute() else REPO_ROOT / path
+        if not path.is_file():
+            raise ConfigError(f"text.path {cfg.path!r} does not exist; point it at a .txt file")
+        return [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
     if cfg.source == "gutenberg":
         from saets_utils.models.assets import prepare_gutenberg
 
@@ -175,3 +188,60 @@ def tokenize_chunks(
         raise ConfigError(f"text corpus gives only {len(chunks)} chunks of {chunk_tokens} tokens; need {n_chunks}")
     out = torch.tensor(chunks[: n_chunks or len(chunks)], dtype=torch.long)
     return out
+
+
+def concatenated_chunks(
+    tokenizer, texts: list[str], chunk_tokens: int, bos: int, docs_per_batch: int = 1000, pieces: int = 20
+) -> torch.Tensor:
+    """All rows ``[n, chunk_tokens]`` of TransformerLens's ``tokenize_and_concatenate`` as the
+    reference code ran it (TransformerLens 2.x), before any shuffle.
+
+    Per batch of ``docs_per_batch`` documents (``datasets.map`` batching): the documents joined
+    with the EOS string, the string cut into ``pieces`` equal character slices, each tokenised with
+    the tokenizer's default special tokens (Gemma's adds a BOS to each slice), pad ids dropped, the
+    stream cut into rows of ``chunk_tokens - 1`` (the remainder of each batch dropped), ``bos``
+    prepended to every row. Most rows start mid-document.
+    """
+    assert tokenizer.eos_token is not None, "the tokenizer needs an EOS token"
+    body = chunk_tokens - 1
+    pad = tokenizer.pad_token_id
+    rows: list[np.ndarray] = []
+    for start in range(0, len(texts), docs_per_batch):
+        full = tokenizer.eos_token.join(texts[start : start + docs_per_batch])
+        size = (len(full) - 1) // pieces + 1
+        ids = [tid for i in range(pieces) for tid in tokenizer(full[i * size : (i + 1) * size])["input_ids"]]
+        stream = np.asarray([t for t in ids if t != pad], dtype=np.int64)
+        n = len(stream) // body
+        if n:
+            rows.append(np.concatenate([np.full((n, 1), bos), stream[: n * body].reshape(n, body)], axis=1))
+    if not rows:
+        return torch.zeros(0, chunk_tokens, dtype=torch.long)
+    return torch.from_numpy(np.concatenate(rows))
+
+
+def shuffled_rows(n: int, seed: int = 42) -> np.ndarray:
+    """Row order of ``datasets.Dataset.shuffle(seed)`` for ``n`` rows (numpy's default_rng permutation)."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+# The reference code shuffles the concatenated rows with this seed (``tokenized_data.shuffle(42)``).
+REFERENCE_SHUFFLE_SEED = 42
+
+
+def cut_loss_tokens(run: RunConfig, model: HookedTransformer, bos: int) -> torch.Tensor:
+    """The loss chunks of scale calibration, ``[effects.loss_chunks, effects.loss_chunk_tokens]``,
+    cut as ``effects.loss_chunking`` says (document starts, or the reference's concatenation)."""
+    e = run.effects
+    texts = load_texts(run.text)
+    if e.loss_chunking == "documents":
+        return tokenize_chunks(
+            model, texts, e.loss_chunk_tokens, e.loss_chunks, bos, seed=run.seed + 1, align_docs=True
+        )
+    rows = concatenated_chunks(model.tokenizer, texts, e.loss_chunk_tokens, bos)
+    if rows.shape[0] < e.loss_chunks:
+        raise ConfigError(
+            f"text corpus gives only {rows.shape[0]} concatenated rows of {e.loss_chunk_tokens} tokens; "
+            f"need effects.loss_chunks = {e.loss_chunks}"
+        )
+    order = shuffled_rows(rows.shape[0], REFERENCE_SHUFFLE_SEED)[: e.loss_chunks]
+    return rows[torch.from_numpy(order)]

@@ -75,8 +75,12 @@ def load_sae_from(
             from huggingface_hub import hf_hub_download
 
             path = hf_hub_download(sae_cfg.repo_id or "", f"{sae_cfg.sae_id}/params.npz")
-        elif not Path(path).is_file():
-            raise ConfigError(f"sae.path {path!r} does not exist; point it at a Gemma Scope params.npz")
+        else:
+            from saets_utils.config import REPO_ROOT
+
+            path = str(path if Path(path).is_absolute() else REPO_ROOT / path)  # params paths: from the repo root
+            if not Path(path).is_file():
+                raise ConfigError(f"sae.path {sae_cfg.path!r} does not exist; point it at a Gemma Scope params.npz")
         sae = sae_from_gemma_scope_npz(path, device=device, hook_name=sae_cfg.hook_name)
     else:
         sae = SAE.from_pretrained(sae_cfg.release or "", sae_cfg.sae_id or "", device=device)

@@ -7,6 +7,8 @@ Each figure is drawn only when its inputs exist, so 04 also works on a partial r
 from __future__ import annotations
 
 import json
+import textwrap
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -38,14 +40,26 @@ def make_all_figures(run: RunConfig) -> list[Path]:
         bs = pd.read_csv(ev / "by_scale.csv")
         _save(plots.plot_product_vs_scale(bs), fig_dir / "product_vs_scale.png", made)
         _save(plots.plot_behaviour_coherence(bs), fig_dir / "behaviour_coherence.png", made)
+        _save(plots.plot_pareto(bs), fig_dir / "pareto.png", made)
+        for method in sorted(set(bs["method"]) & {"SAE-TS", "SAE", "CAA"}):
+            _save(plots.plot_metric_lines(bs, method), fig_dir / f"metric_lines_{method}.png", made)
+    if (ev / "battle_ratings.csv").is_file():
+        ratings = pd.read_csv(ev / "battle_ratings.csv")
+        if len(ratings):
+            _save(plots.plot_battle_ratings(ratings), fig_dir / "battle_ratings.png", made)
     if (ev / "summary.csv").is_file():
         from saets_utils.evaluation.scoring import compare_with_published
 
         sm = pd.read_csv(ev / "summary.csv")
         _save(plots.plot_best_product(sm), fig_dir / "best_product.png", made)
-        cmp = compare_with_published(sm, run.model.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the mismatch goes into the figure's title instead
+            cmp = compare_with_published(sm, run.model.name, run.eval.judge)
         if cmp is not None and cmp["published"].notna().any():
-            _save(plots.plot_published_comparison(cmp), fig_dir / "published_comparison.png", made)
+            fig = plots.plot_published_comparison(cmp)
+            if cmp.attrs.get("warning"):
+                fig.suptitle(textwrap.fill(cmp.attrs["warning"], 110), color="red", fontsize=9, y=1.02)
+            _save(fig, fig_dir / "published_comparison.png", made)
     if (ev / "targeting.csv").is_file():
         tg = pd.read_csv(ev / "targeting.csv")
         if len(tg):

@@ -434,3 +434,84 @@ def plot_learning_curve(curve: pd.DataFrame, title: str = "") -> Figure:
         ax.legend(fontsize=7)
     fig.suptitle(title or "Effect approximator: held-out R² vs data")
     return fig
+
+
+def plot_pareto(by_scale: pd.DataFrame, ncols: int = 3) -> Figure:
+    """Mean behaviour against mean coherence, one curve per method through its scales (arrows point
+    to larger scales), one panel per task: the trade-off the max product summarises. The unsteered
+    ``prompt`` baseline is one point. Top right is good (``by_scale``: eval/by_scale.csv)."""
+    tasks, methods = list(pd.unique(by_scale["task"])), _methods(by_scale)
+    fig, axes = _task_grid(tasks, ncols, (3.6, 3.4))
+    for ax, task in zip(axes, tasks):
+        sub = by_scale[by_scale["task"] == task]
+        for m in methods:
+            d = sub[sub["method"] == m].sort_values("scale").dropna(subset=["behaviour", "coherence"])
+            x, y, c = d["coherence"].to_numpy(), d["behaviour"].to_numpy(), method_color(m)
+            if len(d) == 1:
+                ax.plot(x, y, marker="*", ms=10, color=c, ls="")
+            elif len(d):
+                ax.plot(x, y, color=c, lw=1.4)
+                for i in range(len(d) - 1):
+                    ax.annotate(
+                        "",
+                        xy=(x[i] + 0.8 * (x[i + 1] - x[i]), y[i] + 0.8 * (y[i + 1] - y[i])),
+                        xytext=(x[i], y[i]),
+                        arrowprops={"arrowstyle": "->", "color": c, "lw": 1.0},
+                    )
+        ax.text(0.97, 0.97, "good", transform=ax.transAxes, ha="right", va="top", color="grey")
+        ax.text(0.03, 0.03, "bad", transform=ax.transAxes, ha="left", va="bottom", color="grey")
+        ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), title=_label(task))
+        ax.grid(alpha=0.3)
+    ncols = axes[0].get_subplotspec().get_gridspec().ncols
+    for i, ax in enumerate(axes):
+        if i % ncols == 0:
+            ax.set_ylabel("behaviour")
+        if i + ncols >= len(axes):
+            ax.set_xlabel("coherence")
+            ax.xaxis.set_tick_params(labelbottom=True)
+    _method_legend(fig, methods, by_scale)
+    return fig
+
+
+_METRIC_STYLE = {
+    "product": ("-", 2.4, "behaviour × coherence"),
+    "coherence": (":", 1.6, "coherence"),
+    "behaviour": ("--", 1.6, "behaviour"),
+}
+
+
+def plot_metric_lines(by_scale: pd.DataFrame, method: str, ncols: int = 3) -> Figure:
+    """For one ``method``: behaviour, coherence and their product against scale, one panel per
+    task (the paper's per-task metric plot; ``by_scale``: eval/by_scale.csv)."""
+    d_all = by_scale[by_scale["method"] == method]
+    tasks = list(pd.unique(d_all["task"]))
+    if not tasks:
+        raise ValueError(f"no rows of method {method!r} in by_scale")
+    fig, axes = _task_grid(tasks, ncols, (3.6, 2.8))
+    for ax, task in zip(axes, tasks):
+        d = d_all[d_all["task"] == task].sort_values("scale")
+        for col, (ls, lw, _) in _METRIC_STYLE.items():
+            ax.plot(d["scale"], d[col], ls=ls, lw=lw, color=method_color(method))
+        ax.set(ylim=(-0.03, 1.03), title=f"{_label(task)} ({method})", xlabel="steering scale")
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color="k", ls=ls, lw=lw, label=lab) for ls, lw, lab in _METRIC_STYLE.values()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    return fig
+
+
+def plot_battle_ratings(ratings: pd.DataFrame) -> Figure:
+    """Bradley-Terry ratings of the methods on the Elo scale with bootstrap CIs (``ratings``:
+    eval/battle_ratings.csv); 1000 is the average method."""
+    r = ratings.sort_values("rating")
+    fig = _figure((6.0, 0.45 * len(r) + 1.2))
+    ax = fig.subplots()
+    y = np.arange(len(r))
+    colors = [method_color(m) for m in r["method"]]
+    err = np.vstack([r["rating"] - r["ci_low"], r["ci_high"] - r["rating"]])
+    ax.errorbar(r["rating"], y, xerr=np.nan_to_num(err), fmt="none", ecolor="grey", capsize=3)
+    ax.scatter(r["rating"], y, color=colors, zorder=3)
+    ax.axvline(1000, color="grey", lw=0.8, ls=":")
+    ax.set_yticks(y, [f"{m} ({int(n)} battles)" for m, n in zip(r["method"], r["battles"])])
+    ax.set_xlabel("rating (Elo scale, Bradley-Terry; 95% bootstrap CI)")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
