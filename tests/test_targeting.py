@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from helpers import BOS, HOOK, build_run_cfg
 from saets_utils.config import ConfigError
-from saets_utils.effects.calibration import calibrate_scales, resid_at_hook
+from saets_utils.effects.calibration import calibrate, resid_at_hook
 from saets_utils.effects.measure import measure_effects
 from saets_utils.effects.plan import Plan, work_dir
-from saets_utils.effects.runner import prepare_plan, rollout_spec
+from saets_utils.effects.runner import plan_scale_hint, prepare_plan, rollout_spec
 from saets_utils.evaluation.targeting import (
     COLUMNS,
     TARGETING_ID_OFFSET,
@@ -206,15 +206,17 @@ def test_measurement_is_01s_at_the_calibrated_scale(setup):
     assert not set(df["vector_id"]) & set(plan.vector_ids.tolist())
     vecs = torch.stack([tvs["zeds"].vectors[m] for m in ("CAA", "SAE")])
     resid = resid_at_hook(model, HOOK, plan.loss_tokens)
-    cal = calibrate_scales(
+    cal = calibrate(
         model,
         HOOK,
         plan.loss_tokens,
         resid,
         vecs,
+        run.effects.calibration,
         run.effects.scale_grid.values(),
         run.effects.loss_target,
         plan.unsteered_loss,
+        plan_scale_hint(run, model, plan, resid),
     )
     torch.testing.assert_close(eff["scales"], cal.scales)
     assert df["status"].tolist() == cal.status
