@@ -1,0 +1,185 @@
+"""Where notebook 01's workers run: subprocesses on this machine, or submitit jobs (Slurm).
+
+Either way a worker is ``python -m saets_utils.effects.runner``'s :func:`work_loop` on one device,
+claiming blocks from the run's folder (which must be on a filesystem all workers share); the
+pools here only start, watch and stop them. The runner's parent loop treats both alike.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import submitit
+
+from saets_utils.config import ConfigError, RunConfig
+
+
+class WorkerPool(Protocol):
+    """Started workers by name: which ended (and how), and stopping them."""
+
+    workers: list[str]
+
+    def finished(self) -> dict[str, str | None]:
+        """Workers that ended since the last call: name -> error text (None: exited cleanly)."""
+        ...
+
+    def kill(self, worker: str) -> None: ...
+
+    def stop(self) -> None:
+        """Stop every worker still running (the parent is leaving)."""
+        ...
+
+
+def worker_command(work: Path, device: str, attempt: str, worker: str, threads: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "saets_utils.effects.runner",
+        "--work",
+        str(work),
+        "--device",
+        device,
+        "--attempt",
+        attempt,
+        "--worker",
+        worker,
+        "--threads",
+        str(threads),
+    ]
+
+
+class LocalPool:
+    """One worker subprocess per device of this machine, logs in ``<work>/logs/<worker>.log``."""
+
+    def __init__(self, work: Path, attempt: str, devices: Sequence[str], threads: int = 1) -> None:
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        self.work = work
+        self.workers = [f"{attempt}-w{i}" for i in range(len(devices))]
+        self.devices = dict(zip(self.workers, devices))
+        self.procs: dict[str, subprocess.Popen] = {}
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        for w, d in self.devices.items():
+            with open(self.log(w), "w") as log:  # the child keeps its own handle
+                cmd = worker_command(work, d, attempt, w, threads)
+                self.procs[w] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self._reported: set[str] = set()
+
+    def log(self, worker: str) -> Path:
+        return self.work / "logs" / f"{worker}.log"
+
+    def finished(self) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for w, p in self.procs.items():
+            rc = p.poll()
+            if rc is None or w in self._reported:
+                continue
+            self._reported.add(w)
+            tail = self.log(w).read_text(errors="replace")[-2000:] if self.log(w).is_file() else ""
+            out[w] = None if rc == 0 else f"worker {w} ({self.devices[w]}) exited with code {rc}:\n{tail}"
+        return out
+
+    def kill(self, worker: str) -> None:
+        p = self.procs[worker]
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=60)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for w, p in self.procs.items():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill(w)
+
+
+class EffectsTask(submitit.helpers.Checkpointable):
+    """A submitit task: one worker subprocess per GPU of the task (``gpus`` 0: one CPU worker). Checkpointable:
+    on preemption or time-out Slurm requeues it under the same worker name, so it takes its own
+    claims back at once and the others wait for nothing."""
+
+    def __call__(self, work: str, attempt: str, worker: str, gpus: int, threads: int) -> None:
+        devices = [f"cuda:{g}" for g in range(gpus)] or ["cpu"]
+        names = [worker] if len(devices) == 1 else [f"{worker}-g{g}" for g in range(gpus)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        procs = [
+            subprocess.Popen(worker_command(Path(work), d, attempt, n, threads), env=env)
+            for d, n in zip(devices, names)
+        ]
+
+        def stop(signum: int, frame: object) -> None:  # cancelled: take the workers along
+            for p in procs:
+                p.kill()
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise RuntimeError(f"worker processes {names} of task {worker} exited with codes {codes}")
+
+
+def slurm_executor(run: RunConfig, folder: Path) -> Any:
+    """A submitit Slurm executor for ``run.effects.slurm`` (logs in ``folder``)."""
+    s = run.effects.slurm
+    ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    params: dict[str, Any] = {
+        "name": f"saets-01-{run.name}",
+        "timeout_min": s.time_min,
+        "nodes": 1,
+        "tasks_per_node": 1,
+        "gpus_per_node": s.gpus_per_task,
+        "slurm_array_parallelism": s.tasks,
+        "slurm_additional_parameters": dict(s.sbatch),
+    }
+    if s.partition:
+        params["slurm_partition"] = s.partition
+    if s.account:
+        params["slurm_account"] = s.account
+    if s.cpus_per_task:
+        params["cpus_per_task"] = s.cpus_per_task
+    ex.update_parameters(**params)
+    return ex
+
+
+class SubmititPool:
+    """``tasks`` :class:`EffectsTask` jobs submitted as one batch (a Slurm job array) on a submitit
+    ``executor`` (Slurm, or ``submitit.LocalExecutor`` in tests)."""
+
+    def __init__(self, executor: Any, work: Path, attempt: str, tasks: int, gpus_per_task: int, threads: int = 1):
+        if tasks < 1:
+            raise ConfigError("effects.slurm.tasks must be >= 1")
+        self.workers = [f"{attempt}-s{i}" for i in range(tasks)]
+        with executor.batch():
+            jobs = [executor.submit(EffectsTask(), str(work), attempt, w, gpus_per_task, threads) for w in self.workers]
+        self.jobs = dict(zip(self.workers, jobs))
+        self._reported: set[str] = set()
+
+    def finished(self) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for w, job in self.jobs.items():
+            if w in self._reported or not job.done():
+                continue
+            self._reported.add(w)
+            try:
+                job.result()
+                out[w] = None
+            except Exception as e:  # the job's own error, or submitit's "job failed / was killed"
+                out[w] = f"worker {w} (job {job.job_id}) failed:\n{str(e)[-2000:]}"
+        return out
+
+    def kill(self, worker: str) -> None:
+        self.jobs[worker].cancel(check=False)
+
+    def stop(self) -> None:
+        for w, job in self.jobs.items():
+            if not job.done():
+                self.kill(w)
