@@ -55,7 +55,9 @@ def remove_stale_tmp(folder: Path, older_than_s: float, recursive: bool = True) 
     return removed
 
 
-def _commit(tmp: Path, path: Path) -> None:
+def _commit(tmp: Path, path: Path, mode: int | None = None) -> None:
+    if mode is not None:  # a writer that re-created the file (safetensors makes it 0600)
+        os.chmod(tmp, mode)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -86,7 +88,8 @@ def atomic_save_safetensors(
     path = Path(path)
     tmp = _tmp_beside(path)
     try:
+        mode = tmp.stat().st_mode & 0o777  # 0666 less the umask
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        _commit(tmp, path)
+        _commit(tmp, path, mode)
     finally:
         tmp.unlink(missing_ok=True)

@@ -5,23 +5,16 @@ model forward."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import HOOK, build_run_cfg
-from saets_utils.config import ConfigError, RunConfig
-from saets_utils.effects import executors
+from helpers import HOOK, N_VECTORS, shard_files, tiny_run
+from saets_utils.config import ConfigError
 from saets_utils.effects import runner as effects_runner
 from saets_utils.effects.calibration import STATUSES
 from saets_utils.effects.measure import measure_effects
@@ -30,54 +23,11 @@ from saets_utils.effects.runner import available_devices, prepare_plan, rollout_
 from saets_utils.effects.store import load_effects
 from saets_utils.effects.vector_sources import build_vectors
 
-N_VECTORS = 24  # with 2 vectors per block: 12 blocks, so a kill lands mid-run even on a slow machine
-WAIT_S = 240  # bound on every wait for worker subprocesses
-
-
-DECODER_ROWS = {"source": "decoder_rows", "ids": {"start": 0, "stop": N_VECTORS}}
-
-
-def tiny_run(tmp_path: Path, **effects: Any) -> RunConfig:
-    """The tiny run of these tests: N_VECTORS decoder rows, 2 per block, seed 1; ``effects`` keys replace these."""
-    return build_run_cfg(tmp_path, seed=1, effects={"vectors": DECODER_ROWS, "vectors_per_batch": 2, **effects})
-
-
-FIRST_8 = {"source": "decoder_rows", "ids": {"start": 0, "stop": 8}}  # 4 blocks: the worker tests' runs
-
-
-def assert_equals_reference(run: RunConfig, reference) -> None:
-    """``run``'s merged files equal the uninterrupted reference run's rows of the same vector ids
-    (each vector's numbers depend only on its id and the settings, not on its block or worker)."""
-    ref_run, ref_path = reference
-    got, ref = load_file(run.results_dir / "effects.safetensors"), load_file(ref_path)
-    ids = got["vector_ids"].tolist()
-    rows = [ref["vector_ids"].tolist().index(v) for v in ids]
-    for k in ("effects", "effect_halves", "scales", "vectors", "used_vectors", "losses"):
-        torch.testing.assert_close(got[k], ref[k][rows], atol=1e-5, rtol=1e-5, equal_nan=True, msg=k)
-    t_got = pd.read_csv(run.results_dir / "effects_table.csv")
-    t_ref = pd.read_csv(ref_run.results_dir / "effects_table.csv").set_index("id")
-    assert t_got["status"].tolist() == t_ref.loc[ids, "status"].tolist()
-
-
-def shard_files(run) -> list[Path]:
-    return sorted((work_dir(run) / "shards").glob("*.safetensors"))
-
-
-def shard_ids(run) -> Counter:
-    ids: Counter = Counter()
-    for p in shard_files(run):
-        with safe_open(str(p), "pt") as f:
-            ids.update(f.get_tensor("vector_ids").tolist())
-    return ids
-
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model, tiny_sae):
-    """An uninterrupted in-process run (gpus=0) of all N_VECTORS vectors."""
-    tmp = tmp_path_factory.mktemp("reference")
-    run = tiny_run(tmp)
-    path = run_effects(run, tiny_model, tiny_sae, gpus=0)
-    return run, path
+def reference(effects_reference):
+    """An uninterrupted in-process run (gpus=0) of all N_VECTORS vectors (conftest)."""
+    return effects_reference
 
 
 # --- output contract --------------------------------------------------------------------------
@@ -181,62 +131,6 @@ def test_plan_made_with_other_settings_needs_restart(tmp_path, tiny_model, tiny_
         and meta["effects"]["loss_target"]["value"] == 0.5
     )
     assert load_file(path)["vector_ids"].tolist() == [3, 9, 12]
-
-
-def test_a_hung_worker_is_killed_and_its_block_measured_by_another(
-    tmp_path, reference, tiny_model, tiny_sae, monkeypatch, capsys
-):
-    """Regression: the parent polled a hung worker forever. Now a worker silent for a lease is killed,
-    its claim released, and the other worker measures its block: the result equals the uninterrupted run."""
-    run = tiny_run(tmp_path, vectors=FIRST_8, lease_s=4.0)
-    pools = []
-    local_pool = executors.LocalPool
-
-    def recording_pool(*a, **k):
-        pools.append(local_pool(*a, **k))
-        return pools[-1]
-
-    monkeypatch.setattr(executors, "LocalPool", recording_pool)
-    outcome: dict[str, Any] = {}
-
-    def target():
-        try:
-            outcome["path"] = run_effects(run, tiny_model, tiny_sae, cpu_workers=2, poll_s=0.1)
-        except BaseException as e:  # handed to the test thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    stopped = None
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while stopped is None:  # freeze worker 0 (SIGSTOP: no heartbeat either) while it holds a block
-            assert thread.is_alive(), f"run ended before worker 0 claimed a block: {outcome}"
-            assert time.monotonic() < deadline, "worker 0 claimed no block in time"
-            for c in sorted((work_dir(run) / "claims").glob("*.*")):
-                info = json.loads(c.read_text() or "{}")
-                key = c.name.rsplit(".", 1)[0]
-                if info.get("worker", "").endswith("-w0") and not list((work_dir(run) / "shards").glob(f"{key}.*")):
-                    os.kill(info["pid"], signal.SIGSTOP)
-                    stopped = info["pid"]
-                    break
-            time.sleep(0.01)
-        thread.join(WAIT_S)
-        assert not thread.is_alive(), "run_effects did not return: the hung worker was not detected"
-    finally:
-        for pool in pools:
-            for p in pool.procs.values():
-                if p.poll() is None:
-                    p.kill()
-                    p.wait(timeout=30)
-        thread.join(30)
-    assert "error" not in outcome, outcome.get("error")
-    assert pools[0].procs[pools[0].workers[0]].returncode == -signal.SIGKILL  # killed by the parent
-    out = capsys.readouterr()
-    assert "(hung): killed" in out.out + out.err
-    counts = shard_ids(run)
-    assert sorted(counts) == list(range(8)) and set(counts.values()) == {1}, "each vector exactly once"
-    assert_equals_reference(run, reference)
 
 
 # --- devices ----------------------------------------------------------------------------------

@@ -8,10 +8,9 @@ pools here only start, watch and stop them. The runner's parent loop treats both
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -101,36 +100,9 @@ class LocalPool:
                 self.kill(w)
 
 
-class EffectsTask(submitit.helpers.Checkpointable):
-    """A submitit task: one worker subprocess per GPU of the task (``gpus`` 0: one CPU worker). Checkpointable:
-    on preemption or time-out Slurm requeues it under the same worker name, so it takes its own
-    claims back at once and the others wait for nothing."""
-
-    def __call__(self, work: str, attempt: str, worker: str, gpus: int, threads: int) -> None:
-        devices = [f"cuda:{g}" for g in range(gpus)] or ["cpu"]
-        names = [worker] if len(devices) == 1 else [f"{worker}-g{g}" for g in range(gpus)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-        procs = [
-            subprocess.Popen(worker_command(Path(work), d, attempt, n, threads), env=env)
-            for d, n in zip(devices, names)
-        ]
-
-        def stop(signum: int, frame: object) -> None:  # cancelled: take the workers along
-            for p in procs:
-                p.kill()
-            raise SystemExit(128 + signum)
-
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
-        codes = [p.wait() for p in procs]
-        if any(codes):
-            raise RuntimeError(f"worker processes {names} of task {worker} exited with codes {codes}")
-
-
-def slurm_executor(run: RunConfig, folder: Path) -> Any:
-    """A submitit Slurm executor for ``run.effects.slurm`` (logs in ``folder``)."""
+def slurm_parameters(run: RunConfig) -> dict[str, Any]:
+    """submitit parameters for ``run.effects.slurm``: one job per array task, ``gpus_per_task`` GPUs each."""
     s = run.effects.slurm
-    ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     params: dict[str, Any] = {
         "name": f"saets-01-{run.name}",
         "timeout_min": s.time_min,
@@ -146,20 +118,39 @@ def slurm_executor(run: RunConfig, folder: Path) -> Any:
         params["slurm_account"] = s.account
     if s.cpus_per_task:
         params["cpus_per_task"] = s.cpus_per_task
-    ex.update_parameters(**params)
+    return params
+
+
+def slurm_executor(run: RunConfig, folder: Path) -> Any:
+    """A submitit Slurm executor for ``run.effects.slurm`` (logs in ``folder``)."""
+    try:
+        ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    except RuntimeError as e:  # no srun here
+        raise ConfigError(
+            f"effects.executor 'slurm' needs Slurm on this machine ({e}); run from a node of the cluster, "
+            "or use effects.executor 'local'"
+        ) from None
+    ex.update_parameters(**slurm_parameters(run))
     return ex
 
 
 class SubmititPool:
-    """``tasks`` :class:`EffectsTask` jobs submitted as one batch (a Slurm job array) on a submitit
-    ``executor`` (Slurm, or ``submitit.LocalExecutor`` in tests)."""
+    """``tasks`` jobs of ``task(work, attempt, worker, gpus_per_task, threads)`` submitted as one batch
+    (a Slurm job array) on a submitit ``executor`` (Slurm, or ``submitit.LocalExecutor`` in tests)."""
 
-    def __init__(self, executor: Any, work: Path, attempt: str, tasks: int, gpus_per_task: int, threads: int = 1):
-        if tasks < 1:
-            raise ConfigError("effects.slurm.tasks must be >= 1")
+    def __init__(
+        self,
+        executor: Any,
+        task: Callable[..., None],
+        work: Path,
+        attempt: str,
+        tasks: int,
+        gpus_per_task: int,
+        threads: int = 1,
+    ):
         self.workers = [f"{attempt}-s{i}" for i in range(tasks)]
         with executor.batch():
-            jobs = [executor.submit(EffectsTask(), str(work), attempt, w, gpus_per_task, threads) for w in self.workers]
+            jobs = [executor.submit(task, str(work), attempt, w, gpus_per_task, threads) for w in self.workers]
         self.jobs = dict(zip(self.workers, jobs))
         self._reported: set[str] = set()
 

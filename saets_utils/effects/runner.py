@@ -23,6 +23,8 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import subprocess
 import time
 import traceback
 import uuid
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import submitit
 import torch
 from torch import Tensor
 
@@ -47,6 +50,7 @@ from saets_utils.effects.claims import (
     read_claims,
     try_claim,
 )
+from saets_utils.effects.executors import worker_command
 from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
 from saets_utils.effects.plan import Plan, current_shards, fingerprint, input_digests, work_dir
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, remove_stale_tmp
@@ -278,7 +282,7 @@ def work_loop(
         ids = plan.vector_ids.tolist()
         seen: dict[Path, tuple[str, list[int]]] = {}
         while True:
-            waiting = False
+            waiting = retry = False
             for k, rows in enumerate(plan_blocks(plan, e.vectors_per_batch)):
                 if all(ids[r] in done_ids(run, plan, seen) for r in rows):
                     continue
@@ -312,10 +316,12 @@ def work_loop(
                     err = traceback.format_exc()
                     print(f"effects worker {worker}: block {k} failed\n{err}", flush=True)
                     fail_claim(got.path, err)
-                    waiting = True  # retried until this attempt gives it up
-            if not waiting:
-                return
-            time.sleep(beat.interval_s)
+                    retry = True  # until this attempt gives it up
+            if waiting:
+                time.sleep(beat.interval_s)
+            elif not retry:
+                break
+    beat_file.unlink(missing_ok=True)  # finished: its silence from now on is not a hang
 
 
 def available_devices(gpus: int, cpu_workers: int = 0) -> list[str]:
@@ -466,7 +472,7 @@ def run_effects(
                 s = e.slurm
                 folder = Path(s.log_folder) if s.log_folder else wd / "slurm"
                 ex = executor if executor is not None else slurm_executor(run, folder)
-                pool = SubmititPool(ex, wd, attempt, s.tasks, s.gpus_per_task, threads=s.cpus_per_task or 1)
+                pool = SubmititPool(ex, EffectsTask(), wd, attempt, s.tasks, s.gpus_per_task, s.cpus_per_task or 1)
             else:
                 threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 1
                 pool = LocalPool(wd, attempt, devices, threads)
@@ -480,6 +486,48 @@ def run_effects(
                 f"{left} of {total} vectors unmeasured; finished ones are saved, re-run to resume.\n{msg}"
             )
         return merge_effects(run, plan)
+
+
+class EffectsTask(submitit.helpers.Checkpointable):
+    """A submitit task: a worker on its GPU (``gpus`` 0: on CPU), or one worker subprocess per GPU.
+    Checkpointable: on preemption or time-out Slurm requeues it under the same worker name, so it
+    takes its own claims back at once and the others wait for nothing."""
+
+    def __call__(self, work: str, attempt: str, worker: str, gpus: int, threads: int) -> None:
+        if gpus <= 1:
+            device = "cuda:0" if gpus else "cpu"
+            main(
+                [
+                    "--work",
+                    work,
+                    "--device",
+                    device,
+                    "--attempt",
+                    attempt,
+                    "--worker",
+                    worker,
+                    "--threads",
+                    str(threads),
+                ]
+            )
+            return
+        names = [f"{worker}-g{g}" for g in range(gpus)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        procs = [
+            subprocess.Popen(worker_command(Path(work), f"cuda:{g}", attempt, n, threads), env=env)
+            for g, n in enumerate(names)
+        ]
+
+        def stop(signum: int, frame: object) -> None:  # cancelled: take the workers along
+            for p in procs:
+                p.kill()
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise RuntimeError(f"worker processes {names} of task {worker} exited with codes {codes}")
 
 
 def main(argv: list[str] | None = None) -> None:
