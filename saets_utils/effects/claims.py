@@ -51,23 +51,25 @@ class Claim:
 
 
 def read_claims(folder: Path, key: str) -> list[Claim]:
-    """Every generation of ``key``'s claim, oldest first (a file being created reads as fresh)."""
-    out = []
-    for p in folder.glob(f"{key}.*"):
-        suffix = p.name[len(key) + 1 :]
-        if not suffix.isdigit():
-            continue
+    """Every generation of ``key``'s claim, oldest first (a file being created reads as fresh).
+    Generations are probed one by one (no directory listing: thousands of claims share a folder)."""
+    out: list[Claim] = []
+    gen = 0
+    while True:
+        p = folder / f"{key}.{gen}"
         try:
             mtime = p.stat().st_mtime
-            info = json.loads(p.read_text() or "{}")
+            text = p.read_text()
         except FileNotFoundError:
-            continue
+            return out
+        try:
+            info = json.loads(text or "{}")
         except json.JSONDecodeError:  # created, not yet written: its holder is alive
             info = {}
         out.append(
             Claim(
                 p,
-                int(suffix),
+                gen,
                 str(info.get("attempt", "")),
                 str(info.get("worker", "")),
                 str(info.get("host", "")),
@@ -76,7 +78,7 @@ def read_claims(folder: Path, key: str) -> list[Claim]:
                 mtime,
             )
         )
-    return sorted(out, key=lambda c: c.gen)
+        gen += 1
 
 
 @dataclass(frozen=True)

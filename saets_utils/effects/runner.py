@@ -283,8 +283,9 @@ def work_loop(
         seen: dict[Path, tuple[str, list[int]]] = {}
         while True:
             waiting = retry = False
+            done = done_ids(run, plan, seen)
             for k, rows in enumerate(plan_blocks(plan, e.vectors_per_batch)):
-                if all(ids[r] in done_ids(run, plan, seen) for r in rows):
+                if all(ids[r] in done for r in rows):
                     continue
                 key = block_key(plan, e.vectors_per_batch, k)
                 got = try_claim(wd / "claims", key, attempt, worker, e.lease_s, e.max_failures)
@@ -358,8 +359,6 @@ def run_lock(run: RunConfig) -> Iterator[Path]:
             f"{time.time() - h.mtime:.0f} s ago); wait for it to finish or stop it (its lock then expires "
             f"after effects.lease_s = {run.effects.lease_s:g} s)"
         )
-    for old in read_claims(folder, "run")[:-1]:
-        old.path.unlink(missing_ok=True)
     try:
         with Heartbeat(heartbeat_interval(run.effects.lease_s), got.path):
             yield got.path
