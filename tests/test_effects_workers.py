@@ -134,7 +134,7 @@ def test_workers_killed_or_hung_mid_block_on_submitit_give_the_uninterrupted_res
 def test_shards_of_a_discarded_plan_are_never_merged(tmp_path, reference, tiny_model, tiny_sae, monkeypatch):
     """Regression: restart deleted the folder while old workers still ran; a shard they wrote after
     it (old settings) was taken by the merge. Shards carry the plan id; only current ones count."""
-    two = {"source": "decoder_rows", "ids": [3, 9]}
+    two = {"source": "decoder_rows", "ids": [2, 4]}  # calibrated "ok": the old target gives other scales
     old = tiny_run(tmp_path, vectors=two, loss_target={"kind": "relative", "value": 0.6})
     run_effects(old, tiny_model, tiny_sae)
     stale = next((work_dir(old) / "shards").glob("*.safetensors")).read_bytes()
