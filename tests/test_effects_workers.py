@@ -14,6 +14,7 @@ import signal
 import stat
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,11 +28,19 @@ from saets_utils.effects import executors, store
 from saets_utils.effects import runner as effects_runner
 from saets_utils.effects.claims import EXPIRED, Heartbeat, fail_claim, read_claims, try_claim
 from saets_utils.effects.plan import Plan, work_dir
-from saets_utils.effects.runner import LOCK, run_effects
+from saets_utils.effects.runner import LOCK, block_key, run_effects
 from saets_utils.effects.store import load_effects, merge_effects
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_text, make_temp_dir
 from saets_utils.models import assets
 from saets_utils.models.tiny import tiny_sae as make_tiny_sae
+
+
+def ready(heartbeat: Path) -> bool:
+    """A worker's heartbeat file says it has loaded the model and claims blocks now."""
+    try:
+        return json.loads(heartbeat.read_text()).get("state") == "working"
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
 
 
 def no_compute(monkeypatch) -> None:
@@ -101,13 +110,27 @@ def test_workers_killed_or_hung_mid_block_on_submitit_give_the_uninterrupted_res
     claims, shards = work_dir(run) / "claims", work_dir(run) / "shards"
     deadline = time.monotonic() + WAIT_S
     try:
+        # Hold every block until all three workers are up (they start at very different times on a
+        # loaded machine, and one could otherwise finish all blocks alone), then let them race.
+        while not (work_dir(run) / "plan.safetensors").exists():
+            assert thread.is_alive() and time.monotonic() < deadline, f"no plan in time: {outcome}"
+            time.sleep(0.01)
+        plan = Plan.load(work_dir(run) / "plan.safetensors")
+        gate = [try_claim(claims, block_key(plan, 2, k), "gate", "gate", 4.0).path for k in range(4)]
+        assert all(gate)
+        with Heartbeat(0.1, *gate):
+            while sum(ready(p) for p in (work_dir(run) / "workers").glob("*.json")) < 3:
+                assert thread.is_alive() and time.monotonic() < deadline, f"workers not up in time: {outcome}"
+                time.sleep(0.05)
+        for p in gate:
+            os.utime(p, EXPIRED)
         while len(hit) < 2:
             assert thread.is_alive(), f"run ended before workers 0 and 1 were caught mid-block: {outcome}"
             assert time.monotonic() < deadline, "workers 0 and 1 claimed no block in time"
             for c in sorted(claims.glob("*.*")) if claims.is_dir() else []:
                 info = json.loads(c.read_text() or "{}")
                 key, who = c.name.rsplit(".", 1)[0], info.get("worker", "")[-3:]
-                if who in ("-s0", "-s1") and who not in hit and not list(shards.glob(f"{key}.*")):
+                if who in ("-s0", "-s1") and who not in hit and not list(shards.glob(f"{key}.*")):  # mid-block
                     os.kill(info["pid"], signal.SIGKILL if who == "-s0" else signal.SIGSTOP)
                     hit[who] = (key, info["pid"])
             time.sleep(0.01)
@@ -122,10 +145,11 @@ def test_workers_killed_or_hung_mid_block_on_submitit_give_the_uninterrupted_res
     counts = shard_ids(run)
     assert sorted(counts) == list(range(8)) and set(counts.values()) == {1}, "each vector exactly once"
     assert_equals_reference(run, reference)
-    for who, (key, _) in hit.items():
+    for who, (key, pid) in hit.items():  # its block was re-claimed and measured by another worker
         gens = read_claims(claims, key)
-        if not any(p.name.startswith(key) and who in p.name for p in shards.iterdir()):  # its block was lost
-            assert len(gens) == 2 and not gens[1].worker.endswith(who), "another worker re-claimed the block"
+        mine = next(c.gen for c in gens if c.pid == pid)
+        assert any(c.gen > mine and not c.worker.endswith(who) for c in gens), [c.worker for c in gens]
+        assert not list(shards.glob(f"{key}.*{who}.safetensors"))
 
 
 # --- regression tests, one per defect -----------------------------------------------------------
@@ -302,7 +326,8 @@ def test_slurm_settings_are_checked_before_any_work(tmp_path, tiny_model, tiny_s
         tiny_run(tmp_path, slurm={"tasks": 0})
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ConfigError, match="needs Slurm"):
-        executors.slurm_executor(run, tmp_path / "logs")
+        run_effects(run, tiny_model, tiny_sae)
+    assert not (work_dir(run) / "plan.safetensors").exists()
     fake = tmp_path / "bin" / "srun"  # submitit only looks for srun before submitting
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\n")

@@ -266,7 +266,8 @@ def work_loop(
     wd = work_dir(run)
     want = json.loads((wd / "attempts" / f"{attempt}.json").read_text())
     beat_file = wd / "workers" / f"{worker}.json"
-    atomic_write_json(beat_file, {"attempt": attempt, "device": device, **identity()})
+    state = {"attempt": attempt, "device": device, **identity()}
+    atomic_write_json(beat_file, {**state, "state": "loading"})
     with Heartbeat(heartbeat_interval(e.lease_s), beat_file) as beat:
         plan = Plan.load(wd / "plan.safetensors")
         if plan.plan_id != want["plan_id"]:
@@ -280,6 +281,7 @@ def work_loop(
         resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
         (wd / "shards").mkdir(exist_ok=True)
         ids = plan.vector_ids.tolist()
+        atomic_write_json(beat_file, {**state, "state": "working"})
         seen: dict[Path, tuple[str, list[int]]] = {}
         while True:
             waiting = retry = False
@@ -450,6 +452,11 @@ def run_effects(
         )
     devices = [] if slurm else available_devices(gpus, cpu_workers)
     wd = work_dir(run)
+    if slurm and executor is None:  # fails here, before any work, where Slurm is missing
+        from saets_utils.effects.executors import slurm_executor
+
+        s = run.effects.slurm
+        executor = slurm_executor(run, Path(s.log_folder) if s.log_folder else wd / "slurm")
     with run_lock(run):
         plan = prepare_plan(run, model, sae, restart)
         remove_stale_tmp(wd, older_than_s=e.lease_s)  # left by writers killed mid-write
@@ -464,14 +471,14 @@ def run_effects(
         if todo and not slurm and not devices:
             work_loop(run, attempt, f"{attempt}-main", model=model, sae=sae, progress=bar)
         elif todo:
-            from saets_utils.effects.executors import LocalPool, SubmititPool, slurm_executor
+            from saets_utils.effects.executors import LocalPool, SubmititPool
 
             pool: Any
             if slurm:
                 s = e.slurm
-                folder = Path(s.log_folder) if s.log_folder else wd / "slurm"
-                ex = executor if executor is not None else slurm_executor(run, folder)
-                pool = SubmititPool(ex, EffectsTask(), wd, attempt, s.tasks, s.gpus_per_task, s.cpus_per_task or 1)
+                pool = SubmititPool(
+                    executor, EffectsTask(), wd, attempt, s.tasks, s.gpus_per_task, s.cpus_per_task or 1
+                )
             else:
                 threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 1
                 pool = LocalPool(wd, attempt, devices, threads)
