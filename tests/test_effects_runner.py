@@ -1,6 +1,6 @@
-"""Notebook 01's runner on the tiny model: the output contract, resuming (also after a worker is
-killed), plans guarded by their settings, device selection, and bad inputs failing before any
-model forward."""
+"""Notebook 01's runner on the tiny model: the output contract, resuming, plans guarded by their
+settings, device selection, and bad inputs failing before any model forward. Workers killed, hung
+or failing, and the runner's other failure modes: test_effects_workers.py."""
 
 from __future__ import annotations
 

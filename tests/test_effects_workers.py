@@ -191,7 +191,7 @@ def test_an_interrupted_parent_stops_its_workers_and_releases_its_lock(tmp_path,
         def sleep(s):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(effects_runner, "time", InterruptedTime())
+    monkeypatch.setattr(executors, "time", InterruptedTime())
     with pytest.raises(KeyboardInterrupt):
         run_effects(run, tiny_model, tiny_sae, cpu_workers=2)
     procs = list(pools[0].procs.values())

@@ -10,13 +10,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import submitit
+import torch
 
 from saets_utils.config import ConfigError, RunConfig
+from saets_utils.effects.claims import expire_claims_of
+from saets_utils.effects.plan import Plan, done_ids, work_dir
 
 
 class WorkerPool(Protocol):
@@ -174,3 +178,54 @@ class SubmititPool:
         for w, job in self.jobs.items():
             if not job.done():
                 self.kill(w)
+
+
+def available_devices(gpus: int, cpu_workers: int = 0) -> list[str]:
+    """``cuda:0..gpus-1`` (error if fewer exist), or ``cpu_workers`` CPU workers; [] = in-process."""
+    if gpus < 0 or cpu_workers < 0:
+        raise ConfigError("gpus and cpu_workers must be >= 0")
+    if gpus and cpu_workers:
+        raise ConfigError(f"gpus={gpus} and cpu_workers={cpu_workers}: choose GPU workers or CPU workers, not both")
+    if cpu_workers:
+        return ["cpu"] * cpu_workers
+    n = torch.cuda.device_count()
+    if gpus > n:
+        seen = "no CUDA device is" if n == 0 else f"only {n} CUDA device(s) are"
+        raise ConfigError(
+            f"gpus={gpus} but {seen} visible; use gpus <= {n}, or cpu_workers=N for N CPU worker subprocesses"
+        )
+    return [f"cuda:{i}" for i in range(gpus)]
+
+
+def watch(run: RunConfig, plan: Plan, pool: Any, bar, poll_s: float) -> list[str]:
+    """Follow the workers until all have ended: merged progress from the shards, a worker silent for
+    a lease is killed as hung, a dead worker's claims are released at once. Stops them on exit."""
+    wd = work_dir(run)
+    lease = run.effects.lease_s
+    failures: list[str] = []
+    seen: dict[Path, tuple[str, list[int]]] = {}
+    running = set(pool.workers)
+
+    def ended(w: str, err: str | None) -> None:
+        running.discard(w)
+        expire_claims_of(wd / "claims", w)
+        if err:
+            failures.append(err)
+            bar.write(f"effects: {err.splitlines()[0]}; others continue")
+
+    try:
+        while running:
+            time.sleep(poll_s)
+            bar.update(len(done_ids(run, plan, seen)) - bar.n)
+            for w, err in pool.finished().items():
+                ended(w, err)
+            now = time.time()
+            for w in sorted(running):
+                beat = wd / "workers" / f"{w}.json"
+                if beat.is_file() and beat.stat().st_mtime < now - lease:
+                    pool.kill(w)
+                    ended(w, f"worker {w} sent no heartbeat for {lease:g} s (hung): killed")
+    finally:
+        pool.stop()
+    bar.update(len(done_ids(run, plan, seen)) - bar.n)
+    return failures

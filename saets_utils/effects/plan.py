@@ -150,3 +150,27 @@ def current_shards(run: RunConfig, plan: Plan, seen: dict[Path, tuple[str, list[
             except FileNotFoundError:  # removed by a restart meanwhile
                 continue
     return sorted(p for p, (pid, _) in seen.items() if pid == plan.plan_id)
+
+
+def done_ids(run: RunConfig, plan: Plan, seen: dict[Path, tuple[str, list[int]]] | None = None) -> set[int]:
+    """Vector ids already recorded in finished shards of this plan."""
+    seen = {} if seen is None else seen
+    return {v for p in current_shards(run, plan, seen) for v in seen[p][1]}
+
+
+def plan_blocks(plan: Plan, size: int) -> list[list[int]]:
+    """The fixed partition of the plan's rows into blocks of ``size``: the unit of claims and shards."""
+    n = len(plan.vector_ids)
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def block_key(plan: Plan, size: int, k: int) -> str:
+    return f"{plan.plan_id}-b{size}-{k:05d}"
+
+
+def todo_blocks(run: RunConfig, plan: Plan) -> list[list[int]]:
+    """Row indices into the plan of vectors still to measure, grouped by block."""
+    done = done_ids(run, plan)
+    ids = plan.vector_ids.tolist()
+    blocks = [[r for r in b if ids[r] not in done] for b in plan_blocks(plan, run.effects.vectors_per_batch)]
+    return [b for b in blocks if b]

@@ -43,16 +43,24 @@ from saets_utils.effects.calibration import Calibration, calibrate_scales, resid
 from saets_utils.effects.claims import (
     EXPIRED,
     Heartbeat,
-    expire_claims_of,
     fail_claim,
     heartbeat_interval,
     identity,
     read_claims,
     try_claim,
 )
-from saets_utils.effects.executors import worker_command
+from saets_utils.effects.executors import available_devices, watch, worker_command
 from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
-from saets_utils.effects.plan import Plan, current_shards, fingerprint, input_digests, work_dir
+from saets_utils.effects.plan import (
+    Plan,
+    block_key,
+    done_ids,
+    fingerprint,
+    input_digests,
+    plan_blocks,
+    todo_blocks,
+    work_dir,
+)
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, remove_stale_tmp
 
 
@@ -130,30 +138,6 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     )
     plan.save(plan_path)
     return plan
-
-
-def done_ids(run: RunConfig, plan: Plan, seen: dict[Path, tuple[str, list[int]]] | None = None) -> set[int]:
-    """Vector ids already recorded in finished shards of this plan."""
-    seen = {} if seen is None else seen
-    return {v for p in current_shards(run, plan, seen) for v in seen[p][1]}
-
-
-def plan_blocks(plan: Plan, size: int) -> list[list[int]]:
-    """The fixed partition of the plan's rows into blocks of ``size``: the unit of claims and shards."""
-    n = len(plan.vector_ids)
-    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-
-
-def block_key(plan: Plan, size: int, k: int) -> str:
-    return f"{plan.plan_id}-b{size}-{k:05d}"
-
-
-def todo_blocks(run: RunConfig, plan: Plan) -> list[list[int]]:
-    """Row indices into the plan of vectors still to measure, grouped by block."""
-    done = done_ids(run, plan)
-    ids = plan.vector_ids.tolist()
-    blocks = [[r for r in b if ids[r] not in done] for b in plan_blocks(plan, run.effects.vectors_per_batch)]
-    return [b for b in blocks if b]
 
 
 @dataclass
@@ -327,23 +311,6 @@ def work_loop(
     beat_file.unlink(missing_ok=True)  # finished: its silence from now on is not a hang
 
 
-def available_devices(gpus: int, cpu_workers: int = 0) -> list[str]:
-    """``cuda:0..gpus-1`` (error if fewer exist), or ``cpu_workers`` CPU workers; [] = in-process."""
-    if gpus < 0 or cpu_workers < 0:
-        raise ConfigError("gpus and cpu_workers must be >= 0")
-    if gpus and cpu_workers:
-        raise ConfigError(f"gpus={gpus} and cpu_workers={cpu_workers}: choose GPU workers or CPU workers, not both")
-    if cpu_workers:
-        return ["cpu"] * cpu_workers
-    n = torch.cuda.device_count()
-    if gpus > n:
-        seen = "no CUDA device is" if n == 0 else f"only {n} CUDA device(s) are"
-        raise ConfigError(
-            f"gpus={gpus} but {seen} visible; use gpus <= {n}, or cpu_workers=N for N CPU worker subprocesses"
-        )
-    return [f"cuda:{i}" for i in range(gpus)]
-
-
 LOCK = ".effects_lock"  # in results/<run>/, outside the work folder that restart deletes
 
 
@@ -366,40 +333,6 @@ def run_lock(run: RunConfig) -> Iterator[Path]:
             yield got.path
     finally:
         os.utime(got.path, EXPIRED)
-
-
-def _watch(run: RunConfig, plan: Plan, pool: Any, bar, poll_s: float) -> list[str]:
-    """Follow the workers until all have ended: merged progress from the shards, a worker silent for
-    a lease is killed as hung, a dead worker's claims are released at once. Stops them on exit."""
-    wd = work_dir(run)
-    lease = run.effects.lease_s
-    failures: list[str] = []
-    seen: dict[Path, tuple[str, list[int]]] = {}
-    running = set(pool.workers)
-
-    def ended(w: str, err: str | None) -> None:
-        running.discard(w)
-        expire_claims_of(wd / "claims", w)
-        if err:
-            failures.append(err)
-            bar.write(f"effects: {err.splitlines()[0]}; others continue")
-
-    try:
-        while running:
-            time.sleep(poll_s)
-            bar.update(len(done_ids(run, plan, seen)) - bar.n)
-            for w, err in pool.finished().items():
-                ended(w, err)
-            now = time.time()
-            for w in sorted(running):
-                beat = wd / "workers" / f"{w}.json"
-                if beat.is_file() and beat.stat().st_mtime < now - lease:
-                    pool.kill(w)
-                    ended(w, f"worker {w} sent no heartbeat for {lease:g} s (hung): killed")
-    finally:
-        pool.stop()
-    bar.update(len(done_ids(run, plan, seen)) - bar.n)
-    return failures
 
 
 def _given_up(run: RunConfig, plan: Plan, attempt: str) -> list[str]:
@@ -483,7 +416,7 @@ def run_effects(
                 threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 1
                 pool = LocalPool(wd, attempt, devices, threads)
             atomic_write_json(wd / "attempts" / f"{attempt}.workers.json", {"workers": pool.workers})
-            failures = _watch(run, plan, pool, bar, poll_s)
+            failures = watch(run, plan, pool, bar, poll_s)
         bar.close()
         left = total - len(done_ids(run, plan) & set(plan.vector_ids.tolist()))
         if left:
