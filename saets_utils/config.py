@@ -245,6 +245,22 @@ class CalibrationConfig(_Strict):
     max_evals: int = Field(3, gt=0, le=10)
 
 
+class SlurmConfig(_Strict):
+    """Where 01's workers run with ``effects.executor: slurm``: a submitit job array of ``tasks``
+    tasks, each with ``gpus_per_task`` GPUs (one worker per GPU; 0: one CPU worker) for at most
+    ``time_min`` minutes. ``sbatch``: extra sbatch options (e.g. ``{qos: high, constraint: a100}``);
+    ``log_folder``: submitit's logs (default ``results/<run>/effects_work/slurm``)."""
+
+    partition: str | None = None
+    account: str | None = None
+    gpus_per_task: int = Field(1, ge=0)
+    tasks: int = Field(1, gt=0)
+    time_min: int = Field(240, gt=0)
+    cpus_per_task: int | None = Field(None, gt=0)
+    sbatch: dict[str, Any] = Field(default_factory=dict)
+    log_folder: str | None = None
+
+
 class EffectsConfig(_Strict):
     """Settings of notebook 01 (defaults follow the reference run)."""
 
@@ -299,6 +315,15 @@ class EffectsConfig(_Strict):
     # attention sinks with norm 12k-25k against a median of ~140; their SAE codes are outliers in
     # many features at once and dominate the effects' variance. None: keep every position (reference).
     max_resid_norm: float | None = Field(None, gt=0)
+    # Where workers run: ``local`` (this machine: in-process, or one subprocess per GPU) or
+    # ``slurm`` (submitit, see SlurmConfig). Workers claim blocks in the run's folder; a claim is a
+    # lease renewed by heartbeats, and a worker silent for ``lease_s`` is taken as dead (its block is
+    # re-claimed, a local worker is killed). A block that fails ``max_failures`` times in one run is
+    # reported and skipped; the next run retries it. None of these change the numbers.
+    executor: Literal["local", "slurm"] = "local"
+    slurm: SlurmConfig = SlurmConfig()
+    lease_s: float = Field(120.0, gt=0)
+    max_failures: int = Field(3, gt=0)
 
 
 class ApproximatorConfig(_Strict):
@@ -426,6 +451,7 @@ class RunConfig(_Strict):
     seed: int = 0
     device: str = "auto"
     gpus: int = Field(0, ge=0)
+    cpu_workers: int = Field(0, ge=0)  # 01 on CPU subprocesses (no GPU needed); exclusive with gpus
     model: ModelConfig = ModelConfig()
     sae: SAEConfig
     text: TextConfig = TextConfig()

@@ -1,24 +1,63 @@
-"""Atomic file writes: a crash never leaves a half-written file that a later run would trust."""
+"""Atomic file writes: a crash never leaves a half-written file that a later run would trust.
+
+Temporary files and folders are created with the normal umask modes (not ``mkstemp``'s 0600 or
+``mkdtemp``'s 0700), so colleagues sharing ``results/`` or the cache on a cluster can read them.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+TMP_SUFFIX = ".tmp"
+
 
 def _tmp_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 less the umask
+    return tmp
 
 
-def _commit(tmp: Path, path: Path) -> None:
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named folder in ``parent`` with the umask's mode (``mkdtemp`` makes it 0700)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = parent / f"{prefix}{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+        try:
+            tmp.mkdir(mode=0o777)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def remove_stale_tmp(folder: Path, older_than_s: float, recursive: bool = True) -> list[Path]:
+    """Delete temporary files this module left (a writer killed mid-write) that are older than
+    ``older_than_s`` (younger ones may still be being written); returns what was removed."""
+    if not folder.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    found = folder.rglob(f".*{TMP_SUFFIX}") if recursive else folder.glob(f".*{TMP_SUFFIX}")
+    removed = []
+    for p in found:
+        try:
+            if p.is_file() and p.stat().st_mtime < cutoff:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:  # another process removed or renamed it
+            continue
+    return removed
+
+
+def _commit(tmp: Path, path: Path, mode: int | None = None) -> None:
+    if mode is not None:  # a writer that re-created the file (safetensors makes it 0600)
+        os.chmod(tmp, mode)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -49,7 +88,8 @@ def atomic_save_safetensors(
     path = Path(path)
     tmp = _tmp_beside(path)
     try:
+        mode = tmp.stat().st_mode & 0o777  # 0666 less the umask
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        _commit(tmp, path)
+        _commit(tmp, path, mode)
     finally:
         tmp.unlink(missing_ok=True)

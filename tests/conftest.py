@@ -20,3 +20,14 @@ def tiny_sae():
     from saets_utils.models.tiny import tiny_sae
 
     return tiny_sae(d_in=D_MODEL, d_sae=D_SAE, k=K)
+
+
+@pytest.fixture(scope="session")
+def effects_reference(tmp_path_factory, tiny_model, tiny_sae):
+    """An uninterrupted in-process run of 01 on the tiny model (``helpers.tiny_run``): its results
+    are what every interrupted, restarted or distributed run of the same vectors must merge to."""
+    from helpers import tiny_run
+    from saets_utils.effects.runner import run_effects
+
+    run = tiny_run(tmp_path_factory.mktemp("reference"))
+    return run, run_effects(run, tiny_model, tiny_sae)

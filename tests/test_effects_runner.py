@@ -1,65 +1,33 @@
-"""Notebook 01's runner on the tiny model: the output contract, resuming (also after a worker is
-killed), plans guarded by their settings, device selection, and bad inputs failing before any
-model forward."""
+"""Notebook 01's runner on the tiny model: the output contract, resuming, plans guarded by their
+settings, device selection, and bad inputs failing before any model forward. Workers killed, hung
+or failing, and the runner's other failure modes: test_effects_workers.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import HOOK, build_run_cfg
-from saets_utils.config import ConfigError, RunConfig
+from helpers import HOOK, N_VECTORS, shard_files, tiny_run
+from saets_utils.config import ConfigError
 from saets_utils.effects import runner as effects_runner
 from saets_utils.effects.calibration import STATUSES
 from saets_utils.effects.measure import measure_effects
-from saets_utils.effects.plan import Plan, fingerprint, work_dir
+from saets_utils.effects.plan import Plan, fingerprint, input_digests, work_dir
 from saets_utils.effects.runner import available_devices, prepare_plan, rollout_spec, run_effects
 from saets_utils.effects.store import load_effects
 from saets_utils.effects.vector_sources import build_vectors
 
-N_VECTORS = 24  # with 2 vectors per block: 12 blocks, so a kill lands mid-run even on a slow machine
-WAIT_S = 240  # bound on every wait for worker subprocesses
-
-
-DECODER_ROWS = {"source": "decoder_rows", "ids": {"start": 0, "stop": N_VECTORS}}
-
-
-def tiny_run(tmp_path: Path, **effects: Any) -> RunConfig:
-    """The tiny run of these tests: N_VECTORS decoder rows, 2 per block, seed 1; ``effects`` keys replace these."""
-    return build_run_cfg(tmp_path, seed=1, effects={"vectors": DECODER_ROWS, "vectors_per_batch": 2, **effects})
-
-
-def shard_files(run) -> list[Path]:
-    return sorted((work_dir(run) / "shards").glob("*.safetensors"))
-
-
-def shard_ids(run) -> Counter:
-    ids: Counter = Counter()
-    for p in shard_files(run):
-        with safe_open(str(p), "pt") as f:
-            ids.update(f.get_tensor("vector_ids").tolist())
-    return ids
-
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model, tiny_sae):
-    """An uninterrupted in-process run (gpus=0) of all N_VECTORS vectors."""
-    tmp = tmp_path_factory.mktemp("reference")
-    run = tiny_run(tmp)
-    path = run_effects(run, tiny_model, tiny_sae, gpus=0)
-    return run, path
+def reference(effects_reference):
+    """An uninterrupted in-process run (gpus=0) of all N_VECTORS vectors (conftest)."""
+    return effects_reference
 
 
 # --- output contract --------------------------------------------------------------------------
@@ -91,7 +59,7 @@ def test_run_writes_the_contract_files(reference, tiny_sae):
 
     meta = json.loads((run.results_dir / "effects_meta.json").read_text())
     assert meta["n_vectors"] == n and meta["d_sae"] == 64 and meta["d_model"] == 32
-    assert meta["fingerprint"] == fingerprint(run) and meta["hook_name"] == HOOK
+    assert meta["fingerprint"] == fingerprint(run, input_digests(run, tiny_sae)) and meta["hook_name"] == HOOK
     assert meta["status_counts"] == dict(Counter(table["status"]))
     # 2 prompts * (2 * 4) baseline samples * 16 positions
     assert meta["baseline_positions"] == 2 * 8 * 16
@@ -158,101 +126,26 @@ def test_plan_made_with_other_settings_needs_restart(tmp_path, tiny_model, tiny_
     path = run_effects(changed, tiny_model, tiny_sae, gpus=0, restart=True)
     assert not any(p.exists() for p in old_shards)
     meta = json.loads((path.parent / "effects_meta.json").read_text())
-    assert meta["fingerprint"] == fingerprint(changed) and meta["effects"]["loss_target"]["value"] == 0.5
+    assert (
+        meta["fingerprint"] == fingerprint(changed, input_digests(changed, tiny_sae))
+        and meta["effects"]["loss_target"]["value"] == 0.5
+    )
     assert load_file(path)["vector_ids"].tolist() == [3, 9, 12]
-
-
-def test_resume_after_a_killed_worker_gives_the_uninterrupted_result(
-    tmp_path, reference, tiny_model, tiny_sae, monkeypatch
-):
-    run = tiny_run(tmp_path)
-    procs = []
-    spawn = effects_runner._spawn_worker
-
-    def recording_spawn(*a, **k):
-        p = spawn(*a, **k)
-        procs.append(p)
-        return p
-
-    monkeypatch.setattr(effects_runner, "_spawn_worker", recording_spawn)
-    outcome: dict[str, Any] = {}
-
-    def target():
-        try:
-            outcome["path"] = run_effects(run, tiny_model, tiny_sae, gpus=2, poll_s=0.1)
-        except BaseException as e:  # handed to the test thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    killed = None
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while not shard_files(run):
-            assert thread.is_alive(), f"run ended before any shard was written: {outcome}"
-            assert time.monotonic() < deadline, "no shard written in time"
-            time.sleep(0.02)
-        # then, if it comes soon, the moment both workers are mid-block (claimed, shard not yet
-        # written), so that the kill loses a block; otherwise kill anyway and accept either outcome
-        claims = work_dir(run) / "claims"
-        soon = time.monotonic() + 30
-        while thread.is_alive() and time.monotonic() < soon:
-            if len(list(claims.iterdir())) - len(shard_files(run)) >= 2:
-                break
-            time.sleep(0.005)
-        workers = json.loads((work_dir(run) / "workers.json").read_text())
-        assert workers["pids"] == [p.pid for p in procs] and len(procs) == 2
-        try:
-            os.kill(workers["pids"][0], signal.SIGKILL)
-            killed = 0
-        except ProcessLookupError:  # it had already finished and been reaped
-            pass
-        thread.join(WAIT_S)
-        assert not thread.is_alive(), "run_effects did not return after the kill"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
-        thread.join(30)
-
-    done = shard_ids(run)
-    print(
-        f"kill landed with {len(done)} of {N_VECTORS} vectors done; run "
-        f"{'failed' if 'error' in outcome else 'completed'}"
-    )  # shown with -s or on failure
-    if "error" in outcome:
-        err = outcome["error"]
-        assert isinstance(err, RuntimeError), repr(err)
-        assert killed == 0
-        assert "worker 0 (cpu) exited with code -9" in str(err)
-        assert f"{N_VECTORS - len(done)} of {N_VECTORS} vectors unmeasured" in str(err)
-        assert len(done) < N_VECTORS
-    else:  # the kill came after worker 0's last block: the other worker finished everything
-        assert outcome["path"] == run.results_dir / "effects.safetensors"
-    assert all(c == 1 for c in done.values()), "a vector was written twice"
-
-    path = run_effects(run, tiny_model, tiny_sae, gpus=0)  # resume in-process
-    counts = shard_ids(run)
-    assert sorted(counts) == list(range(N_VECTORS)) and set(counts.values()) == {1}, "each vector exactly once"
-
-    ref_run, ref_path = reference
-    got, ref = load_file(path), load_file(ref_path)
-    assert got["vector_ids"].tolist() == ref["vector_ids"].tolist() == list(range(N_VECTORS))
-    for k in ("effects", "scales", "vectors", "used_vectors", "losses"):
-        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, equal_nan=True, msg=k)
-    t_got = pd.read_csv(run.results_dir / "effects_table.csv")
-    t_ref = pd.read_csv(ref_run.results_dir / "effects_table.csv")
-    assert t_got["status"].tolist() == t_ref["status"].tolist()
 
 
 # --- devices ----------------------------------------------------------------------------------
 
 
 def test_available_devices_without_gpus(monkeypatch):
+    """Regression: gpus=N on a machine without GPUs silently started N CPU workers (gpus=999 too)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert available_devices(0) == []
-    assert available_devices(3) == ["cpu", "cpu", "cpu"]
+    for n in (1, 999):
+        with pytest.raises(ConfigError, match=f"gpus={n} but no CUDA device is visible.*cpu_workers"):
+            available_devices(n)
+    assert available_devices(0, cpu_workers=3) == ["cpu", "cpu", "cpu"]
+    with pytest.raises(ConfigError, match="not both"):
+        available_devices(1, cpu_workers=1)
     with pytest.raises(ConfigError, match="gpus"):
         available_devices(-1)
 

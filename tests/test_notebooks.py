@@ -45,10 +45,10 @@ def test_effects_contract(run):
 def test_workers_give_the_same_effects(run):
     before = load_file(run.results_dir / "effects.safetensors")
     step = next(s for s in STEPS if s.name == "01_effects")
-    execute_notebook(run, step, PARAMS, {"gpus": 2, "restart": True}, 1200)
+    execute_notebook(run, step, PARAMS, {"cpu_workers": 2, "restart": True}, 1200)
     after = load_file(run.results_dir / "effects.safetensors")
-    logs = list((run.results_dir / "effects_work" / "logs").glob("*worker1.log"))
-    assert logs, "gpus=2 should have started two worker subprocesses"
+    logs = list((run.results_dir / "effects_work" / "logs").glob("*-w1.log"))
+    assert logs, "cpu_workers=2 should have started two worker subprocesses"
     assert torch.allclose(before["scales"], after["scales"], atol=1e-4)
     assert torch.allclose(before["effects"], after["effects"], atol=1e-4, equal_nan=True)
 

@@ -1,13 +1,20 @@
 """Run notebook 01's effects measurement: plan, workers, durable shards, resume, merge.
 
 Layout under ``results/<run>/effects_work/``: ``run_config.json`` and ``plan.safetensors`` (vector
-ids, unit vectors, loss chunks, baseline, fingerprint), ``shards/*.safetensors`` (one per finished
-block of vectors, written atomically), ``claims/`` (which attempt took which block), ``logs/``.
-A re-run with the same settings skips every vector already in a shard; the merged result does
-not depend on how vectors were grouped, since every rollout is seeded by its own vector id.
+ids, unit vectors, loss chunks, baseline, fingerprint, plan id), ``shards/*.safetensors`` (one per
+finished block of vectors, written atomically, tagged with the plan id), ``claims/`` (leases on
+blocks, see :mod:`saets_utils.effects.claims`), ``workers/`` (heartbeats), ``logs/``. A re-run with
+the same settings skips every vector already in a shard of the current plan; the merged result
+does not depend on how vectors were grouped, since every rollout is seeded by its own vector id.
 
-``gpus = 0`` runs in-process; ``gpus = N`` starts N worker subprocesses (``cuda:0..N-1``, or N CPU
-workers where no GPU exists, so the orchestration is testable without one).
+Blocks are a fixed partition of the plan (``vectors_per_batch`` rows each), so workers of any run
+and any machine share the claims: a block is computed by one worker at a time, a dead worker's block
+is re-claimed when its lease expires, and a block that fails ``max_failures`` times in one run is
+reported and skipped (the next run retries it). One parent run per folder at a time (a lease lock).
+
+Workers: ``gpus = N`` starts N subprocesses on ``cuda:0..N-1``; ``cpu_workers = N`` starts N CPU
+subprocesses (testable without a GPU); neither runs in-process; ``effects.executor: slurm`` submits
+``effects.slurm.tasks`` submitit jobs instead (see README "Running on a Slurm cluster").
 """
 
 from __future__ import annotations
@@ -15,16 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
-import sys
 import time
+import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import submitit
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from saets_utils.config import ConfigError, RunConfig
@@ -36,10 +47,29 @@ from saets_utils.effects.calibration import (
     scale_hint,
     steered_losses,
 )
+from saets_utils.effects.claims import (
+    EXPIRED,
+    Heartbeat,
+    fail_claim,
+    heartbeat_interval,
+    identity,
+    read_claims,
+    try_claim,
+)
+from saets_utils.effects.executors import available_devices, watch, worker_command
 from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
 from saets_utils.effects.memory import rows_for_memory
-from saets_utils.effects.plan import Plan, fingerprint, work_dir
-from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json
+from saets_utils.effects.plan import (
+    Plan,
+    block_key,
+    done_ids,
+    fingerprint,
+    input_digests,
+    plan_blocks,
+    todo_blocks,
+    work_dir,
+)
+from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, remove_stale_tmp
 
 
 def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
@@ -58,29 +88,32 @@ def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
 def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     """Load the run's plan, or build it (vectors, loss chunks, unsteered baseline) once and save it.
 
-    Fails if an existing plan was made with other settings, unless ``restart`` (which deletes the
-    old work folder).
+    Fails if an existing plan was made with other settings or inputs (a changed SAE or vectors
+    file), unless ``restart`` (which deletes the old work folder, also when its plan is unreadable).
     """
-    import shutil
-
     from saets_utils.effects.vector_sources import build_vectors
     from saets_utils.models.loading import bos_id, cut_loss_tokens
     from saets_utils.models.sae_loading import load_sae_from
 
     wd = work_dir(run)
-    fp = fingerprint(run)
+    digests = input_digests(run, sae)
+    fp = fingerprint(run, digests)
     plan_path = wd / "plan.safetensors"
-    if plan_path.is_file():
-        plan = Plan.load(plan_path)
-        if plan.fingerprint == fp and not restart:
+    if plan_path.is_file() and not restart:
+        try:
+            plan = Plan.load(plan_path)
+        except Exception as e:  # a truncated or foreign file: only restart can replace it
+            raise ConfigError(f"{plan_path} is unreadable ({e}); re-run with restart=True to rebuild it") from None
+        if plan.fingerprint == fp:
             return plan
-        if not restart:
-            raise ConfigError(
-                f"{wd} holds work made with other effects settings (fingerprint {plan.fingerprint} "
-                f"!= {fp}); re-run with restart=True to discard it, or use another params file"
-            )
+        raise ConfigError(
+            f"{wd} holds work made with other effects settings or inputs (fingerprint {plan.fingerprint} "
+            f"!= {fp}; inputs then {plan.inputs}, now {digests}); re-run with restart=True to discard it, "
+            "or use another params file"
+        )
     if restart and wd.exists():
-        shutil.rmtree(wd)
+        # workers of an older run may still write here: their shards carry the old plan id and are ignored
+        shutil.rmtree(wd, ignore_errors=True)
     wd.mkdir(parents=True, exist_ok=True)
     ids, vectors = build_vectors(run, sae, model.cfg.d_model, lambda c: load_sae_from(c, run, "cpu"))
     bos = bos_id(model, run.model)
@@ -99,27 +132,11 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
         run.seed,
         max_rows=run.effects.vectors_per_batch * run.effects.samples_per_prompt,
     )
-    plan = Plan(ids, vectors, loss_tokens, base.mean, base.density, base.half_means, unsteered, base.n, fp)
+    plan = Plan(
+        ids, vectors, loss_tokens, base.mean, base.density, base.half_means, unsteered, base.n, fp, inputs=digests
+    )
     plan.save(plan_path)
     return plan
-
-
-def done_ids(run: RunConfig, seen: dict[Path, list[int]] | None = None) -> set[int]:
-    """Vector ids already recorded in finished shards (``seen`` caches shards read before)."""
-    seen = {} if seen is None else seen
-    for p in (work_dir(run) / "shards").glob("*.safetensors"):
-        if p not in seen:
-            with safe_open(str(p), "pt") as f:
-                seen[p] = f.get_tensor("vector_ids").tolist()
-    return {v for ids in seen.values() for v in ids}
-
-
-def todo_blocks(run: RunConfig, plan: Plan) -> list[list[int]]:
-    """Row indices into the plan of vectors still to measure, in blocks of ``vectors_per_batch``."""
-    done = done_ids(run)
-    rows = [i for i, v in enumerate(plan.vector_ids.tolist()) if v not in done]
-    k = run.effects.vectors_per_batch
-    return [rows[i : i + k] for i in range(0, len(rows), k)]
 
 
 @dataclass
@@ -225,9 +242,12 @@ def compute_block(
     spec: RolloutSpec,
     rows: list[int],
     shard_path: Path,
+    tags: dict[str, str] | None = None,
     hint: SearchStart | None = None,
 ) -> Calibration:
-    """Calibrate scales and measure effects for plan rows ``rows``; write one shard atomically."""
+    """Calibrate scales and measure effects for plan rows ``rows``; write one shard atomically,
+    tagged with the plan's id and fingerprint (and ``tags``, e.g. attempt and worker). ``hint``:
+    the secant calibration's start (:func:`plan_scale_hint`)."""
     t0 = time.perf_counter()
     ids = plan.vector_ids[rows]
     res = calibrate_and_measure(
@@ -245,136 +265,264 @@ def compute_block(
             "sample_tokens": res.sample_tokens,
         },
         shard_path,
-        {"status": json.dumps(cal.status), "seconds": repr(seconds), "target": repr(cal.target)},
+        {
+            "status": json.dumps(cal.status),
+            "seconds": repr(seconds),
+            "target": repr(cal.target),
+            "plan_id": plan.plan_id,
+            "fingerprint": plan.fingerprint,
+            **(tags or {}),
+        },
     )
     return cal
 
 
-def _claim(wd: Path, attempt: str, k: int) -> bool:
-    (wd / "claims").mkdir(exist_ok=True)
-    try:
-        os.close(os.open(wd / "claims" / f"{attempt}_{k:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
-
-
-def work_loop(run: RunConfig, attempt: str, device: str = "cpu", model=None, sae=None, progress=None) -> None:
-    """Measure claimed blocks of this attempt until none is left (loading the model and SAE on
-    ``device`` unless given)."""
+def work_loop(
+    run: RunConfig, attempt: str, worker: str, device: str = "cpu", model=None, sae=None, progress=None
+) -> None:
+    """Claim and measure blocks of the plan until each is done or given up (loading the model and SAE
+    on ``device`` unless given). A block that raises is recorded as a failure of this attempt and
+    retried, up to ``effects.max_failures``; a block another live worker holds is waited for."""
     from saets_utils.models.loading import bos_id, load_model
     from saets_utils.models.sae_loading import load_sae
 
+    e = run.effects
     wd = work_dir(run)
-    blocks = json.loads((wd / f"attempt_{attempt}.json").read_text())
-    model = model if model is not None else load_model(run.model, device)
-    sae = sae if sae is not None else load_sae(run, device)
-    plan = Plan.load(wd / "plan.safetensors")
-    spec = rollout_spec(run, model, bos_id(model, run.model))
-    resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
-    (wd / "shards").mkdir(exist_ok=True)
-    hint = plan_scale_hint(run, model, plan, resid)
-    for k, rows in enumerate(blocks):
-        if _claim(wd, attempt, k):
-            shard = wd / "shards" / f"{attempt}_{k:05d}.safetensors"
-            compute_block(run, model, sae, plan, resid, spec, rows, shard, hint)
-            if progress is not None:
-                progress.update(len(rows))
+    want = json.loads((wd / "attempts" / f"{attempt}.json").read_text())
+    beat_file = wd / "workers" / f"{worker}.json"
+    state = {"attempt": attempt, "device": device, **identity()}
+    atomic_write_json(beat_file, {**state, "state": "loading"})
+    with Heartbeat(heartbeat_interval(e.lease_s), beat_file) as beat:
+        plan = Plan.load(wd / "plan.safetensors")
+        if plan.plan_id != want["plan_id"]:
+            print(f"effects worker {worker}: the plan was replaced (restart); nothing to do", flush=True)
+            return
+        model = model if model is not None else load_model(run.model, device)
+        sae = sae if sae is not None else load_sae(run, device)
+        if plan.inputs.get("sae") not in (None, input_digests(run, sae)["sae"]):
+            raise RuntimeError(f"the SAE loaded on {device} differs from the one the plan was built with")
+        spec = rollout_spec(run, model, bos_id(model, run.model))
+        resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
+        hint = plan_scale_hint(run, model, plan, resid)  # the same for every worker and resume
+        (wd / "shards").mkdir(exist_ok=True)
+        ids = plan.vector_ids.tolist()
+        atomic_write_json(beat_file, {**state, "state": "working"})
+        seen: dict[Path, tuple[str, list[int]]] = {}
+        while True:
+            waiting = retry = False
+            done = done_ids(run, plan, seen)
+            for k, rows in enumerate(plan_blocks(plan, e.vectors_per_batch)):
+                if all(ids[r] in done for r in rows):
+                    continue
+                key = block_key(plan, e.vectors_per_batch, k)
+                got = try_claim(wd / "claims", key, attempt, worker, e.lease_s, e.max_failures)
+                waiting |= got.state == "held"
+                if got.path is None:
+                    continue
+                beat.add(got.path)
+                try:
+                    done = done_ids(run, plan, seen)  # another worker may have finished it meanwhile
+                    left = [r for r in rows if ids[r] not in done]
+                    if left:
+                        tags = {"attempt": attempt, "worker": worker}
+                        compute_block(
+                            run,
+                            model,
+                            sae,
+                            plan,
+                            resid,
+                            spec,
+                            left,
+                            wd / "shards" / f"{key}.{worker}.safetensors",
+                            tags,
+                            hint,
+                        )
+                        if progress is not None:
+                            progress.update(len(left))
+                    beat.discard(got.path)
+                except Exception:
+                    beat.discard(got.path)
+                    err = traceback.format_exc()
+                    print(f"effects worker {worker}: block {k} failed\n{err}", flush=True)
+                    fail_claim(got.path, err)
+                    retry = True  # until this attempt gives it up
+            if waiting:
+                time.sleep(beat.interval_s)
+            elif not retry:
+                break
+    beat_file.unlink(missing_ok=True)  # finished: its silence from now on is not a hang
 
 
-def available_devices(gpus: int) -> list[str]:
-    """``cuda:0..gpus-1`` (error if fewer exist), or ``gpus`` CPU workers where no GPU exists."""
-    if gpus < 0:
-        raise ConfigError("gpus must be >= 0")
-    n = torch.cuda.device_count()
-    if n == 0:
-        return ["cpu"] * gpus
-    if gpus > n:
-        raise ConfigError(f"gpus={gpus} but only {n} CUDA device(s) are visible; use gpus <= {n}")
-    return [f"cuda:{i}" for i in range(gpus)]
+LOCK = ".effects_lock"  # in results/<run>/, outside the work folder that restart deletes
 
 
-def _spawn_worker(run: RunConfig, device: str, attempt: str, index: int, threads: int) -> subprocess.Popen:
-    wd = work_dir(run)
-    (wd / "logs").mkdir(exist_ok=True)
-    log = open(wd / "logs" / f"{attempt}_worker{index}.log", "w")  # noqa: SIM115 - the worker writes to it
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "saets_utils.effects.runner",
-        "--work",
-        str(wd),
-        "--device",
-        device,
-        "--attempt",
-        attempt,
-        "--threads",
-        str(threads),
-    ]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+@contextmanager
+def run_lock(run: RunConfig) -> Iterator[Path]:
+    """Hold the run's lock (a lease renewed while held) or fail naming the live holder: two parents
+    on one folder would each start workers on the same devices."""
+    folder = run.results_dir / LOCK
+    me = identity()
+    got = try_claim(folder, "run", "", f"{me['host']}:{me['pid']}", run.effects.lease_s)
+    if got.path is None:
+        h = read_claims(folder, "run")[-1]
+        raise ConfigError(
+            f"another run is measuring effects in {work_dir(run)} (pid {h.pid} on {h.host}, alive "
+            f"{time.time() - h.mtime:.0f} s ago); wait for it to finish or stop it (its lock then expires "
+            f"after effects.lease_s = {run.effects.lease_s:g} s)"
+        )
+    try:
+        with Heartbeat(heartbeat_interval(run.effects.lease_s), got.path):
+            yield got.path
+    finally:
+        os.utime(got.path, EXPIRED)
 
 
-def run_effects(run: RunConfig, model, sae, gpus: int = 0, restart: bool = False, poll_s: float = 0.5) -> Path:
+def _given_up(run: RunConfig, plan: Plan, attempt: str) -> list[str]:
+    """Blocks this attempt gave up (``max_failures`` failures), with their vector ids and last error."""
+    e = run.effects
+    done = done_ids(run, plan)
+    ids = plan.vector_ids.tolist()
+    out = []
+    for k, rows in enumerate(plan_blocks(plan, e.vectors_per_batch)):
+        mine = [
+            c
+            for c in read_claims(work_dir(run) / "claims", block_key(plan, e.vectors_per_batch, k))
+            if c.attempt == attempt
+        ]
+        if len(mine) >= e.max_failures and any(ids[r] not in done for r in rows):
+            last = mine[-1].error or "its worker stopped renewing the lease (killed, hung or preempted)"
+            out.append(
+                f"block {k} (vector ids {[ids[r] for r in rows]}) failed {len(mine)} times, skipped; "
+                f"last error:\n{last[-1500:]}"
+            )
+    return out
+
+
+def run_effects(
+    run: RunConfig,
+    model,
+    sae,
+    gpus: int = 0,
+    restart: bool = False,
+    poll_s: float = 0.5,
+    cpu_workers: int = 0,
+    executor: Any = None,
+) -> Path:
     """Measure all planned vectors (resuming), then merge; returns ``results/<run>/effects.safetensors``.
 
-    ``model``/``sae`` (already loaded) build the plan and, with ``gpus = 0``, do the work in-process.
-    Raises after reporting each failed worker if any vector is left unmeasured (re-run to resume).
+    ``model``/``sae`` (already loaded) build the plan and, without workers, do the work in-process.
+    Workers: ``gpus`` or ``cpu_workers`` subprocesses here, or with ``effects.executor: slurm`` the
+    submitit jobs of ``effects.slurm`` (``executor``: another submitit executor, e.g. a LocalExecutor).
+    Raises after reporting failed workers and given-up blocks if any vector is left (re-run to resume).
     """
+    from saets_utils.effects.store import merge_effects
     from saets_utils.progress import progress as progress_bar
 
-    devices = available_devices(gpus)
-    plan = prepare_plan(run, model, sae, restart)
-    blocks = todo_blocks(run, plan)
+    e = run.effects
+    slurm = e.executor == "slurm"
+    if slurm and (gpus or cpu_workers):
+        raise ConfigError(
+            "gpus/cpu_workers place workers on this machine; with effects.executor 'slurm' set "
+            "effects.slurm.tasks and effects.slurm.gpus_per_task instead"
+        )
+    devices = [] if slurm else available_devices(gpus, cpu_workers)
     wd = work_dir(run)
-    attempt = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    atomic_write_json(wd / f"attempt_{attempt}.json", blocks)
-    atomic_write_json(wd / "run_config.json", json.loads(run.model_dump_json()))
-    total = len(plan.vector_ids)
-    bar = progress_bar(total=total, initial=total - sum(len(b) for b in blocks), desc="effects (vectors)", unit="vec")
-    failures: list[str] = []
-    if blocks and not devices:
-        work_loop(run, attempt, model=model, sae=sae, progress=bar)
-    elif blocks:
-        threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 1
-        procs = [_spawn_worker(run, d, attempt, i, threads) for i, d in enumerate(devices)]
-        atomic_write_json(wd / "workers.json", {"attempt": attempt, "pids": [p.pid for p in procs]})
-        running = set(range(len(procs)))
-        seen: dict[Path, list[int]] = {}
-        while running:
-            time.sleep(poll_s)
-            bar.update(len(done_ids(run, seen)) - bar.n)
-            for i in list(running):
-                rc = procs[i].poll()
-                if rc is None:
-                    continue
-                running.discard(i)
-                if rc != 0:
-                    tail = (wd / "logs" / f"{attempt}_worker{i}.log").read_text()[-2000:]
-                    failures.append(f"worker {i} ({devices[i]}) exited with code {rc}:\n{tail}")
-                    bar.write(f"effects: worker {i} on {devices[i]} died (code {rc}); others continue")
-        bar.update(len(done_ids(run, seen)) - bar.n)
-    bar.close()
-    left = total - len(done_ids(run) & set(plan.vector_ids.tolist()))
-    if left:
-        msg = "\n\n".join(failures) or "no worker error recorded"
-        raise RuntimeError(f"{left} of {total} vectors unmeasured; finished ones are saved, re-run to resume.\n{msg}")
-    from saets_utils.effects.store import merge_effects
+    if slurm and executor is None:  # fails here, before any work, where Slurm is missing
+        from saets_utils.effects.executors import slurm_executor
 
-    return merge_effects(run, plan)
+        s = run.effects.slurm
+        executor = slurm_executor(run, Path(s.log_folder) if s.log_folder else wd / "slurm")
+    with run_lock(run):
+        plan = prepare_plan(run, model, sae, restart)
+        remove_stale_tmp(wd, older_than_s=e.lease_s)  # left by writers killed mid-write
+        remove_stale_tmp(run.results_dir, older_than_s=e.lease_s, recursive=False)
+        attempt = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        atomic_write_json(wd / "attempts" / f"{attempt}.json", {"plan_id": plan.plan_id, "inputs": plan.inputs})
+        atomic_write_json(wd / "run_config.json", json.loads(run.model_dump_json()))
+        total = len(plan.vector_ids)
+        todo = sum(len(b) for b in todo_blocks(run, plan))
+        bar = progress_bar(total=total, initial=total - todo, desc="effects (vectors)", unit="vec")
+        failures: list[str] = []
+        if todo and not slurm and not devices:
+            work_loop(run, attempt, f"{attempt}-main", model=model, sae=sae, progress=bar)
+        elif todo:
+            from saets_utils.effects.executors import LocalPool, SubmititPool
+
+            pool: Any
+            if slurm:
+                s = e.slurm
+                pool = SubmititPool(
+                    executor, EffectsTask(), wd, attempt, s.tasks, s.gpus_per_task, s.cpus_per_task or 1
+                )
+            else:
+                threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 1
+                pool = LocalPool(wd, attempt, devices, threads)
+            atomic_write_json(wd / "attempts" / f"{attempt}.workers.json", {"workers": pool.workers})
+            failures = watch(run, plan, pool, bar, poll_s)
+        bar.close()
+        left = total - len(done_ids(run, plan) & set(plan.vector_ids.tolist()))
+        if left:
+            msg = "\n\n".join(_given_up(run, plan, attempt) + failures) or "no worker error recorded"
+            raise RuntimeError(
+                f"{left} of {total} vectors unmeasured; finished ones are saved, re-run to resume.\n{msg}"
+            )
+        return merge_effects(run, plan)
+
+
+class EffectsTask(submitit.helpers.Checkpointable):
+    """A submitit task: a worker on its GPU (``gpus`` 0: on CPU), or one worker subprocess per GPU.
+    Checkpointable: on preemption or time-out Slurm requeues it under the same worker name, so it
+    takes its own claims back at once and the others wait for nothing."""
+
+    def __call__(self, work: str, attempt: str, worker: str, gpus: int, threads: int) -> None:
+        if gpus <= 1:
+            device = "cuda:0" if gpus else "cpu"
+            main(
+                [
+                    "--work",
+                    work,
+                    "--device",
+                    device,
+                    "--attempt",
+                    attempt,
+                    "--worker",
+                    worker,
+                    "--threads",
+                    str(threads),
+                ]
+            )
+            return
+        names = [f"{worker}-g{g}" for g in range(gpus)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        procs = [
+            subprocess.Popen(worker_command(Path(work), f"cuda:{g}", attempt, n, threads), env=env)
+            for g, n in enumerate(names)
+        ]
+
+        def stop(signum: int, frame: object) -> None:  # cancelled: take the workers along
+            for p in procs:
+                p.kill()
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise RuntimeError(f"worker processes {names} of task {worker} exited with codes {codes}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Worker entry point: ``python -m saets_utils.effects.runner --work DIR --device D --attempt A``."""
+    """Worker entry point: ``python -m saets_utils.effects.runner --work DIR --device D --attempt A --worker W``."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
     ap.add_argument("--device", required=True)
     ap.add_argument("--attempt", required=True)
+    ap.add_argument("--worker", required=True)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     run = RunConfig.model_validate_json((Path(a.work) / "run_config.json").read_text())
-    work_loop(run, a.attempt, device=a.device)
+    work_loop(run, a.attempt, a.worker, device=a.device)
 
 
 if __name__ == "__main__":

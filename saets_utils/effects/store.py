@@ -8,11 +8,17 @@ Outputs in ``results/<run>/``:
 - ``baseline.safetensors``: ``mean [d_sae]``, ``density [d_sae]`` of the unsteered rollouts;
 - ``effects_samples.safetensors``: ``vector_ids [n]``, ``sample_tokens [n, k, total_tokens]``;
 - ``effects_table.csv``: id, scale, status, seconds; ``effects_meta.json``: settings and counts.
+
+The set is consistent: each file is written atomically, and ``effects_meta.json``, written last,
+names the merge (``merge_id``, also in each safetensors file's metadata) and the table's digest;
+:func:`load_effects` refuses a mixed set left by a merge that was interrupted (re-run 01 to merge).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from saets_utils.effects.plan import Plan, work_dir
+from saets_utils.effects.plan import Plan, current_shards
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from saets_utils.steering.hooks import steering_delta
 
@@ -38,9 +44,9 @@ def _read_shard(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def merge_effects(run: RunConfig, plan: Plan) -> Path:
-    """Combine all shards (each vector once, in id order) with the plan into the output files."""
+    """Combine the plan's shards (each vector once, in id order) with the plan into the output files."""
     rows: dict[int, dict] = {}
-    for p in sorted((work_dir(run) / "shards").glob("*.safetensors")):
+    for p in current_shards(run, plan):
         t, meta = _read_shard(p)
         status = json.loads(meta["status"])
         for j, vid in enumerate(t["vector_ids"].tolist()):
@@ -65,6 +71,7 @@ def merge_effects(run: RunConfig, plan: Plan) -> Path:
     vectors = plan.vectors[order]
     scales = torch.tensor([r["scale"] for r in recs], dtype=torch.float32)
     out = run.results_dir
+    tag = {"merge_id": uuid.uuid4().hex[:12]}
     atomic_save_safetensors(
         {
             "effects": torch.stack([r["effects"] for r in recs]).float(),
@@ -76,6 +83,7 @@ def merge_effects(run: RunConfig, plan: Plan) -> Path:
             "losses": torch.stack([r["losses"] for r in recs]).float(),
         },
         out / "effects.safetensors",
+        tag,
     )
     atomic_save_safetensors(
         {
@@ -84,10 +92,12 @@ def merge_effects(run: RunConfig, plan: Plan) -> Path:
             "halves": plan.baseline_halves.float(),
         },
         out / "baseline.safetensors",
+        tag,
     )
     atomic_save_safetensors(
         {"vector_ids": ids.long(), "sample_tokens": torch.stack([r["samples"] for r in recs])},
         out / "effects_samples.safetensors",
+        tag,
     )
     table = pd.DataFrame(
         {
@@ -97,10 +107,13 @@ def merge_effects(run: RunConfig, plan: Plan) -> Path:
             "seconds": [r["seconds"] for r in recs],
         }
     )
-    atomic_write_text(out / "effects_table.csv", table.to_csv(index=False))
-    atomic_write_json(
+    csv = table.to_csv(index=False)
+    atomic_write_text(out / "effects_table.csv", csv)
+    atomic_write_json(  # last: it names the set the files above belong to
         out / "effects_meta.json",
         {
+            **tag,
+            "table_sha256": hashlib.sha256(csv.encode()).hexdigest(),
             "model": run.model.model_dump(),
             "sae": {**run.sae.model_dump(), "key": run.sae.key},
             "hook_name": run.sae.hook_name,
@@ -148,14 +161,35 @@ class Effects:
         return torch.isfinite(self.scales) & torch.isfinite(self.effects).all(-1)
 
 
+def _check_merged_set(d: Path, meta: dict, tensor_files: list[Path]) -> None:
+    """Every file belongs to the merge ``effects_meta.json`` names (sets from before merge ids pass)."""
+    if "merge_id" not in meta:
+        return
+    bad = []
+    for p in tensor_files:
+        if p.is_file():
+            with safe_open(str(p), "pt") as f:
+                if (f.metadata() or {}).get("merge_id") != meta["merge_id"]:
+                    bad.append(p.name)
+    if hashlib.sha256((d / "effects_table.csv").read_bytes()).hexdigest() != meta.get("table_sha256"):
+        bad.append("effects_table.csv")
+    if bad:
+        raise RuntimeError(
+            f"{d}: {bad} do not belong to the merge effects_meta.json records (an interrupted merge); "
+            "re-run notebooks/01_effects.ipynb, which merges its saved shards again"
+        )
+
+
 def load_effects(results_dir: str | Path) -> Effects:
     """Read ``results/<run>/`` files written by :func:`merge_effects`; clear error if 01 has not run."""
     d = Path(results_dir)
     if not (d / "effects.safetensors").is_file():
         raise FileNotFoundError(f"{d / 'effects.safetensors'} not found; run notebooks/01_effects.ipynb first")
+    meta = json.loads((d / "effects_meta.json").read_text())
+    samples = d / "effects_samples.safetensors"
+    _check_merged_set(d, meta, [d / "effects.safetensors", d / "baseline.safetensors", samples])
     t = load_file(d / "effects.safetensors")
     b = load_file(d / "baseline.safetensors")
-    samples = d / "effects_samples.safetensors"
     return Effects(
         effects=t["effects"],
         vectors=t["vectors"],
@@ -164,7 +198,7 @@ def load_effects(results_dir: str | Path) -> Effects:
         table=pd.read_csv(d / "effects_table.csv"),
         baseline_mean=b["mean"],
         baseline_density=b["density"],
-        meta=json.loads((d / "effects_meta.json").read_text()),
+        meta=meta,
         sample_tokens=load_file(samples)["sample_tokens"] if samples.is_file() else None,
         halves=t.get("effect_halves"),
     )

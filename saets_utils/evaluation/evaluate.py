@@ -148,7 +148,7 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
     if targeting:
         from saets_utils.evaluation.targeting import load_plan
 
-        load_plan(run)  # fail before any generation if 01's plan is missing or stale
+        load_plan(run, sae)  # fail before any generation if 01's plan is missing or stale
     needs_approx = any(get_method(m).needs_approximator for m in run.eval.methods)
     ctx = load_context(run, model, sae, require_approximator=needs_approx)
     out = run.results_dir / "eval"

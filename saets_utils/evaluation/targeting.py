@@ -281,9 +281,10 @@ def collect_items(
 # --- measurement --------------------------------------------------------------------------------
 
 
-def load_plan(run: RunConfig) -> Plan:
-    """01's plan (loss chunks, unsteered loss, baseline), checked against the current effects settings."""
-    from saets_utils.effects.plan import Plan, fingerprint, work_dir
+def load_plan(run: RunConfig, sae: SAE) -> Plan:
+    """01's plan (loss chunks, unsteered loss, baseline), checked against the current effects settings
+    and inputs (``sae``: the run's SAE, whose weights the plan's fingerprint covers)."""
+    from saets_utils.effects.plan import Plan, fingerprint, input_digests, work_dir
 
     path = work_dir(run) / "plan.safetensors"
     if not path.is_file():
@@ -292,10 +293,11 @@ def load_plan(run: RunConfig) -> Plan:
             "notebooks/01_effects.ipynb first (or set eval.targeting: false)"
         )
     plan = Plan.load(path)
-    if plan.fingerprint != fingerprint(run):
+    fp = fingerprint(run, input_digests(run, sae))
+    if plan.fingerprint != fp:
         raise ConfigError(
-            f"{path} was made with other effects settings (fingerprint {plan.fingerprint} != "
-            f"{fingerprint(run)}); re-run notebooks/01_effects.ipynb with these params "
+            f"{path} was made with other effects settings or inputs (fingerprint {plan.fingerprint} != "
+            f"{fp}); re-run notebooks/01_effects.ipynb with these params "
             "(or set eval.targeting: false)"
         )
     return plan
@@ -318,7 +320,7 @@ def measure_targeting(
     from saets_utils.models.loading import bos_id
     from saets_utils.progress import progress as progress_bar
 
-    plan = load_plan(run)
+    plan = load_plan(run, sae)
     items = collect_items(run, model, sae, task_vectors)
     out_dir = run.results_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,8 +35,9 @@ def cache_dir() -> Path:
 
 def _atomic_dir(final: Path) -> Path:
     """A temporary sibling folder to rename onto ``final`` when complete (see :func:`_building`)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp"))
+    from saets_utils.io_utils import make_temp_dir
+
+    return make_temp_dir(final.parent, f".{final.name}.")
 
 
 @contextmanager

@@ -49,6 +49,11 @@ class StepFailed(RuntimeError):
 def _stamp_key(run: RunConfig, step: Step, previous: str) -> str:
     data = json.loads(run.model_dump_json())
     blob = {k: data.get(k) for k in step.params_keys}
+    if step.name == "01_effects":  # where and how workers run does not change 01's numbers
+        from saets_utils.effects.plan import NOT_FINGERPRINTED
+
+        blob["effects"] = {k: v for k, v in blob["effects"].items() if k not in NOT_FINGERPRINTED}
+        blob["sae"] = {k: v for k, v in blob["sae"].items() if k != "targets_key"}
     if step.name == "03_eval":
         blob["tasks"] = {
             t: (REPO_ROOT / "params" / "tasks" / f"{t}.yaml").read_text()
@@ -158,10 +163,20 @@ def write_index(run: RunConfig) -> Path:
 
 
 def run_pipeline(
-    params_file: str, steps: list[str] | None = None, force: bool = False, gpus: int = 0, timeout_s: int | None = None
+    params_file: str,
+    steps: list[str] | None = None,
+    force: bool = False,
+    gpus: int = 0,
+    timeout_s: int | None = None,
+    workers: dict | None = None,
 ) -> Path:
-    """Execute the selected steps in order (skipping current ones), render reports, write the index."""
-    run = load_config(params_file)  # validates before anything runs
+    """Execute the selected steps in order (skipping current ones), render reports, write the index.
+    ``workers``: more of 01's worker parameters (``cpu_workers``, ``executor``, ``slurm``)."""
+    workers = workers or {}
+    overrides = {"cpu_workers": workers.get("cpu_workers", 0), "effects": {"slurm": workers.get("slurm", {})}}
+    if workers.get("executor"):
+        overrides["effects"]["executor"] = workers["executor"]
+    run = load_config(params_file, overrides)  # validates before anything runs
     reports = run.results_dir / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in STEPS]
@@ -178,7 +193,7 @@ def run_pipeline(
             continue
         print(f"[saets] {step.name}: running", flush=True)
         t0 = time.perf_counter()
-        extra = {"gpus": gpus} if step.name == "01_effects" else {}
+        extra = {"gpus": gpus, **workers} if step.name == "01_effects" else {}
         executed = execute_notebook(run, step, params_file, extra, timeout_s)
         render_html(executed, reports)
         atomic_write_json(_stamp_path(run, step), {"key": key, "seconds": time.perf_counter() - t0})
@@ -194,10 +209,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", help="comma-separated subset, e.g. 03_eval,04_plots")
     ap.add_argument("--force", action="store_true", help="re-run steps even when their outputs are current")
     ap.add_argument("--gpus", type=int, default=0, help="01's worker count (see notebooks/01_effects.ipynb)")
+    ap.add_argument("--cpu-workers", type=int, default=0, help="01 on N CPU worker subprocesses instead")
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    sl = ap.add_argument_group("Slurm (01's workers as submitit jobs; README: Running on a Slurm cluster)")
+    sl.add_argument("--executor", choices=["local", "slurm"], help="default: effects.executor of the params")
+    sl.add_argument("--partition")
+    sl.add_argument("--account")
+    sl.add_argument("--gpus-per-task", type=int)
+    sl.add_argument("--tasks", type=int, help="number of worker jobs (a job array)")
+    sl.add_argument("--time-min", type=int, help="time limit per job, minutes")
+    sl.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch option")
+    sl.add_argument("--log-folder", help="submitit logs (default results/<run>/effects_work/slurm)")
     a = ap.parse_args(argv)
+    slurm = {
+        k: getattr(a, k)
+        for k in ("partition", "account", "gpus_per_task", "tasks", "time_min", "log_folder")
+        if getattr(a, k) is not None
+    }
+    bad = [o for o in a.sbatch if "=" not in o]
+    if bad:
+        ap.error(f"--sbatch takes KEY=VALUE, got {bad}")
+    if a.sbatch:
+        slurm["sbatch"] = dict(o.split("=", 1) for o in a.sbatch)
+    workers = {"cpu_workers": a.cpu_workers, "executor": a.executor, "slurm": slurm}
     try:
-        run_pipeline(a.params_file, a.steps.split(",") if a.steps else None, a.force, a.gpus, a.timeout)
+        steps = a.steps.split(",") if a.steps else None
+        run_pipeline(a.params_file, steps, a.force, a.gpus, a.timeout, workers)
     except (StepFailed, ValueError, FileNotFoundError) as e:
         print(f"[saets] FAILED: {e}", file=sys.stderr)
         return 1
