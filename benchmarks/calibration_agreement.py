@@ -7,7 +7,8 @@ one run, block by block:
 - **sweep**: the reference's search (grid upwards until the loss exceeds the target, linear
   interpolation between the last two grid points), batched as 01 ran it before; the oracle.
 - **secant**: :func:`saets_utils.effects.calibration.calibrate_scales_secant` with the run's
-  settings and the run's starting scale (the sweep's median over the plan's first 4 vectors).
+  settings and the run's starting scale (the sweep's median over the SAE's first 4 decoder rows; the
+  demo's vectors 0-3 are those rows).
 - **dense** (the first ``--dense`` vectors): the loss at every ``--dense-step`` within +-20 of the
   sweep's scale, so both answers can be set against the curve's actual crossing.
 

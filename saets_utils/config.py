@@ -233,8 +233,8 @@ class CalibrationConfig(_Strict):
 
     ``sweep``: the reference's sweep of ``scale_grid`` upwards until the loss exceeds the target,
     interpolated between the last two grid points. ``secant`` (default): about one evaluation on
-    all loss chunks per vector: it starts from the sweep's median scale over the plan's first 4
-    vectors (refined on ``coarse_chunks`` chunks, default an eighth, when there are 8 or more),
+    all loss chunks per vector: it starts from the sweep's median scale over the SAE's first 4
+    decoder rows (refined on ``coarse_chunks`` chunks, default an eighth, when there are 8 or more),
     then evaluates near the crossing of a local power law ``loss - unsteered ~ scale ** p``
     until the next step moves the scale by at most ``rtol`` (at most ``max_evals`` evaluations).
     """

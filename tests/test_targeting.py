@@ -216,7 +216,7 @@ def test_measurement_is_01s_at_the_calibrated_scale(setup):
         run.effects.scale_grid.values(),
         run.effects.loss_target,
         plan.unsteered_loss,
-        plan_scale_hint(run, model, plan, resid),
+        plan_scale_hint(run, model, sae, plan, resid),
     )
     torch.testing.assert_close(eff["scales"], cal.scales)
     assert df["status"].tolist() == cal.status

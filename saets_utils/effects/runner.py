@@ -154,14 +154,16 @@ class BlockEffects:
 HINT_VECTORS = 4
 
 
-def plan_scale_hint(run: RunConfig, model, plan: Plan, resid: Tensor) -> SearchStart | None:
-    """The secant calibration's starting scale for every block of the run: the reference sweep's
-    median scale over the plan's first :data:`HINT_VECTORS` vectors (the same whichever worker or
-    resume computes it); None with the sweep method."""
+def plan_scale_hint(run: RunConfig, model, sae, plan: Plan, resid: Tensor) -> SearchStart | None:
+    """The secant calibration's start for every block of the run: the reference sweep's median scale
+    over the SAE's first :data:`HINT_VECTORS` decoder rows (unit norm). It depends on the run's SAE
+    and loss chunks only, not on which vectors a plan, block, worker or resume measures, so a vector
+    gets the same scale in every run of the same settings. None with the sweep method."""
     e = run.effects
     if e.calibration.method == "sweep":
         return None
-    vecs = plan.vectors[:HINT_VECTORS].to(model.cfg.device)
+    rows = sae.W_dec[:HINT_VECTORS].detach().float()
+    vecs = (rows / rows.norm(dim=-1, keepdim=True)).to(model.cfg.device)
     return scale_hint(
         model,
         run.sae.hook_name,
@@ -303,7 +305,7 @@ def work_loop(
             raise RuntimeError(f"the SAE loaded on {device} differs from the one the plan was built with")
         spec = rollout_spec(run, model, bos_id(model, run.model))
         resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
-        hint = plan_scale_hint(run, model, plan, resid)  # the same for every worker and resume
+        hint = plan_scale_hint(run, model, sae, plan, resid)  # the same for every worker and resume
         (wd / "shards").mkdir(exist_ok=True)
         ids = plan.vector_ids.tolist()
         atomic_write_json(beat_file, {**state, "state": "working"})

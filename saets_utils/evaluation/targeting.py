@@ -334,7 +334,7 @@ def measure_targeting(
     if n:
         spec = rollout_spec(run, model, bos_id(model, run.model))
         resid = resid_at_hook(model, hook, plan.loss_tokens)
-        hint = plan_scale_hint(run, model, plan, resid)
+        hint = plan_scale_hint(run, model, sae, plan, resid)
         bar = progress_bar(total=n, desc="targeting (vectors)", unit="vec", disable=not progress)
         k = e.vectors_per_batch
         for lo in range(0, n, k):
