@@ -28,7 +28,13 @@ from safetensors import safe_open
 from torch import Tensor
 
 from saets_utils.config import ConfigError, RunConfig
-from saets_utils.effects.calibration import Calibration, calibrate_scales, resid_at_hook, steered_losses
+from saets_utils.effects.calibration import (
+    Calibration,
+    calibrate_scales,
+    check_loss_target,
+    resid_at_hook,
+    steered_losses,
+)
 from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
 from saets_utils.effects.plan import Plan, fingerprint, work_dir
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json
@@ -91,6 +97,7 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     hook = run.sae.hook_name
     resid = resid_at_hook(model, hook, loss_tokens)
     unsteered = float(steered_losses(model, hook, loss_tokens, resid, torch.zeros(1, model.cfg.d_model))[0])
+    check_loss_target(run.effects.loss_target, unsteered, run.effects.scale_grid.values())  # before any vector
     base = measure_baseline(
         model,
         sae,

@@ -180,6 +180,9 @@ class OfflineJudge(Judge):
         self.examples = {t: TaskExamples.coerce(e) for t, e in (examples or {}).items()}
         self.mean_logprob_fn = mean_logprob_fn
         self.lm_name = lm_name or getattr(mean_logprob_fn, "model_name", "lm")
+        # The start token and dtype change the log-probs, so they are part of the coherence key.
+        self.lm_bos = getattr(mean_logprob_fn, "bos_token_id", None)
+        self.lm_dtype = getattr(mean_logprob_fn, "dtype", None)
         self.floor, self.ceiling, self.repetition_n = logprob_floor, logprob_ceiling, repetition_n
         self.criterion_only_range, self.batch_size = criterion_only_range, batch_size
         self._anchors: dict[tuple[str, str], _Anchors] = {}
@@ -192,7 +195,10 @@ class OfflineJudge(Judge):
 
     def _cache_extra(self, req: JudgeRequest) -> str:
         if req.criterion_kind == "coherence":
-            return f"lm={self.lm_name};floor={self.floor};ceiling={self.ceiling};rep_n={self.repetition_n}"
+            return (
+                f"lm={self.lm_name};bos={self.lm_bos};dtype={self.lm_dtype};"
+                f"floor={self.floor};ceiling={self.ceiling};rep_n={self.repetition_n}"
+            )
         ex = self.examples.get(req.task)
         return f"examples={ex.digest() if ex else 'none'};fallback={self.criterion_only_range}"
 
@@ -323,4 +329,6 @@ def make_mean_logprob_fn(
         return out
 
     mean_logprob.model_name = getattr(model.cfg, "model_name", "lm")  # type: ignore[attr-defined]
+    mean_logprob.bos_token_id = bos  # type: ignore[attr-defined]
+    mean_logprob.dtype = str(model.cfg.dtype).removeprefix("torch.")  # type: ignore[attr-defined]
     return mean_logprob
