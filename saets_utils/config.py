@@ -243,7 +243,7 @@ class VectorSource(_Strict):
     def count_if_known(self, d_sae: int | None) -> int | None:
         """How many vectors 01 measures, where the params alone say it (``d_sae``: the SAE width, if known)."""
         if isinstance(self.ids, list):
-            return len(set(self.ids))
+            return len(self.ids)
         if isinstance(self.ids, dict):
             return max(self.ids["stop"] - self.ids["start"], 0)
         if self.source in ("random", "pairs"):
