@@ -532,10 +532,10 @@ class RunConfig(_Strict):
                 f"approximator.holdout {self.approximator.holdout} >= the {n} vectors 01 measures, so 02 has "
                 f"none to train on; use holdout < {n} (e.g. a quarter: {max(n // 4, 1)}) or measure more vectors"
             )
-        if self.sae.targets_key and not self.eval.discover_missing_targets:
-            for t in self.eval.tasks:
-                path = task_file(t)
-                raw = _read_yaml(path)
+        for t in self.eval.tasks:  # syntax errors now; the full schema is steering/tasks.py's (pipeline, 03)
+            path = task_file(t)
+            raw = read_yaml(path)
+            if self.sae.targets_key and not self.eval.discover_missing_targets:
                 targets = raw.get("targets") if isinstance(raw, dict) else None
                 if not isinstance(targets, dict) or self.sae.targets_key not in targets:
                     raise ValueError(
@@ -583,7 +583,7 @@ def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     """Parse a YAML file; a syntax error names the file, line and column."""
     try:
         return yaml.safe_load(path.read_text())
@@ -605,7 +605,7 @@ def load_config(params_file: str | os.PathLike[str], overrides: dict[str, Any] |
         path = REPO_ROOT / path
     if not path.is_file():
         raise ConfigError(f"params file {params_file!r} not found; pass e.g. params/demo.yaml")
-    raw = _read_yaml(path) or {}
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of settings")
     if "name" in raw:

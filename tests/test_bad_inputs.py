@@ -117,7 +117,7 @@ def test_task_file_yaml_error_names_file_line_and_column(tmp_path):
     bad = tmp_path / "mytask.yaml"
     bad.write_text("name: mytask\nbehaviour: [unclosed\n")
     path = tmp_path / "run.yaml"
-    path.write_text(f"sae: {{hook_name: {HOOK}, targets_key: k}}\neval: {{tasks: ['{bad}']}}\n")
+    path.write_text(f"sae: {{hook_name: {HOOK}}}\neval: {{tasks: ['{bad}']}}\n")
     with pytest.raises(ConfigError, match=rf"YAML syntax error in {bad}, line 3, column 1"):
         load_config(path)
 
