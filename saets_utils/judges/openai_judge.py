@@ -105,7 +105,8 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
 
 # Failure kinds that, repeated, mean every further call will fail too; and what to do about them.
 BREAKER_FIXES = {
-    "rate_limit": "quota or rate limit exhausted: check the account's quota/billing or lower eval.judge.concurrency",
+    "quota": "the account's quota is spent: check its plan and billing",
+    "rate_limit": "rate limited on every call: lower eval.judge.concurrency or check the account's limits",
     "auth": "the key was refused: check OPENAI_API_KEY, or the variable eval.judge.api_key_env names",
     "connection": "nothing answers there: start the server, or fix eval.judge.base_url",
     "bad_request": "the server refuses the requests: check eval.judge.model and eval.judge.base_url",
@@ -119,8 +120,9 @@ class OpenAIJudge(Judge):
     ``cfg.max_retries`` retries with exponential backoff (honouring Retry-After) on 408/409/429/5xx,
     timeouts, connection errors and malformed or out-of-range replies. tenacity is the only retry
     layer (the client's own retries are off). 401/403/400/404/422 fail at once. After
-    ``cfg.circuit_breaker`` consecutive failed calls of one kind in :data:`BREAKER_FIXES` the judge
-    stops and raises :class:`JudgeUnavailable` naming the kind and the fix.
+    ``cfg.circuit_breaker`` consecutive failed calls of one kind in :data:`BREAKER_FIXES` (for plain
+    429s at least ``4 * concurrency``) the judge stops and raises :class:`JudgeUnavailable` naming
+    the kind and the fix. A spent quota (429 ``insufficient_quota``) is not retried.
 
     The key comes from ``api_key`` or :func:`resolve_api_key`; it is never logged or shown. Without
     a key no ``Authorization`` header is sent at all.
@@ -215,7 +217,13 @@ class OpenAIJudge(Judge):
             return
         n = self._streak[1] + 1 if self._streak[0] == kind else 1
         self._streak = (kind, n)
-        if n >= self.cfg.circuit_breaker and not self._tripped:
+        # A burst of plain 429s can hit every worker at once while the server sheds load.
+        limit = (
+            max(self.cfg.circuit_breaker, 4 * self.cfg.concurrency)
+            if kind == "rate_limit"
+            else self.cfg.circuit_breaker
+        )
+        if n >= limit and not self._tripped:
             self._tripped = (
                 f"judge stopped after {n} consecutive '{kind}' failures from {self.base_url} "
                 f"(last: {self._scrub(message)}); {BREAKER_FIXES[kind]}. Scores received so far are cached: "
@@ -299,6 +307,8 @@ class OpenAIJudge(Judge):
             raise JudgeCallError("connection", str(e), True) from None
         except openai.APIStatusError as e:
             code = e.status_code
+            if code == 429 and "insufficient_quota" in f"{getattr(e, 'code', '')} {e.message}":
+                raise JudgeCallError("quota", f"HTTP 429: {e.message}", False) from None  # no wait brings it back
             kind = (
                 "rate_limit"
                 if code == 429
