@@ -189,6 +189,7 @@ class OpenAIJudge(Judge):
 
         sem = asyncio.Semaphore(self.cfg.concurrency)
         todo = iter(enumerate(requests))
+        self._streak, self._tripped = ("", 0), None  # each call starts with the breaker closed
         # One client per event loop: its connection pool is bound to the loop that opened it.
         # The client refuses to start without a key; with none, the header is omitted per request.
         async with AsyncOpenAI(
@@ -276,9 +277,9 @@ class OpenAIJudge(Judge):
             kwargs["response_format"] = {"type": "json_object"}
         if not self._key.get():
             kwargs["extra_headers"] = {"Authorization": openai.Omit()}
-        if self._tripped:
-            raise JudgeCallError("circuit_open", "the judge stopped after repeated failures", False)
         async with sem:
+            if self._tripped:  # checked once a slot is free: calls queued before the trip are not sent
+                raise JudgeCallError("circuit_open", "the judge stopped after repeated failures", False)
             self.stats.calls += 1
             try:
                 resp = await self._create(client, kwargs)
