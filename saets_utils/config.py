@@ -8,8 +8,10 @@ Secrets (API keys) never live in params: papermill copies parameters into output
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,7 +26,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are never a valid setting (temperature: inf, lambda: .nan, a grid to inf).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -170,6 +173,9 @@ class SamplingConfig(_Strict):
     temperature: float = Field(1.0, gt=0)
 
 
+MAX_SCALE_POINTS = 1000
+
+
 class ScaleGrid(_Strict):
     """Steering scales ``start, start+step, ..., stop`` (inclusive)."""
 
@@ -179,10 +185,18 @@ class ScaleGrid(_Strict):
 
     @model_validator(mode="after")
     def _non_empty(self) -> ScaleGrid:
-        if self.step <= 0 or self.stop < self.start:
+        if self.step <= 0 or self.stop <= self.start:
             raise ValueError(
-                f"scale grid is empty (start={self.start}, stop={self.stop}, step={self.step}); "
-                "use step > 0 and stop >= start"
+                f"scale grid is empty or a single point (start={self.start}, stop={self.stop}, step={self.step}); "
+                "use step > 0 and stop > start"
+            )
+        if self.start > 0:
+            raise ValueError(f"scale grid starts at {self.start} > 0; use start: 0 (scale 0 is the unsteered baseline)")
+        n = (self.stop - self.start) / self.step + 1
+        if n > MAX_SCALE_POINTS:
+            raise ValueError(
+                f"scale grid has {n:.0f} points (start={self.start}, stop={self.stop}, step={self.step}); "
+                f"at most {MAX_SCALE_POINTS}: raise step"
             )
         return self
 
@@ -197,6 +211,15 @@ class LossTarget(_Strict):
 
     kind: Literal["absolute", "relative"] = "relative"
     value: float = 0.5
+
+    @model_validator(mode="after")
+    def _reachable(self) -> LossTarget:
+        # Steering only raises the loss over the unsteered one; a target at or below it is never
+        # crossed. An absolute target is checked against the measured unsteered loss in 01.
+        if self.value <= 0:
+            fix = "a positive number of nats above the unsteered loss, e.g. 0.5" if self.kind == "relative" else "> 0"
+            raise ValueError(f"effects.loss_target.value {self.value} is unreachable; use {fix}")
+        return self
 
 
 class VectorSource(_Strict):
@@ -226,6 +249,16 @@ class VectorSource(_Strict):
         if isinstance(self.ids, dict) and set(self.ids) != {"start", "stop"}:
             raise ValueError("effects.vectors.ids as a mapping must be {start: a, stop: b}")
         return self
+
+    def count_if_known(self, d_sae: int | None) -> int | None:
+        """How many vectors 01 measures, where the params alone say it (``d_sae``: the SAE width, if known)."""
+        if isinstance(self.ids, list):
+            return len(self.ids)
+        if isinstance(self.ids, dict):
+            return max(self.ids["stop"] - self.ids["start"], 0)
+        if self.source in ("random", "pairs"):
+            return self.count
+        return d_sae if self.source == "decoder_rows" else None
 
 
 class CalibrationConfig(_Strict):
@@ -292,7 +325,8 @@ class EffectsConfig(_Strict):
             "Assistant:",
             "I went up to",
             "New study suggests",
-        ]
+        ],
+        min_length=1,
     )
     samples_per_prompt: int = Field(64, gt=0)
     total_tokens: int = Field(32, gt=1)
@@ -368,21 +402,83 @@ class ApproximatorConfig(_Strict):
     bootstrap: int = Field(1000, ge=0)
 
 
+OPENAI_API_HOST = "api.openai.com"
+_SECRET_QUERY = re.compile(r"key|token|secret|passw|auth|sig|credential", re.I)
+
+
+def url_credentials(url: str) -> str | None:
+    """What in ``url`` looks like a credential (user info, or a query parameter such as
+    ``api_key``), or None. Such URLs are refused: params are copied into output notebooks."""
+    parts = urlparse(url)
+    if parts.username or parts.password:
+        return "user name or password before the host"
+    secret = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if _SECRET_QUERY.search(k)]
+    return f"query parameter(s) {secret}" if secret else None
+
+
 class JudgeConfig(_Strict):
     """Who scores generated text: an OpenAI-compatible LLM or the offline judge.
 
     ``template`` (LLM judge only): ``project`` (our prompts and rubric criteria, judges/prompts.py)
     or ``reference`` (the reference code's minimal prompt and one-sentence criteria,
     judges/reference.py); only ``reference`` with gpt-4o-mini is comparable with the paper's table.
+
+    The OpenAI key (``OPENAI_API_KEY``) is sent only to the OpenAI API. Any other ``base_url`` gets
+    the key in the environment variable ``api_key_env`` names (e.g. ``VLLM_API_KEY``), or no key.
     """
 
     kind: Literal["openai", "offline"] = "offline"
     model: str = "gpt-4o-mini"
     template: Literal["project", "reference"] = "project"
     base_url: str | None = None
+    api_key_env: str | None = None
     concurrency: int = Field(16, gt=0)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(6, ge=0)
+    # 03 fails (and is not stamped) when more than this share of judgements failed; a re-run asks
+    # only the failed ones again (the cache holds the rest).
+    max_failed_share: float = Field(0.01, ge=0, le=1)
+    # Stop the judge after this many consecutive failed calls of one kind (quota 429, 401/403,
+    # connection refused, 4xx) instead of backing off on every remaining request.
+    circuit_breaker: int = Field(20, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlparse(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"eval.judge.base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, not {v!r}")
+        found = url_credentials(v)
+        if found:
+            # The URL is not echoed: it holds a secret.
+            raise ValueError(
+                f"eval.judge.base_url holds a credential ({found}); remove it and put the key in an "
+                "environment variable named by eval.judge.api_key_env (params are copied into output notebooks)"
+            )
+        return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"eval.judge.api_key_env {v!r} must be an environment variable name, e.g. VLLM_API_KEY")
+        return v
+
+    @model_validator(mode="after")
+    def _key_for_host(self) -> JudgeConfig:
+        if self.api_key_env == "OPENAI_API_KEY" and not self.sends_to_openai:
+            raise ValueError(
+                "eval.judge.api_key_env: OPENAI_API_KEY would send your OpenAI key to "
+                f"{urlparse(self.base_url or '').hostname}; name another variable (e.g. VLLM_API_KEY) or none"
+            )
+        return self
+
+    @property
+    def sends_to_openai(self) -> bool:
+        """True when calls go to the OpenAI API itself (no ``base_url``, or its host)."""
+        return self.base_url is None or urlparse(self.base_url).hostname == OPENAI_API_HOST
 
 
 class BattleConfig(_Strict):
@@ -435,13 +531,54 @@ class EvalConfig(_Strict):
     # (rank, target / off-target ratio) -> eval/targeting.csv. Needs 01's effects_work/plan.safetensors.
     targeting: bool = True
 
+    # With sae.targets_key set, every task file must list targets under that key; true: a task
+    # without them discovers its targets from its contrastive examples instead.
+    discover_missing_targets: bool = False
+
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:
         unknown = [m for m in v if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; use any of {list(METHODS)} (saets_utils/registry.py)")
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"eval.methods must list each method once, at least one; got {v}")
         return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_files(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("eval.tasks is empty; list task names from params/tasks/, e.g. [anger]")
+        stems = [task_file(t).stem for t in v]
+        dup = sorted({s for s in stems if stems.count(s) > 1})
+        if dup:
+            raise ValueError(f"task(s) {dup} listed twice; list each task once")
+        return v
+
+
+TASKS_DIR = REPO_ROOT / "params" / "tasks"
+
+
+def task_file(name_or_path: str) -> Path:
+    """The YAML file of an ``eval.tasks`` entry: a name in ``params/tasks/`` or a path to a ``.yaml``
+    file (relative to the repo root or absolute). Raises ValueError naming the fix if it is missing."""
+    s = str(name_or_path)
+    if s.endswith((".yaml", ".yml")):
+        path = Path(s) if Path(s).is_absolute() else REPO_ROOT / s
+        if not path.is_file():
+            raise ValueError(f"task file {s!r} not found; give a path from the repo root, e.g. params/tasks/anger.yaml")
+        return path
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", s):
+        raise ValueError(
+            f"task {s!r} is neither a task name nor a .yaml path; use a name from params/tasks/ "
+            "or a path ending in .yaml"
+        )
+    path = TASKS_DIR / f"{s}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
+        raise ValueError(f"unknown task {s!r}; use one of {known}, or a path to a task .yaml file")
+    return path
 
 
 class RunConfig(_Strict):
@@ -459,6 +596,37 @@ class RunConfig(_Strict):
     approximator: ApproximatorConfig = ApproximatorConfig()
     eval: EvalConfig = EvalConfig()
     results_root: str = "results"
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v) or v.strip(".") == "":
+            raise ValueError(
+                f"run name {v!r} (the params file stem) must be letters, digits, '_', '-' or '.' and not "
+                "start with '.' (it names results/<run>/); rename the params file, e.g. params/my_run.yaml"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        d_sae = self.sae.train.d_sae if self.sae.source in ("train", "tiny") else None
+        n = self.effects.vectors.count_if_known(d_sae)
+        if n is not None and n > 0 and self.approximator.holdout >= n:
+            raise ValueError(
+                f"approximator.holdout {self.approximator.holdout} >= the {n} vectors 01 measures, so 02 has "
+                f"none to train on; use holdout < {n} (e.g. a quarter: {max(n // 4, 1)}) or measure more vectors"
+            )
+        for t in self.eval.tasks:  # syntax errors now; the full schema is steering/tasks.py's (pipeline, 03)
+            path = task_file(t)
+            raw = read_yaml(path)
+            if self.sae.targets_key and not self.eval.discover_missing_targets:
+                targets = raw.get("targets") if isinstance(raw, dict) else None
+                if not isinstance(targets, dict) or self.sae.targets_key not in targets:
+                    raise ValueError(
+                        f"{path} lists no targets under sae.targets_key {self.sae.targets_key!r}; add them "
+                        "there, or set eval.discover_missing_targets: true to discover them from its examples"
+                    )
+        return self
 
     @field_validator("device")
     @classmethod
@@ -499,6 +667,17 @@ def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"YAML syntax error in {where}: {problem}; fix the file there") from None
+
+
 def load_config(params_file: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate ``params/<run>.yaml``; ``overrides`` (nested dict) win over the file.
 
@@ -510,11 +689,16 @@ def load_config(params_file: str | os.PathLike[str], overrides: dict[str, Any] |
         path = REPO_ROOT / path
     if not path.is_file():
         raise ConfigError(f"params file {params_file!r} not found; pass e.g. params/demo.yaml")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of settings")
     if "name" in raw:
         raise ConfigError(f"{path}: do not set 'name'; the run name is the file stem ({path.stem})")
+    if "gpus" in raw:
+        raise ConfigError(
+            f"{path}: gpus: is not a params setting (the file's value would be ignored); remove it and "
+            "pass it to the notebook or pipeline instead (papermill -p gpus N, or --gpus N)"
+        )
     data = _deep_update(raw, overrides or {})
     data["name"] = path.stem
     try:

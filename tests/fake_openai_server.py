@@ -7,7 +7,7 @@ Directives anywhere in the last user message (i.e. in the text under judgement):
   (sha256 mod 10 + 1), so it is deterministic per text.
 - ``[[FAULT]]`` or ``[[FAULTxN]]``: the first N requests (default 1) carrying this message get
   FAULT, later ones a normal reply; N >= 99 means always. FAULT is one of ``429`` (with
-  Retry-After), ``500``, ``401``, ``slow`` (sleeps ``slow_s``, longer than the client timeout),
+  Retry-After), ``quota`` (429 ``insufficient_quota``, as OpenAI sends when the quota is spent), ``500``, ``401``, ``slow`` (sleeps ``slow_s``, longer than the client timeout),
   ``malformed`` (prose instead of JSON), ``range`` (``{"score": 11}``), ``float``
   (``{"score": 7.5}``), ``string`` (``{"score": "7"}``), ``fenced`` (a ```json fence, accepted).
 
@@ -143,6 +143,18 @@ class FakeOpenAIServer:
                 429,
                 {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}},
                 {"Retry-After": str(self.retry_after)},
+            )
+        if fault == "quota":
+            return self._send(
+                h,
+                429,
+                {
+                    "error": {
+                        "message": "You exceeded your current quota, please check your plan and billing details.",
+                        "type": "insufficient_quota",
+                        "code": "insufficient_quota",
+                    }
+                },
             )
         if fault == "500":
             return self._send(h, 500, {"error": {"message": "The server had an error", "type": "server_error"}})

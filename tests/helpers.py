@@ -25,6 +25,7 @@ BOS = 1  # the tiny tokenizer's <bos>
 D_MODEL, D_SAE, K = 32, 64, 4
 
 TINY_PARAMS: dict[str, Any] = {
+    "approximator": {"holdout": 1},  # < the fewest vectors a tiny run measures
     "model": {"source": "tiny", "bos_token_id": BOS},
     "sae": {"source": "tiny", "hook_name": HOOK, "train": {"d_sae": D_SAE, "k": K}},
     "effects": {

@@ -48,7 +48,7 @@ def test_overrides_win_over_file(tmp_path):
         (
             {"sae": {"hook_name": HOOK}, "effects": {"scale_grid": {"start": 10, "stop": 0}}},
             "effects.scale_grid",
-            "stop >= start",
+            "stop > start",
         ),
         ({"sae": {"hook_name": HOOK}, "effects": {"scale_grid": {"step": 0}}}, "effects.scale_grid", "step > 0"),
         ({"sae": {"hook_name": HOOK}, "model": {"source": "local"}}, "model.path", "required"),

@@ -225,11 +225,12 @@ def test_missing_key_fails_early_and_names_the_fix(monkeypatch, tmp_path):
 
     monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
-    for base_url in (None, "https://api.example.org/v1"):
+    for base_url in (None, "https://api.openai.com/v1"):
         with pytest.raises(ConfigError, match=r"OPENAI_API_KEY.*offline"):
             make_judge(JudgeConfig(kind="openai", base_url=base_url), None)
-    local = make_judge(JudgeConfig(kind="openai", base_url="http://127.0.0.1:8000/v1"), None)
-    assert isinstance(local, OpenAIJudge)
+    for base_url in ("http://127.0.0.1:8000/v1", "https://api.example.org/v1"):  # other hosts: no key needed
+        other = make_judge(JudgeConfig(kind="openai", base_url=base_url), None)
+        assert isinstance(other, OpenAIJudge) and other._key.get() == ""
     (tmp_path / ".env").write_text(f"OPENAI_API_KEY={KEY}\n")
     judge = make_judge(JudgeConfig(kind="openai"), None)
     assert judge._key.get() == KEY and KEY not in repr(judge)

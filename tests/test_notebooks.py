@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from saets_utils.config import load_config
-from saets_utils.report.pipeline import STEPS, execute_notebook, run_pipeline
+from saets_utils.report.pipeline import STEPS, _stamp_key, execute_notebook, is_current, run_pipeline
 
 pytestmark = pytest.mark.slow
 PARAMS = "params/test.yaml"
@@ -42,6 +42,13 @@ def test_effects_contract(run):
     assert ((t["scales"][ok] >= 0) & (t["scales"][ok] <= run.effects.scale_grid.stop)).all()
 
 
+def test_pipeline_skips_current_steps(run, capsys):
+    # before any test below rewrites a step's files by hand
+    run_pipeline(PARAMS, steps=["02_train", "04_plots"])
+    out = capsys.readouterr().out
+    assert "02_train: up to date, skipped" in out and "04_plots: up to date, skipped" in out
+
+
 def test_workers_give_the_same_effects(run):
     before = load_file(run.results_dir / "effects.safetensors")
     step = next(s for s in STEPS if s.name == "01_effects")
@@ -51,6 +58,11 @@ def test_workers_give_the_same_effects(run):
     assert logs, "cpu_workers=2 should have started two worker subprocesses"
     assert torch.allclose(before["scales"], after["scales"], atol=1e-4)
     assert torch.allclose(before["effects"], after["effects"], atol=1e-4, equal_nan=True)
+    # 01 re-run by hand: 01 and the steps reading its files are no longer current for the pipeline
+    key = ""
+    for s in STEPS:
+        key = _stamp_key(run, s, key)
+        assert not is_current(run, s, key), s.name
 
 
 def test_approximator_outputs(run):
@@ -98,12 +110,6 @@ def test_figures_and_reports(run):
         assert (reports / f"{s.name}.html").stat().st_size > 10_000
     index = (reports / "index.html").read_text()
     assert "01_effects.html" in index and "product_vs_scale.png" in index
-
-
-def test_pipeline_skips_current_steps(run, capsys):
-    run_pipeline(PARAMS, steps=["02_train", "04_plots"])
-    out = capsys.readouterr().out
-    assert "02_train: up to date, skipped" in out and "04_plots: up to date, skipped" in out
 
 
 def test_manifest(run):

@@ -44,9 +44,9 @@ MEANS = {0: (0.1, 0.9), 20: (0.4, 0.8), 40: (0.8, 0.7), 60: (0.9, 0.2)}
 def test_product_is_mean_behaviour_times_mean_coherence():
     df = _samples({0: ([0.0, 0.2], [1.0, 0.8]), 20: ([0.5, 1.0, 0.0], [0.5, 0.5, 0.2])})
     t = scoring.by_scale(df)
-    assert list(t.columns) == ["task", "method", "scale", "behaviour", "coherence", "product", "n", "errors"]
+    assert list(t.columns) == ["task", "method", "scale", "behaviour", "coherence", "product", "n", "unscored"]
     assert t["product"].tolist() == pytest.approx([0.1 * 0.9, 0.5 * 0.4])
-    assert t["n"].tolist() == [2, 3] and t["errors"].tolist() == [0, 0]
+    assert t["n"].tolist() == [2, 3] and t["unscored"].tolist() == [0, 0]
 
 
 def test_errors_are_excluded_from_means_and_counted():
@@ -56,9 +56,9 @@ def test_errors_are_excluded_from_means_and_counted():
     df.loc[2, "coherence_error"] = "bad json"  # a score left beside an error is not trusted either
     df.loc[3, "coherence"] = np.nan
     t = scoring.by_scale(df).iloc[0]
-    assert t["behaviour"] == pytest.approx((0.0 + 0.4 + 0.6) / 3)
-    assert t["coherence"] == pytest.approx((1.0 + 0.8) / 2)
-    assert t["n"] == 4 and t["errors"] == 3
+    # only text 0 has both scores: both means are taken over it alone, n counts scored texts
+    assert t["behaviour"] == pytest.approx(0.0) and t["coherence"] == pytest.approx(1.0)
+    assert t["n"] == 1 and t["unscored"] == 3
     # an all-errored scale gives NaN, never 0, and is skipped by the max
     df2 = pd.concat([df, _samples({20: ([np.nan], [0.5])})], ignore_index=True)
     s = scoring.summary(df2, n_boot=50)
@@ -203,3 +203,15 @@ def test_method_differences_pair_tasks_and_bracket_the_mean_difference():
     ac = df[df.b == "C"].iloc[0]
     assert ac.ci_low < ac.mean_diff < ac.ci_high and ac.n_tasks == 8
     assert "missing" not in set(df.b)
+
+
+def test_behaviour_and_coherence_means_over_the_same_texts():
+    # Regression: a text whose coherence failed used to count in the behaviour mean (and vice
+    # versa), so the product mixed two different sets of texts.
+    df = _samples({0: ([1.0, 0.0, 0.0], [0.2, 0.8, np.nan])})
+    df.loc[2, "coherence_error"] = "timeout: no reply"
+    t = scoring.by_scale(df).iloc[0]
+    assert (t["behaviour"], t["coherence"]) == pytest.approx((0.5, 0.5)) and t["product"] == pytest.approx(0.25)
+    assert (t["n"], t["unscored"]) == (2, 1)
+    s = scoring.summary(df, n_boot=20).iloc[0]
+    assert (s["n"], s["unscored"]) == (2, 1) and s["max_product"] == pytest.approx(0.25)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from helpers import BOS, HOOK, build_run_cfg
@@ -333,12 +334,22 @@ def test_evaluate_run_measures_targeting_and_04_draws_it(setup, tmp_path, monkey
     from saets_utils.steering import tasks
 
     run, model, sae, plan, _, _ = setup
+    short = tasks.Task(
+        name="short",
+        behaviour="b",
+        coherence="c",
+        steering_prompt="p",
+        positive=[f"zz zap {i} zzz" for i in range(8)],
+        negative=[f"aa cap {i} aaa" for i in range(8)],
+    )
+    short_file = tmp_path / "short.yaml"  # config checks task files at load; given by path
+    short_file.write_text(yaml.safe_dump(short.model_dump()))
     new = build_run_cfg(
         tmp_path,
         TARGETING,
         stem="tinytarget",
         eval={
-            "tasks": ["short"],
+            "tasks": [str(short_file)],
             "methods": ["CAA", "SAE", "prompt"],
             "scale_grid": {"start": 0, "stop": 20, "step": 20},
             "samples_per_scale": 2,
@@ -351,14 +362,6 @@ def test_evaluate_run_measures_targeting_and_04_draws_it(setup, tmp_path, monkey
     shutil.copy(work_dir(run) / "plan.safetensors", work_dir(new) / "plan.safetensors")  # 01's plan, same settings
     save_file(
         {"mean": plan.baseline_mean, "density": plan.baseline_density}, str(new.results_dir / "baseline.safetensors")
-    )
-    short = tasks.Task(
-        name="short",
-        behaviour="b",
-        coherence="c",
-        steering_prompt="p",
-        positive=[f"zz zap {i} zzz" for i in range(8)],
-        negative=[f"aa cap {i} aaa" for i in range(8)],
     )
     monkeypatch.setattr(evaluate, "load_tasks", lambda names: [short])
     judge = SimpleNamespace(judge_id="fake", stats=SimpleNamespace(as_dict=lambda: {"calls": 0}))

@@ -152,7 +152,11 @@ def _fake_effects(n: int, d_model: int, d_sae: int, seed: int = 0) -> Effects:
 def test_train_approximator_writes_intervals_and_noise_ceiling(tmp_path, fit):
     run = load_config(
         "params/test.yaml",
-        {"results_root": str(tmp_path), "approximator": {"fit": fit, "holdout": 40, "bootstrap": 200}},
+        {
+            "results_root": str(tmp_path),
+            "effects": {"vectors": {"ids": {"start": 0, "stop": 160}}},  # as many as the fake effects
+            "approximator": {"fit": fit, "holdout": 40, "bootstrap": 200},
+        },
     )
     effects = _fake_effects(160, 12, 30)
     res = train_approximator(run, effects, torch.randn(30, 12))

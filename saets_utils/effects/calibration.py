@@ -29,7 +29,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-from saets_utils.config import CalibrationConfig, LossTarget
+from saets_utils.config import CalibrationConfig, ConfigError, LossTarget
 
 STATUSES = ("ok", "non_monotone", "not_reached", "above_at_zero")
 
@@ -84,6 +84,22 @@ def steered_losses(
 def loss_target_value(target: LossTarget, unsteered_loss: float) -> float:
     """Absolute target as is; relative target = unsteered loss + ``value`` nats."""
     return target.value if target.kind == "absolute" else unsteered_loss + target.value
+
+
+def check_loss_target(target: LossTarget, unsteered_loss: float, scales: Sequence[float]) -> None:
+    """Raise :class:`ConfigError` before any vector is measured when no vector can reach the target:
+    the unsteered loss is already at or above an absolute target (every vector would be
+    ``above_at_zero``)."""
+    tgt = loss_target_value(target, unsteered_loss)
+    if not np.isfinite(unsteered_loss):
+        raise ConfigError(f"the unsteered loss is {unsteered_loss}; check model.dtype and the loss text")
+    if tgt <= unsteered_loss:
+        raise ConfigError(
+            f"effects.loss_target ({target.kind} {target.value}) is {tgt:.3f} nats, at or below the unsteered "
+            f"loss {unsteered_loss:.3f} on the loss chunks, so no steering scale in {min(scales)}..{max(scales)} "
+            f"can reach it; use an absolute value above {unsteered_loss:.2f}, or kind: relative "
+            "(e.g. value: 0.5 nats above the unsteered loss)"
+        )
 
 
 def interpolate_scale(

@@ -43,6 +43,7 @@ from saets_utils.effects.calibration import (
     Calibration,
     SearchStart,
     calibrate,
+    check_loss_target,
     resid_at_hook,
     scale_hint,
     steered_losses,
@@ -123,6 +124,7 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     hook = run.sae.hook_name
     resid = resid_at_hook(model, hook, loss_tokens)
     unsteered = float(steered_losses(model, hook, loss_tokens, resid, torch.zeros(1, model.cfg.d_model))[0])
+    check_loss_target(run.effects.loss_target, unsteered, run.effects.scale_grid.values())  # before any vector
     base = measure_baseline(
         model,
         sae,

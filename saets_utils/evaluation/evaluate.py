@@ -25,7 +25,7 @@ import torch
 from saets_utils.config import RunConfig
 from saets_utils.evaluation.task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
-from saets_utils.judges import CriterionKind, JudgeRequest, make_judge, score_requests
+from saets_utils.judges import CriterionKind, JudgeFailures, JudgeRequest, check_failures, make_judge, score_requests
 from saets_utils.registry import get_method
 from saets_utils.steering.generation import generate, row_seed
 from saets_utils.steering.tasks import Task, join_prompt, load_tasks
@@ -189,18 +189,14 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
         requests += _requests(task, df, run.eval.prompt, _template(run))
     bar.close()
     atomic_save_safetensors(vectors, out / "vectors.safetensors")
+    for name in ("by_scale.csv", "summary.csv"):  # an earlier run's tables never stand beside new texts
+        (out / name).unlink(missing_ok=True)
     results = score_requests(judge, requests, progress=progress)
     samples = _attach_scores(pd.concat(frames, ignore_index=True), requests, results)
     atomic_write_text(
         out / "samples.jsonl",
         "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in samples.to_dict("records")),
     )
-    bs = by_scale(samples)
-    sm = summary(samples, n_boot=run.eval.bootstrap, seed=run.seed)
-    atomic_write_text(out / "by_scale.csv", bs.to_csv(index=False))
-    atomic_write_text(out / "summary.csv", sm.to_csv(index=False))
-    tdf = pd.DataFrame(targets)
-    atomic_write_json(out / "targets.json", targets)
     stats = {
         "judge": judge.judge_id,
         **judge.stats.as_dict(),
@@ -209,6 +205,16 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
         "n_errors": int(sum(not r.ok for r in results)),
     }
     atomic_write_json(out / "judge_stats.json", stats)
+    try:
+        check_failures(results, run.eval.judge.max_failed_share)  # no tables from a half-judged run
+    except JudgeFailures as e:
+        raise JudgeFailures(f"03 stopped: {e} Details per text: {out / 'samples.jsonl'}") from None
+    bs = by_scale(samples)
+    sm = summary(samples, n_boot=run.eval.bootstrap, seed=run.seed)
+    atomic_write_text(out / "by_scale.csv", bs.to_csv(index=False))
+    atomic_write_text(out / "summary.csv", sm.to_csv(index=False))
+    tdf = pd.DataFrame(targets)
+    atomic_write_json(out / "targets.json", targets)
     tg = tg_summary = None
     if targeting:
         from saets_utils.evaluation.targeting import measure_targeting, targeting_summary

@@ -3,8 +3,9 @@ score x mean coherence score ("product"); per task and method, the max over scal
 
 Pure pandas/numpy over the samples table written by the evaluation (one row per generated text):
 ``task, method, scale, sample, behaviour, coherence, behaviour_error, coherence_error``, scores
-normalised to [0, 1] and NaN where the judge failed. A failed judgement is counted in ``errors``
-and left out of the means, never scored as 0 (that would punish methods for judge outages).
+normalised to [0, 1] and NaN where the judge failed. A text missing either score is *unscored*:
+counted in ``unscored`` and left out of both means (so behaviour and coherence are averaged over
+the same texts), never scored as 0 (that would punish methods for judge outages).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def _clean(samples: pd.DataFrame) -> pd.DataFrame:
         score[flagged] = np.nan
         df[crit] = score
         error |= score.isna().to_numpy()
+    df.loc[error, ["behaviour", "coherence"]] = np.nan  # both means over the same (fully scored) texts
     df["error"] = error
+    df["scored"] = ~error
     return df
 
 
@@ -64,19 +67,20 @@ def _sorted(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def by_scale(samples: pd.DataFrame) -> pd.DataFrame:
-    """Per task, method and scale: mean behaviour, mean coherence (scored texts only), their product,
-    ``n`` texts and ``errors`` (texts with at least one failed judgement)."""
+    """Per task, method and scale: mean behaviour and mean coherence over the same texts (those with
+    both scores), their product, ``n`` scored texts and ``unscored`` (texts missing a score)."""
     df = _clean(samples)
     g = df.groupby(_KEYS + ["scale"], sort=False)
     out = g.agg(
         behaviour=("behaviour", "mean"),
         coherence=("coherence", "mean"),
-        n=("behaviour", "size"),
-        errors=("error", "sum"),
+        n=("scored", "sum"),
+        unscored=("error", "sum"),
     ).reset_index()
     out["product"] = out["behaviour"] * out["coherence"]
-    out["errors"] = out["errors"].astype(int)
-    cols = _KEYS + ["scale", "behaviour", "coherence", "product", "n", "errors"]
+    out["n"] = out["n"].astype(int)
+    out["unscored"] = out["unscored"].astype(int)
+    cols = _KEYS + ["scale", "behaviour", "coherence", "product", "n", "unscored"]
     return _sorted(out[cols])
 
 
@@ -101,8 +105,9 @@ def summary(samples: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float 
     Each bootstrap draw resamples texts within every scale and takes the max over scales again, so
     the CI covers the choice of the best scale as well as sampling noise (the max is biased upward
     a little; the paper reports the same max). Each (task, method) has its own RNG stream derived
-    from ``seed``, so adding a method leaves the others' CIs unchanged. ``n`` is the number of texts
-    at the best scale; ``behaviour`` and ``coherence`` are the means there. ``n_boot=0``: no CI.
+    from ``seed``, so adding a method leaves the others' CIs unchanged. ``n`` is the number of scored
+    texts at the best scale, ``unscored`` the texts of this task and method (all scales) missing a
+    score; ``behaviour`` and ``coherence`` are the means at the best scale. ``n_boot=0``: no CI.
     """
     df = _clean(samples)
     table = by_scale(samples)
@@ -113,7 +118,10 @@ def summary(samples: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float 
         lo = hi = np.nan
         if n_boot > 0 and best is not None:
             sub = df[(df["task"] == task) & (df["method"] == method)]
-            arrays = [(s["behaviour"].to_numpy(float), s["coherence"].to_numpy(float)) for _, s in sub.groupby("scale")]
+            arrays = [
+                (s["behaviour"].to_numpy(float), s["coherence"].to_numpy(float))
+                for _, s in sub[sub["scored"]].groupby("scale")
+            ]
             rng = np.random.default_rng([seed, zlib.crc32(f"{task}\0{method}".encode())])
             boot = _boot_max(arrays, n_boot, rng)
             if np.isfinite(boot).any():
@@ -127,6 +135,7 @@ def summary(samples: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float 
                 "ci_low": lo,
                 "ci_high": hi,
                 "n": 0 if best is None else int(best["n"]),
+                "unscored": int(cells["unscored"].sum()),
                 "behaviour": np.nan if best is None else best["behaviour"],
                 "coherence": np.nan if best is None else best["coherence"],
             }

@@ -13,7 +13,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from saets_utils.config import JudgeConfig
-from saets_utils.judges.base import CriterionKind, Emit, Judge, JudgeRequest, JudgeResult, JudgeStats, score_requests
+from saets_utils.judges.base import (
+    CriterionKind,
+    Emit,
+    Judge,
+    JudgeFailures,
+    JudgeRequest,
+    JudgeResult,
+    JudgeStats,
+    JudgeUnavailable,
+    check_failures,
+    score_requests,
+)
 from saets_utils.judges.cache import JudgeCache
 from saets_utils.judges.offline import MiniLMEmbedder, OfflineJudge, TaskExamples, make_mean_logprob_fn
 from saets_utils.judges.openai_judge import OpenAIJudge, resolve_api_key
@@ -23,13 +34,16 @@ __all__ = [
     "Emit",
     "Judge",
     "JudgeCache",
+    "JudgeFailures",
     "JudgeRequest",
     "JudgeResult",
     "JudgeStats",
+    "JudgeUnavailable",
     "MiniLMEmbedder",
     "OfflineJudge",
     "OpenAIJudge",
     "TaskExamples",
+    "check_failures",
     "make_judge",
     "make_mean_logprob_fn",
     "resolve_api_key",
@@ -50,6 +64,5 @@ def make_judge(
     behaviour; see :mod:`saets_utils.judges.offline`.
     """
     if cfg.kind == "openai":
-        key = resolve_api_key(cfg.base_url)
-        return OpenAIJudge(cfg, JudgeCache(cache_dir), api_key=key)
+        return OpenAIJudge(cfg, JudgeCache(cache_dir))  # resolves (or refuses) the key before any work
     return OfflineJudge(JudgeCache(cache_dir), examples=examples, mean_logprob_fn=mean_logprob_fn)

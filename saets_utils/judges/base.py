@@ -143,6 +143,34 @@ class JudgeStats:
 Emit = Callable[[int, JudgeResult], None]
 
 
+class JudgeUnavailable(RuntimeError):
+    """The judge stopped early (circuit breaker): many consecutive calls failed the same way.
+    Scores received before it stopped are cached; a re-run asks only the others."""
+
+
+class JudgeFailures(RuntimeError):
+    """More judgements failed than ``eval.judge.max_failed_share`` allows; the message names the
+    error kinds and their counts."""
+
+
+def error_kinds(results: Sequence[JudgeResult]) -> Counter:
+    """Failed results counted by error kind (the text before the first colon)."""
+    return Counter((r.error or "unknown").split(":", 1)[0] for r in results if not r.ok)
+
+
+def check_failures(results: Sequence[JudgeResult], max_failed_share: float) -> None:
+    """Raise :class:`JudgeFailures` when the share of failed results exceeds ``max_failed_share``."""
+    kinds = error_kinds(results)
+    n_failed, n = sum(kinds.values()), len(results)
+    if n and n_failed / n > max_failed_share:
+        first = next(r.error for r in results if not r.ok)
+        raise JudgeFailures(
+            f"{n_failed} of {n} judgements failed ({n_failed / n:.1%} > eval.judge.max_failed_share "
+            f"{max_failed_share:.1%}); by kind: {dict(kinds.most_common())}; first error: {first}. "
+            "Fix the cause and re-run 03: scored texts come from the cache, only the failed ones are asked again."
+        )
+
+
 class Judge(ABC):
     """Shared machinery: cache look-up, de-duplication of identical requests, one result per
     request in order, stats. Subclasses implement :meth:`_score_uncached`."""
@@ -232,7 +260,7 @@ class Judge(ABC):
         final = [r for r in results if r is not None]
         self.stats.requests += len(final)
         self.stats.scored += sum(r.ok for r in final)
-        self.stats.errors.update((r.error or "").split(":", 1)[0] for r in final if not r.ok)
+        self.stats.errors.update(error_kinds(final))
         return final
 
 

@@ -3,7 +3,8 @@
 Keys are a sha256 of everything that decides a score (judge kind, model, prompt-template
 version, criterion kind and text, prompt, generated text); values are small JSON-able dicts.
 Only successful scores are stored: an error is retried on the next run.
-``diskcache`` (SQLite underneath) is safe across threads and processes sharing one folder.
+``diskcache`` (SQLite underneath) is safe across threads and processes sharing one folder; its
+eviction is switched off (no size limit), so a score once paid for is never dropped silently.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ class JudgeCache:
             import diskcache
 
             self.path.mkdir(parents=True, exist_ok=True)
-            self._disk = diskcache.Cache(str(self.path))
+            # Paid scores are never evicted: diskcache's default is a 1 GiB limit with
+            # least-recently-stored eviction. The settings persist in the folder, so opening an
+            # older cache here also switches it to no eviction.
+            self._disk = diskcache.Cache(str(self.path), eviction_policy="none", size_limit=2**62)
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored record for ``key``, or None."""

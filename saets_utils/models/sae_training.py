@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -138,6 +139,9 @@ def train_sae(
         TopKTrainingSAEConfig,
     )
     from sae_lens.saes.sae import TrainingSAE
+    from sae_lens.training import sae_trainer
+
+    from saets_utils.progress import console_bars
 
     steps = train.training_tokens // train.batch_size_tokens
     cfg = LanguageModelSAERunnerConfig(
@@ -179,7 +183,17 @@ def train_sae(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="To copy construct from a tensor")
         warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
-        LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model, override_sae=sae).run()
+        # sae_lens draws its bar with tqdm.auto (a widget under papermill, invisible in `make demo`)
+        # and moves it every 100 steps only; here it is a console bar that moves every step.
+        with console_bars(sae_trainer, unit="tok"), patch.object(sae_trainer.SAETrainer, "_update_pbar", _step_bar):
+            LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model, override_sae=sae).run()
+
+
+def _step_bar(trainer: Any, step_output: Any, pbar: Any, update_interval: int = 100) -> None:
+    """Replaces ``SAETrainer._update_pbar``: advance by one step's tokens, show the losses every 10 steps."""
+    pbar.update(trainer.cfg.train_batch_size_samples)
+    if trainer.n_training_steps % 10 == 0:
+        pbar.set_postfix_str(" ".join(f"{k} {float(v):.4g}" for k, v in step_output.losses.items()), refresh=False)
 
 
 @torch.no_grad()
@@ -223,7 +237,11 @@ def train_or_load_sae(
 def _train_into_cache(run: RunConfig, sae_cfg: SAEConfig, model: HookedTransformer, final: Path, device: str) -> None:
     from sae_lens import SAE
 
+    from saets_utils.progress import progress
+
     train = sae_cfg.train
+    # Stages on the console (tokenise, train, quality check); training draws its own bar in tokens.
+    stages = progress(total=3, desc=f"SAE {sae_cfg.hook_name} (tokenise, train, check)", unit="stage")
     bos = loading.bos_id(model, run.model)
     train_docs, held_docs = split_documents(loading.load_texts(run.text), run.seed)
     # Enough rows for the budget plus what the activation buffer holds back at the end.
@@ -234,12 +252,14 @@ def _train_into_cache(run: RunConfig, sae_cfg: SAEConfig, model: HookedTransform
     )
     tokens = _chunks(model, train_docs, train.context_size, n_rows, bos, run.seed)
     held = _chunks(model, held_docs, train.context_size, QUALITY_CHUNKS, bos, run.seed + 1)[:QUALITY_CHUNKS]
+    stages.update(1)
 
     tmp = assets._atomic_dir(final)
     try:
         t0 = time.perf_counter()
         train_sae(model, tokens, sae_cfg.hook_name, train, bos, run.seed, tmp, device, run.model.name)
         train_s = time.perf_counter() - t0
+        stages.update(1)
         sae = SAE.load_from_disk(tmp, device=device).eval()
         t0 = time.perf_counter()
         quality = sae_quality(
@@ -263,6 +283,7 @@ def _train_into_cache(run: RunConfig, sae_cfg: SAEConfig, model: HookedTransform
             position_policy="start-token positions (0 and separators) excluded from training and metrics",
         )
         (tmp / "quality.json").write_text(json.dumps(quality, indent=2))
+        stages.update(1)
         (tmp / "meta.json").write_text(
             json.dumps(
                 {"key": final.name, "model_fingerprint": model_fingerprint(model), "recipe": RECIPE_VERSION}, indent=2
@@ -274,6 +295,7 @@ def _train_into_cache(run: RunConfig, sae_cfg: SAEConfig, model: HookedTransform
             if not (final / "cfg.json").is_file():
                 raise
     finally:
+        stages.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 

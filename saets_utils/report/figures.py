@@ -1,7 +1,8 @@
 """Notebook 04's work: draw every figure of a run from its files into ``results/<run>/figures/``
 (and the design study's learning curve into ``results/<run>/study/``).
 
-Each figure is drawn only when its inputs exist, so 04 also works on a partial run (e.g. after 01).
+Each figure is drawn only when its inputs exist, so 04 also works on a partial run (e.g. after 01);
+any other PNG in ``figures/`` (from an earlier run) is removed, so the report shows only this run's.
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ def make_all_figures(run: RunConfig) -> list[Path]:
     study = study_figure(run)
     if study is not None:
         made.append(study)
+    for stale in fig_dir.glob(
+        "*.png"
+    ):  # an earlier run's figure (effect profiles, published comparison) never survives
+        if stale not in made:
+            stale.unlink()
     return made
 
 

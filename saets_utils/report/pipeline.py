@@ -3,9 +3,12 @@
 ``python -m saets_utils.report.pipeline params/demo.yaml`` executes each notebook into
 ``results/<run>/notebooks/``, renders it to ``results/<run>/reports/<name>.html`` and writes
 ``reports/index.html`` (links, the headline table, the figures). A step is skipped when its outputs
-exist and were made from the same settings as now (a stamp per step hashes the params that step
-reads, its task files and the stamp of the step before); ``--force`` re-runs everything, ``--steps``
-picks steps. A failure names the notebook, the cell and the error, and points at the executed copy.
+are unchanged since it last succeeded and its inputs are the same as then. Its stamp hashes the
+inputs' content: the params the step reads (and, chained, those of the steps before), the files of
+earlier steps it reads, its task files, files the params point to, and the code (every module of
+the package and the notebook). A step drops its stamp when it starts, so one that fails half-way is
+re-run next time. ``--force`` re-runs everything, ``--steps`` picks steps. A failure names the
+notebook, the cell and the error, and points at the executed copy.
 """
 
 from __future__ import annotations
@@ -28,17 +31,17 @@ class Step:
     name: str
     outputs: tuple[str, ...]
     params_keys: tuple[str, ...]  # sections of the params this step's numbers depend on
+    inputs: tuple[str, ...] = ()  # files of earlier steps it reads (content enters the stamp; may be absent)
 
 
+_EFFECTS = ("effects.safetensors", "effects_table.csv", "effects_meta.json", "baseline.safetensors")
+_APPROX = ("approximator.safetensors", "approximator_metrics.json", "approximator_holdout.safetensors")
+_EVAL = ("eval/summary.csv", "eval/by_scale.csv", "eval/samples.jsonl", "eval/targeting.csv")
 STEPS = (
-    Step(
-        "01_effects",
-        ("effects.safetensors", "effects_table.csv", "effects_meta.json"),
-        ("seed", "model", "sae", "text", "effects"),
-    ),
-    Step("02_train", ("approximator.safetensors", "approximator_metrics.json"), ("approximator",)),
-    Step("03_eval", ("eval/summary.csv", "eval/by_scale.csv", "eval/samples.jsonl"), ("eval",)),
-    Step("04_plots", ("figures",), ()),
+    Step("01_effects", _EFFECTS[:3], ("seed", "model", "sae", "text", "effects")),
+    Step("02_train", _APPROX[:2], ("approximator",), _EFFECTS),
+    Step("03_eval", _EVAL[:3], ("eval",), (*_EFFECTS, "effects_work/plan.safetensors", *_APPROX)),
+    Step("04_plots", ("figures",), (), (*_EFFECTS, *_APPROX, *_EVAL, "study/learning_curve.csv")),
 )
 
 
@@ -46,20 +49,46 @@ class StepFailed(RuntimeError):
     """A notebook failed; the message names it, the cell and the error."""
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content ("missing" if absent); a folder: of its files' names and digests."""
+    if path.is_dir():
+        parts = [f"{p.relative_to(path)}:{file_digest(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    if not path.is_file():
+        return "missing"
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def code_digest(step: Step) -> str:
+    """sha256 of every module of the package and of the step's notebook: a code change re-runs it."""
+    files = sorted((REPO_ROOT / "saets_utils").rglob("*.py")) + [REPO_ROOT / "notebooks" / f"{step.name}.ipynb"]
+    return hashlib.sha256("".join(f"{p.relative_to(REPO_ROOT)}:{file_digest(p)}\n" for p in files).encode()).hexdigest()
+
+
+def _params_files(run: RunConfig) -> list[str]:
+    """Files and folders the params point to (a local model or SAE, a vectors file)."""
+    return [p for p in (run.model.path, run.sae.path, run.effects.vectors.path) if p]
+
+
 def _stamp_key(run: RunConfig, step: Step, previous: str) -> str:
+    from saets_utils.config import task_file
+
     data = json.loads(run.model_dump_json())
-    blob = {k: data.get(k) for k in step.params_keys}
+    blob: dict[str, object] = {k: data.get(k) for k in step.params_keys}
     if step.name == "01_effects":  # where and how workers run does not change 01's numbers
         from saets_utils.effects.plan import NOT_FINGERPRINTED
 
-        blob["effects"] = {k: v for k, v in blob["effects"].items() if k not in NOT_FINGERPRINTED}
-        blob["sae"] = {k: v for k, v in blob["sae"].items() if k != "targets_key"}
-    if step.name == "03_eval":
-        blob["tasks"] = {
-            t: (REPO_ROOT / "params" / "tasks" / f"{t}.yaml").read_text()
-            for t in run.eval.tasks
-            if (REPO_ROOT / "params" / "tasks" / f"{t}.yaml").is_file()
-        }
+        blob["effects"] = {k: v for k, v in data["effects"].items() if k not in NOT_FINGERPRINTED}
+        blob["sae"] = {k: v for k, v in data["sae"].items() if k != "targets_key"}
+        blob["files"] = {p: file_digest(REPO_ROOT / p) for p in _params_files(run)}
+    if step.name == "03_eval":  # by name or by path, the content counts
+        blob["tasks"] = {t: file_digest(task_file(t)) for t in run.eval.tasks}
+    blob["inputs"] = {f: file_digest(run.results_dir / f) for f in step.inputs}
+    blob["code"] = code_digest(step)
     return hashlib.sha256((previous + json.dumps(blob, sort_keys=True, default=str)).encode()).hexdigest()[:16]
 
 
@@ -67,13 +96,21 @@ def _stamp_path(run: RunConfig, step: Step) -> Path:
     return run.results_dir / "reports" / ".stamps" / f"{step.name}.json"
 
 
+def _outputs_digest(run: RunConfig, step: Step) -> dict[str, str]:
+    return {o: file_digest(run.results_dir / o) for o in step.outputs}
+
+
 def is_current(run: RunConfig, step: Step, key: str) -> bool:
-    """Outputs exist and the stamp says they were made with the same settings."""
+    """Outputs exist, are the ones the step wrote when it last succeeded, and its stamp key (the
+    inputs' content) is the same as now."""
     outs = [run.results_dir / o for o in step.outputs]
     if not all(p.exists() and (p.is_file() or any(p.iterdir())) for p in outs):
         return False
     sp = _stamp_path(run, step)
-    return sp.is_file() and json.loads(sp.read_text()).get("key") == key
+    if not sp.is_file():
+        return False
+    stamp = json.loads(sp.read_text())
+    return stamp.get("key") == key and stamp.get("outputs") == _outputs_digest(run, step)
 
 
 def execute_notebook(run: RunConfig, step: Step, params_file: str, parameters: dict, timeout_s: int | None) -> Path:
@@ -172,11 +209,14 @@ def run_pipeline(
 ) -> Path:
     """Execute the selected steps in order (skipping current ones), render reports, write the index.
     ``workers``: more of 01's worker parameters (``cpu_workers``, ``executor``, ``slurm``)."""
+    from saets_utils.steering.tasks import load_tasks
+
     workers = workers or {}
     overrides = {"cpu_workers": workers.get("cpu_workers", 0), "effects": {"slurm": workers.get("slurm", {})}}
     if workers.get("executor"):
         overrides["effects"]["executor"] = workers["executor"]
     run = load_config(params_file, overrides)  # validates before anything runs
+    load_tasks(run.eval.tasks)  # and every task file in full, before 01's hours
     reports = run.results_dir / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in STEPS]
@@ -185,7 +225,7 @@ def run_pipeline(
         raise ValueError(f"unknown steps {sorted(unknown)}; choose from {names}")
     key = ""
     for step in STEPS:
-        key = _stamp_key(run, step, key)
+        key = _stamp_key(run, step, key)  # inputs as they are now, after the steps before ran
         if steps and step.name not in steps:
             continue
         if not force and is_current(run, step, key):
@@ -193,10 +233,17 @@ def run_pipeline(
             continue
         print(f"[saets] {step.name}: running", flush=True)
         t0 = time.perf_counter()
+        _stamp_path(run, step).unlink(missing_ok=True)  # a step that fails half-way is not current
+        (reports / f"{step.name}.html").unlink(missing_ok=True)
         extra = {"gpus": gpus, **workers} if step.name == "01_effects" else {}
-        executed = execute_notebook(run, step, params_file, extra, timeout_s)
+        try:
+            executed = execute_notebook(run, step, params_file, extra, timeout_s)
+        except BaseException:
+            (reports / "index.html").unlink(missing_ok=True)  # no report of an earlier run stands beside a failure
+            raise
         render_html(executed, reports)
-        atomic_write_json(_stamp_path(run, step), {"key": key, "seconds": time.perf_counter() - t0})
+        stamp = {"key": key, "outputs": _outputs_digest(run, step), "seconds": time.perf_counter() - t0}
+        atomic_write_json(_stamp_path(run, step), stamp)
         print(f"[saets] {step.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     index = write_index(run)
     print(f"[saets] reports: {index}", flush=True)
@@ -235,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         steps = a.steps.split(",") if a.steps else None
         run_pipeline(a.params_file, steps, a.force, a.gpus, a.timeout, workers)
-    except (StepFailed, ValueError, FileNotFoundError) as e:
+    except (StepFailed, ValueError, FileNotFoundError) as e:  # ConfigError and TaskError are ValueErrors
         print(f"[saets] FAILED: {e}", file=sys.stderr)
         return 1
     return 0

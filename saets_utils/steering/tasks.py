@@ -18,10 +18,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from saets_utils.config import REPO_ROOT
+from saets_utils.config import REPO_ROOT, read_yaml
 from saets_utils.registry import METHODS
 
 TASKS_DIR = REPO_ROOT / "params" / "tasks"
@@ -174,7 +173,7 @@ def load_task(name_or_path: str | os.PathLike[str], tasks_dir: str | os.PathLike
             raise TaskError(
                 f"unknown task {s!r}; available in {tasks_dir}: {', '.join(available_tasks(tasks_dir)) or '(none)'}"
             )
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path)  # a syntax error names the file, line and column
     if not isinstance(raw, dict):
         raise TaskError(f"{path}: top level must be a mapping of fields (name, behaviour, ...)")
     if raw.get("name") != path.stem:
