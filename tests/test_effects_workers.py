@@ -227,7 +227,7 @@ def test_a_block_that_always_fails_is_reported_and_skipped_and_retried_by_the_ne
 
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_lives(tmp_path, tiny_model, tiny_sae):
     """Regression: two concurrent runs of the same params each computed every block."""
-    run = tiny_run(tmp_path, vectors={"source": "decoder_rows", "ids": [5]}, lease_s=0.5)
+    run = tiny_run(tmp_path, vectors={"source": "decoder_rows", "ids": [5, 6]}, lease_s=0.5)
     other = try_claim(run.results_dir / LOCK, "run", "", "otherhost:4242", 0.5)
     assert other.path is not None
     with Heartbeat(0.05, other.path), pytest.raises(ConfigError, match=r"another run .*pid \d+ on"):
@@ -258,7 +258,7 @@ def test_changed_sae_or_vectors_file_is_not_resumed_but_targets_key_is(tmp_path,
 
 def test_unreadable_plan_is_replaced_by_restart_and_stale_tmp_files_are_removed(tmp_path, tiny_model, tiny_sae):
     """Regression: an unreadable plan.safetensors blocked restart=True; leftover .tmp files stayed."""
-    run = tiny_run(tmp_path, vectors={"source": "decoder_rows", "ids": [7]})
+    run = tiny_run(tmp_path, vectors={"source": "decoder_rows", "ids": [7, 8]})
     wd = work_dir(run)
     wd.mkdir(parents=True)
     (wd / "plan.safetensors").write_bytes(b"\x00truncated")
