@@ -265,7 +265,7 @@ def test_unreadable_plan_is_replaced_by_restart_and_stale_tmp_files_are_removed(
     with pytest.raises(ConfigError, match=r"unreadable.*restart=True"):
         run_effects(run, tiny_model, tiny_sae)
     run_effects(run, tiny_model, tiny_sae, restart=True)
-    assert Plan.load(wd / "plan.safetensors").vector_ids.tolist() == [7]
+    assert Plan.load(wd / "plan.safetensors").vector_ids.tolist() == [7, 8]
     # writers killed mid-write left these; a young one may still be being written by a live worker
     old = [wd / "shards" / ".x.safetensors.ab12.tmp", run.results_dir / ".effects.safetensors.cd34.tmp"]
     young = wd / ".plan.safetensors.ef56.tmp"
