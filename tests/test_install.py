@@ -61,9 +61,7 @@ def test_environment_pins_the_makefiles_torch():
 
 
 def _make_dry_run(*args: str) -> str:
-    return subprocess.run(
-        ["make", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+    return subprocess.run(["make", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")

@@ -91,6 +91,10 @@ class FeatureStats:
             return "dead"
         return ", ".join(self.top_tokens(feature, n) or self.logit_tokens(feature, n))
 
+    def labels(self) -> dict[int, str]:
+        """Feature id -> :meth:`label` for every feature."""
+        return {f: self.label(f) for f in range(self.d_sae)}
+
     def contexts(self, feature: int) -> list[list[tuple[str, float]]]:
         """Top contexts of ``feature``: each a list of (token, activation), strongest context first."""
         out = []
@@ -104,14 +108,14 @@ class FeatureStats:
         rows = [
             {
                 "feature": f,
-                "label": self.label(f),
+                "label": label,
                 "density": float(self.density[f]),
                 "max_act": float(self.max_act[f]),
                 "top_tokens": " | ".join(self.top_tokens(f, 8)),
                 "top_logits": " | ".join(self.logit_tokens(f, 8)),
                 "bottom_logits": " | ".join(self.logit_tokens(f, 8, positive=False)),
             }
-            for f in range(self.d_sae)
+            for f, label in self.labels().items()
         ]
         return pd.DataFrame(rows)
 
@@ -309,12 +313,14 @@ def with_labels(df: pd.DataFrame, labels: dict[int, str], column: str = "feature
     return out
 
 
-def _stem(word: str) -> str:
+def _stems(word: str) -> set[str]:
+    """The word and its forms without a plural or -ing ending (at least 4 letters)."""
     w = word.lower()
+    out = {w}
     for suffix in ("ings", "ing", "es", "s"):
-        if len(w) > len(suffix) + 3 and w.endswith(suffix):
-            return w[: -len(suffix)]
-    return w
+        if w.endswith(suffix) and len(w) - len(suffix) >= 4:
+            out.add(w[: -len(suffix)])
+    return out
 
 
 def targets_from_text(query: str, stats: FeatureStats, k: int = 3, density_max: float = 0.1) -> list[tuple[int, float]]:
@@ -323,7 +329,7 @@ def targets_from_text(query: str, stats: FeatureStats, k: int = 3, density_max: 
     start with a word of the query (plural and -ing endings dropped); the ``k`` best features with
     density at most ``density_max`` are returned, weights proportional to score (summing to 1)."""
     text = re.sub(r"^\s*steer\s+toward[s]?\s*:?", "", query, flags=re.I)
-    words = {_stem(w) for w in re.findall(r"[A-Za-z]+", text) if len(w) > 2}
+    words = {s for w in re.findall(r"[A-Za-z]+", text) if len(w) > 2 for s in _stems(w)}
     if not words:
         raise ValueError(f"no words to steer toward in {query!r}; write e.g. 'steer toward: weddings'")
     scores: dict[int, float] = {}
