@@ -74,8 +74,10 @@ def test_labels_and_free_text_targets():
     s = _synthetic_stats()
     assert s.label(0) == "wedding, bride" and s.label(2) == "dead"
     assert targets_from_text("steer toward: weddings", s) == [(0, 1.0)]
+    assert targets_from_text("toward the brides", s) == [(0, 1.0)]  # "the" names no feature
+    s.density[0] = 0.5
     with pytest.raises(ValueError, match="no feature"):
-        targets_from_text("steer toward: the", s)  # feature 1 is dense (density 0.5 > 0.1)
+        targets_from_text("steer toward: weddings", s)  # dense features are never targets
 
 
 def test_dashboards_and_index_page(tmp_path, stats_and_tokens):

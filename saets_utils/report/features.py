@@ -121,8 +121,9 @@ class FeatureStats:
 
 
 def _clean(tok: str) -> str:
-    """A token as a label shows it: surrounding spaces dropped, newlines and empties made visible."""
-    t = tok.replace("\n", "⏎").strip()
+    """A token as a label shows it: surrounding spaces dropped, newlines, control characters and
+    empties made visible (labels live in a CSV and in HTML)."""
+    t = "".join(c if c.isprintable() else repr(c)[1:-1] for c in tok.replace("\n", "⏎")).strip()
     return t if t else repr(tok)
 
 
@@ -313,6 +314,10 @@ def with_labels(df: pd.DataFrame, labels: dict[int, str], column: str = "feature
     return out
 
 
+# Words a goal is phrased with that name no feature ("steer toward the sea" is about the sea).
+STOP_WORDS = frozenset("the and for with from that this toward towards about more less into".split())
+
+
 def _stems(word: str) -> set[str]:
     """The word and its forms without a plural or -ing ending (at least 4 letters)."""
     w = word.lower()
@@ -329,7 +334,7 @@ def targets_from_text(query: str, stats: FeatureStats, k: int = 3, density_max: 
     start with a word of the query (plural and -ing endings dropped); the ``k`` best features with
     density at most ``density_max`` are returned, weights proportional to score (summing to 1)."""
     text = re.sub(r"^\s*steer\s+toward[s]?\s*:?", "", query, flags=re.I)
-    words = {s for w in re.findall(r"[A-Za-z]+", text) if len(w) > 2 for s in _stems(w)}
+    words = {s for w in re.findall(r"[A-Za-z]+", text) if len(w) > 2 and w.lower() not in STOP_WORDS for s in _stems(w)}
     if not words:
         raise ValueError(f"no words to steer toward in {query!r}; write e.g. 'steer toward: weddings'")
     scores: dict[int, float] = {}
