@@ -150,55 +150,69 @@ def _panel(name: str) -> str:
         if (!p) return null;"""
 
 
-def _open_and_run_all(driver, base: str, token: str, name: str, timeout: float = 300) -> None:
-    """Open ``name`` in JupyterLab, wait for its kernel, run all cells, wait until they finish and
-    check that none raised."""
+NOTEBOOKS = ("05_playground", "01_effects")
+KERNEL = "const k = p.sessionContext.session && p.sessionContext.session.kernel; return k ? k.status : null;"
+# every code cell ran, or one raised (run-all stops there); and the kernel is idle again
+DONE = """const code = p.content.widgets.filter(c => c.model.type === 'code');
+    const ran = code.every(c => c.model.executionCount !== null);
+    const raised = code.some(c => Array.from({length: c.model.outputs.length},
+        (_, i) => c.model.outputs.get(i).type).includes('error'));
+    return (ran || raised) && p.sessionContext.session.kernel.status === 'idle';"""
+ERRORS = """const errs = [];
+    for (const c of p.content.widgets) {
+        if (c.model.type !== 'code') continue;
+        for (let i = 0; i < c.model.outputs.length; i++) {
+            const o = c.model.outputs.get(i).toJSON();
+            if (o.output_type === 'error') errs.push(o.ename + ': ' + o.evalue);
+        }
+    }
+    return errs;"""
+
+
+@pytest.fixture(scope="module")
+def running(lab, browser):
+    """Both notebooks open in one JupyterLab page and running all their cells at once (two
+    kernels: the two model loads overlap instead of adding up)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.get(f"{base}/lab/tree/{name}.ipynb?token={token}")
-    wait = WebDriverWait(driver, timeout, poll_frequency=0.5)
-    kernel = "const k = p.sessionContext.session && p.sessionContext.session.kernel; return k ? k.status : null;"
-    wait.until(lambda d: d.execute_script(_panel(name) + kernel) == "idle")
-    driver.execute_script(
-        _panel(name) + "app.shell.activateById(p.id); app.commands.execute('notebook:run-all-cells'); return 1;"
-    )
-    # every code cell ran, or one raised (run-all stops there); and the kernel is idle again
-    done = """const code = p.content.widgets.filter(c => c.model.type === 'code');
-        const ran = code.every(c => c.model.executionCount !== null);
-        const raised = code.some(c => Array.from({length: c.model.outputs.length},
-            (_, i) => c.model.outputs.get(i).type).includes('error'));
-        return (ran || raised) && p.sessionContext.session.kernel.status === 'idle';"""
-    wait.until(lambda d: d.execute_script(_panel(name) + done))
-    errors = driver.execute_script(
-        _panel(name)
-        + """const errs = [];
-        for (const c of p.content.widgets) {
-            if (c.model.type !== 'code') continue;
-            for (let i = 0; i < c.model.outputs.length; i++) {
-                const o = c.model.outputs.get(i).toJSON();
-                if (o.output_type === 'error') errs.push(o.ename + ': ' + o.evalue);
-            }
-        }
-        return errs;"""
-    )
+    base, token, _ = lab
+    browser.get(f"{base}/lab/tree/{NOTEBOOKS[0]}.ipynb?token={token}")
+    wait = WebDriverWait(browser, 120, poll_frequency=0.5)
+    for i, name in enumerate(NOTEBOOKS):
+        if i:
+            browser.execute_script(f"window.jupyterapp.commands.execute('docmanager:open', {{path: '{name}.ipynb'}});")
+        wait.until(lambda d, name=name: d.execute_script(_panel(name) + KERNEL) == "idle")
+        browser.execute_script(
+            _panel(name) + "app.shell.activateById(p.id); app.commands.execute('notebook:run-all-cells'); return 1;"
+        )
+        # run-all started in this notebook before the next one opens
+        wait.until(lambda d, name=name: d.execute_script(_panel(name) + KERNEL) == "busy")
+    return browser
+
+
+def _finish(driver, name: str, timeout: float = 300) -> None:
+    """Show ``name``'s tab, wait until its cells finished and check that none raised."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.execute_script(_panel(name) + "app.shell.activateById(p.id); return 1;")
+    WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: d.execute_script(_panel(name) + DONE))
+    errors = driver.execute_script(_panel(name) + ERRORS)
     assert not errors, f"{name} raised in the browser: {errors}"
 
 
-def test_playground_generates_in_the_browser(lab, browser, tmp_path):
-
-    base, token, _ = lab
+def test_playground_generates_in_the_browser(running, tmp_path):
     try:
-        _drive_playground(browser, base, token)
+        _drive_playground(running)
     finally:
-        browser.save_screenshot(str(tmp_path / "playground.png"))
+        running.save_screenshot(str(tmp_path / "playground.png"))
 
 
-def _drive_playground(browser, base: str, token: str) -> None:
+def _drive_playground(browser) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    _open_and_run_all(browser, base, token, "05_playground")
+    _finish(browser, "05_playground")
     button = WebDriverWait(browser, 60).until(
         lambda d: next((b for b in d.find_elements(By.TAG_NAME, "button") if b.text == "Generate"), None)
     )
@@ -231,13 +245,13 @@ def _status(driver) -> str:
     )
 
 
-def test_effect_explorer_in_the_browser(lab, browser, tmp_path):
+def test_effect_explorer_in_the_browser(running, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    base, token, _ = lab
+    browser = running
     try:
-        _open_and_run_all(browser, base, token, "01_effects")
+        _finish(browser, "01_effects")
         body = WebDriverWait(browser, 60).until(
             lambda d: d.find_element(By.TAG_NAME, "body") if "raised / lowered features" in d.page_source else None
         )
