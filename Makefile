@@ -3,8 +3,10 @@
 # Python that refuses global installs (PEP 668, e.g. Debian's) works as is. `make test VENV=` uses the
 # active interpreter instead (a conda env, or a venv you manage); PYTHON names it (default python3).
 VENV ?= .venv
-# The interpreter that creates the venv.
+# The interpreter that creates the venv, and flags for `venv` (e.g. --system-site-packages, as CI
+# does to reuse its image's preinstalled packages: pip then installs only what is missing).
 BASE_PYTHON ?= python3
+VENV_FLAGS ?=
 ifeq ($(strip $(VENV)),)
 PYTHON ?= python3
 else
@@ -23,7 +25,7 @@ TEST_ENV = HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 # The venv's interpreter; nothing to do when VENV is empty.
 venv:
 ifneq ($(strip $(VENV)),)
-	@test -x "$(PYTHON)" || $(BASE_PYTHON) -m venv "$(VENV)"
+	@test -x "$(PYTHON)" || $(BASE_PYTHON) -m venv $(VENV_FLAGS) "$(VENV)"
 endif
 
 install: venv
