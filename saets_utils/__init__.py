@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "compare_with_published": "saets_utils.evaluation.scoring",
     "effects_overview": "saets_utils.report.explore",
     "make_all_figures": "saets_utils.report.figures",
+    "feature_stats": "saets_utils.report.features",
     "plot_training_curve": "saets_utils.report.plots",
     "plot_approximator_diagnostics": "saets_utils.report.plots",
     "plot_learning_curve": "saets_utils.report.plots",
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from saets_utils.models.sae_training import load_sae_quality
     from saets_utils.registry import METHODS
     from saets_utils.report.explore import effects_overview
+    from saets_utils.report.features import feature_stats
     from saets_utils.report.figures import make_all_figures
     from saets_utils.report.plots import plot_approximator_diagnostics, plot_learning_curve, plot_training_curve
     from saets_utils.report.widgets import EffectExplorer, SteeringPlayground

@@ -110,6 +110,9 @@ def test_figures_and_reports(run):
         assert (reports / f"{s.name}.html").stat().st_size > 10_000
     index = (reports / "index.html").read_text()
     assert "01_effects.html" in index and "product_vs_scale.png" in index
+    # feature dashboards from 01, linked from the index, labels next to ids
+    assert (run.results_dir / "features" / "labels.csv").is_file() and "features.html" in index
+    assert "top-activating contexts" in (reports / "features.html").read_text()
 
 
 def test_manifest(run):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from saets_utils.config import RunConfig
 from saets_utils.report import plots
+from saets_utils.report.features import load_labels
 
 N_PROFILES = 4
 
@@ -72,7 +73,7 @@ def make_all_figures(run: RunConfig) -> list[Path]:
         a = load_file(d / "approximator.safetensors")
         dens = load_file(d / "baseline.safetensors")["density"] if (d / "baseline.safetensors").is_file() else None
         _save(
-            plots.plot_approximator_diagnostics(h["pred"], h["measured"], a["b"], dens),
+            plots.plot_approximator_diagnostics(h["pred"], h["measured"], a["b"], dens, labels=load_labels(d)),
             fig_dir / "approximator_diagnostics.png",
             made,
         )
@@ -111,6 +112,7 @@ def _effect_profiles(run: RunConfig, fig_dir: Path) -> list[Path]:
 
     eff = load_effects(run.results_dir)
     is_rows = run.effects.vectors.source == "decoder_rows"
+    labels = load_labels(run.results_dir)
     made: list[Path] = []
     valid = eff.valid.nonzero()[:, 0].tolist()[:N_PROFILES]
     for i in valid:
@@ -120,6 +122,7 @@ def _effect_profiles(run: RunConfig, fig_dir: Path) -> list[Path]:
             [vid] if is_rows else [],
             eff.baseline_density,
             title=f"vector {vid} at scale {float(eff.scales[i]):.1f}",
+            labels=labels,
         )
         _save(fig, fig_dir / f"effect_profile_{vid}.png", made)
     return made

@@ -2,7 +2,8 @@
 
 ``python -m saets_utils.report.pipeline params/demo.yaml`` executes each notebook into
 ``results/<run>/notebooks/``, renders it to ``results/<run>/reports/<name>.html`` and writes
-``reports/index.html`` (links, the headline table, the figures). A step is skipped when its outputs
+``reports/index.html`` (settings and provenance, links, headline tables, figures; see
+:mod:`saets_utils.report.index_page`) and ``reports/features.html`` (feature dashboards). A step is skipped when its outputs
 are unchanged since it last succeeded and its inputs are the same as then. Its stamp hashes the
 inputs' content: the params the step reads (and, chained, those of the steps before), the files of
 earlier steps it reads, its task files, files the params point to, and the code (every module of
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import html
 import json
 import sys
 import time
@@ -151,52 +151,10 @@ def render_html(executed: Path, reports: Path) -> Path:
 
 
 def write_index(run: RunConfig) -> Path:
-    """``reports/index.html``: the notebooks' reports, the headline table and every figure."""
-    import pandas as pd
+    """``reports/index.html`` (settings, links, headline tables, figures) and the feature dashboards."""
+    from saets_utils.report.index_page import write_index as write
 
-    d = run.results_dir
-    parts = [
-        f"<h1>saets run <code>{html.escape(run.name)}</code></h1>",
-        f"<p>model {html.escape(run.model.name)} · SAE {html.escape(run.sae.key)} · judge {run.eval.judge.kind}</p><ul>",
-    ]
-    for s in STEPS:
-        if (d / "reports" / f"{s.name}.html").is_file():
-            parts.append(f'<li><a href="{s.name}.html">{s.name}</a></li>')
-    parts.append("</ul>")
-    if (d / "eval" / "summary.csv").is_file():
-        from saets_utils.evaluation.scoring import paper_style_table
-
-        table = paper_style_table(pd.read_csv(d / "eval" / "summary.csv")).round(3)
-        parts += ["<h2>Max behaviour × coherence over scales</h2>", table.to_html()]
-    if (d / "eval" / "targeting.csv").is_file():
-        from saets_utils.evaluation.scoring import paper_style_table
-        from saets_utils.evaluation.targeting import load_targeting
-
-        loaded = load_targeting(d)
-        assert loaded is not None
-        tg, tg_summary = loaded
-        if len(tg):
-            parts += [
-                "<h2>Targeting (judge-free)</h2>",
-                "<p>Each vector calibrated to 01's loss target, its SAE effect measured as in 01: rank of the "
-                "best target feature among all features (1 = most raised) and target effect / off-target "
-                "norm; per method, means over tasks with bootstrap CIs over tasks "
-                "(<code>eval/targeting.csv</code>).</p>",
-                tg_summary.round(3).to_html(index=False),
-                "<h3>Target rank per task</h3>",
-                paper_style_table(tg, "target_rank").round(1).to_html(),
-            ]
-    metrics = d / "approximator_metrics.json"
-    if metrics.is_file():
-        from saets_utils.approximator.training import verdict
-
-        parts += ["<h2>Effect approximator</h2>", f"<p>{html.escape(verdict(json.loads(metrics.read_text())))}</p>"]
-    for png in sorted((d / "figures").glob("*.png")):
-        parts.append(f'<h3>{html.escape(png.stem)}</h3><img src="../figures/{png.name}" style="max-width:100%">')
-    page = "<!doctype html><meta charset='utf-8'><title>saets " + html.escape(run.name) + "</title>" + "\n".join(parts)
-    path = d / "reports" / "index.html"
-    atomic_write_text(path, page)
-    return path
+    return write(run)
 
 
 def run_pipeline(

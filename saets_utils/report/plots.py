@@ -52,6 +52,12 @@ def _label(task: str) -> str:
     return task.replace("_", " ")
 
 
+def feature_name(feature: int, labels: Mapping[int, str] | None, width: int = 26) -> str:
+    """``#123 wedding, bride`` (label cut to ``width`` characters), or ``#123`` without a label."""
+    lab = (labels or {}).get(int(feature), "")
+    return f"#{int(feature)} {lab[: width - 1] + '…' if len(lab) > width else lab}".rstrip()
+
+
 def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
         x = x.detach().float().cpu().numpy()
@@ -194,12 +200,20 @@ def plot_best_product(summary: pd.DataFrame) -> Figure:
 
 
 def plot_approximator_diagnostics(
-    pred: Any, measured: Any, b: Any, density: Any | None = None, top: int = 20, max_points: int = 50_000, seed: int = 0
+    pred: Any,
+    measured: Any,
+    b: Any,
+    density: Any | None = None,
+    top: int = 20,
+    max_points: int = 50_000,
+    seed: int = 0,
+    labels: Mapping[int, str] | None = None,
 ) -> Figure:
     """Left: predicted vs measured effect entries for held-out vectors (``pred``, ``measured``
     [n, d_sae]; a seeded subsample of ``max_points``). Right: the ``top`` largest |b| entries of the
     approximator bias [d_sae], each annotated with its feature density [d_sae] when given: large
-    bias entries are expected on BOS, position and other dense features."""
+    bias entries are expected on BOS, position and other dense features. ``labels``: feature id ->
+    short label (feature dashboards), shown next to each id."""
     P, Y, bias = _np(pred), _np(measured), _np(b).ravel()
     if P.shape != Y.shape or P.ndim != 2:
         raise ValueError(f"pred and measured must both be [n, d_sae]; got {P.shape} and {Y.shape}")
@@ -221,7 +235,7 @@ def plot_approximator_diagnostics(
 
     ids = np.argsort(-np.abs(bias))[:top][::-1]
     ax_b.barh(np.arange(len(ids)), bias[ids], color=np.where(bias[ids] >= 0, "#2ca02c", "#d62728"))
-    ax_b.set_yticks(np.arange(len(ids)), [f"#{i}" for i in ids], fontsize=8)
+    ax_b.set_yticks(np.arange(len(ids)), [feature_name(i, labels) for i in ids], fontsize=8)
     ax_b.axvline(0, color="black", lw=0.6)
     ax_b.set_xlabel("bias b (effect of steering in any direction)")
     note = " (numbers: feature density)" if density is not None else ""
@@ -274,10 +288,12 @@ def plot_effect_profile(
     top: int = 15,
     title: str = "",
     dense_threshold: float = 0.01,
+    labels: Mapping[int, str] | None = None,
 ) -> Figure:
     """The ``top`` most raised and most lowered features of one effect vector [d_sae] (measured or
     predicted), with the target features always shown (red) and dense features (density >
-    ``dense_threshold``) hatched: tells at a glance whether a vector hits its target or side effects."""
+    ``dense_threshold``) hatched: tells at a glance whether a vector hits its target or side effects.
+    ``labels``: feature id -> short label (feature dashboards), shown next to each id."""
     e = _np(effect).ravel()
     targets = [int(t) for t in target_ids]
     order = np.argsort(e)
@@ -293,7 +309,11 @@ def plot_effect_profile(
         if i in dense:
             bar.set_hatch("///")
             bar.set_edgecolor("black")
-    ax.set_yticks(np.arange(len(ids)), [f"#{i}" + (" (target)" if i in targets else "") for i in ids], fontsize=8)
+    ax.set_yticks(
+        np.arange(len(ids)),
+        [feature_name(i, labels) + (" (target)" if i in targets else "") for i in ids],
+        fontsize=8,
+    )
     for lbl, i in zip(ax.get_yticklabels(), ids):
         if i in targets:
             lbl.set_color("#d62728")

@@ -13,7 +13,9 @@ Example:
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import ipywidgets as W
@@ -29,11 +31,24 @@ from saets_utils.effects.store import Effects
 from saets_utils.evaluation.task_vectors import SteeringContext, build_target_vector, build_task_vectors
 from saets_utils.registry import get_method
 from saets_utils.report import explore
-from saets_utils.report.plots import plot_effect_profile
+from saets_utils.report.features import (
+    STATS_FILE,
+    FeatureStats,
+    load_feature_stats,
+    load_labels,
+    targets_from_text,
+    with_labels,
+)
+from saets_utils.report.plots import feature_name, plot_effect_profile
 from saets_utils.steering.generation import generate, row_seed
 from saets_utils.steering.tasks import Task, check_target_ids, join_prompt, load_task
 
-CUSTOM = "(custom targets)"
+CUSTOM = "(custom targets or text)"
+
+# Side by side and wrapping: long continuations break inside their column, never overlap the next.
+_GRID = "display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:6px 14px;width:100%"
+_CELL = "white-space:pre-wrap;overflow-wrap:anywhere;min-width:0;margin:0;font-family:monospace;font-size:12px"
+_WRAP = W.Layout(flex_flow="row wrap", width="100%")
 
 
 def _html_table(df: pd.DataFrame, caption: str) -> str:
@@ -44,10 +59,20 @@ def _html_table(df: pd.DataFrame, caption: str) -> str:
 class EffectExplorer:
     """Pick a measured vector (or a feature, to list the vectors that raise it most) and see its
     calibrated scale and status, its most raised and lowered features with density, and a few
-    steered samples. ``.widget`` is the container; ``.show(vector_id)`` renders programmatically."""
+    steered samples. ``.widget`` is the container; ``.show(vector_id)`` renders programmatically.
+    ``labels`` (feature id -> short label, :func:`saets_utils.report.features.load_labels`) are shown
+    next to every feature id."""
 
-    def __init__(self, effects: Effects, tokenizer: Any | None = None, k: int = 15, n_vectors: int = 10) -> None:
+    def __init__(
+        self,
+        effects: Effects,
+        tokenizer: Any | None = None,
+        k: int = 15,
+        n_vectors: int = 10,
+        labels: Mapping[int, str] | None = None,
+    ) -> None:
         self.effects, self.tokenizer, self.k, self.n_vectors = effects, tokenizer, k, n_vectors
+        self.labels: dict[int, str] = dict(labels or {})
         self.summary: dict[str, Any] = {}
         self.table = pd.DataFrame()
         self.samples: list[str] = []
@@ -64,8 +89,11 @@ class EffectExplorer:
         self.vector.observe(lambda ch: self.show(ch["new"]), names="value")
         self.feature.observe(lambda ch: self.find(ch["new"]), names="value")
         self.vector_list.observe(self._pick, names="value")
-        controls = W.VBox([W.HBox([self.vector, self.feature]), self.vector_list])
-        self.widget = W.VBox([controls, self.summary_html, W.HBox([self.plot, self.table_html]), self.samples_html])
+        self.feature_label = W.HTML()
+        controls = W.VBox([W.HBox([self.vector, self.feature, self.feature_label]), self.vector_list])
+        self.widget = W.VBox(
+            [controls, self.summary_html, W.HBox([self.plot, self.table_html], layout=_WRAP), self.samples_html]
+        )
         self.show(first)
 
     def show(self, vector_id: int) -> None:
@@ -82,13 +110,13 @@ class EffectExplorer:
             return
         self.error = ""
         self.summary = explore.vector_summary(e, vector_id, k=self.k)
-        self.table = explore.top_effects(e, vector_id, self.k)
+        self.table = with_labels(explore.top_effects(e, vector_id, self.k), self.labels)
         self.samples = explore.decode_samples(e, vector_id, self.tokenizer) if self.tokenizer is not None else []
         s = self.summary
         own = (
             ""
             if s["own_rank"] is None
-            else f" &middot; own feature #{s['own_feature']}: rank {s['own_rank']}"
+            else f" &middot; own feature {html.escape(feature_name(s['own_feature'], self.labels))}: rank {s['own_rank']}"
             f" ({'in' if s['own_in_top_k'] else 'not in'} top {self.k}), effect {s['own_effect']:.4g}"
         )
         self.summary_html.value = (
@@ -113,6 +141,7 @@ class EffectExplorer:
                 density=e.baseline_density,
                 top=self.k,
                 title=f"effect of vector {vector_id} at scale {s['scale']:.3g}",
+                labels=self.labels,
             )
             with self.plot:
                 display(self.figure)
@@ -121,6 +150,7 @@ class EffectExplorer:
     def find(self, feature: int) -> None:
         """List the vectors that raise SAE ``feature`` most in the vector selector."""
         self.raising = explore.vectors_raising_feature(self.effects, feature, self.n_vectors)
+        self.feature_label.value = html.escape(feature_name(feature, self.labels))
         self.vector_list.options = [
             (f"{v} (effect {x:+.3g})", int(v)) for v, x in zip(self.raising["vector_id"], self.raising["effect"])
         ]
@@ -155,6 +185,41 @@ def custom_target_vector(
     return build_target_vector(ctx, method, targets)
 
 
+def free_text_targets(
+    text: str, ctx: SteeringContext, tasks: Mapping[str, Task], stats: FeatureStats | None, k: int = 3
+) -> tuple[list[tuple[int, float]], str]:
+    """Targets for a free-text goal (``"steer toward: weddings"``) and where they came from: the
+    targets of a task whose name the text names (task machinery: listed or discovered from its
+    examples), else the features whose dashboards match the words (see
+    :func:`saets_utils.report.features.targets_from_text`)."""
+    from saets_utils.evaluation.task_vectors import resolve_targets
+    from saets_utils.steering.tasks import available_tasks
+
+    words = {w.lower().rstrip("s") for w in re.findall(r"[A-Za-z_]+", text)}
+    for name in [*tasks, *(t for t in available_tasks() if t not in tasks)]:
+        if name.lower().rstrip("s") in words or name.lower().replace("_", " ") in text.lower():
+            task = tasks[name] if name in tasks else load_task(name)
+            targets, how = resolve_targets(task, ctx)
+            return targets["SAE"], f"task {name}: {how}"
+    if stats is None:
+        raise ValueError("no feature dashboards for this run yet (run notebook 01); write feature ids instead")
+    return targets_from_text(text, stats, k), "feature dashboards whose top tokens match the text"
+
+
+def parse_or_find_targets(
+    text: str, ctx: SteeringContext, tasks: Mapping[str, Task], stats: FeatureStats | None
+) -> tuple[list[tuple[int, float]], str]:
+    """Feature ids (``"123:1.0, 456"``) or, when the text has letters, a free-text goal."""
+    if any(c.isalpha() for c in text):
+        return free_text_targets(text, ctx, tasks, stats)
+    return parse_targets(text, ctx.sae.cfg.d_sae), "hand-written feature ids"
+
+
+def _decode(ctx: SteeringContext, rows: Tensor) -> list[str]:
+    assert ctx.model.tokenizer is not None
+    return [cast(str, ctx.model.tokenizer.decode(t.tolist(), skip_special_tokens=True)) for t in rows.cpu()]
+
+
 @torch.no_grad()
 def playground_generate(
     ctx: SteeringContext,
@@ -166,10 +231,12 @@ def playground_generate(
     prompt_prefix: str = "",
     n_samples: int = 3,
     k: int = 10,
+    on_text: Callable[[list[str], list[str]], None] | None = None,
 ) -> dict[str, Any]:
     """Unsteered and steered continuations of ``prompt`` drawn with the same seeds (same per-row
     uniforms), so any difference is the steering's. ``vector`` (normalised here) is added at
     ``scale``; ``prompt_prefix`` is prepended to the steered prompt only (the ``prompt`` method).
+    ``on_text(unsteered, steered)`` receives the texts so far after every generated token (streaming).
 
     Returns ``unsteered``/``steered`` (lists of continuations), ``predicted`` (top ``k`` features the
     approximator predicts for the unit vector at its calibrated scale, None without a vector or
@@ -197,13 +264,15 @@ def playground_generate(
     texts: list[str] = []
     codes: list[Tensor] = []
     for tokens, row_seeds, d in runs:
-        gen = generate(ctx.model, tokens, int(new_tokens), row_seeds, sampling, hook, d, capture=True)
-        start = tokens.shape[1]
-        assert ctx.model.tokenizer is not None
-        texts += [
-            cast(str, ctx.model.tokenizer.decode(t.tolist(), skip_special_tokens=True))
-            for t in gen.tokens[:, start:].cpu()
-        ]
+        start, done = tokens.shape[1], list(texts)
+
+        def stream(so_far: Tensor, start: int = start, done: list[str] = done) -> None:
+            if on_text is not None:
+                now = done + _decode(ctx, so_far[:, start:])
+                on_text(now[:n], now[n:])
+
+        gen = generate(ctx.model, tokens, int(new_tokens), row_seeds, sampling, hook, d, capture=True, on_step=stream)
+        texts += _decode(ctx, gen.tokens[:, start:])
         acts = gen.activations[:, start:]  # type: ignore[index]
         codes.append(ctx.sae.encode(acts.to(ctx.sae.W_dec.device, ctx.sae.W_dec.dtype)).float().mean(1).cpu())
     per_row = torch.cat(codes)  # [2n, d_sae]; every row has new_tokens positions
@@ -224,12 +293,24 @@ def playground_generate(
     }
 
 
+def samples_grid(unsteered: Sequence[str], steered: Sequence[str]) -> str:
+    """Two wrapping columns (unsteered | steered), one row per sample, as HTML."""
+    cells = ["<b>unsteered</b>", "<b>steered</b>"]
+    for a, b in zip(unsteered, steered):
+        cells += [f"<pre style='{_CELL}'>{html.escape(a)}</pre>", f"<pre style='{_CELL}'>{html.escape(b)}</pre>"]
+    body = "".join(f"<div style='min-width:0'>{c}</div>" for c in cells)
+    return f"<div class='saets-samples' style='{_GRID}'>{body}</div>"
+
+
 class SteeringPlayground:
-    """Steer the model by a task's vector (or hand-written target features) and read unsteered and
-    steered continuations side by side, with the predicted and measured top features.
+    """Steer the model by a task's vector, hand-written target features or a free-text goal
+    (``steer toward: weddings``), and read unsteered and steered continuations side by side as they
+    are generated, with the predicted and measured top features (labelled from the dashboards).
 
     ``tasks``: task names (``params/tasks``), :class:`Task` objects or a mapping name -> Task.
-    Vectors are built once per (task or targets, method) and cached in ``.vectors``.
+    Vectors are built once per (task or targets, method) and cached in ``.vectors``; the default
+    selection's vector is built when the playground is made, so the first click only generates.
+    The button is disabled while generating (a second click cannot queue work).
     """
 
     def __init__(
@@ -241,6 +322,8 @@ class SteeringPlayground:
         n_samples: int = 3,
         new_tokens: int = 24,
         k: int = 10,
+        labels: Mapping[int, str] | None = None,
+        warm: bool = True,
     ) -> None:
         self.ctx, self.n_samples, self.k = ctx, n_samples, k
         items = (
@@ -249,12 +332,17 @@ class SteeringPlayground:
             else ((t.name, t) if isinstance(t, Task) else (str(t), load_task(t)) for t in tasks)
         )
         self.tasks: dict[str, Task] = dict(items)
+        stats_path = ctx.run.results_dir / "features" / STATS_FILE
+        self.stats: FeatureStats | None = load_feature_stats(stats_path) if stats_path.is_file() else None
+        self.labels: dict[int, str] = dict(labels) if labels is not None else load_labels(ctx.run.results_dir)
         self.vectors: dict[tuple[str, str], Tensor | None] = {}
+        self.targets_how: dict[str, str] = {}
         self.result: dict[str, Any] = {}
         self.error = ""
+        self.first_text_s: float | None = None  # seconds from the click to the first visible text
         grid = ctx.run.eval.scale_grid.values()
         self.task = W.Dropdown(options=[*self.tasks, CUSTOM], description="task")
-        self.targets = W.Text(placeholder="123:1.0, 456:0.5", description="targets")
+        self.targets = W.Text(placeholder="123:1.0, 456:0.5  or  steer toward: weddings", description="targets")
         self.method = W.Dropdown(options=list(methods), description="method")
         self.scale = W.FloatSlider(
             value=grid[len(grid) // 2] if scale is None else scale,
@@ -268,17 +356,30 @@ class SteeringPlayground:
         self.new_tokens = W.BoundedIntText(value=new_tokens, min=1, max=512, description="new tokens")
         self.button = W.Button(description="Generate", button_style="primary")
         self.status, self.samples_html, self.predicted_html, self.measured_html = W.HTML(), W.HTML(), W.HTML(), W.HTML()
+        self.samples_html.layout = W.Layout(width="100%")
         self.button.on_click(lambda _: self.generate())
+        self.targets.on_submit(lambda _: self.generate())
         self.widget = W.VBox(
             [
-                W.HBox([self.task, self.targets, self.method]),
-                W.HBox([self.scale, self.seed, self.new_tokens]),
-                W.HBox([self.prompt, self.button]),
+                W.HBox([self.task, self.targets, self.method], layout=_WRAP),
+                W.HBox([self.scale, self.seed, self.new_tokens], layout=_WRAP),
+                W.HBox([self.prompt, self.button], layout=_WRAP),
                 self.status,
                 self.samples_html,
-                W.HBox([self.predicted_html, self.measured_html]),
-            ]
+                W.HBox([self.predicted_html, self.measured_html], layout=_WRAP),
+            ],
+            layout=W.Layout(width="100%"),
         )
+        if warm:
+            self.warm()
+
+    def warm(self) -> None:
+        """Build the default selection's vector and run one token through the model (first-call costs)."""
+        try:
+            self.vector_for(self.task.value, self.method.value)
+            playground_generate(self.ctx, None, 0.0, self.prompt.value, 0, 1, n_samples=1, k=1)
+        except (ValueError, FileNotFoundError, KeyError):
+            pass  # generate() reports the same error when the user clicks
 
     def vector_for(self, task: str, method: str) -> Tensor | None:
         """The cached unit vector of ``method`` for ``task`` (or the targets text when task is custom); None for ``prompt``."""
@@ -287,21 +388,39 @@ class SteeringPlayground:
             if not get_method(method).vector:
                 self.vectors[key] = None
             elif task == CUSTOM:
-                targets = parse_targets(self.targets.value, self.ctx.sae.cfg.d_sae)
+                targets, how = parse_or_find_targets(self.targets.value, self.ctx, self.tasks, self.stats)
+                names = ", ".join(f"{feature_name(f, self.labels)} ({w:.2g})" for f, w in targets)
+                self.targets_how[key[0]] = f"targets {names} from {how}"
                 self.vectors[key] = custom_target_vector(self.ctx, targets, method)
             else:
                 self.vectors[key] = build_task_vectors(self.tasks[task], self.ctx, [method]).vectors[method]
         return self.vectors[key]
 
+    def _table(self, df: pd.DataFrame, caption: str) -> str:
+        return _html_table(with_labels(df, self.labels), caption)
+
     def generate(self) -> dict[str, Any]:
-        """Read the controls, generate, render; errors are shown in ``.status`` (and kept in ``.error``)."""
+        """Read the controls, generate (streaming the texts into the page), render; errors are shown
+        in ``.status`` (and kept in ``.error``). The button is disabled until it returns."""
         task, method = self.task.value, self.method.value
+        self.button.disabled, self.button.description = True, "Generating…"
+        t0 = time.perf_counter()
+        self.first_text_s = None
+
+        def show(unsteered: list[str], steered: list[str]) -> None:
+            if self.first_text_s is None:
+                self.first_text_s = time.perf_counter() - t0
+            self.samples_html.value = samples_grid(unsteered, steered)
+
         try:
             vectorless = not get_method(method).vector
             if vectorless and task == CUSTOM:
                 raise ValueError(f"the {method} method needs a task's instruction; choose a task")
             vector = self.vector_for(task, method)
             prefix = self.tasks[task].steering_prompt if vectorless else ""
+            what = f"{method} for {task}" + ("" if vectorless else f" at scale {self.scale.value:.4g}")
+            how = self.targets_how.get(f"custom:{self.targets.value.strip()}", "") if task == CUSTOM else ""
+            self.status.value = f"<b>{html.escape(what)}</b> &middot; generating… {html.escape(how)}"
             self.result = playground_generate(
                 self.ctx,
                 vector,
@@ -312,27 +431,25 @@ class SteeringPlayground:
                 prefix,
                 self.n_samples,
                 self.k,
+                on_text=show,
             )
         except (ValueError, FileNotFoundError, KeyError) as err:
             self.error = str(err)
             self.status.value = f"<span style='color:#d62728'>{html.escape(self.error)}</span>"
             return {}
+        finally:
+            self.button.disabled, self.button.description = False, "Generate"
         self.error = ""
         r = self.result
-        what = f"{method} for {task}" + ("" if vectorless else f" at scale {r['scale']:.4g}")
         self.status.value = (
             f"<b>{html.escape(what)}</b> &middot; steered prompt: <code>{html.escape(r['steered_prompt'])}</code>"
+            f" &middot; {time.perf_counter() - t0:.1f} s{' &middot; ' + html.escape(how) if how else ''}"
         )
-        rows = "".join(
-            f"<tr><td><pre style='white-space:pre-wrap'>{html.escape(a)}</pre></td>"
-            f"<td><pre style='white-space:pre-wrap'>{html.escape(b)}</pre></td></tr>"
-            for a, b in zip(r["unsteered"], r["steered"])
-        )
-        self.samples_html.value = f"<table><tr><th>unsteered</th><th>steered</th></tr>{rows}</table>"
+        self.samples_html.value = samples_grid(r["unsteered"], r["steered"])
         self.predicted_html.value = (
             "<i>no predicted effects (prompt method or no approximator)</i>"
             if r["predicted"] is None
-            else _html_table(r["predicted"], "predicted top features (unit vector, calibrated scale)")
+            else self._table(r["predicted"], "predicted top features (unit vector, calibrated scale)")
         )
-        self.measured_html.value = _html_table(r["measured"], "measured: steered minus unsteered mean SAE activation")
+        self.measured_html.value = self._table(r["measured"], "measured: steered minus unsteered mean SAE activation")
         return r

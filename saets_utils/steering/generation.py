@@ -7,7 +7,7 @@ depend on which other rows share its batch: batched and one-at-a-time runs give 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -81,13 +81,15 @@ def generate(
     delta: Tensor | None = None,
     use_cache: bool = True,
     capture: bool = False,
+    on_step: Callable[[Tensor], None] | None = None,
 ) -> Generation:
     """Generate ``new_tokens`` after ``prompt_tokens [batch, prompt_len]`` (all rows the same length),
     steering each row by ``delta [batch, d_model]`` (or ``[d_model]``) at ``hook_name``.
 
     No early stop at EOS. ``seeds`` (one per row) make sampling reproducible row by row. With
     ``capture``, the pre-steering activations at ``hook_name`` are returned for all positions,
-    including the last sampled token (one extra forward up to the hook).
+    including the last sampled token (one extra forward up to the hook). ``on_step`` is called
+    with the tokens so far ``[batch, prompt_len + i + 1]`` after each sampled token (streaming).
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -115,6 +117,8 @@ def generate(
                 logits = model(tokens)
             nxt = sample_from_logits(logits[:, -1, :], u[:, i], sampling)
             tokens = torch.cat([tokens, nxt[:, None].to(tokens.dtype)], dim=1)
+            if on_step is not None:
+                on_step(tokens)
         acts = None
         if capture:
             layer = int(hook_name.split(".")[1]) + 1  # type: ignore[union-attr]

@@ -1,0 +1,199 @@
+"""``results/<run>/reports/index.html``: the page a lab shares about one run.
+
+Settings and provenance first (model, SAE, judge, commit, package versions, device, step times),
+then links to each notebook's HTML report and the feature dashboards, the headline tables (judge,
+targeting, approximator) styled, and every figure in a grid with a caption. Self-contained: inline
+CSS, system fonts, nothing fetched, so it opens offline.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from saets_utils.config import RunConfig
+from saets_utils.io_utils import atomic_write_text
+
+NOTEBOOKS = ("01_effects", "02_train", "03_eval", "04_plots")
+
+# Figure file stem -> caption (others get their stem).
+CAPTIONS = {
+    "product_vs_scale": "Behaviour × coherence against steering scale, per task and method.",
+    "behaviour_coherence": "Behavioural and coherence scores separately, per scale.",
+    "best_product": "Max over scales of behaviour × coherence, with bootstrap CIs.",
+    "targeting": "Judge-free targeting: rank of the best target feature and target/off-target ratio at 01's loss.",
+    "approximator_diagnostics": "Held-out predicted vs measured effects; largest approximator bias entries (labelled).",
+    "published_comparison": "Our numbers beside the paper's, where it published them.",
+    "learning_curve": "Held-out R² against training vectors, with the split-half noise ceiling.",
+}
+
+CSS = """
+:root{--fg:#1d2330;--muted:#5b6475;--line:#dde1e7;--bg:#f6f7f9;--accent:#2563eb}
+*{box-sizing:border-box}
+body{font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;background:var(--bg);color:var(--fg)}
+main{max-width:1180px;margin:0 auto;padding:28px 24px 60px}
+h1{font-size:24px;margin:0}
+h2{font-size:18px;margin:28px 0 10px;padding-bottom:4px;border-bottom:1px solid var(--line)}
+h3{font-size:15px;margin:18px 0 6px}
+code{font:12.5px ui-monospace,Menlo,Consolas,monospace;background:#eef0f3;padding:1px 4px;border-radius:4px}
+.sub{color:var(--muted);margin:4px 0 16px}
+.panel{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px 16px}
+dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0}
+dl.kv dt{color:var(--muted)}dl.kv dd{margin:0;overflow-wrap:anywhere}
+.links{display:flex;flex-wrap:wrap;gap:8px;margin:12px 0}
+.links a{display:inline-block;padding:6px 12px;border:1px solid var(--line);border-radius:6px;background:#fff;
+color:var(--accent);text-decoration:none}
+.links a:hover{border-color:var(--accent)}
+.tbl{overflow-x:auto;background:#fff;border:1px solid var(--line);border-radius:8px;margin:8px 0}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums;font-size:13px}
+th,td{padding:6px 10px;border-bottom:1px solid #eef0f3;text-align:right;white-space:nowrap}
+th{background:#f1f3f6;font-weight:600}
+th:first-child,td:first-child{text-align:left}
+tbody tr:nth-child(even){background:#fafbfc}
+tbody tr:hover{background:#eef4ff}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:16px}
+figure{margin:0;background:#fff;border:1px solid var(--line);border-radius:8px;padding:10px}
+figure img{width:100%;height:auto;display:block}
+figcaption{color:var(--muted);font-size:12.5px;margin-top:6px}
+details summary{cursor:pointer;color:var(--muted)}
+"""
+
+
+def _table(df: pd.DataFrame, index: bool = True) -> str:
+    return f"<div class='tbl'>{df.to_html(index=index, border=0, na_rep='–', float_format=lambda x: f'{x:.3g}')}</div>"
+
+
+def _provenance(run: RunConfig) -> str:
+    d = run.results_dir
+    m = json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").is_file() else {}
+    judge = m.get("judge") or {"kind": run.eval.judge.kind}
+    steps = m.get("steps", {})
+    device = next((s.get("device") for s in steps.values() if s.get("device")), "–")
+    times = []
+    for s in NOTEBOOKS:
+        stamp = d / "reports" / ".stamps" / f"{s}.json"
+        if stamp.is_file():
+            times.append(f"{s} {json.loads(stamp.read_text()).get('seconds', 0):.0f} s")
+    pk = m.get("packages", {})
+    rows = [
+        ("model", run.model.name),
+        ("SAE", f"{run.sae.key} at {run.sae.hook_name}"),
+        (
+            "vectors",
+            f"{run.effects.vectors.source}; loss target {run.effects.loss_target.kind} {run.effects.loss_target.value}",
+        ),
+        ("approximator", run.approximator.fit),
+        ("eval", f"tasks {', '.join(run.eval.tasks)}; methods {', '.join(run.eval.methods)}"),
+        ("judge", " ".join(str(v) for v in judge.values() if v)),
+        ("seed", str(run.seed)),
+        ("commit", str(m.get("git_commit", "–"))),
+        ("device", str(device)),
+        ("packages", ", ".join(f"{k} {v}" for k, v in pk.items()) or "–"),
+        ("step times", ", ".join(times) or "–"),
+    ]
+    body = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in rows)
+    params = ""
+    if m.get("params"):
+        params = (
+            "<details><summary>all params</summary><pre><code>"
+            + html.escape(json.dumps(m["params"], indent=1))
+            + "</code></pre></details>"
+        )
+    return f"<div class='panel'><dl class='kv'>{body}</dl>{params}</div>"
+
+
+def _tables(run: RunConfig) -> list[str]:
+    d = run.results_dir
+    parts: list[str] = []
+    if (d / "eval" / "summary.csv").is_file():
+        from saets_utils.evaluation.scoring import paper_style_table
+
+        table = paper_style_table(pd.read_csv(d / "eval" / "summary.csv")).round(3)
+        parts += ["<h3>Max behaviour × coherence over scales (tasks × methods)</h3>", _table(table)]
+    if (d / "eval" / "targeting.csv").is_file():
+        from saets_utils.evaluation.scoring import paper_style_table
+        from saets_utils.evaluation.targeting import load_targeting
+
+        loaded = load_targeting(d)
+        if loaded is not None and len(loaded[0]):
+            tg, tg_summary = loaded
+            parts += [
+                "<h3>Targeting (judge-free)</h3>",
+                "<p class='sub'>Each vector calibrated to 01's loss target, its SAE effect measured as in 01: rank "
+                "of the best target feature among all features (1 = most raised) and target effect / off-target "
+                "norm; per method, means over tasks with bootstrap CIs over tasks (<code>eval/targeting.csv</code>).</p>",
+                _table(tg_summary.round(3), index=False),
+                "<h3>Target rank per task</h3>",
+                _table(paper_style_table(tg, "target_rank").round(1)),
+            ]
+    metrics = d / "approximator_metrics.json"
+    if metrics.is_file():
+        from saets_utils.approximator.training import verdict
+
+        m = json.loads(metrics.read_text())
+        keys = [k for k in ("r2", "r2_ci_low", "r2_ci_high", "noise_ceiling", "mse", "mse_mean", "n_val") if k in m]
+        parts += [
+            "<h3>Effect approximator</h3>",
+            f"<p><b>{html.escape(verdict(m))}</b></p>",
+            _table(pd.DataFrame([{k: m[k] for k in keys}]), index=False),
+        ]
+    return parts
+
+
+def _figures(run: RunConfig) -> str:
+    d = run.results_dir
+    pngs = sorted((d / "figures").glob("*.png")) + sorted((d / "study").glob("*.png"))
+    cells = []
+    for png in pngs:
+        stem = png.stem
+        cap = CAPTIONS.get(stem) or (
+            f"Effect profile of vector {stem.rsplit('_', 1)[1]} (target red, dense hatched, feature labels)."
+            if stem.startswith("effect_profile_")
+            else stem.replace("_", " ")
+        )
+        rel = f"../{png.parent.name}/{png.name}"
+        cells.append(
+            f"<figure><a href='{rel}'><img src='{rel}' alt='{html.escape(stem)}' loading='lazy'></a>"
+            f"<figcaption><b>{html.escape(stem)}</b> · {html.escape(cap)}</figcaption></figure>"
+        )
+    return f"<div class='grid'>{''.join(cells)}</div>" if cells else "<p class='sub'>No figures yet (run 04).</p>"
+
+
+def render_index(run: RunConfig) -> str:
+    """The index page of ``run`` as a standalone HTML string."""
+    reports = run.results_dir / "reports"
+    links = [f"<a href='{s}.html'>{s}</a>" for s in NOTEBOOKS if (reports / f"{s}.html").is_file()]
+    if (reports / "features.html").is_file():
+        links.append("<a href='features.html'>feature dashboards</a>")
+    parts = [
+        f"<h1>saets · run <code>{html.escape(run.name)}</code></h1>",
+        "<p class='sub'>SAE-Targeted Steering (Chalnev, Siu &amp; Conmy, 2024): measured effects, effect "
+        "approximator, steering evaluation.</p>",
+        "<h2>Settings and provenance</h2>",
+        _provenance(run),
+        "<h2>Notebook reports</h2>",
+        f"<nav class='links'>{''.join(links) or '<span class=sub>none yet</span>'}</nav>",
+        "<h2>Headline results</h2>",
+        *(_tables(run) or ["<p class='sub'>No results yet.</p>"]),
+        "<h2>Figures</h2>",
+        _figures(run),
+    ]
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        f"<title>saets {html.escape(run.name)}</title><style>{CSS}</style></head>"
+        f"<body><main>{''.join(parts)}</main></body></html>"
+    )
+
+
+def write_index(run: RunConfig) -> Path:
+    """Write ``reports/index.html`` (and the feature dashboards it links to) and return its path."""
+    from saets_utils.report.dashboards import write_dashboards
+
+    write_dashboards(run)
+    path = run.results_dir / "reports" / "index.html"
+    atomic_write_text(path, render_index(run))
+    return path
