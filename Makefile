@@ -3,8 +3,8 @@
 # Python that refuses global installs (PEP 668, e.g. Debian's) works as is. `make test VENV=` uses the
 # active interpreter instead (a conda env, or a venv you manage); PYTHON names it (default python3).
 VENV ?= .venv
-# The interpreter that creates the venv, and flags for `venv` (e.g. --system-site-packages, as CI
-# does to reuse its image's preinstalled packages: pip then installs only what is missing).
+# The interpreter that creates the venv, and flags for `venv` (e.g. --system-site-packages to reuse
+# preinstalled packages; Jupyter's data files then stay outside the venv).
 BASE_PYTHON ?= python3
 VENV_FLAGS ?=
 ifeq ($(strip $(VENV)),)
