@@ -56,8 +56,10 @@ def test_workers_give_the_same_effects(run):
     after = load_file(run.results_dir / "effects.safetensors")
     logs = list((run.results_dir / "effects_work" / "logs").glob("*-w1.log"))
     assert logs, "cpu_workers=2 should have started two worker subprocesses"
-    assert torch.allclose(before["scales"], after["scales"], atol=1e-4)
-    assert torch.allclose(before["effects"], after["effects"], atol=1e-4, equal_nan=True)
+    # Worker threads change float summation order; the secant search's stop rule can then take one
+    # more step for a vector, which moves its scale by well under rtol (seen: 3e-5 relative).
+    assert torch.allclose(before["scales"], after["scales"], rtol=1e-3, atol=1e-4)
+    assert torch.allclose(before["effects"], after["effects"], atol=1e-3, equal_nan=True)
     # 01 re-run by hand: 01 and the steps reading its files are no longer current for the pipeline
     key = ""
     for s in STEPS:
@@ -160,10 +162,20 @@ def test_eval_notebook_with_openai_judge_on_loopback(run, tmp_path):
     with FakeOpenAIServer() as server:
         overrides = {
             "results_root": str(tmp_path),
-            "eval": {"judge": {"kind": "openai", "base_url": server.base_url, "model": "gpt-4o-mini"}},
+            # one task, no judge-free targeting, few battles: this test is about the judge's calls
+            "eval": {
+                "judge": {"kind": "openai", "base_url": server.base_url, "model": "gpt-4o-mini"},
+                "tasks": run.eval.tasks[:1],
+                "targeting": False,
+                "battle": {"per_pair": 2},
+            },
         }
         execute_notebook(run, step, PARAMS, {"overrides": overrides}, 1200)
-        n_calls = server.n_requests
+        system = [str((r["body"].get("messages") or [{}])[0].get("content", "")) for r in server.requests]
+        n_battles = sum('"winner"' in m for m in system)  # the pairwise battles 03 ends with
+        n_calls = server.n_requests - n_battles
+    battles = pd.read_json(dst / "eval" / "battles.jsonl", lines=True)
+    assert 0 < n_battles <= len(battles)  # identical battles are asked once
     samples = pd.read_json(dst / "eval" / "samples.jsonl", lines=True)
     assert (samples["judge"] == "openai:gpt-4o-mini").all()
     # one call per distinct (criterion, text): none cached yet, identical requests sent once (the
