@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from saets_utils.config import ConfigError, ModelConfig, RunConfig, TextConfig
+from saets_utils.models.weight_layout import linear_layout
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -66,7 +67,9 @@ def load_hooked_from_hf_folder(
 
 
 def load_model(cfg: ModelConfig, device: str = "cpu") -> HookedTransformer:
-    """The configured LM as an eval-mode HookedTransformer on ``device``."""
+    """The configured LM as an eval-mode HookedTransformer on ``device``, its weights laid out for
+    TransformerLens's forward (:func:`~saets_utils.models.weight_layout.linear_layout`: same values,
+    no weight copy per forward)."""
     dtype = torch_dtype(cfg.dtype)
     if cfg.source == "smollm2":
         from saets_utils.models.assets import prepare_smollm2
@@ -96,6 +99,7 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> HookedTransformer:
         model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    linear_layout(model)
     return model
 
 
