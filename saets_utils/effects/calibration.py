@@ -53,10 +53,31 @@ def resid_at_hook(model: HookedTransformer, hook_name: str, tokens: Tensor, batc
     return torch.cat(out)
 
 
-def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Mean next-token cross entropy per sequence: logits ``[n, seq, vocab]`` -> ``[n]``."""
-    logp = logits[:, :-1].float().log_softmax(-1)
-    return -logp.gather(-1, tokens[:, 1:, None].to(logp.device))[..., 0].mean(-1)
+LOGIT_CHUNK_BYTES = 64 * 2**20  # one block of float32 logits in the loss below
+
+
+def final_resid_loss(model: HookedTransformer, resid_final: Tensor, tokens: Tensor) -> Tensor:
+    """Mean next-token cross entropy per sequence from the residual after the last block
+    ``resid_final [n, seq, d_model]`` and ``tokens [n, seq]`` -> ``[n]`` float64.
+
+    The same number as ``model(tokens, return_type="loss")`` per sequence, computed as
+    ``logsumexp(logits) - logit[next token]`` on blocks of positions, so the ``[n, seq, vocab]``
+    logits (and their log-softmax) are never held at once, and the last position (which predicts
+    nothing here) is not unembedded.
+    """
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    x = resid_final[:, :-1]
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    x = x.reshape(-1, x.shape[-1])
+    nxt = tokens[:, 1:].reshape(-1).to(x.device)
+    nll = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    step = max(1, LOGIT_CHUNK_BYTES // (4 * model.cfg.d_vocab))
+    for i in range(0, x.shape[0], step):
+        logits = apply_softcap(model.unembed(x[i : i + step]), model.cfg.output_logits_soft_cap).float()
+        nll[i : i + step] = logits.logsumexp(-1) - logits.gather(-1, nxt[i : i + step, None])[:, 0]
+    return nll.view(tokens.shape[0], -1).double().mean(-1)
 
 
 @torch.no_grad()
@@ -66,7 +87,8 @@ def steered_losses(
     """Mean LM loss over the chunks ``tokens [c, seq]`` for each steering delta ``[r, d_model]`` -> ``[r]``.
 
     ``resid [c, seq, d_model]`` are the unsteered activations at the hook (:func:`resid_at_hook`);
-    the delta is added at every position and the model is run from the next layer on.
+    the delta is added at every position and the model is run from the next layer on
+    (:func:`final_resid_loss` for the loss).
     """
     c = tokens.shape[0]
     layer = hook_layer(hook_name) + 1
@@ -75,9 +97,9 @@ def steered_losses(
     for i in range(0, deltas.shape[0], per):
         d = deltas[i : i + per].to(resid.device, resid.dtype)
         x = (resid[None] + d[:, None, None, :]).flatten(0, 1)  # [per*c, seq, d_model]
-        logits = model(x, start_at_layer=layer)
-        loss = _next_token_loss(logits, tokens.repeat(d.shape[0], 1))
-        losses[i : i + d.shape[0]] = loss.view(d.shape[0], c).mean(-1).double().cpu()
+        x = model(x, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
+        loss = final_resid_loss(model, x, tokens.repeat(d.shape[0], 1))
+        losses[i : i + d.shape[0]] = loss.view(d.shape[0], c).mean(-1).cpu()
     return losses
 
 
