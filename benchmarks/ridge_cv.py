@@ -5,10 +5,14 @@ A synthetic effect matrix: ``X [n, d]`` Gaussian unit vectors' stand-ins, ``Y = 
 (rank ``--rank`` signal, float32 ``[n, k]``), like 02 fits at the reference's size (50,000
 vectors of Gemma-2-2B's 2304 -> Gemma Scope's 16,384 features). Timed:
 
-- ``ridge_cv_path`` (5-fold CV MSE of all 8 penalties of ``RIDGE_PATH``) and the final
-  ``fit_ridge`` at the chosen penalty, at ``--n/--d/--k``;
+- ``ridge_cv_path`` (5-fold CV MSE of all 8 penalties of ``RIDGE_PATH``) and the final fit at the
+  chosen penalty with every penalty's training MSE (:class:`RidgePath`, from the same moments), at
+  ``--n/--d/--k``;
 - side by side at ``--small`` (n,d,k), the same CV by refitting ``fit_ridge`` per fold and
-  penalty (what ``choose_ridge_lambda`` did before) against ``ridge_cv_path``: the ratio.
+  penalty (what ``choose_ridge_lambda`` did before) against ``ridge_cv_path``: the ratio; and
+  02's whole ``fit: ridge, ridge_lambda: cv`` fit (CV, a history row per penalty, the final fit)
+  the way ``fit_approximator`` did it before (a ``fit_ridge`` and an MSE pass per penalty) against
+  now (one pass over the data for all of it, :class:`RidgePath`).
 
 Peak memory: the process's max RSS on CPU (it includes the data), ``max_memory_allocated`` on CUDA.
 
@@ -31,7 +35,18 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from saets_utils.approximator.fits import RIDGE_PATH, _folds, _mse, fit_ridge, ridge_cv_path  # noqa: E402
+from saets_utils.approximator.fits import (  # noqa: E402
+    RIDGE_PATH,
+    RidgePath,
+    _folds,
+    _mse,
+    choose_ridge_lambda,
+    fit_approximator,
+    fit_ridge,
+    moments,
+    ridge_cv_path,
+)
+from saets_utils.config import ApproximatorConfig  # noqa: E402
 
 
 def synthetic(n: int, d: int, k: int, rank: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +78,15 @@ def refit_path(X: torch.Tensor, Y: torch.Tensor, folds: int, seed: int) -> dict[
             sse += _mse(fit_ridge(X[tr], Y[tr], lam), X[part.to(X.device)], Y[part.to(X.device)]) * len(part)
         cv[lam] = sse / n
     return cv
+
+
+def old_fit_approximator(X: torch.Tensor, Y: torch.Tensor, folds: int, seed: int) -> None:
+    """``fit_approximator``'s ridge branch before :class:`RidgePath`: CV path, then per penalty a
+    ``fit_ridge`` and its training MSE, then the final fit."""
+    lam, _ = choose_ridge_lambda(X, Y, "cv", folds, seed)
+    for lam_i in sorted({*RIDGE_PATH, lam}):
+        _mse(fit_ridge(X, Y, lam_i), X, Y)
+    fit_ridge(X, Y, lam)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -106,6 +130,21 @@ def main(argv: list[str] | None = None) -> dict:
         f"{(t1 - t0) / (t2 - t1):.1f}x; CV MSE max rel. difference {worst:.1e}; best lambda {out['small']['best_lambda']}",
         flush=True,
     )
+    cfg = ApproximatorConfig(fit="ridge", ridge_lambda="cv", cv_folds=a.folds)
+    _sync(dev)
+    t0 = time.perf_counter()
+    old_fit_approximator(Xs, Ys, a.folds, 0)
+    _sync(dev)
+    t1 = time.perf_counter()
+    fit_approximator(Xs, Ys, cfg, seed=0)
+    _sync(dev)
+    t2 = time.perf_counter()
+    out["small"]["fit_approximator"] = {"before_s": t1 - t0, "now_s": t2 - t1, "ratio": (t1 - t0) / (t2 - t1)}
+    print(
+        f"small {a.small}: 02's ridge fit (CV + history + final) before {t1 - t0:.2f} s, now {t2 - t1:.2f} s -> "
+        f"{(t1 - t0) / (t2 - t1):.1f}x",
+        flush=True,
+    )
     del Xs, Ys
     if not a.skip_full:
         X, Y = synthetic(a.n, a.d, a.k, a.rank, dev)
@@ -114,11 +153,15 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.reset_peak_memory_stats()
         _sync(dev)
         t0 = time.perf_counter()
-        cv = ridge_cv_path(X, Y, RIDGE_PATH, a.folds, 0)
+        total = moments(X, Y)
+        cv = ridge_cv_path(X, Y, RIDGE_PATH, a.folds, 0, total=total)
         _sync(dev)
         t1 = time.perf_counter()
         best = min(cv, key=cv.__getitem__)
-        fit_ridge(X, Y, best)
+        path = RidgePath.of(total)  # the final fit and every penalty's training error, no pass over the data
+        path.fit(best)
+        for lam in RIDGE_PATH:
+            path.train_mse(lam)
         _sync(dev)
         t2 = time.perf_counter()
         peak = (
@@ -137,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(
             f"full {a.n} x {a.d} -> {a.k} ({a.folds} folds, {len(RIDGE_PATH)} penalties): path {t1 - t0:.1f} s, "
-            f"final fit {t2 - t1:.1f} s; data {data_gb:.1f} GB, peak memory {peak:.1f} GB "
+            f"final fit + every penalty's training MSE {t2 - t1:.1f} s; data {data_gb:.1f} GB, peak memory {peak:.1f} GB "
             f"({'max allocated' if dev.startswith('cuda') else 'max RSS'}); best lambda {best:g}",
             flush=True,
         )

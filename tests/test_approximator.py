@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from saets_utils.approximator.fits import (
+    RidgePath,
     _folds,
     _mse,
     _per_feature,
@@ -17,6 +18,7 @@ from saets_utils.approximator.fits import (
     fit_reduced_rank,
     fit_ridge,
     fit_ridge_per_feature,
+    moments,
     ridge_cv_path,
 )
 from saets_utils.approximator.metrics import approximator_metrics, heldout_r2, noise_ceiling, split_half_reliability
@@ -428,3 +430,40 @@ def test_ridge_cv_path_rejects_bad_penalties():
     for bad in ([], [-1.0], [math.inf], [math.nan]):
         with pytest.raises(ValueError, match="lambdas"):
             ridge_cv_path(X, Y, bad)
+
+
+@pytest.mark.parametrize(("n", "d"), [(60, 8), (30, 40)])
+def test_ridge_path_equals_fit_ridge_and_its_training_error(n, d):
+    """RidgePath (one pass, one eigendecomposition) gives fit_ridge's approximator for every penalty
+    and its training MSE without another pass (more and fewer vectors than inputs; lam 0 =
+    minimum-norm least squares)."""
+    g = torch.Generator().manual_seed(n + d)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = X @ torch.randn(d, 5, generator=g, dtype=torch.float64) + 0.5 * torch.randn(n, 5, generator=g) + 3
+    path = RidgePath.of(moments(X, Y, chunk_size=7))
+    for lam in (0.0, 1e-2, 1.0, 100.0):
+        a, ref = path.fit(lam), fit_ridge(X, Y, lam)
+        torch.testing.assert_close(a.W, ref.W, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(a.b, ref.b, atol=2e-4, rtol=1e-4)
+        mse = float(((ref.predict(X.float()).double() - Y) ** 2).mean())
+        assert path.train_mse(lam) == pytest.approx(mse, rel=1e-4, abs=1e-9)
+    with pytest.raises(ValueError, match="lam"):
+        path.fit(-1.0)
+
+
+def test_fit_approximator_ridge_history_comes_from_the_path(synthetic):
+    from saets_utils.approximator.fits import RIDGE_PATH, fit_approximator
+    from saets_utils.config import ApproximatorConfig
+
+    X, Y, _, _ = synthetic
+    cfg = ApproximatorConfig(fit="ridge", ridge_lambda="cv")
+    approx, info = fit_approximator(X[:300], Y[:300], cfg, seed=0, X_val=X[300:], Y_val=Y[300:])
+    lam = info["ridge_lambda"]
+    ref = fit_ridge(X[:300], Y[:300], lam)
+    torch.testing.assert_close(approx.W, ref.W, atol=1e-4, rtol=1e-4)
+    rows = {r["ridge_lambda"]: r for r in info["history"]}
+    assert set(rows) >= set(RIDGE_PATH) and rows[lam]["cv_mse"] == min(r["cv_mse"] for r in rows.values())
+    for lam_i, row in rows.items():
+        a = fit_ridge(X[:300], Y[:300], lam_i)
+        assert row["train_mse"] == pytest.approx(_mse(a, X[:300], Y[:300]), rel=1e-3)
+        assert row["val_mse"] == pytest.approx(_mse(a, X[300:], Y[300:]), rel=1e-3)

@@ -1,6 +1,8 @@
 """Fits of the effect approximator, and the dispatch notebook 02 and learning-curve studies use.
 
-- :func:`fit_ridge`: closed-form ridge with one penalty (default, exact and fast); :func:`fit_adam`:
+- :func:`fit_ridge`: closed-form ridge with one penalty (default, exact and fast); :class:`RidgePath`:
+  every penalty's ridge fit and training error from one pass and one eigendecomposition (used with
+  :func:`ridge_cv_path` by ``fit: ridge``); :func:`fit_adam`:
   the reference Adam training.
 - :func:`fit_ridge_per_feature`: ridge with a penalty per SAE feature, chosen by exact leave-one-out
   CV (one-standard-error rule by default) on a grid that ends at infinity (= predict the training
@@ -173,15 +175,15 @@ def fit_adam(
 
 
 def choose_ridge_lambda(
-    X: Tensor, Y: Tensor, setting: float | str, folds: int, seed: int
+    X: Tensor, Y: Tensor, setting: float | str, folds: int, seed: int, total: _Moments | None = None
 ) -> tuple[float, dict[float, float]]:
     """The ridge penalty to use: ``setting`` itself, or with ``"cv"`` the value of :data:`RIDGE_PATH`
     with the lowest k-fold cross-validated MSE on the training vectors ``X [n, d_model]``,
     ``Y [n, d_sae]`` (:func:`ridge_cv_path`). Returns it and the CV MSE per candidate (empty when
-    not cross-validated)."""
+    not cross-validated). ``total``: the moments of all rows, if already computed (:func:`moments`)."""
     if setting != "cv":
         return float(setting), {}
-    cv = ridge_cv_path(X, Y, RIDGE_PATH, folds, seed)
+    cv = ridge_cv_path(X, Y, RIDGE_PATH, folds, seed, total=total)
     return min(cv, key=cv.__getitem__), cv
 
 
@@ -206,6 +208,12 @@ class _Moments:
         C = self.XtY - torch.outer(self.sx, mu_y) - torch.outer(mu_x, self.sy) + self.n * torch.outer(mu_x, mu_y)
         yy = self.yy - 2 * (mu_y @ self.sy) + self.n * (mu_y @ mu_y)
         return G, C, yy
+
+
+def moments(X: Float[Tensor, "n d_model"], Y: Float[Tensor, "n d_sae"], chunk_size: int = 4096) -> _Moments:
+    """The sums ridge needs over all rows of ``X``, ``Y`` (one pass, float64, on X's device)."""
+    _check_xy(X, Y)
+    return _moments(X, Y, None, chunk_size)
 
 
 def _moments(X: Tensor, Y: Tensor, rows: Tensor | None, chunk: int) -> _Moments:
@@ -240,6 +248,7 @@ def ridge_cv_path(
     folds: int = 5,
     seed: int = 0,
     chunk_size: int = 4096,
+    total: _Moments | None = None,
 ) -> dict[float, float]:
     """k-fold cross-validated MSE of :func:`fit_ridge` for every penalty in ``lambdas`` (``0`` =
     minimum-norm least squares), equal to refitting per fold and penalty, at about the cost of one fit.
@@ -250,14 +259,15 @@ def ridge_cv_path(
     ``a = rowsum((Q^T Cv) * R)``, the held-out squared error of penalty ``lam`` is
     ``||Yv - mu_y||^2 - 2 a.D + D^T (Z * R R^T) D`` with ``D = 1 / (e + lam)``: the whole path then
     costs ``O(d^2)`` per penalty. Cost: 2 passes of ``n d d_sae`` flops plus 3 ``d^2 d_sae`` per
-    fold; memory: two ``[d, d_sae]`` float64 matrices beyond the data.
+    fold; memory: two ``[d, d_sae]`` float64 matrices beyond the data. ``total``: the moments of
+    all rows (:func:`moments`), if the caller already has them (the pass over the data is skipped).
     """
     _check_xy(X, Y)
     lam = torch.tensor([float(v) for v in lambdas], dtype=torch.float64)
     if lam.numel() == 0 or bool((lam < 0).any()) or not bool(torch.isfinite(lam).all()):
         raise ValueError(f"lambdas must be a non-empty list of finite penalties >= 0; got {list(lambdas)}")
     n, d = X.shape
-    total = _moments(X, Y, None, chunk_size)
+    total = total if total is not None else moments(X, Y, chunk_size)
     sse = torch.zeros(lam.numel(), dtype=torch.float64)
     for part in _folds(n, folds, seed):
         held = _moments(X, Y, part, chunk_size)
@@ -274,6 +284,50 @@ def ridge_cv_path(
             D = torch.where(keep, 1.0 / (e + lj), torch.zeros_like(e)) if lj == 0 else 1.0 / (e + lj)
             sse[j] += float(yy - 2 * (D @ a) + D @ ZM @ D)
     return {float(v): float(s) / (n * Y.shape[1]) for v, s in zip(lam.tolist(), sse.tolist(), strict=True)}
+
+
+@dataclass(frozen=True)
+class RidgePath:
+    """:func:`fit_ridge` for every penalty from one eigendecomposition of the centred Gram matrix
+    ``Xc^T Xc = Q diag(e) Q^T``: ``W(lam) = Q diag(1 / (e + lam)) R`` with ``R = Q^T Xc^T Yc
+    [d, d_sae]``, and its training SSE ``||Yc||^2 - 2 sum_i D_i s_i + sum_i D_i^2 e_i s_i``
+    (``D = 1 / (e + lam)``, ``s_i = ||R_i||^2``) without another pass over the data. ``lam = 0``
+    is the minimum-norm least-squares fit (eigenvalues under pinv's cut-off dropped)."""
+
+    mu_x: Tensor  # [d]
+    mu_y: Tensor  # [d_sae]
+    e: Tensor  # [d]
+    Q: Tensor  # [d, d]
+    R: Tensor  # [d, d_sae]
+    yy: Tensor  # ||Yc||^2
+    n: int
+
+    @classmethod
+    def of(cls, total: _Moments) -> RidgePath:
+        """From the moments of all training rows (:func:`moments`)."""
+        mu_x, mu_y = total.sx / total.n, total.sy / total.n
+        G, C, yy = total.centred(mu_x, mu_y)
+        e, Q = torch.linalg.eigh(G)
+        return cls(mu_x, mu_y, e, Q, Q.T @ C, yy, total.n)
+
+    def _inv(self, lam: float) -> Tensor:
+        if lam < 0:
+            raise ValueError(f"ridge lam must be >= 0; got {lam}")
+        if lam == 0:
+            keep = self.e > self.e.abs().max() * self.e.numel() * torch.finfo(self.e.dtype).eps
+            return torch.where(keep, 1.0 / self.e, torch.zeros_like(self.e))
+        return 1.0 / (self.e + lam)
+
+    def fit(self, lam: float) -> EffectApproximator:
+        """The approximator :func:`fit_ridge` gives with this penalty (equal up to float64 rounding)."""
+        W = self.Q @ (self._inv(lam)[:, None] * self.R)
+        return _finite(EffectApproximator(W.float(), (self.mu_y - self.mu_x @ W).float()))
+
+    def train_mse(self, lam: float) -> float:
+        """Mean squared error of :meth:`fit` on its own training rows, per entry of ``Y``."""
+        D, s = self._inv(lam), (self.R * self.R).sum(1)
+        sse = self.yy - 2 * (D * s).sum() + (D * D * self.e * s).sum()
+        return max(float(sse), 0.0) / (self.n * self.R.shape[1])
 
 
 def _folds(n: int, folds: int, seed: int) -> list[Tensor]:
@@ -610,15 +664,17 @@ def fit_approximator(
         raise ValueError("pass both X_val and Y_val, or neither")
     info: dict[str, Any] = {"fit": cfg.fit, "ridge_lambda": None, "rank": None}
     if cfg.fit == "ridge":
-        lam, cv = choose_ridge_lambda(X, Y, cfg.ridge_lambda, cfg.cv_folds, seed)
+        # one pass over the data for the CV path, the chosen fit and every history row
+        total = moments(X, Y)
+        lam, cv = choose_ridge_lambda(X, Y, cfg.ridge_lambda, cfg.cv_folds, seed, total=total)
+        path = RidgePath.of(total)
         rows = []
         for lam_i in sorted({*RIDGE_PATH, lam}):
-            a = fit_ridge(X, Y, lam_i)
-            row = {"ridge_lambda": lam_i, "train_mse": _mse(a, X, Y), "cv_mse": cv.get(lam_i)}
+            row = {"ridge_lambda": lam_i, "train_mse": path.train_mse(lam_i), "cv_mse": cv.get(lam_i)}
             if X_val is not None and Y_val is not None:
-                row["val_mse"] = _mse(a, X_val, Y_val)
+                row["val_mse"] = _mse(path.fit(lam_i), X_val, Y_val)
             rows.append(row)
-        approx = fit_ridge(X, Y, lam)
+        approx = path.fit(lam)
         info.update(ridge_lambda=lam, history=rows)
     elif cfg.fit == "ridge_per_feature":
         approx, chosen, rows = _per_feature(X, Y, PER_FEATURE_LAMBDAS, 512, X_val, Y_val)
