@@ -14,6 +14,14 @@ One run, one model, one SAE, one set of effect settings, two ways of measuring t
     as ``effects.runner.compute_block`` calls them (without writing a shard). The secant search's
     starting scale (the sweep's median over the first 4 vectors, once per worker) is setup.
 
+(a') the reference loop again on TransformerLens's stock weight layout (``--stock-ref-vectors``):
+    TransformerLens 3 copies every weight into ``F.linear``'s layout on every forward, which our
+    loader avoids (``saets_utils.models.weight_layout``). (a) and (b) run on our layout, so their
+    ratio measures the algorithms; (a') shows what the reference code costs on a stock install.
+
+Before timing, one block of (b) and one vector of (a) run untimed (``--no-warmup`` skips this): a
+path's first call at its shapes pays one-time costs that a run of 01 pays once per worker.
+
 It also times a raw batched forward of the same model (same dtype, threads and batch shape as
 one generation call) and reports our effects step's rollout tokens/s as a fraction of it.
 ``--profile`` adds a torch.profiler summary of one more block and, on CUDA, counts the host syncs
@@ -71,6 +79,7 @@ from saets_utils.effects.calibration import (  # noqa: E402
 from saets_utils.effects.measure import RolloutSpec, measure_effects  # noqa: E402
 from saets_utils.effects.memory import rows_for_memory  # noqa: E402
 from saets_utils.effects.reference import reference_effects, transformer_lens_rollouts  # noqa: E402
+from saets_utils.models.weight_layout import linear_layout, stock_layout  # noqa: E402
 from saets_utils.steering import generation as steer_mod  # noqa: E402
 from saets_utils.steering.hooks import steering_hook  # noqa: E402
 
@@ -381,6 +390,7 @@ def gemma_setup(args) -> Setup:
         model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False, default_padding_side="right")
     assert model.cfg.d_vocab == cfg_dict["d_vocab"] and model.tokenizer.pad_token_id == 0
     model.to(device).eval()
+    linear_layout(model)  # as saets_utils.models.loading.load_model lays every model out
     for p in model.parameters():
         p.requires_grad_(False)
     hook = f"blocks.{layer}.hook_resid_post"
@@ -760,6 +770,17 @@ def parse_args(argv=None):
     )
     ap.add_argument("--allow-train", action="store_true", help="train --params's SAE if not cached (minutes)")
     ap.add_argument("--ref-vectors", type=int, default=2, help="vectors measured by the reference loop (a)")
+    ap.add_argument(
+        "--stock-ref-vectors",
+        type=int,
+        default=1,
+        help="vectors measured by the reference loop on TransformerLens's stock weight layout (a')",
+    )
+    ap.add_argument(
+        "--stock-fast-block",
+        action="store_true",
+        help="also time our first block on TransformerLens's stock weight layout (b'), for the layout's share",
+    )
     ap.add_argument("--fast-vectors", type=int, default=32, help="vectors measured by our path (b)")
     ap.add_argument("--vectors-per-batch", type=int, default=None, help="block size of (b) (default: params)")
     ap.add_argument("--device", default=None, help="cpu / cuda[:N] (default: params' device, or cuda if available)")
@@ -789,6 +810,12 @@ def parse_args(argv=None):
     )
     ap.add_argument("--no-fine-profile", action="store_true", help="skip per-step sampling timers inside generate")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the untimed first block of (b) and first vector of (a) (one-time costs then count)",
+    )
     ap.add_argument(
         "--calibration", choices=["secant", "sweep"], default=None, help="(b)'s scale search (default: the params')"
     )
@@ -842,17 +869,39 @@ def main(argv=None) -> dict:
             hint = scale_hint(s.model, s.hook, s.loss_tokens, resid, s.vectors[:4], s.grid, s.target, unsteered_fast)
     target_ref = unsteered_ref + s.target.value if s.target.kind == "relative" else s.target.value
     baseline = torch.zeros(s.sae.cfg.d_sae)
+    k = s.vectors_per_batch
+    if args.warmup and not args.tiny_check:
+        # The first call of each path at its shapes pays one-time costs (allocator growth, kernel
+        # selection; measured 1.6x slower on the CPU) that a run of 01 pays once per worker.
+        scratch = Profile(s.device)
+        with setup.phase("warm-up: one untimed block of (b)"):
+            fast_block(s, list(range(min(k, args.fast_vectors))), resid, unsteered_fast, baseline, scratch, hint)
+        with setup.phase("warm-up: one untimed vector of (a)"):
+            torch.manual_seed(s.seed)
+            sc, _ = ref_calibrate(s, s.vectors[0], target_ref, scratch, shape)
+            if math.isfinite(sc):
+                ref_effect(s, s.vectors[0], sc, scratch, shape)
 
     # interleave reference vectors and fast blocks, so machine-load drift hits both alike
-    k = s.vectors_per_batch
     blocks = [list(range(i, min(i + k, args.fast_vectors))) for i in range(0, args.fast_vectors, k)]
     ref_rows = list(range(args.ref_vectors))
+    stock = Profile(s.device)  # (a'): the reference loop on TransformerLens's own weight layout
     ref_scales, ref_status, ref_effects = [], [], []
     fast_scales = torch.full((args.fast_vectors,), float("nan"))
     fast_status: list[str] = [""] * args.fast_vectors
     fast_effects = torch.full((args.fast_vectors, s.sae.cfg.d_sae), float("nan"))
     torch.manual_seed(s.seed)  # TransformerLens samples from the global generator
-    for i in range(max(len(blocks), len(ref_rows))):
+    for i in range(max(len(blocks), len(ref_rows), args.stock_ref_vectors)):
+        if i < args.stock_ref_vectors:
+            t0 = time.perf_counter()
+            with stock_layout(s.model):
+                sc, st = ref_calibrate(s, s.vectors[i], target_ref, stock, shape)
+                if math.isfinite(sc):
+                    ref_effect(s, s.vectors[i], sc, stock, shape)
+            print(
+                f"  (a') vector {int(s.vector_ids[i])} on the stock layout in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
         if i < len(ref_rows):
             r = ref_rows[i]
             t0 = time.perf_counter()
@@ -890,6 +939,19 @@ def main(argv=None) -> dict:
     cal_ratio = (ref.wall["ref.calibration"] / args.ref_vectors) / (fast.wall["fast.calibration"] / args.fast_vectors)
     rollout_ratio = ((ref_wall - ref.wall["ref.calibration"]) / args.ref_vectors) / (
         fast.wall["fast.measure_effects"] / args.fast_vectors
+    )
+    stock_fast = Profile(s.device)  # (b'): our first block again, on TransformerLens's own layout
+    if args.stock_fast_block:
+        t0 = time.perf_counter()
+        with stock_layout(s.model):
+            fast_block(s, blocks[0], resid, unsteered_fast, baseline, stock_fast, hint)
+        print(f"  (b') block of {len(blocks[0])} vectors on the stock layout in {time.perf_counter() - t0:.1f} s")
+    stock_wall = sum(v for n, v in stock.wall.items() if n.startswith("ref."))
+    stock_ratio = fast_vps / _rate(args.stock_ref_vectors, stock_wall) if stock_wall else float("nan")
+    stock_cal_ratio = (
+        (stock.wall["ref.calibration"] / args.stock_ref_vectors) / (fast.wall["fast.calibration"] / args.fast_vectors)
+        if stock_wall
+        else float("nan")
     )
     # the machine's raw forward throughput at the batch shape of our average generate call
     gen_rows = max(1, round(fast.count["gen_rows"] / max(fast.count["gen_calls"], 1)))
@@ -992,6 +1054,21 @@ def main(argv=None) -> dict:
     out("-" * 78)
     out(f"SPEED-UP (b)/(a): {ratio:.1f}x vectors/s by wall clock ({ratio_cpu:.1f}x by process CPU time); target >= 40x")
     out(f"  calibration only: {cal_ratio:.1f}x (target >= 10x); rollouts+encode only: {rollout_ratio:.1f}x")
+    if args.stock_fast_block:
+        sf = stock_fast.wall["fast.calibration"] + stock_fast.wall.get("fast.measure_effects", 0.0)
+        nb = len(blocks[0])
+        out(
+            f"  (b') our first block on TransformerLens's stock weight layout: {sf / nb:.3f} s/vector "
+            f"(calibration {stock_fast.wall['fast.calibration'] / nb:.3f}); our layout makes (b) "
+            f"{sf / nb / (fast_wall / args.fast_vectors):.2f}x faster, (a) "
+            f"{(stock_wall / max(args.stock_ref_vectors, 1)) / (ref_wall / args.ref_vectors):.2f}x"
+        )
+    if stock_wall:
+        out(
+            f"  (a') the reference loop on TransformerLens's stock weight layout (a weight copy per forward, as the "
+            f"reference code runs on TransformerLens 3): {stock_wall / args.stock_ref_vectors:.2f} s/vector over "
+            f"{args.stock_ref_vectors} -> (b)/(a') {stock_ratio:.1f}x overall, calibration {stock_cal_ratio:.1f}x"
+        )
     out(
         f"  effects step (rollouts, capture, encode): {eff_tps:,.0f} rollout tokens/s = "
         f"{100 * eff_tps / raw_tps:.0f}% of a raw batched forward ({raw_tps:,.0f} tokens/s at [{gen_rows}, "
@@ -1064,6 +1141,13 @@ def main(argv=None) -> dict:
         "ratio_cpu": ratio_cpu,
         "ratio_calibration": cal_ratio,
         "ratio_rollouts": rollout_ratio,
+        "stock_ref": {"vectors": args.stock_ref_vectors, "wall_s": stock_wall, "phases_wall_s": dict(stock.wall)},
+        "ratio_wall_vs_stock_ref": stock_ratio,
+        "ratio_calibration_vs_stock_ref": stock_cal_ratio,
+        "stock_fast": {
+            "vectors": len(blocks[0]) if args.stock_fast_block else 0,
+            "phases_wall_s": dict(stock_fast.wall),
+        },
         "calibration_method": s.calibration.method,
         "calibration_chunk_evals_per_vector": chunk_evals,
         "raw_forward_tokens_per_s": raw_tps,
