@@ -26,13 +26,14 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 # the permutation of a parameter's dims that TransformerLens makes contiguous per forward, by module
-_QKV = (0, 2, 1)  # [head, d_model, d_head] -> (head d_head) d_model  (simple_attn_linear)
-_ATTENTION = {"W_Q": _QKV, "W_K": _QKV, "W_V": _QKV, "_W_K": _QKV, "_W_V": _QKV, "W_O": (2, 0, 1)}
-_GATED_MLP = {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0)}  # F.linear(x, W.T.contiguous())
-_UNEMBED = {"W_U": (1, 0)}
+Perm = tuple[int, ...]
+_QKV: Perm = (0, 2, 1)  # [head, d_model, d_head] -> (head d_head) d_model  (simple_attn_linear)
+_ATTENTION: dict[str, Perm] = {"W_Q": _QKV, "W_K": _QKV, "W_V": _QKV, "_W_K": _QKV, "_W_V": _QKV, "W_O": (2, 0, 1)}
+_GATED_MLP: dict[str, Perm] = {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0)}  # F.linear(x, W.T.contiguous())
+_UNEMBED: dict[str, Perm] = {"W_U": (1, 0)}
 
 
-def _permutations(module: nn.Module) -> dict[str, tuple[int, ...]]:
+def _permutations(module: nn.Module) -> dict[str, Perm]:
     """The parameters of ``module`` that TransformerLens copies into another layout on every forward
     (other modules, e.g. the plain MLP's ``addmm(x, W_in)``, read their weights as stored)."""
     from transformer_lens.components import AbstractAttention, GatedMLP, Unembed
@@ -40,7 +41,7 @@ def _permutations(module: nn.Module) -> dict[str, tuple[int, ...]]:
     if isinstance(module, AbstractAttention):
         cfg = module.cfg
         split = cfg.use_split_qkv_input or cfg.use_attn_in or cfg.load_in_4bit
-        perms = {} if split else {k: v for k, v in _ATTENTION.items() if k != "W_O"}
+        perms: dict[str, Perm] = {} if split else {k: v for k, v in _ATTENTION.items() if k != "W_O"}
         if not (cfg.use_attn_result or cfg.load_in_4bit):
             perms["W_O"] = _ATTENTION["W_O"]
         return perms
@@ -51,10 +52,12 @@ def _permutations(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {}
 
 
-_INVERSE = {p: tuple(sorted(range(len(p)), key=p.__getitem__)) for p in ((0, 2, 1), (2, 0, 1), (1, 0))}
+_INVERSE: dict[Perm, Perm] = {
+    p: tuple(sorted(range(len(p)), key=p.__getitem__)) for p in ((0, 2, 1), (2, 0, 1), (1, 0))
+}
 
 
-def _handled(model: nn.Module) -> Iterator[tuple[nn.Parameter, tuple[int, ...]]]:
+def _handled(model: nn.Module) -> Iterator[tuple[nn.Parameter, Perm]]:
     for module in model.modules():
         perms = _permutations(module)
         for name, param in module.named_parameters(recurse=False):
