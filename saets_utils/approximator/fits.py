@@ -266,22 +266,17 @@ def ridge_cv_path(
     lam = torch.tensor([float(v) for v in lambdas], dtype=torch.float64)
     if lam.numel() == 0 or bool((lam < 0).any()) or not bool(torch.isfinite(lam).all()):
         raise ValueError(f"lambdas must be a non-empty list of finite penalties >= 0; got {list(lambdas)}")
-    n, d = X.shape
+    n = X.shape[0]
     total = total if total is not None else moments(X, Y, chunk_size)
     sse = torch.zeros(lam.numel(), dtype=torch.float64)
     for part in _folds(n, folds, seed):
         held = _moments(X, Y, part, chunk_size)
-        train = total - held
-        mu_x, mu_y = train.sx / train.n, train.sy / train.n
-        Gt, Ct, _ = train.centred(mu_x, mu_y)
-        Gv, Cv, yy = held.centred(mu_x, mu_y)
-        e, Q = torch.linalg.eigh(Gt)
-        R = Q.T @ Ct
-        a = ((Q.T @ Cv) * R).sum(1)
-        ZM = (Q.T @ Gv @ Q) * (R @ R.T)
-        keep = e > e.abs().max() * d * torch.finfo(e.dtype).eps  # pinv's cut-off for lam = 0
+        fit = RidgePath.of(total - held)  # the training rows' eigendecomposition and R
+        Gv, Cv, yy = held.centred(fit.mu_x, fit.mu_y)
+        a = ((fit.Q.T @ Cv) * fit.R).sum(1)
+        ZM = (fit.Q.T @ Gv @ fit.Q) * (fit.R @ fit.R.T)
         for j, lj in enumerate(lam.tolist()):
-            D = torch.where(keep, 1.0 / (e + lj), torch.zeros_like(e)) if lj == 0 else 1.0 / (e + lj)
+            D = fit.inverse(lj)
             sse[j] += float(yy - 2 * (D @ a) + D @ ZM @ D)
     return {float(v): float(s) / (n * Y.shape[1]) for v, s in zip(lam.tolist(), sse.tolist(), strict=True)}
 
@@ -310,7 +305,8 @@ class RidgePath:
         e, Q = torch.linalg.eigh(G)
         return cls(mu_x, mu_y, e, Q, Q.T @ C, yy, total.n)
 
-    def _inv(self, lam: float) -> Tensor:
+    def inverse(self, lam: float) -> Tensor:
+        """``1 / (e + lam)`` ``[d]``; for ``lam = 0``, eigenvalues under pinv's cut-off give 0."""
         if lam < 0:
             raise ValueError(f"ridge lam must be >= 0; got {lam}")
         if lam == 0:
@@ -320,12 +316,12 @@ class RidgePath:
 
     def fit(self, lam: float) -> EffectApproximator:
         """The approximator :func:`fit_ridge` gives with this penalty (equal up to float64 rounding)."""
-        W = self.Q @ (self._inv(lam)[:, None] * self.R)
+        W = self.Q @ (self.inverse(lam)[:, None] * self.R)
         return _finite(EffectApproximator(W.float(), (self.mu_y - self.mu_x @ W).float()))
 
     def train_mse(self, lam: float) -> float:
         """Mean squared error of :meth:`fit` on its own training rows, per entry of ``Y``."""
-        D, s = self._inv(lam), (self.R * self.R).sum(1)
+        D, s = self.inverse(lam), (self.R * self.R).sum(1)
         sse = self.yy - 2 * (D * s).sum() + (D * D * self.e * s).sum()
         return max(float(sse), 0.0) / (self.n * self.R.shape[1])
 

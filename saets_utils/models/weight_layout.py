@@ -52,11 +52,6 @@ def _permutations(module: nn.Module) -> dict[str, Perm]:
     return {}
 
 
-_INVERSE: dict[Perm, Perm] = {
-    p: tuple(sorted(range(len(p)), key=p.__getitem__)) for p in ((0, 2, 1), (2, 0, 1), (1, 0))
-}
-
-
 def _handled(model: nn.Module) -> Iterator[tuple[nn.Parameter, Perm]]:
     for module in model.modules():
         perms = _permutations(module)
@@ -75,7 +70,7 @@ def linear_layout(model: HookedTransformer) -> int:
     for param, perm in list(_handled(model)):
         if not param.permute(*perm).is_contiguous():
             base = param.permute(*perm).contiguous()  # what TransformerLens would copy every call
-            param.data = base.permute(*_INVERSE[perm])
+            param.data = base.permute(*sorted(range(len(perm)), key=perm.__getitem__))  # inverse permutation
             n += 1
     return n
 
