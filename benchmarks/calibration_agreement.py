@@ -168,10 +168,11 @@ def main(argv: list[str] | None = None) -> dict:
         old = json.loads(Path(a.truth_from).read_text())
         truth = np.array(old["truth"][: vecs.shape[0]], dtype=float)
     elif idx:
-        hi = torch.tensor([g[int(torch.isfinite(sw_losses[i]).sum()) - 1] for i in idx], dtype=torch.float64)
+        first_above = [int(torch.isfinite(sw_losses[i]).sum()) - 1 for i in idx]  # the sweep stops there
+        hi = torch.tensor([g[j] for j in first_above], dtype=torch.float64)
         lo = hi - (g[1] - g[0])
-        l_lo = torch.tensor([float(sw_losses[i][int(torch.isfinite(sw_losses[i]).sum()) - 2]) for i in idx])
-        l_hi = torch.tensor([float(sw_losses[i][int(torch.isfinite(sw_losses[i]).sum()) - 1]) for i in idx])
+        l_lo = torch.tensor([float(sw_losses[i][j - 1]) for i, j in zip(idx, first_above)])
+        l_hi = torch.tensor([float(sw_losses[i][j]) for i, j in zip(idx, first_above)])
         sub = vecs[idx]
         while float((hi - lo).max()) > a.truth_tol:
             mid = (lo + hi) / 2

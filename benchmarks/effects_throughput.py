@@ -559,6 +559,15 @@ def ref_effect(s: Setup, v: torch.Tensor, scale: float, prof: Profile, shape: Mo
         )
 
 
+def ref_vector(
+    s: Setup, v: torch.Tensor, target: float, prof: Profile, shape: ModelShape
+) -> tuple[float, str, torch.Tensor]:
+    """One vector through the reference loop: the sweep, then (if it found a scale) the effect."""
+    sc, st = ref_calibrate(s, v, target, prof, shape)
+    eff = ref_effect(s, v, sc, prof, shape) if math.isfinite(sc) else torch.full((s.sae.cfg.d_sae,), float("nan"))
+    return sc, st, eff
+
+
 @contextmanager
 def instrumented_reference(prof: Profile, shape: ModelShape) -> Iterator[None]:
     """Time and count the reference loop's re-run to the hook and its SAE encoding (patched on
@@ -878,9 +887,7 @@ def main(argv=None) -> dict:
             fast_block(s, list(range(min(k, args.fast_vectors))), resid, unsteered_fast, baseline, scratch, hint)
         with setup.phase("warm-up: one untimed vector of (a)"):
             torch.manual_seed(s.seed)
-            sc, _ = ref_calibrate(s, s.vectors[0], target_ref, scratch, shape)
-            if math.isfinite(sc):
-                ref_effect(s, s.vectors[0], sc, scratch, shape)
+            ref_vector(s, s.vectors[0], target_ref, scratch, shape)
 
     # interleave reference vectors and fast blocks, so machine-load drift hits both alike
     blocks = [list(range(i, min(i + k, args.fast_vectors))) for i in range(0, args.fast_vectors, k)]
@@ -895,12 +902,8 @@ def main(argv=None) -> dict:
         if i < len(ref_rows):
             r = ref_rows[i]
             t0 = time.perf_counter()
-            sc, st = ref_calibrate(s, s.vectors[r], target_ref, ref, shape)
-            eff = (
-                ref_effect(s, s.vectors[r], sc, ref, shape) - baseline
-                if math.isfinite(sc)
-                else torch.full((s.sae.cfg.d_sae,), float("nan"))
-            )
+            sc, st, eff = ref_vector(s, s.vectors[r], target_ref, ref, shape)
+            eff = eff - baseline
             ref_scales.append(sc)
             ref_status.append(st)
             ref_effects.append(eff)
@@ -932,6 +935,7 @@ def main(argv=None) -> dict:
     )
     # The stock-layout runs come last: interleaved with the timed blocks, their per-forward weight
     # copies slowed our next block by a quarter (2.68 vs 2.07 s/vector on the demo).
+    # The machine's raw forward throughput at the batch shape of our average generate call:
     gen_rows = max(1, round(fast.count["gen_rows"] / max(fast.count["gen_calls"], 1)))
     raw_tps = raw_forward_tokens_per_s(s, gen_rows, sp.total_tokens, args.raw_reps)
     stock_fast = Profile(s.device)  # (b'): our first block again, on TransformerLens's own layout
@@ -944,9 +948,7 @@ def main(argv=None) -> dict:
     for i in range(args.stock_ref_vectors):
         t0 = time.perf_counter()
         with stock_layout(s.model):
-            sc, _ = ref_calibrate(s, s.vectors[i], target_ref, stock, shape)
-            if math.isfinite(sc):
-                ref_effect(s, s.vectors[i], sc, stock, shape)
+            ref_vector(s, s.vectors[i], target_ref, stock, shape)
         print(
             f"  (a') vector {int(s.vector_ids[i])} on the stock layout in {time.perf_counter() - t0:.1f} s", flush=True
         )
@@ -957,7 +959,6 @@ def main(argv=None) -> dict:
         if stock_wall
         else float("nan")
     )
-    # the machine's raw forward throughput at the batch shape of our average generate call
     eff_tps = fast.count["rollout_tokens"] / max(fast.wall["fast.measure_effects"], 1e-9)
     all_tps = fast.count["rollout_tokens"] / max(fast_wall, 1e-9)
     chunk_evals = fast.count["chunk_evals"] / s.loss_tokens.shape[0] / args.fast_vectors
