@@ -18,7 +18,7 @@ from saets_utils.effects.measure import (
     encode_positions,
     measure_baseline,
     measure_effects,
-    prompt_groups,
+    prompt_chunks,
     prompt_token_ids,
 )
 from saets_utils.effects.reference import reference_effects
@@ -71,15 +71,12 @@ def test_prompt_token_ids_prepend_bos_and_reject_prompts_without_room(tiny_model
         prompt_token_ids(tiny_model, [""], BOS, total_tokens=1)
 
 
-def test_rollout_spec_new_tokens_and_prompt_groups(spec):
+def test_rollout_spec_new_tokens_and_prompt_chunks(spec):
     assert [len(p) for p in spec.prompts] == [1, 8, 5, 1, 5]
     assert [spec.new_tokens(p) for p in range(5)] == [11, 4, 7, 11, 7]
-    groups = prompt_groups(spec)
-    assert sorted(p for g in groups for p in g) == list(range(5))  # every prompt exactly once
-    assert all(len({len(spec.prompts[p]) for p in g}) == 1 for g in groups)  # one length per batch
-    assert sorted(map(sorted, groups)) == [[0, 3], [1], [2, 4]]
-    small = prompt_groups(spec, max_prompts=1)
-    assert sorted(p for g in small for p in g) == list(range(5)) and all(len(g) == 1 for g in small)
+    assert prompt_chunks(spec) == [[0, 1, 2, 3, 4]]  # prompts of every length share a batch
+    assert prompt_chunks(spec, max_prompts=2) == [[0, 1], [2, 3], [4]]
+    assert prompt_chunks(spec, max_prompts=1) == [[p] for p in range(5)]
 
 
 # --- feature sums -----------------------------------------------------------------------------
@@ -207,7 +204,7 @@ def test_grouping_vectors_into_blocks_does_not_change_effects(
 def test_batching_prompts_does_not_change_effects(
     tiny_model, tiny_sae, spec, vectors, baseline_mean, batched, max_rows
 ):
-    # max_rows 1 or 12: one prompt per batch; 25: two equally long prompts share a batch of 4 * 3 rows each
+    # max_rows 1 or 12: one prompt per batch; 25: two prompts (of different lengths) share a batch of 4 * 3 rows each
     blk = measure_effects(
         tiny_model, tiny_sae, HOOK, spec, vectors, IDS, SCALES, baseline_mean, SEED, max_rows=max_rows
     )

@@ -9,7 +9,7 @@ import torch
 
 from helpers import HOOK
 from saets_utils.config import SamplingConfig
-from saets_utils.steering.generation import generate, row_seed, row_uniforms, sample_from_logits
+from saets_utils.steering.generation import generate, generate_aligned, row_seed, row_uniforms, sample_from_logits
 from saets_utils.steering.hooks import steering_delta, steering_hook
 
 NEXT = "blocks.2.hook_resid_pre"  # what the layers after the hook actually receive
@@ -295,3 +295,51 @@ def test_batched_generation_equals_one_row_at_a_time(tiny_model):
     # and the same seed twice gives the same text
     again = generate(tiny_model, prompt(5), 12, seeds, WIDE_SAMPLING, HOOK, deltas)
     assert torch.equal(again.tokens, batched.tokens)
+
+
+# --- prompts of different lengths in one decode -----------------------------------------------
+
+MIXED = [(1,), (1, 42, 17), (1, 42, 17), (1, 9), (1, 30, 31, 32, 33), (1,)]  # lengths 1, 3, 3, 2, 5, 1
+
+
+@pytest.mark.parametrize("sampling", [None, WIDE_SAMPLING], ids=["greedy", "wide"])
+def test_aligned_generation_equals_generate_of_each_prompt_alone(tiny_model, sampling):
+    # Each row's text and captured activations are those of generate on its prompt alone, whatever
+    # the other rows' prompt lengths: the prompt is fed one token per step, sampling starts after it
+    # with the row's own uniforms.
+    n = len(MIXED)
+    deltas = steering_delta(unit(n, 32, 11), [0.0, 4.0, 4.0, 7.0, 2.0, 9.0])
+    seeds = [row_seed(5, i) for i in range(n)]
+    got = generate_aligned(tiny_model, MIXED, 14, seeds, sampling, HOOK, deltas, capture=True)
+    assert got.tokens.shape == (n, 14) and got.activations is not None and got.activations.shape == (n, 14, 32)
+    for i, ids in enumerate(MIXED):
+        alone = generate(
+            tiny_model, prompt(1, ids), 14 - len(ids), seeds[i : i + 1], sampling, HOOK, deltas[i : i + 1], capture=True
+        )
+        assert torch.equal(got.tokens[i : i + 1], alone.tokens), f"row {i} (prompt {ids})"
+        torch.testing.assert_close(got.activations[i : i + 1], alone.activations, atol=1e-4, rtol=1e-4)
+    # rows 1 and 2 share a prompt and a delta but not a seed: the text after the prompt differs
+    assert torch.equal(got.tokens[1, :3], got.tokens[2, :3]) and not torch.equal(got.tokens[1], got.tokens[2])
+    assert_no_hooks(tiny_model)
+
+
+def test_aligned_generation_captures_the_unsteered_model_and_attends_to_eos(tiny_model):
+    eos = tiny_model.tokenizer.pad_token_id
+    prompts = [(1, 42, eos), (1,), (1, eos)]
+    deltas = steering_delta(unit(3, 32, 12), [3.0, 6.0, 0.0])
+    got = generate_aligned(tiny_model, prompts, 10, [7, 8, 9], WIDE_SAMPLING, HOOK, deltas, capture=True)
+    _, cache = tiny_model.run_with_cache(got.tokens, names_filter=[HOOK])
+    torch.testing.assert_close(got.activations, cache[HOOK], atol=1e-4, rtol=1e-4)
+    for i, ids in enumerate(prompts):
+        assert got.tokens[i, : len(ids)].tolist() == list(ids)
+
+
+def test_aligned_generation_validates_arguments(tiny_model):
+    with pytest.raises(ValueError, match="one seed per row"):
+        generate_aligned(tiny_model, [(1,), (1, 2)], 5, [0], SAMPLING)
+    with pytest.raises(ValueError, match="hook_name"):
+        generate_aligned(tiny_model, [(1,)], 5, [0], SAMPLING, capture=True)
+    with pytest.raises(ValueError, match="1 to 4 tokens"):
+        generate_aligned(tiny_model, [(1,), (1, 2, 3, 4, 5)], 5, [0, 1], SAMPLING)
+    with pytest.raises(ValueError, match="1 to 4 tokens"):
+        generate_aligned(tiny_model, [()], 5, [0], SAMPLING)

@@ -11,7 +11,8 @@ index, each against the matching half of the baseline): two independent measurem
 vector, whose agreement is the effect's split-half reliability.
 
 Fast path (:func:`measure_effects`): several vectors share one batch (one vector per row group),
-prompts of one length are batched together, generation uses the KV cache, and the unsteered
+prompts of all lengths share it too (:func:`~saets_utils.steering.generation.generate_aligned`:
+every row steps through the same positions, so no padding), generation uses the KV cache, and the unsteered
 activations are captured at the hook during generation instead of re-running the rollouts:
 steering enters after the hook, so the activations there are those of the unsteered model.
 :func:`saets_utils.effects.reference.reference_effects` is the one-vector, one-prompt-per-call loop
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from saets_utils.config import SamplingConfig
-from saets_utils.steering.generation import generate, row_seed
+from saets_utils.steering.generation import generate_aligned, row_seed
 from saets_utils.steering.hooks import steering_delta
 
 if TYPE_CHECKING:
@@ -134,13 +135,10 @@ def kept_positions(acts: Tensor, include_first_position: bool, max_resid_norm: f
     return acts.float().norm(dim=-1) <= max_resid_norm
 
 
-def prompt_groups(spec: RolloutSpec, max_prompts: int | None = None) -> list[list[int]]:
-    """Prompt indices grouped by token length (same length = one batch), at most ``max_prompts`` each."""
-    by_len: dict[int, list[int]] = {}
-    for p, ids in enumerate(spec.prompts):
-        by_len.setdefault(len(ids), []).append(p)
+def prompt_chunks(spec: RolloutSpec, max_prompts: int | None = None) -> list[list[int]]:
+    """Prompt indices in order, in chunks of at most ``max_prompts`` (one batch each; lengths may differ)."""
     k = max_prompts or len(spec.prompts)
-    return [g[i : i + k] for g in by_len.values() for i in range(0, len(g), k)]
+    return [list(range(i, min(i + k, len(spec.prompts)))) for i in range(0, len(spec.prompts), k)]
 
 
 @dataclass
@@ -190,18 +188,15 @@ def measure_baseline(
     """
     halves = (FeatureSums.zeros(sae.cfg.d_sae), FeatureSums.zeros(sae.cfg.d_sae))
     n = spec.samples_per_prompt * (1 if spec.common_random_numbers else multiplier)
-    rows = [(p, s) for g in prompt_groups(spec) for p in g for s in range(n)]
-    start = 0
-    while start < len(rows):
-        length = len(spec.prompts[rows[start][0]])
-        chunk = [r for r in rows[start : start + max_rows] if len(spec.prompts[r[0]]) == length]
-        start += len(chunk)
+    rows = [(p, s) for p in range(len(spec.prompts)) for s in range(n)]
+    for start in range(0, len(rows), max_rows):
+        chunk = rows[start : start + max_rows]
         seeds = [
             row_seed(seed, PAIRED, p, s) if spec.common_random_numbers else row_seed(seed, BASELINE, p, s)
             for p, s in chunk
         ]
-        prompt = torch.tensor([spec.prompts[p] for p, _ in chunk])
-        gen = generate(model, prompt, spec.new_tokens(chunk[0][0]), seeds, spec.sampling, hook_name, None, capture=True)
+        prompts = [spec.prompts[p] for p, _ in chunk]
+        gen = generate_aligned(model, prompts, spec.total_tokens, seeds, spec.sampling, hook_name, None, capture=True)
         assert gen.activations is not None  # generate(..., capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
         keep = kept_positions(gen.activations, spec.include_first_position, spec.max_resid_norm)
@@ -216,8 +211,7 @@ def measure_baseline(
 class EffectsBlock:
     """Effects of a block of vectors: ``effects [v, d_sae]``, the same from each half of the
     rollouts ``halves [v, 2, d_sae]`` (NaN with one sample per prompt), and a few steered rollouts
-    per vector ``sample_tokens [v, k, total_tokens]`` (the first ``k`` samples of the last prompt of
-    the last batch of equally long prompts)."""
+    per vector ``sample_tokens [v, k, total_tokens]`` (the first ``k`` samples of the last prompt)."""
 
     effects: Tensor
     halves: Tensor
@@ -241,8 +235,8 @@ def measure_effects(
 ) -> EffectsBlock:
     """Effects of ``vectors [v, d_model]`` (unit) steered at ``scales [v]`` against ``baseline_mean
     [d_sae]``; each half of the rollouts against ``baseline_halves [2, d_sae]`` (the baseline's own
-    halves, :attr:`BaselineSums.half_means`; default: the full mean). One batch per group of equally
-    long prompts, rows ordered (prompt, vector, sample).
+    halves, :attr:`BaselineSums.half_means`; default: the full mean). One batch per chunk of prompts
+    (all of them if ``max_rows`` allows), rows ordered (prompt, vector, sample).
 
     Row ``(vector i, prompt p, sample s)`` is seeded by :meth:`RolloutSpec.steered_seed`, so the
     result does not depend on how vectors or prompts are grouped into batches.
@@ -251,13 +245,12 @@ def measure_effects(
     sums = [[FeatureSums.zeros(sae.cfg.d_sae), FeatureSums.zeros(sae.cfg.d_sae)] for _ in range(v)]
     delta = steering_delta(vectors, scales).to(model.cfg.device).repeat_interleave(s_n, dim=0)
     samples = None
-    for group in prompt_groups(spec, max(1, max_rows // (v * s_n))):
+    for group in prompt_chunks(spec, max(1, max_rows // (v * s_n))):
         seeds = [spec.steered_seed(seed, vid, p, s) for p in group for vid in vector_ids for s in range(s_n)]
-        prompt = torch.tensor([spec.prompts[p] for p in group for _ in range(v * s_n)])
-        gen = generate(
+        gen = generate_aligned(
             model,
-            prompt,
-            spec.new_tokens(group[0]),
+            [spec.prompts[p] for p in group for _ in range(v * s_n)],
+            spec.total_tokens,
             seeds,
             spec.sampling,
             hook_name,

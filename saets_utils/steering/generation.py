@@ -132,6 +132,71 @@ def generate(
     return Generation(tokens=tokens, activations=acts)
 
 
+@torch.no_grad()
+def generate_aligned(
+    model: HookedTransformer,
+    prompts: Sequence[Sequence[int]],
+    total_tokens: int,
+    seeds: Sequence[int],
+    sampling: SamplingConfig | None,
+    hook_name: str | None = None,
+    delta: Tensor | None = None,
+    capture: bool = False,
+) -> Generation:
+    """Grow every row's prompt (``prompts``: one token sequence per row, lengths may differ) to
+    ``total_tokens`` in one KV-cache decode, steering each row by ``delta [batch, d_model]`` (or
+    ``[d_model]``) at ``hook_name``.
+
+    Every step feeds each row its token at the same position: the prompt's own while inside the
+    prompt, else the one sampled at the previous step. So prompts of different lengths share one
+    batch with no padding (their positions are the same), and a row's ``i``-th new token uses the
+    same uniform as in :func:`generate` of its prompt alone: the tokens are :func:`generate`'s, up
+    to the float rounding of another batch shape (a sampled token moves only if its uniform lies
+    within that rounding of a bucket edge). Prompts are read one token per step, so this suits
+    short prompts (as 01's): a long prompt costs one step per token instead of one forward.
+
+    Returns tokens ``[batch, total_tokens]`` and, with ``capture``, the pre-steering activations at
+    ``hook_name`` for every position ``[batch, total_tokens, d_model]`` (no host sync in the loop).
+    """
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    if hook_name is None and (delta is not None or capture):
+        raise ValueError("hook_name is required to steer or capture")
+    batch = len(prompts)
+    if len(seeds) != batch:
+        raise ValueError(f"need one seed per row: {len(seeds)} seeds for {batch} rows")
+    lens = [len(p) for p in prompts]
+    if min(lens, default=1) < 1 or max(lens, default=0) >= total_tokens:
+        raise ValueError(f"every prompt needs 1 to {total_tokens - 1} tokens (total_tokens={total_tokens}): {lens}")
+    device = model.cfg.device
+    tokens = torch.zeros(batch, total_tokens, dtype=torch.long)
+    forced = torch.zeros(batch, total_tokens, dtype=torch.bool)
+    u = torch.zeros(batch, total_tokens, dtype=torch.float64)  # u[r, pos]: the uniform that samples pos
+    for r, (ids, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        tokens[r, : len(ids)] = torch.as_tensor(ids)
+        forced[r, : len(ids)] = True
+        u[r, len(ids) :] = row_uniforms([seed], total_tokens - len(ids))[0]
+    tokens, forced, u = tokens.to(device), forced.to(device), u.to(device)
+    captured: list[Tensor] = []
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+    hook_ctx = steering_hook(model, hook_name, delta, captured if capture else None) if hook_name else _null()
+    with hook_ctx:
+        for t in range(total_tokens - 1):
+            step_in = tokens[:, t : t + 1]
+            # an explicit all-ones mask, as in generate: a sampled pad id must stay attended
+            logits = model(step_in, past_kv_cache=cache, attention_mask=torch.ones_like(step_in))
+            nxt = sample_from_logits(logits[:, -1, :], u[:, t + 1], sampling)
+            tokens[:, t + 1] = torch.where(forced[:, t + 1], tokens[:, t + 1], nxt)
+        acts = None
+        if capture:
+            assert hook_name is not None  # checked above
+            last = tokens[:, -1:]
+            layer = int(hook_name.split(".")[1]) + 1
+            model(last, past_kv_cache=cache, stop_at_layer=layer, attention_mask=torch.ones_like(last))
+            acts = torch.cat(captured, dim=1)
+    return Generation(tokens=tokens, activations=acts)
+
+
 @contextmanager
 def _null() -> Iterator[None]:
     yield
