@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from saets_utils.config import ConfigError, ModelConfig, RunConfig, TextConfig
+from saets_utils.models.grouped_attention import grouped_attention
 from saets_utils.models.weight_layout import linear_layout
 
 if TYPE_CHECKING:
@@ -69,7 +70,8 @@ def load_hooked_from_hf_folder(
 def load_model(cfg: ModelConfig, device: str = "cpu") -> HookedTransformer:
     """The configured LM as an eval-mode HookedTransformer on ``device``, its weights laid out for
     TransformerLens's forward (:func:`~saets_utils.models.weight_layout.linear_layout`: same values,
-    no weight copy per forward)."""
+    no weight copy per forward) and grouped-query attention that does not repeat the key/value
+    cache (:func:`~saets_utils.models.grouped_attention.grouped_attention`)."""
     dtype = torch_dtype(cfg.dtype)
     if cfg.source == "smollm2":
         from saets_utils.models.assets import prepare_smollm2
@@ -100,6 +102,7 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> HookedTransformer:
     for p in model.parameters():
         p.requires_grad_(False)
     linear_layout(model)
+    grouped_attention(model)
     return model
 
 
