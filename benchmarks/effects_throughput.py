@@ -14,10 +14,12 @@ One run, one model, one SAE, one set of effect settings, two ways of measuring t
     as ``effects.runner.compute_block`` calls them (without writing a shard). The secant search's
     starting scale (the sweep's median over the first 4 vectors, once per worker) is setup.
 
-(a') the reference loop again on TransformerLens's stock weight layout (``--stock-ref-vectors``):
-    TransformerLens 3 copies every weight into ``F.linear``'s layout on every forward, which our
-    loader avoids (``saets_utils.models.weight_layout``). (a) and (b) run on our layout, so their
-    ratio measures the algorithms; (a') shows what the reference code costs on a stock install.
+(a') the reference loop again on a stock TransformerLens model (``--stock-ref-vectors``):
+    TransformerLens 3 copies every weight into ``F.linear``'s layout on every forward and repeats
+    the key/value cache for grouped-query attention, which our loader avoids
+    (``saets_utils.models.weight_layout``, ``saets_utils.models.grouped_attention``). (a) and (b)
+    run on our model, so their ratio measures the algorithms; (a') shows what the reference code
+    costs on a stock install.
 
 Before timing, one block of (b) and one vector of (a) run untimed (``--no-warmup`` skips this): a
 path's first call at its shapes pays one-time costs that a run of 01 pays once per worker.
@@ -43,6 +45,7 @@ CPU smoke test of the Gemma-shaped code path (2 layers, small vocab, tiny settin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -79,6 +82,7 @@ from saets_utils.effects.calibration import (  # noqa: E402
 from saets_utils.effects.measure import RolloutSpec, measure_effects  # noqa: E402
 from saets_utils.effects.memory import rows_for_memory  # noqa: E402
 from saets_utils.effects.reference import reference_effects, transformer_lens_rollouts  # noqa: E402
+from saets_utils.models.grouped_attention import grouped_attention, stock_attention  # noqa: E402
 from saets_utils.models.weight_layout import linear_layout, stock_layout  # noqa: E402
 from saets_utils.steering import generation as steer_mod  # noqa: E402
 from saets_utils.steering.hooks import steering_hook  # noqa: E402
@@ -390,7 +394,8 @@ def gemma_setup(args) -> Setup:
         model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False, default_padding_side="right")
     assert model.cfg.d_vocab == cfg_dict["d_vocab"] and model.tokenizer.pad_token_id == 0
     model.to(device).eval()
-    linear_layout(model)  # as saets_utils.models.loading.load_model lays every model out
+    linear_layout(model)  # as saets_utils.models.loading.load_model prepares every model
+    grouped_attention(model)
     for p in model.parameters():
         p.requires_grad_(False)
     hook = f"blocks.{layer}.hook_resid_post"
@@ -601,7 +606,7 @@ def instrumented_reference(prof: Profile, shape: ModelShape) -> Iterator[None]:
 @contextmanager
 def instrumented(prof: Profile, shape: ModelShape, fine: bool) -> Iterator[None]:
     """Time and count the package's inner calls (patched on the module objects, restored on exit)."""
-    orig_sl, orig_gen, orig_enc = cal_mod.steered_losses, eff_mod.generate, eff_mod.encode_positions
+    orig_sl, orig_gen, orig_enc = cal_mod.steered_losses, eff_mod.generate_aligned, eff_mod.encode_positions
     orig_sample, orig_unif = steer_mod.sample_from_logits, steer_mod.row_uniforms
 
     def sl(model, hook_name, tokens, resid, deltas, max_rows=64):
@@ -612,17 +617,15 @@ def instrumented(prof: Profile, shape: ModelShape, fine: bool) -> Iterator[None]
         prof.count["unembed_tokens"] += t
         return orig_sl(model, hook_name, tokens, resid, deltas, max_rows)
 
-    def gen(
-        model, prompt_tokens, new_tokens, seeds, sampling, hook_name=None, delta=None, use_cache=True, capture=False
-    ):
-        rows, plen = prompt_tokens.shape
+    def gen(model, prompts, total_tokens, seeds, sampling, hook_name=None, delta=None, capture=False):
+        rows = len(prompts)
         prof.count["gen_calls"] += 1
         prof.count["gen_rows"] += rows
-        prof.count["rollout_tokens"] += rows * (plen + new_tokens)
-        prof.count["layer_tokens"] += rows * (plen + new_tokens - 1) * shape.n_layers + rows * (shape.hook_layer + 1)
-        prof.count["unembed_tokens"] += rows * (plen + new_tokens - 1)
+        prof.count["rollout_tokens"] += rows * total_tokens
+        prof.count["layer_tokens"] += rows * (total_tokens - 1) * shape.n_layers + rows * (shape.hook_layer + 1)
+        prof.count["unembed_tokens"] += rows * (total_tokens - 1)
         with prof.phase("fast.generate(+capture)"):
-            return orig_gen(model, prompt_tokens, new_tokens, seeds, sampling, hook_name, delta, use_cache, capture)
+            return orig_gen(model, prompts, total_tokens, seeds, sampling, hook_name, delta, capture)
 
     def enc(sae, acts, include_first_position):
         with prof.phase("fast.sae_encode"):
@@ -638,13 +641,13 @@ def instrumented(prof: Profile, shape: ModelShape, fine: bool) -> Iterator[None]
         with prof.phase("fast.generate.row_uniforms"):
             return orig_unif(seeds, n, device)
 
-    cal_mod.steered_losses, eff_mod.generate, eff_mod.encode_positions = sl, gen, enc
+    cal_mod.steered_losses, eff_mod.generate_aligned, eff_mod.encode_positions = sl, gen, enc
     if fine:
         steer_mod.sample_from_logits, steer_mod.row_uniforms = sample, unif
     try:
         yield
     finally:
-        cal_mod.steered_losses, eff_mod.generate, eff_mod.encode_positions = orig_sl, orig_gen, orig_enc
+        cal_mod.steered_losses, eff_mod.generate_aligned, eff_mod.encode_positions = orig_sl, orig_gen, orig_enc
         steer_mod.sample_from_logits, steer_mod.row_uniforms = orig_sample, orig_unif
 
 
@@ -686,6 +689,14 @@ def fast_block(
     return cal, effects
 
 
+@contextmanager
+def stock_transformer_lens(model) -> Iterator[None]:
+    """Within the block, ``model`` runs as TransformerLens itself sets it up: its weight layout and
+    its grouped-query attention."""
+    with stock_layout(model), stock_attention(model):
+        yield
+
+
 @torch.no_grad()
 def raw_forward_tokens_per_s(s: Setup, rows: int, seq: int, reps: int) -> float:
     """Tokens/s of a plain batched forward ``model(tokens [rows, seq])`` (logits, no hooks, no cache):
@@ -701,25 +712,30 @@ def raw_forward_tokens_per_s(s: Setup, rows: int, seq: int, reps: int) -> float:
 
 
 def profile_block(s: Setup, rows: list[int], resid, unsteered: float, baseline, hint, steps: int = 4) -> list[str]:
-    """torch.profiler's top operators over one calibration evaluation and a short ``generate`` call
-    (``steps`` new tokens, one block's rows for one prompt: profiling a whole block records millions
-    of events), and on CUDA the host syncs counted by torch.cuda's sync debug mode in that call."""
+    """torch.profiler's top operators over one calibration evaluation and a short ``generate_aligned``
+    call (one block's rows for one prompt each, cycling through the prompts, until ``steps`` tokens
+    after the longest: profiling a whole block records millions of events), and on CUDA the host
+    syncs counted by torch.cuda's sync debug mode in that call."""
     import warnings
 
     from torch.profiler import ProfilerActivity, profile
 
     cuda = s.device.startswith("cuda")
     n = len(rows) * s.spec.samples_per_prompt
-    prompt = torch.tensor([s.spec.prompts[-1]] * n, device=s.device)
+    prompts = [s.spec.prompts[i % len(s.spec.prompts)] for i in range(n)]
+    total = min(s.spec.total_tokens, max(map(len, prompts)) + steps)
     delta = (20.0 * s.vectors[rows[0]])[None].repeat(n, 1)
     vecs = s.vectors[rows] * 20.0
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         steered_losses(s.model, s.hook, s.loss_tokens, resid, vecs)
-        steer_mod.generate(s.model, prompt, steps, list(range(n)), s.spec.sampling, s.hook, delta, capture=True)
+        steer_mod.generate_aligned(
+            s.model, prompts, total, list(range(n)), s.spec.sampling, s.hook, delta, capture=True
+        )
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     lines = [
-        f"--profile: one calibration evaluation of {len(rows)} vectors + generate({n} rows, {steps} tokens); by {key}"
+        f"--profile: one calibration evaluation of {len(rows)} vectors + generate_aligned({n} rows, {total} tokens); "
+        f"by {key}"
     ]
     lines += prof.key_averages().table(sort_by=key, row_limit=15).splitlines()
     if cuda:
@@ -728,11 +744,13 @@ def profile_block(s: Setup, rows: list[int], resid, unsteered: float, baseline, 
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                steer_mod.generate(s.model, prompt, steps, list(range(n)), s.spec.sampling, s.hook, delta, capture=True)
+                steer_mod.generate_aligned(
+                    s.model, prompts, total, list(range(n)), s.spec.sampling, s.hook, delta, capture=True
+                )
         finally:
             torch.cuda.set_sync_debug_mode(0)
         msgs = [str(w.message).splitlines()[0] for w in caught]
-        lines.append(f"host syncs inside one generate call ({steps} new tokens, {n} rows): {len(msgs)}")
+        lines.append(f"host syncs inside one generate_aligned call ({total} tokens, {n} rows): {len(msgs)}")
         for m in sorted(set(msgs))[:5]:
             lines.append(f"    {msgs.count(m)} x {m[:160]}")
     return lines
@@ -753,8 +771,10 @@ def warm(s: Setup) -> None:
             use_past_kv_cache=True,
             verbose=False,
         )
-    g = steer_mod.generate(
-        s.model, prompt, 2, [0, 1], s.spec.sampling, s.hook, (20.0 * v)[None].repeat(2, 1), capture=True
+    prompts = [s.spec.prompts[0], s.spec.prompts[-1]]
+    total = max(map(len, prompts)) + 2
+    g = steer_mod.generate_aligned(
+        s.model, prompts, total, [0, 1], s.spec.sampling, s.hook, (20.0 * v)[None].repeat(2, 1), capture=True
     )
     eff_mod.encode_positions(s.sae, g.activations, s.spec.include_first_position)
 
@@ -783,12 +803,19 @@ def parse_args(argv=None):
         "--stock-ref-vectors",
         type=int,
         default=1,
-        help="vectors measured by the reference loop on TransformerLens's stock weight layout (a')",
+        help="vectors measured by the reference loop on a stock TransformerLens model (a')",
+    )
+    ap.add_argument(
+        "--ref-calibration-vectors",
+        type=int,
+        default=0,
+        help="also time the reference's sweep alone on the first N vectors, on our model and on the stock one "
+        "(at most --fast-vectors: the calibration ratio over the same vectors as ours)",
     )
     ap.add_argument(
         "--stock-fast-block",
         action="store_true",
-        help="also time our first block on TransformerLens's stock weight layout (b'), for the layout's share",
+        help="also time our first block on a stock TransformerLens model (b'), for the share of our model changes",
     )
     ap.add_argument("--fast-vectors", type=int, default=32, help="vectors measured by our path (b)")
     ap.add_argument("--vectors-per-batch", type=int, default=None, help="block size of (b) (default: params)")
@@ -839,6 +866,24 @@ def _rate(n: int, secs: float) -> float:
     return n / secs if secs > 0 else float("nan")
 
 
+def _so_far(prof: Profile, kind: str) -> tuple[float, float]:
+    """Seconds spent so far by path ``kind`` ("ref" or "fast"): in all, and in calibration."""
+    cal = prof.wall.get(f"{kind}.calibration", 0.0)
+    if kind == "fast":
+        return cal + prof.wall.get("fast.measure_effects", 0.0), cal
+    return sum(v for n, v in prof.wall.items() if n.startswith("ref.")), cal
+
+
+@contextmanager
+def _record(prof: Profile, kind: str, n: int, into: list) -> Iterator[None]:
+    """Append ``[s/vector, calibration s/vector]`` of the ``n`` vectors the block measures to ``into``
+    (per-vector samples for the ratios' intervals across runs)."""
+    t0, c0 = _so_far(prof, kind)
+    yield
+    t1, c1 = _so_far(prof, kind)
+    into.append([(t1 - t0) / n, (c1 - c0) / n])
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -849,6 +894,11 @@ def main(argv=None) -> dict:
     if args.tiny_check:
         args.ref_vectors, args.fast_vectors = min(args.ref_vectors, 1), min(args.fast_vectors, 2)
         args.vectors_per_batch = args.vectors_per_batch or 2
+        args.ref_calibration_vectors = min(args.ref_calibration_vectors, args.fast_vectors)
+    if args.ref_calibration_vectors > args.fast_vectors:
+        raise SystemExit(
+            f"--ref-calibration-vectors {args.ref_calibration_vectors} > --fast-vectors {args.fast_vectors}"
+        )
     s = gemma_setup(args) if args.gemma_shaped else smollm_setup(args)
     if args.calibration:
         s.calibration = s.calibration.model_copy(update={"method": args.calibration})
@@ -892,8 +942,10 @@ def main(argv=None) -> dict:
     # interleave reference vectors and fast blocks, so machine-load drift hits both alike
     blocks = [list(range(i, min(i + k, args.fast_vectors))) for i in range(0, args.fast_vectors, k)]
     ref_rows = list(range(args.ref_vectors))
-    stock = Profile(s.device)  # (a'): the reference loop on TransformerLens's own weight layout
+    stock = Profile(s.device)  # (a'): the reference loop on a stock TransformerLens model
     ref_scales, ref_status, ref_effects = [], [], []
+    # per vector: [s, calibration s] of (a), (a') and (b)'s blocks; s of the reference's sweep alone
+    each: dict[str, list] = {"ref": [], "fast": [], "stock_ref": [], "ref_calibration": [], "stock_ref_calibration": []}
     fast_scales = torch.full((args.fast_vectors,), float("nan"))
     fast_status: list[str] = [""] * args.fast_vectors
     fast_effects = torch.full((args.fast_vectors, s.sae.cfg.d_sae), float("nan"))
@@ -902,7 +954,8 @@ def main(argv=None) -> dict:
         if i < len(ref_rows):
             r = ref_rows[i]
             t0 = time.perf_counter()
-            sc, st, eff = ref_vector(s, s.vectors[r], target_ref, ref, shape)
+            with _record(ref, "ref", 1, each["ref"]):
+                sc, st, eff = ref_vector(s, s.vectors[r], target_ref, ref, shape)
             eff = eff - baseline
             ref_scales.append(sc)
             ref_status.append(st)
@@ -914,7 +967,10 @@ def main(argv=None) -> dict:
         if i < len(blocks):
             rows = blocks[i]
             t0 = time.perf_counter()
-            with instrumented(fast, shape, fine=not args.no_fine_profile and not s.device.startswith("cuda")):
+            with (
+                instrumented(fast, shape, fine=not args.no_fine_profile and not s.device.startswith("cuda")),
+                _record(fast, "fast", len(rows), each["fast"]),
+            ):
                 c, eff = fast_block(s, rows, resid, unsteered_fast, baseline, fast, hint)
             fast_scales[rows] = c.scales.float().cpu()
             for j, r in enumerate(rows):
@@ -938,20 +994,36 @@ def main(argv=None) -> dict:
     # The machine's raw forward throughput at the batch shape of our average generate call:
     gen_rows = max(1, round(fast.count["gen_rows"] / max(fast.count["gen_calls"], 1)))
     raw_tps = raw_forward_tokens_per_s(s, gen_rows, sp.total_tokens, args.raw_reps)
-    stock_fast = Profile(s.device)  # (b'): our first block again, on TransformerLens's own layout
+    stock_fast = Profile(s.device)  # (b'): our first block again, on a stock TransformerLens model
     if args.stock_fast_block:
         t0 = time.perf_counter()
-        with stock_layout(s.model):
+        with stock_transformer_lens(s.model):
             fast_block(s, blocks[0], resid, unsteered_fast, baseline, stock_fast, hint)
-        print(f"  (b') block of {len(blocks[0])} vectors on the stock layout in {time.perf_counter() - t0:.1f} s")
+        print(f"  (b') block of {len(blocks[0])} vectors on stock TransformerLens in {time.perf_counter() - t0:.1f} s")
     torch.manual_seed(s.seed)
     for i in range(args.stock_ref_vectors):
         t0 = time.perf_counter()
-        with stock_layout(s.model):
+        with stock_transformer_lens(s.model), _record(stock, "ref", 1, each["stock_ref"]):
             ref_vector(s, s.vectors[i], target_ref, stock, shape)
         print(
-            f"  (a') vector {int(s.vector_ids[i])} on the stock layout in {time.perf_counter() - t0:.1f} s", flush=True
+            f"  (a') vector {int(s.vector_ids[i])} on stock TransformerLens in {time.perf_counter() - t0:.1f} s",
+            flush=True,
         )
+    # The reference's sweep alone on the vectors (b) calibrated, on our model (a) and on the stock one (a'):
+    # its cost varies by vector (grid points up to the crossing), so the calibration ratio compares
+    # the same vectors.
+    cal_only: dict[str, float] = {}
+    for kind, ctx in (("ref_calibration", contextlib.nullcontext), ("stock_ref_calibration", stock_transformer_lens)):
+        if not args.ref_calibration_vectors:
+            break
+        scratch = Profile(s.device)
+        with ctx(s.model):
+            for i in range(args.ref_calibration_vectors):
+                t0 = time.perf_counter()
+                ref_calibrate(s, s.vectors[i], target_ref, scratch, shape)
+                each[kind].append(time.perf_counter() - t0)
+        cal_only[kind] = sum(each[kind]) / len(each[kind])
+        print(f"  {kind}: {len(each[kind])} vectors, {cal_only[kind]:.3f} s/vector", flush=True)
     stock_wall = sum(v for n, v in stock.wall.items() if n.startswith("ref."))
     stock_ratio = fast_vps / _rate(args.stock_ref_vectors, stock_wall) if stock_wall else float("nan")
     stock_cal_ratio = (
@@ -1061,15 +1133,23 @@ def main(argv=None) -> dict:
         sf = stock_fast.wall["fast.calibration"] + stock_fast.wall.get("fast.measure_effects", 0.0)
         nb = len(blocks[0])
         out(
-            f"  (b') our first block on TransformerLens's stock weight layout: {sf / nb:.3f} s/vector "
-            f"(calibration {stock_fast.wall['fast.calibration'] / nb:.3f}); our layout makes (b) "
+            f"  (b') our first block on a stock TransformerLens model: {sf / nb:.3f} s/vector "
+            f"(calibration {stock_fast.wall['fast.calibration'] / nb:.3f}); our model changes make (b) "
             f"{sf / nb / (fast_wall / args.fast_vectors):.2f}x faster, (a) "
             f"{(stock_wall / max(args.stock_ref_vectors, 1)) / (ref_wall / args.ref_vectors):.2f}x"
         )
+    fast_cal = fast.wall["fast.calibration"] / args.fast_vectors
+    for kind, label in (("ref_calibration", "(a)"), ("stock_ref_calibration", "(a')")):
+        if kind in cal_only:
+            out(
+                f"  calibration alone on vectors 0-{args.ref_calibration_vectors - 1}: the reference's sweep {label} "
+                f"{cal_only[kind]:.3f} s/vector vs ours {fast_cal:.3f} over vectors 0-{args.fast_vectors - 1} "
+                f"-> {cal_only[kind] / fast_cal:.1f}x"
+            )
     if stock_wall:
         out(
-            f"  (a') the reference loop on TransformerLens's stock weight layout (a weight copy per forward, as the "
-            f"reference code runs on TransformerLens 3): {stock_wall / args.stock_ref_vectors:.2f} s/vector over "
+            f"  (a') the reference loop on a stock TransformerLens model (a weight copy per forward, the KV cache "
+            f"repeated per query head, as the reference code runs on TransformerLens 3): {stock_wall / args.stock_ref_vectors:.2f} s/vector over "
             f"{args.stock_ref_vectors} -> (b)/(a') {stock_ratio:.1f}x overall, calibration {stock_cal_ratio:.1f}x"
         )
     out(
@@ -1151,6 +1231,8 @@ def main(argv=None) -> dict:
             "vectors": len(blocks[0]) if args.stock_fast_block else 0,
             "phases_wall_s": dict(stock_fast.wall),
         },
+        "per_vector_s": each,
+        "calibration_alone_s_per_vector": cal_only,
         "calibration_method": s.calibration.method,
         "calibration_chunk_evals_per_vector": chunk_evals,
         "raw_forward_tokens_per_s": raw_tps,

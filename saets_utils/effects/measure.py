@@ -197,7 +197,7 @@ def measure_baseline(
         ]
         prompts = [spec.prompts[p] for p, _ in chunk]
         gen = generate_aligned(model, prompts, spec.total_tokens, seeds, spec.sampling, hook_name, None, capture=True)
-        assert gen.activations is not None  # generate(..., capture=True)
+        assert gen.activations is not None  # generate_aligned(..., capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
         keep = kept_positions(gen.activations, spec.include_first_position, spec.max_resid_norm)
         parity = torch.tensor([s % 2 for _, s in chunk], device=codes.device)
@@ -257,7 +257,7 @@ def measure_effects(
             delta.repeat(len(group), 1),
             capture=True,
         )
-        assert gen.activations is not None  # generate(..., capture=True)
+        assert gen.activations is not None  # generate_aligned(..., capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
         codes = codes.view(len(group), v, s_n, *codes.shape[1:])
         keep = kept_positions(gen.activations, spec.include_first_position, spec.max_resid_norm)
