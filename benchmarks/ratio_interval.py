@@ -22,8 +22,9 @@ import numpy as np
 def pooled_ratio(runs: list[dict], ref: str, column: int, reps: int, seed: int) -> tuple[float, float, float, list]:
     """Ratio mean(ref s/vector) / mean(ours s/vector) over all runs (``column`` 0: total, 1:
     calibration), its 95% bootstrap interval and each run's ratio."""
-    refs = [np.array([v[column] for v in r["per_vector_s"][ref]]) for r in runs]
-    ours = [np.array([v[column] for v in r["per_vector_s"]["fast"]]) for r in runs]
+    used = [r for r in runs if r["per_vector_s"][ref]]  # runs that timed this reference
+    refs = [np.array([v[column] for v in r["per_vector_s"][ref]]) for r in used]
+    ours = [np.array([v[column] for v in r["per_vector_s"]["fast"]]) for r in used]
     point = np.concatenate(refs).mean() / np.concatenate(ours).mean()
     rng = np.random.default_rng(seed)
     boot = []
@@ -40,6 +41,7 @@ def main(argv=None) -> dict:
     ap.add_argument("runs", nargs="+", help="JSON files written by effects_throughput.py --json")
     ap.add_argument("--reps", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the ratios to this file")
     args = ap.parse_args(argv)
     runs = [json.loads(Path(p).read_text()) for p in args.runs]
     missing = [p for p, r in zip(args.runs, runs, strict=True) if "per_vector_s" not in r]
@@ -89,6 +91,9 @@ def main(argv=None) -> dict:
         f"rollout tokens/s as a fraction of a raw forward of the same shape, per run: {[round(x, 3) for x in fr if x]}"
     )
     out["effects_fraction_of_raw"] = fr
+    out["runs"] = list(args.runs)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return out
 
 
