@@ -810,7 +810,7 @@ def parse_args(argv=None):
         type=int,
         default=0,
         help="also time the reference's sweep alone on the first N vectors, on our model and on the stock one "
-        "(at most --fast-vectors: the calibration ratio over the same vectors as ours)",
+        "(N = --fast-vectors: the calibration ratio over the same vectors as ours)",
     )
     ap.add_argument(
         "--stock-fast-block",
@@ -876,12 +876,12 @@ def _so_far(prof: Profile, kind: str) -> tuple[float, float]:
 
 @contextmanager
 def _record(prof: Profile, kind: str, n: int, into: list) -> Iterator[None]:
-    """Append ``[s/vector, calibration s/vector]`` of the ``n`` vectors the block measures to ``into``
-    (per-vector samples for the ratios' intervals across runs)."""
+    """Append ``[s/vector, calibration s/vector, n]`` of the ``n`` vectors the block measures to
+    ``into`` (per-vector samples for the ratios' intervals across runs)."""
     t0, c0 = _so_far(prof, kind)
     yield
     t1, c1 = _so_far(prof, kind)
-    into.append([(t1 - t0) / n, (c1 - c0) / n])
+    into.append([(t1 - t0) / n, (c1 - c0) / n, n])
 
 
 def main(argv=None) -> dict:
@@ -894,10 +894,11 @@ def main(argv=None) -> dict:
     if args.tiny_check:
         args.ref_vectors, args.fast_vectors = min(args.ref_vectors, 1), min(args.fast_vectors, 2)
         args.vectors_per_batch = args.vectors_per_batch or 2
-        args.ref_calibration_vectors = min(args.ref_calibration_vectors, args.fast_vectors)
-    if args.ref_calibration_vectors > args.fast_vectors:
+        args.ref_calibration_vectors = args.fast_vectors if args.ref_calibration_vectors else 0
+    if args.ref_calibration_vectors not in (0, args.fast_vectors):
         raise SystemExit(
-            f"--ref-calibration-vectors {args.ref_calibration_vectors} > --fast-vectors {args.fast_vectors}"
+            f"--ref-calibration-vectors must be 0 or --fast-vectors ({args.fast_vectors}): the calibration ratio "
+            "compares the same vectors"
         )
     s = gemma_setup(args) if args.gemma_shaped else smollm_setup(args)
     if args.calibration:

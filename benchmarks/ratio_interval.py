@@ -2,10 +2,12 @@
 """Speed ratios of ``effects_throughput.py`` runs with a bootstrap interval, pooled over runs.
 
 Each run's JSON holds the seconds per vector of every reference vector and of every block of ours
-(``per_vector_s``: total and calibration). For each comparison (ours against (a) the reference loop
-on our model, and against (a') the reference loop on a stock TransformerLens model) this prints the
-ratio of the pooled means with a 95% percentile-bootstrap interval (vectors and blocks resampled
-within each run, so every run keeps its weight), and each run's own ratio.
+(``per_vector_s``: total and calibration, and a block's number of vectors, its weight). For each
+comparison (ours against (a) the reference loop on our model, and against (a') the reference loop on
+a stock TransformerLens model; and the reference's sweep alone on the same vectors as ours) this
+prints the ratio of the pooled means, a 95% percentile-bootstrap interval that resamples the runs
+and, within each run, its vectors and blocks (so machine load that differs between runs widens it),
+and each run's own ratio.
 
     python benchmarks/ratio_interval.py benchmarks/results/2026-11-30/effects_cpu_demo_final_run*.json
 """
@@ -18,22 +20,44 @@ from pathlib import Path
 
 import numpy as np
 
+Sample = tuple[np.ndarray, np.ndarray]  # values (s/vector) and weights (vectors)
 
-def pooled_ratio(runs: list[dict], ref: str, column: int, reps: int, seed: int) -> tuple[float, float, float, list]:
-    """Ratio mean(ref s/vector) / mean(ours s/vector) over all runs (``column`` 0: total, 1:
-    calibration), its 95% bootstrap interval and each run's ratio."""
-    used = [r for r in runs if r["per_vector_s"][ref]]  # runs that timed this reference
-    refs = [np.array([v[column] for v in r["per_vector_s"][ref]]) for r in used]
-    ours = [np.array([v[column] for v in r["per_vector_s"]["fast"]]) for r in used]
-    point = np.concatenate(refs).mean() / np.concatenate(ours).mean()
+
+def samples(run: dict, key: str, column: int | None) -> Sample:
+    """``run["per_vector_s"][key]`` as values and weights: entries ``[s, calibration s(, vectors)]``
+    (``column`` picks one) or plain seconds (``column`` None), weight 1 unless recorded."""
+    rows = run["per_vector_s"].get(key, [])
+    if column is None:
+        return np.asarray(rows, dtype=float), np.ones(len(rows))
+    return (
+        np.asarray([r[column] for r in rows], dtype=float),
+        np.asarray([r[2] if len(r) > 2 else 1.0 for r in rows], dtype=float),
+    )
+
+
+def _mean(parts: list[Sample]) -> float:
+    x = np.concatenate([p[0] for p in parts])
+    w = np.concatenate([p[1] for p in parts])
+    return float((x * w).sum() / w.sum())
+
+
+def ratio_interval(pairs: list[tuple[Sample, Sample]], reps: int, seed: int) -> tuple[float, float, float, list]:
+    """Ratio of the pooled (weighted) means ``reference / ours`` over runs given as ``(reference,
+    ours)`` samples, its 95% two-level bootstrap interval (runs, then entries within each run) and
+    each run's ratio."""
     rng = np.random.default_rng(seed)
+
+    def resample(sample: Sample) -> Sample:
+        i = rng.integers(0, len(sample[0]), len(sample[0]))
+        return sample[0][i], sample[1][i]
+
     boot = []
     for _ in range(reps):
-        a = np.concatenate([x[rng.integers(0, len(x), len(x))] for x in refs])
-        b = np.concatenate([x[rng.integers(0, len(x), len(x))] for x in ours])
-        boot.append(a.mean() / b.mean())
+        chosen = [pairs[j] for j in rng.integers(0, len(pairs), len(pairs))]
+        boot.append(_mean([resample(a) for a, _ in chosen]) / _mean([resample(b) for _, b in chosen]))
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return float(point), float(lo), float(hi), [float(x.mean() / y.mean()) for x, y in zip(refs, ours, strict=True)]
+    point = _mean([a for a, _ in pairs]) / _mean([b for _, b in pairs])
+    return point, float(lo), float(hi), [_mean([a]) / _mean([b]) for a, b in pairs]
 
 
 def main(argv=None) -> dict:
@@ -49,49 +73,38 @@ def main(argv=None) -> dict:
         raise SystemExit(
             f"no per_vector_s in {missing}: rerun effects_throughput.py (it records them since 2026-11-30)"
         )
-    out = {}
-    n = {k: sum(len(r["per_vector_s"][k]) for r in runs) for k in ("ref", "stock_ref", "fast")}
-    print(f"{len(runs)} runs: {n['ref']} vectors of (a), {n['stock_ref']} of (a'), {n['fast']} blocks of (b)")
-    for ref, label in (
-        ("ref", "(b)/(a)  reference loop on our model"),
-        ("stock_ref", "(b)/(a') reference loop, stock TL"),
-    ):
-        if n[ref] == 0:
+    out: dict = {"runs": list(args.runs)}
+    comparisons = [
+        ("ref", 0, 0, "(b)/(a)  reference loop on our model, overall"),
+        ("ref", 1, 1, "(b)/(a)  reference loop on our model, calibration"),
+        ("stock_ref", 0, 0, "(b)/(a') reference loop on stock TransformerLens, overall"),
+        ("stock_ref", 1, 1, "(b)/(a') reference loop on stock TransformerLens, calibration"),
+        ("ref_calibration", None, 1, "calibration alone: the reference's sweep (a) on the same vectors as ours"),
+        ("stock_ref_calibration", None, 1, "calibration alone: the reference's sweep (a') on the same vectors as ours"),
+    ]
+    for key, col, ours_col, label in comparisons:
+        pairs = [(samples(r, key, col), samples(r, "fast", ours_col)) for r in runs]
+        pairs = [(a, b) for a, b in pairs if len(a[0]) and len(b[0])]  # runs that timed both
+        if not pairs:
             continue
-        for column, what in ((0, "overall"), (1, "calibration")):
-            point, lo, hi, each = pooled_ratio(runs, ref, column, args.reps, args.seed)
-            out[f"{ref}.{what}"] = {"ratio": point, "ci95": [lo, hi], "per_run": each}
-            print(
-                f"{label}, {what:<11}: {point:6.1f}x [95% CI {lo:.1f}, {hi:.1f}]; per run {[round(x, 1) for x in each]}"
-            )
-    for ref, label in (("ref_calibration", "(a)"), ("stock_ref_calibration", "(a')")):
-        # the reference's sweep alone on the same vectors as ours (--ref-calibration-vectors)
-        sweeps = [np.array(r["per_vector_s"].get(ref, [])) for r in runs]
-        if sum(len(x) for x in sweeps) == 0:
-            continue
-        ours = [
-            np.array([v[1] for v in r["per_vector_s"]["fast"]]) for r, x in zip(runs, sweeps, strict=True) if len(x)
-        ]
-        sweeps = [x for x in sweeps if len(x)]
-        point = np.concatenate(sweeps).mean() / np.concatenate(ours).mean()
-        rng = np.random.default_rng(args.seed)
-        boot = [
-            np.concatenate([x[rng.integers(0, len(x), len(x))] for x in sweeps]).mean()
-            / np.concatenate([y[rng.integers(0, len(y), len(y))] for y in ours]).mean()
-            for _ in range(args.reps)
-        ]
-        lo, hi = np.percentile(boot, [2.5, 97.5])
-        out[f"{ref}.alone"] = {"ratio": float(point), "ci95": [float(lo), float(hi)]}
+        point, lo, hi, each = ratio_interval(pairs, args.reps, args.seed)
+        n_ref = sum(len(a[0]) for a, _ in pairs)
+        out[f"{key}.{'overall' if col == 0 else 'calibration'}"] = {
+            "ratio": point,
+            "ci95_runs_and_vectors": [lo, hi],
+            "per_run": each,
+            "runs": len(pairs),
+            "reference_samples": n_ref,
+        }
         print(
-            f"calibration alone, the reference's sweep {label} on the same vectors as ours: {point:.1f}x "
-            f"[95% CI {lo:.1f}, {hi:.1f}] ({sum(len(x) for x in sweeps)} sweeps, {sum(len(y) for y in ours)} blocks)"
+            f"{label}: {point:.1f}x [95% CI {lo:.1f}, {hi:.1f}]; per run {[round(x, 1) for x in each]} "
+            f"({len(pairs)} runs, {n_ref} reference samples)"
         )
     fr = [r.get("effects_fraction_of_raw") for r in runs]
     print(
         f"rollout tokens/s as a fraction of a raw forward of the same shape, per run: {[round(x, 3) for x in fr if x]}"
     )
     out["effects_fraction_of_raw"] = fr
-    out["runs"] = list(args.runs)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out

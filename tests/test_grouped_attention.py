@@ -1,13 +1,20 @@
 """grouped_attention: grouped-query attention without repeating the key/value cache; the same
 outputs and hook values as TransformerLens's (to float rounding), and stock_attention undoes it."""
 
+import pickle
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from saets_utils.config import ModelConfig
-from saets_utils.models.grouped_attention import grouped_attention, is_grouped_attention, stock_attention
+from saets_utils.models.grouped_attention import (
+    calculate_attention_scores,
+    grouped_attention,
+    is_grouped_attention,
+    stock_attention,
+)
 from saets_utils.models.loading import load_model
 from saets_utils.models.tiny import tiny_gemma2_model, tiny_model
 
@@ -57,6 +64,18 @@ def test_grouped_attention_does_not_repeat_the_key_value_cache():
     assert repeats() >= 2 * model.cfg.n_layers  # keys and values, every layer
     grouped_attention(model)
     assert repeats() == 0
+
+
+def test_a_pickled_model_keeps_grouped_attention():
+    model = tiny_gemma2_model(seed=6)
+    grouped_attention(model)
+    again = pickle.loads(pickle.dumps(model))
+    assert is_grouped_attention(again)
+    assert all(
+        m.calculate_attention_scores.func is calculate_attention_scores
+        for m in again.modules()
+        if "calculate_attention_scores" in vars(m)
+    )
 
 
 def test_models_without_grouped_query_attention_are_left_alone():

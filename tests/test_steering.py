@@ -9,6 +9,8 @@ import torch
 
 from helpers import HOOK
 from saets_utils.config import SamplingConfig
+from saets_utils.models.grouped_attention import grouped_attention
+from saets_utils.models.tiny import tiny_gemma2_model
 from saets_utils.steering.generation import generate, generate_aligned, row_seed, row_uniforms, sample_from_logits
 from saets_utils.steering.hooks import steering_delta, steering_hook
 
@@ -321,6 +323,25 @@ def test_aligned_generation_equals_generate_of_each_prompt_alone(tiny_model, sam
     # rows 1 and 2 share a prompt and a delta but not a seed: the text after the prompt differs
     assert torch.equal(got.tokens[1, :3], got.tokens[2, :3]) and not torch.equal(got.tokens[1], got.tokens[2])
     assert_no_hooks(tiny_model)
+
+
+def test_aligned_generation_on_gemma2_with_grouped_attention_and_prompts_past_the_window():
+    # Gemma-2: grouped-query attention (the copy-free methods), an 8-token sliding window on local
+    # layers and soft caps; prompts up to 12 tokens, rollouts of 20, so the window slides mid-prompt.
+    model = tiny_gemma2_model(seed=7)
+    assert grouped_attention(model) > 0
+    g = torch.Generator().manual_seed(3)
+    prompts = [(2, *torch.randint(3, model.cfg.d_vocab, (n,), generator=g).tolist()) for n in (0, 11, 4, 9)]
+    d = model.cfg.d_model
+    deltas = steering_delta(unit(4, d, 13), [0.0, 3.0, 6.0, 2.0])
+    seeds = [row_seed(6, i) for i in range(4)]
+    got = generate_aligned(model, prompts, 20, seeds, WIDE_SAMPLING, HOOK, deltas, capture=True)
+    for i, ids in enumerate(prompts):
+        alone = generate(
+            model, prompt(1, ids), 20 - len(ids), seeds[i : i + 1], WIDE_SAMPLING, HOOK, deltas[i : i + 1], capture=True
+        )
+        assert torch.equal(got.tokens[i : i + 1], alone.tokens), f"row {i}"
+        torch.testing.assert_close(got.activations[i : i + 1], alone.activations, atol=1e-4, rtol=1e-4)
 
 
 def test_aligned_generation_captures_the_unsteered_model_and_attends_to_eos(tiny_model):

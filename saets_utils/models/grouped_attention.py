@@ -8,16 +8,17 @@ query position: on SmolLM2-135M on a 2-core CPU, most of the copies that took 23
 
 :func:`grouped_attention` gives each grouped-query attention module two methods of its own (the
 class is untouched) that multiply each key/value head with its group of query heads as one batch
-of matrices. Every hook sees the same shapes and values (``hook_attn_scores``, ``hook_pattern``,
+of matrices: ``matmul`` still copies the (unrepeated) keys and values once per layer and step, a
+fraction of TransformerLens's copies. Every hook sees the same shapes and values (``hook_attn_scores``, ``hook_pattern``,
 ``hook_z``); the sums are the same but run through another matrix shape, so results match
 TransformerLens's to float rounding, not bitwise.
 """
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
@@ -31,10 +32,11 @@ _METHODS = ("calculate_attention_scores", "calculate_z_scores")
 def _grouped(module: nn.Module) -> bool:
     from transformer_lens.components import GroupedQueryAttention
 
-    return isinstance(module, GroupedQueryAttention) and not module.cfg.ungroup_grouped_query_attention
+    # exactly the class whose methods these replace (a subclass may override them)
+    return type(module) is GroupedQueryAttention and not module.cfg.ungroup_grouped_query_attention
 
 
-def attention_scores(self, q: Tensor, k: Tensor) -> Tensor:
+def calculate_attention_scores(self, q: Tensor, k: Tensor) -> Tensor:
     """``q [batch, q_pos, head, d_head]``, ``k [batch, k_pos, kv_head, d_head]`` -> scores
     ``[batch, head, q_pos, k_pos]`` (scaled and soft-capped as TransformerLens does); query head
     ``h`` reads key head ``h // (head / kv_head)``, as after TransformerLens's ``repeat_interleave``."""
@@ -48,7 +50,7 @@ def attention_scores(self, q: Tensor, k: Tensor) -> Tensor:
     return apply_softcap(scores, self.cfg.attn_scores_soft_cap)
 
 
-def z_scores(self, v: Tensor, pattern: Tensor) -> Tensor:
+def calculate_z_scores(self, v: Tensor, pattern: Tensor) -> Tensor:
     """``v [batch, k_pos, kv_head, d_head]``, ``pattern [batch, head, q_pos, k_pos]`` -> ``z [batch,
     q_pos, head, d_head]`` through ``hook_z``."""
     b, h, qp, kp = pattern.shape
@@ -64,8 +66,10 @@ def grouped_attention(model: HookedTransformer) -> int:
     for module in model.modules():
         if _grouped(module) and not is_grouped_module(module):
             # instance attributes shadow the class's methods (setattr: nn.Module's typing expects submodules)
-            setattr(module, "calculate_attention_scores", types.MethodType(attention_scores, module))  # noqa: B010
-            setattr(module, "calculate_z_scores", types.MethodType(z_scores, module))  # noqa: B010
+            # partials of module-level functions: a pickled model gets them back (a bound method would
+            # unpickle as the class's own); setattr, since nn.Module's typing expects submodules
+            setattr(module, "calculate_attention_scores", partial(calculate_attention_scores, module))  # noqa: B010
+            setattr(module, "calculate_z_scores", partial(calculate_z_scores, module))  # noqa: B010
             n += 1
     return n
 
