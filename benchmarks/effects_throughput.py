@@ -1014,9 +1014,8 @@ def main(argv=None) -> dict:
     # its cost varies by vector (grid points up to the crossing), so the calibration ratio compares
     # the same vectors.
     cal_only: dict[str, float] = {}
-    for kind, ctx in (("ref_calibration", contextlib.nullcontext), ("stock_ref_calibration", stock_transformer_lens)):
-        if not args.ref_calibration_vectors:
-            break
+    cal_runs = (("ref_calibration", contextlib.nullcontext), ("stock_ref_calibration", stock_transformer_lens))
+    for kind, ctx in cal_runs if args.ref_calibration_vectors else ():
         scratch = Profile(s.device)
         with ctx(s.model):
             for i in range(args.ref_calibration_vectors):

@@ -30,13 +30,9 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 from saets_utils.config import CalibrationConfig, ConfigError, LossTarget
+from saets_utils.steering.hooks import hook_layer
 
 STATUSES = ("ok", "non_monotone", "not_reached", "above_at_zero")
-
-
-def hook_layer(hook_name: str) -> int:
-    """``blocks.12.hook_resid_post`` -> 12."""
-    return int(hook_name.split(".")[1])
 
 
 @torch.no_grad()

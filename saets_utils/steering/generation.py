@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 from saets_utils.config import SamplingConfig
-from saets_utils.steering.hooks import steering_hook
+from saets_utils.steering.hooks import hook_layer, steering_hook
 
 
 def row_seed(seed: int, *keys: int) -> int:
@@ -91,26 +91,17 @@ def generate(
     including the last sampled token (one extra forward up to the hook). ``on_step`` is called
     with the tokens so far ``[batch, prompt_len + i + 1]`` after each sampled token (streaming).
     """
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-    if hook_name is None and (delta is not None or capture):
-        raise ValueError("hook_name is required to steer or capture")
     device = model.cfg.device
     tokens = prompt_tokens.to(device)
     batch = tokens.shape[0]
-    if len(seeds) != batch:
-        raise ValueError(f"need one seed per row: {len(seeds)} seeds for {batch} rows")
+    _check_rows(hook_name, delta, capture, seeds, batch)
     u = row_uniforms(seeds, new_tokens, device)
     captured: list[Tensor] = []
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch) if use_cache else None
-    hook_ctx = steering_hook(model, hook_name, delta, captured if capture else None) if hook_name else _null()
-    with hook_ctx:
+    cache = _new_cache(model, batch) if use_cache else None
+    with _steering(model, hook_name, delta, captured if capture else None):
         for i in range(new_tokens):
             if use_cache:
-                step_in = tokens if i == 0 else tokens[:, -1:]
-                # An explicit all-ones mask: otherwise TransformerLens treats any sampled token equal
-                # to the pad id as padding and masks it from every later position.
-                logits = model(step_in, past_kv_cache=cache, attention_mask=torch.ones_like(step_in))
+                logits = _cached_forward(model, tokens if i == 0 else tokens[:, -1:], cache)
             else:
                 if capture:
                     captured.clear()
@@ -121,13 +112,12 @@ def generate(
                 on_step(tokens)
         acts = None
         if capture:
-            layer = int(hook_name.split(".")[1]) + 1  # type: ignore[union-attr]
+            assert hook_name is not None  # _check_rows
             if use_cache:
-                last = tokens[:, -1:]
-                model(last, past_kv_cache=cache, stop_at_layer=layer, attention_mask=torch.ones_like(last))
+                _cached_forward(model, tokens[:, -1:], cache, stop_at_layer=hook_layer(hook_name) + 1)
             else:
                 captured.clear()
-                model(tokens, stop_at_layer=layer)
+                model(tokens, stop_at_layer=hook_layer(hook_name) + 1)
             acts = torch.cat(captured, dim=1)
     return Generation(tokens=tokens, activations=acts)
 
@@ -158,13 +148,8 @@ def generate_aligned(
     Returns tokens ``[batch, total_tokens]`` and, with ``capture``, the pre-steering activations at
     ``hook_name`` for every position ``[batch, total_tokens, d_model]`` (no host sync in the loop).
     """
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-    if hook_name is None and (delta is not None or capture):
-        raise ValueError("hook_name is required to steer or capture")
     batch = len(prompts)
-    if len(seeds) != batch:
-        raise ValueError(f"need one seed per row: {len(seeds)} seeds for {batch} rows")
+    _check_rows(hook_name, delta, capture, seeds, batch)
     lens = [len(p) for p in prompts]
     if min(lens, default=1) < 1 or max(lens, default=0) >= total_tokens:
         raise ValueError(f"every prompt needs 1 to {total_tokens - 1} tokens (total_tokens={total_tokens}): {lens}")
@@ -178,25 +163,47 @@ def generate_aligned(
         u[r, len(ids) :] = row_uniforms([seed], total_tokens - len(ids))[0]
     tokens, forced, u = tokens.to(device), forced.to(device), u.to(device)
     captured: list[Tensor] = []
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
-    hook_ctx = steering_hook(model, hook_name, delta, captured if capture else None) if hook_name else _null()
-    with hook_ctx:
+    cache = _new_cache(model, batch)
+    with _steering(model, hook_name, delta, captured if capture else None):
         for t in range(total_tokens - 1):
-            step_in = tokens[:, t : t + 1]
-            # an explicit all-ones mask, as in generate: a sampled pad id must stay attended
-            logits = model(step_in, past_kv_cache=cache, attention_mask=torch.ones_like(step_in))
+            logits = _cached_forward(model, tokens[:, t : t + 1], cache)
             nxt = sample_from_logits(logits[:, -1, :], u[:, t + 1], sampling)
             tokens[:, t + 1] = torch.where(forced[:, t + 1], tokens[:, t + 1], nxt)
         acts = None
         if capture:
-            assert hook_name is not None  # checked above
-            last = tokens[:, -1:]
-            layer = int(hook_name.split(".")[1]) + 1
-            model(last, past_kv_cache=cache, stop_at_layer=layer, attention_mask=torch.ones_like(last))
+            assert hook_name is not None  # _check_rows
+            _cached_forward(model, tokens[:, -1:], cache, stop_at_layer=hook_layer(hook_name) + 1)
             acts = torch.cat(captured, dim=1)
     return Generation(tokens=tokens, activations=acts)
 
 
+def _check_rows(hook_name: str | None, delta: Tensor | None, capture: bool, seeds: Sequence[int], batch: int) -> None:
+    """The arguments both generators share, checked before any forward."""
+    if hook_name is None and (delta is not None or capture):
+        raise ValueError("hook_name is required to steer or capture")
+    if len(seeds) != batch:
+        raise ValueError(f"need one seed per row: {len(seeds)} seeds for {batch} rows")
+
+
+def _new_cache(model: HookedTransformer, batch: int):
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+
+
+def _cached_forward(model: HookedTransformer, step_in: Tensor, cache, stop_at_layer: int | None = None) -> Tensor:
+    """``model(step_in)`` on the KV cache, with an explicit all-ones mask: otherwise TransformerLens
+    treats any sampled token equal to the pad id as padding and masks it from every later position."""
+    return model(step_in, past_kv_cache=cache, attention_mask=torch.ones_like(step_in), stop_at_layer=stop_at_layer)
+
+
 @contextmanager
-def _null() -> Iterator[None]:
-    yield
+def _steering(
+    model: HookedTransformer, hook_name: str | None, delta: Tensor | None, captured: list[Tensor] | None
+) -> Iterator[None]:
+    """:func:`~saets_utils.steering.hooks.steering_hook` at ``hook_name``, or nothing without one."""
+    if hook_name is None:
+        yield
+        return
+    with steering_hook(model, hook_name, delta, captured):
+        yield

@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
+def hook_layer(hook_name: str) -> int:
+    """``blocks.12.hook_resid_post`` -> 12."""
+    return int(hook_name.split(".")[1])
+
+
 def steering_delta(vectors: Tensor, scales: Tensor | float | Sequence[float]) -> Tensor:
     """``scales[:, None] * vectors``: vectors ``[batch, d_model]`` (or ``[d_model]``), scales
     ``[batch]`` or a scalar -> ``[batch, d_model]`` (or ``[d_model]``)."""
