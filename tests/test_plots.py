@@ -153,3 +153,42 @@ def test_published_comparison_needs_published_rows(tables):
     _, _, compare = tables
     with pytest.raises(ValueError, match="published"):
         plots.plot_published_comparison(compare.assign(published=np.nan))
+
+
+def test_targeting_plot_draws_medians_with_their_ci():
+    """Heavy-tailed ranks: the bars are the medians over tasks (not the means), with the summary's
+    bootstrap CIs as error bars, on the log axis."""
+    from matplotlib.container import ErrorbarContainer
+
+    from saets_utils.evaluation.targeting import targeting_summary
+
+    ranks = {"CAA": [2.0, 10.0, 45.0, 60.0, 9000.0], "SAE-TS": [1.0, 1.0, 2.0, 3.0, 800.0]}
+    tg = pd.DataFrame(
+        [
+            {"task": f"t{i}", "method": m, "target_rank": r, "ratio": 0.1 * r, "d_sae": 16384}
+            for m, rs in ranks.items()
+            for i, r in enumerate(rs)
+        ]
+    )
+    fig = plots.plot_targeting(tg, seed=0, n_boot=500)
+    ax_r, ax_q = fig.axes
+    assert ax_r.get_yscale() == "log" and "median over tasks" in ax_r.get_title() + ax_r.get_ylabel()
+    summ = targeting_summary(tg, n_boot=500, seed=0).set_index("method")
+    for ax, col, values in ((ax_r, "median_rank", ranks), (ax_q, "median_ratio", None)):
+        (eb,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        data_line, _, (bars,) = eb.lines
+        x, y = data_line.get_data()
+        np.testing.assert_array_equal(x, [0, 1])  # CAA, SAE-TS in project order
+        np.testing.assert_allclose(y, summ.loc[["CAA", "SAE-TS"], col])
+        if values is not None:  # the medians, far below the means the old bars showed
+            np.testing.assert_allclose(y, [np.median(values["CAA"]), np.median(values["SAE-TS"])])
+            assert y[0] == 45.0 and np.mean(values["CAA"]) > 1000
+        spans = np.array([seg[:, 1] for seg in bars.get_segments()])  # the CI, bottom to top
+        np.testing.assert_allclose(
+            np.sort(spans, axis=1), summ.loc[["CAA", "SAE-TS"], [f"{col}_ci_low", f"{col}_ci_high"]]
+        )
+    # a given summary (eval/targeting_summary.csv) is drawn as is
+    fixed = summ.reset_index().assign(median_rank=[100.0, 5.0])
+    (eb,) = [c for c in plots.plot_targeting(tg, summary=fixed).axes[0].containers if isinstance(c, ErrorbarContainer)]
+    np.testing.assert_allclose(eb.lines[0].get_ydata(), [100.0, 5.0])
+    assert plt.get_fignums() == []

@@ -24,6 +24,7 @@ from saets_utils.evaluation.targeting import (
     COLUMNS,
     TARGETING_ID_OFFSET,
     measure_targeting,
+    targeting_differences,
     targeting_metrics,
     targeting_summary,
     targeting_vector_id,
@@ -117,6 +118,103 @@ def test_summary_per_method_with_bootstrap_over_tasks():
     assert caa["mean_ratio"] == pytest.approx(0.2)  # the infinite ratio is left out
     assert s.equals(targeting_summary(df, n_boot=200, seed=0))
     assert targeting_summary(df, n_boot=0)["rank_ci_low"].isna().all()
+
+
+# A heavy tail: most tasks rank their target near the top, one task at ~10^4. The arithmetic mean
+# (~2000) says nothing about the typical task; the median (7) and the geometric mean do.
+HEAVY_RANKS = np.array([1.0, 3.0, 5.0, 7.0, 9.0, 12.0, 20000.0])
+
+
+def _heavy_frame() -> pd.DataFrame:
+    n = len(HEAVY_RANKS)
+    tasks = [f"t{i}" for i in range(n)]
+    ratios = np.array([0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 300.0])
+    # CAA: every task's rank exactly twice SAE's times a factor whose logs cancel (mean log = log 2),
+    # its ratio 0.5 lower on every task but with spread, so the CIs are not points
+    wobble = np.exp(np.array([-0.3, 0.3, -0.2, 0.2, -0.1, 0.1, 0.0]))
+    shift = np.array([0.4, 0.6, 0.3, 0.7, 0.5, 0.45, 0.55])
+    return pd.DataFrame(
+        {
+            "task": tasks * 2,
+            "method": ["SAE"] * n + ["CAA"] * n,
+            "target_rank": np.r_[HEAVY_RANKS, 2 * HEAVY_RANKS * wobble],
+            "target_rank_mean": np.r_[HEAVY_RANKS, 2 * HEAVY_RANKS * wobble],
+            "ratio": np.r_[ratios, ratios - shift],
+            "target_effect": np.r_[ratios, ratios - shift],
+        }
+    )
+
+
+def test_summary_median_and_geometric_mean_with_bootstrap_ci():
+    df = _heavy_frame()
+    s = targeting_summary(df, n_boot=2000, seed=0).set_index("method")
+    sae = s.loc["SAE"]
+    assert sae["n_tasks"] == len(HEAVY_RANKS)
+    assert sae["median_rank"] == np.median(HEAVY_RANKS) == 7.0
+    assert sae["mean_rank"] == pytest.approx(HEAVY_RANKS.mean()) and sae["mean_rank"] > 100 * sae["median_rank"]
+    assert sae["geomean_rank"] == pytest.approx(np.exp(np.log(HEAVY_RANKS).mean()))
+    assert sae["median_rank"] < sae["geomean_rank"] < sae["mean_rank"]
+    assert HEAVY_RANKS.min() <= sae["median_rank_ci_low"] <= 7.0 <= sae["median_rank_ci_high"] < HEAVY_RANKS.max()
+    assert sae["median_rank_ci_low"] < sae["median_rank_ci_high"]
+    assert sae["geomean_rank_ci_low"] < sae["geomean_rank"] < sae["geomean_rank_ci_high"]
+    assert sae["median_ratio"] == 2.0
+    assert sae["median_ratio_ci_low"] <= 2.0 <= sae["median_ratio_ci_high"] < 300
+    caa = s.loc["CAA"]
+    assert caa["median_rank"] == pytest.approx(np.median(df.loc[df["method"] == "CAA", "target_rank"]))
+    assert caa["geomean_rank"] == pytest.approx(2 * sae["geomean_rank"])  # the wobble's logs cancel
+    no_ci = targeting_summary(df, n_boot=0)
+    assert no_ci[[c for c in no_ci if "_ci_" in c]].isna().all().all() and (no_ci["median_rank"] > 0).all()
+    assert targeting_summary(df, n_boot=300, seed=1).equals(targeting_summary(df, n_boot=300, seed=1))
+
+
+def test_summary_and_differences_average_replicates_within_task_first():
+    """Two measurement seeds per (task, method): one value per task (the geometric mean of the
+    replicates' ranks), so n_tasks counts tasks and the bootstrap resamples tasks."""
+    df = _heavy_frame()
+    other = df.assign(target_rank=df["target_rank"] * 4, ratio=df["ratio"] + 1)
+    both = pd.concat([df.assign(seed=0), other.assign(seed=1)], ignore_index=True)
+    s = targeting_summary(both, n_boot=200).set_index("method")
+    assert s.loc["SAE", "n_tasks"] == len(HEAVY_RANKS)
+    assert s.loc["SAE", "median_rank"] == pytest.approx(2 * 7.0)  # sqrt(r * 4r) = 2r
+    assert s.loc["SAE", "median_ratio"] == pytest.approx(2.5)
+    d = targeting_differences(both, n_boot=200).set_index("method")
+    assert d.loc["CAA", "n_tasks"] == len(HEAVY_RANKS) and d.loc["CAA", "rank_ratio"] == pytest.approx(2.0)
+
+
+def test_paired_differences_against_the_baseline():
+    df = _heavy_frame()
+    d = targeting_differences(df, baseline="SAE", n_boot=2000, seed=0)
+    assert d["method"].tolist() == ["CAA"] and (d["baseline"] == "SAE").all()  # the baseline gets no row
+    caa = d.set_index("method").loc["CAA"]
+    assert caa["n_tasks"] == caa["n_tasks_ratio"] == len(HEAVY_RANKS)
+    assert caa["mean_log_rank_diff"] == pytest.approx(math.log(2))
+    assert caa["rank_ratio"] == pytest.approx(2.0)  # uniformly 2x worse (the geometric means' ratio)
+    assert 1 < caa["rank_ratio_ci_low"] < 2 < caa["rank_ratio_ci_high"] and caa["rank_ratio_excludes_1"]
+    assert caa["ratio_diff"] == pytest.approx(-0.5)
+    assert caa["ratio_diff_ci_low"] < -0.5 < caa["ratio_diff_ci_high"] < 0 and caa["ratio_diff_excludes_0"]
+    # paired: the huge spread across tasks would swamp an unpaired CI; pairing removes it
+    rev = targeting_differences(df, baseline="CAA", n_boot=2000, seed=0).set_index("method").loc["SAE"]
+    assert rev["rank_ratio"] == pytest.approx(0.5) and rev["rank_ratio_ci_high"] < 1
+    # a method no different from the baseline: CI around 1 (ratio) and 0 (difference), not excluded
+    rng = np.random.default_rng(0)
+    same = df[df["method"] == "SAE"].assign(method="SAE-TS")
+    same["target_rank"] *= np.exp(rng.normal(0, 0.5, len(same)))
+    same["ratio"] += rng.normal(0, 0.5, len(same))
+    dd = targeting_differences(pd.concat([df, same]), n_boot=2000).set_index("method").loc["SAE-TS"]
+    assert dd["rank_ratio_ci_low"] < 1 < dd["rank_ratio_ci_high"] and not dd["rank_ratio_excludes_1"]
+    assert dd["ratio_diff_ci_low"] < 0 < dd["ratio_diff_ci_high"] and not dd["ratio_diff_excludes_0"]
+
+
+def test_differences_edge_cases():
+    df = _heavy_frame()
+    assert targeting_differences(df, baseline="rotation").empty  # baseline not scored
+    one = targeting_differences(df[df["task"].isin(["t0"])], n_boot=100).iloc[0]
+    assert one["n_tasks"] == 1 and one["rank_ratio"] == pytest.approx(2 * math.exp(-0.3))
+    assert math.isnan(one["rank_ratio_ci_low"]) and not one["rank_ratio_excludes_1"]
+    # only tasks scored by both methods are paired; a NaN (uncalibrated) rank drops its task
+    partial = df.drop(df.index[(df["method"] == "CAA") & (df["task"] == "t6")])
+    partial.loc[(partial["method"] == "SAE") & (partial["task"] == "t0"), "target_rank"] = np.nan
+    assert targeting_differences(partial, n_boot=0).iloc[0]["n_tasks"] == len(HEAVY_RANKS) - 2
 
 
 def test_vector_ids_never_alias_effects_ids():
@@ -243,6 +341,9 @@ def test_measurement_is_01s_at_the_calibrated_scale(setup):
     pd.testing.assert_frame_equal(written, df, check_dtype=False)
     summ = pd.read_csv(run.results_dir / "eval" / "targeting_summary.csv")
     assert summ["method"].tolist() == ["CAA", "SAE"] and (summ["n_tasks"] == 1).all()
+    diff = pd.read_csv(run.results_dir / "eval" / "targeting_differences.csv")
+    assert diff["method"].tolist() == ["CAA"] and diff["baseline"].tolist() == ["SAE"]
+    assert diff["n_tasks"].tolist() == [1]
 
 
 def test_reads_03s_files_and_gives_the_same_table(setup, tmp_path):

@@ -17,7 +17,9 @@ notebook 03 (one per task and vector-building method; ``prompt`` has none) is
    FGAA is scored against it too, not against its own contrastive target.
 
 Writes ``results/<run>/eval/``: ``targeting.csv`` (one row per task and method),
-``targeting_summary.csv`` (per method, means over tasks with bootstrap CIs over tasks) and
+``targeting_summary.csv`` (per method: median and geometric-mean rank and median ratio over tasks,
+with bootstrap CIs over tasks; the older arithmetic means beside them), ``targeting_differences.csv``
+(each method against SAE, paired over tasks: :func:`targeting_differences`) and
 ``targeting_effects.safetensors`` (the measured effects, for profiles).
 """
 
@@ -83,16 +85,42 @@ COLUMNS = (
 SUMMARY_COLUMNS = (
     "method",
     "n_tasks",
+    "median_rank",
+    "median_rank_ci_low",
+    "median_rank_ci_high",
+    "geomean_rank",
+    "geomean_rank_ci_low",
+    "geomean_rank_ci_high",
+    "median_ratio",
+    "median_ratio_ci_low",
+    "median_ratio_ci_high",
     "mean_rank",
     "rank_ci_low",
     "rank_ci_high",
-    "median_rank",
     "mean_rank_weighted",
     "mean_ratio",
     "ratio_ci_low",
     "ratio_ci_high",
     "mean_target_effect",
 )
+DIFFERENCE_COLUMNS = (
+    "method",
+    "baseline",
+    "n_tasks",
+    "mean_log_rank_diff",
+    "rank_ratio",
+    "rank_ratio_ci_low",
+    "rank_ratio_ci_high",
+    "rank_ratio_excludes_1",
+    "n_tasks_ratio",
+    "ratio_diff",
+    "ratio_diff_ci_low",
+    "ratio_diff_ci_high",
+    "ratio_diff_excludes_0",
+)
+# The method every other one is compared with in targeting_differences.csv: plain SAE decoder rows,
+# the vectors SAE-TS and the other SAE-based methods set out to improve on.
+DIFFERENCE_BASELINE = "SAE"
 
 
 # --- the metric ---------------------------------------------------------------------------------
@@ -312,8 +340,8 @@ def measure_targeting(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Calibrate, measure and score every (task, method) vector (module docstring); writes
-    ``eval/targeting.csv``, ``eval/targeting_summary.csv`` and ``eval/targeting_effects.safetensors``
-    and returns the per-vector table (columns ``COLUMNS``)."""
+    ``eval/targeting.csv``, ``eval/targeting_summary.csv``, ``eval/targeting_differences.csv`` and
+    ``eval/targeting_effects.safetensors`` and returns the per-vector table (columns ``COLUMNS``)."""
     from saets_utils.effects.calibration import resid_at_hook
     from saets_utils.effects.runner import calibrate_and_measure, plan_scale_hint, rollout_spec
     from saets_utils.io_utils import atomic_save_safetensors, atomic_write_text
@@ -370,6 +398,8 @@ def measure_targeting(
     atomic_write_text(out_dir / "targeting.csv", df.to_csv(index=False))
     summ = targeting_summary(df, n_boot=run.eval.bootstrap, seed=run.seed)
     atomic_write_text(out_dir / "targeting_summary.csv", summ.to_csv(index=False))
+    diff = targeting_differences(df, n_boot=run.eval.bootstrap, seed=run.seed)
+    atomic_write_text(out_dir / "targeting_differences.csv", diff.to_csv(index=False))
     atomic_save_safetensors(
         {
             "effects": effects.contiguous(),
@@ -386,50 +416,185 @@ def measure_targeting(
 # --- summary ------------------------------------------------------------------------------------
 
 
-def _boot_mean_ci(x: np.ndarray, n_boot: int, rng: np.random.Generator, ci: float) -> tuple[float, float]:
+def _boot_ci(
+    x: np.ndarray, n_boot: int, rng: np.random.Generator, ci: float, stats: Mapping[str, Any]
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs of several statistics of ``x`` (one value per task) from one set of
+    resamples of the tasks: ``{name: (low, high)}`` for each ``stats[name]``, a reduction taking
+    ``axis=1``. NaN bounds with fewer than 2 values or ``n_boot <= 0``."""
     if n_boot <= 0 or len(x) < 2:
-        return math.nan, math.nan
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1)
-    lo, hi = np.percentile(means, [50 * (1 - ci), 50 * (1 + ci)])
-    return float(lo), float(hi)
+        return {k: (math.nan, math.nan) for k in stats}
+    resampled = x[rng.integers(0, len(x), size=(n_boot, len(x)))]
+    out = {}
+    for k, f in stats.items():
+        lo, hi = np.percentile(f(resampled, axis=1), [50 * (1 - ci), 50 * (1 + ci)])
+        out[k] = (float(lo), float(hi))
+    return out
+
+
+def _boot_mean_ci(x: np.ndarray, n_boot: int, rng: np.random.Generator, ci: float) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``x``, resampling its entries (NaN as in :func:`_boot_ci`)."""
+    return _boot_ci(x, n_boot, rng, ci, {"mean": np.mean})["mean"]
+
+
+def _geomean(x: np.ndarray, axis: int | None = None) -> Any:
+    return np.exp(np.log(x).mean(axis=axis))
+
+
+def _finite_mean(x: pd.Series) -> float:
+    v = x.to_numpy(float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else math.nan
+
+
+def _finite_geomean(x: pd.Series) -> float:
+    v = x.to_numpy(float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if len(v) == 1:
+        return float(v[0])  # exact, no round trip through log
+    return float(_geomean(v)) if len(v) else math.nan
+
+
+def per_task(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, task): several rows of a task and method (replicates, e.g. measurements
+    with another seed) are averaged first, ranks on the log scale (``target_rank`` and
+    ``target_rank_mean`` become their geometric means, ``log_rank`` the mean log rank), ``ratio`` and
+    ``target_effect`` arithmetically; non-finite values are left out of each average (NaN if none is
+    left). With one row per task and method this changes nothing but adds ``log_rank``."""
+    how = {"target_rank": _finite_geomean, "target_rank_mean": _finite_geomean}
+    how |= {"ratio": _finite_mean, "target_effect": _finite_mean}
+    d = df[["method", "task", *(c for c in how if c in df)]].copy()
+    for c in how:
+        if c not in d:
+            d[c] = math.nan
+    out = d.groupby(["method", "task"], sort=False).agg(how).reset_index()
+    out["log_rank"] = np.log(out["target_rank"].to_numpy(float))
+    return out
+
+
+def _method_order(df: pd.DataFrame) -> list[str]:
+    present = list(pd.unique(df["method"])) if len(df) else []
+    return [m for m in METHODS if m in present] + [m for m in present if m not in METHODS]
 
 
 def targeting_summary(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
-    """Per method (project order): over the tasks with finite metrics, the mean and median best-target
-    rank, the mean weighted rank, the mean target/off-target ratio and the mean target effect;
-    percentile bootstrap CIs of the mean rank and mean ratio resample tasks (each method its own
-    stream from ``seed``; NaN with fewer than 2 tasks or ``n_boot = 0``). Infinite ratios (nothing
-    moved off target) are left out of the ratio mean."""
+    """Per method (project order), over the tasks with a finite best-target rank (``n_tasks``;
+    replicates of a task are averaged first, see :func:`per_task`):
+
+    - ``median_rank`` and ``geomean_rank`` (``exp(mean(log rank))``), the headline numbers: ranks
+      are heavy-tailed (a few tasks at rank ~10^4 drag an arithmetic mean far above the typical
+      task), so these describe a method's typical task; ``median_ratio``: the median
+      target/off-target ratio;
+    - each with a percentile bootstrap CI (``*_ci_low``, ``*_ci_high``, level ``ci``) that resamples
+      tasks; each method draws its own stream from ``seed``, and all rank statistics of a method share
+      one set of resamples, as do all ratio statistics; NaN with fewer than 2 tasks or ``n_boot = 0``;
+    - the arithmetic ``mean_rank`` (CI ``rank_ci_low``/``rank_ci_high``), ``mean_ratio`` (CI
+      ``ratio_ci_low``/``ratio_ci_high``), ``mean_rank_weighted`` and ``mean_target_effect``, kept
+      for continuity; read them with the tail in mind.
+
+    Infinite ratios (nothing moved off target) are left out of the ratio statistics."""
     rows = []
-    present = list(pd.unique(df["method"])) if len(df) else []
-    methods = [m for m in METHODS if m in present] + [m for m in present if m not in METHODS]
-    for m in methods:
-        sub = df[df["method"] == m]
+    tasks = per_task(df)
+    for m in _method_order(df):
+        sub = tasks[tasks["method"] == m]
         rank = sub["target_rank"].to_numpy(float)
         rank = rank[np.isfinite(rank)]
         ratio = sub["ratio"].to_numpy(float)
         ratio = ratio[np.isfinite(ratio)]
         rng = np.random.default_rng([seed, zlib.crc32(f"targeting\0{m}".encode())])
-        r_lo, r_hi = _boot_mean_ci(rank, n_boot, rng, ci)
-        q_lo, q_hi = _boot_mean_ci(ratio, n_boot, rng, ci)
+        r_ci = _boot_ci(rank, n_boot, rng, ci, {"mean": np.mean, "median": np.median, "geomean": _geomean})
+        q_ci = _boot_ci(ratio, n_boot, rng, ci, {"mean": np.mean, "median": np.median})
         wr = sub["target_rank_mean"].to_numpy(float)
         te = sub["target_effect"].to_numpy(float)
+        has_rank, has_ratio = len(rank) > 0, len(ratio) > 0
         rows.append(
             {
                 "method": m,
                 "n_tasks": len(rank),
-                "mean_rank": float(rank.mean()) if len(rank) else math.nan,
-                "rank_ci_low": r_lo,
-                "rank_ci_high": r_hi,
-                "median_rank": float(np.median(rank)) if len(rank) else math.nan,
+                "median_rank": float(np.median(rank)) if has_rank else math.nan,
+                "median_rank_ci_low": r_ci["median"][0],
+                "median_rank_ci_high": r_ci["median"][1],
+                "geomean_rank": float(_geomean(rank)) if has_rank else math.nan,
+                "geomean_rank_ci_low": r_ci["geomean"][0],
+                "geomean_rank_ci_high": r_ci["geomean"][1],
+                "median_ratio": float(np.median(ratio)) if has_ratio else math.nan,
+                "median_ratio_ci_low": q_ci["median"][0],
+                "median_ratio_ci_high": q_ci["median"][1],
+                "mean_rank": float(rank.mean()) if has_rank else math.nan,
+                "rank_ci_low": r_ci["mean"][0],
+                "rank_ci_high": r_ci["mean"][1],
                 "mean_rank_weighted": float(np.nanmean(wr)) if np.isfinite(wr).any() else math.nan,
-                "mean_ratio": float(ratio.mean()) if len(ratio) else math.nan,
-                "ratio_ci_low": q_lo,
-                "ratio_ci_high": q_hi,
+                "mean_ratio": float(ratio.mean()) if has_ratio else math.nan,
+                "ratio_ci_low": q_ci["mean"][0],
+                "ratio_ci_high": q_ci["mean"][1],
                 "mean_target_effect": float(np.nanmean(te)) if np.isfinite(te).any() else math.nan,
             }
         )
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def _paired_mean_ci(d: np.ndarray, n_boot: int, rng: np.random.Generator, ci: float) -> tuple[float, float, float]:
+    """Mean of the per-task differences ``d`` and its percentile bootstrap CI over tasks."""
+    lo, hi = _boot_mean_ci(d, n_boot, rng, ci)
+    return (float(d.mean()) if len(d) else math.nan), lo, hi
+
+
+def targeting_differences(
+    df: pd.DataFrame, baseline: str = DIFFERENCE_BASELINE, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
+) -> pd.DataFrame:
+    """Each method (project order) against ``baseline``, paired over the tasks both were scored on.
+
+    Replicates of a (task, method) (e.g. two measurement seeds) are averaged first (:func:`per_task`:
+    the mean of their log ranks, the mean of their ratios). Then, over the tasks where both methods
+    have a finite value:
+
+    - ``mean_log_rank_diff``: mean over tasks of ``log rank[method] - log rank[baseline]``, and
+      ``rank_ratio = exp(mean_log_rank_diff)``, the ratio of the two geometric-mean ranks over the
+      paired tasks (``n_tasks``): 2 = the method's targets rank twice as far down (worse), 0.5 =
+      twice as high (better); CI ``rank_ratio_ci_low``/``high`` = exp of the CI of the mean log
+      difference; ``rank_ratio_excludes_1``: the CI lies wholly above or below 1;
+    - ``ratio_diff``: mean over tasks (``n_tasks_ratio``; infinite ratios left out) of
+      ``ratio[method] - ratio[baseline]`` (target/off-target ratio; positive = the method is better
+      targeted), CI ``ratio_diff_ci_low``/``high``, ``ratio_diff_excludes_0``.
+
+    CIs are percentile bootstraps (level ``ci``) that resample tasks and keep each task's pair
+    together; each method draws its own stream from ``seed``. With fewer than 2 paired tasks or
+    ``n_boot = 0`` the CIs are NaN and the ``excludes`` columns False. The baseline gets no row; the
+    table is empty if the baseline was not scored."""
+    tasks = per_task(df)
+    rows = []
+    if baseline in set(tasks["method"]):
+        base = tasks[tasks["method"] == baseline].set_index("task")
+        for m in _method_order(df):
+            if m == baseline:
+                continue
+            sub = tasks[tasks["method"] == m].set_index("task")
+            common = sub.index.intersection(base.index)
+            rng = np.random.default_rng([seed, zlib.crc32(f"targeting-diff\0{m}\0{baseline}".encode())])
+            out: dict[str, Any] = {"method": m, "baseline": baseline}
+            d = (sub.loc[common, "log_rank"] - base.loc[common, "log_rank"]).to_numpy(float)
+            d = d[np.isfinite(d)]
+            mean, lo, hi = _paired_mean_ci(d, n_boot, rng, ci)
+            out.update(
+                n_tasks=len(d),
+                mean_log_rank_diff=mean,
+                rank_ratio=math.exp(mean) if len(d) else math.nan,
+                rank_ratio_ci_low=math.exp(lo) if np.isfinite(lo) else math.nan,
+                rank_ratio_ci_high=math.exp(hi) if np.isfinite(hi) else math.nan,
+                rank_ratio_excludes_1=bool(lo > 0 or hi < 0),
+            )
+            q = (sub.loc[common, "ratio"] - base.loc[common, "ratio"]).to_numpy(float)
+            q = q[np.isfinite(q)]
+            mean, lo, hi = _paired_mean_ci(q, n_boot, rng, ci)
+            out.update(
+                n_tasks_ratio=len(q),
+                ratio_diff=mean,
+                ratio_diff_ci_low=lo,
+                ratio_diff_ci_high=hi,
+                ratio_diff_excludes_0=bool(lo > 0 or hi < 0),
+            )
+            rows.append(out)
+    return pd.DataFrame(rows, columns=list(DIFFERENCE_COLUMNS))
 
 
 def load_targeting(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:

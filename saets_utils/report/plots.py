@@ -373,13 +373,24 @@ def plot_published_comparison(compare_df: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_targeting(targeting: pd.DataFrame, seed: int = 0) -> Figure:
+def plot_targeting(
+    targeting: pd.DataFrame, seed: int = 0, summary: pd.DataFrame | None = None, n_boot: int = 1000
+) -> Figure:
     """Judge-free targeting per method (``targeting``: eval/targeting.csv, one row per task and
     method). Left: rank of the best target feature among all SAE features by measured effect (1 =
     the most raised feature; log scale, best at the top). Right: target effect / off-target norm.
-    One dot per task (slightly jittered), a black bar at the mean over tasks; vectors that could not
-    be calibrated (NaN) are left out and counted in the tick label."""
+    One dot per row (slightly jittered); a black bar at the **median over tasks** with its 95%
+    bootstrap CI over tasks as an error bar (ranks are heavy-tailed: a mean would sit far above the
+    typical task). The medians and CIs are ``summary``'s (eval/targeting_summary.csv, columns
+    ``median_rank``, ``median_ratio`` and their ``*_ci_low``/``*_ci_high``), or
+    :func:`~saets_utils.evaluation.targeting.targeting_summary` of ``targeting`` with ``n_boot`` and
+    ``seed``. Vectors that could not be calibrated (NaN) are left out and counted in the tick label."""
+    from saets_utils.evaluation.targeting import targeting_summary
+
     methods = _methods(targeting)
+    if summary is None:
+        summary = targeting_summary(targeting, n_boot=n_boot, seed=seed)
+    summ = summary.set_index("method").reindex(methods)
     fig = _figure((max(7.0, 1.5 * len(methods) + 2.5), 3.8))
     ax_r, ax_q = fig.subplots(1, 2)
     rng = np.random.default_rng(seed)
@@ -401,9 +412,28 @@ def plot_targeting(targeting: pd.DataFrame, seed: int = 0) -> Figure:
                     linewidths=0.5,
                     zorder=3,
                 )
-                ax.hlines(v.mean(), x - 0.3, x + 0.3, color="black", lw=1.6, zorder=4)
         bad = int((~np.isfinite(sub["target_rank"].to_numpy(float))).sum())
         labels.append(m + (f"\n({bad} NaN)" if bad else ""))
+    for ax, col in ((ax_r, "median_rank"), (ax_q, "median_ratio")):
+        med = summ[col].to_numpy(float)
+        ok = np.isfinite(med)
+        if ok.any():
+            lo = summ[f"{col}_ci_low"].to_numpy(float)[ok]
+            hi = summ[f"{col}_ci_high"].to_numpy(float)[ok]
+            err = np.nan_to_num(np.vstack([med[ok] - lo, hi - med[ok]]), nan=0.0).clip(0, None)  # no CI: no bar
+            ax.errorbar(
+                np.arange(len(methods))[ok],
+                med[ok],
+                yerr=err,
+                fmt="_",
+                color="black",
+                markersize=26,
+                markeredgewidth=1.8,
+                elinewidth=1.1,
+                capsize=4,
+                zorder=4,
+                label="median over tasks (95% CI)",
+            )
     ax_r.set_yscale("log")
     ax_r.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     top = (
@@ -412,12 +442,13 @@ def plot_targeting(targeting: pd.DataFrame, seed: int = 0) -> Figure:
     ax_r.set_ylim(top * 1.3, 0.8)  # inverted: rank 1 at the top
     if np.isfinite(d_sae):
         ax_r.axhline(d_sae / 2, color="grey", lw=0.8, ls=":", label="chance (d_sae / 2)")
+    if np.isfinite(d_sae) or np.isfinite(summ["median_rank"].to_numpy(float)).any():
         ax_r.legend(fontsize=8, loc="lower right")
-    ax_r.set_ylabel("rank of best target feature (log)")
-    ax_r.set_title("target rank by measured effect", fontsize=10)
+    ax_r.set_ylabel("rank of best target feature (log)\nbar: median over tasks, 95% CI")
+    ax_r.set_title("target rank by measured effect (median over tasks)", fontsize=10)
     ax_q.axhline(0, color="black", lw=0.6)
-    ax_q.set_ylabel("target effect / off-target norm")
-    ax_q.set_title("target vs off-target effect", fontsize=10)
+    ax_q.set_ylabel("target effect / off-target norm\nbar: median over tasks, 95% CI")
+    ax_q.set_title("target vs off-target effect (median over tasks)", fontsize=10)
     for ax in (ax_r, ax_q):
         ax.set_xticks(np.arange(len(methods)), labels, fontsize=9)
         ax.set_xlim(-0.6, len(methods) - 0.4)
