@@ -22,7 +22,14 @@ from saets_utils.approximator.fits import (
     ridge_cv_path,
 )
 from saets_utils.approximator.metrics import approximator_metrics, heldout_r2, noise_ceiling, split_half_reliability
-from saets_utils.approximator.model import EffectApproximator, load_rotation, rotation_matrix, split_holdout
+from saets_utils.approximator.model import (
+    EffectApproximator,
+    load_rotation,
+    pinverse,
+    rank_rtol,
+    rotation_matrix,
+    split_holdout,
+)
 
 D_MODEL, D_SAE, N, NOISE = 16, 24, 400, 0.01
 
@@ -193,6 +200,29 @@ def test_save_load_round_trip(tmp_path, synthetic):
     torch.testing.assert_close(load_rotation(tmp_path / "a.safetensors"), rotation_matrix(approx, W_dec))
     approx.save(tmp_path / "b.safetensors")
     assert load_rotation(tmp_path / "b.safetensors") is None
+
+
+def test_rank_rtol_is_at_the_coarsest_storage_precision():
+    assert rank_rtol((576, 4608), torch.float32) == 4608 * torch.finfo(torch.float32).eps
+    assert rank_rtol((576, 4608), torch.float64) == 4608 * torch.finfo(torch.float64).eps
+    assert rank_rtol((4, 3), torch.float64, torch.bfloat16) == 4 * torch.finfo(torch.bfloat16).eps
+    assert rank_rtol((4, 3), torch.int64) == 4 * torch.finfo(torch.float64).eps
+
+
+def test_low_rank_approximator_saves_a_rank_k_rotation_and_has_a_rank_k_pinverse(tmp_path):
+    # A reduced-rank fit (rank 3) stored in float32: its pseudo-inverse and the rotation saved next
+    # to it keep rank 3 instead of inverting / rotating float32 rounding noise.
+    g = torch.Generator().manual_seed(4)
+    W = (
+        torch.randn(D_MODEL, 3, generator=g, dtype=torch.float64)
+        @ torch.randn(3, D_SAE, generator=g, dtype=torch.float64)
+    ).float()
+    approx = EffectApproximator(W, torch.zeros(D_SAE))
+    assert torch.linalg.matrix_rank(torch.linalg.pinv(W.double()), rtol=1e-9) > 3  # the old cut-off: noise
+    assert torch.linalg.matrix_rank(pinverse(W), rtol=1e-9) == 3
+    approx.save(tmp_path / "a.safetensors", W_dec=unit_rows(D_SAE, D_MODEL, g))
+    R = load_rotation(tmp_path / "a.safetensors")
+    assert R is not None and torch.linalg.matrix_rank(R.double(), rtol=1e-4) == 3
 
 
 # ---- per-feature ridge ---------------------------------------------------------------------------

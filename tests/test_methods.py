@@ -3,12 +3,15 @@ method doing what its formula promises on constructed cases."""
 
 import copy
 import math
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from helpers import HOOK
 from saets_utils.approximator.model import EffectApproximator
+from saets_utils.evaluation import task_vectors
 from saets_utils.evaluation.methods import (
     build_caa_vector,
     build_fgaa_target,
@@ -21,6 +24,7 @@ from saets_utils.evaluation.methods import (
     feature_density,
     mean_resid,
     mean_sae_acts,
+    pinverse,
     rotation_matrix,
     target_vector,
 )
@@ -151,9 +155,101 @@ def test_pinverse_solves_least_squares(approx):
     )
 
 
+def low_rank(m, n, k, seed):
+    """``(A [m, k], B [k, n])`` float64 factors of a rank-k ``W = A @ B``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=g, dtype=torch.float64), torch.randn(k, n, generator=g, dtype=torch.float64)
+
+
+def cosine(a, b):
+    return float(a.double() @ b.double() / (a.double().norm() * b.double().norm()))
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.float64])
+def test_pinverse_vector_is_the_rank_k_solution_of_a_low_rank_W(storage):
+    # W = A @ B of rank 5, built in float64 and stored in float32 (as approximators are saved) or
+    # kept in float64. pinv(A B) = B^+ A^+ exactly, from the float64 factors.
+    m, n, k = 64, 512, 5
+    A, B = low_rank(m, n, k, seed=9)
+    pinv_k = B.T @ torch.linalg.inv(B @ B.T) @ torch.linalg.inv(A.T @ A) @ A.T  # [n, m]
+    b = 0.1 * torch.randn(n, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    approx = EffectApproximator((A @ B).to(storage), b.to(storage))
+    targets = [(3, 1.0), (100, 2.0), (411, -0.5)]
+    t = target_vector(targets, n, torch.float64)
+    rhs = t / t.norm() - approx.b.double()
+    intended = rhs @ pinv_k
+    v = build_pinverse_vector(approx, targets)
+    assert v.dtype == storage and v.norm().item() == pytest.approx(1.0, abs=1e-6)
+    assert cosine(v, intended) > 0.999
+    P = pinverse(approx.W)
+    assert P.dtype == torch.float64 and P.shape == (n, m)
+    assert torch.linalg.matrix_rank(P, rtol=1e-6) == k
+    torch.testing.assert_close(P, pinv_k, atol=1e-5 * pinv_k.abs().max().item(), rtol=0)
+    # Mutation check: torch's default cut-off inverts the float32 rounding of the null directions,
+    # so the old computation is noise; this test fails if build_pinverse_vector regresses to it.
+    old = rhs @ torch.linalg.pinv(approx.W.double())
+    if storage == torch.float32:
+        assert abs(cosine(old, intended)) < 0.5
+    else:  # in float64 the default cut-off is right, and so is the rank-aware one
+        assert cosine(old, intended) > 0.999
+
+
+def test_pinverse_full_rank_is_the_plain_pseudoinverse_and_rejects_bad_input(approx):
+    torch.testing.assert_close(pinverse(approx.W), torch.linalg.pinv(approx.W.double()), atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(pinverse(approx.W.double()), torch.linalg.pinv(approx.W.double()))
+    with pytest.raises(ValueError, match="2-D"):
+        pinverse(approx.b)
+    with pytest.raises(ValueError, match="rtol"):
+        pinverse(approx.W, rtol=1.5)
+
+
 def test_rotation_matrix_is_orthogonal(approx, W_dec):
     R = rotation_matrix(approx, W_dec)
     torch.testing.assert_close(R @ R.T, torch.eye(D_MODEL), atol=1e-5, rtol=0)
+
+
+def test_rotation_matrix_of_a_full_rank_W_is_the_procrustes_U_Vt(approx, W_dec):
+    W = approx.W.double()
+    C = (W / W.norm(dim=0, keepdim=True)) @ (W_dec.double() / W_dec.double().norm(dim=1, keepdim=True))
+    U, _, Vh = torch.linalg.svd(C)
+    torch.testing.assert_close(rotation_matrix(approx, W_dec), (U @ Vh).float(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.float64])
+def test_rotation_matrix_of_a_low_rank_W_is_a_rank_k_partial_isometry_into_its_span(storage):
+    d_model, d_sae, k = 32, 96, 5
+    A, B = low_rank(d_model, d_sae, k, seed=11)
+    approx = EffectApproximator((A @ B).to(storage), torch.zeros(d_sae, dtype=storage))
+    W_dec = unit_rows(d_sae, d_model, torch.Generator().manual_seed(12)).to(storage)
+    R = rotation_matrix(approx, W_dec).double()
+    s = torch.linalg.svdvals(R)
+    torch.testing.assert_close(s[:k], torch.ones(k, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert s[k:].max() < 1e-5  # rank k, not a full orthogonal matrix fixed by rounding noise
+    torch.testing.assert_close(R @ R.T @ R, R, atol=1e-5, rtol=0)
+    Q = torch.linalg.qr(A)[0]  # orthonormal basis of W's column span (that of its normalised columns)
+    for j in (0, 17, 95):
+        Rd = R @ W_dec[j].double()
+        assert Rd.norm() > 1e-3
+        assert (Rd - Q @ (Q.T @ Rd)).norm() < 1e-5 * Rd.norm()
+        v = build_rotation_vector(approx, W_dec, [(j, 1.0)], lam=0.0)
+        assert v.norm().item() == pytest.approx(1.0, abs=1e-5)
+        assert (v.double() - Q @ (Q.T @ v.double())).norm() < 1e-5
+
+
+def test_rotation_vector_raises_when_the_target_is_outside_the_rotated_span():
+    # Every column of W is e0, so C = e0 u^T has rank 1 with u the sum of the unit decoder rows; a
+    # target direction orthogonal to u has R @ d = 0 and no rotation vector.
+    e = torch.eye(D_MODEL)
+    W = e[:, :1].expand(D_MODEL, D_SAE).contiguous()
+    W_dec = torch.stack([e[j % (D_MODEL - 1) + 1] for j in range(D_SAE)])  # rows e1..e15, e1..e9
+    approx = EffectApproximator(W, torch.zeros(D_SAE))
+    R = rotation_matrix(approx, W_dec)
+    assert torch.linalg.matrix_rank(R.double(), rtol=1e-5) == 1
+    assert build_rotation_vector(approx, W_dec, [(0, 1.0)], lam=0.0) @ e[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="R @ d is zero"):
+        build_rotation_vector(approx, W_dec, [(0, 1.0), (1, -1.0)])  # d ~ e1 - e2, orthogonal to u
+    with pytest.raises(ValueError, match="outside the span"):
+        build_rotation_vector(approx, W_dec, [(0, 1.0)], R=torch.diag((torch.arange(D_MODEL) != 1).float()))
 
 
 def test_rotation_recovers_a_known_rotation_and_maps_decoder_rows_to_effect_columns(W_dec):
@@ -231,6 +327,102 @@ def test_mean_sae_acts_and_density_match_direct_computation(tiny_model, tiny_sae
         codes.append(tiny_sae.encode(cache[HOOK][0]))
     dens = feature_density(tiny_model, tiny_sae, HOOK, toks, include_first_position=True, batch_size=3)
     torch.testing.assert_close(dens, (torch.cat(codes) > 0).float().mean(0))
+
+
+@contextmanager
+def sinks(model, positions, factor=1e4):
+    """Scale the residual at ``HOOK`` of the given positions by ``factor`` (attention sinks) in every
+    forward pass, as a permanent hook that runs before run_with_cache's caching hook."""
+    hp = model.hook_dict[HOOK]
+
+    def blow_up(act, hook):
+        act = act.clone()
+        act[:, [p for p in positions if p < act.shape[1]]] *= factor
+        return act
+
+    hp.add_hook(blow_up, is_permanent=True)
+    try:
+        yield
+    finally:
+        hp.remove_hooks(including_permanent=True)
+
+
+def _direct_kept(model, toks, start, drop, fn=lambda a: a):
+    """Per-example rows fn(acts) at positions start.. except ``drop`` (unhooked), one pass per example."""
+    out = []
+    for s in toks:
+        _, cache = model.run_with_cache(s[None])
+        keep = [p for p in range(start, len(s)) if p not in drop]
+        if keep:
+            out.append(fn(cache[HOOK][0, keep]))
+    return out
+
+
+def test_mean_sae_acts_and_density_leave_out_positions_over_max_resid_norm(tiny_model, tiny_sae):
+    toks = seqs([5, 7, 4, 3], 13)
+    norms = torch.cat([tiny_model.run_with_cache(s[None])[1][HOOK][0].norm(dim=-1) for s in toks])
+    bound = 10 * norms.max().item()
+    assert 1e4 * norms.min().item() > bound
+    rows = _direct_kept(tiny_model, toks, 1, {2}, tiny_sae.encode)
+    expected = torch.stack([r.mean(0) for r in rows]).mean(0)
+    with sinks(tiny_model, [2]):
+        got = mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, False, batch_size=3, max_resid_norm=bound)
+        unfiltered = mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, False, batch_size=3)
+        dens = feature_density(tiny_model, tiny_sae, HOOK, toks, False, batch_size=3, max_resid_norm=bound)
+        resid = mean_resid(tiny_model, HOOK, toks, False, batch_size=3, max_resid_norm=bound)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (unfiltered - expected).abs().max() > 1.0  # the sink would dominate the mean without the filter
+    torch.testing.assert_close(dens, (torch.cat(rows) > 0).float().mean(0))
+    resid_rows = _direct_kept(tiny_model, toks, 1, {2})
+    torch.testing.assert_close(resid, torch.stack([r.mean(0) for r in resid_rows]).mean(0), atol=1e-5, rtol=1e-5)
+    # a bound above every norm changes nothing
+    torch.testing.assert_close(
+        mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, False, max_resid_norm=bound),
+        mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, False),
+    )
+
+
+def test_an_example_whose_every_position_is_a_sink_is_skipped(tiny_model, tiny_sae):
+    toks = seqs([6, 3], 14)  # without the first position, the second example has positions 1 and 2 only
+    bound = 10 * max(tiny_model.run_with_cache(s[None])[1][HOOK][0].norm(dim=-1).max().item() for s in toks)
+    rows = _direct_kept(tiny_model, toks, 1, {1, 2}, tiny_sae.encode)
+    assert len(rows) == 1
+    with sinks(tiny_model, [1, 2]):
+        got = mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, False, batch_size=2, max_resid_norm=bound)
+        with pytest.raises(ValueError, match="every position of every example"):
+            mean_sae_acts(tiny_model, tiny_sae, HOOK, toks[1:], False, max_resid_norm=bound)
+        with pytest.raises(ValueError, match="no position to count"):
+            feature_density(tiny_model, tiny_sae, HOOK, toks[1:], False, max_resid_norm=bound)
+    torch.testing.assert_close(got, rows[0].mean(0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_resid_norm must be > 0"):
+        mean_resid(tiny_model, HOOK, toks, False, max_resid_norm=0.0)
+
+
+def test_target_discovery_uses_the_runs_max_resid_norm(tiny_model, tiny_sae):
+    # task_vectors.contrast_acts (the means FGAA and target discovery rank features by) passes the
+    # run's effects.max_resid_norm: with it the sink at position 2 is left out, without it it is not.
+    pos, neg = seqs([5, 7], 15), seqs([4, 6], 16)
+    bound = 10 * max(tiny_model.run_with_cache(s[None])[1][HOOK][0].norm(dim=-1).max().item() for s in pos + neg)
+    expected = [
+        torch.stack([r.mean(0) for r in _direct_kept(tiny_model, t, 1, {2}, tiny_sae.encode)]).mean(0)
+        for t in (pos, neg)
+    ]
+    task = SimpleNamespace(positive="p", negative="n")
+    for max_norm in (bound, None):
+        ctx = SimpleNamespace(
+            run=SimpleNamespace(effects=SimpleNamespace(include_first_position=False, max_resid_norm=max_norm)),
+            model=tiny_model,
+            sae=tiny_sae,
+            hook_name=HOOK,
+            tokens={"p": pos, "n": neg}.get,
+        )
+        with sinks(tiny_model, [2]):
+            got = task_vectors.contrast_acts(task, ctx)  # type: ignore[arg-type]
+        for g_, w in zip(got, expected):
+            if max_norm is None:
+                assert (g_ - w).abs().max() > 1.0
+            else:
+                torch.testing.assert_close(g_, w, atol=1e-5, rtol=1e-5)
 
 
 def test_fgaa_target_drops_dense_and_bos_features_and_l1_normalises():

@@ -1,8 +1,9 @@
 """The effect approximator: a linear map from a unit steering vector to its effect on SAE features.
 
 ``effect ~= x @ W + b`` with ``W`` [d_model, d_sae] and ``b`` [d_sae] (the paper's ``M`` and ``b``):
-the value object with its file format, the rotation that maps decoder directions into effect space,
-and the seeded train / held-out split. Fits are in :mod:`.fits`, held-out metrics in :mod:`.metrics`.
+the value object with its file format, the rank-aware pseudo-inverse of ``W``, the rotation that
+maps decoder directions into effect space, and the seeded train / held-out split. Fits are in
+:mod:`.fits`, held-out metrics in :mod:`.metrics`.
 """
 
 from __future__ import annotations
@@ -98,14 +99,52 @@ def load_rotation(path: str | Path, device: str | torch.device = "cpu") -> Float
         return f.get_tensor("rotation") if "rotation" in f.keys() else None  # noqa: SIM118 - safe_open has keys() only
 
 
+def rank_rtol(shape: tuple[int, ...] | torch.Size, *dtypes: torch.dtype) -> float:
+    """Cut-off, relative to the largest singular value, below which a singular value of a matrix
+    of ``shape`` stored in ``dtypes`` is rounding noise: ``max(shape) * eps`` of the coarsest of
+    ``dtypes`` (torch's default for ``pinv``/``matrix_rank``, but at the storage precision rather
+    than the float64 the SVD is computed in). Non-float dtypes count as float64."""
+    eps = max(torch.finfo(d if d.is_floating_point else torch.float64).eps for d in dtypes or (torch.float64,))
+    return max(shape) * eps
+
+
+def pinverse(W: Float[Tensor, "m n"], rtol: float | None = None) -> Float[Tensor, "n m"]:
+    """Moore-Penrose pseudo-inverse of ``W [m, n]`` (e.g. the approximator's ``W [d_model, d_sae]``
+    -> ``[d_sae, d_model]``), computed in float64, singular values at or below ``rtol * s_max``
+    dropped; returned in float64.
+
+    Why not ``torch.linalg.pinv(W.double())``: its default cut-off is float64's (``max(m, n) *
+    2.2e-16``), but ``W`` is usually stored in float32 and often low rank (a reduced-rank fit). The
+    singular values float32 rounding leaves in the null directions (~1e-7 relative, far above the
+    float64 cut-off) then survive and are inverted, so ``x @ pinv(W)`` is dominated by rounding
+    noise. ``rtol`` defaults to :func:`rank_rtol` at ``W``'s storage dtype (float32/bf16/fp16 eps;
+    a float64 ``W`` gets float64's, i.e. torch's default).
+    """
+    if W.ndim != 2:
+        raise ValueError(f"pinverse needs a 2-D matrix; got shape {tuple(W.shape)}")
+    if rtol is None:
+        rtol = rank_rtol(W.shape, W.dtype)
+    elif not 0 <= rtol < 1:
+        raise ValueError(f"rtol must be in [0, 1); got {rtol}")
+    return torch.linalg.pinv(W.double(), rtol=rtol)
+
+
 def rotation_matrix(
     approx: EffectApproximator, W_dec: Float[Tensor, "d_sae d_model"]
 ) -> Float[Tensor, "d_model d_model"]:
-    """Orthogonal ``R`` with ``R @ norm(W_dec[j]) ~= norm(W[:, j])``: maps decoder directions onto the
-    directions that drive each feature's effect, so it also applies to never-measured features.
+    """``R [d_model, d_model]`` with ``R @ norm(W_dec[j]) ~= norm(W[:, j])``: maps decoder directions
+    onto the directions that drive each feature's effect, so it also applies to never-measured features.
 
-    ``C = norm_cols(W) @ norm_rows(W_dec) = U S V^T``, ``R = U V^T`` (orthogonal Procrustes). The
-    reference code (ft_effects/adapter_analysis.py) takes the SVD of ``C^T`` and applies the
+    ``C = norm_cols(W) @ norm_rows(W_dec) = U S V^T`` (computed in float64), ``R = U_k V_k^T``
+    (orthogonal Procrustes restricted to ``C``'s numerical rank ``k``: singular values above
+    :func:`rank_rtol` of ``W``'s shape at the coarser storage dtype of ``W`` and ``W_dec``, times
+    ``s_max``). ``rank(C) <= rank(W)``, and a reduced-rank ``W`` leaves ``C`` rank-deficient: the
+    full ``U V^T`` would then be fixed by rounding noise in the other ``d_model - k`` dimensions.
+    ``R`` is a partial isometry instead: it maps the span of the decoder side (``V_k``) isometrically
+    onto the span of the effect side (``U_k``, inside the column span of ``W``) and sends the rest
+    to zero. For a full-rank ``C`` (``k = d_model``) it is the orthogonal ``U V^T``.
+
+    The reference code (ft_effects/adapter_analysis.py) takes the SVD of ``C^T`` and applies the
     transpose of its result, which is this ``R``; REFERENCE.md's ``s = R^T d`` with this ``C`` is
     a transposition slip. Callers apply ``R @ d`` (tested on a known rotation).
     """
@@ -118,8 +157,10 @@ def rotation_matrix(
     # Dead features (all-zero column or row) contribute nothing instead of NaN.
     M_n = W / W.norm(dim=0, keepdim=True).clamp_min(1e-12)
     D_n = D / D.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    U, _, Vh = torch.linalg.svd(M_n @ D_n)
-    return (U @ Vh).to(approx.W.dtype)
+    U, sv, Vh = torch.linalg.svd(M_n @ D_n)
+    rtol = rank_rtol(approx.W.shape, approx.W.dtype, W_dec.dtype)
+    k = int((sv > rtol * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0
+    return (U[:, :k] @ Vh[:k]).to(approx.W.dtype)
 
 
 def split_holdout(

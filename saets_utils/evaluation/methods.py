@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saets_utils.approximator.model import EffectApproximator, rotation_matrix
+from saets_utils.approximator.model import EffectApproximator, pinverse, rank_rtol, rotation_matrix
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -35,6 +35,7 @@ __all__ = [
     "feature_density",
     "mean_resid",
     "mean_sae_acts",
+    "pinverse",
     "rotation_matrix",
     "target_vector",
 ]
@@ -103,11 +104,13 @@ def build_pinverse_vector(
     """Pseudoinverse: least-squares ``x`` with ``x @ W + b ~= t / ||t||``, i.e. ``(t/||t|| - b) @ pinv(W)``.
 
     Unit-normalised here so every method is compared at the same steering scales; the reference
-    code used it unnormalised. Pass ``W_pinv`` to reuse one pseudoinverse across tasks.
+    code used it unnormalised. ``pinv(W)`` is :func:`pinverse`: float64 with a cut-off at ``W``'s
+    storage precision, so a low-rank ``W`` stored in float32 gives the rank-k solution and not
+    inverted rounding noise. Pass ``W_pinv [d_sae, d_model]`` to reuse one pseudoinverse across tasks.
     """
     t = target_vector(targets, approx.d_sae, torch.float64, approx.W.device)
     if W_pinv is None:
-        W_pinv = torch.linalg.pinv(approx.W.double())
+        W_pinv = pinverse(approx.W)
     elif W_pinv.shape != (approx.d_sae, approx.d_model):
         raise ValueError(
             f"W_pinv must be [d_sae, d_model] = [{approx.d_sae}, {approx.d_model}]; got {tuple(W_pinv.shape)}"
@@ -126,7 +129,9 @@ def build_rotation_vector(
     """Rotation: rotate the target's decoder direction into effect space, ``norm(R d) - lam * norm(W b)``, normalised.
 
     Needs no measured effect for the target feature, only its decoder row. ``R`` defaults to
-    :func:`rotation_matrix`; pass a precomputed one (it is saved next to the approximator).
+    :func:`rotation_matrix`; pass a precomputed one (it is saved next to the approximator). When
+    ``W`` is low rank, ``R`` maps only the span it was fitted on: a target direction ``d`` with no
+    component there (``R @ d`` zero up to ``R``'s rounding) raises a ValueError.
     """
     if W_dec.shape != (approx.d_sae, approx.d_model):
         raise ValueError(
@@ -137,7 +142,14 @@ def build_rotation_vector(
     elif R.shape != (approx.d_model, approx.d_model):
         raise ValueError(f"R must be [d_model, d_model] = [{approx.d_model}, {approx.d_model}]; got {tuple(R.shape)}")
     d = build_sae_vector(W_dec.to(approx.W), targets)
-    s = _unit(R.to(d) @ d, "R @ d") - lam * approx.correction
+    Rd = R.double() @ d.double()
+    if torch.isfinite(Rd).all() and Rd.norm() <= rank_rtol(R.shape, R.dtype, d.dtype) * d.double().norm():
+        raise ValueError(
+            f"R @ d is zero (|R @ d| = {Rd.norm().item():.3g}): the target's decoder direction lies entirely outside "
+            "the span the rotation maps (C = norm_cols(W) @ norm_rows(W_dec) is rank-deficient, e.g. a reduced-rank "
+            "approximator); this target has no rotation vector, use SAE-TS or pinverse"
+        )
+    s = _unit(Rd.to(d), "R @ d") - lam * approx.correction
     return _unit(s, f"the rotation vector (lam={lam})")
 
 
@@ -157,9 +169,19 @@ def _as_seqs(tokens: TokenSeqs) -> list[Tensor]:
 
 @torch.no_grad()
 def _per_example_acts(
-    model: HookedTransformer, hook_name: str, tokens: TokenSeqs, include_first_position: bool, batch_size: int
+    model: HookedTransformer,
+    hook_name: str,
+    tokens: TokenSeqs,
+    include_first_position: bool,
+    batch_size: int,
+    max_resid_norm: float | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(acts [b, seq, d_model], mask [b, seq])`` per batch; mask marks the positions to average."""
+    """Yield ``(acts [b, seq, d_model], mask [b, seq])`` per batch; mask marks the positions to average:
+    real (unpadded) tokens, not the first unless ``include_first_position``, and, given
+    ``max_resid_norm``, only those whose residual norm at ``hook_name`` is at most it (attention
+    sinks left out, as :func:`saets_utils.effects.measure.kept_positions` does for 01's effects)."""
+    if max_resid_norm is not None and not max_resid_norm > 0:
+        raise ValueError(f"max_resid_norm must be > 0 or None; got {max_resid_norm}")
     seqs = _as_seqs(tokens)
     start = 0 if include_first_position else 1
     for i, s in enumerate(seqs):
@@ -180,28 +202,54 @@ def _per_example_acts(
             toks[j, : len(s)] = s
         _, cache = model.run_with_cache(toks.to(device), names_filter=hook_name, stop_at_layer=stop)
         pos = torch.arange(toks.shape[1])
-        mask = (pos[None] < lens[:, None]) & (pos[None] >= start)
-        yield cache[hook_name], mask.to(cache[hook_name].device)
+        acts = cache[hook_name]
+        mask = ((pos[None] < lens[:, None]) & (pos[None] >= start)).to(acts.device)
+        if max_resid_norm is not None:
+            mask &= acts.float().norm(dim=-1) <= max_resid_norm
+        yield acts, mask
 
 
 def _masked_example_mean(x: Tensor, mask: Tensor) -> Tensor:
-    m = mask.to(torch.float64).unsqueeze(-1)
-    return (x.double() * m).sum(1) / m.sum(1)
+    """Per-example mean of ``x [b, seq, d]`` over the masked positions -> ``[b', d]`` (CPU, float64);
+    examples with no masked position (all of them over ``max_resid_norm``) are left out."""
+    m = mask.to(x.device)
+    n = m.sum(1)
+    sums = torch.where(m.unsqueeze(-1), x.double(), 0.0).sum(1)
+    keep = n > 0
+    return (sums[keep] / n[keep].unsqueeze(-1)).cpu()
+
+
+def _mean_of_examples(means: list[Tensor], max_resid_norm: float | None) -> Tensor:
+    m = torch.cat(means)
+    if m.shape[0] == 0:
+        raise ValueError(
+            f"every position of every example has a residual norm above max_resid_norm={max_resid_norm}; nothing to average"
+        )
+    return m.mean(0).float()
 
 
 def mean_resid(
-    model: HookedTransformer, hook_name: str, tokens: TokenSeqs, include_first_position: bool, batch_size: int = 32
+    model: HookedTransformer,
+    hook_name: str,
+    tokens: TokenSeqs,
+    include_first_position: bool,
+    batch_size: int = 32,
+    *,
+    max_resid_norm: float | None = None,
 ) -> Float[Tensor, " d_model"]:
     """Mean residual activation at ``hook_name``: over each example's tokens, then over examples.
 
     ``tokens``: 1-D token id tensors of any lengths (BOS already added by the caller), or a 2-D
-    tensor of equal-length rows. Returned as float32 on the CPU.
+    tensor of equal-length rows. Given ``max_resid_norm``, positions whose residual norm exceeds it
+    are left out (and an example left with none is skipped). Returned as float32 on the CPU.
     """
     means = [
         _masked_example_mean(acts, mask)
-        for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size)
+        for acts, mask in _per_example_acts(
+            model, hook_name, tokens, include_first_position, batch_size, max_resid_norm
+        )
     ]
-    return torch.cat([m.cpu() for m in means]).mean(0).float()
+    return _mean_of_examples(means, max_resid_norm)
 
 
 def build_caa_vector(
@@ -231,13 +279,21 @@ def mean_sae_acts(
     tokens: TokenSeqs,
     include_first_position: bool,
     batch_size: int = 32,
+    *,
+    max_resid_norm: float | None = None,
 ) -> Float[Tensor, " d_sae"]:
-    """Mean SAE activation: over each example's tokens, then over examples (float32, CPU)."""
+    """Mean SAE activation: over each example's tokens, then over examples (float32, CPU).
+
+    Given ``max_resid_norm`` (the run's ``effects.max_resid_norm``), positions whose residual norm
+    at ``hook_name`` exceeds it (attention sinks) are left out, as in 01's effects and baseline.
+    """
     means = [
-        _masked_example_mean(_sae_codes(sae, acts), mask.to(next(sae.parameters()).device))
-        for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size)
+        _masked_example_mean(_sae_codes(sae, acts), mask)
+        for acts, mask in _per_example_acts(
+            model, hook_name, tokens, include_first_position, batch_size, max_resid_norm
+        )
     ]
-    return torch.cat([m.cpu() for m in means]).mean(0).float()
+    return _mean_of_examples(means, max_resid_norm)
 
 
 def feature_density(
@@ -247,15 +303,22 @@ def feature_density(
     tokens: TokenSeqs,
     include_first_position: bool,
     batch_size: int = 32,
+    *,
+    max_resid_norm: float | None = None,
 ) -> Float[Tensor, " d_sae"]:
-    """Fraction of (unpadded) token positions on which each SAE feature is active (> 0)."""
+    """Fraction of (unpadded) token positions on which each SAE feature is active (> 0); given
+    ``max_resid_norm``, of the positions whose residual norm is at most it."""
     active, count = None, 0
-    for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size):
+    for acts, mask in _per_example_acts(model, hook_name, tokens, include_first_position, batch_size, max_resid_norm):
         codes = _sae_codes(sae, acts)
         on = ((codes > 0) & mask.to(codes.device).unsqueeze(-1)).sum((0, 1)).double().cpu()
         active = on if active is None else active + on
         count += int(mask.sum())
     assert active is not None  # _per_example_acts yields at least one batch or raises
+    if count == 0:
+        raise ValueError(
+            f"every position has a residual norm above max_resid_norm={max_resid_norm}; no position to count"
+        )
     return (active / count).float()
 
 

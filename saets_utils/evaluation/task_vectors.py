@@ -69,9 +69,9 @@ class TaskVectors:
 
 def contrast_acts(task: Task, ctx: SteeringContext) -> tuple[Tensor, Tensor]:
     """Mean SAE activations ``[d_sae]`` on the task's positive and negative examples."""
-    incl = ctx.run.effects.include_first_position
-    pos = M.mean_sae_acts(ctx.model, ctx.sae, ctx.hook_name, ctx.tokens(task.positive), incl)
-    neg = M.mean_sae_acts(ctx.model, ctx.sae, ctx.hook_name, ctx.tokens(task.negative), incl)
+    incl, sink = ctx.run.effects.include_first_position, ctx.run.effects.max_resid_norm
+    pos = M.mean_sae_acts(ctx.model, ctx.sae, ctx.hook_name, ctx.tokens(task.positive), incl, max_resid_norm=sink)
+    neg = M.mean_sae_acts(ctx.model, ctx.sae, ctx.hook_name, ctx.tokens(task.negative), incl, max_resid_norm=sink)
     return pos, neg
 
 
