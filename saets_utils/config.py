@@ -380,8 +380,13 @@ class ApproximatorConfig(_Strict):
     # ridge: one penalty for all features (ridge_lambda); ridge_per_feature: a penalty per SAE
     # feature, chosen by exact leave-one-out CV (one-standard-error rule) on a fixed grid up to
     # infinity (= predict the mean; ridge_lambda is not used); reduced_rank: ridge, then W projected onto its top `rank`
-    # output directions (ridge_lambda and rank, each fixed or "cv"); adam: the reference training.
-    fit: Literal["ridge", "ridge_per_feature", "reduced_rank", "adam"] = "ridge"
+    # output directions (ridge_lambda and rank, each fixed or "cv"); decoder_prior: W = P diag(gamma) + L,
+    # the SAE's unit decoder rows P with a gain per feature (shrunk toward one pooled gain by prior_kappa)
+    # plus a reduced-rank ridge L of the rest (ridge_lambda, rank), fitted for targeting
+    # (saets_utils/approximator/decoder_prior.py); adam: the reference training.
+    fit: Literal["ridge", "ridge_per_feature", "reduced_rank", "decoder_prior", "adam"] = "ridge"
+    # Shrinkage of decoder_prior's per-feature gains toward the pooled gain, or "cv" (k-fold CV).
+    prior_kappa: float | Literal["cv"] = "cv"
     # Ridge penalty, or "cv": chosen by k-fold cross-validation on the training vectors only (the
     # held-out vectors never influence the fit).
     ridge_lambda: float | Literal["cv"] = "cv"

@@ -59,6 +59,9 @@ def test_learning_curve_rises_toward_the_ceiling_and_stays_at_zero_without_signa
     assert full.loc[256, "r2"] > full.loc[16, "r2"] and full.loc[256, "r2_ci_low"] > 0
     ceiling = curve[curve.fit == "noise_ceiling"].iloc[0]
     assert full.loc[256, "r2"] <= ceiling["r2_ci_high"] + 0.02
+    # over the features with positive split-half reliability (chosen on the training pool): signal only
+    assert full.loc[256, "r2_reliable"] >= full.loc[256, "r2"] - 0.01 and ceiling["n_features_reliable"] > 0
+    assert full.loc[256, "r2_reliable"] <= ceiling["r2_reliable_ci_high"] + 0.02
     half = curve[(curve.fit == "ridge_per_feature") & (curve.target == "half")].set_index("n_train")
     assert (half["rollouts"] * 2 == full["rollouts"]).all()  # half the rollouts per vector
     flat = learning_curve(

@@ -30,7 +30,7 @@ from saets_utils.config import ApproximatorConfig, RunConfig, load_config
 from saets_utils.effects.store import Effects, load_effects
 from saets_utils.io_utils import atomic_write_json, atomic_write_text
 
-DEFAULT_FITS = ("ridge", "ridge_per_feature", "reduced_rank")
+DEFAULT_FITS = ("ridge", "ridge_per_feature", "reduced_rank", "decoder_prior")
 
 
 def _centred(Y: Tensor) -> Tensor:
@@ -77,8 +77,11 @@ def learning_curve(
     seed: int = 0,
     n_boot: int = 1000,
     base: ApproximatorConfig | None = None,
+    W_dec: Tensor | None = None,
 ) -> pd.DataFrame:
-    """Held-out R² (with bootstrap CI over held-out vectors) of each fit on nested training subsets.
+    """Held-out R² (with bootstrap CI over held-out vectors) of each fit on nested training subsets,
+    over all features and (``r2_reliable``) over the features whose split-half reliability on the
+    training pool is positive. ``W_dec [d_sae, d_model]``: the SAE's decoder, for ``decoder_prior``.
 
     One seeded held-out set of ``holdout`` vectors; training subsets are prefixes of one seeded
     permutation of the rest, so a larger size contains every smaller one. Rows with ``target =
@@ -97,7 +100,11 @@ def learning_curve(
     n_prompts = len(effects.meta.get("effects", {}).get("prompts", [])) or 1
     base = base or ApproximatorConfig()
     rows: list[dict[str, Any]] = []
-    targets = ["full"] + (["half"] if H is not None and torch.isfinite(H).all() else [])
+    halves_ok = H is not None and bool(torch.isfinite(H).all())
+    targets = ["full"] + (["half"] if halves_ok else [])
+    reliable = None
+    if H is not None and halves_ok:
+        reliable = torch.nan_to_num(split_half_reliability(H[train]), nan=0.0) > 0
     for n in sorted({int(s) for s in sizes}):
         if n > len(pool) or n < 4:
             continue
@@ -111,8 +118,14 @@ def learning_curve(
             rollouts = n * n_prompts * (spp if target == "full" else spp // 2)
             for fit in fits:
                 cfg = base.model_copy(update={"fit": fit})
-                approx, info = fit_approximator(X[idx], Yt, cfg, seed)
-                stats = heldout_r2(approx.predict(Xv).double(), Yv.double(), Yt.double().mean(0), n_boot, seed)
+                approx, info = fit_approximator(X[idx], Yt, cfg, seed, W_dec=W_dec)
+                P = approx.predict(Xv).double()
+                stats = heldout_r2(P, Yv.double(), Yt.double().mean(0), n_boot, seed)
+                rel = (
+                    heldout_r2(P, Yv.double(), Yt.double().mean(0), n_boot, seed, features=reliable)
+                    if reliable is not None
+                    else {"r2": None, "r2_ci_low": None, "r2_ci_high": None}
+                )
                 rows.append(
                     {
                         "n_train": n,
@@ -122,12 +135,20 @@ def learning_curve(
                         "r2": stats["r2"],
                         "r2_ci_low": stats["r2_ci_low"],
                         "r2_ci_high": stats["r2_ci_high"],
+                        "r2_reliable": rel["r2"],
+                        "r2_reliable_ci_low": rel["r2_ci_low"],
+                        "r2_reliable_ci_high": rel["r2_ci_high"],
                         "n_val": len(val),
                         **{k: v for k, v in info.items() if isinstance(v, (int, float, str))},
                     }
                 )
     if H is not None and torch.isfinite(H[val]).all():
         c = noise_ceiling(H[val].double(), Y[train].double().mean(0), n_boot, seed)
+        c_rel = (
+            noise_ceiling(H[val].double(), Y[train].double().mean(0), n_boot, seed, features=reliable)
+            if reliable is not None
+            else {"noise_ceiling": None, "noise_ceiling_ci_low": None, "noise_ceiling_ci_high": None}
+        )
         rows.append(
             {
                 "n_train": None,
@@ -137,6 +158,10 @@ def learning_curve(
                 "r2": c["noise_ceiling"],
                 "r2_ci_low": c["noise_ceiling_ci_low"],
                 "r2_ci_high": c["noise_ceiling_ci_high"],
+                "r2_reliable": c_rel["noise_ceiling"],
+                "r2_reliable_ci_low": c_rel["noise_ceiling_ci_low"],
+                "r2_reliable_ci_high": c_rel["noise_ceiling_ci_high"],
+                "n_features_reliable": int(reliable.sum()) if reliable is not None else None,
                 "n_val": len(val),
             }
         )
@@ -161,7 +186,12 @@ def run_study(
     sizes = sizes or [s for s in (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384) if s < n_pool] + [n_pool]
     rel = reliability_summary(eff.halves[ok])
     rel["seconds_per_vector"] = eff.meta.get("seconds_per_vector_mean")
-    curve = learning_curve(eff, sizes, fits, holdout, run.seed, n_boot, run.approximator)
+    W_dec = None
+    if "decoder_prior" in fits:
+        from saets_utils.models.sae_loading import load_sae
+
+        W_dec = load_sae(run, "cpu").W_dec.detach().float()
+    curve = learning_curve(eff, sizes, fits, holdout, run.seed, n_boot, run.approximator, W_dec)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "reliability.json", rel)
     atomic_write_text(out / "learning_curve.csv", curve.to_csv(index=False))

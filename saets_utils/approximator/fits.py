@@ -646,6 +646,7 @@ def fit_approximator(
     X_val: Tensor | None = None,
     Y_val: Tensor | None = None,
     progress: bool = False,
+    W_dec: Tensor | None = None,
 ) -> tuple[EffectApproximator, dict[str, Any]]:
     """Fit as ``cfg.fit`` says on the training vectors ``(X, Y)``; any choice (penalty, rank) uses
     them only. ``X_val``/``Y_val`` only add validation MSE to the history rows.
@@ -684,11 +685,22 @@ def fit_approximator(
     elif cfg.fit == "reduced_rank":
         approx, rr = fit_reduced_rank(X, Y, cfg.ridge_lambda, cfg.rank, cfg.cv_folds, seed, X_val=X_val, Y_val=Y_val)
         info.update(rr)
+    elif cfg.fit == "decoder_prior":
+        from saets_utils.approximator.decoder_prior import fit_decoder_prior
+
+        if W_dec is None:
+            raise ValueError("approximator.fit: decoder_prior needs the SAE's W_dec [d_sae, d_model]")
+        approx, dp = fit_decoder_prior(
+            X, Y, W_dec, cfg.prior_kappa, cfg.ridge_lambda, cfg.rank, cfg.cv_folds, seed, X_val=X_val, Y_val=Y_val
+        )
+        info.update(dp)
     elif cfg.fit == "adam":
         approx, rows = fit_adam(
             X, Y, cfg.lr, cfg.epochs, cfg.batch_size, seed, X_val, Y_val, progress=progress, init=cfg.adam_init
         )
         info.update(history=rows)
     else:
-        raise ValueError(f"unknown approximator.fit {cfg.fit!r}; use ridge, ridge_per_feature, reduced_rank or adam")
+        raise ValueError(
+            f"unknown approximator.fit {cfg.fit!r}; use ridge, ridge_per_feature, reduced_rank, decoder_prior or adam"
+        )
     return approx, info

@@ -49,7 +49,9 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
         raise ValueError(f"only {X.shape[0]} vectors have usable effects; measure more in 01")
     train, val = split_holdout(ids, cfg.holdout, run.seed)
     Xt, Yt, Xv, Yv = X[train], Y[train], X[val], Y[val]
-    approx, info = fit_approximator(Xt, Yt, cfg, run.seed, Xv, Yv, progress=cfg.fit == "adam")
+    approx, info = fit_approximator(
+        Xt, Yt, cfg, run.seed, Xv, Yv, progress=cfg.fit == "adam", W_dec=W_dec.detach().float().cpu()
+    )
     history = pd.DataFrame(info["history"])
     halves = effects.halves[ok].float() if effects.halves is not None else None
     if halves is not None and not torch.isfinite(halves).all():
@@ -77,12 +79,12 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
             "n_train": len(train),
             "n_dropped": int((~ok).sum()),
             "ridge_lambda": info["ridge_lambda"],
-            "ridge_lambda_setting": cfg.ridge_lambda if cfg.fit in ("ridge", "reduced_rank") else None,
+            "ridge_lambda_setting": cfg.ridge_lambda if cfg.fit in ("ridge", "reduced_rank", "decoder_prior") else None,
             "rank": info["rank"],
-            "rank_setting": cfg.rank if cfg.fit == "reduced_rank" else None,
+            "rank_setting": cfg.rank if cfg.fit in ("reduced_rank", "decoder_prior") else None,
         }
     )
-    for k in ("frac_features_mean", "ridge_lambda_median_finite"):
+    for k in ("frac_features_mean", "ridge_lambda_median_finite", "kappa", "prior_gain"):
         if k in info:
             metrics[k] = info[k]
     out = run.results_dir
