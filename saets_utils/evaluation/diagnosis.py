@@ -1,0 +1,255 @@
+"""Why SAE-TS wins or loses: task vectors built from several effect approximators, scored offline and
+by measured targeting, on one run's effects.
+
+For every task of the run (the targets 03 recorded) this builds, from fits on 02's *training*
+vectors only:
+
+- ``SAE-TS[fit]`` for fits ``reduced_rank`` (rank and penalty by CV, as 02 used to), ``ridge`` (full rank,
+  CV penalty), ``rank<k>`` (reduced rank at fixed ranks) and ``decoder_prior`` (decoder prior + low rank,
+  :mod:`saets_utils.approximator.decoder_prior`); ``SAE-TS[fit] lam0``: without the bias correction;
+- ``pinverse[fit]`` and ``rotation[fit]`` (rank-aware, see :mod:`evaluation.methods`);
+- ``xcorr``: ``Xc^T Yc t``, the direction whose training vectors moved the target most, no inversion;
+- controls: ``SAE`` (the decoder row), ``random`` (a seeded isotropic unit vector per task), ``-bias``
+  (``-norm(W b)`` of the reduced-rank fit), and 03's own vectors (e.g. ``CAA``) when 03 has run.
+
+Offline columns: cosine with the SAE vector, the target rank the vector's own approximator predicts
+and the one the decoder-prior fit predicts, ``cos(W t, W b)``. Then every vector is calibrated and
+measured as 01 measures decoder rows (:func:`effects.runner.calibrate_and_measure`), once per seed, and
+scored with :func:`targeting.targeting_metrics`. Writes ``study/diagnosis.csv`` (one row per task,
+variant and seed), ``study/diagnosis_summary.csv`` (median ranks with CIs over tasks) and
+``study/diagnosis_differences.csv`` (paired against SAE). Command line::
+
+    python -m saets_utils.evaluation.diagnosis params/<run>.yaml --seeds 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from saets_utils.approximator.decoder_prior import fit_decoder_prior
+from saets_utils.approximator.fits import choose_ridge_lambda, fit_reduced_rank, fit_ridge
+from saets_utils.approximator.model import EffectApproximator, split_holdout
+from saets_utils.config import RunConfig
+from saets_utils.evaluation import methods as M
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+__all__ = ["Variant", "build_variants", "diagnosis_fits", "main", "offline_rows", "run_diagnosis"]
+
+FIXED_RANKS = (4, 16, 64)
+
+
+@dataclass
+class Variant:
+    """One vector of the diagnosis: ``task``, ``variant`` name, unit ``vector [d_model]``, the fit it
+    came from (``fit``, None for fit-free vectors) and the task's ``targets``."""
+
+    task: str
+    variant: str
+    vector: Tensor
+    fit: str | None
+    targets: list[tuple[int, float]]
+
+
+def diagnosis_fits(
+    X: Tensor, Y: Tensor, W_dec: Tensor, seed: int = 0, ranks: Sequence[int] = FIXED_RANKS
+) -> dict[str, EffectApproximator]:
+    """The approximators compared, all fitted on ``X [n, d_model]``, ``Y [n, d_sae]`` (training vectors)."""
+    fits: dict[str, EffectApproximator] = {}
+    fits["reduced_rank"], _ = fit_reduced_rank(X, Y, "cv", "cv", seed=seed)
+    ridge_lam, _ = choose_ridge_lambda(X, Y, "cv", 5, seed)
+    fits["ridge"] = fit_ridge(X, Y, ridge_lam)
+    for k in ranks:
+        if k < min(X.shape):
+            fits[f"rank{k}"], _ = fit_reduced_rank(X, Y, "cv", k, seed=seed)
+    fits["decoder_prior"], _ = fit_decoder_prior(X, Y, W_dec, seed=seed)
+    return fits
+
+
+def _random_unit(task: str, d_model: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(task.encode()))
+    v = torch.randn(d_model, generator=g)
+    return v / v.norm()
+
+
+def build_variants(
+    task: str,
+    targets: list[tuple[int, float]],
+    fits: dict[str, EffectApproximator],
+    W_dec: Tensor,
+    X: Tensor,
+    Y: Tensor,
+    seed: int = 0,
+    extra: dict[str, Tensor] | None = None,
+) -> list[Variant]:
+    """Every diagnosis vector of one task (module docstring). ``extra``: vectors of 03 (e.g. CAA)."""
+    out = [Variant(task, "SAE", M.build_sae_vector(W_dec, targets), None, targets)]
+    for name, approx in fits.items():
+        out.append(Variant(task, f"SAE-TS[{name}]", M.build_sae_ts_vector(approx, targets), name, targets))
+    for name in ("reduced_rank", "decoder_prior"):
+        if name in fits:
+            a = fits[name]
+            out.append(Variant(task, f"SAE-TS[{name}] lam0", M.build_sae_ts_vector(a, targets, lam=0.0), name, targets))
+            out.append(Variant(task, f"pinverse[{name}]", M.build_pinverse_vector(a, targets), name, targets))
+            # no rotation vector when the target's decoder direction lies outside the fit's span
+            with contextlib.suppress(ValueError):
+                rot = M.build_rotation_vector(a, W_dec, targets)
+                out.append(Variant(task, f"rotation[{name}]", rot, name, targets))
+    t = M.target_vector(targets, Y.shape[1], torch.float64)
+    Xc, Yc = X.double() - X.double().mean(0), Y.double() - Y.double().mean(0)
+    xc = Xc.T @ (Yc @ t)
+    out.append(Variant(task, "xcorr", (xc / xc.norm()).float(), None, targets))
+    out.append(Variant(task, "random", _random_unit(task, X.shape[1], seed), None, targets))
+    if "reduced_rank" in fits:
+        out.append(Variant(task, "-bias", -fits["reduced_rank"].correction, "reduced_rank", targets))
+    for name, v in (extra or {}).items():
+        out.append(Variant(task, name, (v / v.norm()).float(), None, targets))
+    return out
+
+
+def offline_rows(variants: Sequence[Variant], fits: dict[str, EffectApproximator]) -> pd.DataFrame:
+    """Per variant: cosine with the task's SAE vector, the target rank its own fit predicts, the rank
+    the decoder-prior fit predicts, and ``cos(W t, W b)`` of its fit."""
+    from saets_utils.evaluation.targeting import targeting_metrics
+
+    sae = {v.task: v.vector for v in variants if v.variant == "SAE"}
+    judge = fits.get("decoder_prior")
+    rows = []
+    for v in variants:
+        row: dict[str, Any] = {"task": v.task, "variant": v.variant, "fit": v.fit}
+        row["cos_sae"] = float(torch.nn.functional.cosine_similarity(v.vector, sae[v.task], dim=0))
+        if v.fit is not None:
+            a = fits[v.fit]
+            row["pred_rank_own"] = targeting_metrics(a.predict(v.vector), v.targets)["target_rank"]
+            t = M.target_vector(v.targets, a.d_sae, torch.float64)
+            row["cos_Wt_Wb"] = float(
+                torch.nn.functional.cosine_similarity(a.W.double() @ t, a.W.double() @ a.b.double(), dim=0)
+            )
+        if judge is not None:
+            row["pred_rank_prior"] = targeting_metrics(judge.predict(v.vector), v.targets)["target_rank"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def measure_variants(
+    run: RunConfig, model: HookedTransformer, sae: SAE, variants: Sequence[Variant], seeds: Sequence[int]
+) -> pd.DataFrame:
+    """Calibrate and measure every variant once per seed (01's recipe); one row per (variant, seed)."""
+    from saets_utils.effects.calibration import resid_at_hook
+    from saets_utils.effects.runner import calibrate_and_measure, plan_scale_hint, rollout_spec
+    from saets_utils.evaluation.targeting import load_plan, targeting_metrics, targeting_vector_id
+    from saets_utils.models.loading import bos_id
+    from saets_utils.progress import progress as progress_bar
+
+    plan = load_plan(run, sae)
+    resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
+    spec = rollout_spec(run, model, bos_id(model, run.model))
+    hint = plan_scale_hint(run, model, sae, plan, resid)
+    k = run.effects.vectors_per_batch
+    rows = []
+    bar = progress_bar(total=len(variants) * len(seeds), desc="diagnosis (vectors)", unit="vec")
+    for s in seeds:
+        run_s = run.model_copy(update={"seed": int(s)})
+        for lo in range(0, len(variants), k):
+            block = variants[lo : lo + k]
+            vecs = torch.stack([v.vector for v in block]).to(model.cfg.device)
+            ids = [targeting_vector_id(v.task, v.variant) for v in block]
+            res = calibrate_and_measure(run_s, model, sae, plan, resid, spec, vecs, ids, keep_samples=1, hint=hint)
+            for i, v in enumerate(block):
+                m = targeting_metrics(res.effects[i], v.targets, res.halves[i])
+                rows.append(
+                    {
+                        "task": v.task,
+                        "method": v.variant,
+                        "seed": int(s),
+                        "scale": float(res.calibration.scales[i]),
+                        **m,
+                    }
+                )
+            bar.update(len(block))
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def run_diagnosis(
+    run: RunConfig,
+    model: HookedTransformer,
+    sae: SAE,
+    seeds: Sequence[int] = (0, 1),
+    measure: bool = True,
+    n_boot: int = 1000,
+) -> dict[str, pd.DataFrame]:
+    """Fit on 02's training split of the run's effects, build, score and (``measure``) measure every
+    variant for every task; write the tables under ``study/`` (module docstring)."""
+    from saets_utils.effects.store import load_effects
+    from saets_utils.evaluation.targeting import collect_items, targeting_differences, targeting_summary
+    from saets_utils.io_utils import atomic_write_text
+
+    eff = load_effects(run.results_dir)
+    ok = eff.valid
+    X, Y, ids = eff.vectors[ok].float(), eff.effects[ok].float(), eff.vector_ids[ok]
+    train, _ = split_holdout(ids, run.approximator.holdout, run.seed)
+    X, Y = X[train], Y[train]
+    W_dec = sae.W_dec.detach().float().cpu()
+    fits = diagnosis_fits(X, Y, W_dec, run.seed)
+    items = collect_items(run, model, sae)
+    tasks: dict[str, tuple[list[tuple[int, float]], dict[str, Tensor]]] = {}
+    for it in items:
+        _, extra = tasks.setdefault(it.task, (it.targets, {}))
+        if it.method in ("CAA", "FGAA"):
+            extra[it.method] = it.vector
+    variants = [
+        v
+        for task, (targets, extra) in tasks.items()
+        for v in build_variants(task, targets, fits, W_dec, X, Y, run.seed, extra)
+    ]
+    out = run.results_dir / "study"
+    out.mkdir(parents=True, exist_ok=True)
+    offline = offline_rows(variants, fits)
+    atomic_write_text(out / "diagnosis_offline.csv", offline.to_csv(index=False))
+    res = {"offline": offline}
+    if measure:
+        df = measure_variants(run, model, sae, variants, seeds)
+        df = df.merge(offline.rename(columns={"variant": "method"}), on=["task", "method"], how="left")
+        atomic_write_text(out / "diagnosis.csv", df.to_csv(index=False))
+        summary = targeting_summary(df, n_boot=n_boot, seed=run.seed)
+        diffs = targeting_differences(df, baseline="SAE", n_boot=n_boot, seed=run.seed)
+        atomic_write_text(out / "diagnosis_summary.csv", summary.to_csv(index=False))
+        atomic_write_text(out / "diagnosis_differences.csv", diffs.to_csv(index=False))
+        res.update(measured=df, summary=summary, differences=diffs)
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("params", help="params/<run>.yaml of a run whose 01, 02 and 03 have finished")
+    ap.add_argument("--seeds", default="0,1", help="comma-separated rollout seeds of the measurement")
+    ap.add_argument("--offline-only", action="store_true", help="skip the measurement (offline columns only)")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    a = ap.parse_args(argv)
+    from saets_utils.session import load_model_and_sae, start_run
+
+    run, device = start_run(a.params)
+    model, sae = load_model_and_sae(run, device)
+    res = run_diagnosis(run, model, sae, [int(s) for s in a.seeds.split(",")], not a.offline_only, a.bootstrap)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(res["offline"].groupby("variant")[["cos_sae", "pred_rank_own", "pred_rank_prior"]].median())
+        for k in ("summary", "differences"):
+            if k in res:
+                print(res[k].to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
