@@ -222,7 +222,12 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
         tg = measure_targeting(run, model, sae, task_vectors, progress=progress)
         tg_summary = targeting_summary(tg, n_boot=run.eval.bootstrap, seed=run.seed)  # = targeting_summary.csv
     else:  # no stale table from an earlier run may be reported or plotted beside these results
-        for name in ("targeting.csv", "targeting_summary.csv", "targeting_effects.safetensors"):
+        for name in (
+            "targeting.csv",
+            "targeting_summary.csv",
+            "targeting_differences.csv",
+            "targeting_effects.safetensors",
+        ):
             (out / name).unlink(missing_ok=True)
     return EvalReport(samples, bs, sm, tdf, stats, tg, tg_summary)
 

@@ -233,7 +233,8 @@ def method_differences(
     ``max_product`` or targeting.csv's ``ratio``). Returns columns a, b, value, n_tasks, mean_diff,
     ci_low, ci_high.
     """
-    wide = table.pivot(index="task", columns="method", values=value)
+    # several rows of one (task, method), e.g. measurement seeds, are averaged within the task first
+    wide = table.pivot_table(index="task", columns="method", values=value, aggfunc="mean")
     rng = np.random.default_rng(seed)
     rows = []
     for a, b in pairs:

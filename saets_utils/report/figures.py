@@ -65,7 +65,7 @@ def make_all_figures(run: RunConfig) -> list[Path]:
     if (ev / "targeting.csv").is_file():
         tg = pd.read_csv(ev / "targeting.csv")
         if len(tg):
-            _save(plots.plot_targeting(tg, seed=run.seed), fig_dir / "targeting.png", made)
+            _save(plots.plot_targeting(tg, seed=run.seed, n_boot=run.eval.bootstrap), fig_dir / "targeting.png", made)
     else:  # targeting switched off (eval.targeting: false): no stale figure from an earlier run
         (fig_dir / "targeting.png").unlink(missing_ok=True)
     if (d / "approximator_holdout.safetensors").is_file():

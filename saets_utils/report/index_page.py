@@ -124,7 +124,9 @@ def _tables(run: RunConfig) -> list[str]:
                 "<h3>Targeting (judge-free)</h3>",
                 "<p class='sub'>Each vector calibrated to 01's loss target, its SAE effect measured as in 01: rank "
                 "of the best target feature among all features (1 = most raised) and target effect / off-target "
-                "norm; per method, means over tasks with bootstrap CIs over tasks (<code>eval/targeting.csv</code>).</p>",
+                "norm; per method, medians and geometric means over tasks with bootstrap CIs over tasks "
+                "(<code>eval/targeting.csv</code>), and each method paired against SAE "
+                "(<code>eval/targeting_differences.csv</code>).</p>",
                 _table(tg_summary.round(3), index=False),
                 "<h3>Target rank per task</h3>",
                 _table(paper_style_table(tg, "target_rank").round(1)),

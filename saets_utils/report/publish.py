@@ -27,6 +27,7 @@ COMPACT = (
     "eval/by_scale.csv",
     "eval/targeting.csv",
     "eval/targeting_summary.csv",
+    "eval/targeting_differences.csv",
     "eval/targets.json",
     "eval/judge_stats.json",
     "figures/*.png",
