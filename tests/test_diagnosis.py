@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from saets_utils.approximator.model import EffectApproximator
 from saets_utils.evaluation import methods as M
-from saets_utils.evaluation.diagnosis import build_variants, diagnosis_fits, offline_rows
+from saets_utils.evaluation.diagnosis import build_variants, diagnosis_fits, feature_targets, offline_rows
 
 
 def _data(n: int = 60, d_model: int = 12, d_sae: int = 40, seed: int = 0):
@@ -59,3 +60,15 @@ def test_offline_rows_rank_the_target_by_the_fit_itself():
     t[7] = 1
     want = torch.nn.functional.cosine_similarity(a.W.double() @ t, a.W.double() @ a.b.double(), dim=0)
     assert abs(rows.loc["SAE-TS[ridge]", "cos_Wt_Wb"] - float(want)) < 1e-9
+
+
+def test_feature_targets_are_unmeasured_sparse_and_seeded():
+    density = torch.full((50,), 0.001)
+    density[:5] = 0.2  # dense
+    density[45:] = 0.0  # dead
+    measured = torch.arange(5, 20)
+    got = feature_targets(density, measured, 10, seed=3)
+    assert len(got) == 10 and all(20 <= j < 45 for j in got)
+    assert got == feature_targets(density, measured, 10, seed=3) != feature_targets(density, measured, 10, seed=4)
+    with pytest.raises(ValueError, match="fewer targets"):
+        feature_targets(density, measured, 26)

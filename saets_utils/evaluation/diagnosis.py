@@ -45,9 +45,12 @@ if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
-__all__ = ["Variant", "build_variants", "diagnosis_fits", "main", "offline_rows", "run_diagnosis"]
+__all__ = ["Variant", "build_variants", "diagnosis_fits", "feature_targets", "main", "offline_rows", "run_diagnosis"]
 
 FIXED_RANKS = (4, 16, 64)
+# Variants scored on single-feature targets (features whose decoder rows 01 never measured): the
+# plain decoder row, SAE-TS from the two fits that matter, and the random control.
+FEATURE_VARIANTS = ("SAE", "SAE-TS[reduced_rank]", "SAE-TS[decoder_prior]", "SAE-TS[decoder_prior] lam0", "random")
 
 
 @dataclass
@@ -116,6 +119,20 @@ def build_variants(
     for name, v in (extra or {}).items():
         out.append(Variant(task, name, (v / v.norm()).float(), None, targets))
     return out
+
+
+def feature_targets(
+    density: Tensor, measured_ids: Tensor, n: int, seed: int = 0, lo: float = 1e-4, hi: float = 0.01
+) -> list[int]:
+    """``n`` seeded single-feature targets: features whose decoder rows were never measured (not in
+    ``measured_ids``), alive and sparse in the unsteered baseline (``lo < density [d_sae] < hi``)."""
+    ok = (density > lo) & (density < hi)
+    ok[measured_ids.long()[measured_ids < density.numel()]] = False
+    pool = ok.nonzero()[:, 0]
+    if pool.numel() < n:
+        raise ValueError(f"only {pool.numel()} unmeasured features have {lo} < density < {hi}; ask for fewer targets")
+    g = torch.Generator().manual_seed(seed)
+    return sorted(pool[torch.randperm(pool.numel(), generator=g)[:n]].tolist())
 
 
 def offline_rows(variants: Sequence[Variant], fits: dict[str, EffectApproximator]) -> pd.DataFrame:
@@ -190,9 +207,13 @@ def run_diagnosis(
     seeds: Sequence[int] = (0, 1),
     measure: bool = True,
     n_boot: int = 1000,
+    n_feature_targets: int = 0,
 ) -> dict[str, pd.DataFrame]:
     """Fit on 02's training split of the run's effects, build, score and (``measure``) measure every
-    variant for every task; write the tables under ``study/`` (module docstring)."""
+    variant for every task; write the tables under ``study/`` (module docstring).
+
+    ``n_feature_targets``: also that many single-feature targets (:func:`feature_targets`, tasks named
+    ``feature<id>``), with the :data:`FEATURE_VARIANTS` only; summarised apart (``*_features.csv``)."""
     from saets_utils.effects.store import load_effects
     from saets_utils.evaluation.targeting import collect_items, targeting_differences, targeting_summary
     from saets_utils.io_utils import atomic_write_text
@@ -224,11 +245,16 @@ def run_diagnosis(
         df = measure_variants(run, model, sae, variants, seeds)
         df = df.merge(offline.rename(columns={"variant": "method"}), on=["task", "method"], how="left")
         atomic_write_text(out / "diagnosis.csv", df.to_csv(index=False))
-        summary = targeting_summary(df, n_boot=n_boot, seed=run.seed)
-        diffs = targeting_differences(df, baseline="SAE", n_boot=n_boot, seed=run.seed)
-        atomic_write_text(out / "diagnosis_summary.csv", summary.to_csv(index=False))
-        atomic_write_text(out / "diagnosis_differences.csv", diffs.to_csv(index=False))
-        res.update(measured=df, summary=summary, differences=diffs)
+        res["measured"] = df
+        is_feature = df["task"].str.match(r"feature\d+$")
+        for suffix, part in (("", df[~is_feature]), ("_features", df[is_feature])):
+            if not len(part):
+                continue
+            summary = targeting_summary(part, n_boot=n_boot, seed=run.seed)
+            diffs = targeting_differences(part, baseline="SAE", n_boot=n_boot, seed=run.seed)
+            atomic_write_text(out / f"diagnosis_summary{suffix}.csv", summary.to_csv(index=False))
+            atomic_write_text(out / f"diagnosis_differences{suffix}.csv", diffs.to_csv(index=False))
+            res.update({f"summary{suffix}": summary, f"differences{suffix}": diffs})
     return res
 
 
@@ -238,15 +264,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0,1", help="comma-separated rollout seeds of the measurement")
     ap.add_argument("--offline-only", action="store_true", help="skip the measurement (offline columns only)")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--feature-targets", type=int, default=0, help="also N single-feature targets never measured in 01")
     a = ap.parse_args(argv)
     from saets_utils.session import load_model_and_sae, start_run
 
     run, device = start_run(a.params)
     model, sae = load_model_and_sae(run, device)
-    res = run_diagnosis(run, model, sae, [int(s) for s in a.seeds.split(",")], not a.offline_only, a.bootstrap)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    res = run_diagnosis(run, model, sae, seeds, not a.offline_only, a.bootstrap, a.feature_targets)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(res["offline"].groupby("variant")[["cos_sae", "pred_rank_own", "pred_rank_prior"]].median())
-        for k in ("summary", "differences"):
+        for k in ("summary", "differences", "summary_features", "differences_features"):
             if k in res:
                 print(res[k].to_string(index=False))
 
