@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from saets_utils.approximator.design_study import learning_curve, reliability_summary
+from saets_utils.approximator.design_study import ceiling_by_tokens, learning_curve, reliability_summary
 from saets_utils.effects.store import Effects
 
 D_MODEL, D_SAE, N = 16, 40, 400
@@ -74,3 +74,21 @@ def test_learning_curve_rises_toward_the_ceiling_and_stays_at_zero_without_signa
 def test_learning_curve_needs_a_holdout_that_leaves_training_vectors():
     with pytest.raises(ValueError, match="n_holdout"):
         learning_curve(synthetic_effects(1.0, 1.0), sizes=[8], holdout=N)
+
+
+def test_ceiling_by_tokens_matches_a_measured_design_with_more_rollouts():
+    """The projection to k x tokens agrees with a design that really averages k x as many rollouts."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 400, 20
+    signal = torch.randn(n, d, generator=g)
+
+    def halves(reps: int) -> torch.Tensor:
+        noise = torch.randn(n, 2, reps, d, generator=g).mean(2) * 2.0  # each half averages `reps` rollouts
+        return signal[:, None] + noise
+
+    one = ceiling_by_tokens(halves(1), (0.5, 1.0, 4.0)).set_index("token_multiplier")
+    four = ceiling_by_tokens(halves(4), (1.0,)).set_index("token_multiplier")
+    assert one.loc[4.0, "ci_low"] <= four.loc[1.0, "noise_ceiling"] <= one.loc[4.0, "ci_high"]
+    assert one.loc[0.5, "noise_ceiling"] < one.loc[1.0, "noise_ceiling"] < one.loc[4.0, "noise_ceiling"]
+    # true ceiling of the 1x design: signal var 1 per feature, noise of the mean of two halves 4 / 2 = 2
+    assert abs(one.loc[1.0, "noise_ceiling"] - 1 / 3) < 0.05

@@ -69,6 +69,50 @@ def reliability_summary(halves: Tensor) -> dict[str, Any]:
     }
 
 
+def ceiling_by_tokens(
+    halves: Tensor, multipliers: Sequence[float] = (0.5, 1.0, 2.0, 4.0), n_boot: int = 200, seed: int = 0
+) -> pd.DataFrame:
+    """Noise ceiling and reliability of the same design at ``k`` times the rollout tokens per vector.
+
+    From the two halves ``[n, 2, d_sae]``: noise of the full effect ``N = mean ||D - mean D||^2 / 4``
+    (``D`` = half 1 - half 2, as :func:`metrics.noise_ceiling`), total variance ``T`` of the full effects
+    about their mean, signal ``S = T - N``. Independent rollouts divide the noise by ``k``, so the
+    ceiling is ``S / (S + N / k)``: ``k = 1`` is the measured design, ``k = 0.5`` one half alone (also
+    measured), larger ``k`` a projection (Spearman-Brown). 95% percentile bootstrap CIs over vectors.
+    """
+    if halves.ndim != 3 or halves.shape[1] != 2 or halves.shape[0] < 3:
+        raise ValueError(f"halves must be [n >= 3, 2, d_sae]; got {tuple(halves.shape)}")
+    H = halves.double()
+    n = H.shape[0]
+    Y = H.mean(1)
+    D = H[:, 0] - H[:, 1]
+    noise_v = ((D - D.mean(0)) ** 2).sum(1) / 4 * n / (n - 1)  # per vector
+    total_v = ((Y - Y.mean(0)) ** 2).sum(1) * n / (n - 1)
+    ks = torch.tensor([float(k) for k in multipliers], dtype=torch.float64)
+
+    def ceilings(idx: Tensor) -> Tensor:
+        N, T = noise_v[idx].mean(), total_v[idx].mean()
+        S = (T - N).clamp_min(0)
+        return S / (S + N / ks)
+
+    point = ceilings(torch.arange(n))
+    g = torch.Generator().manual_seed(seed)
+    boot = torch.stack([ceilings(torch.randint(0, n, (n,), generator=g)) for _ in range(n_boot)]) if n_boot else None
+    rows = []
+    for j, k in enumerate(ks.tolist()):
+        rows.append(
+            {
+                "token_multiplier": k,
+                "noise_ceiling": float(point[j]),
+                "ci_low": float(boot[:, j].quantile(0.025)) if boot is not None else None,
+                "ci_high": float(boot[:, j].quantile(0.975)) if boot is not None else None,
+                "measured": k in (0.5, 1.0),
+                "n_vectors": n,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def learning_curve(
     effects: Effects,
     sizes: Sequence[int],
@@ -229,6 +273,33 @@ def compare_designs(runs: Sequence[RunConfig], max_id: int | None = None) -> pd.
     return pd.DataFrame(rows)
 
 
+def design_table(
+    runs: Sequence[RunConfig], max_id: int | None = None, multipliers: Sequence[float] = (0.5, 1.0, 2.0, 4.0)
+) -> pd.DataFrame:
+    """Noise ceiling per design and token budget: for each run, :func:`ceiling_by_tokens` of its halves
+    (``max_id``: vector ids below it only), with the rollout tokens per vector each row stands for."""
+    rows = []
+    for run in runs:
+        eff = load_effects(run.results_dir)
+        if eff.halves is None:
+            continue
+        keep = eff.valid if max_id is None else eff.valid & (eff.vector_ids < max_id)
+        e = run.effects
+        tokens = len(e.prompts) * e.samples_per_prompt * e.total_tokens
+        for row in ceiling_by_tokens(eff.halves[keep], multipliers).to_dict("records"):
+            rows.append(
+                {
+                    "run": run.name,
+                    "loss_target": f"{e.loss_target.kind}:{e.loss_target.value}",
+                    "measured_tokens_per_vector": tokens,
+                    "tokens_per_vector": int(tokens * row["token_multiplier"]),
+                    "seconds_per_vector_measured": eff.meta.get("seconds_per_vector_mean"),
+                    **row,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line of :func:`main` (also read by ``saets_utils.report.study``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -238,7 +309,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fits", default=",".join(DEFAULT_FITS))
     ap.add_argument("--holdout", type=int, default=None)
     ap.add_argument("--bootstrap", type=int, default=1000)
-    ap.add_argument("--out", default=None, help="with --compare: CSV to write")
+    ap.add_argument(
+        "--out", default=None, help="with --compare: CSV to write (and <name>_ceilings.csv: ceiling per token budget)"
+    )
     ap.add_argument("--max-id", type=int, default=None, help="with --compare: only vector ids below this")
     return ap.parse_args(argv)
 
@@ -249,8 +322,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.compare:
         df = compare_designs(runs, a.max_id)
         print(df.to_string(index=False))
+        ceil = design_table(runs, a.max_id)
+        print(ceil.to_string(index=False))
         if a.out:
             atomic_write_text(Path(a.out), df.to_csv(index=False))
+            atomic_write_text(Path(a.out).with_name(Path(a.out).stem + "_ceilings.csv"), ceil.to_csv(index=False))
         return
     for run in runs:
         sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else None
