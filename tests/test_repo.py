@@ -88,11 +88,11 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_layout_names_every_module():
-    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+def test_layout_doc_names_every_module():
+    layout = (ROOT / "docs" / "layout.md").read_text().split("# Layout", 1)[1].split("```")[1]
     package = ROOT / "saets_utils"
     for sub in sorted(p.parent for p in package.glob("*/__init__.py")):
-        assert f"{sub.name}/" in layout, f"README layout lacks the subpackage {sub.name}/"
+        assert f"{sub.name}/" in layout, f"docs/layout.md lacks the subpackage {sub.name}/"
     for module in sorted(package.rglob("*.py")):
         if module.name != "__init__.py":
-            assert re.search(rf"\b{module.stem}\b", layout), f"README layout lacks {module.relative_to(ROOT)}"
+            assert re.search(rf"\b{module.stem}\b", layout), f"docs/layout.md lacks {module.relative_to(ROOT)}"
