@@ -49,7 +49,7 @@ class ModelConfig(_Strict):
     bos_token_id: int | None = None
     # TransformerLens weight processing (fold_ln, centring) for ``transformer_lens`` models, as
     # ``from_pretrained`` does (the reference code's 2B runs). False: ``from_pretrained_no_processing``.
-    # On Gemma-2 the two agree up to rounding (README "Choices", precision).
+    # On Gemma-2 the two agree up to rounding (docs/choices.md, "Precision").
     process_weights: bool = False
 
     @model_validator(mode="after")
@@ -528,7 +528,7 @@ class EvalConfig(_Strict):
     battle: BattleConfig = BattleConfig()
     fgaa_top_k: int = Field(20, gt=0)
     fgaa_density_max: float = Field(0.01, gt=0, le=1)
-    # Features that fire only on the start token (excluded by FGAA); REFERENCE.md lists them for Gemma Scope 2B.
+    # Features that fire only on the start token (excluded by FGAA); docs/reference.md lists them for Gemma Scope 2B.
     fgaa_bos_features: list[int] = Field(default_factory=list)
     bootstrap: int = Field(1000, ge=0)
     # Judge-free targeting check (saets_utils/evaluation/targeting.py): each task's vectors are calibrated to

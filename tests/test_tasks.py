@@ -21,7 +21,7 @@ from saets_utils.steering.tasks import (
 )
 
 K2B, K9B = "gemma-scope-2b-16k-l0_82", "gemma-scope-9b-16k-l0_130"
-# REFERENCE.md, "Target features of the reference tasks" (praise on 2B: see test_praise_targets_per_method).
+# docs/reference.md, "Target features of the nine tasks" (praise on 2B: see test_praise_targets_per_method).
 EXPECTED = {
     "anger": ([(4111, 1.0)], [(441, 1.0)]),
     "christian": ([(5483, 1.0)], [(6387, 1.0)]),

@@ -5,7 +5,7 @@ Reads only 01's files (``effects.safetensors`` with ``effect_halves``: each vect
 independent halves of its rollouts), so it costs no model time. Writes to ``results/<run>/study/``:
 ``reliability.json`` and ``learning_curve.csv``. Rerun with
 ``python -m saets_utils.approximator.design_study params/<run>.yaml``; compare designs measured in several runs with
-``--compare params/a.yaml params/b.yaml`` (reliability per second of effects compute). The figure
+``--compare params/study/pilot_crn16.yaml params/study/pilot_indep16.yaml`` (reliability per second of effects compute). The figure
 ``study/learning_curve.png`` is drawn by the report layer: notebook 04, or
 ``python -m saets_utils.report.study`` (this study, same arguments, then the figure).
 """

@@ -145,8 +145,8 @@ def rotation_matrix(
     to zero. For a full-rank ``C`` (``k = d_model``) it is the orthogonal ``U V^T``.
 
     The reference code (ft_effects/adapter_analysis.py) takes the SVD of ``C^T`` and applies the
-    transpose of its result, which is this ``R``; REFERENCE.md's ``s = R^T d`` with this ``C`` is
-    a transposition slip. Callers apply ``R @ d`` (tested on a known rotation).
+    transpose of its result, which is this ``R``; the public code's later ``R.T @ d`` goes with a ``C``
+    built the other way (docs/reference.md, "Rotation"). Callers apply ``R @ d`` (tested on a known rotation).
     """
     if W_dec.shape != (approx.d_sae, approx.d_model):
         raise ValueError(

@@ -14,7 +14,7 @@ reported and skipped (the next run retries it). One parent run per folder at a t
 
 Workers: ``gpus = N`` starts N subprocesses on ``cuda:0..N-1``; ``cpu_workers = N`` starts N CPU
 subprocesses (testable without a GPU); neither runs in-process; ``effects.executor: slurm`` submits
-``effects.slurm.tasks`` submitit jobs instead (see README "Running on a Slurm cluster").
+``effects.slurm.tasks`` submitit jobs instead (see docs/slurm.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ of tensors; :mod:`saets_utils.evaluation.task_vectors` feeds them a task and the
 
 Each builder is a plain function that returns a unit vector [d_model] (``prompt`` needs none),
 never mutates its inputs and rejects bad input with a ValueError. A target is a list of
-``(feature id, weight)`` pairs, as in REFERENCE.md.
+``(feature id, weight)`` pairs, as in docs/reference.md.
 """
 
 from __future__ import annotations

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, default=0, help="01's worker count (see notebooks/01_effects.ipynb)")
     ap.add_argument("--cpu-workers", type=int, default=0, help="01 on N CPU worker subprocesses instead")
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
-    sl = ap.add_argument_group("Slurm (01's workers as submitit jobs; README: Running on a Slurm cluster)")
+    sl = ap.add_argument_group("Slurm (01's workers as submitit jobs; docs/slurm.md)")
     sl.add_argument("--executor", choices=["local", "slurm"], help="default: effects.executor of the params")
     sl.add_argument("--partition")
     sl.add_argument("--account")
