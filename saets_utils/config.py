@@ -360,6 +360,50 @@ class EffectsConfig(_Strict):
     max_failures: int = Field(3, gt=0)
 
 
+class Artifact(_Strict):
+    """One file of a published artifact (docs/published.md): a Hugging Face Hub file (``repo_id`` +
+    ``filename``, ``repo_type`` dataset or model, ``revision`` a branch, tag or commit; None: main)
+    or a local file at ``path`` (relative to the repo root or absolute)."""
+
+    repo_id: str | None = None
+    filename: str | None = None
+    repo_type: Literal["dataset", "model"] = "dataset"
+    revision: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> Artifact:
+        hub = bool(self.repo_id or self.filename)
+        if self.path and hub:
+            raise ValueError("give either path (a local file) or repo_id + filename (a Hub file), not both")
+        if not self.path and not (self.repo_id and self.filename):
+            raise ValueError(
+                "a published artifact needs path (a local file) or repo_id + filename "
+                "(e.g. {repo_id: schalnev/sae-ts-effects, filename: effects_2b.pt})"
+            )
+        return self
+
+    def describe(self) -> str:
+        """Where the file comes from, in words (no secrets: params hold none)."""
+        if self.path:
+            return self.path
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"hf://{self.repo_type}s/{self.repo_id}{rev}/{self.filename}"
+
+
+class PublishedArtifacts(_Strict):
+    """Published files in the reference's format (docs/published.md): ``effects`` (a ``torch.save``d
+    dict of ``features [n, d_model]`` and ``effects [n, d_sae]``), ``adapter`` (state dict ``W
+    [d_model, d_sae]``, ``b [d_sae]``) and, for the rotation method, its ``rotation`` (``R_dec``) and
+    ``correction_bias``. All optional; each is used only where ``effects_source`` /
+    ``adapter_source`` ask for it."""
+
+    effects: Artifact | None = None
+    adapter: Artifact | None = None
+    rotation: Artifact | None = None
+    correction_bias: Artifact | None = None
+
+
 class ApproximatorConfig(_Strict):
     """Settings of notebook 02: the linear effect approximator."""
 
@@ -405,6 +449,28 @@ class ApproximatorConfig(_Strict):
     # Bootstrap resamples of the held-out vectors for the 95% intervals of R^2 and the noise
     # ceiling (0: no intervals).
     bootstrap: int = Field(1000, ge=0)
+    # What 02 trains on: ``run`` (01's effects.safetensors), ``published`` (published.effects, the
+    # reference's format) or ``auto`` (01's when they exist, else published.effects).
+    effects_source: Literal["run", "published", "auto"] = "run"
+    # The approximator 03, targeting and the playground use: ``run`` (02's approximator.safetensors),
+    # ``published`` (published.adapter, with published.rotation when given) or ``auto`` (02's when it
+    # exists, else published.adapter).
+    adapter_source: Literal["run", "published", "auto"] = "run"
+    published: PublishedArtifacts = PublishedArtifacts()
+
+    @model_validator(mode="after")
+    def _published_present(self) -> ApproximatorConfig:
+        if self.effects_source != "run" and self.published.effects is None:
+            raise ValueError(
+                f"approximator.effects_source '{self.effects_source}' needs approximator.published.effects "
+                "(e.g. {repo_id: schalnev/sae-ts-effects, filename: effects_2b.pt})"
+            )
+        if self.adapter_source != "run" and self.published.adapter is None:
+            raise ValueError(
+                f"approximator.adapter_source '{self.adapter_source}' needs approximator.published.adapter "
+                "(e.g. {repo_id: schalnev/sae-ts-effects, filename: adapter_2b_layer_12.pt})"
+            )
+        return self
 
 
 OPENAI_API_HOST = "api.openai.com"

@@ -1,0 +1,237 @@
+"""Published artifacts in the reference's format (saets_utils/approximator/published.py): small files
+in the exact formats, read through huggingface_hub's real download path from a local cache laid out as
+the Hub lays it out (offline mode), and from a local path; each bad file fails naming itself."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from saets_utils.approximator.model import EffectApproximator, rotation_matrix
+from saets_utils.approximator.published import (
+    PublishedFileError,
+    artifact_path,
+    load_published_adapter,
+    published_effects,
+    read_adapter_file,
+    read_effects_file,
+    safe_load,
+    training_effects,
+)
+from saets_utils.approximator.training import train_approximator
+from saets_utils.config import Artifact, ConfigError, load_config
+from saets_utils.effects.store import Effects
+from tests.helpers import build_run_cfg
+
+REPO = "schalnev/sae-ts-effects"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+D_MODEL, D_SAE, N = 8, 12, 40
+
+
+def hub_cache(root: Path, files: dict[str, object], repo: str = REPO, repo_type: str = "dataset") -> Path:
+    """``root`` laid out as huggingface_hub's cache holds ``repo`` at ``main``: refs/main names the
+    commit, snapshots/<commit>/<file> holds each file (torch.save'd, as the reference wrote them)."""
+    base = root / f"{repo_type}s--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(COMMIT)
+    snap = base / "snapshots" / COMMIT
+    snap.mkdir(parents=True, exist_ok=True)
+    for name, obj in files.items():
+        torch.save(obj, snap / name)
+    return root
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A Hub cache at tmp_path/hub, used offline (no request leaves the machine)."""
+    import huggingface_hub.constants as C
+
+    root = tmp_path / "hub"
+    root.mkdir()
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return root
+
+
+def reference_arrays(seed: int = 0, n: int = N, d_model: int = D_MODEL, d_sae: int = D_SAE):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, d_model, generator=g) * 7.0  # not unit: the reader normalises
+    W = torch.randn(d_model, d_sae, generator=g)
+    b = torch.rand(d_sae, generator=g)
+    x = features / features.norm(dim=-1, keepdim=True)
+    effects = x @ W + b + 0.05 * torch.randn(n, d_sae, generator=g)
+    return features, effects, W, b
+
+
+def test_effects_load_through_the_hub_cache_offline_and_from_a_path(offline_hub, tmp_path):
+    features, effects, _, _ = reference_arrays()
+    hub_cache(offline_hub, {"effects_2b.pt": {"features": features, "effects": effects}})
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    hub = Artifact(repo_id=REPO, filename="effects_2b.pt", repo_type="dataset")
+    path = artifact_path(hub)
+    assert path.is_file() and COMMIT in str(path)
+    e = published_effects(hub, D_MODEL, D_SAE)
+    assert torch.allclose(e.vectors.norm(dim=-1), torch.ones(N))
+    assert torch.allclose(e.vectors * e.scales[:, None], features, atol=1e-5)
+    assert torch.equal(e.effects, effects) and e.halves is None and bool(e.valid.all())
+    assert "no noise ceiling" in e.meta["note"] and REPO in e.meta["note"]
+    local = tmp_path / "effects.pt"
+    torch.save({"features": features, "effects": effects}, local)
+    e2 = published_effects(Artifact(path=str(local)), D_MODEL, D_SAE)
+    assert torch.equal(e2.vectors, e.vectors) and torch.equal(e2.effects, e.effects)
+
+
+def test_a_revision_pins_the_commit_and_a_missing_file_fails_offline(offline_hub):
+    features, effects, _, _ = reference_arrays()
+    hub_cache(offline_hub, {"effects_2b.pt": {"features": features, "effects": effects}})
+    assert artifact_path(Artifact(repo_id=REPO, filename="effects_2b.pt", revision=COMMIT)).is_file()
+    with pytest.raises(FileNotFoundError, match=r"effects_9b\.pt"):
+        artifact_path(Artifact(repo_id=REPO, filename="effects_9b.pt"))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_a_file_needing_full_unpickling_is_refused_naming_it(tmp_path):
+    p = tmp_path / "adapter_2b_layer_12.pt"
+    torch.save({"W": torch.zeros(D_MODEL, D_SAE), "b": torch.zeros(D_SAE), "extra": _Evil()}, p)
+    with pytest.raises(PublishedFileError, match=r"refused .*adapter_2b_layer_12\.pt.*full unpickling"):
+        safe_load(p)
+    with pytest.raises(PublishedFileError, match=r"adapter_2b_layer_12\.pt"):
+        read_adapter_file(p, D_MODEL, D_SAE)
+
+
+def test_missing_keys_and_wrong_shapes_fail_clearly(tmp_path):
+    features, effects, W, b = reference_arrays()
+    p = tmp_path / "effects_2b.pt"
+    torch.save({"features": features}, p)
+    with pytest.raises(PublishedFileError, match=r"missing key\(s\) \['effects'\]"):
+        read_effects_file(p, D_MODEL, D_SAE)
+    torch.save({"features": features, "effects": effects[:-1]}, p)
+    with pytest.raises(PublishedFileError, match="same n"):
+        read_effects_file(p, D_MODEL, D_SAE)
+    a = tmp_path / "adapter_9b_layer_12.pt"  # a "9B" adapter (wider d_model, other d_sae) against the "2B" SAE
+    torch.save({"W": torch.zeros(D_MODEL + 4, D_SAE + 4), "b": torch.zeros(D_SAE + 4)}, a)
+    with pytest.raises(
+        PublishedFileError, match=rf"d_model {D_MODEL + 4}, d_sae {D_SAE + 4}.*d_model {D_MODEL}, d_sae {D_SAE}"
+    ):
+        read_adapter_file(a, D_MODEL, D_SAE)
+    torch.save({"W": W}, a)
+    with pytest.raises(PublishedFileError, match=r"missing key\(s\) \['b'\]"):
+        read_adapter_file(a, D_MODEL, D_SAE)
+    torch.save([W, b], a)
+    with pytest.raises(PublishedFileError, match="expected a dict"):
+        read_adapter_file(a, D_MODEL, D_SAE)
+
+
+def test_params_name_a_hub_file_or_a_path_and_nothing_changes_by_default(tmp_path):
+    ref = load_config("params/gemma-2-2b.yaml").approximator
+    assert ref.effects_source == "auto" and ref.adapter_source == "auto"
+    assert (
+        ref.published.effects is not None and ref.published.effects.describe() == f"hf://datasets/{REPO}/effects_2b.pt"
+    )
+    nine = load_config("params/gemma-2-9b.yaml").approximator.published
+    assert nine.adapter is not None and nine.adapter.filename == "adapter_9b_layer_12.pt"
+    demo = load_config("params/demo.yaml").approximator
+    assert demo.effects_source == "run" and demo.adapter_source == "run" and demo.published.effects is None
+    with pytest.raises(ConfigError, match=r"published\.effects"):
+        build_run_cfg(tmp_path, approximator={"effects_source": "published"})
+    with pytest.raises(ConfigError, match="not both"):
+        build_run_cfg(
+            tmp_path, approximator={"published": {"adapter": {"path": "a.pt", "repo_id": REPO, "filename": "a.pt"}}}
+        )
+    with pytest.raises(ConfigError, match="repo_id \\+ filename"):
+        build_run_cfg(tmp_path, approximator={"published": {"adapter": {"repo_id": REPO}}})
+
+
+def _as_if_from_01(features: torch.Tensor, effects: torch.Tensor) -> Effects:
+    """What 01's files of the same vectors would read back as (without halves)."""
+    import pandas as pd
+
+    x = features / features.norm(dim=-1, keepdim=True)
+    n = x.shape[0]
+    return Effects(
+        effects=effects,
+        vectors=x,
+        scales=torch.ones(n),
+        vector_ids=torch.arange(n),
+        table=pd.DataFrame({"id": range(n)}),
+        baseline_mean=torch.zeros(effects.shape[1]),
+        baseline_density=torch.zeros(effects.shape[1]),
+        meta={"effects": {"vectors": {"source": "random"}}},
+    )
+
+
+@pytest.mark.parametrize("fit", ["ridge", "adam"])
+def test_02_trains_on_published_effects_as_on_01s(offline_hub, tmp_path, fit):
+    features, effects, _, _ = reference_arrays()
+    hub_cache(offline_hub, {"effects_2b.pt": {"features": features, "effects": effects}})
+    pub = {"effects_source": "auto", "published": {"effects": {"repo_id": REPO, "filename": "effects_2b.pt"}}}
+    run = build_run_cfg(
+        tmp_path, approximator={"fit": fit, "holdout": 8, "bootstrap": 20, "epochs": 2, "cv_folds": 3, **pub}
+    )
+    W_dec = torch.randn(D_SAE, D_MODEL)
+    eff = training_effects(run, W_dec)  # 01 has not run: auto takes the published file
+    assert eff.meta["effects"]["vectors"]["source"] == "published"
+    a = train_approximator(run, eff, W_dec)
+    ref_run = build_run_cfg(
+        tmp_path, stem="from01", approximator={"fit": fit, "holdout": 8, "bootstrap": 20, "epochs": 2, "cv_folds": 3}
+    )
+    b = train_approximator(ref_run, _as_if_from_01(features, effects), W_dec)
+    assert torch.allclose(a.approx.W, b.approx.W, atol=1e-6) and torch.allclose(a.approx.b, b.approx.b, atol=1e-6)
+    for k in ("mse", "mse_mean", "r2", "r2_ci_low", "cosine_mean", "n_train", "n_val"):
+        assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-5, abs=1e-7), k
+    assert a.metrics.get("noise_ceiling") is None  # no halves, no ceiling
+    assert (run.results_dir / "approximator.safetensors").is_file()
+
+
+def test_auto_prefers_01s_effects_when_they_exist(tmp_path):
+    run = build_run_cfg(
+        tmp_path, approximator={"effects_source": "auto", "published": {"effects": {"path": "missing.pt"}}}
+    )
+    run.results_dir.mkdir(parents=True)
+    (run.results_dir / "effects.safetensors").write_bytes(b"")
+    with pytest.raises(Exception) as e:  # it went to 01's files (here a broken set), not to missing.pt
+        training_effects(run, torch.zeros(D_SAE, D_MODEL))
+    assert "missing.pt" not in str(e.value)
+
+
+def test_published_adapter_rotation_and_correction_compared(offline_hub, tmp_path):
+    _, _, W, b = reference_arrays()
+    W_dec = torch.randn(D_SAE, D_MODEL, generator=torch.Generator().manual_seed(3))
+    ours = rotation_matrix(EffectApproximator(W, b), W_dec)
+    c = W @ b
+    hub_cache(
+        offline_hub,
+        {
+            "adapter_2b_layer_12.pt": {"W": W, "b": b},
+            "R_dec_2b_layer_12.pt": ours.T.clone(),  # the public code's orientation (R.T @ d)
+            "correction_bias_2b_layer_12.pt": c,
+        },
+    )
+    files = {
+        k: {"repo_id": REPO, "filename": f}
+        for k, f in (
+            ("adapter", "adapter_2b_layer_12.pt"),
+            ("rotation", "R_dec_2b_layer_12.pt"),
+            ("correction_bias", "correction_bias_2b_layer_12.pt"),
+        )
+    }
+    run = build_run_cfg(tmp_path, approximator={"adapter_source": "published", "published": files})
+    pa = load_published_adapter(run, W_dec)
+    assert torch.equal(pa.approx.W, W) and torch.equal(pa.approx.b, b)
+    assert torch.allclose(pa.rotation, ours, atol=1e-6)  # turned into our orientation (R @ d)
+    t = pa.table().set_index("what")
+    assert t.loc["rotation R^T vs ours", "rel_diff"] < 1e-6 < t.loc["rotation R vs ours", "rel_diff"]
+    assert t.loc["correction bias vs norm(W @ b)", "cosine"] == pytest.approx(1.0, abs=1e-6)
+    bad_sae = torch.randn(D_SAE + 4, D_MODEL + 4)  # the adapter of another model for this SAE
+    with pytest.raises(
+        PublishedFileError, match=rf"d_model {D_MODEL}, d_sae {D_SAE}.*d_model {D_MODEL + 4}, d_sae {D_SAE + 4}"
+    ):
+        load_published_adapter(run, bad_sae)
