@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "load_sae_quality": "saets_utils.models.sae_training",
     "run_effects": "saets_utils.effects.runner",
     "load_effects": "saets_utils.effects.store",
+    "training_effects": "saets_utils.approximator.published",
     "train_approximator": "saets_utils.approximator.training",
     "metrics_table": "saets_utils.approximator.training",
     "verdict": "saets_utils.approximator.training",
@@ -56,6 +57,7 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from saets_utils.approximator.design_study import run_study
+    from saets_utils.approximator.published import training_effects
     from saets_utils.approximator.training import metrics_table, train_approximator, verdict
     from saets_utils.config import RunConfig, load_config
     from saets_utils.effects.runner import run_effects

@@ -189,6 +189,12 @@ def test_02_trains_on_published_effects_as_on_01s(offline_hub, tmp_path, fit):
         assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-5, abs=1e-7), k
     assert a.metrics.get("noise_ceiling") is None  # no halves, no ceiling
     assert (run.results_dir / "approximator.safetensors").is_file()
+    if fit == "ridge":  # 02's plot cell and 04's figures without 01's files (no baseline density)
+        from saets_utils.report.figures import make_all_figures
+        from saets_utils.report.plots import plot_approximator_diagnostics
+
+        plot_approximator_diagnostics(a.pred, a.measured, a.approx.b, eff.baseline_density)
+        assert [p.name for p in make_all_figures(run)] == ["approximator_diagnostics.png"]
 
 
 def test_auto_prefers_01s_effects_when_they_exist(tmp_path):

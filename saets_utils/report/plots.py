@@ -215,6 +215,8 @@ def plot_approximator_diagnostics(
     bias entries are expected on BOS, position and other dense features. ``labels``: feature id ->
     short label (feature dashboards), shown next to each id."""
     P, Y, bias = _np(pred), _np(measured), _np(b).ravel()
+    if density is not None and not np.isfinite(_np(density)).any():
+        density = None  # no baseline (published effects): no density to show
     if P.shape != Y.shape or P.ndim != 2:
         raise ValueError(f"pred and measured must both be [n, d_sae]; got {P.shape} and {Y.shape}")
     fig = _figure((11, 4.6))
