@@ -8,7 +8,9 @@ or preempted) another worker takes the key by creating generation ``gen + 1``, w
 do. Each expired generation counts as a failure of the attempt that took it; after
 ``max_failures`` in one attempt the key is given up by that attempt (a later attempt retries it).
 Leases compare file times with the clock of the reader, so nodes' clocks must agree (NTP) to well
-within a lease.
+within a lease. A holder on the reader's own host is also checked directly: if its process is gone,
+or its pid now belongs to a process started at another time (pids are reused), its claim is taken
+over at once with a one-line notice, whatever the lease says (a killed run resumes without waiting).
 """
 
 from __future__ import annotations
@@ -27,9 +29,47 @@ from saets_utils.io_utils import atomic_write_json
 EXPIRED = (0.0, 0.0)  # file times that mark a lease as over at once
 
 
-def identity() -> dict[str, str | int]:
-    """Who this process is: host and pid (a requeued job keeps its worker name, not these)."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+def _linux() -> bool:
+    return Path("/proc/self/stat").is_file()
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` of this host started, as an opaque token (None: no such process, a zombie,
+    or the platform cannot tell). Linux: the boot id and ``/proc/<pid>/stat`` field 22 (start time in
+    clock ticks since boot); elsewhere psutil's create time if psutil is installed."""
+    if _linux():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # field 2 may hold ')'
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except (OSError, IndexError):
+            return None
+        return None if fields[0] in ("Z", "X") else f"{boot}:{fields[19]}"  # fields[0] is field 3 (state)
+    try:
+        import psutil
+
+        return repr(psutil.Process(pid).create_time())
+    except Exception:  # psutil missing, or no such process
+        return None
+
+
+def identity() -> dict[str, str | int | None]:
+    """Who this process is: host, pid and the pid's start time (a requeued job keeps its worker
+    name, not these)."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": process_start(pid)}
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -45,9 +85,26 @@ class Claim:
     pid: int
     error: str | None
     mtime: float
+    start: str | None = None  # the holder's process start time (:func:`process_start`), if recorded
 
     def fresh(self, lease_s: float, now: float | None = None) -> bool:
         return self.error is None and self.mtime > (time.time() if now is None else now) - lease_s
+
+    def holder(self) -> str:
+        return f"{self.worker or 'a run'} (pid {self.pid} on {self.host})"
+
+    def dead_holder(self) -> str | None:
+        """Why this claim's holder is known dead, or None. Only a holder on this very host can be
+        checked: its pid no longer exists (or is a zombie), or belongs to a process started at another
+        time. A holder on another host, or one that wrote no identity yet, is left to its lease."""
+        if not self.host or self.host != socket.gethostname() or self.pid <= 0:
+            return None
+        now = process_start(self.pid)
+        if now is None:
+            return "its process is gone" if _linux() or not pid_alive(self.pid) else None
+        if self.start is not None and now != self.start:
+            return "its pid now belongs to another process"
+        return None
 
 
 def read_claims(folder: Path, key: str) -> list[Claim]:
@@ -76,6 +133,7 @@ def read_claims(folder: Path, key: str) -> list[Claim]:
                 int(info.get("pid", -1)),
                 info.get("error"),
                 mtime,
+                info.get("start"),
             )
         )
         gen += 1
@@ -95,7 +153,9 @@ class ClaimOutcome:
 def try_claim(
     folder: Path, key: str, attempt: str, worker: str, lease_s: float, max_failures: int | None = None
 ) -> ClaimOutcome:
-    """Take ``key`` unless a live lease holds it or this attempt failed it ``max_failures`` times."""
+    """Take ``key`` unless a live lease holds it or this attempt failed it ``max_failures`` times.
+    A fresh lease whose holder is known dead (:meth:`Claim.dead_holder`) is taken over at once, with
+    a one-line notice naming that holder."""
     folder.mkdir(parents=True, exist_ok=True)
     me = identity()
     claims = read_claims(folder, key)
@@ -105,7 +165,10 @@ def try_claim(
         # a requeued job (same worker name, new process) takes its own block back without waiting
         own_previous = last.worker == worker and (last.host, last.pid) != (me["host"], me["pid"])
         if last.fresh(lease_s) and not own_previous:
-            return ClaimOutcome("held")
+            why = last.dead_holder()
+            if why is None:
+                return ClaimOutcome("held")
+            print(f"saets: taking over {folder.name}/{key} from {last.holder()}: {why}", flush=True)
         mine = [c for c in claims if c.attempt == attempt]
         errors = tuple(c.error or f"{c.worker} on {c.host} (pid {c.pid}) stopped renewing its lease" for c in mine)
         if max_failures is not None and len(mine) >= max_failures:

@@ -344,6 +344,10 @@ def work_loop(
                         if progress is not None:
                             progress.update(len(left))
                     beat.discard(got.path)
+                except KeyboardInterrupt:  # Ctrl-C in the notebook: a re-run in this kernel takes it at once
+                    beat.discard(got.path)
+                    os.utime(got.path, EXPIRED)
+                    raise
                 except Exception:
                     beat.discard(got.path)
                     err = traceback.format_exc()
@@ -363,7 +367,8 @@ LOCK = ".effects_lock"  # in results/<run>/, outside the work folder that restar
 @contextmanager
 def run_lock(run: RunConfig) -> Iterator[Path]:
     """Hold the run's lock (a lease renewed while held) or fail naming the live holder: two parents
-    on one folder would each start workers on the same devices."""
+    on one folder would each start workers on the same devices. A lock whose holder on this host is
+    dead (killed, OOM, a crashed kernel) is taken over at once (:meth:`Claim.dead_holder`)."""
     folder = run.results_dir / LOCK
     me = identity()
     got = try_claim(folder, "run", "", f"{me['host']}:{me['pid']}", run.effects.lease_s)
