@@ -241,3 +241,55 @@ def test_published_adapter_rotation_and_correction_compared(offline_hub, tmp_pat
         PublishedFileError, match=rf"d_model {D_MODEL}, d_sae {D_SAE}.*d_model {D_MODEL + 4}, d_sae {D_SAE + 4}"
     ):
         load_published_adapter(run, bad_sae)
+
+
+def test_03_context_uses_the_published_adapter_without_01(offline_hub, tmp_path, tiny_model, tiny_sae):
+    """load_context (03, targeting, the playground) with the published adapter and no 01 or 02 files."""
+    from saets_utils.evaluation.task_vectors import build_target_vector, load_context
+    from tests.helpers import D_MODEL as DM
+    from tests.helpers import D_SAE as DS
+
+    g = torch.Generator().manual_seed(5)
+    W, b = torch.randn(DM, DS, generator=g), torch.rand(DS, generator=g)
+    R = rotation_matrix(EffectApproximator(W, b), tiny_sae.W_dec.detach().float())
+    hub_cache(
+        offline_hub,
+        {
+            "adapter_2b_layer_12.pt": {"W": W, "b": b},
+            "R_dec_2b_layer_12.pt": R.T.clone(),
+            "correction_bias_2b_layer_12.pt": W @ b,
+            "adapter_9b_layer_12.pt": {"W": torch.zeros(DM * 2, DS * 2), "b": torch.zeros(DS * 2)},
+        },
+    )
+    files = {
+        "adapter": {"repo_id": REPO, "filename": "adapter_2b_layer_12.pt"},
+        "rotation": {"repo_id": REPO, "filename": "R_dec_2b_layer_12.pt"},
+        "correction_bias": {"repo_id": REPO, "filename": "correction_bias_2b_layer_12.pt"},
+    }
+    run = build_run_cfg(tmp_path, approximator={"adapter_source": "auto", "published": files})
+    assert not run.results_dir.exists()  # neither 01 nor 02 has run
+    ctx = load_context(run, tiny_model, tiny_sae)
+    assert ctx.approx is not None and torch.equal(ctx.approx.W, W) and torch.equal(ctx.approx.b, b)
+    assert ctx.rotation is not None and torch.allclose(ctx.rotation, R, atol=1e-6)
+    assert ctx.approx_source == f"published: hf://datasets/{REPO}/adapter_2b_layer_12.pt"
+    assert {r["what"] for r in ctx.approx_check} >= {"rotation R^T vs ours", "correction bias vs norm(W @ b)"}
+    for m in ("SAE-TS", "pinverse", "rotation"):
+        v = build_target_vector(ctx, m, [(3, 1.0)])
+        assert v.shape == (DM,) and torch.isfinite(v).all()
+    from saets_utils.evaluation.task_vectors import build_task_vectors
+    from saets_utils.steering.tasks import load_task
+
+    with pytest.raises(FileNotFoundError, match="baseline feature density"):  # no 01: FGAA and discovery refuse
+        build_task_vectors(load_task("anger"), ctx, ["FGAA"])
+    nine = build_run_cfg(
+        tmp_path,
+        stem="ninerun",
+        approximator={
+            "adapter_source": "published",
+            "published": {"adapter": {"repo_id": REPO, "filename": "adapter_9b_layer_12.pt"}},
+        },
+    )
+    with pytest.raises(
+        PublishedFileError, match=rf"adapter_9b_layer_12\.pt: W is \[{DM * 2}, {DS * 2}\].*d_model {DM}, d_sae {DS}"
+    ):
+        load_context(nine, tiny_model, tiny_sae)

@@ -7,7 +7,8 @@ The judge is built (and an OpenAI key checked) before any generation starts.
 
 Writes ``results/<run>/eval/``: ``samples.jsonl`` (every text with its scores or errors),
 ``by_scale.csv``, ``summary.csv``, ``vectors.safetensors`` (``<task>/<method>``), ``targets.json``,
-``judge_stats.json``; the judge cache lives in ``eval/judge_cache``. With ``eval.targeting`` (default)
+``judge_stats.json``; the judge cache lives in ``eval/judge_cache``. When it starts (after its checks)
+it removes every file of ``EVAL_OUTPUTS`` an earlier run left, so a failed 03 leaves only its own. With ``eval.targeting`` (default)
 it then measures, without any judge, how well each vector moves the task's target SAE features
 (:mod:`saets_utils.evaluation.targeting`): ``targeting.csv``, ``targeting_summary.csv``, ``targeting_effects.safetensors``.
 """
@@ -24,7 +25,7 @@ import torch
 
 from saets_utils.config import RunConfig
 from saets_utils.evaluation.task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
-from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_outputs
 from saets_utils.judges import CriterionKind, JudgeFailures, JudgeRequest, check_failures, make_judge, score_requests
 from saets_utils.registry import get_method
 from saets_utils.steering.generation import generate, row_seed
@@ -36,6 +37,24 @@ if TYPE_CHECKING:
 
 EVAL_STREAM = 2  # seed stream of eval rollouts (01 uses 0 and 1)
 MAX_ROWS = 256
+# Every file 03 writes in eval/ (battles: notebook 03's later cell), removed when 03 starts, so a 03
+# that fails (judge failures, an error, a kill) leaves no earlier run's file beside its new ones.
+# The judge cache stays: its entries are keyed by content.
+EVAL_OUTPUTS = (
+    "samples.jsonl",
+    "judge_stats.json",
+    "by_scale.csv",
+    "summary.csv",
+    "vectors.safetensors",
+    "targets.json",
+    "targeting.csv",
+    "targeting_summary.csv",
+    "targeting_differences.csv",
+    "targeting_effects.safetensors",
+    "battles.jsonl",
+    "battle_ratings.csv",
+    "battle_stats.json",
+)
 
 
 @dataclass
@@ -160,6 +179,7 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
         mean_logprob_fn=lm_fn,
         examples={t.name: {"positive": t.positive, "negative": t.negative} for t in tasks},
     )
+    remove_outputs(out, EVAL_OUTPUTS)  # checks passed: 03 starts
     frames, vectors, targets, requests, task_vectors = [], {}, [], [], {}
     n_scales = len(run.eval.scale_grid.values())
     total = (
@@ -189,8 +209,6 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
         requests += _requests(task, df, run.eval.prompt, _template(run))
     bar.close()
     atomic_save_safetensors(vectors, out / "vectors.safetensors")
-    for name in ("by_scale.csv", "summary.csv"):  # an earlier run's tables never stand beside new texts
-        (out / name).unlink(missing_ok=True)
     results = score_requests(judge, requests, progress=progress)
     samples = _attach_scores(pd.concat(frames, ignore_index=True), requests, results)
     atomic_write_text(
@@ -203,6 +221,9 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
         "n_texts": len(samples),
         "n_requests": len(requests),
         "n_errors": int(sum(not r.ok for r in results)),
+        # which approximator built the vectors; a published one with its rotation / correction check
+        "approximator": ctx.approx_source,
+        **({"approximator_check": ctx.approx_check} if ctx.approx_check else {}),
     }
     atomic_write_json(out / "judge_stats.json", stats)
     try:
@@ -221,14 +242,6 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
 
         tg = measure_targeting(run, model, sae, task_vectors, progress=progress)
         tg_summary = targeting_summary(tg, n_boot=run.eval.bootstrap, seed=run.seed)  # = targeting_summary.csv
-    else:  # no stale table from an earlier run may be reported or plotted beside these results
-        for name in (
-            "targeting.csv",
-            "targeting_summary.csv",
-            "targeting_differences.csv",
-            "targeting_effects.safetensors",
-        ):
-            (out / name).unlink(missing_ok=True)
     return EvalReport(samples, bs, sm, tdf, stats, tg, tg_summary)
 
 

@@ -11,6 +11,7 @@ with the pure functions of :mod:`saets_utils.evaluation.methods`.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -45,6 +46,10 @@ class SteeringContext:
     rotation: Tensor | None
     density: Tensor
     bos: int
+    # Where ``approx`` came from ("02: <file>" or the published adapter) and, for a published adapter,
+    # how its rotation and correction bias compare with ours (rows of what / rel_diff / cosine).
+    approx_source: str = ""
+    approx_check: list[dict] = field(default_factory=list)
 
     @property
     def hook_name(self) -> str:
@@ -88,6 +93,7 @@ def resolve_targets(
         return {
             m: list(t) for m, t in listed.items() if t is not None
         }, f"listed in params/tasks/{task.name}.yaml under {key}"
+    _need_density(ctx, f"discovering the targets of task {task.name!r}")
     pos, neg = acts if acts is not None else contrast_acts(task, ctx)
     found = M.discover_target_features(pos, neg, ctx.density, ctx.run.eval.fgaa_density_max, task.discover.k)
     how = (
@@ -96,6 +102,15 @@ def resolve_targets(
         f"{ctx.run.eval.fgaa_density_max} dropped, weights L1-normalised"
     )
     return {m: found for m in TARGET_METHODS}, how
+
+
+def _need_density(ctx: SteeringContext, what: str) -> None:
+    """Refuse ``what`` when 01's baseline density is unknown (a published adapter without 01)."""
+    if not bool(torch.isfinite(ctx.density).all()):
+        raise FileNotFoundError(
+            f"{what} needs 01's baseline feature density (results/<run>/baseline.safetensors), which a published "
+            "adapter does not carry; run notebooks/01_effects.ipynb, or list the task's targets and leave out FGAA"
+        )
 
 
 # (context, task or None for hand-written targets, the method's targets or [] if it uses none) -> unit vector
@@ -167,6 +182,14 @@ def _fgaa(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
     return M.build_fgaa_vector(_approx(ctx), targets, ctx.run.approximator.sae_ts_lambda)
 
 
+@builds("random")
+def _random(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
+    key = task.name if task is not None else ",".join(f"{f}:{w}" for f, w in targets)
+    g = torch.Generator().manual_seed(ctx.run.seed * 1_000_003 + zlib.crc32(key.encode()))
+    v = torch.randn(ctx.model.cfg.d_model, generator=g)
+    return v / v.norm()
+
+
 def _build(ctx: SteeringContext, entry: Method, task: Task | None, targets: M.Target) -> Tensor:
     if entry.needs_approximator and ctx.approx is None:
         raise FileNotFoundError(f"{entry.name} needs the effect approximator; run notebooks/02_train.ipynb first")
@@ -193,6 +216,8 @@ def build_task_vectors(task: Task, ctx: SteeringContext, methods: list[str]) -> 
     entries = [get_method(m) for m in methods]
     out = TaskVectors(task=task.name)
     needs_acts = any(e.targets == "contrast" for e in entries) or ctx.run.sae.targets_key is None
+    if needs_acts:  # FGAA and discovered targets drop dense features: they need 01's density
+        _need_density(ctx, f"FGAA or discovering the targets of task {task.name!r}")
     acts = contrast_acts(task, ctx) if needs_acts else None
     targets, out.targets_how = resolve_targets(task, ctx, acts)
     needs_approx = {e.name for e in entries if e.needs_approximator}
@@ -224,21 +249,46 @@ def build_task_vectors(task: Task, ctx: SteeringContext, methods: list[str]) -> 
 def load_context(
     run: RunConfig, model: HookedTransformer, sae: SAE, require_approximator: bool = True
 ) -> SteeringContext:
-    """A :class:`SteeringContext` from ``results/<run>/`` (baseline of 01, approximator of 02)."""
+    """A :class:`SteeringContext` from ``results/<run>/`` (baseline of 01, approximator of 02), or,
+    as ``approximator.adapter_source`` says, with the published adapter (docs/published.md): its
+    ``W``, ``b`` checked against the SAE, its rotation when given, and the comparison of its rotation and
+    correction bias with ours in ``approx_check``. Without 01 the baseline density is unknown (NaN):
+    FGAA and discovered targets then refuse, naming 01."""
     from safetensors.torch import load_file
 
     from saets_utils.approximator.model import load_rotation
+    from saets_utils.approximator.published import adapter_source_is_published, load_published_adapter
     from saets_utils.models.loading import bos_id
 
     d = run.results_dir
-    if not (d / "baseline.safetensors").is_file():
+    published = adapter_source_is_published(run)
+    if (d / "baseline.safetensors").is_file():
+        density = load_file(d / "baseline.safetensors")["density"]
+    elif published:
+        density = torch.full((int(sae.W_dec.shape[0]),), float("nan"))
+    else:
         raise FileNotFoundError(f"{d / 'baseline.safetensors'} not found; run notebooks/01_effects.ipynb first")
-    density = load_file(d / "baseline.safetensors")["density"]
     path = d / "approximator.safetensors"
-    if require_approximator and not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run notebooks/02_train.ipynb first")
-    approx = EffectApproximator.load(path) if path.is_file() else None
-    rotation = load_rotation(path) if path.is_file() else None
+    check: list[dict] = []
+    approx: EffectApproximator | None
+    rotation: Tensor | None
+    if published:
+        pub = load_published_adapter(run, sae.W_dec)
+        approx, rotation, source, check = pub.approx, pub.rotation, f"published: {pub.source}", pub.comparison
+    else:
+        if require_approximator and not path.is_file():
+            raise FileNotFoundError(f"{path} not found; run notebooks/02_train.ipynb first")
+        approx = EffectApproximator.load(path) if path.is_file() else None
+        rotation = load_rotation(path) if path.is_file() else None
+        source = f"02: {path}" if path.is_file() else ""
     return SteeringContext(
-        run=run, model=model, sae=sae, approx=approx, rotation=rotation, density=density, bos=bos_id(model, run.model)
+        run=run,
+        model=model,
+        sae=sae,
+        approx=approx,
+        rotation=rotation,
+        density=density,
+        bos=bos_id(model, run.model),
+        approx_source=source,
+        approx_check=check,
     )
