@@ -28,6 +28,7 @@ class Method:
     ``vector``: False for a method that steers without a vector, by prepending the task's
     instruction to the prompt; it is evaluated once, at scale 0 (the ``prompt`` baseline).
     ``paper_name``: the method's column in the paper's results table, None if the paper did not run it.
+    ``default``: evaluated when a run's ``eval.methods`` is not given (controls are opt-in).
     """
 
     name: str
@@ -36,6 +37,7 @@ class Method:
     targets: Literal["task", "contrast"] | None = None
     vector: bool = True
     paper_name: str | None = None
+    default: bool = True
 
     @property
     def from_targets(self) -> bool:
@@ -52,9 +54,13 @@ REGISTRY: tuple[Method, ...] = (
     Method("rotation", "#2ca02c", needs_approximator=True, targets="task", paper_name="Rotation"),
     Method("FGAA", "#8c564b", needs_approximator=True, targets="contrast"),
     Method("prompt", "#7f7f7f", vector=False),
+    # Control: a seeded isotropic unit vector per task (no SAE, no approximator): what any method
+    # must beat to claim it steers toward its target rather than merely steering.
+    Method("random", "#bcbd22", default=False),
 )
 
 METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY)
+DEFAULT_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.default)
 METHOD_COLORS: dict[str, str] = {m.name: m.color for m in REGISTRY}
 _BY_NAME: dict[str, Method] = {m.name: m for m in REGISTRY}
 

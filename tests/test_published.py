@@ -293,3 +293,82 @@ def test_03_context_uses_the_published_adapter_without_01(offline_hub, tmp_path,
         PublishedFileError, match=rf"adapter_9b_layer_12\.pt: W is \[{DM * 2}, {DS * 2}\].*d_model {DM}, d_sae {DS}"
     ):
         load_context(nine, tiny_model, tiny_sae)
+
+
+def _write_01_results(run, features: torch.Tensor, effects: torch.Tensor) -> None:
+    """A minimal set of 01's files (what load_effects reads), one row without a usable effect."""
+    import json
+
+    from safetensors.torch import save_file
+
+    d = run.results_dir
+    d.mkdir(parents=True, exist_ok=True)
+    n, d_sae = effects.shape
+    x = features / features.norm(dim=-1, keepdim=True)
+    scales = torch.full((n,), 30.0)
+    scales[5] = float("nan")  # a failed calibration: left out of the export
+    save_file(
+        {
+            "effects": effects,
+            "vectors": x,
+            "scales": scales,
+            "vector_ids": torch.arange(n) * 2,
+            "effect_halves": torch.stack([effects, effects], 1),
+        },
+        str(d / "effects.safetensors"),
+    )
+    save_file({"mean": torch.zeros(d_sae), "density": torch.zeros(d_sae)}, str(d / "baseline.safetensors"))
+    (d / "effects_table.csv").write_text("id,scale,status,seconds\n")
+    (d / "effects_meta.json").write_text(json.dumps({"effects": {"vectors": {"source": "random"}}}))
+
+
+def test_export_round_trip_gives_the_same_tensors(offline_hub, tmp_path):
+    from safetensors.torch import load_file
+
+    from saets_utils.approximator.model import load_rotation
+    from saets_utils.report.export import export_names, main
+
+    features, effects, _, _ = reference_arrays()
+    run = build_run_cfg(tmp_path, approximator={"fit": "ridge", "holdout": 8, "bootstrap": 20, "cv_folds": 3})
+    _write_01_results(run, features, effects)
+    W_dec = torch.randn(D_SAE, D_MODEL, generator=torch.Generator().manual_seed(2))
+    trained = train_approximator(run, load_effects_of(run), W_dec)
+    out = tmp_path / "export"
+    main([str(tmp_path / "params" / "tinyrun.yaml"), "--out", str(out)])
+    names = export_names(run)
+    assert names["adapter"] == "adapter_tinyrun_layer_1.pt"
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[5] = False
+    # back through the published readers: from a path, and from the export laid out as a Hub repo
+    e = published_effects(Artifact(path=str(out / names["effects"])), D_MODEL, D_SAE)
+    x = features / features.norm(dim=-1, keepdim=True)
+    assert torch.equal(e.effects, effects[keep]) and torch.allclose(e.vectors, x[keep], atol=1e-6)
+    st = load_file(str(out / names["effects_st"]))
+    assert torch.equal(st["vector_ids"], torch.arange(N)[keep] * 2) and torch.equal(st["effects"], effects[keep])
+    hub_cache(
+        offline_hub,
+        {
+            n: torch.load(out / n, weights_only=True)
+            for n in (names["adapter"], names["rotation"], names["correction_bias"])
+        },
+        repo="me/saets-tinyrun",
+    )
+    files = {
+        k: {"repo_id": "me/saets-tinyrun", "filename": names[k]} for k in ("adapter", "rotation", "correction_bias")
+    }
+    back = build_run_cfg(tmp_path, stem="back", approximator={"adapter_source": "published", "published": files})
+    pa = load_published_adapter(back, W_dec)
+    assert torch.equal(pa.approx.W, trained.approx.W) and torch.equal(pa.approx.b, trained.approx.b)
+    saved_R = load_rotation(run.results_dir / "approximator.safetensors")
+    assert saved_R is not None and torch.equal(pa.rotation, saved_R)
+    assert all(r["rel_diff"] < 1e-5 for r in pa.comparison if r["what"] != "rotation R^T vs ours")
+    ad = load_file(str(out / names["adapter_st"]))
+    assert torch.equal(ad["W"], trained.approx.W) and torch.equal(ad["rotation"], saved_R)
+    card = (out / "README.md").read_text()
+    assert "| r2 |" in card and run.sae.key in card and names["adapter"] in card and f"{N - 1} of {N}" in card
+
+
+def load_effects_of(run):
+    from saets_utils.effects.store import load_effects
+
+    return load_effects(run.results_dir)
