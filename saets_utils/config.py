@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from saets_utils.registry import METHODS
+from saets_utils.registry import DEFAULT_METHODS, METHODS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -580,7 +580,7 @@ class EvalConfig(_Strict):
         ]
     )
     # Names of saets_utils/registry.py (default: all of them, in the registry's order).
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
     scale_grid: ScaleGrid = ScaleGrid(start=0, stop=300, step=20)
     prompt: str = "I think"
     samples_per_scale: int = Field(256, gt=0)
