@@ -10,6 +10,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,19 @@ def remove_stale_tmp(folder: Path, older_than_s: float, recursive: bool = True) 
                 removed.append(p)
         except FileNotFoundError:  # another process removed or renamed it
             continue
+    return removed
+
+
+def remove_outputs(folder: Path, names: Iterable[str]) -> list[Path]:
+    """Delete the files ``names`` in ``folder`` that an earlier run of a step wrote, when the step
+    starts: if it then fails, none of them stands beside its partial output as if it were current.
+    Returns what was removed."""
+    removed = []
+    for name in names:
+        p = folder / name
+        if p.is_file() or p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
     return removed
 
 

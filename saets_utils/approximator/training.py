@@ -1,6 +1,7 @@
 """Notebook 02's work: fit the effect approximator on 01's effects, judge it on held-out vectors,
 and write ``approximator.safetensors`` (W, b, correction, rotation), ``approximator_metrics.json``,
 ``approximator_history.csv`` and ``approximator_holdout.safetensors`` (ids, predicted, measured).
+It removes an earlier run's copies of these first, so a fit that fails leaves none of them behind.
 """
 
 from __future__ import annotations
@@ -18,9 +19,24 @@ from saets_utils.approximator.metrics import approximator_metrics, split_half_re
 from saets_utils.approximator.model import EffectApproximator, split_holdout
 from saets_utils.config import RunConfig
 from saets_utils.effects.store import Effects
-from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_outputs
 
-__all__ = ["RIDGE_PATH", "TrainResult", "choose_ridge_lambda", "metrics_table", "train_approximator", "verdict"]
+APPROX_OUTPUTS = (
+    "approximator.safetensors",
+    "approximator_metrics.json",
+    "approximator_history.csv",
+    "approximator_holdout.safetensors",
+)
+
+__all__ = [
+    "APPROX_OUTPUTS",
+    "RIDGE_PATH",
+    "TrainResult",
+    "choose_ridge_lambda",
+    "metrics_table",
+    "train_approximator",
+    "verdict",
+]
 
 
 @dataclass
@@ -43,6 +59,7 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
     positive), save all outputs. Rows without a finite scale or effect (see 01's status column) are
     dropped."""
     cfg = run.approximator
+    remove_outputs(run.results_dir, APPROX_OUTPUTS)  # 02 starts: no earlier fit survives a failed one
     ok = effects.valid
     X, Y, ids = effects.vectors[ok].float(), effects.effects[ok].float(), effects.vector_ids[ok]
     if X.shape[0] < 3:

@@ -7,10 +7,11 @@ The judge is built (and an OpenAI key checked) before any generation starts.
 
 Writes ``results/<run>/eval/``: ``samples.jsonl`` (every text with its scores or errors),
 ``by_scale.csv``, ``summary.csv``, ``vectors.safetensors`` (``<task>/<method>``), ``targets.json``,
-``judge_stats.json``; the judge cache lives in ``eval/judge_cache``. When it starts (after its checks)
-it removes every file of ``EVAL_OUTPUTS`` an earlier run left, so a failed 03 leaves only its own. With ``eval.targeting`` (default)
+``judge_stats.json``; the judge cache lives in ``eval/judge_cache``. With ``eval.targeting`` (default)
 it then measures, without any judge, how well each vector moves the task's target SAE features
 (:mod:`saets_utils.evaluation.targeting`): ``targeting.csv``, ``targeting_summary.csv``, ``targeting_effects.safetensors``.
+When it starts (after its checks) it removes every file of ``EVAL_OUTPUTS`` an earlier run left, so a
+03 that fails leaves only its own files.
 """
 
 from __future__ import annotations
