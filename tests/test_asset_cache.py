@@ -1,0 +1,91 @@
+"""The asset cache under concurrency (issue 22): two processes preparing the same asset at once on an
+empty cache build it once (the second waits with a message, then uses the first one's result); a
+preparation killed half-way leaves nothing taken as complete and does not block the next one.
+
+The asset is a toy built by :func:`assets.prepare_once`, the path every cached asset takes (the
+SmolLM2 folder, the Gutenberg corpus, fetched wheels; trained SAEs hold the same lock)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from saets_utils.models import assets
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from saets_utils.models import assets
+
+    final, log, go, sleep_s = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
+
+    def build(tmp):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        (tmp / "part1.bin").write_bytes(bytes(range(256)) * 64)
+        time.sleep(sleep_s)  # long enough for the other process to arrive
+        (tmp / "done.json").write_text('{"ok": true}')
+
+    Path(f"{go}.{os.getpid()}.ready").touch()
+    while not go.exists():
+        time.sleep(0.01)
+    out = assets.prepare_once(final, lambda f: (f / "done.json").is_file(), build)
+    print("result", out, flush=True)
+    """
+)
+
+
+def start(final, log, go, sleep_s: float) -> subprocess.Popen:
+    env = dict(os.environ, SAETS_CACHE=str(final.parent))
+    args = [sys.executable, "-c", CHILD, str(final), str(log), str(go), str(sleep_s)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_two_processes_prepare_the_same_asset_once_and_see_the_same_files(tmp_path):
+    cache = tmp_path / "cache"  # empty
+    final, log, go = cache / "toy-asset", tmp_path / "builds.log", tmp_path / "go"
+    procs = [start(final, log, go, sleep_s=1.5) for _ in range(2)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.*.ready"))) < 2:  # both imported: now they race
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    go.touch()
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert len(log.read_text().split()) == 1, "built twice"
+    assert all(f"result {final}" in o for o in outs)
+    waited = [o for o in outs if "saets: waiting for pid" in o]
+    assert len(waited) == 1 and f"to finish preparing {final}" in waited[0], outs
+    assert set(files(final)) == {"part1.bin", "done.json"}
+    assert sorted(p.name for p in cache.iterdir()) == [".toy-asset.lock", "toy-asset"]  # no temporary left
+
+
+def test_a_preparation_killed_half_way_is_recovered_from(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    final, log, go = cache / "toy-asset", tmp_path / "builds.log", tmp_path / "go"
+    go.touch()
+    child = start(final, log, go, sleep_s=120)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob(".toy-asset.*.tmp/part1.bin")):  # mid-build: the first file written
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    complete = lambda f: (f / "done.json").is_file()
+    assert not complete(final) and not final.exists()  # nothing half-built is taken as complete
+    built = []
+    t0 = time.monotonic()
+    out = assets.prepare_once(final, complete, lambda tmp: built.append((tmp / "done.json").write_text("{}")))
+    assert out == final and complete(final) and len(built) == 1
+    assert time.monotonic() - t0 < 5, "waited for the killed process"
+    assert "waiting" not in capsys.readouterr().out  # its lock died with it
+    assert not list(cache.glob("*.tmp")), "the killed preparation's temporary folder was left"
