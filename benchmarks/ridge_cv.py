@@ -41,11 +41,11 @@ from saets_utils.approximator.fits import (  # noqa: E402
     _folds,
     _mse,
     choose_ridge_lambda,
-    fit_approximator,
     fit_ridge,
     moments,
     ridge_cv_path,
 )
+from saets_utils.approximator.fitting import fit_approximator  # noqa: E402
 from saets_utils.config import ApproximatorConfig  # noqa: E402
 
 

@@ -482,7 +482,8 @@ def test_ridge_path_equals_fit_ridge_and_its_training_error(n, d):
 
 
 def test_fit_approximator_ridge_history_comes_from_the_path(synthetic):
-    from saets_utils.approximator.fits import RIDGE_PATH, fit_approximator
+    from saets_utils.approximator.fits import RIDGE_PATH
+    from saets_utils.approximator.fitting import fit_approximator
     from saets_utils.config import ApproximatorConfig
 
     X, Y, _, _ = synthetic

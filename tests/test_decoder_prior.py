@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saets_utils.approximator.decoder_prior import decoder_directions, fit_decoder_prior, prior_gains
-from saets_utils.approximator.fits import fit_approximator
+from saets_utils.approximator.fitting import fit_approximator
 from saets_utils.config import ApproximatorConfig
 
 

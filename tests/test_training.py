@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from saets_utils.approximator.fits import fit_approximator
+from saets_utils.approximator.fitting import fit_approximator
 from saets_utils.approximator.training import (
     RIDGE_PATH,
     choose_ridge_lambda,

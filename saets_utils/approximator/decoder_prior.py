@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from saets_utils.approximator.fits import _check_xy, _finite, _folds, _mse, fit_reduced_rank
 from saets_utils.approximator.model import EffectApproximator
 
 __all__ = ["PRIOR_KAPPAS", "decoder_directions", "fit_decoder_prior", "prior_gains"]
@@ -62,8 +63,6 @@ def prior_gains(
 def _choose_kappa(
     X: Tensor, Y: Tensor, P: Tensor, kappas: Sequence[float], folds: int, seed: int
 ) -> tuple[float, list[dict[str, Any]]]:
-    from saets_utils.approximator.fits import _folds
-
     sse = dict.fromkeys(kappas, 0.0)
     for te in _folds(X.shape[0], folds, seed):
         tr = torch.ones(X.shape[0], dtype=torch.bool)
@@ -104,8 +103,6 @@ def fit_decoder_prior(
     are never used to choose; they add ``val_mse`` rows. Returns the approximator and ``info`` with
     ``kappa``, ``prior_gain`` (``g0``), ``ridge_lambda``, ``rank``, ``history``.
     """
-    from saets_utils.approximator.fits import _check_xy, _finite, _mse, fit_reduced_rank
-
     _check_xy(X, Y)
     if W_dec.ndim != 2 or W_dec.shape != (Y.shape[1], X.shape[1]):
         raise ValueError(

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saets_utils.approximator.fits import fit_approximator
+from saets_utils.approximator.fitting import fit_approximator
 from saets_utils.approximator.metrics import heldout_r2, noise_ceiling, split_half_reliability
 from saets_utils.approximator.model import split_holdout
 from saets_utils.config import ApproximatorConfig, RunConfig, load_config

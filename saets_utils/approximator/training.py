@@ -14,7 +14,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saets_utils.approximator.fits import RIDGE_PATH, choose_ridge_lambda, fit_approximator
+from saets_utils.approximator.fits import RIDGE_PATH, choose_ridge_lambda
+from saets_utils.approximator.fitting import fit_approximator
 from saets_utils.approximator.metrics import approximator_metrics, split_half_reliability
 from saets_utils.approximator.model import EffectApproximator, split_holdout
 from saets_utils.config import RunConfig
