@@ -224,14 +224,12 @@ _TENSORS = ("density", "max_act", "ctx_tokens", "ctx_acts", "ctx_max", "pos_ids"
 
 
 def save_feature_stats(stats: FeatureStats, path: Path) -> Path:
-    """Write ``stats`` to one safetensors file (vocab, focus and meta in its metadata)."""
-    from safetensors.torch import save_file
+    """Write ``stats`` to one safetensors file (vocab, focus and meta in its metadata), atomically
+    through a uniquely named temporary sibling: runs sharing the asset cache may write it at once."""
+    from saets_utils.io_utils import atomic_save_safetensors
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     meta = {"vocab": json.dumps(stats.vocab), "focus": str(stats.focus), "meta": json.dumps(stats.meta)}
-    save_file({k: getattr(stats, k).contiguous() for k in _TENSORS}, tmp, metadata=meta)
-    tmp.replace(path)
+    atomic_save_safetensors({k: getattr(stats, k) for k in _TENSORS}, path, metadata=meta)
     return path
 
 
