@@ -16,7 +16,8 @@ import pandas as pd
 
 from saets_utils.config import RunConfig
 from saets_utils.io_utils import atomic_write_json, atomic_write_text
-from saets_utils.judges.battle import battle_criteria, bradley_terry, judge_battles, make_battle_judge, plan_battles
+from saets_utils.judges.battle import battle_criteria, bradley_terry, judge_battles, plan_battles
+from saets_utils.judges.kinds import get_judge_kind, make_battle_judge
 from saets_utils.steering.tasks import load_tasks
 
 if TYPE_CHECKING:
@@ -45,18 +46,19 @@ def run_battles(
 
     tasks = load_tasks(sorted(set(summary["task"])))
     judge_kw: dict[str, Any] = {}
-    if run.eval.judge.kind == "offline":
+    kind = get_judge_kind(run.eval.judge.kind)
+    if kind.needs_lm:
         from saets_utils.judges.offline import make_mean_logprob_fn
         from saets_utils.models.loading import bos_id
 
-        assert model is not None, "the offline battle judge scores coherence with the unsteered LM: pass the model"
+        assert model is not None, f"the {kind.name} battle judge scores coherence with the unsteered LM: pass the model"
         judge_kw = {
             "mean_logprob_fn": make_mean_logprob_fn(model, bos_id(model, run.model)),
             "examples": {t.name: {"positive": t.positive, "negative": t.negative} for t in tasks},
         }
     out = run.results_dir / "eval"
     judge = make_battle_judge(run.eval.judge, out / "judge_cache", **judge_kw)
-    reference = run.eval.judge.kind == "openai" and run.eval.judge.template == "reference"
+    reference = kind.prompted and run.eval.judge.template == "reference"
     criteria = {}
     for t in tasks:
         beh, coh = (c for _, c in reference_criteria(t.name, t.behaviour)) if reference else (t.behaviour, t.coherence)

@@ -28,6 +28,7 @@ from saets_utils.config import RunConfig
 from saets_utils.evaluation.task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_outputs
 from saets_utils.judges import CriterionKind, JudgeFailures, JudgeRequest, check_failures, make_judge, score_requests
+from saets_utils.judges.kinds import get_judge_kind
 from saets_utils.registry import get_method
 from saets_utils.steering.generation import generate, row_seed
 from saets_utils.steering.tasks import Task, join_prompt, load_tasks
@@ -173,7 +174,7 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
     ctx = load_context(run, model, sae, require_approximator=needs_approx)
     out = run.results_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    lm_fn = make_mean_logprob_fn(model, ctx.bos) if run.eval.judge.kind == "offline" else None
+    lm_fn = make_mean_logprob_fn(model, ctx.bos) if get_judge_kind(run.eval.judge.kind).needs_lm else None
     judge = make_judge(
         run.eval.judge,
         out / "judge_cache",
@@ -247,8 +248,8 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
 
 
 def _template(run: RunConfig) -> str:
-    """The judge template actually used: the offline judge has no prompt template."""
-    return run.eval.judge.template if run.eval.judge.kind == "openai" else "project"
+    """The judge template actually used: a judge that is not prompted (the offline judge) has none."""
+    return run.eval.judge.template if get_judge_kind(run.eval.judge.kind).prompted else "project"
 
 
 def _attach_scores(df: pd.DataFrame, requests: list[JudgeRequest], results: list) -> pd.DataFrame:

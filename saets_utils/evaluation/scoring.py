@@ -19,6 +19,7 @@ import pandas as pd
 
 from saets_utils.config import JudgeConfig
 from saets_utils.evaluation.reference_numbers import REFERENCE_TASKS, published_table
+from saets_utils.judges.kinds import get_judge_kind
 from saets_utils.registry import METHODS
 
 REQUIRED_COLUMNS = ("task", "method", "scale", "behaviour", "coherence")
@@ -160,9 +161,14 @@ def paper_style_table(summary: pd.DataFrame, value: str = "max_product") -> pd.D
 PUBLISHED_JUDGE = ("openai", "gpt-4o-mini", "reference")
 
 
+def _template_label(judge: JudgeConfig) -> str:
+    """``eval.judge.template`` for a prompted judge, ``-`` for one that reads no template (offline)."""
+    return judge.template if get_judge_kind(judge.kind).prompted else "-"
+
+
 def judge_mismatch(judge: JudgeConfig) -> str | None:
     """Why scores from ``judge`` are not comparable with the paper's (None when they are)."""
-    used = (judge.kind, judge.model, judge.template if judge.kind == "openai" else "-")
+    used = (judge.kind, judge.model, _template_label(judge))
     if used == PUBLISHED_JUDGE:
         return None
     return (
@@ -211,7 +217,7 @@ def compare_with_published(
     out = pd.concat([ours, avg], ignore_index=True).merge(published, on=_KEYS, how="left")
     out["published"] = out["published"].astype(float)
     out["difference"] = out["ours"] - out["published"]
-    out["judge"] = f"{judge.kind}:{judge.model}/{judge.template if judge.kind == 'openai' else '-'}"
+    out["judge"] = f"{judge.kind}:{judge.model}/{_template_label(judge)}"
     out["comparable"] = mismatch is None
     table = _sorted(out[_KEYS + ["ours", "ci_low", "ci_high", "published", "difference", "judge", "comparable"]])
     table.attrs["warning"] = mismatch

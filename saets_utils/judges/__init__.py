@@ -1,5 +1,6 @@
 """Judges of generated text: an OpenAI-compatible LLM (:mod:`.openai_judge`) or the offline judge
-(:mod:`.offline`), both on the shared machinery of :mod:`.base` and the score cache of :mod:`.cache`.
+(:mod:`.offline`), both on the shared machinery of :mod:`.base` and the score cache of :mod:`.cache`;
+the table of judge kinds (:mod:`.kinds`) builds the one ``eval.judge.kind`` names.
 
 Example:
     >>> judge = make_judge(cfg.eval.judge, cfg.results_dir / "eval" / "judge_cache", lm_fn, examples)
@@ -8,11 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
-from typing import Any
-
-from saets_utils.config import JudgeConfig
 from saets_utils.judges.base import (
     CriterionKind,
     Emit,
@@ -26,15 +22,18 @@ from saets_utils.judges.base import (
     score_requests,
 )
 from saets_utils.judges.cache import JudgeCache
+from saets_utils.judges.kinds import JUDGES, JudgeKind, get_judge_kind, make_battle_judge, make_judge, register_judge
 from saets_utils.judges.offline import MiniLMEmbedder, OfflineJudge, TaskExamples, make_mean_logprob_fn
 from saets_utils.judges.openai_judge import OpenAIJudge, resolve_api_key
 
 __all__ = [
+    "JUDGES",
     "CriterionKind",
     "Emit",
     "Judge",
     "JudgeCache",
     "JudgeFailures",
+    "JudgeKind",
     "JudgeRequest",
     "JudgeResult",
     "JudgeStats",
@@ -44,25 +43,11 @@ __all__ = [
     "OpenAIJudge",
     "TaskExamples",
     "check_failures",
+    "get_judge_kind",
+    "make_battle_judge",
     "make_judge",
     "make_mean_logprob_fn",
+    "register_judge",
     "resolve_api_key",
     "score_requests",
 ]
-
-
-def make_judge(
-    cfg: JudgeConfig,
-    cache_dir: str | os.PathLike[str] | None,
-    mean_logprob_fn: Callable[[list[str]], list[float]] | None = None,
-    examples: Mapping[str, Any] | None = None,
-) -> Judge:
-    """The judge ``cfg`` names, with its cache in ``cache_dir`` (None: in memory).
-
-    ``openai``: checks the key up front (see :func:`resolve_api_key`). ``offline``: needs
-    ``mean_logprob_fn`` for coherence and ``examples`` (task -> positive/negative texts) for
-    behaviour; see :mod:`saets_utils.judges.offline`.
-    """
-    if cfg.kind == "openai":
-        return OpenAIJudge(cfg, JudgeCache(cache_dir))  # resolves (or refuses) the key before any work
-    return OfflineJudge(JudgeCache(cache_dir), examples=examples, mean_logprob_fn=mean_logprob_fn)

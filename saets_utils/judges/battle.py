@@ -7,7 +7,8 @@ A battle travels as a :class:`JudgeRequest` whose ``text`` holds both texts (JSO
 ``score`` codes the verdict (1: text A, 2: text B, 3: tie), so battles share the judges' cache,
 de-duplication, retries and error accounting: a failed battle is counted and left out of the
 ratings, never guessed. Two judges: the LLM (:class:`OpenAIBattleJudge`) and an offline one
-(:class:`OfflineBattleJudge`: the text with the higher offline score wins, equal scores tie).
+(:class:`OfflineBattleJudge`: the text with the higher offline score wins, equal scores tie);
+:func:`saets_utils.judges.make_battle_judge` builds the one ``eval.judge.kind`` names.
 
 Example:
     >>> plan = plan_battles(samples, summary, per_pair=8, seed=0)
@@ -18,17 +19,15 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import re
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from saets_utils.config import JudgeConfig
 from saets_utils.judges.base import Emit, Judge, JudgeRequest, JudgeResult, score_requests
 from saets_utils.judges.offline import OfflineJudge
 from saets_utils.judges.openai_judge import OpenAIJudge, ReplyError
@@ -282,18 +281,3 @@ def battle_criteria(kinds: str, behaviour: str, coherence: str) -> dict[str, Any
     """The criteria a battle is about: ``behaviour``, ``coherence`` or ``both``."""
     out = {"behaviour": behaviour, "coherence": coherence}
     return out if kinds == "both" else {kinds: out[kinds]}
-
-
-def make_battle_judge(
-    cfg: JudgeConfig,
-    cache_dir: str | os.PathLike[str] | None,
-    mean_logprob_fn: Callable[[list[str]], list[float]] | None = None,
-    examples: Mapping[str, Any] | None = None,
-) -> Judge:
-    """The battle judge for ``eval.judge``: the LLM for ``openai``, else the offline battle judge
-    (needs ``mean_logprob_fn`` and ``examples`` as :func:`saets_utils.judges.make_judge`)."""
-    from saets_utils.judges.cache import JudgeCache
-
-    if cfg.kind == "openai":
-        return OpenAIBattleJudge(cfg, JudgeCache(cache_dir))
-    return OfflineBattleJudge(OfflineJudge(JudgeCache(cache_dir), examples=examples, mean_logprob_fn=mean_logprob_fn))
