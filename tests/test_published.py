@@ -4,9 +4,11 @@ the Hub lays it out (offline mode), and from a local path; each bad file fails n
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -372,3 +374,158 @@ def load_effects_of(run):
     from saets_utils.effects.store import load_effects
 
     return load_effects(run.results_dir)
+
+
+def _short_task_file(tmp_path: Path, key: str):
+    """A task whose examples fit the tiny model's context, listing its targets for the SAE ``key``
+    (as the Gemma task files list theirs): no discovery needed, so no baseline density."""
+    import yaml
+
+    from saets_utils.steering.tasks import Task
+
+    task = Task(
+        name="short",
+        behaviour="b",
+        coherence="c",
+        steering_prompt="p",
+        positive=[f"zz zap {i} zzz" for i in range(8)],
+        negative=[f"aa cap {i} aaa" for i in range(8)],
+        targets={key: [(3, 1.0), (7, 0.5)]},
+    )
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(task.model_dump(mode="json")))
+    return task, path
+
+
+def test_03_runs_end_to_end_from_the_published_adapter_without_01(
+    offline_hub, tmp_path, tiny_model, tiny_sae, monkeypatch, capsys
+):
+    """evaluate_run (notebook 03) with the published adapter and no 01 or 02 files: targeting is
+    skipped and FGAA left out, each with a printed notice naming why; the judge tables are written.
+    Then the same after 02 trained on the published effects (02's approximator, still no 01)."""
+    from types import SimpleNamespace
+
+    from saets_utils.evaluation import evaluate
+    from saets_utils.judges.base import JudgeResult
+    from saets_utils.registry import DEFAULT_METHODS
+    from tests.helpers import D_MODEL as DM
+    from tests.helpers import D_SAE as DS
+
+    g = torch.Generator().manual_seed(7)
+    W, b = torch.randn(DM, DS, generator=g), torch.rand(DS, generator=g)
+    hub_cache(offline_hub, {"adapter_2b_layer_12.pt": {"W": W, "b": b}})
+    task, task_file = _short_task_file(tmp_path, "tiny-key")
+    run = build_run_cfg(
+        tmp_path,
+        sae={"targets_key": "tiny-key"},
+        approximator={
+            "adapter_source": "auto",
+            "published": {"adapter": {"repo_id": REPO, "filename": "adapter_2b_layer_12.pt"}},
+        },
+        # eval.methods and eval.targeting as by default (FGAA and targeting asked for)
+        eval={
+            "tasks": [str(task_file)],
+            "scale_grid": {"start": 0, "stop": 20, "step": 20},
+            "samples_per_scale": 2,
+            "new_tokens": 3,
+            "bootstrap": 10,
+        },
+    )
+    assert run.eval.targeting and "FGAA" in run.eval.methods
+    monkeypatch.setattr(evaluate, "load_tasks", lambda names: [task])
+    judge = SimpleNamespace(judge_id="fake", stats=SimpleNamespace(as_dict=lambda: {"calls": 0}))
+    monkeypatch.setattr(evaluate, "make_judge", lambda *a, **k: judge)
+    monkeypatch.setattr(
+        evaluate,
+        "score_requests",
+        lambda j, reqs, progress=True: [JudgeResult.scored(1 + len(q.text) % 10, "fake") for q in reqs],
+    )
+    assert not run.results_dir.exists()  # neither 01 nor 02 has run
+
+    report = evaluate.evaluate_run(run, tiny_model, tiny_sae, progress=False)
+    printed = capsys.readouterr().out
+    assert "no 01 plan: targeting skipped; run 01 to measure it" in printed
+    assert "no 01 baseline: FGAA left out of the evaluated methods" in printed
+    assert report.notices and all(n in printed for n in report.notices)
+    assert report.targeting is None and report.targeting_note.startswith("no 01 plan: targeting skipped")
+    ev = run.results_dir / "eval"
+    summary = pd.read_csv(ev / "summary.csv")
+    assert sorted(set(summary["method"])) == sorted(m for m in DEFAULT_METHODS if m != "FGAA")
+    assert summary["task"].unique().tolist() == ["short"]
+    assert not list(ev.glob("targeting*")) and (ev / "samples.jsonl").is_file()
+    assert not (run.results_dir / "baseline.safetensors").exists() and not (run.results_dir / "effects_work").exists()
+    stats = json.loads((ev / "judge_stats.json").read_text())
+    assert stats["approximator"] == f"published: hf://datasets/{REPO}/adapter_2b_layer_12.pt"
+    assert "FGAA" not in stats["methods"] and stats["notices"] == report.notices
+    targets = json.loads((ev / "targets.json").read_text())
+    assert {t["method"] for t in targets} == {"SAE", "SAE-TS", "pinverse", "rotation"}
+    assert all(json.loads(t["targets"]) == [[3, 1.0], [7, 0.5]] for t in targets)
+
+    # 02 trained on the published effects (effects_source auto, no 01): 02's approximator, still no 01
+    EffectApproximator(W, b).save(run.results_dir / "approximator.safetensors", W_dec=tiny_sae.W_dec)
+    after02 = run.model_copy(
+        update={
+            "approximator": run.approximator.model_copy(
+                update={
+                    "effects_source": "auto",
+                    "published": run.approximator.published.model_copy(
+                        update={"effects": Artifact(repo_id=REPO, filename="effects_2b.pt")}
+                    ),
+                }
+            )
+        }
+    )
+    report = evaluate.evaluate_run(after02, tiny_model, tiny_sae, progress=False)
+    printed = capsys.readouterr().out
+    assert "no 01 plan: targeting skipped" in printed and "02's fit of the published effects" in printed
+    assert report.stats["approximator"].startswith("02: ") and "FGAA" not in set(report.summary["method"])
+
+
+def test_03_without_01_needs_listed_targets(offline_hub, tmp_path, tiny_model, tiny_sae, monkeypatch):
+    """A task that lists no targets for the SAE would discover them from 01's density: 03 refuses
+    before generating anything, naming 01."""
+    from saets_utils.evaluation import evaluate
+    from tests.helpers import D_MODEL as DM
+    from tests.helpers import D_SAE as DS
+
+    hub_cache(offline_hub, {"adapter_2b_layer_12.pt": {"W": torch.zeros(DM, DS), "b": torch.zeros(DS)}})
+    task, task_file = _short_task_file(tmp_path, "another-key")
+    run = build_run_cfg(
+        tmp_path,
+        approximator={
+            "adapter_source": "published",
+            "published": {"adapter": {"repo_id": REPO, "filename": "adapter_2b_layer_12.pt"}},
+        },
+        eval={"tasks": [str(task_file)], "methods": ["SAE", "SAE-TS"]},
+    )
+    monkeypatch.setattr(evaluate, "load_tasks", lambda names: [task])
+    with pytest.raises(FileNotFoundError, match="discovering the targets of task 'short' needs 01's baseline"):
+        evaluate.evaluate_run(run, tiny_model, tiny_sae, progress=False)
+    assert not (run.results_dir / "eval" / "samples.jsonl").exists()
+    fgaa_only = run.model_copy(update={"eval": run.eval.model_copy(update={"methods": ["FGAA"]})})
+    with pytest.raises(FileNotFoundError, match=r"\['FGAA'\] all need 01's baseline"):
+        evaluate.what_to_evaluate(fgaa_only)
+
+
+@pytest.mark.parametrize("params", ["params/gemma-2-2b.yaml", "params/gemma-2-9b.yaml"])
+def test_gemma_params_run_03_without_01_as_they_are(params, tmp_path):
+    """The reference params with no 01 or 02 files (no overrides but where results go): 03 takes the
+    published adapter, skips targeting and leaves out FGAA, saying so; every task lists its targets
+    for the SAE, so none is discovered (which would need 01's density)."""
+    from saets_utils.evaluation.evaluate import what_to_evaluate
+    from saets_utils.evaluation.task_vectors import TARGET_METHODS
+    from saets_utils.steering.tasks import load_tasks
+
+    run = load_config(params, {"results_root": str(tmp_path)})
+    assert not run.results_dir.exists()
+    methods, targeting, notices = what_to_evaluate(run)
+    assert methods == [m for m in run.eval.methods if m != "FGAA"] and not targeting
+    assert [n.split(";")[0] for n in notices] == [
+        "no 01 baseline: FGAA left out of the evaluated methods",
+        "no 01 plan: targeting skipped",
+    ]
+    assert all(run.approximator.published.adapter.filename in n for n in notices)  # type: ignore[union-attr]
+    key = run.sae.targets_key
+    for task in load_tasks(run.eval.tasks):
+        for m in TARGET_METHODS:
+            assert task.targets_for(key, m), f"{task.name} lists no {m} targets under {key}"

@@ -273,3 +273,10 @@ def adapter_source_is_published(run: RunConfig) -> bool:
     """Whether 03 uses ``approximator.published.adapter`` (``auto``: when 02 has not run)."""
     src = run.approximator.adapter_source
     return src == "published" or (src == "auto" and not (run.results_dir / "approximator.safetensors").is_file())
+
+
+def approximator_is_published(run: RunConfig) -> bool:
+    """Whether 03's approximator comes from published artifacts, so that 03 can run without 01: the
+    published adapter (:func:`adapter_source_is_published`), or 02's fit of the published effects
+    (:func:`effects_source_is_published`)."""
+    return adapter_source_is_published(run) or effects_source_is_published(run)

@@ -12,6 +12,12 @@ it then measures, without any judge, how well each vector moves the task's targe
 (:mod:`saets_utils.evaluation.targeting`): ``targeting.csv``, ``targeting_summary.csv``, ``targeting_effects.safetensors``.
 When it starts (after its checks) it removes every file of ``EVAL_OUTPUTS`` an earlier run left, so a
 03 that fails leaves only its own files.
+
+Without 01 (the published adapter, or 02 trained on the published effects: docs/published.md) 03 runs
+with what it has, saying so (:func:`what_to_evaluate`): targeting is skipped (it needs 01's loss chunks
+and unsteered baseline) and FGAA is left out (it drops dense features by 01's baseline density); the
+task files must list their target features for the run's SAE (the Gemma ones do), since discovering
+them needs that density too.
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ import pandas as pd
 import torch
 
 from saets_utils.config import RunConfig
-from saets_utils.evaluation.task_vectors import SteeringContext, TaskVectors, build_task_vectors, load_context
+from saets_utils.evaluation.task_vectors import (
+    SteeringContext,
+    TaskVectors,
+    build_task_vectors,
+    load_context,
+    resolve_targets,
+)
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_outputs
 from saets_utils.judges import CriterionKind, JudgeFailures, JudgeRequest, check_failures, make_judge, score_requests
 from saets_utils.judges.kinds import get_judge_kind
@@ -59,11 +71,61 @@ EVAL_OUTPUTS = (
 )
 
 
+NO_PLAN_NOTICE = (
+    "no 01 plan: targeting skipped; run 01 to measure it ({path} not found: targeting calibrates each vector on "
+    "01's loss chunks and measures it against 01's unsteered baseline; the approximator is {source})"
+)
+NO_BASELINE_NOTICE = (
+    "no 01 baseline: {methods} left out of the evaluated methods; run 01 to evaluate {them} ({path} not found: "
+    "{methods} drop(s) dense features by 01's baseline feature density; the approximator is {source})"
+)
+
+
+def what_to_evaluate(run: RunConfig) -> tuple[list[str], bool, list[str]]:
+    """The methods 03 evaluates, whether it measures targeting, and a notice per thing left out.
+
+    As ``eval.methods`` and ``eval.targeting`` say, except when 01 has not run and the approximator
+    comes from published artifacts (:func:`~saets_utils.approximator.published.approximator_is_published`):
+    then targeting is skipped when 01's plan is absent and FGAA is left out when 01's baseline is absent,
+    each with a notice naming why. Anything else missing fails later, naming the notebook to run."""
+    from saets_utils.approximator.published import adapter_source_is_published, approximator_is_published
+    from saets_utils.effects.plan import work_dir
+
+    methods, notices = list(run.eval.methods), []
+    published = approximator_is_published(run)
+    source = (
+        f"the published adapter ({run.approximator.published.adapter.describe()})"
+        if adapter_source_is_published(run) and run.approximator.published.adapter is not None
+        else "02's fit of the published effects"
+    )
+    baseline = run.results_dir / "baseline.safetensors"
+    if published and not baseline.is_file():
+        dropped = [m for m in methods if get_method(m).targets == "contrast"]  # FGAA
+        if dropped and len(dropped) == len(methods):
+            raise FileNotFoundError(
+                f"eval.methods {methods} all need 01's baseline feature density ({baseline} not found); "
+                "run notebooks/01_effects.ipynb, or evaluate other methods"
+            )
+        if dropped:
+            methods = [m for m in methods if m not in dropped]
+            them = "it" if len(dropped) == 1 else "them"
+            notices.append(
+                NO_BASELINE_NOTICE.format(methods=", ".join(dropped), them=them, path=baseline, source=source)
+            )
+    targeting = run.eval.targeting and any(get_method(m).vector for m in methods)  # `prompt` has none
+    plan = work_dir(run) / "plan.safetensors"
+    if targeting and published and not plan.is_file():
+        targeting = False
+        notices.append(NO_PLAN_NOTICE.format(path=plan, source=source))
+    return methods, targeting, notices
+
+
 @dataclass
 class EvalReport:
     """Everything 03 produced: per-text ``samples``, ``by_scale`` and ``summary`` tables, how targets
     were chosen (``targets``), judge/run statistics (``stats``) and, with ``eval.targeting``, the
-    judge-free targeting table and its per-method summary (None otherwise)."""
+    judge-free targeting table and its per-method summary (None otherwise). ``notices``: what 03 left
+    out and why (:func:`what_to_evaluate`; e.g. targeting without 01's plan), as printed."""
 
     samples: pd.DataFrame
     by_scale: pd.DataFrame
@@ -72,6 +134,14 @@ class EvalReport:
     stats: dict[str, Any] = field(default_factory=dict)
     targeting: pd.DataFrame | None = None
     targeting_summary: pd.DataFrame | None = None
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def targeting_note(self) -> str:
+        """Why ``targeting`` is None: its notice (e.g. no 01 plan), else ``eval.targeting: false``."""
+        return next(
+            (n for n in self.notices if "targeting skipped" in n), "Targeting is off (`eval.targeting: false`)."
+        )
 
     def best_samples(self, n: int = 2) -> pd.DataFrame:
         """``n`` texts per task and method at the method's best scale."""
@@ -80,11 +150,11 @@ class EvalReport:
         return m.groupby(["task", "method"]).head(n)[["task", "method", "scale", "behaviour", "coherence", "text"]]
 
 
-def _rows_for_task(task: Task, tv: TaskVectors, run: RunConfig) -> list[dict[str, Any]]:
+def _rows_for_task(task: Task, tv: TaskVectors, run: RunConfig, methods: list[str]) -> list[dict[str, Any]]:
     """One dict per text to generate: method, scale, sample and, for steered rows, the vector."""
     e = run.eval
     rows = []
-    for method in e.methods:
+    for method in methods:
         scales = e.scale_grid.values() if get_method(method).vector else [0.0]
         for scale in scales:
             for s in range(e.samples_per_scale):
@@ -165,13 +235,18 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
     from saets_utils.progress import progress as progress_bar
 
     tasks = load_tasks(run.eval.tasks)
-    targeting = run.eval.targeting and any(get_method(m).vector for m in run.eval.methods)  # `prompt` has none
+    methods, targeting, notices = what_to_evaluate(run)
+    for notice in notices:
+        print(notice)
     if targeting:
         from saets_utils.evaluation.targeting import load_plan
 
         load_plan(run, sae)  # fail before any generation if 01's plan is missing or stale
-    needs_approx = any(get_method(m).needs_approximator for m in run.eval.methods)
+    needs_approx = any(get_method(m).needs_approximator for m in methods)
     ctx = load_context(run, model, sae, require_approximator=needs_approx)
+    if not ctx.has_density:  # without 01 targets cannot be discovered: every task must list them
+        for task in tasks:
+            resolve_targets(task, ctx)
     out = run.results_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     lm_fn = make_mean_logprob_fn(model, ctx.bos) if get_judge_kind(run.eval.judge.kind).needs_lm else None
@@ -184,19 +259,17 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
     remove_outputs(out, EVAL_OUTPUTS)  # checks passed: 03 starts
     frames, vectors, targets, requests, task_vectors = [], {}, [], [], {}
     n_scales = len(run.eval.scale_grid.values())
-    total = (
-        len(tasks) * run.eval.samples_per_scale * sum(n_scales if get_method(m).vector else 1 for m in run.eval.methods)
-    )
+    total = len(tasks) * run.eval.samples_per_scale * sum(n_scales if get_method(m).vector else 1 for m in methods)
     bar = progress_bar(total=total, desc="generate", disable=not progress)
     for task in tasks:
-        tv = build_task_vectors(task, ctx, run.eval.methods)
+        tv = build_task_vectors(task, ctx, methods)
         task_vectors[task.name] = tv
         vectors.update({f"{task.name}/{m}": v for m, v in tv.vectors.items()})
         targets += [
             {"task": task.name, "method": m, "targets": json.dumps(t), "how": tv.targets_how}
             for m, t in tv.targets.items()
         ]
-        rows = _rows_for_task(task, tv, run)
+        rows = _rows_for_task(task, tv, run, methods)
         steered = [r for r in rows if get_method(r["method"]).vector]
         prompted = [r for r in rows if not get_method(r["method"]).vector]
         texts = generate_rows(ctx, steered, "", bar) if steered else []
@@ -226,6 +299,8 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
         # which approximator built the vectors; a published one with its rotation / correction check
         "approximator": ctx.approx_source,
         **({"approximator_check": ctx.approx_check} if ctx.approx_check else {}),
+        # what was left out without 01 (what_to_evaluate), and the methods evaluated then
+        **({"notices": notices, "methods": methods} if notices else {}),
     }
     atomic_write_json(out / "judge_stats.json", stats)
     try:
@@ -244,7 +319,7 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
 
         tg = measure_targeting(run, model, sae, task_vectors, progress=progress)
         tg_summary = targeting_summary(tg, n_boot=run.eval.bootstrap, seed=run.seed)  # = targeting_summary.csv
-    return EvalReport(samples, bs, sm, tdf, stats, tg, tg_summary)
+    return EvalReport(samples, bs, sm, tdf, stats, tg, tg_summary, notices)
 
 
 def _template(run: RunConfig) -> str:

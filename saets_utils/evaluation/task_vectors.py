@@ -55,6 +55,11 @@ class SteeringContext:
     def hook_name(self) -> str:
         return self.run.sae.hook_name
 
+    @property
+    def has_density(self) -> bool:
+        """Whether 01's baseline density is known (NaN when 01 has not run and the approximator is published)."""
+        return bool(torch.isfinite(self.density).all())
+
     def tokens(self, texts: list[str]) -> list[Tensor]:
         """Each text as ``[bos, *tokens]`` (1-D), the same way rollouts start."""
         assert self.model.tokenizer is not None
@@ -106,7 +111,7 @@ def resolve_targets(
 
 def _need_density(ctx: SteeringContext, what: str) -> None:
     """Refuse ``what`` when 01's baseline density is unknown (a published adapter without 01)."""
-    if not bool(torch.isfinite(ctx.density).all()):
+    if not ctx.has_density:
         raise FileNotFoundError(
             f"{what} needs 01's baseline feature density (results/<run>/baseline.safetensors), which a published "
             "adapter does not carry; run notebooks/01_effects.ipynb, or list the task's targets and leave out FGAA"
@@ -252,19 +257,24 @@ def load_context(
     """A :class:`SteeringContext` from ``results/<run>/`` (baseline of 01, approximator of 02), or,
     as ``approximator.adapter_source`` says, with the published adapter (docs/published.md): its
     ``W``, ``b`` checked against the SAE, its rotation when given, and the comparison of its rotation and
-    correction bias with ours in ``approx_check``. Without 01 the baseline density is unknown (NaN):
-    FGAA and discovered targets then refuse, naming 01."""
+    correction bias with ours in ``approx_check``. Without 01 (the published adapter, or 02's fit of the
+    published effects: :func:`~saets_utils.approximator.published.approximator_is_published`) the
+    baseline density is unknown (NaN): FGAA and discovered targets then refuse, naming 01."""
     from safetensors.torch import load_file
 
     from saets_utils.approximator.model import load_rotation
-    from saets_utils.approximator.published import adapter_source_is_published, load_published_adapter
+    from saets_utils.approximator.published import (
+        adapter_source_is_published,
+        approximator_is_published,
+        load_published_adapter,
+    )
     from saets_utils.models.loading import bos_id
 
     d = run.results_dir
     published = adapter_source_is_published(run)
     if (d / "baseline.safetensors").is_file():
         density = load_file(d / "baseline.safetensors")["density"]
-    elif published:
+    elif approximator_is_published(run):
         density = torch.full((int(sae.W_dec.shape[0]),), float("nan"))
     else:
         raise FileNotFoundError(f"{d / 'baseline.safetensors'} not found; run notebooks/01_effects.ipynb first")
