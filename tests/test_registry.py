@@ -1,14 +1,21 @@
 """The method registry: one entry per method, one builder per method with a vector, and every
-reader of method names (config, tasks, evaluation, plots, published numbers) agrees with it."""
+reader of method names (config, tasks, evaluation, plots, published numbers) agrees with it.
+The tables of judge kinds and vector sources: one entry per value of the config's Literal and
+none other, and a name missing from a table fails naming the known ones (never a fallback)."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
+from pydantic import BaseModel
 
-from saets_utils.config import ConfigError, EvalConfig, load_config
+from saets_utils.config import ConfigError, EvalConfig, JudgeConfig, VectorSource, load_config
+from saets_utils.effects.vector_sources import VECTOR_SOURCES, build_vectors, vector_source
 from saets_utils.evaluation import task_vectors
 from saets_utils.evaluation.reference_numbers import published_table
+from saets_utils.judges import JUDGES, get_judge_kind, make_battle_judge, make_judge, register_judge
 from saets_utils.registry import DEFAULT_METHODS, METHOD_COLORS, METHODS, REGISTRY, get_method
 
 
@@ -71,3 +78,43 @@ def test_random_control_is_a_seeded_unit_vector_per_task(tiny_model, tiny_sae, t
     assert torch.equal(a, vec(ctx, "t")) and not torch.equal(a, vec(ctx, "u"))
     other = SteeringContext(run.model_copy(update={"seed": 1}), tiny_model, tiny_sae, None, None, ctx.density, 1)
     assert not torch.equal(a, vec(other, "t"))
+
+
+def literal_values(model: type[BaseModel], field: str) -> set[str]:
+    """The values a config field's ``Literal`` annotation allows."""
+    return set(get_args(model.model_fields[field].annotation))
+
+
+def test_every_judge_kind_of_the_config_has_factories_and_vice_versa():
+    assert literal_values(JudgeConfig, "kind") == set(JUDGES) == {"openai", "offline"}
+    for kind in JUDGES.values():
+        assert callable(kind.judge) and callable(kind.battle)
+    # the facts 03 branches on, as before the table: the LLM reads the template, the offline judge the LM
+    assert (get_judge_kind("openai").prompted, get_judge_kind("openai").needs_lm) == (True, False)
+    assert (get_judge_kind("offline").prompted, get_judge_kind("offline").needs_lm) == (False, True)
+
+
+def test_every_vector_source_of_the_config_has_a_builder_and_vice_versa():
+    assert literal_values(VectorSource, "source") == set(VECTOR_SOURCES)
+
+
+def test_unknown_judge_kind_fails_naming_the_known_ones():
+    """No fallback to the offline judge: before the table, any kind but openai built it."""
+    cfg = JudgeConfig().model_copy(update={"kind": "vllm"})  # past the Literal, as a stale table would be
+    for factory in (make_judge, make_battle_judge):
+        with pytest.raises(ValueError, match=r"unknown eval.judge.kind 'vllm'; use one of \['offline', 'openai'\]"):
+            factory(cfg, None)
+    with pytest.raises(ValueError, match="already registered"):
+        register_judge(JUDGES["offline"])
+
+
+def test_unknown_vector_source_fails_naming_the_known_ones(tiny_sae, tmp_path):
+    from helpers import D_MODEL, build_run_cfg
+
+    run = build_run_cfg(tmp_path)
+    spec = VectorSource(source="random", count=3).model_copy(update={"source": "grid"})
+    run = run.model_copy(update={"effects": run.effects.model_copy(update={"vectors": spec})})
+    with pytest.raises(ConfigError, match=r"unknown effects.vectors.source 'grid'; use one of \['combined', "):
+        build_vectors(run, tiny_sae, D_MODEL)
+    with pytest.raises(ValueError, match="already has a builder"):
+        vector_source("random")(VECTOR_SOURCES["random"])
