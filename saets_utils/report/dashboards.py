@@ -4,7 +4,8 @@ profiled vectors, and the largest entries of the approximator's bias.
 
 One page, ``results/<run>/reports/features.html``, one card per feature (anchor ``#f<id>``): label,
 density, max activation, why the report mentions it, top positive and negative logit tokens, and
-the top-activating contexts with each token shaded by the feature's activation.
+the top-activating contexts with each token shaded by the feature's activation; for an SAE that
+Neuronpedia hosts (Gemma Scope), a link to the feature's Neuronpedia page.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from saets_utils.config import RunConfig
 from saets_utils.io_utils import atomic_write_text
 from saets_utils.report.features import STATS_FILE, FeatureStats, load_feature_stats
+from saets_utils.report.neuronpedia import neuronpedia_url
 
 PAGE = "features.html"
 N_PROFILED = 4  # vectors whose top effects are mentioned (the effect profiles 04 draws)
@@ -36,6 +38,7 @@ margin:2px 4px 2px 0;font-size:12px}
 .ctx{font:12px/1.9 ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;overflow-wrap:anywhere;
 border-top:1px solid #eef0f3;padding:2px 0}
 .ctx span{border-radius:3px}
+a.np{font-size:12px;font-weight:400;color:#2563eb;text-decoration:none;margin-left:6px}
 """
 
 
@@ -43,8 +46,10 @@ def _tok(text: str) -> str:
     return html.escape(text.replace("\n", "⏎"))
 
 
-def feature_card(stats: FeatureStats, feature: int, reasons: list[str], n_contexts: int = 8) -> str:
-    """One feature's dashboard card (HTML)."""
+def feature_card(
+    stats: FeatureStats, feature: int, reasons: list[str], n_contexts: int = 8, url: str | None = None
+) -> str:
+    """One feature's dashboard card (HTML); ``url``: the feature's Neuronpedia page, linked beside its id."""
     f = int(feature)
     peak = float(stats.max_act[f]) or 1.0
     logits = []
@@ -65,17 +70,25 @@ def feature_card(stats: FeatureStats, feature: int, reasons: list[str], n_contex
         )
         rows.append(f"<div class='ctx'>{spans}</div>")
     why = "".join(f"<span class='why'>{html.escape(r)}</span>" for r in reasons)
+    np_link = (
+        f" <a class='np' href='{html.escape(url)}' target='_blank' rel='noopener'>Neuronpedia ↗</a>" if url else ""
+    )
     return (
-        f"<section class='card' id='f{f}'><h2>#{f} · {html.escape(stats.label(f))}</h2>"
+        f"<section class='card' id='f{f}'><h2>#{f} · {html.escape(stats.label(f))}{np_link}</h2>"
         f"<div class='meta'>density {float(stats.density[f]):.3g} · max activation {float(stats.max_act[f]):.3g}</div>"
         f"<div>{why}</div><div class='cols'>{''.join(logits)}</div>"
         f"<b>top-activating contexts</b>{''.join(rows) or '<div class=meta>never active on the text</div>'}</section>"
     )
 
 
-def render_dashboards(stats: FeatureStats, features: dict[int, list[str]], title: str) -> str:
-    """A standalone page with one card per feature of ``features`` (id -> reasons it is shown)."""
-    cards = "".join(feature_card(stats, f, r) for f, r in features.items())
+def render_dashboards(
+    stats: FeatureStats, features: dict[int, list[str]], title: str, run: RunConfig | None = None
+) -> str:
+    """A standalone page with one card per feature of ``features`` (id -> reasons it is shown); with
+    ``run``, each card links to the feature's Neuronpedia page where the run's SAE is hosted there."""
+    cards = "".join(
+        feature_card(stats, f, r, url=None if run is None else neuronpedia_url(run, f)) for f, r in features.items()
+    )
     n = stats.meta.get("n_positions", "?")
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -128,5 +141,5 @@ def write_dashboards(run: RunConfig) -> Path | None:
     stats = load_feature_stats(src)
     feats = {f: r for f, r in mentioned_features(run).items() if 0 <= f < stats.d_sae}
     path = run.results_dir / "reports" / PAGE
-    atomic_write_text(path, render_dashboards(stats, feats, f"saets {run.name}: feature dashboards"))
+    atomic_write_text(path, render_dashboards(stats, feats, f"saets {run.name}: feature dashboards", run))
     return path

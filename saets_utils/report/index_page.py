@@ -2,8 +2,10 @@
 
 Settings and provenance first (model, SAE, judge, commit, package versions, device, step times),
 then links to each notebook's HTML report and the feature dashboards, the headline tables (judge,
-targeting, approximator) styled, and every figure in a grid with a caption. Self-contained: inline
-CSS, system fonts, nothing fetched, so it opens offline.
+targeting, the tasks' target features, approximator) styled, and every figure in a grid with a
+caption. Feature ids link to their Neuronpedia page where the run's SAE is hosted there (Gemma
+Scope), else to their card on the dashboards page. Self-contained: inline CSS, system fonts, nothing
+fetched, so it opens offline.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pandas as pd
 
 from saets_utils.config import RunConfig
 from saets_utils.io_utils import atomic_write_text
+from saets_utils.report.neuronpedia import neuronpedia_sae_url
 
 NOTEBOOKS = ("01_effects", "02_train", "03_eval", "04_plots")
 
@@ -95,6 +98,9 @@ def _provenance(run: RunConfig) -> str:
         ("step times", ", ".join(times) or "–"),
     ]
     body = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in rows)
+    sae_page = neuronpedia_sae_url(run)
+    if sae_page is not None:  # the SAE's feature browser
+        body += f"<dt>Neuronpedia</dt><dd><a href='{sae_page}' target='_blank' rel='noopener'>{sae_page}</a></dd>"
     params = ""
     if m.get("params"):
         params = (
@@ -131,6 +137,7 @@ def _tables(run: RunConfig) -> list[str]:
                 "<h3>Target rank per task</h3>",
                 _table(paper_style_table(tg, "target_rank").round(1)),
             ]
+    parts += _targets(run)
     metrics = d / "approximator_metrics.json"
     if metrics.is_file():
         from saets_utils.approximator.training import verdict
@@ -143,6 +150,43 @@ def _tables(run: RunConfig) -> list[str]:
             _table(pd.DataFrame([{k: m[k] for k in keys}]), index=False),
         ]
     return parts
+
+
+def _targets(run: RunConfig) -> list[str]:
+    """The tasks' target features 03 used (``eval/targets.json``), one row per task and target list,
+    each id with its label, linked to Neuronpedia (hosted SAEs) or to its dashboard card."""
+    from saets_utils.report.features import load_labels
+    from saets_utils.report.neuronpedia import feature_html, neuronpedia_url
+
+    d = run.results_dir
+    path = d / "eval" / "targets.json"
+    if not path.is_file():
+        return []
+    labels = load_labels(d)
+    cards = (d / "reports" / "features.html").is_file()
+    groups: dict[tuple[str, str], list[str]] = {}
+    for row in json.loads(path.read_text()):
+        t = json.loads(row["targets"]) if isinstance(row["targets"], str) else row["targets"]
+        groups.setdefault((row["task"], json.dumps(t)), []).append(row["method"])
+
+    def feature(f: int, w: float) -> str:
+        text = f"#{f} {labels.get(f, '')}".rstrip() + f" ({w:.2g})"
+        if neuronpedia_url(run, f) is None and cards:
+            return f"<a href='features.html#f{f}'>{html.escape(text)}</a>"
+        return feature_html(run, f, text)
+
+    rows = "".join(
+        f"<tr><td>{html.escape(task)}</td><td>{html.escape(', '.join(methods))}</td>"
+        f"<td style='text-align:left;white-space:normal'>{', '.join(feature(int(f), float(w)) for f, w in json.loads(t))}</td></tr>"
+        for (task, t), methods in groups.items()
+    )
+    if not rows:
+        return []
+    return [
+        "<h3>Target features</h3>",
+        "<div class='tbl'><table><thead><tr><th>task</th><th>methods</th><th style='text-align:left'>targets "
+        f"(weight)</th></tr></thead><tbody>{rows}</tbody></table></div>",
+    ]
 
 
 def _figures(run: RunConfig) -> str:

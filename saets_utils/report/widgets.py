@@ -6,7 +6,7 @@ Callbacks only read widget values and call plain functions (:mod:`saets_utils.re
 ``table``, ``samples``, ``result``) so tests drive the UIs without a browser.
 
 Example:
-    >>> EffectExplorer(load_effects(run.results_dir), model.tokenizer).widget
+    >>> EffectExplorer(load_effects(run.results_dir), model.tokenizer, run=run).widget
     >>> SteeringPlayground(load_context(run, model, sae), run.eval.tasks, ["SAE-TS", "CAA", "prompt"]).widget
 """
 
@@ -27,6 +27,7 @@ from jaxtyping import Float
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from saets_utils.config import RunConfig
 from saets_utils.effects.store import Effects
 from saets_utils.evaluation.task_vectors import SteeringContext, build_target_vector, build_task_vectors
 from saets_utils.registry import get_method
@@ -39,6 +40,7 @@ from saets_utils.report.features import (
     targets_from_text,
     with_labels,
 )
+from saets_utils.report.neuronpedia import feature_html, table_html
 from saets_utils.report.plots import feature_name, plot_effect_profile
 from saets_utils.steering.generation import generate, row_seed
 from saets_utils.steering.tasks import Task, check_target_ids, join_prompt, load_task
@@ -51,8 +53,9 @@ _CELL = "white-space:pre-wrap;overflow-wrap:anywhere;min-width:0;margin:0;font-f
 _WRAP = W.Layout(flex_flow="row wrap", width="100%")
 
 
-def _html_table(df: pd.DataFrame, caption: str) -> str:
-    body = df.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0) if len(df) else "<i>none</i>"
+def _html_table(df: pd.DataFrame, caption: str, run: RunConfig | None = None) -> str:
+    """``df`` as HTML under ``caption``; with ``run``, its feature ids link to Neuronpedia where the SAE is hosted."""
+    body = table_html(df, run, index=False, float_format=lambda x: f"{x:.4g}", border=0) if len(df) else "<i>none</i>"
     return f"<b>{html.escape(caption)}</b><br>{body}"
 
 
@@ -61,7 +64,7 @@ class EffectExplorer:
     calibrated scale and status, its most raised and lowered features with density, and a few
     steered samples. ``.widget`` is the container; ``.show(vector_id)`` renders programmatically.
     ``labels`` (feature id -> short label, :func:`saets_utils.report.features.load_labels`) are shown
-    next to every feature id."""
+    next to every feature id; with ``run``, ids link to Neuronpedia where the run's SAE is hosted there."""
 
     def __init__(
         self,
@@ -70,8 +73,9 @@ class EffectExplorer:
         k: int = 15,
         n_vectors: int = 10,
         labels: Mapping[int, str] | None = None,
+        run: RunConfig | None = None,
     ) -> None:
-        self.effects, self.tokenizer, self.k, self.n_vectors = effects, tokenizer, k, n_vectors
+        self.effects, self.tokenizer, self.k, self.n_vectors, self.run = effects, tokenizer, k, n_vectors, run
         self.labels: dict[int, str] = dict(labels or {})
         self.summary: dict[str, Any] = {}
         self.table = pd.DataFrame()
@@ -116,14 +120,14 @@ class EffectExplorer:
         own = (
             ""
             if s["own_rank"] is None
-            else f" &middot; own feature {html.escape(feature_name(s['own_feature'], self.labels))}: rank {s['own_rank']}"
+            else f" &middot; own feature {self._feature(s['own_feature'])}: rank {s['own_rank']}"
             f" ({'in' if s['own_in_top_k'] else 'not in'} top {self.k}), effect {s['own_effect']:.4g}"
         )
         self.summary_html.value = (
             f"<b>vector {s['vector_id']}</b> &middot; scale {s['scale']:.4g} &middot; "
             f"calibration: {html.escape(str(s['status']))} &middot; {s['seconds']:.2f} s{own}"
         )
-        self.table_html.value = _html_table(self.table, f"top {self.k} raised / lowered features")
+        self.table_html.value = _html_table(self.table, f"top {self.k} raised / lowered features", self.run)
         self.samples_html.value = (
             "<b>steered samples</b><ol>"
             + "".join(
@@ -150,11 +154,15 @@ class EffectExplorer:
     def find(self, feature: int) -> None:
         """List the vectors that raise SAE ``feature`` most in the vector selector."""
         self.raising = explore.vectors_raising_feature(self.effects, feature, self.n_vectors)
-        self.feature_label.value = html.escape(feature_name(feature, self.labels))
+        self.feature_label.value = self._feature(feature)
         self.vector_list.options = [
             (f"{v} (effect {x:+.3g})", int(v)) for v, x in zip(self.raising["vector_id"], self.raising["effect"])
         ]
         self.vector_list.value = None
+
+    def _feature(self, feature: int) -> str:
+        """``#id label`` as HTML, linked to Neuronpedia where the run's SAE is hosted there."""
+        return feature_html(self.run, feature, feature_name(feature, self.labels))
 
     def _pick(self, change: dict) -> None:
         if change["new"] is not None:
@@ -305,7 +313,8 @@ def samples_grid(unsteered: Sequence[str], steered: Sequence[str]) -> str:
 class SteeringPlayground:
     """Steer the model by a task's vector, hand-written target features or a free-text goal
     (``steer toward: weddings``), and read unsteered and steered continuations side by side as they
-    are generated, with the predicted and measured top features (labelled from the dashboards).
+    are generated, with the predicted and measured top features (labelled from the dashboards; ids
+    linked to Neuronpedia where the run's SAE is hosted there).
 
     ``tasks``: task names (``params/tasks``), :class:`Task` objects or a mapping name -> Task.
     Vectors are built once per (task or targets, method) and cached in ``.vectors``; the default
@@ -337,6 +346,7 @@ class SteeringPlayground:
         self.labels: dict[int, str] = dict(labels) if labels is not None else load_labels(ctx.run.results_dir)
         self.vectors: dict[tuple[str, str], Tensor | None] = {}
         self.targets_how: dict[str, str] = {}
+        self.targets_html: dict[str, str] = {}  # targets_how as HTML, ids linked to Neuronpedia where hosted
         self.result: dict[str, Any] = {}
         self.error = ""
         self.first_text_s: float | None = None  # seconds from the click to the first visible text
@@ -391,13 +401,17 @@ class SteeringPlayground:
                 targets, how = parse_or_find_targets(self.targets.value, self.ctx, self.tasks, self.stats)
                 names = ", ".join(f"{feature_name(f, self.labels)} ({w:.2g})" for f, w in targets)
                 self.targets_how[key[0]] = f"targets {names} from {how}"
+                links = ", ".join(
+                    f"{feature_html(self.ctx.run, f, feature_name(f, self.labels))} ({w:.2g})" for f, w in targets
+                )
+                self.targets_html[key[0]] = f"targets {links} from {html.escape(how)}"
                 self.vectors[key] = custom_target_vector(self.ctx, targets, method)
             else:
                 self.vectors[key] = build_task_vectors(self.tasks[task], self.ctx, [method]).vectors[method]
         return self.vectors[key]
 
     def _table(self, df: pd.DataFrame, caption: str) -> str:
-        return _html_table(with_labels(df, self.labels), caption)
+        return _html_table(with_labels(df, self.labels), caption, self.ctx.run)
 
     def generate(self) -> dict[str, Any]:
         """Read the controls, generate (streaming the texts into the page), render; errors are shown
@@ -419,8 +433,8 @@ class SteeringPlayground:
             vector = self.vector_for(task, method)
             prefix = self.tasks[task].steering_prompt if vectorless else ""
             what = f"{method} for {task}" + ("" if vectorless else f" at scale {self.scale.value:.4g}")
-            how = self.targets_how.get(f"custom:{self.targets.value.strip()}", "") if task == CUSTOM else ""
-            self.status.value = f"<b>{html.escape(what)}</b> &middot; generating… {html.escape(how)}"
+            how = self.targets_html.get(f"custom:{self.targets.value.strip()}", "") if task == CUSTOM else ""
+            self.status.value = f"<b>{html.escape(what)}</b> &middot; generating… {how}"
             self.result = playground_generate(
                 self.ctx,
                 vector,
@@ -443,7 +457,7 @@ class SteeringPlayground:
         r = self.result
         self.status.value = (
             f"<b>{html.escape(what)}</b> &middot; steered prompt: <code>{html.escape(r['steered_prompt'])}</code>"
-            f" &middot; {time.perf_counter() - t0:.1f} s{' &middot; ' + html.escape(how) if how else ''}"
+            f" &middot; {time.perf_counter() - t0:.1f} s{' &middot; ' + how if how else ''}"
         )
         self.samples_html.value = samples_grid(r["unsteered"], r["steered"])
         self.predicted_html.value = (
