@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,28 +96,35 @@ def build_variants(
     seed: int = 0,
     extra: dict[str, Tensor] | None = None,
 ) -> list[Variant]:
-    """Every diagnosis vector of one task (module docstring). ``extra``: vectors of 03 (e.g. CAA)."""
-    out = [Variant(task, "SAE", M.build_sae_vector(W_dec, targets), None, targets)]
+    """Every diagnosis vector of one task (module docstring). ``extra``: vectors of 03 (e.g. CAA).
+
+    A variant that cannot be built is left out (e.g. SAE-TS from a rank-0 fit, whose ``W t`` is zero;
+    a rotation whose span misses the target's decoder direction): the tables then lack its row.
+    """
+    out: list[Variant] = []
+
+    def add(name: str, fit: str | None, build: Callable[..., Tensor], *args: Any, **kwargs: Any) -> None:
+        with contextlib.suppress(ValueError):
+            out.append(Variant(task, name, build(*args, **kwargs).float(), fit, targets))
+
+    add("SAE", None, M.build_sae_vector, W_dec, targets)
     for name, approx in fits.items():
-        out.append(Variant(task, f"SAE-TS[{name}]", M.build_sae_ts_vector(approx, targets), name, targets))
+        add(f"SAE-TS[{name}]", name, M.build_sae_ts_vector, approx, targets)
     for name in ("reduced_rank", "decoder_prior"):
         if name in fits:
             a = fits[name]
-            out.append(Variant(task, f"SAE-TS[{name}] lam0", M.build_sae_ts_vector(a, targets, lam=0.0), name, targets))
-            out.append(Variant(task, f"pinverse[{name}]", M.build_pinverse_vector(a, targets), name, targets))
-            # no rotation vector when the target's decoder direction lies outside the fit's span
-            with contextlib.suppress(ValueError):
-                rot = M.build_rotation_vector(a, W_dec, targets)
-                out.append(Variant(task, f"rotation[{name}]", rot, name, targets))
+            add(f"SAE-TS[{name}] lam0", name, M.build_sae_ts_vector, a, targets, lam=0.0)
+            add(f"pinverse[{name}]", name, M.build_pinverse_vector, a, targets)
+            add(f"rotation[{name}]", name, M.build_rotation_vector, a, W_dec, targets)
     t = M.target_vector(targets, Y.shape[1], torch.float64)
     Xc, Yc = X.double() - X.double().mean(0), Y.double() - Y.double().mean(0)
     xc = Xc.T @ (Yc @ t)
-    out.append(Variant(task, "xcorr", (xc / xc.norm()).float(), None, targets))
-    out.append(Variant(task, "random", _random_unit(task, X.shape[1], seed), None, targets))
+    add("xcorr", None, M._unit, xc, "Xc^T Yc t")
+    add("random", None, _random_unit, task, X.shape[1], seed)
     if "reduced_rank" in fits:
-        out.append(Variant(task, "-bias", -fits["reduced_rank"].correction, "reduced_rank", targets))
+        add("-bias", "reduced_rank", M._unit, -fits["reduced_rank"].correction, "-W b")
     for name, v in (extra or {}).items():
-        out.append(Variant(task, name, (v / v.norm()).float(), None, targets))
+        add(name, None, M._unit, v, name)
     return out
 
 
@@ -236,6 +243,13 @@ def run_diagnosis(
         for task, (targets, extra) in tasks.items()
         for v in build_variants(task, targets, fits, W_dec, X, Y, run.seed, extra)
     ]
+    if n_feature_targets:
+        from safetensors.torch import load_file
+
+        density = load_file(run.results_dir / "baseline.safetensors")["density"]
+        for j in feature_targets(density, eff.vector_ids, n_feature_targets, run.seed):
+            built = build_variants(f"feature{j}", [(j, 1.0)], fits, W_dec, X, Y, run.seed)
+            variants += [v for v in built if v.variant in FEATURE_VARIANTS]
     out = run.results_dir / "study"
     out.mkdir(parents=True, exist_ok=True)
     offline = offline_rows(variants, fits)
