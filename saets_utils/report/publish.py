@@ -73,6 +73,9 @@ PAIRS = [
     ("SAE-TS", "rotation"),
     ("SAE-TS", "FGAA"),
     ("CAA", "prompt"),
+    ("SAE-TS", "random"),
+    ("SAE", "random"),
+    ("CAA", "random"),
 ]
 
 
