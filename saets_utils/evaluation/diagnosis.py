@@ -95,8 +95,11 @@ def build_variants(
     Y: Tensor,
     seed: int = 0,
     extra: dict[str, Tensor] | None = None,
+    inverses: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> list[Variant]:
-    """Every diagnosis vector of one task (module docstring). ``extra``: vectors of 03 (e.g. CAA).
+    """Every diagnosis vector of one task (module docstring). ``extra``: vectors of 03 (e.g. CAA);
+    ``inverses``: per fit name, its ``(pinverse [d_sae, d_model], rotation [d_model, d_model])``,
+    computed once for all tasks (:func:`fit_inverses`; computed here when absent).
 
     A variant that cannot be built is left out (e.g. SAE-TS from a rank-0 fit, whose ``W t`` is zero;
     a rotation whose span misses the target's decoder direction): the tables then lack its row.
@@ -114,8 +117,9 @@ def build_variants(
         if name in fits:
             a = fits[name]
             add(f"SAE-TS[{name}] lam0", name, M.build_sae_ts_vector, a, targets, lam=0.0)
-            add(f"pinverse[{name}]", name, M.build_pinverse_vector, a, targets)
-            add(f"rotation[{name}]", name, M.build_rotation_vector, a, W_dec, targets)
+            P_inv, R = (inverses or {}).get(name) or (M.pinverse(a.W), M.rotation_matrix(a, W_dec))
+            add(f"pinverse[{name}]", name, M.build_pinverse_vector, a, targets, P_inv)
+            add(f"rotation[{name}]", name, M.build_rotation_vector, a, W_dec, targets, R)
     t = M.target_vector(targets, Y.shape[1], torch.float64)
     Xc, Yc = X.double() - X.double().mean(0), Y.double() - Y.double().mean(0)
     xc = Xc.T @ (Yc @ t)
@@ -126,6 +130,15 @@ def build_variants(
     for name, v in (extra or {}).items():
         add(name, None, M._unit, v, name)
     return out
+
+
+def fit_inverses(fits: dict[str, EffectApproximator], W_dec: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Pseudoinverse and rotation of the fits pinverse/rotation variants are built from (once per fit)."""
+    return {
+        n: (M.pinverse(fits[n].W), M.rotation_matrix(fits[n], W_dec))
+        for n in ("reduced_rank", "decoder_prior")
+        if n in fits
+    }
 
 
 def feature_targets(
@@ -215,12 +228,15 @@ def run_diagnosis(
     measure: bool = True,
     n_boot: int = 1000,
     n_feature_targets: int = 0,
+    only: Sequence[str] | None = None,
+    feature_seeds: Sequence[int] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Fit on 02's training split of the run's effects, build, score and (``measure``) measure every
     variant for every task; write the tables under ``study/`` (module docstring).
 
     ``n_feature_targets``: also that many single-feature targets (:func:`feature_targets`, tasks named
-    ``feature<id>``), with the :data:`FEATURE_VARIANTS` only; summarised apart (``*_features.csv``)."""
+    ``feature<id>``), with the :data:`FEATURE_VARIANTS` only; summarised apart (``*_features.csv``),
+    measured with ``feature_seeds`` (default: ``seeds``). ``only``: measure these variants only."""
     from saets_utils.effects.store import load_effects
     from saets_utils.evaluation.targeting import collect_items, targeting_differences, targeting_summary
     from saets_utils.io_utils import atomic_write_text
@@ -232,6 +248,7 @@ def run_diagnosis(
     X, Y = X[train], Y[train]
     W_dec = sae.W_dec.detach().float().cpu()
     fits = diagnosis_fits(X, Y, W_dec, run.seed)
+    inverses = fit_inverses(fits, W_dec)
     items = collect_items(run, model, sae)
     tasks: dict[str, tuple[list[tuple[int, float]], dict[str, Tensor]]] = {}
     for it in items:
@@ -241,14 +258,14 @@ def run_diagnosis(
     variants = [
         v
         for task, (targets, extra) in tasks.items()
-        for v in build_variants(task, targets, fits, W_dec, X, Y, run.seed, extra)
+        for v in build_variants(task, targets, fits, W_dec, X, Y, run.seed, extra, inverses)
     ]
     if n_feature_targets:
         from safetensors.torch import load_file
 
         density = load_file(run.results_dir / "baseline.safetensors")["density"]
         for j in feature_targets(density, eff.vector_ids, n_feature_targets, run.seed):
-            built = build_variants(f"feature{j}", [(j, 1.0)], fits, W_dec, X, Y, run.seed)
+            built = build_variants(f"feature{j}", [(j, 1.0)], fits, W_dec, X, Y, run.seed, inverses=inverses)
             variants += [v for v in built if v.variant in FEATURE_VARIANTS]
     out = run.results_dir / "study"
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +273,17 @@ def run_diagnosis(
     atomic_write_text(out / "diagnosis_offline.csv", offline.to_csv(index=False))
     res = {"offline": offline}
     if measure:
-        df = measure_variants(run, model, sae, variants, seeds)
+        keep = [v for v in variants if only is None or v.variant in only]
+        is_feat = [v.task.startswith("feature") for v in keep]
+        df = pd.concat(
+            [
+                measure_variants(run, model, sae, [v for v, f in zip(keep, is_feat, strict=True) if not f], seeds),
+                measure_variants(
+                    run, model, sae, [v for v, f in zip(keep, is_feat, strict=True) if f], feature_seeds or seeds
+                ),
+            ],
+            ignore_index=True,
+        )
         df = df.merge(offline.rename(columns={"variant": "method"}), on=["task", "method"], how="left")
         atomic_write_text(out / "diagnosis.csv", df.to_csv(index=False))
         res["measured"] = df
@@ -279,13 +306,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--offline-only", action="store_true", help="skip the measurement (offline columns only)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--feature-targets", type=int, default=0, help="also N single-feature targets never measured in 01")
+    ap.add_argument("--feature-seeds", default=None, help="seeds of the single-feature targets (default: --seeds)")
+    ap.add_argument("--only", default=None, help="comma-separated variants to measure (default: all)")
     a = ap.parse_args(argv)
     from saets_utils.session import load_model_and_sae, start_run
 
     run, device = start_run(a.params)
     model, sae = load_model_and_sae(run, device)
     seeds = [int(s) for s in a.seeds.split(",")]
-    res = run_diagnosis(run, model, sae, seeds, not a.offline_only, a.bootstrap, a.feature_targets)
+    fseeds = [int(s) for s in a.feature_seeds.split(",")] if a.feature_seeds else None
+    only = [v.strip() for v in a.only.split(",")] if a.only else None
+    res = run_diagnosis(run, model, sae, seeds, not a.offline_only, a.bootstrap, a.feature_targets, only, fseeds)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(res["offline"].groupby("variant")[["cos_sae", "pred_rank_own", "pred_rank_prior"]].median())
         for k in ("summary", "differences", "summary_features", "differences_features"):
