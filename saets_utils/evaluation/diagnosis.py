@@ -230,13 +230,17 @@ def run_diagnosis(
     n_feature_targets: int = 0,
     only: Sequence[str] | None = None,
     feature_seeds: Sequence[int] | None = None,
+    target_seed: int | None = None,
+    tag: str = "",
 ) -> dict[str, pd.DataFrame]:
     """Fit on 02's training split of the run's effects, build, score and (``measure``) measure every
     variant for every task; write the tables under ``study/`` (module docstring).
 
     ``n_feature_targets``: also that many single-feature targets (:func:`feature_targets`, tasks named
     ``feature<id>``), with the :data:`FEATURE_VARIANTS` only; summarised apart (``*_features.csv``),
-    measured with ``feature_seeds`` (default: ``seeds``). ``only``: measure these variants only."""
+    measured with ``feature_seeds`` (default: ``seeds``) and drawn with ``target_seed`` (default: the
+    run's seed; another seed draws other features). ``only``: measure these variants only. ``tag``:
+    appended to every file name (a second measurement beside the first)."""
     from saets_utils.effects.store import load_effects
     from saets_utils.evaluation.targeting import collect_items, targeting_differences, targeting_summary
     from saets_utils.io_utils import atomic_write_text
@@ -264,13 +268,14 @@ def run_diagnosis(
         from safetensors.torch import load_file
 
         density = load_file(run.results_dir / "baseline.safetensors")["density"]
-        for j in feature_targets(density, eff.vector_ids, n_feature_targets, run.seed):
+        draw = run.seed if target_seed is None else target_seed
+        for j in feature_targets(density, eff.vector_ids, n_feature_targets, draw):
             built = build_variants(f"feature{j}", [(j, 1.0)], fits, W_dec, X, Y, run.seed, inverses=inverses)
             variants += [v for v in built if v.variant in FEATURE_VARIANTS]
     out = run.results_dir / "study"
     out.mkdir(parents=True, exist_ok=True)
     offline = offline_rows(variants, fits)
-    atomic_write_text(out / "diagnosis_offline.csv", offline.to_csv(index=False))
+    atomic_write_text(out / f"diagnosis_offline{tag}.csv", offline.to_csv(index=False))
     res = {"offline": offline}
     if measure:
         keep = [v for v in variants if only is None or v.variant in only]
@@ -285,7 +290,7 @@ def run_diagnosis(
             ignore_index=True,
         )
         df = df.merge(offline.rename(columns={"variant": "method"}), on=["task", "method"], how="left")
-        atomic_write_text(out / "diagnosis.csv", df.to_csv(index=False))
+        atomic_write_text(out / f"diagnosis{tag}.csv", df.to_csv(index=False))
         res["measured"] = df
         is_feature = df["task"].str.match(r"feature\d+$")
         for suffix, part in (("", df[~is_feature]), ("_features", df[is_feature])):
@@ -293,8 +298,8 @@ def run_diagnosis(
                 continue
             summary = targeting_summary(part, n_boot=n_boot, seed=run.seed)
             diffs = targeting_differences(part, baseline="SAE", n_boot=n_boot, seed=run.seed)
-            atomic_write_text(out / f"diagnosis_summary{suffix}.csv", summary.to_csv(index=False))
-            atomic_write_text(out / f"diagnosis_differences{suffix}.csv", diffs.to_csv(index=False))
+            atomic_write_text(out / f"diagnosis_summary{suffix}{tag}.csv", summary.to_csv(index=False))
+            atomic_write_text(out / f"diagnosis_differences{suffix}{tag}.csv", diffs.to_csv(index=False))
             res.update({f"summary{suffix}": summary, f"differences{suffix}": diffs})
     return res
 
@@ -308,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--feature-targets", type=int, default=0, help="also N single-feature targets never measured in 01")
     ap.add_argument("--feature-seeds", default=None, help="seeds of the single-feature targets (default: --seeds)")
     ap.add_argument("--only", default=None, help="comma-separated variants to measure (default: all)")
+    ap.add_argument(
+        "--target-seed", type=int, default=None, help="draws the single-feature targets (default: run seed)"
+    )
+    ap.add_argument("--tag", default="", help="suffix of every output file name, e.g. _replication")
     a = ap.parse_args(argv)
     from saets_utils.session import load_model_and_sae, start_run
 
@@ -316,7 +325,9 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in a.seeds.split(",")]
     fseeds = [int(s) for s in a.feature_seeds.split(",")] if a.feature_seeds else None
     only = [v.strip() for v in a.only.split(",")] if a.only else None
-    res = run_diagnosis(run, model, sae, seeds, not a.offline_only, a.bootstrap, a.feature_targets, only, fseeds)
+    res = run_diagnosis(
+        run, model, sae, seeds, not a.offline_only, a.bootstrap, a.feature_targets, only, fseeds, a.target_seed, a.tag
+    )
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(res["offline"].groupby("variant")[["cos_sae", "pred_rank_own", "pred_rank_prior"]].median())
         for k in ("summary", "differences", "summary_features", "differences_features"):
