@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -80,12 +79,6 @@ def diagnosis_fits(
     return fits
 
 
-def _random_unit(task: str, d_model: int, seed: int) -> Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(task.encode()))
-    v = torch.randn(d_model, generator=g)
-    return v / v.norm()
-
-
 def build_variants(
     task: str,
     targets: list[tuple[int, float]],
@@ -124,7 +117,7 @@ def build_variants(
     Xc, Yc = X.double() - X.double().mean(0), Y.double() - Y.double().mean(0)
     xc = Xc.T @ (Yc @ t)
     add("xcorr", None, M._unit, xc, "Xc^T Yc t")
-    add("random", None, _random_unit, task, X.shape[1], seed)
+    add("random", None, M.build_random_vector, X.shape[1], task, seed)
     if "reduced_rank" in fits:
         add("-bias", "reduced_rank", M._unit, -fits["reduced_rank"].correction, "-W b")
     for name, v in (extra or {}).items():
@@ -139,6 +132,11 @@ def fit_inverses(fits: dict[str, EffectApproximator], W_dec: Tensor) -> dict[str
         for n in ("reduced_rank", "decoder_prior")
         if n in fits
     }
+
+
+def _is_feature_task(task: str) -> bool:
+    """Tasks named ``feature<id>`` are :func:`feature_targets`' single-feature targets."""
+    return task.startswith("feature") and task[len("feature") :].isdigit()
 
 
 def feature_targets(
@@ -179,44 +177,30 @@ def offline_rows(variants: Sequence[Variant], fits: dict[str, EffectApproximator
     return pd.DataFrame(rows)
 
 
-@torch.no_grad()
 def measure_variants(
-    run: RunConfig, model: HookedTransformer, sae: SAE, variants: Sequence[Variant], seeds: Sequence[int]
+    run: RunConfig, model: HookedTransformer, sae: SAE, jobs: Sequence[tuple[Variant, Sequence[int]]]
 ) -> pd.DataFrame:
-    """Calibrate and measure every variant once per seed (01's recipe); one row per (variant, seed)."""
-    from saets_utils.effects.calibration import resid_at_hook
-    from saets_utils.effects.runner import calibrate_and_measure, plan_scale_hint, rollout_spec
-    from saets_utils.evaluation.targeting import load_plan, targeting_metrics, targeting_vector_id
-    from saets_utils.models.loading import bos_id
-    from saets_utils.progress import progress as progress_bar
+    """Calibrate and measure each variant once per seed it is listed with (01's recipe, through
+    :func:`targeting.measure_vectors`); one row per (variant, seed)."""
+    from saets_utils.evaluation.targeting import load_plan, measure_vectors, targeting_metrics, targeting_vector_id
 
-    plan = load_plan(run, sae)
-    resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
-    spec = rollout_spec(run, model, bos_id(model, run.model))
-    hint = plan_scale_hint(run, model, sae, plan, resid)
-    k = run.effects.vectors_per_batch
+    by_seed: dict[int, list[Variant]] = {}
+    for v, seeds in jobs:
+        for s in seeds:
+            by_seed.setdefault(int(s), []).append(v)
+    if not by_seed:
+        return pd.DataFrame()
+    work = {
+        s: (torch.stack([v.vector for v in vs]), [targeting_vector_id(v.task, v.variant) for v in vs])
+        for s, vs in by_seed.items()
+    }
+    got = measure_vectors(run, model, sae, load_plan(run, sae), work, desc="diagnosis (vectors)")
     rows = []
-    bar = progress_bar(total=len(variants) * len(seeds), desc="diagnosis (vectors)", unit="vec")
-    for s in seeds:
-        run_s = run.model_copy(update={"seed": int(s)})
-        for lo in range(0, len(variants), k):
-            block = variants[lo : lo + k]
-            vecs = torch.stack([v.vector for v in block]).to(model.cfg.device)
-            ids = [targeting_vector_id(v.task, v.variant) for v in block]
-            res = calibrate_and_measure(run_s, model, sae, plan, resid, spec, vecs, ids, keep_samples=1, hint=hint)
-            for i, v in enumerate(block):
-                m = targeting_metrics(res.effects[i], v.targets, res.halves[i])
-                rows.append(
-                    {
-                        "task": v.task,
-                        "method": v.variant,
-                        "seed": int(s),
-                        "scale": float(res.calibration.scales[i]),
-                        **m,
-                    }
-                )
-            bar.update(len(block))
-    bar.close()
+    for s, vs in by_seed.items():
+        m = got[s]
+        for i, v in enumerate(vs):
+            metrics = targeting_metrics(m.effects[i], v.targets, m.halves[i])
+            rows.append({"task": v.task, "method": v.variant, "seed": s, "scale": float(m.scales[i]), **metrics})
     return pd.DataFrame(rows)
 
 
@@ -278,21 +262,16 @@ def run_diagnosis(
     atomic_write_text(out / f"diagnosis_offline{tag}.csv", offline.to_csv(index=False))
     res = {"offline": offline}
     if measure:
-        keep = [v for v in variants if only is None or v.variant in only]
-        is_feat = [v.task.startswith("feature") for v in keep]
-        df = pd.concat(
-            [
-                measure_variants(run, model, sae, [v for v, f in zip(keep, is_feat, strict=True) if not f], seeds),
-                measure_variants(
-                    run, model, sae, [v for v, f in zip(keep, is_feat, strict=True) if f], feature_seeds or seeds
-                ),
-            ],
-            ignore_index=True,
-        )
+        jobs = [
+            (v, feature_seeds or seeds if _is_feature_task(v.task) else seeds)
+            for v in variants
+            if only is None or v.variant in only
+        ]
+        df = measure_variants(run, model, sae, jobs)
         df = df.merge(offline.rename(columns={"variant": "method"}), on=["task", "method"], how="left")
         atomic_write_text(out / f"diagnosis{tag}.csv", df.to_csv(index=False))
         res["measured"] = df
-        is_feature = df["task"].str.match(r"feature\d+$")
+        is_feature = df["task"].map(_is_feature_task)
         for suffix, part in (("", df[~is_feature]), ("_features", df[is_feature])):
             if not len(part):
                 continue

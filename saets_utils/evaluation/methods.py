@@ -9,6 +9,7 @@ never mutates its inputs and rejects bad input with a ValueError. A target is a 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ __all__ = [
     "build_fgaa_target",
     "build_fgaa_vector",
     "build_pinverse_vector",
+    "build_random_vector",
     "build_rotation_vector",
     "build_sae_ts_vector",
     "build_sae_vector",
@@ -77,6 +79,13 @@ def target_vector(
     if not t.any():
         raise ValueError("all target weights are zero")
     return t
+
+
+def build_random_vector(d_model: int, key: str, seed: int) -> Float[Tensor, " d_model"]:
+    """Control: an isotropic unit vector [d_model], fixed by ``key`` (e.g. the task's name) and ``seed``."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    v = torch.randn(d_model, generator=g)
+    return v / v.norm()
 
 
 def build_sae_vector(W_dec: Float[Tensor, "d_sae d_model"], targets: Target) -> Float[Tensor, " d_model"]:

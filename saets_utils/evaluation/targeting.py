@@ -331,6 +331,73 @@ def load_plan(run: RunConfig, sae: SAE) -> Plan:
     return plan
 
 
+@dataclass
+class Measured:
+    """01's measurement of unit vectors: ``effects [n, d_sae]``, ``halves [n, 2, d_sae]``, calibrated
+    ``scales [n]`` and calibration ``status`` (NaN effects where no scale was found)."""
+
+    effects: Tensor
+    halves: Tensor
+    scales: Tensor
+    status: list[str]
+
+
+@torch.no_grad()
+def measure_vectors(
+    run: RunConfig,
+    model: HookedTransformer,
+    sae: SAE,
+    plan: Plan,
+    jobs: Mapping[int, tuple[Tensor, Sequence[int]]],
+    progress: bool = True,
+    desc: str = "targeting (vectors)",
+) -> dict[int, Measured]:
+    """Calibrate and measure unit vectors as 01 measures decoder rows, against 01's ``plan``.
+
+    ``jobs``: per rollout seed, ``(vectors [n, d_model], vector ids)``; the loss chunks' activations
+    and the calibration's starting scale are computed once for all of them. Blocks of
+    ``effects.vectors_per_batch`` go through :func:`effects.runner.calibrate_and_measure`.
+    """
+    from saets_utils.effects.calibration import resid_at_hook
+    from saets_utils.effects.runner import calibrate_and_measure, plan_scale_hint, rollout_spec
+    from saets_utils.models.loading import bos_id
+    from saets_utils.progress import progress as progress_bar
+
+    d_sae = int(plan.baseline_mean.shape[0])
+    out: dict[int, Measured] = {}
+    total = sum(len(ids) for _, ids in jobs.values())
+    if total:
+        spec = rollout_spec(run, model, bos_id(model, run.model))
+        resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
+        hint = plan_scale_hint(run, model, sae, plan, resid)
+        bar = progress_bar(total=total, desc=desc, unit="vec", disable=not progress)
+    k = run.effects.vectors_per_batch
+    for seed, (vectors, ids) in jobs.items():
+        n = len(ids)
+        m = Measured(
+            torch.full((n, d_sae), float("nan")),
+            torch.full((n, 2, d_sae), float("nan")),
+            torch.full((n,), float("nan")),
+            [""] * n,
+        )
+        run_s = run if seed == run.seed else run.model_copy(update={"seed": int(seed)})
+        for lo in range(0, n, k):
+            vecs = vectors[lo : lo + k].to(model.cfg.device)
+            res = calibrate_and_measure(
+                run_s, model, sae, plan, resid, spec, vecs, list(ids[lo : lo + k]), keep_samples=1, hint=hint
+            )
+            hi = lo + vecs.shape[0]
+            m.scales[lo:hi] = res.calibration.scales
+            m.status[lo:hi] = res.calibration.status
+            m.effects[lo:hi] = res.effects
+            m.halves[lo:hi] = res.halves
+            bar.update(vecs.shape[0])
+        out[seed] = m
+    if total:
+        bar.close()
+    return out
+
+
 @torch.no_grad()
 def measure_targeting(
     run: RunConfig,
@@ -342,41 +409,18 @@ def measure_targeting(
     """Calibrate, measure and score every (task, method) vector (module docstring); writes
     ``eval/targeting.csv``, ``eval/targeting_summary.csv``, ``eval/targeting_differences.csv`` and
     ``eval/targeting_effects.safetensors`` and returns the per-vector table (columns ``COLUMNS``)."""
-    from saets_utils.effects.calibration import resid_at_hook
-    from saets_utils.effects.runner import calibrate_and_measure, plan_scale_hint, rollout_spec
     from saets_utils.io_utils import atomic_save_safetensors, atomic_write_text
-    from saets_utils.models.loading import bos_id
-    from saets_utils.progress import progress as progress_bar
 
     plan = load_plan(run, sae)
     items = collect_items(run, model, sae, task_vectors)
     out_dir = run.results_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     d_sae = int(plan.baseline_mean.shape[0])
-    n = len(items)
-    effects = torch.full((n, d_sae), float("nan"))
-    halves = torch.full((n, 2, d_sae), float("nan"))
-    scales = torch.full((n,), float("nan"))
-    status = [""] * n
-    hook, e = run.sae.hook_name, run.effects
-    if n:
-        spec = rollout_spec(run, model, bos_id(model, run.model))
-        resid = resid_at_hook(model, hook, plan.loss_tokens)
-        hint = plan_scale_hint(run, model, sae, plan, resid)
-        bar = progress_bar(total=n, desc="targeting (vectors)", unit="vec", disable=not progress)
-        k = e.vectors_per_batch
-        for lo in range(0, n, k):
-            block = items[lo : lo + k]
-            vecs = torch.stack([it.vector for it in block]).to(model.cfg.device)
-            res = calibrate_and_measure(
-                run, model, sae, plan, resid, spec, vecs, [it.vector_id for it in block], keep_samples=1, hint=hint
-            )
-            scales[lo : lo + len(block)] = res.calibration.scales
-            status[lo : lo + len(block)] = res.calibration.status
-            effects[lo : lo + len(block)] = res.effects
-            halves[lo : lo + len(block)] = res.halves
-            bar.update(len(block))
-        bar.close()
+    vecs = torch.stack([it.vector for it in items]) if items else torch.zeros(0, model.cfg.d_model)
+    got = measure_vectors(run, model, sae, plan, {run.seed: (vecs, [it.vector_id for it in items])}, progress=progress)[
+        run.seed
+    ]
+    effects, halves, scales, status = got.effects, got.halves, got.scales, got.status
     records = []
     for i, it in enumerate(items):
         m = targeting_metrics(effects[i], it.targets, halves[i])

@@ -11,7 +11,6 @@ with the pure functions of :mod:`saets_utils.evaluation.methods`.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -190,9 +189,7 @@ def _fgaa(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
 @builds("random")
 def _random(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
     key = task.name if task is not None else ",".join(f"{f}:{w}" for f, w in targets)
-    g = torch.Generator().manual_seed(ctx.run.seed * 1_000_003 + zlib.crc32(key.encode()))
-    v = torch.randn(ctx.model.cfg.d_model, generator=g)
-    return v / v.norm()
+    return M.build_random_vector(ctx.model.cfg.d_model, key, ctx.run.seed)
 
 
 def _build(ctx: SteeringContext, entry: Method, task: Task | None, targets: M.Target) -> Tensor:
