@@ -72,7 +72,7 @@ def reliability_summary(halves: Tensor) -> dict[str, Any]:
 def ceiling_by_tokens(
     halves: Tensor, multipliers: Sequence[float] = (0.5, 1.0, 2.0, 4.0), n_boot: int = 200, seed: int = 0
 ) -> pd.DataFrame:
-    """Noise ceiling and reliability of the same design at ``k`` times the rollout tokens per vector.
+    """Noise ceiling of the same design at ``k`` times the rollout tokens per vector.
 
     From the two halves ``[n, 2, d_sae]``: noise of the full effect ``N = mean ||D - mean D||^2 / 4``
     (``D`` = half 1 - half 2, as :func:`metrics.noise_ceiling`), total variance ``T`` of the full effects
