@@ -1,4 +1,4 @@
-"""The asset cache under concurrency (issue 22): two processes preparing the same asset at once on an
+"""The asset cache under concurrency: two processes preparing the same asset at once on an
 empty cache build it once (the second waits with a message, then uses the first one's result); a
 preparation killed half-way leaves nothing taken as complete and does not block the next one.
 

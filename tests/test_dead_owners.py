@@ -1,4 +1,4 @@
-"""Locks and claims that know a dead owner (issue 22): a lease held by a process of this host that
+"""Locks and claims that know a dead owner: a lease held by a process of this host that
 no longer exists, or whose pid now belongs to a process started at another time, is taken over at
 once with a notice naming it; a live holder, or one on another host, keeps the lease. And 01 killed
 with kill -9 half-way resumes at once on a re-run, to the uninterrupted result."""

@@ -1,4 +1,4 @@
-"""Each step's outputs replace the previous run's or are absent (issue 22): 03 stopped by judge
+"""Each step's outputs replace the previous run's or are absent: 03 stopped by judge
 failures and 02 after a failed fit leave no file of an earlier run beside their own."""
 
 from __future__ import annotations
