@@ -136,6 +136,68 @@ def test_plan_made_with_other_settings_needs_restart(tmp_path, tiny_model, tiny_
 # --- devices ----------------------------------------------------------------------------------
 
 
+def test_a_run_grows_to_more_vectors(tmp_path, tiny_model, tiny_sae, monkeypatch):
+    """Asking for more vectors extends the plan: only the added ones are measured, the old ones keep
+    their numbers, and the result equals a run of the larger selection from scratch."""
+    small = tiny_run(tmp_path / "a", vectors={"source": "decoder_rows", "ids": {"start": 2, "stop": 5}})
+    run_effects(small, tiny_model, tiny_sae, gpus=0)
+    first = Plan.load(work_dir(small) / "plan.safetensors")
+    assert first.base_fingerprint and first.ancestors == []
+    measured: list[int] = []
+    real = effects_runner.compute_block
+
+    def counting(run, model, sae, plan, resid, spec, rows, *a, **k):
+        measured.extend(plan.vector_ids[rows].tolist())
+        return real(run, model, sae, plan, resid, spec, rows, *a, **k)
+
+    monkeypatch.setattr(effects_runner, "compute_block", counting)
+    big = tiny_run(tmp_path / "a", vectors={"source": "decoder_rows", "ids": [2, 3, 4, 7, 11]})
+    path = run_effects(big, tiny_model, tiny_sae, gpus=0)
+    assert sorted(measured) == [7, 11]
+    grown = Plan.load(work_dir(big) / "plan.safetensors")
+    assert grown.ancestors == [first.plan_id] and grown.plan_id != first.plan_id
+    assert torch.equal(grown.baseline_mean, first.baseline_mean)
+    meta = json.loads((path.parent / "effects_meta.json").read_text())
+    assert meta["fingerprint"] == fingerprint(big, input_digests(big, tiny_sae)) and meta["n_vectors"] == 5
+
+    fresh = tiny_run(tmp_path / "b", vectors={"source": "decoder_rows", "ids": [2, 3, 4, 7, 11]})
+    want = load_file(run_effects(fresh, tiny_model, tiny_sae, gpus=0))
+    got = load_file(path)
+    assert got["vector_ids"].tolist() == [2, 3, 4, 7, 11]
+    for k in want:
+        assert torch.equal(torch.nan_to_num(got[k], nan=-1.0), torch.nan_to_num(want[k], nan=-1.0)), k
+
+    # a plan never shrinks, and other settings still need restart
+    fewer = tiny_run(tmp_path / "a", vectors={"source": "decoder_rows", "ids": [2, 3]})
+    with pytest.raises(ConfigError, match="leaves out"):
+        run_effects(fewer, tiny_model, tiny_sae, gpus=0)
+    other = tiny_run(
+        tmp_path / "a",
+        vectors={"source": "decoder_rows", "ids": [2, 3, 4, 7, 11, 12]},
+        loss_target={"kind": "relative", "value": 0.5},
+    )
+    with pytest.raises(ConfigError, match="more than which vectors"):
+        run_effects(other, tiny_model, tiny_sae, gpus=0)
+
+
+def test_a_plan_saved_before_growth_existed_grows(tmp_path, tiny_model, tiny_sae):
+    """A plan without a stored base fingerprint grows when the current settings with its own
+    vector range reproduce its fingerprint."""
+    run = tiny_run(tmp_path, vectors={"source": "decoder_rows", "ids": {"start": 0, "stop": 3}})
+    plan = prepare_plan(run, tiny_model, tiny_sae)
+    plan.base_fingerprint = ""
+    plan.save(work_dir(run) / "plan.safetensors")
+    more = tiny_run(tmp_path, vectors={"source": "decoder_rows", "ids": {"start": 0, "stop": 6}})
+    grown = prepare_plan(more, tiny_model, tiny_sae)
+    assert grown.vector_ids.tolist() == list(range(6)) and grown.ancestors == [plan.plan_id]
+    # an old vector that is not the new selection's (another draw, another file) is never grown over
+    grown.vectors[1] = -grown.vectors[1]
+    grown.save(work_dir(run) / "plan.safetensors")
+    most = tiny_run(tmp_path, vectors={"source": "decoder_rows", "ids": {"start": 0, "stop": 8}})
+    with pytest.raises(ConfigError, match="differ"):
+        prepare_plan(most, tiny_model, tiny_sae)
+
+
 def test_available_devices_without_gpus(monkeypatch):
     """Regression: gpus=N on a machine without GPUs silently started N CPU workers (gpus=999 too)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)

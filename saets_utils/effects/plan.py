@@ -5,6 +5,11 @@ baseline; its fingerprint hashes every setting that changes the numbers and the 
 and of a vectors file, so work made with other settings or inputs is never resumed (the runner) nor
 reused (the store, targeting). Its ``plan_id`` is new each time a plan is built: shards carry it, so
 work left by a discarded plan (``restart``) is never merged, even when the settings are the same.
+
+A run may grow: a plan whose settings differ only in which vectors it measures (``effects.vectors``
+``ids`` or ``count``: its :func:`base_fingerprint` is the same), that keeps every vector it had, bit for
+bit, is extended instead of refused (:func:`grow_plan`). The grown plan gets a new id and lists the
+old ones in ``ancestors``, whose shards stay its own: only the added vectors are measured.
 """
 
 from __future__ import annotations
@@ -67,10 +72,14 @@ def input_digests(run: RunConfig, sae: Any) -> dict[str, str]:
     return out
 
 
-def fingerprint(run: RunConfig, digests: dict[str, str] | None = None) -> str:
+def fingerprint(run: RunConfig, digests: dict[str, str] | None = None, *, vector_selection: bool = True) -> str:
     """Hash of every setting that changes the numbers (not batching, not workers, not
-    ``sae.targets_key``), and of the inputs' content ``digests`` (:func:`input_digests`)."""
+    ``sae.targets_key``), and of the inputs' content ``digests`` (:func:`input_digests`).
+    ``vector_selection=False`` leaves out which vectors are measured (:func:`base_fingerprint`)."""
     eff = run.effects.model_dump(exclude=NOT_FINGERPRINTED)
+    if not vector_selection:
+        eff["vectors"] = {k: v for k, v in eff["vectors"].items() if k not in SELECTION}
+        digests = {k: v for k, v in (digests or {}).items() if k != "vectors_file"}
     blob = json.dumps(
         {
             "model": run.model.model_dump(),
@@ -85,6 +94,16 @@ def fingerprint(run: RunConfig, digests: dict[str, str] | None = None) -> str:
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Settings of effects.vectors that only say which vectors are measured: a plan may grow along them.
+SELECTION = {"ids", "count"}
+
+
+def base_fingerprint(run: RunConfig, digests: dict[str, str] | None = None) -> str:
+    """:func:`fingerprint` without the vector selection (``effects.vectors`` ``ids``/``count`` and the
+    vectors file's digest): equal for runs that measure the same way and differ only in which vectors."""
+    return fingerprint(run, digests, vector_selection=False)
 
 
 @dataclass
@@ -104,6 +123,13 @@ class Plan:
     fingerprint: str
     plan_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     inputs: dict[str, str] = field(default_factory=dict)  # input_digests at build time
+    base_fingerprint: str = ""  # without the vector selection; "" in plans saved before growth existed
+    ancestors: list[str] = field(default_factory=list)  # ids of the plans this one grew from
+
+    @property
+    def shard_ids(self) -> set[str]:
+        """Plan ids whose shards belong to this plan: its own and its ancestors'."""
+        return {self.plan_id, *self.ancestors}
 
     def save(self, path: Path) -> None:
         tensors = {
@@ -116,6 +142,8 @@ class Plan:
             "fingerprint": self.fingerprint,
             "plan_id": self.plan_id,
             "inputs": json.dumps(self.inputs),
+            "base_fingerprint": self.base_fingerprint,
+            "ancestors": json.dumps(self.ancestors),
         }
         atomic_save_safetensors(tensors, path, meta)
 
@@ -130,8 +158,67 @@ class Plan:
             fingerprint=meta["fingerprint"],
             plan_id=meta.get("plan_id", meta["fingerprint"]),
             inputs=json.loads(meta.get("inputs", "{}")),
+            base_fingerprint=meta.get("base_fingerprint", ""),
+            ancestors=json.loads(meta.get("ancestors", "[]")),
             **t,
         )
+
+
+def _legacy_base(run: RunConfig, old: Plan) -> str:
+    """The base fingerprint of a plan saved before plans stored one: the current settings with the old
+    plan's vector selection must reproduce its fingerprint (ids as a ``{start, stop}`` range or a list);
+    "" where none does."""
+    ids = old.vector_ids.tolist()
+    forms: list[Any] = [ids]
+    if ids and ids == list(range(ids[0], ids[0] + len(ids))):
+        forms.insert(0, {"start": ids[0], "stop": ids[0] + len(ids)})
+    vec = run.effects.vectors
+    for form in forms:
+        update: dict[str, Any] = {"ids": form} if vec.count is None else {"count": len(ids)}
+        then = run.model_copy(
+            update={"effects": run.effects.model_copy(update={"vectors": vec.model_copy(update=update)})}
+        )
+        if fingerprint(then, old.inputs) == old.fingerprint:
+            return base_fingerprint(then, old.inputs)
+    return ""
+
+
+def grow_plan(
+    old: Plan, run: RunConfig, *, ids: Tensor, vectors: Tensor, digests: dict[str, str]
+) -> tuple[Plan | None, str]:
+    """``old`` extended to the vectors ``ids [n]``, ``vectors [n, d_model]`` of ``run``, or ``(None, why)``.
+
+    Growth needs the same settings but for the vector selection (:func:`base_fingerprint`), every old
+    id among the new ones, and each old vector equal bit for bit to the new one of its id. The grown
+    plan keeps the old loss chunks and baseline, gets a new ``plan_id`` and lists ``old``'s among its
+    ``ancestors``, so the old plan's shards count as its own.
+    """
+    base = base_fingerprint(run, digests)
+    old_base = old.base_fingerprint or _legacy_base(run, old)
+    if old_base != base:
+        return None, "its settings differ in more than which vectors are measured"
+    new_row = {int(v): r for r, v in enumerate(ids.tolist())}
+    lost = [v for v in old.vector_ids.tolist() if v not in new_row]
+    if lost:
+        return None, f"it measured vectors {lost[:5]} that the new selection leaves out (a plan only grows)"
+    rows = torch.tensor([new_row[int(v)] for v in old.vector_ids.tolist()], dtype=torch.long)
+    if not torch.equal(vectors[rows], old.vectors):
+        return None, "the vectors of its ids differ from the new selection's (e.g. another random draw)"
+    grown = Plan(
+        ids,
+        vectors,
+        old.loss_tokens,
+        old.baseline_mean,
+        old.baseline_density,
+        old.baseline_halves,
+        old.unsteered_loss,
+        old.baseline_positions,
+        fingerprint(run, digests),
+        inputs=digests,
+        base_fingerprint=base,
+        ancestors=[*old.ancestors, old.plan_id],
+    )
+    return grown, ""
 
 
 def _shard_tag(path: Path) -> tuple[str, list[int]]:
@@ -140,7 +227,8 @@ def _shard_tag(path: Path) -> tuple[str, list[int]]:
 
 
 def current_shards(run: RunConfig, plan: Plan, seen: dict[Path, tuple[str, list[int]]] | None = None) -> list[Path]:
-    """Finished shards of this plan (by plan id: work of a discarded plan is never taken), sorted;
+    """Finished shards of this plan or of a plan it grew from (by plan id: work of a discarded plan is
+    never taken), sorted;
     ``seen`` caches shards read before."""
     seen = {} if seen is None else seen
     for p in (work_dir(run) / "shards").glob("*.safetensors"):
@@ -149,7 +237,8 @@ def current_shards(run: RunConfig, plan: Plan, seen: dict[Path, tuple[str, list[
                 seen[p] = _shard_tag(p)
             except FileNotFoundError:  # removed by a restart meanwhile
                 continue
-    return sorted(p for p, (pid, _) in seen.items() if pid == plan.plan_id)
+    mine = plan.shard_ids
+    return sorted(p for p, (pid, _) in seen.items() if pid in mine)
 
 
 def done_ids(run: RunConfig, plan: Plan, seen: dict[Path, tuple[str, list[int]]] | None = None) -> set[int]:

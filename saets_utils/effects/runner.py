@@ -62,9 +62,11 @@ from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_basel
 from saets_utils.effects.memory import rows_for_memory
 from saets_utils.effects.plan import (
     Plan,
+    base_fingerprint,
     block_key,
     done_ids,
     fingerprint,
+    grow_plan,
     input_digests,
     plan_blocks,
     todo_blocks,
@@ -89,8 +91,10 @@ def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
 def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     """Load the run's plan, or build it (vectors, loss chunks, unsteered baseline) once and save it.
 
-    Fails if an existing plan was made with other settings or inputs (a changed SAE or vectors
-    file), unless ``restart`` (which deletes the old work folder, also when its plan is unreadable).
+    A saved plan that differs only in its vector selection, and keeps every vector it measured, grows
+    to the new selection (:func:`~saets_utils.effects.plan.grow_plan`: only the added vectors are then
+    measured). Fails if an existing plan was made with other settings or inputs (a changed SAE or
+    vectors file), unless ``restart`` (which deletes the old work folder, also when its plan is unreadable).
     """
     from saets_utils.effects.vector_sources import build_vectors
     from saets_utils.models.loading import bos_id, cut_loss_tokens
@@ -107,10 +111,17 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
             raise ConfigError(f"{plan_path} is unreadable ({e}); re-run with restart=True to rebuild it") from None
         if plan.fingerprint == fp:
             return plan
+        ids, vectors = build_vectors(run, sae, model.cfg.d_model, lambda c: load_sae_from(c, run, "cpu"))
+        grown, why = grow_plan(plan, run, ids=ids, vectors=vectors, digests=digests)
+        if grown is not None:
+            grown.save(plan_path)
+            added = len(grown.vector_ids) - len(plan.vector_ids)
+            print(f"effects: the run grows by {added} vectors to {len(grown.vector_ids)}; the measured ones are kept")
+            return grown
         raise ConfigError(
             f"{wd} holds work made with other effects settings or inputs (fingerprint {plan.fingerprint} "
-            f"!= {fp}; inputs then {plan.inputs}, now {digests}); re-run with restart=True to discard it, "
-            "or use another params file"
+            f"!= {fp}; inputs then {plan.inputs}, now {digests}): {why}; re-run with restart=True to "
+            "discard it, or use another params file"
         )
     if restart and wd.exists():
         # workers of an older run may still write here: their shards carry the old plan id and are ignored
@@ -135,7 +146,17 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
         max_rows=run.effects.vectors_per_batch * run.effects.samples_per_prompt,
     )
     plan = Plan(
-        ids, vectors, loss_tokens, base.mean, base.density, base.half_means, unsteered, base.n, fp, inputs=digests
+        ids,
+        vectors,
+        loss_tokens,
+        base.mean,
+        base.density,
+        base.half_means,
+        unsteered,
+        base.n,
+        fp,
+        inputs=digests,
+        base_fingerprint=base_fingerprint(run, digests),
     )
     plan.save(plan_path)
     return plan
