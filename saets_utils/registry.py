@@ -57,6 +57,9 @@ REGISTRY: tuple[Method, ...] = (
     # Control: a seeded isotropic unit vector per task (no SAE, no approximator): what any method
     # must beat to claim it steers toward its target rather than merely steering.
     Method("random", "#bcbd22", default=False),
+    # SAE-TS without the bias correction (lambda = 0 whatever approximator.sae_ts_lambda says): the
+    # variant the diagnosis (docs/science.md) found to lose least to the decoder row; opt-in.
+    Method("SAE-TS-nobias", "#e377c2", needs_approximator=True, targets="task", default=False),
 )
 
 METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY)

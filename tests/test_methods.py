@@ -92,7 +92,9 @@ def test_every_vector_method_is_unit_and_leaves_inputs_alone(approx, W_dec, tiny
         "FGAA": build_fgaa_vector(approx, targets),
         "CAA": build_caa_vector(tiny_model, HOOK, pos, neg, include_first_position=True, batch_size=2),
     }
-    # the random control is built in task_vectors from the run's seed (tests/test_registry.py)
+    # the random control is built in task_vectors from the run's seed (tests/test_registry.py), and
+    # SAE-TS-nobias is SAE-TS at lambda 0
+    vectors["SAE-TS-nobias"] = build_sae_ts_vector(approx, targets, 0.0)
     assert set(vectors) | {"random"} == {m.name for m in REGISTRY if m.vector}
     for name, v in vectors.items():
         width = tiny_model.cfg.d_model if name == "CAA" else D_MODEL

@@ -35,14 +35,27 @@ def test_every_method_with_a_vector_has_exactly_one_builder():
 
 
 def test_flags():
-    assert [m.name for m in REGISTRY if m.needs_approximator] == ["SAE-TS", "pinverse", "rotation", "FGAA"]
-    assert task_vectors.TARGET_METHODS == ("SAE", "SAE-TS", "pinverse", "rotation")
-    assert [m.name for m in REGISTRY if m.from_targets] == ["SAE", "SAE-TS", "pinverse", "rotation", "FGAA"]
+    assert [m.name for m in REGISTRY if m.needs_approximator] == [
+        "SAE-TS",
+        "pinverse",
+        "rotation",
+        "FGAA",
+        "SAE-TS-nobias",
+    ]
+    assert task_vectors.TARGET_METHODS == ("SAE", "SAE-TS", "pinverse", "rotation", "SAE-TS-nobias")
+    assert [m.name for m in REGISTRY if m.from_targets] == [
+        "SAE",
+        "SAE-TS",
+        "pinverse",
+        "rotation",
+        "FGAA",
+        "SAE-TS-nobias",
+    ]
     assert [m.name for m in REGISTRY if not m.vector] == ["prompt"]
 
 
 def test_config_defaults_to_and_validates_against_the_registry(tmp_path):
-    assert EvalConfig().methods == list(DEFAULT_METHODS) == [m for m in METHODS if m != "random"]
+    assert EvalConfig().methods == list(DEFAULT_METHODS) == [m for m in METHODS if m not in ("random", "SAE-TS-nobias")]
     assert EvalConfig(methods=["SAE", "random"]).methods == ["SAE", "random"]  # controls are opt-in
     path = tmp_path / "run.yaml"
     path.write_text("sae: {hook_name: blocks.1.hook_resid_post}\neval: {methods: [CAA, SAE-TS, Pinv]}\n")

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 # Methods built from the task's target features (listed in its file, or discovered), registry order.
 TARGET_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.targets == "task")
+# A variant steers toward the targets its parent method's task entry lists (Gemma tasks list per method).
+TARGETS_OF: dict[str, str] = {"SAE-TS-nobias": "SAE-TS"}
 
 
 @dataclass
@@ -90,7 +92,7 @@ def resolve_targets(
     """Targets per target-based method and a sentence saying where they came from."""
     key = ctx.run.sae.targets_key
     d_sae = ctx.sae.cfg.d_sae
-    listed = {m: task.targets_for(key, m) for m in TARGET_METHODS}
+    listed = {m: task.targets_for(key, TARGETS_OF.get(m, m)) for m in TARGET_METHODS}
     if all(t is not None for t in listed.values()):
         for m, t in listed.items():
             check_target_ids(t, d_sae, f"params/tasks/{task.name}.yaml targets[{key}] ({m})")  # type: ignore[arg-type]
@@ -167,6 +169,11 @@ def _sae(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
 @builds("SAE-TS")
 def _sae_ts(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
     return M.build_sae_ts_vector(_approx(ctx), targets, ctx.run.approximator.sae_ts_lambda)
+
+
+@builds("SAE-TS-nobias")
+def _sae_ts_nobias(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
+    return M.build_sae_ts_vector(_approx(ctx), targets, 0.0)
 
 
 @builds("pinverse")

@@ -76,6 +76,8 @@ PAIRS = [
     ("SAE-TS", "random"),
     ("SAE", "random"),
     ("CAA", "random"),
+    ("SAE-TS-nobias", "SAE"),
+    ("SAE-TS-nobias", "random"),
 ]
 
 
