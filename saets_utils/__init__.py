@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "METHODS": "saets_utils.registry",
     "start_run": "saets_utils.session",
     "load_model_and_sae": "saets_utils.session",
+    "begin_step": "saets_utils.manifest",
     "record_step": "saets_utils.manifest",
     "load_sae": "saets_utils.models.sae_loading",
     "load_sae_quality": "saets_utils.models.sae_training",
@@ -44,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "paper_style_table": "saets_utils.evaluation.scoring",
     "compare_with_published": "saets_utils.evaluation.scoring",
     "effects_overview": "saets_utils.report.explore",
+    "load_run_effects": "saets_utils.report.explore",
     "make_all_figures": "saets_utils.report.figures",
     "feature_stats": "saets_utils.report.features",
     "plot_training_curve": "saets_utils.report.plots",
@@ -66,11 +68,11 @@ if TYPE_CHECKING:
     from saets_utils.evaluation.evaluate import evaluate_run
     from saets_utils.evaluation.scoring import compare_with_published, paper_style_table
     from saets_utils.evaluation.task_vectors import load_context
-    from saets_utils.manifest import record_step
+    from saets_utils.manifest import begin_step, record_step
     from saets_utils.models.sae_loading import load_sae
     from saets_utils.models.sae_training import load_sae_quality
     from saets_utils.registry import METHODS
-    from saets_utils.report.explore import effects_overview
+    from saets_utils.report.explore import effects_overview, load_run_effects
     from saets_utils.report.features import feature_stats
     from saets_utils.report.figures import make_all_figures
     from saets_utils.report.plots import plot_approximator_diagnostics, plot_learning_curve, plot_training_curve

@@ -6,7 +6,7 @@ decoder-row vector raise its own feature, what does steered text look like, and 
 raise a given feature most.
 
 Example:
-    >>> eff = load_effects(run.results_dir)
+    >>> eff = load_run_effects(run)
     >>> top_effects(eff, 2, k=5)
     >>> find_vectors_by_feature(eff, feature=30, k=5)
 """
@@ -21,11 +21,21 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saets_utils.effects.store import Effects
+from saets_utils.config import RunConfig
+from saets_utils.effects.store import Effects, load_effects
+from saets_utils.manifest import check_current
 
 # Features active on more than 1% of baseline positions are "dense" (BOS, position, punctuation
 # features); their effects are usually generic side effects rather than the vector's meaning.
 DENSE_THRESHOLD = 0.01
+
+
+def load_run_effects(run: RunConfig) -> Effects:
+    """The effects 01 wrote for ``run``; raises :class:`~saets_utils.manifest.StaleInputs` (naming
+    01_effects) when they are not the files the last finished 01 recorded, e.g. an earlier run's
+    beside an interrupted one."""
+    check_current(run, ("01_effects",), "the effect explorer")
+    return load_effects(run.results_dir)
 
 
 def is_decoder_rows(effects: Effects) -> bool:

@@ -3,6 +3,8 @@
 
 Each figure is drawn only when its inputs exist, so 04 also works on a partial run (e.g. after 01);
 any other PNG in ``figures/`` (from an earlier run) is removed, so the report shows only this run's.
+Before drawing, the run's files must be those its last finished steps recorded (manifest.json):
+files of an interrupted, failed or since re-run step are refused, naming the step to re-run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 from safetensors.torch import load_file
 
 from saets_utils.config import RunConfig
+from saets_utils.manifest import check_current
 from saets_utils.report import plots
 from saets_utils.report.features import load_labels
 
@@ -32,7 +35,10 @@ def _save(fig, path: Path, made: list[Path]) -> None:
 
 
 def make_all_figures(run: RunConfig) -> list[Path]:
-    """Write the run's figures (PNG) and return their paths."""
+    """Write the run's figures (PNG) and return their paths; raises
+    :class:`~saets_utils.manifest.StaleInputs` (naming the step to re-run) before drawing anything
+    when the files of 01-03 are not those the steps recorded when they last finished."""
+    check_current(run, ("01_effects", "02_train", "03_eval"), "notebook 04")
     d = run.results_dir
     fig_dir = d / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ Callbacks only read widget values and call plain functions (:mod:`saets_utils.re
 ``table``, ``samples``, ``result``) so tests drive the UIs without a browser.
 
 Example:
-    >>> EffectExplorer(load_effects(run.results_dir), model.tokenizer, run=run).widget
+    >>> EffectExplorer(load_run_effects(run), model.tokenizer, run=run).widget
     >>> SteeringPlayground(load_context(run, model, sae), run.eval.tasks, ["SAE-TS", "CAA", "prompt"]).widget
 """
 
@@ -30,6 +30,7 @@ from torch import Tensor
 from saets_utils.config import RunConfig
 from saets_utils.effects.store import Effects
 from saets_utils.evaluation.task_vectors import SteeringContext, build_target_vector, build_task_vectors
+from saets_utils.manifest import check_current
 from saets_utils.registry import get_method
 from saets_utils.report import explore
 from saets_utils.report.features import (
@@ -64,7 +65,9 @@ class EffectExplorer:
     calibrated scale and status, its most raised and lowered features with density, and a few
     steered samples. ``.widget`` is the container; ``.show(vector_id)`` renders programmatically.
     ``labels`` (feature id -> short label, :func:`saets_utils.report.features.load_labels`) are shown
-    next to every feature id; with ``run``, ids link to Neuronpedia where the run's SAE is hosted there."""
+    next to every feature id; with ``run``, ids link to Neuronpedia where the run's SAE is hosted there,
+    and the run's 01 files must be those its last finished 01 recorded (else
+    :class:`~saets_utils.manifest.StaleInputs` names the step to re-run)."""
 
     def __init__(
         self,
@@ -75,6 +78,8 @@ class EffectExplorer:
         labels: Mapping[int, str] | None = None,
         run: RunConfig | None = None,
     ) -> None:
+        if run is not None:
+            check_current(run, ("01_effects",), "the effect explorer")
         self.effects, self.tokenizer, self.k, self.n_vectors, self.run = effects, tokenizer, k, n_vectors, run
         self.labels: dict[int, str] = dict(labels or {})
         self.summary: dict[str, Any] = {}
