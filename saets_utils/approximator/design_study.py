@@ -3,7 +3,8 @@ grows with the number of measured vectors, for each fit, against the noise ceili
 
 Reads only 01's files (``effects.safetensors`` with ``effect_halves``: each vector measured on two
 independent halves of its rollouts), so it costs no model time. Writes to ``results/<run>/study/``:
-``reliability.json`` and ``learning_curve.csv``. Rerun with
+``reliability.json``, ``learning_curve.csv`` and ``extrapolation.csv`` (the training vectors each fit
+would need to reach half the noise ceiling, from a saturating curve through its points). Rerun with
 ``python -m saets_utils.approximator.design_study params/<run>.yaml``; compare designs measured in several runs with
 ``--compare params/study/pilot_crn16.yaml params/study/pilot_indep16.yaml`` (reliability per second of effects compute). The figure
 ``study/learning_curve.png`` is drawn by the report layer: notebook 04, or
@@ -239,7 +240,21 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "reliability.json", rel)
     atomic_write_text(out / "learning_curve.csv", curve.to_csv(index=False))
-    return {"reliability": rel, "curve": curve}
+    ext = curve_extrapolation(curve, rel.get("seconds_per_vector"))
+    if ext is not None:
+        atomic_write_text(out / "extrapolation.csv", ext.to_csv(index=False))
+    return {"reliability": rel, "curve": curve, "extrapolation": ext}
+
+
+def curve_extrapolation(curve: pd.DataFrame, seconds_per_vector: float | None = None) -> pd.DataFrame | None:
+    """:func:`~saets_utils.approximator.extrapolation.extrapolate` of a learning curve toward half its
+    noise ceiling (None without a ceiling row): how many training vectors each fit would need."""
+    from saets_utils.approximator.extrapolation import extrapolate
+
+    ceil = curve.loc[curve["fit"] == "noise_ceiling", "r2"]
+    if ceil.empty or not math.isfinite(float(ceil.iloc[0])):
+        return None
+    return extrapolate(curve, 0.5 * float(ceil.iloc[0]), seconds_per_vector=seconds_per_vector)
 
 
 def compare_designs(runs: Sequence[RunConfig], max_id: int | None = None) -> pd.DataFrame:
