@@ -7,12 +7,10 @@ unsteered loss, is checked on the tiny model before 01 measures any vector.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from helpers import HOOK, build_run_cfg
-from saets_utils.config import ConfigError, LossTarget, load_config
+from saets_utils.config import REPO_ROOT, ConfigError, LossTarget, load_config
 
 SAE = f"sae: {{hook_name: {HOOK}}}\n"
 GRID = "effects: {{scale_grid: {{{}}}}}\n"
@@ -158,6 +156,26 @@ def test_pipeline_refuses_bad_params_before_any_notebook(tmp_path, monkeypatch):
     assert pipeline.main([str(path)]) == 1
 
 
-def test_shipped_params_still_load():
-    for p in sorted(Path(__file__).resolve().parent.parent.joinpath("params").glob("*.yaml")):
-        load_config(p)
+PARAMS_DIR = REPO_ROOT / "params"
+SHIPPED = sorted(PARAMS_DIR.glob("*.yaml")) + sorted(PARAMS_DIR.glob("study/*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(PARAMS_DIR)))
+def test_shipped_params_load_with_their_tasks_and_commands(path):
+    """Each shipped params file (the study pilots included) loads as the run named by its file stem,
+    every task it evaluates loads with criteria and contrastive examples, and every ``python -m``
+    command its comments give names a module that exists."""
+    import importlib.util
+    import re
+
+    from saets_utils.steering.tasks import load_tasks
+
+    run = load_config(path)
+    assert run.name == path.stem and run.results_dir == REPO_ROOT / "results" / path.stem
+    tasks = load_tasks(run.eval.tasks)
+    assert len(tasks) == len(run.eval.tasks)
+    for t in tasks:
+        assert t.behaviour and t.coherence and t.positive and t.negative, t.name
+    modules = re.findall(r"^#.*python -m ([\w.]+)", path.read_text(), flags=re.M)
+    for module in modules:
+        assert importlib.util.find_spec(module) is not None, f"{path.name} names python -m {module}"

@@ -91,8 +91,19 @@ def run_with_hook(tmp_path: Path, hook_name: str) -> RunConfig:
     return build_run_cfg(tmp_path, model={"bos_token_id": None}, sae={"hook_name": hook_name})
 
 
-def test_validate_against_model_accepts_existing_hook(tiny_model, tmp_path):
-    validate_against_model(run_with_hook(tmp_path, HOOK), tiny_model)
+def test_validate_against_model_accepts_every_layer_and_the_last_vocab_id(tiny_model, tmp_path):
+    """Every residual hook of every layer passes, and so does a start token at the vocabulary's edge;
+    one past the edge is refused naming the vocabulary."""
+    for layer in range(tiny_model.cfg.n_layers):
+        for hook in (f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post"):
+            run = run_with_hook(tmp_path, hook)
+            assert run.sae.layer == layer and validate_against_model(run, tiny_model) is None
+    last = tiny_model.cfg.d_vocab - 1
+    ok = build_run_cfg(tmp_path, model={"bos_token_id": last}, sae={"hook_name": HOOK})
+    validate_against_model(ok, tiny_model)
+    bad = build_run_cfg(tmp_path, model={"bos_token_id": last + 1}, sae={"hook_name": HOOK})
+    with pytest.raises(ConfigError, match=rf"model.bos_token_id {last + 1} outside vocab 0..{last}"):
+        validate_against_model(bad, tiny_model)
 
 
 def test_validate_against_model_hook_not_in_model(tiny_model, tmp_path):
