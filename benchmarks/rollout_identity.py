@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Are 01's rollouts unchanged by the faster decoding? Tokens, old way against new way.
 
 For blocks of the params' vectors at the scales 01's calibration gives them, the steered rollouts
@@ -15,33 +14,30 @@ where its uniform lies within that rounding of a bucket edge. Reported: rows who
 and the largest difference of the captured activations on the rows that agree (relative to their
 largest magnitude).
 
-    OMP_NUM_THREADS=2 python benchmarks/rollout_identity.py --sae-dir <demo SAE folder> --blocks 2
+    OMP_NUM_THREADS=2 python -m benchmarks.rollout_identity --sae-dir <demo SAE folder> --blocks 2
+    python -m benchmarks.rollout_identity --smoke     # the tiny model and SAE, seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-for p in (REPO, REPO / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+import torch
 
-import effects_throughput as bench  # noqa: E402
-import torch  # noqa: E402
-
-from saets_utils.config import load_config  # noqa: E402
-from saets_utils.effects.calibration import calibrate, resid_at_hook, scale_hint, steered_losses  # noqa: E402
-from saets_utils.models.grouped_attention import stock_attention  # noqa: E402
-from saets_utils.steering.generation import generate, generate_aligned  # noqa: E402
-from saets_utils.steering.hooks import steering_delta  # noqa: E402
+from benchmarks.throughput.our_path import worker_context
+from benchmarks.throughput.setup import SMOKE_OVERRIDES, Setup, params_setup
+from benchmarks.timing import Phases
+from saets_utils.config import load_config
+from saets_utils.effects.calibration import calibrate
+from saets_utils.models.grouped_attention import stock_attention
+from saets_utils.steering.generation import generate, generate_aligned
+from saets_utils.steering.hooks import steering_delta
 
 
-def old_rollouts(s, prompts: list[tuple[int, ...]], seeds: list[int], delta: torch.Tensor):
+def old_rollouts(s: Setup, prompts: list[tuple[int, ...]], seeds: list[int], delta: torch.Tensor):
     """``generate`` per group of equally long prompts on TransformerLens's attention, rows put back in order."""
     tokens = torch.zeros(len(prompts), s.spec.total_tokens, dtype=torch.long)
     acts = torch.zeros(len(prompts), s.spec.total_tokens, s.model.cfg.d_model)
@@ -49,54 +45,77 @@ def old_rollouts(s, prompts: list[tuple[int, ...]], seeds: list[int], delta: tor
         for length in sorted({len(p) for p in prompts}):
             idx = [i for i, p in enumerate(prompts) if len(p) == length]
             g = generate(
-                s.model,
-                torch.tensor([prompts[i] for i in idx]),
-                s.spec.total_tokens - length,
-                [seeds[i] for i in idx],
-                s.spec.sampling,
-                s.hook,
-                delta[idx],
+                model=s.model,
+                prompt_tokens=torch.tensor([prompts[i] for i in idx]),
+                new_tokens=s.spec.total_tokens - length,
+                seeds=[seeds[i] for i in idx],
+                sampling=s.spec.sampling,
+                hook_name=s.hook,
+                delta=delta[idx],
                 capture=True,
             )
             tokens[idx], acts[idx] = g.tokens.cpu(), g.activations.float().cpu()
     return tokens, acts
 
 
-def main(argv=None) -> dict:
+def block_rows(s: Setup, ids: list[int], scales: torch.Tensor) -> tuple[list, list[int], torch.Tensor]:
+    """``measure_effects``'s rows (prompt, vector, sample) for vectors ``ids`` at ``scales``: each
+    row's prompt, seed and steering delta."""
+    sp = s.spec
+    rows = [(p, j, n) for p in range(len(sp.prompts)) for j in range(len(ids)) for n in range(sp.samples_per_prompt)]
+    prompts = [sp.prompts[p] for p, _, _ in rows]
+    seeds = [sp.steered_seed(s.seed, int(s.vector_ids[ids[j]]), p, n) for p, j, n in rows]
+    delta = steering_delta(s.vectors[ids], scales)[[j for _, j, _ in rows]]
+    return prompts, seeds, delta
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params/demo.yaml")
-    ap.add_argument("--sae-dir", default=None, help="a trained SAE folder (as effects_throughput.py)")
+    ap.add_argument("--sae-dir", default=None, help="a trained SAE folder (as effects_throughput)")
     ap.add_argument("--blocks", type=int, default=2, help="blocks of vectors_per_batch vectors, from the first")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--smoke", action="store_true", help="the tiny model and SAE (seconds)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    k = load_config(args.params).effects.vectors_per_batch
-    bargs = bench.parse_args(
-        ["--params", args.params, "--ref-vectors", "1", "--fast-vectors", str(args.blocks * k)]
-        + (["--sae-dir", args.sae_dir] if args.sae_dir else [])
-        + (["--threads", str(args.threads)] if args.threads else [])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    k = (
+        SMOKE_OVERRIDES["effects"]["vectors_per_batch"]
+        if args.smoke
+        else load_config(args.params).effects.vectors_per_batch
     )
-    s = bench.smollm_setup(bargs)
+    s = params_setup(params=args.params, vectors=args.blocks * k, smoke=args.smoke, sae_dir=args.sae_dir)
     sp = s.spec
-    resid = resid_at_hook(s.model, s.hook, s.loss_tokens)
-    unsteered = float(steered_losses(s.model, s.hook, s.loss_tokens, resid, torch.zeros(1, s.model.cfg.d_model))[0])
-    hint = scale_hint(s.model, s.hook, s.loss_tokens, resid, s.vectors[:4], s.grid, s.target, unsteered)
+    ctx = worker_context(s, Phases(s.device))
     rows_total = differing = 0
-    worst = 0.0
-    t_new = t_old = 0.0
+    worst = t_new = t_old = 0.0
     for b in range(args.blocks):
         ids = list(range(b * k, min((b + 1) * k, s.vectors.shape[0])))
-        vecs = s.vectors[ids]
-        cal = calibrate(s.model, s.hook, s.loss_tokens, resid, vecs, s.calibration, s.grid, s.target, unsteered, hint)
-        scales = cal.scales.nan_to_num(0.0)
-        rows = [
-            (p, j, smp) for p in range(len(sp.prompts)) for j in range(len(ids)) for smp in range(sp.samples_per_prompt)
-        ]
-        prompts = [sp.prompts[p] for p, _, _ in rows]
-        seeds = [sp.steered_seed(s.seed, int(s.vector_ids[ids[j]]), p, smp) for p, j, smp in rows]
-        delta = steering_delta(vecs, scales)[[j for _, j, _ in rows]]
+        cal = calibrate(
+            model=s.model,
+            hook_name=s.hook,
+            tokens=s.loss_tokens,
+            resid=ctx.resid,
+            vectors=s.vectors[ids],
+            cfg=s.calibration,
+            grid=s.grid,
+            target=s.target,
+            unsteered_loss=ctx.unsteered_loss,
+            start=ctx.hint,
+        )
+        prompts, seeds, delta = block_rows(s, ids, cal.scales.nan_to_num(0.0))
         t0 = time.perf_counter()
-        new = generate_aligned(s.model, prompts, sp.total_tokens, seeds, sp.sampling, s.hook, delta, capture=True)
+        new = generate_aligned(
+            model=s.model,
+            prompts=prompts,
+            total_tokens=sp.total_tokens,
+            seeds=seeds,
+            sampling=sp.sampling,
+            hook_name=s.hook,
+            delta=delta,
+            capture=True,
+        )
         t1 = time.perf_counter()
         old_tokens, old_acts = old_rollouts(s, prompts, seeds, delta)
         t_new, t_old = t_new + t1 - t0, t_old + time.perf_counter() - t1
@@ -105,13 +124,13 @@ def main(argv=None) -> dict:
         new_acts = new.activations.float().cpu()
         rel = float((new_acts[same] - old_acts[same]).abs().max() / old_acts[same].abs().max()) if same.any() else 0.0
         worst = max(worst, rel)
-        rows_total += len(rows)
+        rows_total += len(prompts)
         differing += int(diff.sum())
         print(
-            f"block {b}: {int(diff.sum())} of {len(rows)} rows differ; activations on the others: max rel diff {rel:.2e}"
+            f"block {b}: {int(diff.sum())} of {len(prompts)} rows differ; activations on the others: max rel diff {rel:.2e}"
         )
     out = {
-        "params": args.params,
+        "params": "--smoke" if args.smoke else args.params,
         "blocks": args.blocks,
         "rows": rows_total,
         "tokens": rows_total * sp.total_tokens,
@@ -127,6 +146,7 @@ def main(argv=None) -> dict:
         f"({t_old / t_new:.2f}x)"
     )
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out
 
