@@ -1,5 +1,4 @@
-#!/usr/bin/env python
-"""Speed ratios of ``effects_throughput.py`` runs with a bootstrap interval, pooled over runs.
+"""Speed ratios of ``benchmarks.effects_throughput`` runs with a bootstrap interval, pooled over runs.
 
 Each run's JSON holds the seconds per vector of every reference vector and of every block of ours
 (``per_vector_s``: total and calibration, and a block's number of vectors, its weight). For each
@@ -9,7 +8,10 @@ prints the ratio of the pooled means, a 95% percentile-bootstrap interval that r
 and, within each run, its vectors and blocks (so machine load that differs between runs widens it),
 and each run's own ratio.
 
-    python benchmarks/ratio_interval.py benchmarks/results/2026-11-30/effects_cpu_demo_final_run*.json
+    python -m benchmarks.ratio_interval benchmarks/results/2026-11-30/effects_cpu_demo_aligned_gqa_run*.json \
+        benchmarks/results/2026-11-30/effects_cpu_demo_calibration64*.json
+
+Its smoke test pools the JSON of two ``python -m benchmarks.effects_throughput --smoke --json`` runs.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def ratio_interval(pairs: list[tuple[Sample, Sample]], reps: int, seed: int) -> 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="JSON files written by effects_throughput.py --json")
+    ap.add_argument("runs", nargs="+", help="JSON files written by benchmarks.effects_throughput --json")
     ap.add_argument("--reps", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the ratios to this file")
@@ -71,7 +73,7 @@ def main(argv=None) -> dict:
     missing = [p for p, r in zip(args.runs, runs, strict=True) if "per_vector_s" not in r]
     if missing:
         raise SystemExit(
-            f"no per_vector_s in {missing}: rerun effects_throughput.py (it records them since 2026-11-30)"
+            f"no per_vector_s in {missing}: rerun benchmarks.effects_throughput (it records them since 2026-11-30)"
         )
     out: dict = {"runs": list(args.runs)}
     comparisons = [

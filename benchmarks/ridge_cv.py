@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Ridge with ``ridge_lambda: cv`` at the paper's scale: seconds and peak memory of the whole path.
 
 A synthetic effect matrix: ``X [n, d]`` Gaussian unit vectors' stand-ins, ``Y = X A B + noise``
@@ -16,8 +15,9 @@ vectors of Gemma-2-2B's 2304 -> Gemma Scope's 16,384 features). Timed:
 
 Peak memory: the process's max RSS on CPU (it includes the data), ``max_memory_allocated`` on CUDA.
 
-    python benchmarks/ridge_cv.py                                # 50,000 x 2304 -> 16,384 on the CPU
-    python benchmarks/ridge_cv.py --device cuda
+    python -m benchmarks.ridge_cv                                # 50,000 x 2304 -> 16,384 on the CPU
+    python -m benchmarks.ridge_cv --device cuda
+    python -m benchmarks.ridge_cv --smoke                        # every step at toy sizes, seconds
 """
 
 from __future__ import annotations
@@ -25,17 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from saets_utils.approximator.fits import (  # noqa: E402
+from saets_utils.approximator.fits import (
     RIDGE_PATH,
     RidgePath,
     _folds,
@@ -45,8 +40,8 @@ from saets_utils.approximator.fits import (  # noqa: E402
     moments,
     ridge_cv_path,
 )
-from saets_utils.approximator.fitting import fit_approximator  # noqa: E402
-from saets_utils.config import ApproximatorConfig  # noqa: E402
+from saets_utils.approximator.fitting import fit_approximator
+from saets_utils.config import ApproximatorConfig
 
 
 def synthetic(n: int, d: int, k: int, rank: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--small", type=int, nargs=3, default=[4000, 576, 4608], metavar=("N", "D", "K"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-full", action="store_true", help="only the side-by-side ratio at --small")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes (1000 x 32 -> 64, small 300 x 16 -> 32)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.smoke:
+        a.n, a.d, a.k, a.rank, a.small = 1000, 32, 64, 4, [300, 16, 32]
     dev = a.device
     out: dict = {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads()}
     if dev.startswith("cuda"):
