@@ -53,26 +53,39 @@ def no_compute(monkeypatch) -> None:
 # --- leases -----------------------------------------------------------------------------------
 
 
+def age(path: Path, seconds: float) -> None:
+    """Date a claim's lease ``seconds`` back, as if its holder last renewed it then (no test waits
+    for a lease to run out: a loaded machine can stall any short wait)."""
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+LEASE = 60.0  # far longer than any stall of a loaded machine between two claims of a test
+
+
 def test_leases_expire_without_heartbeats_and_failures_are_counted_per_attempt(tmp_path):
-    lease = 0.4
-    a = try_claim(tmp_path, "blk", "A", "w1", lease, max_failures=2)
+    a = try_claim(tmp_path, "blk", "A", "w1", LEASE, max_failures=2)
     assert a.state == "claimed" and a.path == tmp_path / "blk.0"
-    with Heartbeat(0.05, a.path):  # renewed: nobody else gets it, however long
-        time.sleep(3 * lease)
-        assert try_claim(tmp_path, "blk", "A", "w2", lease, max_failures=2).state == "held"
-    time.sleep(lease + 0.1)  # its holder stopped renewing (killed, hung, preempted)
-    b = try_claim(tmp_path, "blk", "A", "w2", lease, max_failures=2)
+    with Heartbeat(0.05, a.path):  # renewed: nobody else gets it, however old it was
+        age(a.path, 10 * LEASE)
+        deadline = time.monotonic() + WAIT_S
+        while a.path.stat().st_mtime < time.time() - LEASE:
+            assert time.monotonic() < deadline, "the heartbeat did not renew the lease"
+            time.sleep(0.05)
+        assert try_claim(tmp_path, "blk", "A", "w2", LEASE, max_failures=2).state == "held"
+    age(a.path, LEASE + 1)  # its holder stopped renewing (killed, hung, preempted) a lease ago
+    b = try_claim(tmp_path, "blk", "A", "w2", LEASE, max_failures=2)
     assert b.state == "claimed" and b.path == tmp_path / "blk.1"
-    assert try_claim(tmp_path, "blk", "A", "w3", lease, max_failures=2).state == "held"
+    assert try_claim(tmp_path, "blk", "A", "w3", LEASE, max_failures=2).state == "held"
     fail_claim(b.path, "RuntimeError: boom")  # a failure ends the lease at once
-    given_up = try_claim(tmp_path, "blk", "A", "w3", lease, max_failures=2)
+    given_up = try_claim(tmp_path, "blk", "A", "w3", LEASE, max_failures=2)
     assert given_up.state == "given_up" and given_up.failures == 2 and "boom" in given_up.errors[-1]
-    later = try_claim(tmp_path, "blk", "B", "w1", lease, max_failures=2)  # a later run retries it
+    later = try_claim(tmp_path, "blk", "B", "w1", LEASE, max_failures=2)  # a later run retries it
     assert later.state == "claimed" and later.path == tmp_path / "blk.2"
     # a requeued job keeps its worker name but is a new process: it takes its own claim back at once
     info = json.loads(later.path.read_text())
     later.path.write_text(json.dumps({**info, "pid": info["pid"] + 1}))
-    assert try_claim(tmp_path, "blk", "B", "w1", lease).state == "claimed"
+    assert try_claim(tmp_path, "blk", "B", "w1", LEASE).state == "claimed"
     assert [c.gen for c in read_claims(tmp_path, "blk")] == [0, 1, 2, 3]
 
 
@@ -227,14 +240,15 @@ def test_a_block_that_always_fails_is_reported_and_skipped_and_retried_by_the_ne
 
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_lives(tmp_path, tiny_model, tiny_sae):
     """Regression: two concurrent runs of the same params each computed every block."""
-    run = tiny_run(tmp_path, vectors={"source": "decoder_rows", "ids": [5, 6]}, lease_s=0.5)
-    other = try_claim(run.results_dir / LOCK, "run", "", "otherhost:4242", 0.5)
+    run = tiny_run(tmp_path, vectors={"source": "decoder_rows", "ids": [5, 6]}, lease_s=LEASE)
+    other = try_claim(run.results_dir / LOCK, "run", "", "otherhost:4242", LEASE)
     assert other.path is not None
-    with Heartbeat(0.05, other.path), pytest.raises(ConfigError, match=r"another run .*pid \d+ on"):
+    with pytest.raises(ConfigError, match=r"another run .*pid \d+ on"):  # its lock is fresh
         run_effects(run, tiny_model, tiny_sae)
     assert not work_dir(run).exists()  # refused before any work
-    time.sleep(0.7)  # that run died: its lock expires and the next run takes it over
+    age(other.path, LEASE + 1)  # that run died a lease ago: its lock expired, the next run takes it over
     run_effects(run, tiny_model, tiny_sae)
+    assert sorted(shard_ids(run)) == [5, 6]
 
 
 def test_changed_sae_or_vectors_file_is_not_resumed_but_targets_key_is(tmp_path, tiny_model, tiny_sae, monkeypatch):
