@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.throughput.setup import SMOKE_OVERRIDES, SMOKE_PARAMS
 from saets_utils import SteeringPlayground, feature_stats, load_context, load_model_and_sae, start_run
 from saets_utils.config import RunConfig
 from saets_utils.steering.tasks import Task
@@ -37,6 +36,8 @@ def toy_tasks() -> dict[str, Task]:
 
 def smoke_run(folder: Path) -> tuple[RunConfig, str]:
     """The tiny run with 01 and 02 done in ``folder``: effects of its 8 decoder rows, a ridge approximator."""
+    # imported here, so that ``python benchmarks/playground_latency.py RUN`` (docs/reports.md) still runs as a script
+    from benchmarks.throughput.setup import SMOKE_OVERRIDES, SMOKE_PARAMS
     from saets_utils.approximator.fits import fit_ridge
     from saets_utils.effects.runner import run_effects
     from saets_utils.effects.store import load_effects
