@@ -65,7 +65,7 @@ def req(text: str, i: int = 0) -> JudgeRequest:
 def judge(base_url: str, cache: JudgeCache | None = None, api_key: str | None = None, **kw) -> OpenAIJudge:
     opts = {k: kw.pop(k) for k in ("max_tokens", "json_mode") if k in kw}
     cfg = JudgeConfig(
-        **{"kind": "openai", "base_url": base_url, "concurrency": 2, "timeout_s": 2.0, "max_retries": 1, **kw}
+        **{"kind": "openai", "base_url": base_url, "concurrency": 2, "timeout_s": 60.0, "max_retries": 1, **kw}
     )
     return OpenAIJudge(
         cfg, cache or JudgeCache(None), api_key=api_key, backoff_initial_s=0.01, backoff_max_s=0.02, **opts

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import importlib.util
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from saets_utils.judges.prompts import COHERENCE_CRITERION
 from tests.fake_openai_server import FakeOpenAIServer, default_score
 
 KEY = "sk-test-SECRET-0123456789abcdef"
+SLOW_TIMEOUT_S = 4.0
 CRITERION = "The text is about weddings."
 
 
@@ -49,7 +51,7 @@ def openai_judge(server: FakeOpenAIServer, cache: JudgeCache | None = None, **cf
             "model": "gpt-4o-mini",
             "base_url": server.base_url,
             "concurrency": 4,
-            "timeout_s": 2.0,
+            "timeout_s": 60.0,  # no reply of the loopback server comes near it, however loaded the machine
             "max_retries": 3,
             **cfg_kw,
         }
@@ -130,8 +132,10 @@ def test_scores_parsed_and_normalised(server):
     ],
 )
 def test_fault_is_retried_then_scored(server, fault, kind):
-    server.slow_s = 3.0
-    judge = openai_judge(server, timeout_s=0.5, max_retries=3)
+    # A slow reply never comes (the server holds it until it stops); the client gives up after
+    # SLOW_TIMEOUT_S, far longer than a normal loopback reply takes on a loaded machine.
+    server.slow_s = 600.0
+    judge = openai_judge(server, timeout_s=SLOW_TIMEOUT_S if fault == "slow" else 60.0, max_retries=3)
     r = req(f"a text [[{fault}x2]] [[score=6]]")
     (res,) = score_requests(judge, [r], progress=False)
     assert res.score == 6 and res.error is None and res.attempts == 3
@@ -181,12 +185,33 @@ def test_identical_requests_are_sent_once(server):
     assert [r.score for r in res] == [3] * 4 and server.n_requests == 1
 
 
-def test_concurrency_limit_respected(server):
-    server.delay_s = 0.1
-    judge = openai_judge(server, concurrency=3)
-    res = score_requests(judge, [req(f"text {i} [[score=4]]", i=i) for i in range(18)], progress=False)
+class GatedServer(FakeOpenAIServer):
+    """Holds its first ``hold`` replies until ``hold`` requests are in flight at once, then ``linger_s``
+    longer (room for a request over the client's limit to arrive): the peak in flight is reached on
+    any machine, fast or loaded, without relying on a reply delay to make requests overlap."""
+
+    def __init__(self, hold: int, linger_s: float = 1.0) -> None:
+        super().__init__()
+        self.hold, self.linger_s, self.n_seen = hold, linger_s, 0
+        self.full = threading.Event()
+
+    def _reply(self, h, body, content, fault):
+        with self._lock:
+            held = self.n_seen < self.hold
+            self.n_seen += 1
+            if self.in_flight >= self.hold:
+                self.full.set()
+        if held and self.full.wait(120):
+            self._stopping.wait(self.linger_s)
+        super()._reply(h, body, content, fault)
+
+
+def test_concurrency_limit_respected():
+    with GatedServer(hold=3) as server:
+        judge = openai_judge(server, concurrency=3)
+        res = score_requests(judge, [req(f"text {i} [[score=4]]", i=i) for i in range(18)], progress=False)
     assert all(r.score == 4 for r in res)
-    assert 2 <= server.max_in_flight <= 3
+    assert server.full.is_set() and server.max_in_flight == 3  # three at once, never a fourth
 
 
 def test_second_run_uses_cache_and_retries_errors(server, tmp_path):
