@@ -92,3 +92,117 @@ def test_ceiling_by_tokens_matches_a_measured_design_with_more_rollouts():
     assert one.loc[0.5, "noise_ceiling"] < one.loc[1.0, "noise_ceiling"] < one.loc[4.0, "noise_ceiling"]
     # true ceiling of the 1x design: signal var 1 per feature, noise of the mean of two halves 4 / 2 = 2
     assert abs(one.loc[1.0, "noise_ceiling"] - 1 / 3) < 0.05
+
+
+# --- run_study and compare_designs on a run's files ------------------------------------------------
+
+
+def write_effects(run, signal: float, noise: float, n: int = 96, seed: int = 0, halves: bool = True) -> None:
+    """01's files for ``run`` (tiny model and SAE: d_model 32, d_sae 64), effects synthetic as in
+    :func:`synthetic_effects`; vector 3 failed calibration (NaN scale), as some do in a real run.
+    96 vectors: 02's design-study cell needs at least 64."""
+    from helpers import D_MODEL as DM
+    from helpers import D_SAE as DS
+    from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, DM, generator=g)
+    X = X / X.norm(dim=1, keepdim=True)
+    W = torch.zeros(DM, DS)
+    W[:, :12] = torch.randn(DM, 12, generator=g) * signal
+    H = (X @ W + torch.randn(DS, generator=g) * 3)[:, None, :] + noise * torch.randn(n, 2, DS, generator=g)
+    scales = torch.full((n,), 20.0)
+    scales[3] = float("nan")
+    d = run.results_dir
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {"effects": H.mean(1), "vectors": X, "scales": scales, "vector_ids": torch.arange(n)}
+    atomic_save_safetensors({**tensors, **({"effect_halves": H} if halves else {})}, d / "effects.safetensors")
+    atomic_save_safetensors({"mean": torch.zeros(DS), "density": torch.zeros(DS)}, d / "baseline.safetensors")
+    status = ["failed" if i == 3 else "ok" for i in range(n)]
+    pd.DataFrame({"id": range(n), "scale": scales.tolist(), "status": status, "seconds": 2.5}).to_csv(
+        d / "effects_table.csv", index=False
+    )
+    atomic_write_json(d / "effects_meta.json", {"effects": run.effects.model_dump(), "seconds_per_vector_mean": 2.5})
+
+
+def study_run(tmp_path, stem: str = "study", **effects):
+    from helpers import build_run_cfg
+
+    return build_run_cfg(tmp_path, stem=stem, approximator={"holdout": 16}, effects=effects)
+
+
+def test_run_study_writes_reliability_and_learning_curve_of_the_valid_vectors(tmp_path):
+    import json
+
+    from saets_utils.approximator.design_study import run_study
+
+    run = study_run(tmp_path)
+    write_effects(run, signal=3.0, noise=0.5)
+    res = run_study(run, fits=["ridge", "decoder_prior"], n_boot=100)
+    out = run.results_dir / "study"
+    rel = json.loads((out / "reliability.json").read_text())
+    assert rel == pytest.approx(res["reliability"], nan_ok=True)
+    assert rel["n_vectors"] == 95 and rel["seconds_per_vector"] == 2.5  # vector 3 (NaN scale) left out
+    assert rel["reliability"] > 0.8  # a strong vector-specific signal, measured twice
+    curve = pd.read_csv(out / "learning_curve.csv")
+    pd.testing.assert_frame_equal(curve, res["curve"].reset_index(drop=True), check_dtype=False)
+    # default sizes: every power-of-two step below the pool, then the whole pool (95 - 16 held out)
+    pool = 95 - 16
+    fitted = curve[curve.fit != "noise_ceiling"]
+    assert sorted(set(fitted.n_train)) == [32, 64, pool] and (curve.n_val == 16).all()
+    assert len(fitted) == 3 * 2 * 2  # sizes x fits x (full, half rollouts)
+    assert (curve.fit == "noise_ceiling").sum() == 1
+    for fit in ("ridge", "decoder_prior"):
+        full = fitted[(fitted.fit == fit) & (fitted.target == "full")].set_index("n_train")
+        assert full.loc[pool, "r2"] > 0.5 and full.loc[pool, "r2_ci_low"] > 0, fit
+    ext = res["extrapolation"]
+    assert (out / "extrapolation.csv").is_file() == (ext is not None)
+
+
+def test_run_study_needs_effect_halves(tmp_path):
+    from saets_utils.approximator.design_study import run_study
+
+    run = study_run(tmp_path)
+    write_effects(run, signal=1.0, noise=1.0, halves=False)
+    with pytest.raises(ValueError, match=r"no effect halves.*samples_per_prompt >= 2"):
+        run_study(run, fits=["ridge"], n_boot=10)
+    assert not (run.results_dir / "study").exists()
+
+
+def test_compare_designs_reports_each_runs_settings_and_reliability(tmp_path):
+    from saets_utils.approximator.design_study import compare_designs, main
+
+    quiet = study_run(tmp_path, "quiet", samples_per_prompt=8, common_random_numbers=True)
+    noisy = study_run(tmp_path, "noisy", samples_per_prompt=2, total_tokens=8)
+    no_halves = study_run(tmp_path, "nohalves")
+    write_effects(quiet, signal=2.0, noise=0.3, seed=1)
+    write_effects(noisy, signal=2.0, noise=3.0, seed=2)
+    write_effects(no_halves, signal=2.0, noise=1.0, halves=False)
+    df = compare_designs([quiet, noisy, no_halves]).set_index("run")
+    assert list(df.index) == ["quiet", "noisy"]  # a run without halves has nothing to compare
+    for run in (quiet, noisy):
+        row, e = df.loc[run.name], run.effects
+        assert (row.crn, row.prompts, row.samples_per_prompt, row.total_tokens) == (
+            e.common_random_numbers,
+            len(e.prompts),
+            e.samples_per_prompt,
+            e.total_tokens,
+        )
+        assert row.rollout_tokens_per_vector == len(e.prompts) * e.samples_per_prompt * e.total_tokens
+        assert row.loss_target == "relative:0.3" and row.seconds_per_vector == 2.5 and row.n_vectors == 95
+    assert df.loc["quiet", "reliability"] > df.loc["noisy", "reliability"]
+    same = compare_designs([quiet, noisy], max_id=40).set_index("run")  # the same vectors in both runs
+    assert (same["n_vectors"] == 39).all()  # ids 0..39, vector 3 not valid
+    out = tmp_path / "designs.csv"
+    main(
+        [
+            str(tmp_path / "params" / "quiet.yaml"),
+            str(tmp_path / "params" / "noisy.yaml"),
+            "--compare",
+            "--out",
+            str(out),
+        ]
+    )
+    assert list(pd.read_csv(out)["run"]) == ["quiet", "noisy"]
+    ceilings = pd.read_csv(tmp_path / "designs_ceilings.csv")
+    assert set(ceilings["run"]) == {"quiet", "noisy"} and set(ceilings["token_multiplier"]) == {0.5, 1.0, 2.0, 4.0}
