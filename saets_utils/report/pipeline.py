@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from saets_utils.config import REPO_ROOT, RunConfig, load_config
 from saets_utils.io_utils import atomic_write_json, atomic_write_text
@@ -113,6 +114,25 @@ def is_current(run: RunConfig, step: Step, key: str) -> bool:
     return stamp.get("key") == key and stamp.get("outputs") == _outputs_digest(run, step)
 
 
+def kernel_manager_kwargs() -> dict[str, Any]:
+    """papermill's ``kernel_manager_class``: one that encrypts the kernel's local ZMQ channels with
+    CurveZMQ where the kernel supports it (``transport_encryption = "auto"``), so ipykernel >= 7.3 does
+    not warn "running over TCP without encryption" for every notebook; {} where jupyter_client has no
+    such setting (older versions, which do not warn either)."""
+    import traitlets
+    from jupyter_client.manager import AsyncKernelManager
+
+    if "transport_encryption" not in AsyncKernelManager.class_trait_names():
+        return {}
+
+    class EncryptedKernelManager(AsyncKernelManager):
+        transport_encryption = traitlets.CaselessStrEnum(["disabled", "auto", "required"], default_value="auto").tag(
+            config=True
+        )
+
+    return {"kernel_manager_class": EncryptedKernelManager}
+
+
 def execute_notebook(run: RunConfig, step: Step, params_file: str, parameters: dict, timeout_s: int | None) -> Path:
     """Execute ``notebooks/<step>.ipynb`` with papermill into ``results/<run>/notebooks/``."""
     import papermill as pm
@@ -130,6 +150,7 @@ def execute_notebook(run: RunConfig, step: Step, params_file: str, parameters: d
             progress_bar=False,
             log_output=True,
             execution_timeout=timeout_s,
+            **kernel_manager_kwargs(),
         )
     except PapermillExecutionError as e:
         raise StepFailed(
