@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from saets_utils.paths import RunPaths
 from saets_utils.registry import DEFAULT_METHODS, METHODS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -710,6 +711,11 @@ class RunConfig(_Strict):
     def results_dir(self) -> Path:
         root = Path(self.results_root)
         return (root if root.is_absolute() else REPO_ROOT / root) / self.name
+
+    @property
+    def paths(self) -> RunPaths:
+        """Every file of :attr:`results_dir` by what it is (``run.paths.effects``, ...)."""
+        return RunPaths(self.results_dir)
 
     def resolved_device(self) -> str:
         """``auto`` becomes ``cuda`` where a GPU is visible, else ``cpu``."""

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 # Bottom to top. A module may import modules of its own unit (a subpackage or a top-level module)
 # and of units in lower layers, never a unit of its own layer or a higher one.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("registry", "io_utils", "progress"),
+    ("registry", "io_utils", "progress", "paths"),
     ("config",),
     ("models",),
     ("session", "manifest"),
