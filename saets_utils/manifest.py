@@ -26,42 +26,13 @@ from typing import NoReturn
 
 from saets_utils.config import REPO_ROOT, RunConfig
 from saets_utils.io_utils import atomic_write_json
+from saets_utils.paths import RunPaths
 
-# The files each step writes in results/<run>/ (those that exist are recorded) and the steps whose
-# files it reads; the tuples are 01's merge (effects/store.py), 02's APPROX_OUTPUTS and 03's
-# EVAL_OUTPUTS (tests/test_stale_outputs.py checks they stay the same).
+# The files each step writes in results/<run>/ (those that exist are recorded: the ``recorded`` files
+# of saets_utils/paths.py, which 01's merge, 02's APPROX_OUTPUTS and 03's EVAL_OUTPUTS write) and the
+# steps whose files it reads.
 STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "01_effects": (
-        "effects.safetensors",
-        "baseline.safetensors",
-        "effects_samples.safetensors",
-        "effects_table.csv",
-        "effects_meta.json",
-    ),
-    "02_train": (
-        "approximator.safetensors",
-        "approximator_metrics.json",
-        "approximator_history.csv",
-        "approximator_holdout.safetensors",
-    ),
-    "03_eval": tuple(
-        f"eval/{n}"
-        for n in (
-            "samples.jsonl",
-            "judge_stats.json",
-            "by_scale.csv",
-            "summary.csv",
-            "vectors.safetensors",
-            "targets.json",
-            "targeting.csv",
-            "targeting_summary.csv",
-            "targeting_differences.csv",
-            "targeting_effects.safetensors",
-            "battles.jsonl",
-            "battle_ratings.csv",
-            "battle_stats.json",
-        )
-    ),
+    s: RunPaths.written_by(s, recorded=True) for s in ("01_effects", "02_train", "03_eval")
 }
 STEP_READS: dict[str, tuple[str, ...]] = {
     "01_effects": (),
@@ -136,7 +107,7 @@ def _digests(run: RunConfig, files: Sequence[str]) -> dict[str, str]:
 
 
 def _read(run: RunConfig) -> dict:
-    path = run.results_dir / "manifest.json"
+    path = run.paths.manifest
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -147,14 +118,14 @@ def begin_step(run: RunConfig, step: str) -> None:
     manifest = _read(run)
     manifest.setdefault("run", run.name)
     manifest.setdefault("steps", {})[step] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_json(run.results_dir / "manifest.json", manifest)
+    atomic_write_json(run.paths.manifest, manifest)
 
 
 def record_step(run: RunConfig, step: str, device: str, extra: dict | None = None) -> dict:
     """Add or replace ``steps[step]`` in the run's manifest (creating it) and return the manifest.
     The entry records the digests of the step's files (``outputs``) and of the earlier steps' files it
     read (``inputs``; :data:`STEP_OUTPUTS`, :data:`STEP_READS`): call it once all of them are written."""
-    path = run.results_dir / "manifest.json"
+    path = run.paths.manifest
     run.results_dir.mkdir(parents=True, exist_ok=True)
     manifest = _read(run)
     manifest.update(
@@ -195,7 +166,7 @@ def check_current(run: RunConfig, steps: Sequence[str], reader: str) -> None:
     written by library calls, not the notebooks) nothing is checked; an entry written before steps
     recorded their files passes with a notice. ``reader`` names who refuses (e.g. ``"notebook 04"``).
     """
-    if not (run.results_dir / "manifest.json").is_file():
+    if not run.paths.manifest.is_file():
         return
     recorded = _read(run).get("steps", {})
     d = run.results_dir

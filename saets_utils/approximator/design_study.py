@@ -224,7 +224,7 @@ def run_study(
     eff = load_effects(run.results_dir)
     if eff.halves is None:
         raise ValueError(f"{run.results_dir} has no effect halves; re-run 01 with samples_per_prompt >= 2")
-    out = run.results_dir / "study"
+    out = run.paths
     ok = eff.valid
     holdout = holdout or run.approximator.holdout
     n_pool = int(ok.sum()) - holdout
@@ -237,12 +237,12 @@ def run_study(
 
         W_dec = load_sae(run, "cpu").W_dec.detach().float()
     curve = learning_curve(eff, sizes, fits, holdout, run.seed, n_boot, run.approximator, W_dec)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "reliability.json", rel)
-    atomic_write_text(out / "learning_curve.csv", curve.to_csv(index=False))
+    out.study_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out.reliability, rel)
+    atomic_write_text(out.learning_curve, curve.to_csv(index=False))
     ext = curve_extrapolation(curve, rel.get("seconds_per_vector"))
     if ext is not None:
-        atomic_write_text(out / "extrapolation.csv", ext.to_csv(index=False))
+        atomic_write_text(out.extrapolation, ext.to_csv(index=False))
     return {"reliability": rel, "curve": curve, "extrapolation": ext}
 
 

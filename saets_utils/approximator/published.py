@@ -169,7 +169,7 @@ def published_effects(a: Artifact, d_model: int, d_sae: int) -> Effects:
 def effects_source_is_published(run: RunConfig) -> bool:
     """Whether 02 trains on ``approximator.published.effects`` (``auto``: when 01 has not run)."""
     src = run.approximator.effects_source
-    return src == "published" or (src == "auto" and not (run.results_dir / "effects.safetensors").is_file())
+    return src == "published" or (src == "auto" and not run.paths.effects.is_file())
 
 
 def training_effects(run: RunConfig, W_dec: Tensor) -> Effects:
@@ -272,7 +272,7 @@ def load_published_adapter(run: RunConfig, W_dec: Tensor) -> PublishedAdapter:
 def adapter_source_is_published(run: RunConfig) -> bool:
     """Whether 03 uses ``approximator.published.adapter`` (``auto``: when 02 has not run)."""
     src = run.approximator.adapter_source
-    return src == "published" or (src == "auto" and not (run.results_dir / "approximator.safetensors").is_file())
+    return src == "published" or (src == "auto" and not run.paths.approximator.is_file())
 
 
 def approximator_is_published(run: RunConfig) -> bool:

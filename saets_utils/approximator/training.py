@@ -21,13 +21,9 @@ from saets_utils.approximator.model import EffectApproximator, split_holdout
 from saets_utils.config import RunConfig
 from saets_utils.effects.store import Effects
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_outputs
+from saets_utils.paths import RunPaths
 
-APPROX_OUTPUTS = (
-    "approximator.safetensors",
-    "approximator_metrics.json",
-    "approximator_history.csv",
-    "approximator_holdout.safetensors",
-)
+APPROX_OUTPUTS = RunPaths.written_by("02_train", recorded=True)
 
 __all__ = [
     "APPROX_OUTPUTS",
@@ -105,11 +101,11 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
     for k in ("frac_features_mean", "ridge_lambda_median_finite", "kappa", "prior_gain"):
         if k in info:
             metrics[k] = info[k]
-    out = run.results_dir
-    approx.save(out / "approximator.safetensors", W_dec=W_dec.detach().float().cpu())
+    out = run.paths
+    approx.save(out.approximator, W_dec=W_dec.detach().float().cpu())
     per_feature = metrics.pop("per_feature_r2")
-    atomic_write_json(out / "approximator_metrics.json", metrics)
-    atomic_write_text(out / "approximator_history.csv", history.to_csv(index=False))
+    atomic_write_json(out.approximator_metrics, metrics)
+    atomic_write_text(out.approximator_history, history.to_csv(index=False))
     pred = approx.predict(Xv)
     holdout = {
         "vector_ids": ids[val].long(),
@@ -119,7 +115,7 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
     }
     if "lambda_per_feature" in info:
         holdout["ridge_lambda_per_feature"] = info["lambda_per_feature"].float()
-    atomic_save_safetensors(holdout, out / "approximator_holdout.safetensors")
+    atomic_save_safetensors(holdout, out.approximator_holdout)
     return TrainResult(approx, metrics, history, ids[val], pred, Yv)
 
 

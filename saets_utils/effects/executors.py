@@ -20,7 +20,8 @@ import torch
 
 from saets_utils.config import ConfigError, RunConfig
 from saets_utils.effects.claims import expire_claims_of
-from saets_utils.effects.plan import Plan, done_ids, work_dir
+from saets_utils.effects.plan import Plan, done_ids
+from saets_utils.paths import WorkPaths
 
 
 class WorkerPool(Protocol):
@@ -61,7 +62,7 @@ class LocalPool:
     """One worker subprocess per device of this machine, logs in ``<work>/logs/<worker>.log``."""
 
     def __init__(self, work: Path, attempt: str, devices: Sequence[str], threads: int = 1) -> None:
-        (work / "logs").mkdir(parents=True, exist_ok=True)
+        WorkPaths(work).logs.mkdir(parents=True, exist_ok=True)
         self.work = work
         self.workers = [f"{attempt}-w{i}" for i in range(len(devices))]
         self.devices = dict(zip(self.workers, devices))
@@ -74,7 +75,7 @@ class LocalPool:
         self._reported: set[str] = set()
 
     def log(self, worker: str) -> Path:
-        return self.work / "logs" / f"{worker}.log"
+        return WorkPaths(self.work).log(worker)
 
     def finished(self) -> dict[str, str | None]:
         out: dict[str, str | None] = {}
@@ -200,7 +201,7 @@ def available_devices(gpus: int, cpu_workers: int = 0) -> list[str]:
 def watch(run: RunConfig, plan: Plan, pool: Any, bar, poll_s: float) -> list[str]:
     """Follow the workers until all have ended: merged progress from the shards, a worker silent for
     a lease is killed as hung, a dead worker's claims are released at once. Stops them on exit."""
-    wd = work_dir(run)
+    wd = run.paths.work
     lease = run.effects.lease_s
     failures: list[str] = []
     seen: dict[Path, tuple[str, list[int]]] = {}
@@ -208,7 +209,7 @@ def watch(run: RunConfig, plan: Plan, pool: Any, bar, poll_s: float) -> list[str
 
     def ended(w: str, err: str | None) -> None:
         running.discard(w)
-        expire_claims_of(wd / "claims", w)
+        expire_claims_of(wd.claims, w)
         if err:
             failures.append(err)
             bar.write(f"effects: {err.splitlines()[0]}; others continue")
@@ -221,7 +222,7 @@ def watch(run: RunConfig, plan: Plan, pool: Any, bar, poll_s: float) -> list[str
                 ended(w, err)
             now = time.time()
             for w in sorted(running):
-                beat = wd / "workers" / f"{w}.json"
+                beat = wd.heartbeat(w)
                 if beat.is_file() and beat.stat().st_mtime < now - lease:
                     pool.kill(w)
                     ended(w, f"worker {w} sent no heartbeat for {lease:g} s (hung): killed")

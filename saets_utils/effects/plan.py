@@ -28,17 +28,16 @@ from torch import Tensor
 from saets_utils.config import RunConfig
 from saets_utils.io_utils import atomic_save_safetensors
 
-WORK = "effects_work"
 RECIPE_VERSION = 3  # bump when the measurement changes, so stale partial work is not resumed
 
 
 def work_dir(run: RunConfig) -> Path:
-    return run.results_dir / WORK
+    return run.paths.effects_work
 
 
-# Settings that do not change the numbers: batching, where and how workers run, and
-# ``sae.targets_key`` (read by 03 only).
-NOT_FINGERPRINTED = {"vectors_per_batch", "executor", "slurm", "lease_s", "max_failures"}
+# Settings that do not change the numbers: batching, where and how workers run (the decode engine
+# included: equal to float rounding, as batching), and ``sae.targets_key`` (read by 03 only).
+NOT_FINGERPRINTED = {"vectors_per_batch", "executor", "slurm", "lease_s", "max_failures", "engine"}
 
 
 def tensors_digest(tensors: dict[str, Tensor]) -> str:
@@ -231,7 +230,7 @@ def current_shards(run: RunConfig, plan: Plan, seen: dict[Path, tuple[str, list[
     never taken), sorted;
     ``seen`` caches shards read before."""
     seen = {} if seen is None else seen
-    for p in (work_dir(run) / "shards").glob("*.safetensors"):
+    for p in run.paths.work.shards.glob("*.safetensors"):
         if p not in seen:
             try:
                 seen[p] = _shard_tag(p)

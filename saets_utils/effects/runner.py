@@ -73,6 +73,7 @@ from saets_utils.effects.plan import (
     work_dir,
 )
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, remove_stale_tmp
+from saets_utils.paths import RunPaths, WorkPaths
 
 
 def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
@@ -103,7 +104,7 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
     wd = work_dir(run)
     digests = input_digests(run, sae)
     fp = fingerprint(run, digests)
-    plan_path = wd / "plan.safetensors"
+    plan_path = run.paths.work.plan
     if plan_path.is_file() and not restart:
         try:
             plan = Plan.load(plan_path)
@@ -312,13 +313,13 @@ def work_loop(
     from saets_utils.models.sae_loading import load_sae
 
     e = run.effects
-    wd = work_dir(run)
-    want = json.loads((wd / "attempts" / f"{attempt}.json").read_text())
-    beat_file = wd / "workers" / f"{worker}.json"
+    wd = run.paths.work
+    want = json.loads(wd.attempt(attempt).read_text())
+    beat_file = wd.heartbeat(worker)
     state = {"attempt": attempt, "device": device, **identity()}
     atomic_write_json(beat_file, {**state, "state": "loading"})
     with Heartbeat(heartbeat_interval(e.lease_s), beat_file) as beat:
-        plan = Plan.load(wd / "plan.safetensors")
+        plan = Plan.load(wd.plan)
         if plan.plan_id != want["plan_id"]:
             print(f"effects worker {worker}: the plan was replaced (restart); nothing to do", flush=True)
             return
@@ -329,7 +330,7 @@ def work_loop(
         spec = rollout_spec(run, model, bos_id(model, run.model))
         resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
         hint = plan_scale_hint(run, model, sae, plan, resid)  # the same for every worker and resume
-        (wd / "shards").mkdir(exist_ok=True)
+        wd.shards.mkdir(exist_ok=True)
         ids = plan.vector_ids.tolist()
         atomic_write_json(beat_file, {**state, "state": "working"})
         seen: dict[Path, tuple[str, list[int]]] = {}
@@ -340,7 +341,7 @@ def work_loop(
                 if all(ids[r] in done for r in rows):
                     continue
                 key = block_key(plan, e.vectors_per_batch, k)
-                got = try_claim(wd / "claims", key, attempt, worker, e.lease_s, e.max_failures)
+                got = try_claim(wd.claims, key, attempt, worker, e.lease_s, e.max_failures)
                 waiting |= got.state == "held"
                 if got.path is None:
                     continue
@@ -358,7 +359,7 @@ def work_loop(
                             resid,
                             spec,
                             left,
-                            wd / "shards" / f"{key}.{worker}.safetensors",
+                            wd.shard(key, worker),
                             tags,
                             hint,
                         )
@@ -382,7 +383,7 @@ def work_loop(
     beat_file.unlink(missing_ok=True)  # finished: its silence from now on is not a hang
 
 
-LOCK = ".effects_lock"  # in results/<run>/, outside the work folder that restart deletes
+LOCK = RunPaths.effects_lock.rel  # in results/<run>/, outside the work folder that restart deletes
 
 
 @contextmanager
@@ -390,7 +391,7 @@ def run_lock(run: RunConfig) -> Iterator[Path]:
     """Hold the run's lock (a lease renewed while held) or fail naming the live holder: two parents
     on one folder would each start workers on the same devices. A lock whose holder on this host is
     dead (killed, OOM, a crashed kernel) is taken over at once (:meth:`Claim.dead_holder`)."""
-    folder = run.results_dir / LOCK
+    folder = run.paths.effects_lock
     me = identity()
     got = try_claim(folder, "run", "", f"{me['host']}:{me['pid']}", run.effects.lease_s)
     if got.path is None:
@@ -416,7 +417,7 @@ def _given_up(run: RunConfig, plan: Plan, attempt: str) -> list[str]:
     for k, rows in enumerate(plan_blocks(plan, e.vectors_per_batch)):
         mine = [
             c
-            for c in read_claims(work_dir(run) / "claims", block_key(plan, e.vectors_per_batch, k))
+            for c in read_claims(run.paths.work.claims, block_key(plan, e.vectors_per_batch, k))
             if c.attempt == attempt
         ]
         if len(mine) >= e.max_failures and any(ids[r] not in done for r in rows):
@@ -461,14 +462,14 @@ def run_effects(
         from saets_utils.effects.executors import slurm_executor
 
         s = run.effects.slurm
-        executor = slurm_executor(run, Path(s.log_folder) if s.log_folder else wd / "slurm")
+        executor = slurm_executor(run, Path(s.log_folder) if s.log_folder else run.paths.work.slurm)
     with run_lock(run):
         plan = prepare_plan(run, model, sae, restart)
         remove_stale_tmp(wd, older_than_s=e.lease_s)  # left by writers killed mid-write
         remove_stale_tmp(run.results_dir, older_than_s=e.lease_s, recursive=False)
         attempt = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        atomic_write_json(wd / "attempts" / f"{attempt}.json", {"plan_id": plan.plan_id, "inputs": plan.inputs})
-        atomic_write_json(wd / "run_config.json", json.loads(run.model_dump_json()))
+        atomic_write_json(run.paths.work.attempt(attempt), {"plan_id": plan.plan_id, "inputs": plan.inputs})
+        atomic_write_json(run.paths.work.run_config, json.loads(run.model_dump_json()))
         total = len(plan.vector_ids)
         todo = sum(len(b) for b in todo_blocks(run, plan))
         bar = progress_bar(total=total, initial=total - todo, desc="effects (vectors)", unit="vec")
@@ -487,7 +488,7 @@ def run_effects(
             else:
                 threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 1
                 pool = LocalPool(wd, attempt, devices, threads)
-            atomic_write_json(wd / "attempts" / f"{attempt}.workers.json", {"workers": pool.workers})
+            atomic_write_json(run.paths.work.attempt_workers(attempt), {"workers": pool.workers})
             failures = watch(run, plan, pool, bar, poll_s)
         bar.close()
         left = total - len(done_ids(run, plan) & set(plan.vector_ids.tolist()))
@@ -551,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    run = RunConfig.model_validate_json((Path(a.work) / "run_config.json").read_text())
+    run = RunConfig.model_validate_json(WorkPaths(a.work).run_config.read_text())
     work_loop(run, a.attempt, a.worker, device=a.device)
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from saets_utils.effects.plan import Plan, current_shards
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from saets_utils.paths import RunPaths
 from saets_utils.steering.hooks import steering_delta
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def merge_effects(run: RunConfig, plan: Plan) -> Path:
     recs = [rows[v] for v in ids.tolist()]
     vectors = plan.vectors[order]
     scales = torch.tensor([r["scale"] for r in recs], dtype=torch.float32)
-    out = run.results_dir
+    out = run.paths
     tag = {"merge_id": uuid.uuid4().hex[:12]}
     atomic_save_safetensors(
         {
@@ -82,7 +83,7 @@ def merge_effects(run: RunConfig, plan: Plan) -> Path:
             "used_vectors": steering_delta(vectors.float(), scales),
             "losses": torch.stack([r["losses"] for r in recs]).float(),
         },
-        out / "effects.safetensors",
+        out.effects,
         tag,
     )
     atomic_save_safetensors(
@@ -91,12 +92,12 @@ def merge_effects(run: RunConfig, plan: Plan) -> Path:
             "density": plan.baseline_density.float(),
             "halves": plan.baseline_halves.float(),
         },
-        out / "baseline.safetensors",
+        out.baseline,
         tag,
     )
     atomic_save_safetensors(
         {"vector_ids": ids.long(), "sample_tokens": torch.stack([r["samples"] for r in recs])},
-        out / "effects_samples.safetensors",
+        out.effects_samples,
         tag,
     )
     table = pd.DataFrame(
@@ -108,9 +109,9 @@ def merge_effects(run: RunConfig, plan: Plan) -> Path:
         }
     )
     csv = table.to_csv(index=False)
-    atomic_write_text(out / "effects_table.csv", csv)
+    atomic_write_text(out.effects_table, csv)
     atomic_write_json(  # last: it names the set the files above belong to
-        out / "effects_meta.json",
+        out.effects_meta,
         {
             **tag,
             "table_sha256": hashlib.sha256(csv.encode()).hexdigest(),
@@ -129,7 +130,7 @@ def merge_effects(run: RunConfig, plan: Plan) -> Path:
             "seconds_per_vector_mean": float(table["seconds"].mean()),
         },
     )
-    return out / "effects.safetensors"
+    return out.effects
 
 
 @dataclass
@@ -161,7 +162,7 @@ class Effects:
         return torch.isfinite(self.scales) & torch.isfinite(self.effects).all(-1)
 
 
-def _check_merged_set(d: Path, meta: dict, tensor_files: list[Path]) -> None:
+def _check_merged_set(d: RunPaths, meta: dict, tensor_files: list[Path]) -> None:
     """Every file belongs to the merge ``effects_meta.json`` names (sets from before merge ids pass)."""
     if "merge_id" not in meta:
         return
@@ -171,31 +172,31 @@ def _check_merged_set(d: Path, meta: dict, tensor_files: list[Path]) -> None:
             with safe_open(str(p), "pt") as f:
                 if (f.metadata() or {}).get("merge_id") != meta["merge_id"]:
                     bad.append(p.name)
-    if hashlib.sha256((d / "effects_table.csv").read_bytes()).hexdigest() != meta.get("table_sha256"):
-        bad.append("effects_table.csv")
+    if hashlib.sha256(d.effects_table.read_bytes()).hexdigest() != meta.get("table_sha256"):
+        bad.append(d.effects_table.name)
     if bad:
         raise RuntimeError(
-            f"{d}: {bad} do not belong to the merge effects_meta.json records (an interrupted merge); "
+            f"{d.root}: {bad} do not belong to the merge {d.effects_meta.name} records (an interrupted merge); "
             "re-run notebooks/01_effects.ipynb, which merges its saved shards again"
         )
 
 
 def load_effects(results_dir: str | Path) -> Effects:
     """Read ``results/<run>/`` files written by :func:`merge_effects`; clear error if 01 has not run."""
-    d = Path(results_dir)
-    if not (d / "effects.safetensors").is_file():
-        raise FileNotFoundError(f"{d / 'effects.safetensors'} not found; run notebooks/01_effects.ipynb first")
-    meta = json.loads((d / "effects_meta.json").read_text())
-    samples = d / "effects_samples.safetensors"
-    _check_merged_set(d, meta, [d / "effects.safetensors", d / "baseline.safetensors", samples])
-    t = load_file(d / "effects.safetensors")
-    b = load_file(d / "baseline.safetensors")
+    d = RunPaths(results_dir)
+    if not d.effects.is_file():
+        raise FileNotFoundError(f"{d.effects} not found; run notebooks/01_effects.ipynb first")
+    meta = json.loads(d.effects_meta.read_text())
+    samples = d.effects_samples
+    _check_merged_set(d, meta, [d.effects, d.baseline, samples])
+    t = load_file(d.effects)
+    b = load_file(d.baseline)
     return Effects(
         effects=t["effects"],
         vectors=t["vectors"],
         scales=t["scales"],
         vector_ids=t["vector_ids"],
-        table=pd.read_csv(d / "effects_table.csv"),
+        table=pd.read_csv(d.effects_table),
         baseline_mean=b["mean"],
         baseline_density=b["density"],
         meta=meta,

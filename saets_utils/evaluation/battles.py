@@ -56,8 +56,8 @@ def run_battles(
             "mean_logprob_fn": make_mean_logprob_fn(model, bos_id(model, run.model)),
             "examples": {t.name: {"positive": t.positive, "negative": t.negative} for t in tasks},
         }
-    out = run.results_dir / "eval"
-    judge = make_battle_judge(run.eval.judge, out / "judge_cache", **judge_kw)
+    out = run.paths
+    judge = make_battle_judge(run.eval.judge, out.judge_cache, **judge_kw)
     reference = kind.prompted and run.eval.judge.template == "reference"
     criteria = {}
     for t in tasks:
@@ -75,12 +75,12 @@ def run_battles(
     }
     recs = verdicts.to_dict("records")
     atomic_write_text(
-        out / "battles.jsonl",
+        out.battles,
         "".join(
             json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}) + "\n"
             for r in recs
         ),
     )
-    atomic_write_text(out / "battle_ratings.csv", ratings.to_csv(index=False))
-    atomic_write_json(out / "battle_stats.json", stats)
+    atomic_write_text(out.battle_ratings, ratings.to_csv(index=False))
+    atomic_write_json(out.battle_stats, stats)
     return BattleReport(verdicts, ratings, stats)

@@ -251,15 +251,15 @@ def run_diagnosis(
     if n_feature_targets:
         from safetensors.torch import load_file
 
-        density = load_file(run.results_dir / "baseline.safetensors")["density"]
+        density = load_file(run.paths.baseline)["density"]
         draw = run.seed if target_seed is None else target_seed
         for j in feature_targets(density, eff.vector_ids, n_feature_targets, draw):
             built = build_variants(f"feature{j}", [(j, 1.0)], fits, W_dec, X, Y, run.seed, inverses=inverses)
             variants += [v for v in built if v.variant in FEATURE_VARIANTS]
-    out = run.results_dir / "study"
-    out.mkdir(parents=True, exist_ok=True)
+    out = run.paths
+    out.study_dir.mkdir(parents=True, exist_ok=True)
     offline = offline_rows(variants, fits)
-    atomic_write_text(out / f"diagnosis_offline{tag}.csv", offline.to_csv(index=False))
+    atomic_write_text(out.diagnosis("_offline", tag), offline.to_csv(index=False))
     res = {"offline": offline}
     if measure:
         jobs = [
@@ -269,7 +269,7 @@ def run_diagnosis(
         ]
         df = measure_variants(run, model, sae, jobs)
         df = df.merge(offline.rename(columns={"variant": "method"}), on=["task", "method"], how="left")
-        atomic_write_text(out / f"diagnosis{tag}.csv", df.to_csv(index=False))
+        atomic_write_text(out.diagnosis("", tag), df.to_csv(index=False))
         res["measured"] = df
         is_feature = df["task"].map(_is_feature_task)
         for suffix, part in (("", df[~is_feature]), ("_features", df[is_feature])):
@@ -277,8 +277,8 @@ def run_diagnosis(
                 continue
             summary = targeting_summary(part, n_boot=n_boot, seed=run.seed)
             diffs = targeting_differences(part, baseline="SAE", n_boot=n_boot, seed=run.seed)
-            atomic_write_text(out / f"diagnosis_summary{suffix}{tag}.csv", summary.to_csv(index=False))
-            atomic_write_text(out / f"diagnosis_differences{suffix}{tag}.csv", diffs.to_csv(index=False))
+            atomic_write_text(out.diagnosis(f"_summary{suffix}", tag), summary.to_csv(index=False))
+            atomic_write_text(out.diagnosis(f"_differences{suffix}", tag), diffs.to_csv(index=False))
             res.update({f"summary{suffix}": summary, f"differences{suffix}": diffs})
     return res
 

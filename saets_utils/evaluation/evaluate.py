@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
@@ -41,6 +42,7 @@ from saets_utils.evaluation.task_vectors import (
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_outputs
 from saets_utils.judges import CriterionKind, JudgeFailures, JudgeRequest, check_failures, make_judge, score_requests
 from saets_utils.judges.kinds import get_judge_kind
+from saets_utils.paths import RunPaths
 from saets_utils.registry import get_method
 from saets_utils.steering.generation import generate, row_seed
 from saets_utils.steering.tasks import Task, join_prompt, load_tasks
@@ -54,21 +56,7 @@ MAX_ROWS = 256
 # Every file 03 writes in eval/ (battles: notebook 03's later cell), removed when 03 starts, so a 03
 # that fails (judge failures, an error, a kill) leaves no earlier run's file beside its new ones.
 # The judge cache stays: its entries are keyed by content.
-EVAL_OUTPUTS = (
-    "samples.jsonl",
-    "judge_stats.json",
-    "by_scale.csv",
-    "summary.csv",
-    "vectors.safetensors",
-    "targets.json",
-    "targeting.csv",
-    "targeting_summary.csv",
-    "targeting_differences.csv",
-    "targeting_effects.safetensors",
-    "battles.jsonl",
-    "battle_ratings.csv",
-    "battle_stats.json",
-)
+EVAL_OUTPUTS = tuple(Path(f).name for f in RunPaths.written_by("03_eval", recorded=True))  # names in eval/
 
 
 NO_PLAN_NOTICE = (
@@ -89,7 +77,6 @@ def what_to_evaluate(run: RunConfig) -> tuple[list[str], bool, list[str]]:
     then targeting is skipped when 01's plan is absent and FGAA is left out when 01's baseline is absent,
     each with a notice naming why. Anything else missing fails later, naming the notebook to run."""
     from saets_utils.approximator.published import adapter_source_is_published, approximator_is_published
-    from saets_utils.effects.plan import work_dir
 
     methods, notices = list(run.eval.methods), []
     published = approximator_is_published(run)
@@ -98,7 +85,7 @@ def what_to_evaluate(run: RunConfig) -> tuple[list[str], bool, list[str]]:
         if adapter_source_is_published(run) and run.approximator.published.adapter is not None
         else "02's fit of the published effects"
     )
-    baseline = run.results_dir / "baseline.safetensors"
+    baseline = run.paths.baseline
     if published and not baseline.is_file():
         dropped = [m for m in methods if get_method(m).targets == "contrast"]  # FGAA
         if dropped and len(dropped) == len(methods):
@@ -113,7 +100,7 @@ def what_to_evaluate(run: RunConfig) -> tuple[list[str], bool, list[str]]:
                 NO_BASELINE_NOTICE.format(methods=", ".join(dropped), them=them, path=baseline, source=source)
             )
     targeting = run.eval.targeting and any(get_method(m).vector for m in methods)  # `prompt` has none
-    plan = work_dir(run) / "plan.safetensors"
+    plan = run.paths.plan
     if targeting and published and not plan.is_file():
         targeting = False
         notices.append(NO_PLAN_NOTICE.format(path=plan, source=source))
@@ -247,16 +234,16 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
     if not ctx.has_density:  # without 01 targets cannot be discovered: every task must list them
         for task in tasks:
             resolve_targets(task, ctx)
-    out = run.results_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    out = run.paths
+    out.eval_dir.mkdir(parents=True, exist_ok=True)
     lm_fn = make_mean_logprob_fn(model, ctx.bos) if get_judge_kind(run.eval.judge.kind).needs_lm else None
     judge = make_judge(
         run.eval.judge,
-        out / "judge_cache",
+        out.judge_cache,
         mean_logprob_fn=lm_fn,
         examples={t.name: {"positive": t.positive, "negative": t.negative} for t in tasks},
     )
-    remove_outputs(out, EVAL_OUTPUTS)  # checks passed: 03 starts
+    remove_outputs(out.eval_dir, EVAL_OUTPUTS)  # checks passed: 03 starts
     frames, vectors, targets, requests, task_vectors = [], {}, [], [], {}
     n_scales = len(run.eval.scale_grid.values())
     total = len(tasks) * run.eval.samples_per_scale * sum(n_scales if get_method(m).vector else 1 for m in methods)
@@ -283,11 +270,11 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
         frames.append(df)
         requests += _requests(task, df, run.eval.prompt, _template(run))
     bar.close()
-    atomic_save_safetensors(vectors, out / "vectors.safetensors")
+    atomic_save_safetensors(vectors, out.vectors)
     results = score_requests(judge, requests, progress=progress)
     samples = _attach_scores(pd.concat(frames, ignore_index=True), requests, results)
     atomic_write_text(
-        out / "samples.jsonl",
+        out.samples,
         "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in samples.to_dict("records")),
     )
     stats = {
@@ -302,17 +289,17 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
         # what was left out without 01 (what_to_evaluate), and the methods evaluated then
         **({"notices": notices, "methods": methods} if notices else {}),
     }
-    atomic_write_json(out / "judge_stats.json", stats)
+    atomic_write_json(out.judge_stats, stats)
     try:
         check_failures(results, run.eval.judge.max_failed_share)  # no tables from a half-judged run
     except JudgeFailures as e:
-        raise JudgeFailures(f"03 stopped: {e} Details per text: {out / 'samples.jsonl'}") from None
+        raise JudgeFailures(f"03 stopped: {e} Details per text: {out.samples}") from None
     bs = by_scale(samples)
     sm = summary(samples, n_boot=run.eval.bootstrap, seed=run.seed)
-    atomic_write_text(out / "by_scale.csv", bs.to_csv(index=False))
-    atomic_write_text(out / "summary.csv", sm.to_csv(index=False))
+    atomic_write_text(out.by_scale, bs.to_csv(index=False))
+    atomic_write_text(out.summary, sm.to_csv(index=False))
     tdf = pd.DataFrame(targets)
-    atomic_write_json(out / "targets.json", targets)
+    atomic_write_json(out.targets, targets)
     tg = tg_summary = None
     if targeting:
         from saets_utils.evaluation.targeting import measure_targeting, targeting_summary

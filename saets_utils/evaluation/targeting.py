@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from saets_utils.config import ConfigError, RunConfig
+from saets_utils.paths import RunPaths
 from saets_utils.registry import METHODS, REGISTRY
 
 if TYPE_CHECKING:
@@ -245,10 +246,10 @@ def _read_eval_vectors(run: RunConfig, path: Path | None = None) -> dict[str, Ta
     """TaskVectors rebuilt from 03's ``eval/vectors.safetensors`` and ``eval/targets.json``."""
     from safetensors.torch import load_file
 
-    path = path or run.results_dir / "eval" / "vectors.safetensors"
+    path = path or run.paths.vectors
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run notebooks/03_eval.ipynb (evaluate_run) first")
-    return _from_flat(load_file(path), path.parent / "targets.json")
+    return _from_flat(load_file(path), path.parent / RunPaths.targets.filename)
 
 
 def _from_flat(vectors: Mapping[str, Any], targets_json: Path) -> dict[str, TaskVectors]:
@@ -283,7 +284,7 @@ def collect_items(
     elif all(isinstance(v, TaskVectors) for v in task_vectors.values()):
         tvs = dict(task_vectors)
     else:
-        tvs = _from_flat(task_vectors, run.results_dir / "eval" / "targets.json")
+        tvs = _from_flat(task_vectors, run.paths.targets)
     order = {m: i for i, m in enumerate(METHODS)}
     ctx = None
     items: list[TargetingItem] = []
@@ -312,9 +313,9 @@ def collect_items(
 def load_plan(run: RunConfig, sae: SAE) -> Plan:
     """01's plan (loss chunks, unsteered loss, baseline), checked against the current effects settings
     and inputs (``sae``: the run's SAE, whose weights the plan's fingerprint covers)."""
-    from saets_utils.effects.plan import Plan, fingerprint, input_digests, work_dir
+    from saets_utils.effects.plan import Plan, fingerprint, input_digests
 
-    path = work_dir(run) / "plan.safetensors"
+    path = run.paths.plan
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: targeting reuses 01's loss chunks and baseline; run "
@@ -413,8 +414,8 @@ def measure_targeting(
 
     plan = load_plan(run, sae)
     items = collect_items(run, model, sae, task_vectors)
-    out_dir = run.results_dir / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = run.paths
+    out.eval_dir.mkdir(parents=True, exist_ok=True)
     d_sae = int(plan.baseline_mean.shape[0])
     vecs = torch.stack([it.vector for it in items]) if items else torch.zeros(0, model.cfg.d_model)
     got = measure_vectors(run, model, sae, plan, {run.seed: (vecs, [it.vector_id for it in items])}, progress=progress)[
@@ -439,11 +440,11 @@ def measure_targeting(
             }
         )
     df = pd.DataFrame(records, columns=list(COLUMNS))
-    atomic_write_text(out_dir / "targeting.csv", df.to_csv(index=False))
+    atomic_write_text(out.targeting, df.to_csv(index=False))
     summ = targeting_summary(df, n_boot=run.eval.bootstrap, seed=run.seed)
-    atomic_write_text(out_dir / "targeting_summary.csv", summ.to_csv(index=False))
+    atomic_write_text(out.targeting_summary, summ.to_csv(index=False))
     diff = targeting_differences(df, n_boot=run.eval.bootstrap, seed=run.seed)
-    atomic_write_text(out_dir / "targeting_differences.csv", diff.to_csv(index=False))
+    atomic_write_text(out.targeting_differences, diff.to_csv(index=False))
     atomic_save_safetensors(
         {
             "effects": effects.contiguous(),
@@ -451,7 +452,7 @@ def measure_targeting(
             "scales": scales,
             "vector_ids": torch.tensor([it.vector_id for it in items], dtype=torch.int64),
         },
-        out_dir / "targeting_effects.safetensors",
+        out.targeting_effects,
         {"rows": json.dumps([[it.task, it.method] for it in items])},
     )
     return df
@@ -643,9 +644,9 @@ def targeting_differences(
 
 def load_targeting(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """``(targeting.csv, targeting_summary.csv)`` of a run, or None if targeting was not measured."""
-    d = Path(results_dir) / "eval"
-    if not (d / "targeting.csv").is_file():
+    d = RunPaths(results_dir)
+    if not d.targeting.is_file():
         return None
-    df = pd.read_csv(d / "targeting.csv")
-    s = d / "targeting_summary.csv"
+    df = pd.read_csv(d.targeting)
+    s = d.targeting_summary
     return df, pd.read_csv(s) if s.is_file() else targeting_summary(df)

@@ -114,7 +114,7 @@ def _need_density(ctx: SteeringContext, what: str) -> None:
     """Refuse ``what`` when 01's baseline density is unknown (a published adapter without 01)."""
     if not ctx.has_density:
         raise FileNotFoundError(
-            f"{what} needs 01's baseline feature density (results/<run>/baseline.safetensors), which a published "
+            f"{what} needs 01's baseline feature density ({ctx.run.paths.baseline}), which a published "
             "adapter does not carry; run notebooks/01_effects.ipynb, or list the task's targets and leave out FGAA"
         )
 
@@ -274,15 +274,15 @@ def load_context(
     )
     from saets_utils.models.loading import bos_id
 
-    d = run.results_dir
+    d = run.paths
     published = adapter_source_is_published(run)
-    if (d / "baseline.safetensors").is_file():
-        density = load_file(d / "baseline.safetensors")["density"]
+    if d.baseline.is_file():
+        density = load_file(d.baseline)["density"]
     elif approximator_is_published(run):
         density = torch.full((int(sae.W_dec.shape[0]),), float("nan"))
     else:
-        raise FileNotFoundError(f"{d / 'baseline.safetensors'} not found; run notebooks/01_effects.ipynb first")
-    path = d / "approximator.safetensors"
+        raise FileNotFoundError(f"{d.baseline} not found; run notebooks/01_effects.ipynb first")
+    path = d.approximator
     check: list[dict] = []
     approx: EffectApproximator | None
     rotation: Tensor | None

@@ -16,10 +16,9 @@ from pathlib import Path
 
 from saets_utils.config import RunConfig
 from saets_utils.io_utils import atomic_write_text
-from saets_utils.report.features import STATS_FILE, FeatureStats, load_feature_stats
+from saets_utils.report.features import FeatureStats, load_feature_stats
 from saets_utils.report.neuronpedia import neuronpedia_url
 
-PAGE = "features.html"
 N_PROFILED = 4  # vectors whose top effects are mentioned (the effect profiles 04 draws)
 
 CSS = """
@@ -102,7 +101,7 @@ def render_dashboards(
 def mentioned_features(run: RunConfig, n_bias: int = 10, n_effects: int = 5) -> dict[int, list[str]]:
     """Features the report mentions, each with why: task targets, top effects of the profiled
     vectors (and a decoder row's own feature), the largest |bias| entries of the approximator."""
-    d = run.results_dir
+    d = run.paths
     out: dict[int, list[str]] = {}
 
     def add(f: int, why: str) -> None:
@@ -110,23 +109,23 @@ def mentioned_features(run: RunConfig, n_bias: int = 10, n_effects: int = 5) -> 
         if why not in reasons:
             reasons.append(why)
 
-    targets = d / "eval" / "targets.json"
+    targets = d.targets
     if targets.is_file():
         for row in json.loads(targets.read_text()):
             for f, _ in json.loads(row["targets"]) if isinstance(row["targets"], str) else row["targets"]:
                 add(f, f"target of {row['task']}")
-    if (d / "effects.safetensors").is_file():
+    if d.effects.is_file():
         from saets_utils.effects.store import load_effects
 
-        eff = load_effects(d)
+        eff = load_effects(d.root)
         for i in eff.valid.nonzero()[:, 0].tolist()[:N_PROFILED]:
             vid = int(eff.vector_ids[i])
             for f in eff.effects[i].topk(n_effects).indices.tolist():
                 add(f, f"top effect of vector {vid}")
-    if (d / "approximator.safetensors").is_file():
+    if d.approximator.is_file():
         from safetensors.torch import load_file
 
-        b = load_file(d / "approximator.safetensors")["b"]
+        b = load_file(d.approximator)["b"]
         for f in b.abs().topk(min(n_bias, b.numel())).indices.tolist():
             add(f, "large approximator bias")
     return out
@@ -135,11 +134,11 @@ def mentioned_features(run: RunConfig, n_bias: int = 10, n_effects: int = 5) -> 
 def write_dashboards(run: RunConfig) -> Path | None:
     """``results/<run>/reports/features.html`` for the features the report mentions; None before 01
     computed the feature stats."""
-    src = run.results_dir / "features" / STATS_FILE
+    src = run.paths.feature_stats
     if not src.is_file():
         return None
     stats = load_feature_stats(src)
     feats = {f: r for f, r in mentioned_features(run).items() if 0 <= f < stats.d_sae}
-    path = run.results_dir / "reports" / PAGE
+    path = run.paths.features_page
     atomic_write_text(path, render_dashboards(stats, feats, f"saets {run.name}: feature dashboards", run))
     return path

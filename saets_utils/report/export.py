@@ -175,13 +175,13 @@ Read `.pt` files with `torch.load(path, weights_only=True)`.
 
 def export_run(run: RunConfig, out: str | Path) -> list[Path]:
     """Export ``results/<run>/`` (01's effects, 02's approximator and metrics) to ``out``."""
-    d = run.results_dir
-    path = d / "approximator.safetensors"
+    d = run.paths
+    path = d.approximator
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run notebooks/02_train.ipynb first")
-    metrics_file = d / "approximator_metrics.json"
+    metrics_file = d.approximator_metrics
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    return export_artifacts(run, load_effects(d), EffectApproximator.load(path), load_rotation(path), metrics, out)
+    return export_artifacts(run, load_effects(d.root), EffectApproximator.load(path), load_rotation(path), metrics, out)
 
 
 def main(argv: list[str] | None = None) -> None:

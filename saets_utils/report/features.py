@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from saets_utils.config import RunConfig
+from saets_utils.paths import RunPaths
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -40,8 +41,7 @@ if TYPE_CHECKING:
 
 # Bump when the numbers below change meaning: cached stats of another version are recomputed.
 FEATURES_VERSION = 1
-STATS_FILE = "feature_stats.safetensors"
-LABELS_FILE = "labels.csv"
+CACHE_FOLDER = "features"  # in the asset cache: stats per SAE, model and text
 
 
 @dataclass
@@ -271,7 +271,7 @@ def feature_stats(
     from saets_utils.models.assets import cache_dir
     from saets_utils.models.loading import bos_id, load_texts, tokenize_chunks
 
-    cached = cache_dir() / "features" / f"{fingerprint(run, sae, n_chunks, chunk_tokens)}.safetensors"
+    cached = cache_dir() / CACHE_FOLDER / f"{fingerprint(run, sae, n_chunks, chunk_tokens)}.safetensors"
     if cached.is_file():
         stats = load_feature_stats(cached)
     else:
@@ -288,15 +288,15 @@ def feature_stats(
         )
         stats.meta["sae"] = run.sae.key
         save_feature_stats(stats, cached)
-    out = run.results_dir / "features"
-    save_feature_stats(stats, out / STATS_FILE)
-    stats.table().to_csv(out / LABELS_FILE, index=False)
+    out = run.paths
+    save_feature_stats(stats, out.feature_stats)
+    stats.table().to_csv(out.feature_labels, index=False)
     return stats
 
 
 def load_labels(results_dir: Path) -> dict[int, str]:
     """Feature id -> short label from ``results/<run>/features/labels.csv``; empty before 01 wrote it."""
-    path = Path(results_dir) / "features" / LABELS_FILE
+    path = RunPaths(results_dir).feature_labels
     if not path.is_file():
         return {}
     df = pd.read_csv(path, usecols=["feature", "label"], keep_default_na=False)

@@ -39,27 +39,26 @@ def make_all_figures(run: RunConfig) -> list[Path]:
     :class:`~saets_utils.manifest.StaleInputs` (naming the step to re-run) before drawing anything
     when the files of 01-03 are not those the steps recorded when they last finished."""
     check_current(run, ("01_effects", "02_train", "03_eval"), "notebook 04")
-    d = run.results_dir
-    fig_dir = d / "figures"
+    d = run.paths
+    fig_dir = d.figures_dir
     fig_dir.mkdir(parents=True, exist_ok=True)
     made: list[Path] = []
-    ev = d / "eval"
-    if (ev / "by_scale.csv").is_file():
-        bs = pd.read_csv(ev / "by_scale.csv")
-        _save(plots.plot_product_vs_scale(bs), fig_dir / "product_vs_scale.png", made)
-        _save(plots.plot_behaviour_coherence(bs), fig_dir / "behaviour_coherence.png", made)
-        _save(plots.plot_pareto(bs), fig_dir / "pareto.png", made)
+    if d.by_scale.is_file():
+        bs = pd.read_csv(d.by_scale)
+        _save(plots.plot_product_vs_scale(bs), d.figure("product_vs_scale"), made)
+        _save(plots.plot_behaviour_coherence(bs), d.figure("behaviour_coherence"), made)
+        _save(plots.plot_pareto(bs), d.figure("pareto"), made)
         for method in sorted(set(bs["method"]) & {"SAE-TS", "SAE", "CAA"}):
-            _save(plots.plot_metric_lines(bs, method), fig_dir / f"metric_lines_{method}.png", made)
-    if (ev / "battle_ratings.csv").is_file():
-        ratings = pd.read_csv(ev / "battle_ratings.csv")
+            _save(plots.plot_metric_lines(bs, method), d.figure(f"metric_lines_{method}"), made)
+    if d.battle_ratings.is_file():
+        ratings = pd.read_csv(d.battle_ratings)
         if len(ratings):
-            _save(plots.plot_battle_ratings(ratings), fig_dir / "battle_ratings.png", made)
-    if (ev / "summary.csv").is_file():
+            _save(plots.plot_battle_ratings(ratings), d.figure("battle_ratings"), made)
+    if d.summary.is_file():
         from saets_utils.evaluation.scoring import compare_with_published
 
-        sm = pd.read_csv(ev / "summary.csv")
-        _save(plots.plot_best_product(sm), fig_dir / "best_product.png", made)
+        sm = pd.read_csv(d.summary)
+        _save(plots.plot_best_product(sm), d.figure("best_product"), made)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the mismatch goes into the figure's title instead
             cmp = compare_with_published(sm, run.model.name, run.eval.judge)
@@ -67,24 +66,24 @@ def make_all_figures(run: RunConfig) -> list[Path]:
             fig = plots.plot_published_comparison(cmp)
             if cmp.attrs.get("warning"):
                 fig.suptitle(textwrap.fill(cmp.attrs["warning"], 110), color="red", fontsize=9, y=1.02)
-            _save(fig, fig_dir / "published_comparison.png", made)
-    if (ev / "targeting.csv").is_file():
-        tg = pd.read_csv(ev / "targeting.csv")
+            _save(fig, d.figure("published_comparison"), made)
+    if d.targeting.is_file():
+        tg = pd.read_csv(d.targeting)
         if len(tg):
-            _save(plots.plot_targeting(tg, seed=run.seed, n_boot=run.eval.bootstrap), fig_dir / "targeting.png", made)
+            _save(plots.plot_targeting(tg, seed=run.seed, n_boot=run.eval.bootstrap), d.figure("targeting"), made)
     else:  # targeting switched off (eval.targeting: false): no stale figure from an earlier run
-        (fig_dir / "targeting.png").unlink(missing_ok=True)
-    if (d / "approximator_holdout.safetensors").is_file():
-        h = load_file(d / "approximator_holdout.safetensors")
-        a = load_file(d / "approximator.safetensors")
-        dens = load_file(d / "baseline.safetensors")["density"] if (d / "baseline.safetensors").is_file() else None
+        d.figure("targeting").unlink(missing_ok=True)
+    if d.approximator_holdout.is_file():
+        h = load_file(d.approximator_holdout)
+        a = load_file(d.approximator)
+        dens = load_file(d.baseline)["density"] if d.baseline.is_file() else None
         _save(
-            plots.plot_approximator_diagnostics(h["pred"], h["measured"], a["b"], dens, labels=load_labels(d)),
-            fig_dir / "approximator_diagnostics.png",
+            plots.plot_approximator_diagnostics(h["pred"], h["measured"], a["b"], dens, labels=load_labels(d.root)),
+            d.figure("approximator_diagnostics"),
             made,
         )
-    if (d / "effects.safetensors").is_file():
-        made += _effect_profiles(run, fig_dir)
+    if d.effects.is_file():
+        made += _effect_profiles(run)
     study = study_figure(run)
     if study is not None:
         made.append(study)
@@ -99,20 +98,20 @@ def make_all_figures(run: RunConfig) -> list[Path]:
 def study_figure(run: RunConfig) -> Path | None:
     """``study/learning_curve.png`` from the design study's ``study/learning_curve.csv`` (and
     ``reliability.json`` for the title); None when the study has not run."""
-    study = run.results_dir / "study"
-    if not (study / "learning_curve.csv").is_file():
+    d = run.paths
+    if not d.learning_curve.is_file():
         return None
-    curve = pd.read_csv(study / "learning_curve.csv")
-    rel = study / "reliability.json"
+    curve = pd.read_csv(d.learning_curve)
+    rel = d.reliability
     n_vectors = json.loads(rel.read_text()).get("n_vectors") if rel.is_file() else None
     held = int(curve["n_val"].iloc[0]) if len(curve) else 0
     title = f"{run.name}: {n_vectors} vectors, {held} held out" if n_vectors is not None else ""
     made: list[Path] = []
-    _save(plots.plot_learning_curve(curve, title), study / "learning_curve.png", made)
+    _save(plots.plot_learning_curve(curve, title), d.learning_curve_plot, made)
     return made[0]
 
 
-def _effect_profiles(run: RunConfig, fig_dir: Path) -> list[Path]:
+def _effect_profiles(run: RunConfig) -> list[Path]:
     """Profiles of the first few measured vectors; for decoder rows the own feature is the target."""
     from saets_utils.effects.store import load_effects
 
@@ -130,5 +129,5 @@ def _effect_profiles(run: RunConfig, fig_dir: Path) -> list[Path]:
             title=f"vector {vid} at scale {float(eff.scales[i]):.1f}",
             labels=labels,
         )
-        _save(fig, fig_dir / f"effect_profile_{vid}.png", made)
+        _save(fig, run.paths.figure(f"effect_profile_{vid}"), made)
     return made

@@ -18,9 +18,9 @@ import pandas as pd
 
 from saets_utils.config import RunConfig
 from saets_utils.io_utils import atomic_write_text
+from saets_utils.paths import STEPS as NOTEBOOKS
+from saets_utils.paths import RunPaths
 from saets_utils.report.neuronpedia import neuronpedia_sae_url
-
-NOTEBOOKS = ("01_effects", "02_train", "03_eval", "04_plots")
 
 # Figure file stem -> caption (others get their stem).
 CAPTIONS = {
@@ -70,14 +70,14 @@ def _table(df: pd.DataFrame, index: bool = True) -> str:
 
 
 def _provenance(run: RunConfig) -> str:
-    d = run.results_dir
-    m = json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").is_file() else {}
+    d = run.paths
+    m = json.loads(d.manifest.read_text()) if d.manifest.is_file() else {}
     judge = m.get("judge") or {"kind": run.eval.judge.kind}
     steps = m.get("steps", {})
     device = next((s.get("device") for s in steps.values() if s.get("device")), "–")
     times = []
     for s in NOTEBOOKS:
-        stamp = d / "reports" / ".stamps" / f"{s}.json"
+        stamp = d.stamp(s)
         if stamp.is_file():
             times.append(f"{s} {json.loads(stamp.read_text()).get('seconds', 0):.0f} s")
     pk = m.get("packages", {})
@@ -112,18 +112,18 @@ def _provenance(run: RunConfig) -> str:
 
 
 def _tables(run: RunConfig) -> list[str]:
-    d = run.results_dir
+    d = run.paths
     parts: list[str] = []
-    if (d / "eval" / "summary.csv").is_file():
+    if d.summary.is_file():
         from saets_utils.evaluation.scoring import paper_style_table
 
-        table = paper_style_table(pd.read_csv(d / "eval" / "summary.csv")).round(3)
+        table = paper_style_table(pd.read_csv(d.summary)).round(3)
         parts += ["<h3>Max behaviour × coherence over scales (tasks × methods)</h3>", _table(table)]
-    if (d / "eval" / "targeting.csv").is_file():
+    if d.targeting.is_file():
         from saets_utils.evaluation.scoring import paper_style_table
         from saets_utils.evaluation.targeting import load_targeting
 
-        loaded = load_targeting(d)
+        loaded = load_targeting(d.root)
         if loaded is not None and len(loaded[0]):
             tg, tg_summary = loaded
             parts += [
@@ -131,14 +131,14 @@ def _tables(run: RunConfig) -> list[str]:
                 "<p class='sub'>Each vector calibrated to 01's loss target, its SAE effect measured as in 01: rank "
                 "of the best target feature among all features (1 = most raised) and target effect / off-target "
                 "norm; per method, medians and geometric means over tasks with bootstrap CIs over tasks "
-                "(<code>eval/targeting.csv</code>), and each method paired against SAE "
-                "(<code>eval/targeting_differences.csv</code>).</p>",
+                f"(<code>{RunPaths.targeting.rel}</code>), and each method paired against SAE "
+                f"(<code>{RunPaths.targeting_differences.rel}</code>).</p>",
                 _table(tg_summary.round(3), index=False),
                 "<h3>Target rank per task</h3>",
                 _table(paper_style_table(tg, "target_rank").round(1)),
             ]
     parts += _targets(run)
-    metrics = d / "approximator_metrics.json"
+    metrics = d.approximator_metrics
     if metrics.is_file():
         from saets_utils.approximator.training import verdict
 
@@ -158,12 +158,12 @@ def _targets(run: RunConfig) -> list[str]:
     from saets_utils.report.features import load_labels
     from saets_utils.report.neuronpedia import feature_html, neuronpedia_url
 
-    d = run.results_dir
-    path = d / "eval" / "targets.json"
+    d = run.paths
+    path = d.targets
     if not path.is_file():
         return []
-    labels = load_labels(d)
-    cards = (d / "reports" / "features.html").is_file()
+    labels = load_labels(d.root)
+    cards = d.features_page.is_file()
     groups: dict[tuple[str, str], list[str]] = {}
     for row in json.loads(path.read_text()):
         t = json.loads(row["targets"]) if isinstance(row["targets"], str) else row["targets"]
@@ -172,7 +172,7 @@ def _targets(run: RunConfig) -> list[str]:
     def feature(f: int, w: float) -> str:
         text = f"#{f} {labels.get(f, '')}".rstrip() + f" ({w:.2g})"
         if neuronpedia_url(run, f) is None and cards:
-            return f"<a href='features.html#f{f}'>{html.escape(text)}</a>"
+            return f"<a href='{d.features_page.name}#f{f}'>{html.escape(text)}</a>"
         return feature_html(run, f, text)
 
     rows = "".join(
@@ -190,8 +190,8 @@ def _targets(run: RunConfig) -> list[str]:
 
 
 def _figures(run: RunConfig) -> str:
-    d = run.results_dir
-    pngs = sorted((d / "figures").glob("*.png")) + sorted((d / "study").glob("*.png"))
+    d = run.paths
+    pngs = sorted(d.figures_dir.glob("*.png")) + sorted(d.study_dir.glob("*.png"))
     cells = []
     for png in pngs:
         stem = png.stem
@@ -210,10 +210,10 @@ def _figures(run: RunConfig) -> str:
 
 def render_index(run: RunConfig) -> str:
     """The index page of ``run`` as a standalone HTML string."""
-    reports = run.results_dir / "reports"
-    links = [f"<a href='{s}.html'>{s}</a>" for s in NOTEBOOKS if (reports / f"{s}.html").is_file()]
-    if (reports / "features.html").is_file():
-        links.append("<a href='features.html'>feature dashboards</a>")
+    d = run.paths  # the links are relative to reports/
+    links = [f"<a href='{d.report(s).name}'>{s}</a>" for s in NOTEBOOKS if d.report(s).is_file()]
+    if d.features_page.is_file():
+        links.append(f"<a href='{d.features_page.name}'>feature dashboards</a>")
     parts = [
         f"<h1>saets · run <code>{html.escape(run.name)}</code></h1>",
         "<p class='sub'>SAE-Targeted Steering (Chalnev, Siu &amp; Conmy, 2024): measured effects, effect "
@@ -240,6 +240,6 @@ def write_index(run: RunConfig) -> Path:
     from saets_utils.report.dashboards import write_dashboards
 
     write_dashboards(run)
-    path = run.results_dir / "reports" / "index.html"
+    path = run.paths.index_page
     atomic_write_text(path, render_index(run))
     return path

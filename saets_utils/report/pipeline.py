@@ -25,6 +25,8 @@ from typing import Any
 
 from saets_utils.config import REPO_ROOT, RunConfig, load_config
 from saets_utils.io_utils import atomic_write_json, atomic_write_text
+from saets_utils.paths import STEPS as NOTEBOOKS
+from saets_utils.paths import RunPaths
 
 
 @dataclass(frozen=True)
@@ -35,14 +37,16 @@ class Step:
     inputs: tuple[str, ...] = ()  # files of earlier steps it reads (content enters the stamp; may be absent)
 
 
-_EFFECTS = ("effects.safetensors", "effects_table.csv", "effects_meta.json", "baseline.safetensors")
-_APPROX = ("approximator.safetensors", "approximator_metrics.json", "approximator_holdout.safetensors")
-_EVAL = ("eval/summary.csv", "eval/by_scale.csv", "eval/samples.jsonl", "eval/targeting.csv")
-STEPS = (
-    Step("01_effects", _EFFECTS[:3], ("seed", "model", "sae", "text", "effects")),
-    Step("02_train", _APPROX[:2], ("approximator",), _EFFECTS),
-    Step("03_eval", _EVAL[:3], ("eval",), (*_EFFECTS, "effects_work/plan.safetensors", *_APPROX)),
-    Step("04_plots", ("figures",), (), (*_EFFECTS, *_APPROX, *_EVAL, "study/learning_curve.csv")),
+# The sections of the params each step's numbers depend on; its outputs and inputs come from the
+# table of a run's files (saets_utils/paths.py).
+PARAMS_KEYS = {
+    "01_effects": ("seed", "model", "sae", "text", "effects"),
+    "02_train": ("approximator",),
+    "03_eval": ("eval",),
+    "04_plots": (),
+}
+STEPS = tuple(
+    Step(s, RunPaths.written_by(s, marks_done=True), PARAMS_KEYS[s], RunPaths.read_by_step(s)) for s in NOTEBOOKS
 )
 
 
@@ -94,7 +98,7 @@ def _stamp_key(run: RunConfig, step: Step, previous: str) -> str:
 
 
 def _stamp_path(run: RunConfig, step: Step) -> Path:
-    return run.results_dir / "reports" / ".stamps" / f"{step.name}.json"
+    return run.paths.stamp(step.name)
 
 
 def _outputs_digest(run: RunConfig, step: Step) -> dict[str, str]:
@@ -138,7 +142,7 @@ def execute_notebook(run: RunConfig, step: Step, params_file: str, parameters: d
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    out = run.results_dir / "notebooks" / f"{step.name}.ipynb"
+    out = run.paths.executed_notebook(step.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         pm.execute_notebook(
@@ -160,13 +164,12 @@ def execute_notebook(run: RunConfig, step: Step, params_file: str, parameters: d
     return out
 
 
-def render_html(executed: Path, reports: Path) -> Path:
-    """An executed notebook as a standalone HTML page (widgets' state included)."""
+def render_html(executed: Path, path: Path) -> Path:
+    """An executed notebook as a standalone HTML page (widgets' state included) at ``path``."""
     import nbformat
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
-    path = reports / f"{executed.stem}.html"
     atomic_write_text(path, body)
     return path
 
@@ -196,7 +199,7 @@ def run_pipeline(
         overrides["effects"]["executor"] = workers["executor"]
     run = load_config(params_file, overrides)  # validates before anything runs
     load_tasks(run.eval.tasks)  # and every task file in full, before 01's hours
-    reports = run.results_dir / "reports"
+    reports = run.paths.reports_dir
     reports.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in STEPS]
     unknown = set(steps or []) - set(names)
@@ -213,14 +216,14 @@ def run_pipeline(
         print(f"[saets] {step.name}: running", flush=True)
         t0 = time.perf_counter()
         _stamp_path(run, step).unlink(missing_ok=True)  # a step that fails half-way is not current
-        (reports / f"{step.name}.html").unlink(missing_ok=True)
+        run.paths.report(step.name).unlink(missing_ok=True)
         extra = {"gpus": gpus, **workers} if step.name == "01_effects" else {}
         try:
             executed = execute_notebook(run, step, params_file, extra, timeout_s)
         except BaseException:
-            (reports / "index.html").unlink(missing_ok=True)  # no report of an earlier run stands beside a failure
+            run.paths.index_page.unlink(missing_ok=True)  # no report of an earlier run stands beside a failure
             raise
-        render_html(executed, reports)
+        render_html(executed, run.paths.report(step.name))
         stamp = {"key": key, "outputs": _outputs_digest(run, step), "seconds": time.perf_counter() - t0}
         atomic_write_json(_stamp_path(run, step), stamp)
         print(f"[saets] {step.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)

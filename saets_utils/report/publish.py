@@ -12,26 +12,27 @@ import shutil
 from pathlib import Path
 
 from saets_utils.config import REPO_ROOT, RunConfig, load_config
+from saets_utils.paths import RunPaths as P
 
 # Compact outputs, relative to results/<run>/ (globs). Raw effects, samples and caches stay out.
 COMPACT = (
-    "manifest.json",
-    "effects_meta.json",
-    "effects_table.csv",
-    "approximator_metrics.json",
-    "approximator_history.csv",
-    "study/*.json",
-    "study/*.csv",
-    "study/*.png",
-    "eval/summary.csv",
-    "eval/by_scale.csv",
-    "eval/targeting.csv",
-    "eval/targeting_summary.csv",
-    "eval/targeting_differences.csv",
-    "eval/targets.json",
-    "eval/judge_stats.json",
-    "figures/*.png",
-    "reports/*.html",
+    P.manifest.rel,
+    P.effects_meta.rel,
+    P.effects_table.rel,
+    P.approximator_metrics.rel,
+    P.approximator_history.rel,
+    f"{P.study_dir.rel}/*.json",
+    f"{P.study_dir.rel}/*.csv",
+    f"{P.study_dir.rel}/*.png",
+    P.summary.rel,
+    P.by_scale.rel,
+    P.targeting.rel,
+    P.targeting_summary.rel,
+    P.targeting_differences.rel,
+    P.targets.rel,
+    P.judge_stats.rel,
+    f"{P.figures_dir.rel}/*.png",
+    f"{P.reports_dir.rel}/*.html",
 )
 MAX_BYTES = 2_000_000  # per file: anything larger is not compact
 
@@ -44,8 +45,8 @@ def publish(run: RunConfig) -> list[Path]:
     """Copy the compact outputs of ``results/<run>/`` to ``results/published/<run>/`` (replacing an
     earlier copy); returns the copied paths. Fails if the run has no approximator metrics yet."""
     src = run.results_dir
-    if not (src / "approximator_metrics.json").is_file():
-        raise FileNotFoundError(f"{src} has no approximator_metrics.json; run the pipeline on {run.name} first")
+    if not run.paths.approximator_metrics.is_file():
+        raise FileNotFoundError(f"{src} has no {P.approximator_metrics.rel}; run the pipeline on {run.name} first")
     dst = published_dir(run)
     if dst.exists():
         shutil.rmtree(dst)
@@ -59,7 +60,7 @@ def publish(run: RunConfig) -> list[Path]:
                 copied.append(out)
     copied += _method_differences(dst)
     lines = [f"{p.relative_to(dst)}\t{p.stat().st_size}" for p in copied]
-    (dst / "MANIFEST.txt").write_text(
+    P(dst).published_list.write_text(
         f"compact outputs of results/{run.name}/ (file, bytes)\n" + "\n".join(lines) + "\n"
     )
     return copied
@@ -89,16 +90,17 @@ def _method_differences(dst: Path) -> list[Path]:
 
     from saets_utils.evaluation.scoring import method_differences
 
+    d = P(dst)
     frames = []
-    if (dst / "eval" / "summary.csv").is_file():
-        frames.append(method_differences(pd.read_csv(dst / "eval" / "summary.csv"), "max_product", PAIRS))
-    if (dst / "eval" / "targeting.csv").is_file():
-        tg = pd.read_csv(dst / "eval" / "targeting.csv")
+    if d.summary.is_file():
+        frames.append(method_differences(pd.read_csv(d.summary), "max_product", PAIRS))
+    if d.targeting.is_file():
+        tg = pd.read_csv(d.targeting)
         tg["log10_rank"] = np.log10(tg["target_rank"])
         frames += [method_differences(tg, v, PAIRS) for v in ("ratio", "log10_rank")]
     if not frames:
         return []
-    out = dst / "eval" / "method_differences.csv"
+    out = d.method_differences
     pd.concat(frames).to_csv(out, index=False)
     return [out]
 

@@ -34,7 +34,6 @@ from saets_utils.manifest import check_current
 from saets_utils.registry import get_method
 from saets_utils.report import explore
 from saets_utils.report.features import (
-    STATS_FILE,
     FeatureStats,
     load_feature_stats,
     load_labels,
@@ -346,7 +345,7 @@ class SteeringPlayground:
             else ((t.name, t) if isinstance(t, Task) else (str(t), load_task(t)) for t in tasks)
         )
         self.tasks: dict[str, Task] = dict(items)
-        stats_path = ctx.run.results_dir / "features" / STATS_FILE
+        stats_path = ctx.run.paths.feature_stats
         self.stats: FeatureStats | None = load_feature_stats(stats_path) if stats_path.is_file() else None
         self.labels: dict[int, str] = dict(labels) if labels is not None else load_labels(ctx.run.results_dir)
         self.vectors: dict[tuple[str, str], Tensor | None] = {}
