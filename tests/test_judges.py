@@ -390,3 +390,112 @@ def test_offline_behaviour_with_real_minilm():
         progress=False,
     )
     assert res[0].score > res[1].score and res[0].judge == "offline:minilm+lm"
+
+
+# --- battle verdicts, the offline judge without examples, Ctrl-C -------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply,winner",
+    [
+        ('{"winner": "A"}', "A"),
+        ('{"winner": "b"}', "B"),
+        ('{"winner": "TIE"}', "tie"),
+        ('{"winner": " Tie "}', "tie"),
+        (' {"winner": "a", "why": "clearer"} \n', "A"),
+        ('```json\n{"winner": "B"}\n```', "B"),
+        ('```JSON\n{"winner": "tie"}\n```', "tie"),
+        ('```\n{"winner": "a"}```', "A"),
+    ],
+)
+def test_parse_verdict_accepts_code_fences_and_any_case(reply, winner):
+    from saets_utils.judges.battle import VERDICTS, parse_verdict
+
+    assert parse_verdict(reply) == VERDICTS[winner]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        None,
+        "",
+        "A",
+        '{"winner": "C"}',
+        '{"winner": "AB"}',
+        '{"winner": 1}',
+        '{"win": "A"}',
+        '["A"]',
+        'Winner: {"winner": "A"}',
+        '```json\n{"winner": "A"}',  # an unclosed fence
+    ],
+)
+def test_parse_verdict_refuses_anything_else(reply):
+    from saets_utils.judges.battle import parse_verdict
+
+    with pytest.raises(ReplyError) as e:
+        parse_verdict(reply)
+    assert e.value.kind == "malformed"
+
+
+def test_offline_behaviour_without_examples_scores_by_similarity_to_the_criterion():
+    """A task without contrastive examples (or with no negatives) is scored on ``cos(text,
+    criterion)`` alone, mapped linearly from 0.10 (score 1) to 0.50 (score 10)."""
+    cosines = {"same": 1.0, "close": 0.5, "mid": 0.34, "quarter": 0.2, "edge": 0.1, "opposite": -0.5}
+    table = {CRITERION: np.array([1.0, 0.0])} | {
+        t: np.array([c, np.sqrt(1 - c * c)]) for t, c in cosines.items()
+    }  # unit vectors at these cosines to the criterion
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return np.stack([table[t] for t in texts])
+
+    no_negatives = {"wedding": {"positive": WEDDING["positive"], "negative": []}}
+    for examples in ({}, {"london": WEDDING}, no_negatives):
+        judge = OfflineJudge(JudgeCache(None), examples=examples, embed_fn=embed)
+        res = score_requests(judge, [req(t, i=i) for i, t in enumerate(cosines)], progress=False)
+        # q = clip((cos - 0.10) / 0.40, 0, 1), score = 1 + round(9 q): 10, 10, 6 (q 0.6), 3 (q 0.25), 1, 1
+        assert [r.score for r in res] == [10, 10, 6, 3, 1, 1], examples
+        assert [r.reply for r in res] == [f"cos={c:.4f}" for c in cosines.values()]
+    wide = OfflineJudge(JudgeCache(None), embed_fn=embed, criterion_only_range=(0.0, 1.0))
+    (mid,) = score_requests(wide, [req("mid")], progress=False)
+    assert mid.score == 1 + round(9 * 0.34)
+    with_examples = OfflineJudge(JudgeCache(None), examples={"wedding": WEDDING}, embed_fn=StubEmbedder())
+    assert with_examples.cache_key(req("same")) != judge.cache_key(req("same"))  # the fallback is in the key
+
+
+def test_ctrl_c_cancels_a_judge_run_and_keeps_the_scores_received(tmp_path):
+    """Ctrl-C while one call hangs: score_requests raises KeyboardInterrupt without waiting for it,
+    stops its event-loop thread, and the scores already received stay cached (a re-run asks only
+    for the rest)."""
+    import _thread
+    import time
+
+    fast = [req(f"fast {i} [[score=5]]", i=i) for i in range(3)]
+    stuck = req("stuck [[slowx99]]", i=9)
+    state: dict[str, object] = {}
+    with FakeOpenAIServer(slow_s=600.0) as server:
+        judge = openai_judge(server, JudgeCache(tmp_path / "cache"))
+
+        def press_ctrl_c_once_stuck() -> None:
+            deadline = time.monotonic() + 120
+            while not (server.n_requests == 4 and len(judge.cache) == 3):  # 3 scored, 1 waiting
+                if time.monotonic() > deadline:
+                    state["gave_up"] = True
+                    break
+                time.sleep(0.05)
+            state["t"] = time.monotonic()
+            _thread.interrupt_main()
+
+        helper = threading.Thread(target=press_ctrl_c_once_stuck, daemon=True)
+        helper.start()
+        with pytest.raises(KeyboardInterrupt):
+            score_requests(judge, [*fast, stuck], progress=False)
+        waited = time.monotonic() - float(state["t"])  # type: ignore[arg-type]
+        helper.join()
+        assert "gave_up" not in state, "the three fast scores never reached the cache"
+        assert waited < 60, f"score_requests waited {waited:.0f} s for the hung call after Ctrl-C"
+        assert not [t for t in threading.enumerate() if t.name == "saets-judge" and t.is_alive()]
+        judge.cache.close()
+        n = server.n_requests
+        again = openai_judge(server, JudgeCache(tmp_path / "cache"))
+        res = score_requests(again, fast, progress=False)
+        assert [r.score for r in res] == [5, 5, 5] and all(r.cached for r in res) and server.n_requests == n
