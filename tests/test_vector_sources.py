@@ -51,7 +51,7 @@ def test_other_sae_gives_the_other_saes_rows(tmp_path, tiny_sae):
         asked.append(cfg)
         return load_sae_from(cfg, run, "cpu")
 
-    ids, vecs = build_vectors(run, tiny_sae, D_MODEL, load)
+    ids, vecs = build_vectors(run, tiny_sae, D_MODEL, load_other_sae=load)
     assert asked == [run.effects.vectors.sae]
     other = load_sae_from(run.effects.vectors.sae, run, "cpu")
     assert ids.tolist() == [0, 100, 127]  # 100 and 127: rows the run's own 64-feature SAE does not have
@@ -60,7 +60,7 @@ def test_other_sae_gives_the_other_saes_rows(tmp_path, tiny_sae):
         build_vectors(run, tiny_sae, D_MODEL)  # no loader given
     wide = build_run_cfg(tmp_path, effects={"vectors": {"source": "other_sae", "sae": OTHER, "ids": [127, 128]}})
     with pytest.raises(ConfigError, match=r"decoder rows \[128\] out of range 0..127"):
-        build_vectors(wide, tiny_sae, D_MODEL, load)
+        build_vectors(wide, tiny_sae, D_MODEL, load_other_sae=load)
 
 
 def test_other_sae_rows_are_what_01_plans_to_measure(tmp_path, tiny_model, tiny_sae):
