@@ -52,6 +52,7 @@ class RolloutSpec:
     include_first_position: bool = True
     common_random_numbers: bool = False
     max_resid_norm: float | None = None
+    engine: str = "tl"  # the decoder (generate_aligned's engine): "tl" or "static"
 
     def new_tokens(self, p: int) -> int:
         return self.total_tokens - len(self.prompts[p])
@@ -196,7 +197,9 @@ def measure_baseline(
             for p, s in chunk
         ]
         prompts = [spec.prompts[p] for p, _ in chunk]
-        gen = generate_aligned(model, prompts, spec.total_tokens, seeds, spec.sampling, hook_name, None, capture=True)
+        gen = generate_aligned(
+            model, prompts, spec.total_tokens, seeds, spec.sampling, hook_name, None, capture=True, engine=spec.engine
+        )
         assert gen.activations is not None  # generate_aligned(..., capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
         keep = kept_positions(gen.activations, spec.include_first_position, spec.max_resid_norm)
@@ -256,6 +259,7 @@ def measure_effects(
             hook_name,
             delta.repeat(len(group), 1),
             capture=True,
+            engine=spec.engine,
         )
         assert gen.activations is not None  # generate_aligned(..., capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)

@@ -86,6 +86,7 @@ def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
         include_first_position=e.include_first_position,
         common_random_numbers=e.common_random_numbers,
         max_resid_norm=e.max_resid_norm,
+        engine=e.engine,
     )
 
 

@@ -132,6 +132,8 @@ def generate_aligned(
     hook_name: str | None = None,
     delta: Tensor | None = None,
     capture: bool = False,
+    *,
+    engine: str = "tl",
 ) -> Generation:
     """Grow every row's prompt (``prompts``: one token sequence per row, lengths may differ) to
     ``total_tokens`` in one KV-cache decode, steering each row by ``delta [batch, d_model]`` (or
@@ -147,6 +149,8 @@ def generate_aligned(
 
     Returns tokens ``[batch, total_tokens]`` and, with ``capture``, the pre-steering activations at
     ``hook_name`` for every position ``[batch, total_tokens, d_model]`` (no host sync in the loop).
+    ``engine``: ``tl`` decodes with TransformerLens's forward (the reference), ``static`` with our
+    own step over the same weights (:mod:`saets_utils.steering.engine`: same rows, same uniforms).
     """
     batch = len(prompts)
     _check_rows(hook_name, delta, capture, seeds, batch)
@@ -162,6 +166,15 @@ def generate_aligned(
         forced[r, : len(ids)] = True
         u[r, len(ids) :] = row_uniforms([seed], total_tokens - len(ids))[0]
     tokens, forced, u = tokens.to(device), forced.to(device), u.to(device)
+    if engine == "static":
+        from saets_utils.steering.engine import decode_aligned
+
+        out, acts = decode_aligned(
+            model, tokens, forced, u, sampling=sampling, hook_name=hook_name, delta=delta, capture=capture
+        )
+        return Generation(tokens=out, activations=acts)
+    if engine != "tl":
+        raise ValueError(f"engine {engine!r}: use 'tl' (TransformerLens) or 'static'")
     captured: list[Tensor] = []
     cache = _new_cache(model, batch)
     with _steering(model, hook_name, delta, captured if capture else None):
