@@ -436,3 +436,33 @@ def test_engine_equals_transformer_lens_on_smollm2(monkeypatch):
     delta = 60 * v / v.norm(dim=-1, keepdim=True)  # shifts tone on SmolLM2 (docs)
     err = agreement(model, hook, delta, SamplingConfig(), monkeypatch)
     assert equal(err), err
+
+
+# --- the GPU check, in its CPU smoke mode --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gpu_check_script_smoke(tmp_path):
+    """``bash benchmarks/gpu_check.sh --smoke``: every section runs on the CPU at tiny shapes and the
+    correctness checks pass (the CUDA-only variants are left out there)."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    cmd = ["bash", "benchmarks/gpu_check.sh", "--smoke", "--device", "cpu", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["passed"] and res["smoke"]
+    sections = res["sections"]
+    assert not any("error" in s or "skipped" in s for s in sections.values()), sections
+    assert sections["correctness_fp32"]["tiny_gemma2/device_default"]["rows_with_equal_tokens"] == 8
+    assert sections["decode_throughput"]["engine_eager"]["rows_with_tl_tokens"] == 64
+    assert sections["effects_throughput"]["static"]["effects_max_abs_diff_vs_tl"] < 1e-5
+    for key in ("fp32", "tf32", "bf16"):
+        assert sections["sae_encode"][key]["s"] > 0
