@@ -304,14 +304,33 @@ def compute_block(
     return cal
 
 
+# A worker waiting on blocks that others hold looks again this often (or each heartbeat, if sooner):
+# a block freed by its holder's death or end is taken in seconds, not after lease_s / 6.
+WAIT_POLL_S = 2.0
+
+
 def work_loop(
-    run: RunConfig, attempt: str, worker: str, device: str = "cpu", model=None, sae=None, progress=None
+    run: RunConfig,
+    attempt: str,
+    worker: str,
+    device: str = "cpu",
+    model=None,
+    sae=None,
+    progress=None,
+    stop_with_parent: bool = False,
 ) -> None:
     """Claim and measure blocks of the plan until each is done or given up (loading the model and SAE
     on ``device`` unless given). A block that raises is recorded as a failure of this attempt and
-    retried, up to ``effects.max_failures``; a block another live worker holds is waited for."""
+    retried, up to ``effects.max_failures``; a block another live worker holds is waited for.
+    ``stop_with_parent`` (a worker subprocess): once the process that started it is gone (its run was
+    killed), it stops after the block under way instead of working on, orphaned."""
     from saets_utils.models.loading import bos_id, load_model
     from saets_utils.models.sae_loading import load_sae
+
+    parent = os.getppid() if stop_with_parent else None
+
+    def orphaned() -> bool:  # the parent died: init (or a subreaper) adopted this process
+        return parent is not None and os.getppid() != parent
 
     e = run.effects
     wd = run.paths.work
@@ -339,6 +358,8 @@ def work_loop(
             waiting = retry = False
             done = done_ids(run, plan, seen)
             for k, rows in enumerate(plan_blocks(plan, e.vectors_per_batch)):
+                if orphaned():
+                    break
                 if all(ids[r] in done for r in rows):
                     continue
                 key = block_key(plan, e.vectors_per_batch, k)
@@ -377,8 +398,11 @@ def work_loop(
                     print(f"effects worker {worker}: block {k} failed\n{err}", flush=True)
                     fail_claim(got.path, err)
                     retry = True  # until this attempt gives it up
+            if orphaned():
+                print(f"effects worker {worker}: its run is gone (its parent process died); stopping", flush=True)
+                break
             if waiting:
-                time.sleep(beat.interval_s)
+                time.sleep(min(beat.interval_s, WAIT_POLL_S))
             elif not retry:
                 break
     beat_file.unlink(missing_ok=True)  # finished: its silence from now on is not a hang
@@ -554,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     run = RunConfig.model_validate_json(WorkPaths(a.work).run_config.read_text())
-    work_loop(run, a.attempt, a.worker, device=a.device)
+    work_loop(run, a.attempt, a.worker, device=a.device, stop_with_parent=True)
 
 
 if __name__ == "__main__":
