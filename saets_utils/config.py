@@ -607,6 +607,9 @@ class EvalConfig(_Strict):
     # 01's loss target and their measured SAE effect is scored against the task's target features
     # (rank, target / off-target ratio) -> eval/targeting.csv. Needs 01's effects_work/plan.safetensors.
     targeting: bool = True
+    # Seed of 03's rollouts (the judged texts and the targeting measurement); None: the run's seed.
+    # Another value replicates 03 on new rollouts of the same vectors (docs/science.md).
+    seed: int | None = None
 
     # With sae.targets_key set, every task file must list targets under that key; true: a task
     # without them discovers its targets from its contrastive examples instead.
@@ -787,3 +790,8 @@ def load_config(params_file: str | os.PathLike[str], overrides: dict[str, Any] |
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(path, err)) from None
+
+
+def eval_seed(run: RunConfig) -> int:
+    """The seed of 03's rollouts: ``eval.seed``, or the run's seed when it is not set."""
+    return run.seed if run.eval.seed is None else run.eval.seed

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pandas as pd
 import torch
 
-from saets_utils.config import RunConfig
+from saets_utils.config import RunConfig, eval_seed
 from saets_utils.evaluation.task_vectors import (
     SteeringContext,
     TaskVectors,
@@ -171,7 +171,7 @@ def generate_rows(ctx: SteeringContext, rows: list[dict[str, Any]], prefix: str,
         delta = torch.stack(
             [(r["vector"] * r["scale"]) if r["vector"] is not None else torch.zeros(d_model) for r in chunk]
         ).to(model.cfg.device)
-        seeds = [row_seed(ctx.run.seed, EVAL_STREAM, r["sample"]) for r in chunk]
+        seeds = [row_seed(eval_seed(ctx.run), EVAL_STREAM, r["sample"]) for r in chunk]
         gen = generate(model, torch.tensor([ids] * len(chunk)), e.new_tokens, seeds, e.sampling, ctx.hook_name, delta)
         new = list(gen.tokens[:, len(ids) :].cpu())
         if e.stop_at_eos:

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saets_utils.config import ConfigError, RunConfig
+from saets_utils.config import ConfigError, RunConfig, eval_seed
 from saets_utils.paths import RunPaths
 from saets_utils.registry import METHODS, REGISTRY
 
@@ -418,8 +418,9 @@ def measure_targeting(
     out.eval_dir.mkdir(parents=True, exist_ok=True)
     d_sae = int(plan.baseline_mean.shape[0])
     vecs = torch.stack([it.vector for it in items]) if items else torch.zeros(0, model.cfg.d_model)
-    got = measure_vectors(run, model, sae, plan, {run.seed: (vecs, [it.vector_id for it in items])}, progress=progress)[
-        run.seed
+    seed = eval_seed(run)
+    got = measure_vectors(run, model, sae, plan, {seed: (vecs, [it.vector_id for it in items])}, progress=progress)[
+        seed
     ]
     effects, halves, scales, status = got.effects, got.halves, got.scales, got.status
     records = []
