@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from run_checks import check_approximator_metrics, check_eval_tables, check_vectors_follow_formulas
 from saets_utils.config import load_config
+from saets_utils.registry import METHODS
 from saets_utils.report.pipeline import STEPS, _stamp_key, execute_notebook, is_current, run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -49,10 +51,37 @@ def test_pipeline_skips_current_steps(run, capsys):
     assert "02_train: up to date, skipped" in out and "04_plots: up to date, skipped" in out
 
 
+# --- behaviour of 02 and 03, read from the files the pipeline wrote (before any test rewrites them) ---
+
+
+def test_approximator_metrics_are_those_of_the_saved_approximator(run):
+    a = load_file(run.results_dir / "approximator.safetensors")
+    assert a["W"].shape == (576, 1024) and a["b"].shape == (1024,)
+    assert a["rotation"].shape == (576, 576) and a["correction"].shape == (576,)
+    check_approximator_metrics(run)
+
+
+def test_saved_vectors_follow_their_method_formulas(run):
+    """Each vector of eval/vectors.safetensors is its method's formula of the approximator 02 saved,
+    the targets 03 recorded and the SAE (CAA: of the task's examples through the model)."""
+    from saets_utils.models.loading import bos_id
+    from saets_utils.session import load_model_and_sae
+
+    model, sae = load_model_and_sae(run, "cpu")
+    checked = check_vectors_follow_formulas(run, sae.W_dec, model, bos_id(model, run.model))
+    methods = [m for m in run.eval.methods if m != "prompt"]
+    assert checked == sorted(f"{t}/{m}" for t in run.eval.tasks for m in methods)
+    assert set(run.eval.methods) == set(METHODS), "params/test.yaml evaluates every method, controls included"
+
+
+def test_eval_tables_follow_from_the_scores(run):
+    check_eval_tables(run)
+
+
 def test_workers_give_the_same_effects(run):
     before = load_file(run.results_dir / "effects.safetensors")
     step = next(s for s in STEPS if s.name == "01_effects")
-    execute_notebook(run, step, PARAMS, {"cpu_workers": 2, "restart": True}, 1200)
+    execute_notebook(run, step, params_file=PARAMS, parameters={"cpu_workers": 2, "restart": True}, timeout_s=1200)
     after = load_file(run.results_dir / "effects.safetensors")
     logs = list((run.results_dir / "effects_work" / "logs").glob("*-w1.log"))
     assert logs, "cpu_workers=2 should have started two worker subprocesses"
@@ -65,15 +94,6 @@ def test_workers_give_the_same_effects(run):
     for s in STEPS:
         key = _stamp_key(run, s, key)
         assert not is_current(run, s, key), s.name
-
-
-def test_approximator_outputs(run):
-    a = load_file(run.results_dir / "approximator.safetensors")
-    assert a["W"].shape == (576, 1024) and a["b"].shape == (1024,)
-    assert a["rotation"].shape == (576, 576) and a["correction"].shape == (576,)
-    m = json.loads((run.results_dir / "approximator_metrics.json").read_text())
-    for k in ("mse", "mse_zero", "mse_mean", "r2", "cosine_mean", "beats_mean_baseline"):
-        assert k in m
 
 
 def test_eval_outputs_and_cached_rerun(run):
@@ -94,7 +114,7 @@ def test_eval_outputs_and_cached_rerun(run):
     vecs = load_file(ev / "vectors.safetensors")
     assert set(vecs) == {f"{t}/{m}" for t in run.eval.tasks for m in run.eval.methods if m != "prompt"}
     step = next(s for s in STEPS if s.name == "03_eval")
-    execute_notebook(run, step, PARAMS, {}, 1200)
+    execute_notebook(run, step, params_file=PARAMS, parameters={}, timeout_s=1200)
     stats = json.loads((ev / "judge_stats.json").read_text())
     assert stats["calls"] == 0 and stats["cache_hits"] == stats["requests"]
 
@@ -123,13 +143,32 @@ def test_manifest(run):
     assert m["params"]["sae"]["hook_name"] == run.sae.hook_name and m["packages"]["torch"]
 
 
-def test_playground_notebook_runs(run, tmp_path):
+def test_playground_notebook_builds_03s_vector_and_steers(run, tmp_path):
+    """05 as shipped, plus one cell that clicks Generate and saves what the playground made: its
+    controls list the run's tasks and methods, its default vector is the one 03 saved, and the
+    steered texts differ from the unsteered ones."""
+    import nbformat
     import papermill as pm
 
     from saets_utils.config import REPO_ROOT
 
+    nb = nbformat.read(REPO_ROOT / "notebooks" / "05_playground.ipynb", as_version=4)
+    out = tmp_path / "playground.json"
+    nb.cells.append(
+        nbformat.v4.new_code_cell(
+            "import json\n"
+            "from safetensors.torch import save_file\n"
+            "r = playground.generate()\n"
+            "key = (playground.task.value, playground.method.value)\n"
+            f"save_file({{'v': playground.vectors[key].contiguous()}}, {str(tmp_path / 'vector.safetensors')!r})\n"
+            f"open({str(out)!r}, 'w').write(json.dumps({{'key': key, 'error': playground.error, "
+            "'tasks': list(playground.task.options), 'methods': list(playground.method.options), "
+            "'unsteered': r.get('unsteered'), 'steered': r.get('steered')}))"
+        )
+    )
+    nbformat.write(nb, tmp_path / "05_in.ipynb")
     pm.execute_notebook(
-        str(REPO_ROOT / "notebooks" / "05_playground.ipynb"),
+        str(tmp_path / "05_in.ipynb"),
         str(tmp_path / "05.ipynb"),
         parameters={"params_file": PARAMS},
         cwd=str(REPO_ROOT),
@@ -137,6 +176,13 @@ def test_playground_notebook_runs(run, tmp_path):
         progress_bar=False,
         execution_timeout=600,
     )
+    got = json.loads(out.read_text())
+    assert got["error"] == ""
+    assert got["tasks"][: len(run.eval.tasks)] == run.eval.tasks and got["methods"] == run.eval.methods
+    task, method = got["key"]
+    saved = load_file(run.results_dir / "eval" / "vectors.safetensors")[f"{task}/{method}"]
+    torch.testing.assert_close(load_file(tmp_path / "vector.safetensors")["v"], saved, atol=1e-6, rtol=0)
+    assert len(got["unsteered"]) == len(got["steered"]) == 3 and got["unsteered"] != got["steered"]
 
 
 def test_eval_notebook_with_openai_judge_on_loopback(run, tmp_path):
@@ -170,7 +216,7 @@ def test_eval_notebook_with_openai_judge_on_loopback(run, tmp_path):
                 "battle": {"per_pair": 2},
             },
         }
-        execute_notebook(run, step, PARAMS, {"overrides": overrides}, 1200)
+        execute_notebook(run, step, params_file=PARAMS, parameters={"overrides": overrides}, timeout_s=1200)
         system = [str((r["body"].get("messages") or [{}])[0].get("content", "")) for r in server.requests]
         n_battles = sum('"winner"' in m for m in system)  # the pairwise battles 03 ends with
         n_calls = server.n_requests - n_battles
