@@ -14,7 +14,9 @@ from saets_utils.config import load_config
 from saets_utils.registry import METHODS
 from saets_utils.report.pipeline import STEPS, _stamp_key, execute_notebook, is_current, run_pipeline
 
-pytestmark = pytest.mark.slow
+# The first test waits for the whole pipeline (the module's fixture): 01 alone took 12 min on a
+# loaded 2-core machine, past pytest's default 1200 s per test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 PARAMS = "params/test.yaml"
 
 
