@@ -88,7 +88,7 @@ def test_loss_target_value_relative_vs_absolute():
 def chunks(tiny_model):
     """``[6, 16]`` chunks of the tiny model's own text: low loss unsteered, so steering raises it."""
     return generate(
-        tiny_model, torch.ones(6, 1, dtype=torch.long), 15, list(range(6)), SamplingConfig(top_k=20, top_p=0.9)
+        tiny_model, torch.ones(6, 1, dtype=torch.long), 15, list(range(6)), sampling=SamplingConfig(top_k=20, top_p=0.9)
     ).tokens
 
 
@@ -141,7 +141,9 @@ def test_steered_losses_equal_the_hooked_models_loss(tiny_model, chunks, resid, 
 
 @pytest.fixture(scope="module")
 def calibration(tiny_model, tiny_sae, chunks, resid, unsteered):
-    return calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:16], GRID, TARGET, unsteered)
+    return calibrate_scales(
+        tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:16], grid=GRID, target=TARGET, unsteered_loss=unsteered
+    )
 
 
 def test_calibration_records_every_vector(calibration, unsteered):
@@ -180,25 +182,50 @@ def test_not_reached_takes_the_largest_scale_and_stays_below(calibration):
 
 def test_batching_vectors_gives_the_same_calibration(tiny_model, tiny_sae, chunks, resid, unsteered, calibration):
     for i in range(0, 16, 3):
-        one = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[i : i + 1], GRID, TARGET, unsteered)
+        one = calibrate_scales(
+            tiny_model,
+            HOOK,
+            chunks,
+            resid,
+            tiny_sae.W_dec[i : i + 1],
+            grid=GRID,
+            target=TARGET,
+            unsteered_loss=unsteered,
+        )
         assert one.status == calibration.status[i : i + 1]
         torch.testing.assert_close(one.scales, calibration.scales[i : i + 1], atol=1e-4, rtol=0)
         torch.testing.assert_close(one.losses, calibration.losses[i : i + 1], atol=1e-6, rtol=0, equal_nan=True)
-    small = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:16], GRID, TARGET, unsteered, max_rows=7)
+    small = calibrate_scales(
+        tiny_model,
+        HOOK,
+        chunks,
+        resid,
+        tiny_sae.W_dec[:16],
+        grid=GRID,
+        target=TARGET,
+        unsteered_loss=unsteered,
+        max_rows=7,
+    )
     assert small.status == calibration.status
     torch.testing.assert_close(small.scales, calibration.scales, atol=1e-4, rtol=0)
     # the grid order given does not matter either (it is swept upwards)
-    rev = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:16], GRID[::-1], TARGET, unsteered)
+    rev = calibrate_scales(
+        tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:16], grid=GRID[::-1], target=TARGET, unsteered_loss=unsteered
+    )
     torch.testing.assert_close(rev.scales, calibration.scales, atol=1e-4, rtol=0)
 
 
 def test_absolute_target_below_unsteered_loss_skips_every_vector(tiny_model, tiny_sae, chunks, resid, unsteered):
     below = LossTarget(kind="absolute", value=unsteered - 0.1)
-    cal = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], GRID, below, unsteered)
+    cal = calibrate_scales(
+        tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], grid=GRID, target=below, unsteered_loss=unsteered
+    )
     assert cal.status == ["above_at_zero"] * 3 and torch.isnan(cal.scales).all()
     assert torch.isnan(cal.losses[:, 1:]).all()  # nothing beyond scale 0 was evaluated
     far_above = LossTarget(kind="absolute", value=unsteered + 100.0)
-    high = calibrate_scales(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], GRID, far_above, unsteered)
+    high = calibrate_scales(
+        tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], grid=GRID, target=far_above, unsteered_loss=unsteered
+    )
     assert high.status == ["not_reached"] * 3 and torch.all(high.scales == GRID[-1])
 
 
@@ -207,7 +234,9 @@ def test_absolute_target_below_unsteered_loss_skips_every_vector(tiny_model, tin
 
 @pytest.fixture(scope="module")
 def start(tiny_model, tiny_sae, chunks, resid, unsteered):
-    return scale_hint(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:4], GRID, TARGET, unsteered)
+    return scale_hint(
+        tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:4], grid=GRID, target=TARGET, unsteered_loss=unsteered
+    )
 
 
 def _same_outcome(a: str, b: str) -> bool:
@@ -220,7 +249,16 @@ def test_secant_finds_the_sweeps_scales_with_fewer_evaluations(
 ):
     vecs = tiny_sae.W_dec[:16]
     sec = calibrate_scales_secant(
-        tiny_model, HOOK, chunks, resid, vecs, GRID, TARGET, unsteered, start, coarse_chunks=coarse_chunks
+        tiny_model,
+        HOOK,
+        chunks,
+        resid,
+        vecs,
+        grid=GRID,
+        target=TARGET,
+        unsteered_loss=unsteered,
+        start=start,
+        coarse_chunks=coarse_chunks,
     )
     assert all(_same_outcome(a, b) for a, b in zip(calibration.status, sec.status, strict=True))
     ok = torch.tensor([st != "not_reached" for st in calibration.status])
@@ -240,18 +278,42 @@ def test_secant_finds_the_sweeps_scales_with_fewer_evaluations(
 
 def test_secant_without_a_start_and_batched_like_one_at_a_time(tiny_model, tiny_sae, chunks, resid, unsteered, start):
     vecs = tiny_sae.W_dec[:8]
-    both = calibrate_scales_secant(tiny_model, HOOK, chunks, resid, vecs, GRID, TARGET, unsteered, start)
+    both = calibrate_scales_secant(
+        tiny_model, HOOK, chunks, resid, vecs, grid=GRID, target=TARGET, unsteered_loss=unsteered, start=start
+    )
     for i in (0, 2, 5):
-        one = calibrate_scales_secant(tiny_model, HOOK, chunks, resid, vecs[i : i + 1], GRID, TARGET, unsteered, start)
+        one = calibrate_scales_secant(
+            tiny_model,
+            HOOK,
+            chunks,
+            resid,
+            vecs[i : i + 1],
+            grid=GRID,
+            target=TARGET,
+            unsteered_loss=unsteered,
+            start=start,
+        )
         assert one.status == both.status[i : i + 1]
         torch.testing.assert_close(one.scales, both.scales[i : i + 1], atol=1e-4, rtol=0)
-    cold = calibrate_scales_secant(tiny_model, HOOK, chunks, resid, vecs, GRID, TARGET, unsteered, None)
+    cold = calibrate_scales_secant(
+        tiny_model, HOOK, chunks, resid, vecs, grid=GRID, target=TARGET, unsteered_loss=unsteered, start=None
+    )
     torch.testing.assert_close(cold.scales, both.scales, rtol=0.05, atol=0)
 
 
 def test_secant_skips_vectors_above_the_target_at_zero(tiny_model, tiny_sae, chunks, resid, unsteered, start):
     below = LossTarget(kind="absolute", value=unsteered - 0.1)
-    cal = calibrate_scales_secant(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:3], GRID, below, unsteered, start)
+    cal = calibrate_scales_secant(
+        tiny_model,
+        HOOK,
+        chunks,
+        resid,
+        tiny_sae.W_dec[:3],
+        grid=GRID,
+        target=below,
+        unsteered_loss=unsteered,
+        start=start,
+    )
     assert cal.status == ["above_at_zero"] * 3 and torch.isnan(cal.scales).all()
     assert cal.evaluations is not None and torch.all(cal.evaluations == 0)
 
@@ -263,7 +325,10 @@ def test_scale_hint_is_the_sweeps_median_and_none_when_nothing_crosses(
     crossed = [float(calibration.scales[i]) for i in range(4) if calibration.status[i] != "not_reached"]
     assert start.scale == pytest.approx(statistics.median(crossed), abs=1e-4)
     far = LossTarget(kind="absolute", value=unsteered + 100.0)
-    assert scale_hint(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:4], GRID, far, unsteered) is None
+    assert (
+        scale_hint(tiny_model, HOOK, chunks, resid, tiny_sae.W_dec[:4], grid=GRID, target=far, unsteered_loss=unsteered)
+        is None
+    )
 
 
 def test_local_exponent_of_a_power_law():

@@ -28,7 +28,7 @@ CLAIM = textwrap.dedent(
     import sys
     from pathlib import Path
     from saets_utils.effects.claims import try_claim
-    got = try_claim(Path(sys.argv[1]), sys.argv[2], "A", "w-child", 600.0)
+    got = try_claim(Path(sys.argv[1]), sys.argv[2], "A", "w-child", lease_s=600.0)
     assert got.state == "claimed", got
     print("claimed", flush=True)
     if len(sys.argv) > 3:
@@ -51,7 +51,7 @@ def test_claim_of_an_exited_process_is_taken_over_at_once(tmp_path, capsys):
     assert child.wait(timeout=60) == 0
     held = read_claims(tmp_path, "blk")[-1]
     assert held.pid == child.pid and held.fresh(LEASE) and held.start is not None
-    got = try_claim(tmp_path, "blk", "B", "w-me", LEASE)
+    got = try_claim(tmp_path, "blk", "B", "w-me", lease_s=LEASE)
     assert got.state == "claimed" and got.path == tmp_path / "blk.1"
     notice = capsys.readouterr().out.strip().splitlines()
     assert notice == [
@@ -60,15 +60,15 @@ def test_claim_of_an_exited_process_is_taken_over_at_once(tmp_path, capsys):
 
 
 def test_claim_of_a_live_process_still_holds_until_it_dies(tmp_path):
-    assert try_claim(tmp_path, "mine", "A", "w1", LEASE).state == "claimed"  # this test's own process
-    assert try_claim(tmp_path, "mine", "A", "w2", LEASE).state == "held"
+    assert try_claim(tmp_path, "mine", "A", "w1", lease_s=LEASE).state == "claimed"  # this test's own process
+    assert try_claim(tmp_path, "mine", "A", "w2", lease_s=LEASE).state == "held"
     child = claim_in_child(tmp_path, "blk", sleep_s=120)
     try:
-        assert try_claim(tmp_path, "blk", "B", "w-me", LEASE).state == "held"
+        assert try_claim(tmp_path, "blk", "B", "w-me", lease_s=LEASE).state == "held"
     finally:
         child.kill()
         child.wait()
-    assert try_claim(tmp_path, "blk", "B", "w-me", LEASE).state == "claimed"
+    assert try_claim(tmp_path, "blk", "B", "w-me", lease_s=LEASE).state == "claimed"
 
 
 def test_a_reused_pid_is_not_taken_for_the_holder(tmp_path, capsys):
@@ -77,7 +77,7 @@ def test_a_reused_pid_is_not_taken_for_the_holder(tmp_path, capsys):
     assert me["start"] == process_start(os.getpid()) is not None
     gone = {"attempt": "A", "worker": "w-old", **me, "start": "another-boot:12345"}
     (tmp_path / "blk.0").write_text(json.dumps(gone))
-    assert try_claim(tmp_path, "blk", "B", "w-me", LEASE).state == "claimed"
+    assert try_claim(tmp_path, "blk", "B", "w-me", lease_s=LEASE).state == "claimed"
     assert "its pid now belongs to another process" in capsys.readouterr().out
 
 
@@ -86,8 +86,8 @@ def test_a_holder_on_another_host_keeps_its_lease(tmp_path):
     child.wait(timeout=60)
     info = json.loads((tmp_path / "blk.0").read_text())
     (tmp_path / "blk.0").write_text(json.dumps({**info, "host": "node-elsewhere"}))  # its pid means nothing here
-    assert try_claim(tmp_path, "blk", "B", "w-me", LEASE).state == "held"
-    assert try_claim(tmp_path, "blk", "B", "w-me", 0.0).state == "claimed"  # once its lease expires
+    assert try_claim(tmp_path, "blk", "B", "w-me", lease_s=LEASE).state == "held"
+    assert try_claim(tmp_path, "blk", "B", "w-me", lease_s=0.0).state == "claimed"  # once its lease expires
 
 
 def test_a_run_lock_of_a_live_process_refuses_and_of_a_dead_one_is_taken_over(tmp_path, tiny_model, tiny_sae, capsys):

@@ -25,7 +25,7 @@ def test_variants_follow_their_formulas():
     fits = diagnosis_fits(X, Y, W_dec, ranks=(2,))
     assert set(fits) == {"reduced_rank", "ridge", "rank2", "decoder_prior"}
     targets = [(7, 1.0)]
-    vs = {v.variant: v for v in build_variants("t", targets, fits, W_dec, X, Y, extra={"CAA": 3 * torch.ones(12)})}
+    vs = {v.variant: v for v in build_variants("t", targets, fits, W_dec, X=X, Y=Y, extra={"CAA": 3 * torch.ones(12)})}
     assert torch.allclose(vs["SAE"].vector, W_dec[7] / W_dec[7].norm())
     for name, a in fits.items():
         assert torch.allclose(vs[f"SAE-TS[{name}]"].vector, M.build_sae_ts_vector(a, targets), atol=1e-6)
@@ -39,8 +39,8 @@ def test_variants_follow_their_formulas():
     for v in vs.values():
         assert abs(float(v.vector.norm()) - 1) < 1e-5
     # the random control is seeded per task and differs between tasks
-    other = {v.variant: v for v in build_variants("u", targets, fits, W_dec, X, Y)}
-    again = {v.variant: v for v in build_variants("t", targets, fits, W_dec, X, Y)}
+    other = {v.variant: v for v in build_variants("u", targets, fits, W_dec, X=X, Y=Y)}
+    again = {v.variant: v for v in build_variants("t", targets, fits, W_dec, X=X, Y=Y)}
     assert torch.equal(again["random"].vector, vs["random"].vector)
     assert not torch.equal(other["random"].vector, vs["random"].vector)
 
@@ -48,7 +48,7 @@ def test_variants_follow_their_formulas():
 def test_offline_rows_rank_the_target_by_the_fit_itself():
     X, Y, W_dec = _data()
     fits = diagnosis_fits(X, Y, W_dec, ranks=())
-    rows = offline_rows(build_variants("t", [(7, 1.0)], fits, W_dec, X, Y), fits).set_index("variant")
+    rows = offline_rows(build_variants("t", [(7, 1.0)], fits, W_dec, X=X, Y=Y), fits).set_index("variant")
     assert rows.loc["SAE", "cos_sae"] == 1.0
     # on this map (effect ~ 2 x cosine with each decoder row) the decoder row is the best direction,
     # and every fit that learned the map predicts the target on top for it and for its SAE-TS vector

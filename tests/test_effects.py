@@ -51,7 +51,7 @@ def unsteered_mean_codes(model, sae, spec: RolloutSpec, seeds_for) -> torch.Tens
     sums = FeatureSums.zeros(sae.cfg.d_sae)
     for p, ids in enumerate(spec.prompts):
         seeds = seeds_for(p)
-        gen = generate(model, torch.tensor([ids] * len(seeds)), spec.new_tokens(p), seeds, spec.sampling)
+        gen = generate(model, torch.tensor([ids] * len(seeds)), spec.new_tokens(p), seeds, sampling=spec.sampling)
         _, cache = model.run_with_cache(gen.tokens, names_filter=[HOOK])
         sums.add(sae.encode(cache[HOOK]))
     return sums.mean
@@ -119,7 +119,17 @@ def test_baseline_is_unsteered_rollouts_from_the_baseline_seed_stream(tiny_model
 
 def test_scale_zero_is_zero_effect_against_a_baseline_from_the_same_seeds(tiny_model, tiny_sae, spec, vectors):
     zero = torch.zeros(len(IDS))
-    raw = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, zero, torch.zeros(64), SEED)
+    raw = measure_effects(
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        spec,
+        vectors=vectors,
+        vector_ids=IDS,
+        scales=zero,
+        baseline_mean=torch.zeros(64),
+        seed=SEED,
+    )
     for i, vid in enumerate(IDS):
         # effect at scale 0 + baseline mean == mean SAE codes of unsteered rollouts with the same row seeds
         same_seeds = unsteered_mean_codes(
@@ -129,7 +139,17 @@ def test_scale_zero_is_zero_effect_against_a_baseline_from_the_same_seeds(tiny_m
             lambda p, vid=vid: [row_seed(SEED, STEERED, vid, p, s) for s in range(spec.samples_per_prompt)],
         )
         torch.testing.assert_close(raw.effects[i], same_seeds, atol=1e-5, rtol=1e-5)
-        eff = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors[i : i + 1], [vid], zero[:1], same_seeds, SEED)
+        eff = measure_effects(
+            tiny_model,
+            tiny_sae,
+            HOOK,
+            spec,
+            vectors=vectors[i : i + 1],
+            vector_ids=[vid],
+            scales=zero[:1],
+            baseline_mean=same_seeds,
+            seed=SEED,
+        )
         assert eff.effects.abs().max() <= 1e-6
     # rows are seeded by vector id: different ids give different rollouts even unsteered
     assert not torch.equal(raw.effects[0], raw.effects[1])
@@ -137,9 +157,27 @@ def test_scale_zero_is_zero_effect_against_a_baseline_from_the_same_seeds(tiny_m
 
 def test_steering_has_an_effect(tiny_model, tiny_sae, spec, vectors):
     blk = measure_effects(
-        tiny_model, tiny_sae, HOOK, spec, vectors, IDS, torch.tensor([0.0, 0.0, 20.0, 20.0]), torch.zeros(64), SEED
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        spec,
+        vectors=vectors,
+        vector_ids=IDS,
+        scales=torch.tensor([0.0, 0.0, 20.0, 20.0]),
+        baseline_mean=torch.zeros(64),
+        seed=SEED,
     )
-    base = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, torch.zeros(4), torch.zeros(64), SEED)
+    base = measure_effects(
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        spec,
+        vectors=vectors,
+        vector_ids=IDS,
+        scales=torch.zeros(4),
+        baseline_mean=torch.zeros(64),
+        seed=SEED,
+    )
     assert torch.equal(blk.effects[:2], base.effects[:2])
     assert (blk.effects[2:] - base.effects[2:]).abs().max() > 1e-2
     assert blk.effects.shape == (4, 64) and blk.effects.dtype == torch.float32
@@ -155,7 +193,17 @@ def baseline_mean(tiny_model, tiny_sae, spec):
 
 @pytest.fixture(scope="module")
 def batched(tiny_model, tiny_sae, spec, vectors, baseline_mean):
-    return measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, SCALES, baseline_mean, SEED)
+    return measure_effects(
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        spec,
+        vectors=vectors,
+        vector_ids=IDS,
+        scales=SCALES,
+        baseline_mean=baseline_mean,
+        seed=SEED,
+    )
 
 
 def test_batched_effects_equal_the_reference_loop(tiny_model, tiny_sae, spec, vectors, baseline_mean, batched):
@@ -169,16 +217,24 @@ def test_batched_effects_equal_the_reference_loop(tiny_model, tiny_sae, spec, ve
                 torch.tensor([ids] * len(seeds)),
                 spec.new_tokens(p),
                 seeds,
-                spec.sampling,
-                HOOK,
-                vectors[i] * SCALES[i],
+                sampling=spec.sampling,
+                hook_name=HOOK,
+                delta=vectors[i] * SCALES[i],
                 use_cache=False,
             )
             hits += int((gen.tokens[:, :-1] == eos).sum())
     assert hits > 0
     for i, vid in enumerate(IDS):
         ref = reference_effects(
-            tiny_model, tiny_sae, HOOK, spec, vectors[i], vid, float(SCALES[i]), baseline_mean, SEED
+            tiny_model,
+            tiny_sae,
+            HOOK,
+            spec,
+            vector=vectors[i],
+            vector_id=vid,
+            scale=float(SCALES[i]),
+            baseline_mean=baseline_mean,
+            seed=SEED,
         )
         torch.testing.assert_close(batched.effects[i], ref, atol=1e-5, rtol=1e-5)
 
@@ -188,7 +244,15 @@ def test_grouping_vectors_into_blocks_does_not_change_effects(
 ):
     def run(rows):
         return measure_effects(
-            tiny_model, tiny_sae, HOOK, spec, vectors[rows], [IDS[r] for r in rows], SCALES[rows], baseline_mean, SEED
+            tiny_model,
+            tiny_sae,
+            HOOK,
+            spec,
+            vectors=vectors[rows],
+            vector_ids=[IDS[r] for r in rows],
+            scales=SCALES[rows],
+            baseline_mean=baseline_mean,
+            seed=SEED,
         )
 
     halves = [run([0, 1]), run([2, 3])]
@@ -206,7 +270,16 @@ def test_batching_prompts_does_not_change_effects(
 ):
     # max_rows 1 or 12: one prompt per batch; 25: two prompts (of different lengths) share a batch of 4 * 3 rows each
     blk = measure_effects(
-        tiny_model, tiny_sae, HOOK, spec, vectors, IDS, SCALES, baseline_mean, SEED, max_rows=max_rows
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        spec,
+        vectors=vectors,
+        vector_ids=IDS,
+        scales=SCALES,
+        baseline_mean=baseline_mean,
+        seed=SEED,
+        max_rows=max_rows,
     )
     torch.testing.assert_close(blk.effects, batched.effects, atol=1e-6, rtol=0)
     assert torch.equal(blk.sample_tokens, batched.sample_tokens)
@@ -214,9 +287,19 @@ def test_batching_prompts_does_not_change_effects(
 
 def test_include_first_position_false_drops_position_zero(tiny_model, tiny_sae, spec, vectors, baseline_mean):
     zero = torch.zeros(64)
-    with_0 = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, SCALES, zero, SEED).effects
+    with_0 = measure_effects(
+        tiny_model, tiny_sae, HOOK, spec, vectors=vectors, vector_ids=IDS, scales=SCALES, baseline_mean=zero, seed=SEED
+    ).effects
     no_0 = measure_effects(
-        tiny_model, tiny_sae, HOOK, replace(spec, include_first_position=False), vectors, IDS, SCALES, zero, SEED
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        replace(spec, include_first_position=False),
+        vectors=vectors,
+        vector_ids=IDS,
+        scales=SCALES,
+        baseline_mean=zero,
+        seed=SEED,
     ).effects
     # every rollout starts with BOS, whose activation at position 0 sees nothing else: one fixed code
     _, cache = tiny_model.run_with_cache(torch.tensor([[BOS]]), names_filter=[HOOK])
@@ -225,7 +308,9 @@ def test_include_first_position_false_drops_position_zero(tiny_model, tiny_sae, 
     torch.testing.assert_close(with_0 * t, no_0 * (t - 1) + c0, atol=1e-4, rtol=1e-5)
     assert not torch.allclose(with_0, no_0)
     # the baseline honours the flag the same way
-    base_no_0 = measure_baseline(tiny_model, tiny_sae, HOOK, replace(spec, include_first_position=False), 1, SEED)
+    base_no_0 = measure_baseline(
+        tiny_model, tiny_sae, HOOK, replace(spec, include_first_position=False), multiplier=1, seed=SEED
+    )
     assert base_no_0.n == 5 * 3 * (t - 1)
     torch.testing.assert_close(baseline_mean * t, base_no_0.mean * (t - 1) + c0, atol=1e-4, rtol=1e-5)
 
@@ -239,22 +324,58 @@ def test_common_random_numbers_pair_each_steered_rollout_with_an_unsteered_one(t
     assert base.n == 5 * 3 * 12  # the paired rollouts only: multiplier unused
     zero = torch.zeros(len(IDS))
     blk = measure_effects(
-        tiny_model, tiny_sae, HOOK, crn, vectors, IDS, zero, base.mean, SEED, baseline_halves=base.half_means
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        crn,
+        vectors=vectors,
+        vector_ids=IDS,
+        scales=zero,
+        baseline_mean=base.mean,
+        seed=SEED,
+        baseline_halves=base.half_means,
     )
     # at scale 0 every vector writes exactly the paired unsteered texts: zero effect, also per half
     assert blk.effects.abs().max() <= 1e-6 and blk.halves.abs().max() <= 1e-6
     # the seeds no longer depend on the vector: two vectors at the same scale give the same texts
     same = measure_effects(
-        tiny_model, tiny_sae, HOOK, crn, vectors[:2], IDS[:2], torch.tensor([0.0, 0.0]), base.mean, SEED
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        crn,
+        vectors=vectors[:2],
+        vector_ids=IDS[:2],
+        scales=torch.tensor([0.0, 0.0]),
+        baseline_mean=base.mean,
+        seed=SEED,
     )
     assert torch.equal(same.sample_tokens[0], same.sample_tokens[1])
     steered = measure_effects(
-        tiny_model, tiny_sae, HOOK, crn, vectors, IDS, SCALES, base.mean, SEED, baseline_halves=base.half_means
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        crn,
+        vectors=vectors,
+        vector_ids=IDS,
+        scales=SCALES,
+        baseline_mean=base.mean,
+        seed=SEED,
+        baseline_halves=base.half_means,
     )
     assert (steered.effects[[0, 2, 3]].abs().amax(-1) > 1e-3).all()
     # the independent design at scale 0 does not vanish against its own (independent) baseline
     ind = measure_baseline(tiny_model, tiny_sae, HOOK, spec, multiplier=1, seed=SEED)
-    indep = measure_effects(tiny_model, tiny_sae, HOOK, spec, vectors, IDS, zero, ind.mean, SEED)
+    indep = measure_effects(
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        spec,
+        vectors=vectors,
+        vector_ids=IDS,
+        scales=zero,
+        baseline_mean=ind.mean,
+        seed=SEED,
+    )
     assert indep.effects.abs().max() > 1e-3
 
 
@@ -264,7 +385,16 @@ def test_halves_are_two_independent_measurements_that_average_to_the_effect(tiny
     base = measure_baseline(tiny_model, tiny_sae, HOOK, spec4, multiplier=2, seed=SEED)
     torch.testing.assert_close(base.half_means.mean(0), base.mean, atol=1e-6, rtol=0)
     blk = measure_effects(
-        tiny_model, tiny_sae, HOOK, spec4, vectors, IDS, SCALES, base.mean, SEED, baseline_halves=base.half_means
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        spec4,
+        vectors=vectors,
+        vector_ids=IDS,
+        scales=SCALES,
+        baseline_mean=base.mean,
+        seed=SEED,
+        baseline_halves=base.half_means,
     )
     assert blk.halves.shape == (len(IDS), 2, 64)
     torch.testing.assert_close(blk.halves.mean(1), blk.effects, atol=1e-5, rtol=0)
@@ -277,7 +407,15 @@ def test_halves_are_two_independent_measurements_that_average_to_the_effect(tiny
         blk.halves[1, 1] + base.half_means[1], slow, atol=1e-5, rtol=1e-5
     )  # vector 1 has scale 0
     one = measure_effects(
-        tiny_model, tiny_sae, HOOK, replace(spec4, samples_per_prompt=1), vectors, IDS, SCALES, base.mean, SEED
+        tiny_model,
+        tiny_sae,
+        HOOK,
+        replace(spec4, samples_per_prompt=1),
+        vectors=vectors,
+        vector_ids=IDS,
+        scales=SCALES,
+        baseline_mean=base.mean,
+        seed=SEED,
     )
     assert torch.isnan(one.halves).all()  # one sample per prompt: no halves
 
@@ -290,7 +428,9 @@ def test_positions_over_max_resid_norm_are_left_out(tiny_model, tiny_sae, spec):
     }
     acts = []
     for p, ids in enumerate(spec.prompts):
-        gen = generate(tiny_model, torch.tensor([ids] * len(seeds[p])), spec.new_tokens(p), seeds[p], spec.sampling)
+        gen = generate(
+            tiny_model, torch.tensor([ids] * len(seeds[p])), spec.new_tokens(p), seeds[p], sampling=spec.sampling
+        )
         _, cache = tiny_model.run_with_cache(gen.tokens, names_filter=[HOOK])
         acts.append(cache[HOOK])
     flat = torch.cat([a.reshape(-1, a.shape[-1]) for a in acts])

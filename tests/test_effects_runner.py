@@ -80,11 +80,11 @@ def test_stored_effects_are_measure_effects_at_the_stored_scale(reference, tiny_
         tiny_sae,
         HOOK,
         spec,
-        eff.vectors[rows],
-        eff.vector_ids[rows].tolist(),
-        eff.scales[rows],
-        plan.baseline_mean,
-        run.seed,
+        vectors=eff.vectors[rows],
+        vector_ids=eff.vector_ids[rows].tolist(),
+        scales=eff.scales[rows],
+        baseline_mean=plan.baseline_mean,
+        seed=run.seed,
     )
     torch.testing.assert_close(blk.effects, eff.effects[rows], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(eff.baseline_mean, plan.baseline_mean)
@@ -146,9 +146,9 @@ def test_a_run_grows_to_more_vectors(tmp_path, tiny_model, tiny_sae, monkeypatch
     measured: list[int] = []
     real = effects_runner.compute_block
 
-    def counting(run, model, sae, plan, resid, spec, rows, *a, **k):
+    def counting(run, model, sae, plan, *, rows, **k):
         measured.extend(plan.vector_ids[rows].tolist())
-        return real(run, model, sae, plan, resid, spec, rows, *a, **k)
+        return real(run, model, sae, plan, rows=rows, **k)
 
     monkeypatch.setattr(effects_runner, "compute_block", counting)
     big = tiny_run(tmp_path / "a", vectors={"source": "decoder_rows", "ids": [2, 3, 4, 7, 11]})

@@ -64,7 +64,7 @@ LEASE = 60.0  # far longer than any stall of a loaded machine between two claims
 
 
 def test_leases_expire_without_heartbeats_and_failures_are_counted_per_attempt(tmp_path):
-    a = try_claim(tmp_path, "blk", "A", "w1", LEASE, max_failures=2)
+    a = try_claim(tmp_path, "blk", "A", "w1", lease_s=LEASE, max_failures=2)
     assert a.state == "claimed" and a.path == tmp_path / "blk.0"
     with Heartbeat(0.05, a.path):  # renewed: nobody else gets it, however old it was
         age(a.path, 10 * LEASE)
@@ -72,20 +72,20 @@ def test_leases_expire_without_heartbeats_and_failures_are_counted_per_attempt(t
         while a.path.stat().st_mtime < time.time() - LEASE:
             assert time.monotonic() < deadline, "the heartbeat did not renew the lease"
             time.sleep(0.05)
-        assert try_claim(tmp_path, "blk", "A", "w2", LEASE, max_failures=2).state == "held"
+        assert try_claim(tmp_path, "blk", "A", "w2", lease_s=LEASE, max_failures=2).state == "held"
     age(a.path, LEASE + 1)  # its holder stopped renewing (killed, hung, preempted) a lease ago
-    b = try_claim(tmp_path, "blk", "A", "w2", LEASE, max_failures=2)
+    b = try_claim(tmp_path, "blk", "A", "w2", lease_s=LEASE, max_failures=2)
     assert b.state == "claimed" and b.path == tmp_path / "blk.1"
-    assert try_claim(tmp_path, "blk", "A", "w3", LEASE, max_failures=2).state == "held"
+    assert try_claim(tmp_path, "blk", "A", "w3", lease_s=LEASE, max_failures=2).state == "held"
     fail_claim(b.path, "RuntimeError: boom")  # a failure ends the lease at once
-    given_up = try_claim(tmp_path, "blk", "A", "w3", LEASE, max_failures=2)
+    given_up = try_claim(tmp_path, "blk", "A", "w3", lease_s=LEASE, max_failures=2)
     assert given_up.state == "given_up" and given_up.failures == 2 and "boom" in given_up.errors[-1]
-    later = try_claim(tmp_path, "blk", "B", "w1", LEASE, max_failures=2)  # a later run retries it
+    later = try_claim(tmp_path, "blk", "B", "w1", lease_s=LEASE, max_failures=2)  # a later run retries it
     assert later.state == "claimed" and later.path == tmp_path / "blk.2"
     # a requeued job keeps its worker name but is a new process: it takes its own claim back at once
     info = json.loads(later.path.read_text())
     later.path.write_text(json.dumps({**info, "pid": info["pid"] + 1}))
-    assert try_claim(tmp_path, "blk", "B", "w1", LEASE).state == "claimed"
+    assert try_claim(tmp_path, "blk", "B", "w1", lease_s=LEASE).state == "claimed"
     assert [c.gen for c in read_claims(tmp_path, "blk")] == [0, 1, 2, 3]
 
 
@@ -129,7 +129,7 @@ def test_workers_killed_or_hung_mid_block_on_submitit_give_the_uninterrupted_res
             assert thread.is_alive() and time.monotonic() < deadline, f"no plan in time: {outcome}"
             time.sleep(0.01)
         plan = Plan.load(work_dir(run) / "plan.safetensors")
-        gate = [try_claim(claims, block_key(plan, 2, k), "gate", "gate", 4.0).path for k in range(4)]
+        gate = [try_claim(claims, block_key(plan, 2, k), "gate", "gate", lease_s=4.0).path for k in range(4)]
         assert all(gate)
         with Heartbeat(0.1, *gate):
             while sum(ready(p) for p in (work_dir(run) / "workers").glob("*.json")) < 3:
@@ -221,12 +221,12 @@ def test_a_block_that_always_fails_is_reported_and_skipped_and_retried_by_the_ne
     compute = effects_runner.compute_block
     calls: list[list[int]] = []
 
-    def crashes_on_vector_2(run, model, sae, plan, resid, spec, rows, *a, **k):
+    def crashes_on_vector_2(run, model, sae, plan, *, rows, **k):
         ids = plan.vector_ids[rows].tolist()
         calls.append(ids)
         if 2 in ids:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return compute(run, model, sae, plan, resid, spec, rows, *a, **k)
+        return compute(run, model, sae, plan, rows=rows, **k)
 
     monkeypatch.setattr(effects_runner, "compute_block", crashes_on_vector_2)
     with pytest.raises(RuntimeError, match=r"(?s)2 of 4 vectors unmeasured.*vector ids \[2, 3\]\) failed 3 times"):
@@ -241,7 +241,7 @@ def test_a_block_that_always_fails_is_reported_and_skipped_and_retried_by_the_ne
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_lives(tmp_path, tiny_model, tiny_sae):
     """Regression: two concurrent runs of the same params each computed every block."""
     run = tiny_run(tmp_path, vectors={"source": "decoder_rows", "ids": [5, 6]}, lease_s=LEASE)
-    other = try_claim(run.results_dir / LOCK, "run", "", "otherhost:4242", LEASE)
+    other = try_claim(run.results_dir / LOCK, "run", "", "otherhost:4242", lease_s=LEASE)
     assert other.path is not None
     with pytest.raises(ConfigError, match=r"another run .*pid \d+ on"):  # its lock is fresh
         run_effects(run, tiny_model, tiny_sae)

@@ -123,7 +123,12 @@ def test_recipe_judge(words_judge):
     assert result.ok and result.score == 4 and result.judge == "words:count"
     battle = make_battle_judge(cfg, None)
     pairs = [("one two", "one"), ("one", "one two"), ("x", "y")]
-    reqs = [battle_request("wedding", "CAA", "SAE", a, b, {"behaviour": "weddings"}, "I think") for a, b in pairs]
+    reqs = [
+        battle_request(
+            "wedding", "CAA", "SAE", text_a=a, text_b=b, criteria={"behaviour": "weddings"}, prompt="I think"
+        )
+        for a, b in pairs
+    ]
     assert [r.score for r in score_requests(battle, reqs, progress=False)] == [1, 2, 3]
     # not prompted: the template neither decides its scores nor is recorded with them
     assert "words:count with the '-' template" in (judge_mismatch(cfg.model_copy(update={"model": "count"})) or "")

@@ -108,7 +108,9 @@ def test_playground_streams_and_disables_the_button(tiny_model, tiny_sae, tmp_pa
     ctx = SteeringContext(run, tiny_model, tiny_sae, None, None, torch.zeros(tiny_sae.cfg.d_sae), 1)
     seen: list[tuple[list[str], list[str]]] = []
     v = tiny_sae.W_dec[3]
-    r = playground_generate(ctx, v, 100.0, "I think", 0, 5, n_samples=2, on_text=lambda u, s: seen.append((u, s)))
+    r = playground_generate(
+        ctx, v, 100.0, "I think", seed=0, new_tokens=5, n_samples=2, on_text=lambda u, s: seen.append((u, s))
+    )
     assert len(seen) == 5  # one update per generated token
     assert seen[-1] == (r["unsteered"], r["steered"])
     assert all(len(u) == len(s) == 2 for u, s in seen)

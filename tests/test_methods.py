@@ -297,24 +297,27 @@ def test_caa_matches_direct_computation(tiny_model, include_first):
     pos, neg = seqs([3, 7, 5, 2, 9], 4), seqs([4, 6, 8], 5)
     start = 0 if include_first else 1
     mp = _direct_means(tiny_model, pos, start)
-    torch.testing.assert_close(mean_resid(tiny_model, HOOK, pos, include_first, batch_size=2), mp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        mean_resid(tiny_model, HOOK, pos, include_first_position=include_first, batch_size=2), mp, atol=1e-5, rtol=1e-5
+    )
     expected = mp - _direct_means(tiny_model, neg, start)
-    v = build_caa_vector(tiny_model, HOOK, pos, neg, include_first, batch_size=2)
+    v = build_caa_vector(tiny_model, HOOK, pos, neg, include_first_position=include_first, batch_size=2)
     torch.testing.assert_close(v, expected / expected.norm(), atol=1e-5, rtol=1e-5)
 
 
 def test_mean_resid_accepts_equal_length_tensor(tiny_model):
     toks = torch.stack(seqs([5, 5, 5], 6))
     torch.testing.assert_close(
-        mean_resid(tiny_model, HOOK, toks, True), mean_resid(tiny_model, HOOK, list(toks), True, batch_size=1)
+        mean_resid(tiny_model, HOOK, toks, include_first_position=True),
+        mean_resid(tiny_model, HOOK, list(toks), include_first_position=True, batch_size=1),
     )
 
 
 def test_mean_resid_rejects_bad_input(tiny_model):
     with pytest.raises(ValueError, match="not a hook"):
-        mean_resid(tiny_model, "blocks.9.hook_resid_post", seqs([3], 0), True)
+        mean_resid(tiny_model, "blocks.9.hook_resid_post", seqs([3], 0), include_first_position=True)
     with pytest.raises(ValueError, match="no token sequences"):
-        mean_resid(tiny_model, HOOK, [], True)
+        mean_resid(tiny_model, HOOK, [], include_first_position=True)
     with pytest.raises(ValueError, match="no position to average"):
         mean_resid(tiny_model, HOOK, seqs([3, 1], 0), include_first_position=False)
 
@@ -369,10 +372,14 @@ def test_mean_sae_acts_and_density_leave_out_positions_over_max_resid_norm(tiny_
     rows = _direct_kept(tiny_model, toks, 1, {2}, tiny_sae.encode)
     expected = torch.stack([r.mean(0) for r in rows]).mean(0)
     with sinks(tiny_model, [2]):
-        got = mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, False, batch_size=3, max_resid_norm=bound)
-        unfiltered = mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, False, batch_size=3)
-        dens = feature_density(tiny_model, tiny_sae, HOOK, toks, False, batch_size=3, max_resid_norm=bound)
-        resid = mean_resid(tiny_model, HOOK, toks, False, batch_size=3, max_resid_norm=bound)
+        got = mean_sae_acts(
+            tiny_model, tiny_sae, HOOK, toks, include_first_position=False, batch_size=3, max_resid_norm=bound
+        )
+        unfiltered = mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, include_first_position=False, batch_size=3)
+        dens = feature_density(
+            tiny_model, tiny_sae, HOOK, toks, include_first_position=False, batch_size=3, max_resid_norm=bound
+        )
+        resid = mean_resid(tiny_model, HOOK, toks, include_first_position=False, batch_size=3, max_resid_norm=bound)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert (unfiltered - expected).abs().max() > 1.0  # the sink would dominate the mean without the filter
     torch.testing.assert_close(dens, (torch.cat(rows) > 0).float().mean(0))
@@ -380,8 +387,8 @@ def test_mean_sae_acts_and_density_leave_out_positions_over_max_resid_norm(tiny_
     torch.testing.assert_close(resid, torch.stack([r.mean(0) for r in resid_rows]).mean(0), atol=1e-5, rtol=1e-5)
     # a bound above every norm changes nothing
     torch.testing.assert_close(
-        mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, False, max_resid_norm=bound),
-        mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, False),
+        mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, include_first_position=False, max_resid_norm=bound),
+        mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, include_first_position=False),
     )
 
 
@@ -391,14 +398,16 @@ def test_an_example_whose_every_position_is_a_sink_is_skipped(tiny_model, tiny_s
     rows = _direct_kept(tiny_model, toks, 1, {1, 2}, tiny_sae.encode)
     assert len(rows) == 1
     with sinks(tiny_model, [1, 2]):
-        got = mean_sae_acts(tiny_model, tiny_sae, HOOK, toks, False, batch_size=2, max_resid_norm=bound)
+        got = mean_sae_acts(
+            tiny_model, tiny_sae, HOOK, toks, include_first_position=False, batch_size=2, max_resid_norm=bound
+        )
         with pytest.raises(ValueError, match="every position of every example"):
-            mean_sae_acts(tiny_model, tiny_sae, HOOK, toks[1:], False, max_resid_norm=bound)
+            mean_sae_acts(tiny_model, tiny_sae, HOOK, toks[1:], include_first_position=False, max_resid_norm=bound)
         with pytest.raises(ValueError, match="no position to count"):
-            feature_density(tiny_model, tiny_sae, HOOK, toks[1:], False, max_resid_norm=bound)
+            feature_density(tiny_model, tiny_sae, HOOK, toks[1:], include_first_position=False, max_resid_norm=bound)
     torch.testing.assert_close(got, rows[0].mean(0), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="max_resid_norm must be > 0"):
-        mean_resid(tiny_model, HOOK, toks, False, max_resid_norm=0.0)
+        mean_resid(tiny_model, HOOK, toks, include_first_position=False, max_resid_norm=0.0)
 
 
 def test_target_discovery_uses_the_runs_max_resid_norm(tiny_model, tiny_sae):
@@ -440,7 +449,11 @@ def test_fgaa_target_drops_dense_and_bos_features_and_l1_normalises():
     assert sum(w for _, w in target) == pytest.approx(1.0)
     assert [w for _, w in target] == pytest.approx([0.5, 1 / 3, 1 / 6])
     # top_k larger than the number of positive features keeps only the positive ones
-    assert [i for i, _ in build_fgaa_target(pos, neg, density, 0.01, [1], top_k=10)] == [2, 3, 4]
+    assert [i for i, _ in build_fgaa_target(pos, neg, density, density_max=0.01, bos_features=[1], top_k=10)] == [
+        2,
+        3,
+        4,
+    ]
     v = build_fgaa_vector(EffectApproximator(torch.randn(D_MODEL, D_SAE), torch.randn(D_SAE)), target)
     assert v.norm().item() == pytest.approx(1.0, abs=1e-5)
 

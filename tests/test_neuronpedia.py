@@ -118,13 +118,13 @@ def test_explorer_links_feature_ids(tmp_path):
     eff.meta["effects"]["vectors"]["source"] = "decoder_rows"  # vector id = its own feature's id
     eff.effects[2, 2] = 10.0
     labels = {2: "<wedding>"}
-    ex = EffectExplorer(eff, None, k=3, labels=labels, run=gemma)
+    ex = EffectExplorer(eff, tokenizer=None, k=3, labels=labels, run=gemma)
     ex.show(2)
     assert f"href='{NP_2B}2'" in ex.table_html.value and f"href='{NP_2B}2'" in ex.summary_html.value
     assert "&lt;wedding&gt;" in ex.table_html.value and "<wedding>" not in ex.table_html.value  # labels escaped
     ex.find(5)
     assert f"href='{NP_2B}5'" in ex.feature_label.value
-    plain = EffectExplorer(eff, None, k=3, labels=labels, run=demo)
+    plain = EffectExplorer(eff, tokenizer=None, k=3, labels=labels, run=demo)
     plain.show(2)
     plain.find(5)
     assert not any("neuronpedia" in w.value for w in (plain.table_html, plain.summary_html, plain.feature_label))

@@ -89,10 +89,12 @@ def _cases(tables):
         "product_vs_scale": lambda: plots.plot_product_vs_scale(by_scale),
         "behaviour_coherence": lambda: plots.plot_behaviour_coherence(by_scale),
         "best_product": lambda: plots.plot_best_product(summary),
-        "approximator": lambda: plots.plot_approximator_diagnostics(torch.tensor(pred), measured, b, density, top=10),
+        "approximator": lambda: plots.plot_approximator_diagnostics(
+            torch.tensor(pred), measured, b, density=density, top=10
+        ),
         "approximator_no_density": lambda: plots.plot_approximator_diagnostics(pred, measured, b),
         "training_curve": lambda: plots.plot_training_curve(history, {"predict mean": 0.9}),
-        "effect_profile": lambda: plots.plot_effect_profile(measured[0], [5, 7], density, top=5, title="anger"),
+        "effect_profile": lambda: plots.plot_effect_profile(measured[0], [5, 7], density=density, top=5, title="anger"),
         "published": lambda: plots.plot_published_comparison(compare),
         "learning_curve": lambda: plots.plot_learning_curve(curve, "study"),
         "pareto": lambda: plots.plot_pareto(by_scale),

@@ -195,7 +195,7 @@ def test_02_trains_on_published_effects_as_on_01s(offline_hub, tmp_path, fit):
         from saets_utils.report.figures import make_all_figures
         from saets_utils.report.plots import plot_approximator_diagnostics
 
-        plot_approximator_diagnostics(a.pred, a.measured, a.approx.b, eff.baseline_density)
+        plot_approximator_diagnostics(a.pred, a.measured, a.approx.b, density=eff.baseline_density)
         assert [p.name for p in make_all_figures(run)] == ["approximator_diagnostics.png"]
 
 

@@ -259,7 +259,7 @@ def test_offline_battle_judge_prefers_the_higher_score():
             "text_b": ["I think it is calm", "I think calm"],
         }
     )
-    v = judge_battles(judge, plan, {"anger": {"behaviour": "angry", "coherence": "fluent"}}, "I think", False)
+    v = judge_battles(judge, plan, {"anger": {"behaviour": "angry", "coherence": "fluent"}}, "I think", progress=False)
     assert v["winner"].tolist() == ["A", "tie"]
     assert score_requests(judge, [], progress=False) == []
 

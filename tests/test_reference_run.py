@@ -81,7 +81,7 @@ def ci_run():
     with FakeOpenAIServer() as server:
         for step in STEPS:
             params = {"overrides": {"eval": {"judge": {"base_url": server.base_url}}}} if step.name == "03_eval" else {}
-            execute_notebook(cfg, step, CI, params, 900)
+            execute_notebook(cfg, step, params_file=CI, parameters=params, timeout_s=900)
         requests = list(server.requests)
     return cfg, requests
 

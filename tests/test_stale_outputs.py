@@ -147,7 +147,7 @@ def test_the_explorer_and_04_refuse_01_files_of_an_interrupted_or_changed_run(tm
         p.name for p in run.results_dir.iterdir() if p.is_file() and p.name != "manifest.json"
     }  # every file 01 writes is recorded
     eff = load_run_effects(run)
-    EffectExplorer(eff, None, k=3, run=run)
+    EffectExplorer(eff, tokenizer=None, k=3, run=run)
     assert {p.name for p in make_all_figures(run)} == {"effect_profile_3.png", "effect_profile_5.png"}
 
     begin_step(run, "01_effects")  # a new 01 starts and is killed: its earlier files are still there
@@ -155,10 +155,10 @@ def test_the_explorer_and_04_refuse_01_files_of_an_interrupted_or_changed_run(tm
     with pytest.raises(StaleInputs, match="the effect explorer refuses .*" + refused):
         load_run_effects(run)
     with pytest.raises(StaleInputs, match="the effect explorer refuses .*" + refused):
-        EffectExplorer(eff, None, k=3, run=run)
+        EffectExplorer(eff, tokenizer=None, k=3, run=run)
     with pytest.raises(StaleInputs, match="notebook 04 refuses .*" + refused):
         make_all_figures(run)
-    EffectExplorer(eff, None, k=3)  # effects handed over without a run: not the explorer's to check
+    EffectExplorer(eff, tokenizer=None, k=3)  # effects handed over without a run: not the explorer's to check
 
     record_step(run, "01_effects", "cpu")
     table = run.results_dir / "effects_table.csv"

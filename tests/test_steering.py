@@ -219,9 +219,9 @@ def prompt(n_rows: int, ids=(1, 42, 17)) -> torch.Tensor:
 
 def test_generate_validates_arguments(tiny_model):
     with pytest.raises(ValueError, match="one seed per row"):
-        generate(tiny_model, prompt(2), 3, [0], SAMPLING)
+        generate(tiny_model, prompt(2), 3, [0], sampling=SAMPLING)
     with pytest.raises(ValueError, match="hook_name"):
-        generate(tiny_model, prompt(1), 3, [0], SAMPLING, delta=torch.zeros(32))
+        generate(tiny_model, prompt(1), 3, [0], sampling=SAMPLING, delta=torch.zeros(32))
 
 
 @pytest.mark.parametrize("sampling", [None, SAMPLING, WIDE_SAMPLING], ids=["greedy", "sampled", "wide"])
@@ -230,8 +230,8 @@ def test_kv_cache_generation_equals_no_cache_under_steering(tiny_model, sampling
     deltas = steering_delta(unit(6, 32, 6), [0.0, 3.0, 8.0, 1.0, 5.0, 12.0])
     seeds = [row_seed(0, i) for i in range(6)]
     kw = dict(hook_name=HOOK, delta=deltas, capture=True)
-    cached = generate(model, prompt(6), 16, seeds, sampling, use_cache=True, **kw)
-    plain = generate(model, prompt(6), 16, seeds, sampling, use_cache=False, **kw)
+    cached = generate(model, prompt(6), 16, seeds, sampling=sampling, use_cache=True, **kw)
+    plain = generate(model, prompt(6), 16, seeds, sampling=sampling, use_cache=False, **kw)
     assert cached.tokens.shape == (6, 19)
     assert torch.equal(cached.tokens, plain.tokens)
     torch.testing.assert_close(cached.activations, plain.activations, atol=1e-4, rtol=1e-4)
@@ -248,9 +248,9 @@ def test_captured_activations_are_the_unsteered_model_on_generated_tokens(tiny_m
         prompt(4),
         10,
         [row_seed(1, i) for i in range(4)],
-        WIDE_SAMPLING,
-        HOOK,
-        deltas,
+        sampling=WIDE_SAMPLING,
+        hook_name=HOOK,
+        delta=deltas,
         use_cache=use_cache,
         capture=True,
     )
@@ -266,8 +266,8 @@ def test_kv_cache_generation_attends_to_eos_tokens(tiny_model):
     p = torch.tensor([[1, 42, eos]] * 2)
     kw = dict(hook_name=HOOK, delta=steering_delta(unit(1, 32, 10)[0], 3.0), capture=True)
     seeds = [row_seed(4, i) for i in range(2)]
-    cached = generate(tiny_model, p, 6, seeds, None, use_cache=True, **kw)
-    plain = generate(tiny_model, p, 6, seeds, None, use_cache=False, **kw)
+    cached = generate(tiny_model, p, 6, seeds, sampling=None, use_cache=True, **kw)
+    plain = generate(tiny_model, p, 6, seeds, sampling=None, use_cache=False, **kw)
     _, cache = tiny_model.run_with_cache(cached.tokens, names_filter=[HOOK])
     torch.testing.assert_close(cached.activations, cache[HOOK], atol=1e-4, rtol=1e-4)
     assert torch.equal(cached.tokens, plain.tokens)
@@ -275,9 +275,11 @@ def test_kv_cache_generation_attends_to_eos_tokens(tiny_model):
 
 def test_steering_changes_generated_text(tiny_model):
     seeds = [row_seed(2, i) for i in range(4)]
-    clean = generate(tiny_model, prompt(4), 10, seeds, None)
-    steered = generate(tiny_model, prompt(4), 10, seeds, None, HOOK, steering_delta(unit(1, 32, 8)[0], 12.0))
-    zero = generate(tiny_model, prompt(4), 10, seeds, None, HOOK, torch.zeros(32))
+    clean = generate(tiny_model, prompt(4), 10, seeds, sampling=None)
+    steered = generate(
+        tiny_model, prompt(4), 10, seeds, sampling=None, hook_name=HOOK, delta=steering_delta(unit(1, 32, 8)[0], 12.0)
+    )
+    zero = generate(tiny_model, prompt(4), 10, seeds, sampling=None, hook_name=HOOK, delta=torch.zeros(32))
     assert torch.equal(zero.tokens, clean.tokens)
     assert not torch.equal(steered.tokens, clean.tokens)
 
@@ -285,17 +287,26 @@ def test_steering_changes_generated_text(tiny_model):
 def test_batched_generation_equals_one_row_at_a_time(tiny_model):
     deltas = steering_delta(unit(5, 32, 9), [0.0, 1.0, 3.0, 6.0, 3.0])
     seeds = [row_seed(3, i) for i in range(5)]
-    batched = generate(tiny_model, prompt(5), 12, seeds, WIDE_SAMPLING, HOOK, deltas, capture=True)
+    batched = generate(
+        tiny_model, prompt(5), 12, seeds, sampling=WIDE_SAMPLING, hook_name=HOOK, delta=deltas, capture=True
+    )
     for i in range(5):
         alone = generate(
-            tiny_model, prompt(1), 12, seeds[i : i + 1], WIDE_SAMPLING, HOOK, deltas[i : i + 1], capture=True
+            tiny_model,
+            prompt(1),
+            12,
+            seeds[i : i + 1],
+            sampling=WIDE_SAMPLING,
+            hook_name=HOOK,
+            delta=deltas[i : i + 1],
+            capture=True,
         )
         assert torch.equal(batched.tokens[i : i + 1], alone.tokens), f"row {i} depends on its batch"
         torch.testing.assert_close(batched.activations[i : i + 1], alone.activations, atol=1e-4, rtol=1e-4)
     # same delta, different seeds: different text (the seed is what makes rows differ)
     assert not torch.equal(batched.tokens[2], batched.tokens[4])
     # and the same seed twice gives the same text
-    again = generate(tiny_model, prompt(5), 12, seeds, WIDE_SAMPLING, HOOK, deltas)
+    again = generate(tiny_model, prompt(5), 12, seeds, sampling=WIDE_SAMPLING, hook_name=HOOK, delta=deltas)
     assert torch.equal(again.tokens, batched.tokens)
 
 
@@ -312,11 +323,18 @@ def test_aligned_generation_equals_generate_of_each_prompt_alone(tiny_model, sam
     n = len(MIXED)
     deltas = steering_delta(unit(n, 32, 11), [0.0, 4.0, 4.0, 7.0, 2.0, 9.0])
     seeds = [row_seed(5, i) for i in range(n)]
-    got = generate_aligned(tiny_model, MIXED, 14, seeds, sampling, HOOK, deltas, capture=True)
+    got = generate_aligned(tiny_model, MIXED, 14, seeds, sampling=sampling, hook_name=HOOK, delta=deltas, capture=True)
     assert got.tokens.shape == (n, 14) and got.activations is not None and got.activations.shape == (n, 14, 32)
     for i, ids in enumerate(MIXED):
         alone = generate(
-            tiny_model, prompt(1, ids), 14 - len(ids), seeds[i : i + 1], sampling, HOOK, deltas[i : i + 1], capture=True
+            tiny_model,
+            prompt(1, ids),
+            14 - len(ids),
+            seeds[i : i + 1],
+            sampling=sampling,
+            hook_name=HOOK,
+            delta=deltas[i : i + 1],
+            capture=True,
         )
         assert torch.equal(got.tokens[i : i + 1], alone.tokens), f"row {i} (prompt {ids})"
         torch.testing.assert_close(got.activations[i : i + 1], alone.activations, atol=1e-4, rtol=1e-4)
@@ -335,10 +353,19 @@ def test_aligned_generation_on_gemma2_with_grouped_attention_and_prompts_past_th
     d = model.cfg.d_model
     deltas = steering_delta(unit(4, d, 13), [0.0, 3.0, 6.0, 2.0])
     seeds = [row_seed(6, i) for i in range(4)]
-    got = generate_aligned(model, prompts, 20, seeds, WIDE_SAMPLING, HOOK, deltas, capture=True)
+    got = generate_aligned(
+        model, prompts, 20, seeds, sampling=WIDE_SAMPLING, hook_name=HOOK, delta=deltas, capture=True
+    )
     for i, ids in enumerate(prompts):
         alone = generate(
-            model, prompt(1, ids), 20 - len(ids), seeds[i : i + 1], WIDE_SAMPLING, HOOK, deltas[i : i + 1], capture=True
+            model,
+            prompt(1, ids),
+            20 - len(ids),
+            seeds[i : i + 1],
+            sampling=WIDE_SAMPLING,
+            hook_name=HOOK,
+            delta=deltas[i : i + 1],
+            capture=True,
         )
         assert torch.equal(got.tokens[i : i + 1], alone.tokens), f"row {i}"
         torch.testing.assert_close(got.activations[i : i + 1], alone.activations, atol=1e-4, rtol=1e-4)
@@ -348,7 +375,9 @@ def test_aligned_generation_captures_the_unsteered_model_and_attends_to_eos(tiny
     eos = tiny_model.tokenizer.pad_token_id
     prompts = [(1, 42, eos), (1,), (1, eos)]
     deltas = steering_delta(unit(3, 32, 12), [3.0, 6.0, 0.0])
-    got = generate_aligned(tiny_model, prompts, 10, [7, 8, 9], WIDE_SAMPLING, HOOK, deltas, capture=True)
+    got = generate_aligned(
+        tiny_model, prompts, 10, [7, 8, 9], sampling=WIDE_SAMPLING, hook_name=HOOK, delta=deltas, capture=True
+    )
     _, cache = tiny_model.run_with_cache(got.tokens, names_filter=[HOOK])
     torch.testing.assert_close(got.activations, cache[HOOK], atol=1e-4, rtol=1e-4)
     for i, ids in enumerate(prompts):
@@ -357,10 +386,10 @@ def test_aligned_generation_captures_the_unsteered_model_and_attends_to_eos(tiny
 
 def test_aligned_generation_validates_arguments(tiny_model):
     with pytest.raises(ValueError, match="one seed per row"):
-        generate_aligned(tiny_model, [(1,), (1, 2)], 5, [0], SAMPLING)
+        generate_aligned(tiny_model, [(1,), (1, 2)], 5, [0], sampling=SAMPLING)
     with pytest.raises(ValueError, match="hook_name"):
-        generate_aligned(tiny_model, [(1,)], 5, [0], SAMPLING, capture=True)
+        generate_aligned(tiny_model, [(1,)], 5, [0], sampling=SAMPLING, capture=True)
     with pytest.raises(ValueError, match="1 to 4 tokens"):
-        generate_aligned(tiny_model, [(1,), (1, 2, 3, 4, 5)], 5, [0, 1], SAMPLING)
+        generate_aligned(tiny_model, [(1,), (1, 2, 3, 4, 5)], 5, [0, 1], sampling=SAMPLING)
     with pytest.raises(ValueError, match="1 to 4 tokens"):
-        generate_aligned(tiny_model, [()], 5, [0], SAMPLING)
+        generate_aligned(tiny_model, [()], 5, [0], sampling=SAMPLING)

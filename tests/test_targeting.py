@@ -258,7 +258,15 @@ def setup(tmp_path_factory, tiny_model):
     u = u - u.mean()
     u = u / u.norm()
     spec = rollout_spec(run, model, BOS)
-    gen = generate(model, torch.tensor([spec.prompts[0]] * 32), 15, list(range(32)), spec.sampling, HOOK, u * 20)
+    gen = generate(
+        model,
+        torch.tensor([spec.prompts[0]] * 32),
+        15,
+        list(range(32)),
+        sampling=spec.sampling,
+        hook_name=HOOK,
+        delta=u * 20,
+    )
     acts, is_tok = resid_at_hook(model, HOOK, gen.tokens)[:, 1:], gen.tokens[:, 1:] == tok_id
     assert 0.1 < is_tok.float().mean() < 0.9
     d = acts[is_tok].mean(0) - acts[~is_tok].mean(0)
@@ -273,7 +281,7 @@ def setup(tmp_path_factory, tiny_model):
     other = sae.W_dec[5].clone()  # an unrelated direction, as a second "method"
     row = sae.W_dec[FEATURE].detach().clone()  # the SAE method's vector: the target's own decoder row
     tvs = {"zeds": TaskVectors("zeds", vectors={"CAA": other, "SAE": row}, targets={"SAE": [(FEATURE, 1.0)]})}
-    df = measure_targeting(run, model, sae, tvs, progress=False)
+    df = measure_targeting(run, model, sae, task_vectors=tvs, progress=False)
     return run, model, sae, plan, tvs, df
 
 
@@ -311,11 +319,11 @@ def test_measurement_is_01s_at_the_calibrated_scale(setup):
         plan.loss_tokens,
         resid,
         vecs,
-        run.effects.calibration,
-        run.effects.scale_grid.values(),
-        run.effects.loss_target,
-        plan.unsteered_loss,
-        plan_scale_hint(run, model, sae, plan, resid),
+        cfg=run.effects.calibration,
+        grid=run.effects.scale_grid.values(),
+        target=run.effects.loss_target,
+        unsteered_loss=plan.unsteered_loss,
+        start=plan_scale_hint(run, model, sae, plan, resid=resid),
     )
     torch.testing.assert_close(eff["scales"], cal.scales)
     assert df["status"].tolist() == cal.status
@@ -324,11 +332,11 @@ def test_measurement_is_01s_at_the_calibrated_scale(setup):
         sae,
         HOOK,
         rollout_spec(run, model, BOS),
-        vecs,
-        df["vector_id"].tolist(),
-        cal.scales,
-        plan.baseline_mean,
-        run.seed,
+        vectors=vecs,
+        vector_ids=df["vector_id"].tolist(),
+        scales=cal.scales,
+        baseline_mean=plan.baseline_mean,
+        seed=run.seed,
         baseline_halves=plan.baseline_halves,
     )
     torch.testing.assert_close(eff["effects"], blk.effects, atol=1e-5, rtol=1e-5)
@@ -383,7 +391,7 @@ def test_targets_resolved_when_03_recorded_none(setup, monkeypatch):
             run,
             model,
             sae,
-            {"short": TaskVectors("short", vectors={"CAA": tvs["zeds"].vectors["CAA"]})},
+            task_vectors={"short": TaskVectors("short", vectors={"CAA": tvs["zeds"].vectors["CAA"]})},
             progress=False,
         )
         expected = resolve_targets(short, load_context(run, model, sae, require_approximator=False))[0]["SAE-TS"]
@@ -397,13 +405,13 @@ def test_missing_or_stale_plan_fails_clearly(setup, tmp_path, tiny_model, tiny_s
     run, *_ = setup
     fresh = build_run_cfg(tmp_path, TARGETING, stem="tinytarget")
     with pytest.raises(FileNotFoundError, match="01_effects"):
-        measure_targeting(fresh, tiny_model, tiny_sae, {}, progress=False)
+        measure_targeting(fresh, tiny_model, tiny_sae, task_vectors={}, progress=False)
     changed = build_run_cfg(
         tmp_path, TARGETING, stem="tinytarget", results_root=run.results_root, effects={"loss_target": {"value": 0.6}}
     )
     assert work_dir(changed) == work_dir(run) and Plan.load(work_dir(run) / "plan.safetensors")
     with pytest.raises(ConfigError, match="other effects settings"):
-        measure_targeting(changed, tiny_model, tiny_sae, {}, progress=False)
+        measure_targeting(changed, tiny_model, tiny_sae, task_vectors={}, progress=False)
 
 
 def test_targeting_figure(setup, tmp_path):
@@ -496,6 +504,8 @@ def test_evaluate_run_measures_targeting_and_04_draws_it(setup, tmp_path, monkey
     figures.make_all_figures(off)
     assert not (new.results_dir / "figures" / "targeting.png").exists()
     assert "Targeting (judge-free)" not in pipeline.write_index(off).read_text()
-    empty = measure_targeting(new, model, sae, {}, progress=False)  # nothing to measure: empty tables, no error
+    empty = measure_targeting(
+        new, model, sae, task_vectors={}, progress=False
+    )  # nothing to measure: empty tables, no error
     assert list(empty.columns) == list(COLUMNS) and empty.empty
     assert pd.read_csv(ev / "targeting_summary.csv").empty

@@ -83,7 +83,7 @@ def test_explore_functions(tiny_run):
 
 def test_effect_explorer(tiny_run):
     effects, _ctx, model = tiny_run
-    ex = EffectExplorer(effects, model.tokenizer, k=5)
+    ex = EffectExplorer(effects, tokenizer=model.tokenizer, k=5)
     vid = int(effects.vector_ids[2])
     ex.vector.value = vid
     assert ex.summary["vector_id"] == vid and ex.summary["status"] == effects.table["status"][2]

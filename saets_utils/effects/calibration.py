@@ -78,7 +78,7 @@ def final_resid_loss(model: HookedTransformer, resid_final: Tensor, tokens: Tens
 
 @torch.no_grad()
 def steered_losses(
-    model: HookedTransformer, hook_name: str, tokens: Tensor, resid: Tensor, deltas: Tensor, max_rows: int = 64
+    model: HookedTransformer, hook_name: str, tokens: Tensor, resid: Tensor, deltas: Tensor, *, max_rows: int = 64
 ) -> Tensor:
     """Mean LM loss over the chunks ``tokens [c, seq]`` for each steering delta ``[r, d_model]`` -> ``[r]``.
 
@@ -167,6 +167,7 @@ def calibrate_scales(
     tokens: Tensor,
     resid: Tensor,
     vectors: Tensor,
+    *,
     grid: Sequence[float],
     target: LossTarget,
     unsteered_loss: float,
@@ -186,7 +187,7 @@ def calibrate_scales(
         if s == 0.0:
             losses[idx, gi] = unsteered_loss
         else:
-            losses[idx, gi] = steered_losses(model, hook_name, tokens, resid, vectors[idx] * s, max_rows)
+            losses[idx, gi] = steered_losses(model, hook_name, tokens, resid, vectors[idx] * s, max_rows=max_rows)
         active[idx] = losses[idx, gi] <= tgt
     scales, status = [], []
     for i in range(v):
@@ -244,6 +245,7 @@ def calibrate_scales_secant(
     tokens: Tensor,
     resid: Tensor,
     vectors: Tensor,
+    *,
     grid: Sequence[float],
     target: LossTarget,
     unsteered_loss: float,
@@ -296,7 +298,9 @@ def calibrate_scales_secant(
         if coarse:
             sub_t, sub_r = tokens[:m], resid[:m]
             l0_sub = float(steered_losses(model, hook_name, sub_t, sub_r, vectors[:1] * 0.0)[0])
-            l_h = steered_losses(model, hook_name, sub_t, sub_r, vectors * guess[:, None].to(vectors), max_rows)
+            l_h = steered_losses(
+                model, hook_name, sub_t, sub_r, vectors * guess[:, None].to(vectors), max_rows=max_rows
+            )
             cost += m / c
             guess = torch.tensor(
                 [
@@ -312,7 +316,17 @@ def calibrate_scales_secant(
             if not coarse
             else float(steered_losses(model, hook_name, tokens[sub], resid[sub], vectors[:1] * 0.0)[0])
         )
-        sweep = calibrate_scales(model, hook_name, tokens[sub], resid[sub], vectors, grid, target, l0_sub, max_rows)
+        sweep = calibrate_scales(
+            model,
+            hook_name,
+            tokens[sub],
+            resid[sub],
+            vectors,
+            grid=grid,
+            target=target,
+            unsteered_loss=l0_sub,
+            max_rows=max_rows,
+        )
         assert sweep.evaluations is not None
         cost += sweep.evaluations * (m / c if coarse else 1.0)
         guess = sweep.scales.double().nan_to_num(nan=grid[1] if len(grid) > 1 else s_max)
@@ -326,7 +340,9 @@ def calibrate_scales_secant(
         if idx.numel() == 0:
             break
         s_k = guess[idx]
-        l_k = steered_losses(model, hook_name, tokens, resid, vectors[idx] * s_k[:, None].to(vectors), max_rows)
+        l_k = steered_losses(
+            model, hook_name, tokens, resid, vectors[idx] * s_k[:, None].to(vectors), max_rows=max_rows
+        )
         cost[idx] += 1
         probe_s[idx, k], probe_l[idx, k] = s_k, l_k
         for i in idx.tolist():
@@ -354,6 +370,7 @@ def calibrate(
     tokens: Tensor,
     resid: Tensor,
     vectors: Tensor,
+    *,
     cfg: CalibrationConfig,
     grid: Sequence[float],
     target: LossTarget,
@@ -364,16 +381,26 @@ def calibrate(
     """Scales for ``vectors [v, d_model]`` with the method ``cfg`` names (``start``: the secant
     search's starting point, :func:`scale_hint`; the sweep ignores it)."""
     if cfg.method == "sweep":
-        return calibrate_scales(model, hook_name, tokens, resid, vectors, grid, target, unsteered_loss, max_rows)
+        return calibrate_scales(
+            model,
+            hook_name,
+            tokens,
+            resid,
+            vectors,
+            grid=grid,
+            target=target,
+            unsteered_loss=unsteered_loss,
+            max_rows=max_rows,
+        )
     return calibrate_scales_secant(
         model,
         hook_name,
         tokens,
         resid,
         vectors,
-        grid,
-        target,
-        unsteered_loss,
+        grid=grid,
+        target=target,
+        unsteered_loss=unsteered_loss,
         start=start,
         coarse_chunks=cfg.coarse_chunks,
         rtol=cfg.rtol,
@@ -397,6 +424,7 @@ def scale_hint(
     tokens: Tensor,
     resid: Tensor,
     vectors: Tensor,
+    *,
     grid: Sequence[float],
     target: LossTarget,
     unsteered_loss: float,
@@ -406,7 +434,9 @@ def scale_hint(
     vectors, e.g. a plan's first rows, so every block of a run starts alike whatever worker or
     resume computes it): their median scale, and the median exponent of the loss rise between the
     two grid points around each crossing. None if none crosses."""
-    cal = calibrate_scales(model, hook_name, tokens, resid, vectors, grid, target, unsteered_loss)
+    cal = calibrate_scales(
+        model, hook_name, tokens, resid, vectors, grid=grid, target=target, unsteered_loss=unsteered_loss
+    )
     g = sorted(float(x) for x in grid)
     ok = [i for i, st in enumerate(cal.status) if st in ("ok", "non_monotone")]
     if not ok:

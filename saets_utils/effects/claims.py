@@ -151,7 +151,7 @@ class ClaimOutcome:
 
 
 def try_claim(
-    folder: Path, key: str, attempt: str, worker: str, lease_s: float, max_failures: int | None = None
+    folder: Path, key: str, attempt: str, worker: str, *, lease_s: float, max_failures: int | None = None
 ) -> ClaimOutcome:
     """Take ``key`` unless a live lease holds it or this attempt failed it ``max_failures`` times.
     A fresh lease whose holder is known dead (:meth:`Claim.dead_holder`) is taken over at once, with

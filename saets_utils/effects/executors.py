@@ -40,7 +40,7 @@ class WorkerPool(Protocol):
         ...
 
 
-def worker_command(work: Path, device: str, attempt: str, worker: str, threads: int) -> list[str]:
+def worker_command(work: Path, device: str, attempt: str, worker: str, *, threads: int) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -70,7 +70,7 @@ class LocalPool:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         for w, d in self.devices.items():
             with open(self.log(w), "w") as log:  # the child keeps its own handle
-                cmd = worker_command(work, d, attempt, w, threads)
+                cmd = worker_command(work, d, attempt, w, threads=threads)
                 self.procs[w] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         self._reported: set[str] = set()
 
@@ -149,6 +149,7 @@ class SubmititPool:
         task: Callable[..., None],
         work: Path,
         attempt: str,
+        *,
         tasks: int,
         gpus_per_task: int,
         threads: int = 1,
@@ -198,7 +199,7 @@ def available_devices(gpus: int, cpu_workers: int = 0) -> list[str]:
     return [f"cuda:{i}" for i in range(gpus)]
 
 
-def watch(run: RunConfig, plan: Plan, pool: Any, bar, poll_s: float) -> list[str]:
+def watch(run: RunConfig, plan: Plan, pool: Any, bar, *, poll_s: float) -> list[str]:
     """Follow the workers until all have ended: merged progress from the shards, a worker silent for
     a lease is killed as hung, a dead worker's claims are released at once. Stops them on exit."""
     wd = run.paths.work

@@ -177,6 +177,7 @@ def measure_baseline(
     sae: SAE,
     hook_name: str,
     spec: RolloutSpec,
+    *,
     multiplier: int,
     seed: int,
     max_rows: int = 256,
@@ -198,7 +199,15 @@ def measure_baseline(
         ]
         prompts = [spec.prompts[p] for p, _ in chunk]
         gen = generate_aligned(
-            model, prompts, spec.total_tokens, seeds, spec.sampling, hook_name, None, capture=True, engine=spec.engine
+            model,
+            prompts,
+            spec.total_tokens,
+            seeds,
+            sampling=spec.sampling,
+            hook_name=hook_name,
+            delta=None,
+            capture=True,
+            engine=spec.engine,
         )
         assert gen.activations is not None  # generate_aligned(..., capture=True)
         codes = encode_positions(sae, gen.activations, spec.include_first_position)
@@ -227,6 +236,7 @@ def measure_effects(
     sae: SAE,
     hook_name: str,
     spec: RolloutSpec,
+    *,
     vectors: Tensor,
     vector_ids: Sequence[int],
     scales: Tensor,
@@ -255,9 +265,9 @@ def measure_effects(
             [spec.prompts[p] for p in group for _ in range(v * s_n)],
             spec.total_tokens,
             seeds,
-            spec.sampling,
-            hook_name,
-            delta.repeat(len(group), 1),
+            sampling=spec.sampling,
+            hook_name=hook_name,
+            delta=delta.repeat(len(group), 1),
             capture=True,
             engine=spec.engine,
         )

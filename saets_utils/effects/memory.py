@@ -32,6 +32,7 @@ def rows_for_memory(
     model: HookedTransformer,
     seq: int,
     default: int,
+    *,
     logit_positions: int | None = None,
     fraction: float = 0.4,
     cap: int = 16384,

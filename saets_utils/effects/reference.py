@@ -37,7 +37,9 @@ def seeded_rollouts(model: HookedTransformer, hook_name: str, sampling: Sampling
     seeds them, so the reference loop and the fast path see the same tokens."""
 
     def draw(prompt: Tensor, new_tokens: int, seeds: list[int], delta: Tensor) -> Tensor:
-        return generate(model, prompt, new_tokens, seeds, sampling, hook_name, delta, use_cache=False).tokens
+        return generate(
+            model, prompt, new_tokens, seeds, sampling=sampling, hook_name=hook_name, delta=delta, use_cache=False
+        ).tokens
 
     return draw
 
@@ -70,6 +72,7 @@ def reference_effects(
     sae: SAE,
     hook_name: str,
     spec: RolloutSpec,
+    *,
     vector: Tensor,
     vector_id: int,
     scale: float,

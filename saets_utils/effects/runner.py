@@ -143,8 +143,8 @@ def prepare_plan(run: RunConfig, model, sae, restart: bool = False) -> Plan:
         sae,
         hook,
         spec,
-        run.effects.baseline_multiplier,
-        run.seed,
+        multiplier=run.effects.baseline_multiplier,
+        seed=run.seed,
         max_rows=run.effects.vectors_per_batch * run.effects.samples_per_prompt,
     )
     plan = Plan(
@@ -179,7 +179,7 @@ class BlockEffects:
 HINT_VECTORS = 4
 
 
-def plan_scale_hint(run: RunConfig, model, sae, plan: Plan, resid: Tensor) -> SearchStart | None:
+def plan_scale_hint(run: RunConfig, model, sae, plan: Plan, *, resid: Tensor) -> SearchStart | None:
     """The secant calibration's start for every block of the run: the reference sweep's median scale
     over the SAE's first :data:`HINT_VECTORS` decoder rows (unit norm). It depends on the run's SAE
     and loss chunks only, not on which vectors a plan, block, worker or resume measures, so a vector
@@ -195,9 +195,9 @@ def plan_scale_hint(run: RunConfig, model, sae, plan: Plan, resid: Tensor) -> Se
         plan.loss_tokens,
         resid,
         vecs,
-        e.scale_grid.values(),
-        e.loss_target,
-        plan.unsteered_loss,
+        grid=e.scale_grid.values(),
+        target=e.loss_target,
+        unsteered_loss=plan.unsteered_loss,
     )
 
 
@@ -206,6 +206,7 @@ def calibrate_and_measure(
     model,
     sae,
     plan: Plan,
+    *,
     resid: Tensor,
     spec: RolloutSpec,
     vectors: Tensor,
@@ -227,11 +228,11 @@ def calibrate_and_measure(
         plan.loss_tokens,
         resid,
         vectors,
-        e.calibration,
-        grid,
-        e.loss_target,
-        plan.unsteered_loss,
-        hint,
+        cfg=e.calibration,
+        grid=grid,
+        target=e.loss_target,
+        unsteered_loss=plan.unsteered_loss,
+        start=hint,
         max_rows=cal_rows,
     )
     ok = torch.isfinite(cal.scales)
@@ -245,11 +246,11 @@ def calibrate_and_measure(
             sae,
             hook,
             spec,
-            vectors[ok],
-            [vector_ids[i] for i in ok.nonzero()[:, 0].tolist()],
-            cal.scales[ok].to(vectors.device),
-            plan.baseline_mean,
-            run.seed,
+            vectors=vectors[ok],
+            vector_ids=[vector_ids[i] for i in ok.nonzero()[:, 0].tolist()],
+            scales=cal.scales[ok].to(vectors.device),
+            baseline_mean=plan.baseline_mean,
+            seed=run.seed,
             keep_samples=keep_samples,
             max_rows=rows_for_memory(model, e.total_tokens, default=2048, logit_positions=8),
             baseline_halves=plan.baseline_halves,
@@ -265,6 +266,7 @@ def compute_block(
     model,
     sae,
     plan: Plan,
+    *,
     resid: Tensor,
     spec: RolloutSpec,
     rows: list[int],
@@ -278,7 +280,15 @@ def compute_block(
     t0 = time.perf_counter()
     ids = plan.vector_ids[rows]
     res = calibrate_and_measure(
-        run, model, sae, plan, resid, spec, plan.vectors[rows].to(model.cfg.device), ids.tolist(), hint=hint
+        run,
+        model,
+        sae,
+        plan,
+        resid=resid,
+        spec=spec,
+        vectors=plan.vectors[rows].to(model.cfg.device),
+        vector_ids=ids.tolist(),
+        hint=hint,
     )
     cal = res.calibration
     seconds = (time.perf_counter() - t0) / len(rows)
@@ -313,6 +323,7 @@ def work_loop(
     run: RunConfig,
     attempt: str,
     worker: str,
+    *,
     device: str = "cpu",
     model=None,
     sae=None,
@@ -349,7 +360,7 @@ def work_loop(
             raise RuntimeError(f"the SAE loaded on {device} differs from the one the plan was built with")
         spec = rollout_spec(run, model, bos_id(model, run.model))
         resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
-        hint = plan_scale_hint(run, model, sae, plan, resid)  # the same for every worker and resume
+        hint = plan_scale_hint(run, model, sae, plan, resid=resid)  # the same for every worker and resume
         wd.shards.mkdir(exist_ok=True)
         ids = plan.vector_ids.tolist()
         atomic_write_json(beat_file, {**state, "state": "working"})
@@ -363,7 +374,7 @@ def work_loop(
                 if all(ids[r] in done for r in rows):
                     continue
                 key = block_key(plan, e.vectors_per_batch, k)
-                got = try_claim(wd.claims, key, attempt, worker, e.lease_s, e.max_failures)
+                got = try_claim(wd.claims, key, attempt, worker, lease_s=e.lease_s, max_failures=e.max_failures)
                 waiting |= got.state == "held"
                 if got.path is None:
                     continue
@@ -378,12 +389,12 @@ def work_loop(
                             model,
                             sae,
                             plan,
-                            resid,
-                            spec,
-                            left,
-                            wd.shard(key, worker),
-                            tags,
-                            hint,
+                            resid=resid,
+                            spec=spec,
+                            rows=left,
+                            shard_path=wd.shard(key, worker),
+                            tags=tags,
+                            hint=hint,
                         )
                         if progress is not None:
                             progress.update(len(left))
@@ -418,7 +429,7 @@ def run_lock(run: RunConfig) -> Iterator[Path]:
     dead (killed, OOM, a crashed kernel) is taken over at once (:meth:`Claim.dead_holder`)."""
     folder = run.paths.effects_lock
     me = identity()
-    got = try_claim(folder, "run", "", f"{me['host']}:{me['pid']}", run.effects.lease_s)
+    got = try_claim(folder, "run", "", f"{me['host']}:{me['pid']}", lease_s=run.effects.lease_s)
     if got.path is None:
         h = read_claims(folder, "run")[-1]
         raise ConfigError(
@@ -458,6 +469,7 @@ def run_effects(
     run: RunConfig,
     model,
     sae,
+    *,
     gpus: int = 0,
     restart: bool = False,
     poll_s: float = 0.5,
@@ -508,13 +520,19 @@ def run_effects(
             if slurm:
                 s = e.slurm
                 pool = SubmititPool(
-                    executor, EffectsTask(), wd, attempt, s.tasks, s.gpus_per_task, s.cpus_per_task or 1
+                    executor,
+                    EffectsTask(),
+                    wd,
+                    attempt,
+                    tasks=s.tasks,
+                    gpus_per_task=s.gpus_per_task,
+                    threads=s.cpus_per_task or 1,
                 )
             else:
                 threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 1
                 pool = LocalPool(wd, attempt, devices, threads)
             atomic_write_json(run.paths.work.attempt_workers(attempt), {"workers": pool.workers})
-            failures = watch(run, plan, pool, bar, poll_s)
+            failures = watch(run, plan, pool, bar, poll_s=poll_s)
         bar.close()
         left = total - len(done_ids(run, plan) & set(plan.vector_ids.tolist()))
         if left:
@@ -551,7 +569,7 @@ class EffectsTask(submitit.helpers.Checkpointable):
         names = [f"{worker}-g{g}" for g in range(gpus)]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         procs = [
-            subprocess.Popen(worker_command(Path(work), f"cuda:{g}", attempt, n, threads), env=env)
+            subprocess.Popen(worker_command(Path(work), f"cuda:{g}", attempt, n, threads=threads), env=env)
             for g, n in enumerate(names)
         ]
 

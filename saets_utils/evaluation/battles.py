@@ -34,7 +34,12 @@ class BattleReport:
 
 
 def run_battles(
-    run: RunConfig, model: HookedTransformer | None, samples: pd.DataFrame, summary: pd.DataFrame, progress: bool = True
+    run: RunConfig,
+    model: HookedTransformer | None,
+    samples: pd.DataFrame,
+    summary: pd.DataFrame,
+    *,
+    progress: bool = True,
 ) -> BattleReport | None:
     """Judge ``eval.battle.per_pair`` battles per task and method pair, rate the methods, write the
     files (module docstring). ``model`` (the unsteered LM) is needed by the offline judge only.

@@ -65,16 +65,16 @@ class Variant:
 
 
 def diagnosis_fits(
-    X: Tensor, Y: Tensor, W_dec: Tensor, seed: int = 0, ranks: Sequence[int] = FIXED_RANKS
+    X: Tensor, Y: Tensor, W_dec: Tensor, *, seed: int = 0, ranks: Sequence[int] = FIXED_RANKS
 ) -> dict[str, EffectApproximator]:
     """The approximators compared, all fitted on ``X [n, d_model]``, ``Y [n, d_sae]`` (training vectors)."""
     fits: dict[str, EffectApproximator] = {}
-    fits["reduced_rank"], _ = fit_reduced_rank(X, Y, "cv", "cv", seed=seed)
-    ridge_lam, _ = choose_ridge_lambda(X, Y, "cv", 5, seed)
+    fits["reduced_rank"], _ = fit_reduced_rank(X, Y, lam="cv", rank="cv", seed=seed)
+    ridge_lam, _ = choose_ridge_lambda(X, Y, "cv", folds=5, seed=seed)
     fits["ridge"] = fit_ridge(X, Y, ridge_lam)
     for k in ranks:
         if k < min(X.shape):
-            fits[f"rank{k}"], _ = fit_reduced_rank(X, Y, "cv", k, seed=seed)
+            fits[f"rank{k}"], _ = fit_reduced_rank(X, Y, lam="cv", rank=k, seed=seed)
     fits["decoder_prior"], _ = fit_decoder_prior(X, Y, W_dec, seed=seed)
     return fits
 
@@ -84,6 +84,7 @@ def build_variants(
     targets: list[tuple[int, float]],
     fits: dict[str, EffectApproximator],
     W_dec: Tensor,
+    *,
     X: Tensor,
     Y: Tensor,
     seed: int = 0,
@@ -112,7 +113,7 @@ def build_variants(
             add(f"SAE-TS[{name}] lam0", name, M.build_sae_ts_vector, a, targets, lam=0.0)
             P_inv, R = (inverses or {}).get(name) or (M.pinverse(a.W), M.rotation_matrix(a, W_dec))
             add(f"pinverse[{name}]", name, M.build_pinverse_vector, a, targets, P_inv)
-            add(f"rotation[{name}]", name, M.build_rotation_vector, a, W_dec, targets, R)
+            add(f"rotation[{name}]", name, M.build_rotation_vector, a, W_dec, targets, R=R)
     t = M.target_vector(targets, Y.shape[1], torch.float64)
     Xc, Yc = X.double() - X.double().mean(0), Y.double() - Y.double().mean(0)
     xc = Xc.T @ (Yc @ t)
@@ -140,7 +141,7 @@ def _is_feature_task(task: str) -> bool:
 
 
 def feature_targets(
-    density: Tensor, measured_ids: Tensor, n: int, seed: int = 0, lo: float = 1e-4, hi: float = 0.01
+    density: Tensor, measured_ids: Tensor, n: int, *, seed: int = 0, lo: float = 1e-4, hi: float = 0.01
 ) -> list[int]:
     """``n`` seeded single-feature targets: features whose decoder rows were never measured (not in
     ``measured_ids``), alive and sparse in the unsteered baseline (``lo < density [d_sae] < hi``)."""
@@ -208,6 +209,7 @@ def run_diagnosis(
     run: RunConfig,
     model: HookedTransformer,
     sae: SAE,
+    *,
     seeds: Sequence[int] = (0, 1),
     measure: bool = True,
     n_boot: int = 1000,
@@ -235,7 +237,7 @@ def run_diagnosis(
     train, _ = split_holdout(ids, run.approximator.holdout, run.seed)
     X, Y = X[train], Y[train]
     W_dec = sae.W_dec.detach().float().cpu()
-    fits = diagnosis_fits(X, Y, W_dec, run.seed)
+    fits = diagnosis_fits(X, Y, W_dec, seed=run.seed)
     inverses = fit_inverses(fits, W_dec)
     items = collect_items(run, model, sae)
     tasks: dict[str, tuple[list[tuple[int, float]], dict[str, Tensor]]] = {}
@@ -246,15 +248,15 @@ def run_diagnosis(
     variants = [
         v
         for task, (targets, extra) in tasks.items()
-        for v in build_variants(task, targets, fits, W_dec, X, Y, run.seed, extra, inverses)
+        for v in build_variants(task, targets, fits, W_dec, X=X, Y=Y, seed=run.seed, extra=extra, inverses=inverses)
     ]
     if n_feature_targets:
         from safetensors.torch import load_file
 
         density = load_file(run.paths.baseline)["density"]
         draw = run.seed if target_seed is None else target_seed
-        for j in feature_targets(density, eff.vector_ids, n_feature_targets, draw):
-            built = build_variants(f"feature{j}", [(j, 1.0)], fits, W_dec, X, Y, run.seed, inverses=inverses)
+        for j in feature_targets(density, eff.vector_ids, n_feature_targets, seed=draw):
+            built = build_variants(f"feature{j}", [(j, 1.0)], fits, W_dec, X=X, Y=Y, seed=run.seed, inverses=inverses)
             variants += [v for v in built if v.variant in FEATURE_VARIANTS]
     out = run.paths
     out.study_dir.mkdir(parents=True, exist_ok=True)
@@ -305,7 +307,17 @@ def main(argv: list[str] | None = None) -> None:
     fseeds = [int(s) for s in a.feature_seeds.split(",")] if a.feature_seeds else None
     only = [v.strip() for v in a.only.split(",")] if a.only else None
     res = run_diagnosis(
-        run, model, sae, seeds, not a.offline_only, a.bootstrap, a.feature_targets, only, fseeds, a.target_seed, a.tag
+        run,
+        model,
+        sae,
+        seeds=seeds,
+        measure=not a.offline_only,
+        n_boot=a.bootstrap,
+        n_feature_targets=a.feature_targets,
+        only=only,
+        feature_seeds=fseeds,
+        target_seed=a.target_seed,
+        tag=a.tag,
     )
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(res["offline"].groupby("variant")[["cos_sae", "pred_rank_own", "pred_rank_prior"]].median())

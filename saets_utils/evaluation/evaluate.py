@@ -172,7 +172,15 @@ def generate_rows(ctx: SteeringContext, rows: list[dict[str, Any]], prefix: str,
             [(r["vector"] * r["scale"]) if r["vector"] is not None else torch.zeros(d_model) for r in chunk]
         ).to(model.cfg.device)
         seeds = [row_seed(eval_seed(ctx.run), EVAL_STREAM, r["sample"]) for r in chunk]
-        gen = generate(model, torch.tensor([ids] * len(chunk)), e.new_tokens, seeds, e.sampling, ctx.hook_name, delta)
+        gen = generate(
+            model,
+            torch.tensor([ids] * len(chunk)),
+            e.new_tokens,
+            seeds,
+            sampling=e.sampling,
+            hook_name=ctx.hook_name,
+            delta=delta,
+        )
         new = list(gen.tokens[:, len(ids) :].cpu())
         if e.stop_at_eos:
             new = [cut_at_eos(t, model.tokenizer.eos_token_id) for t in new]
@@ -304,7 +312,7 @@ def evaluate_run(run: RunConfig, model: HookedTransformer, sae: SAE, progress: b
     if targeting:
         from saets_utils.evaluation.targeting import measure_targeting, targeting_summary
 
-        tg = measure_targeting(run, model, sae, task_vectors, progress=progress)
+        tg = measure_targeting(run, model, sae, task_vectors=task_vectors, progress=progress)
         tg_summary = targeting_summary(tg, n_boot=run.eval.bootstrap, seed=run.seed)  # = targeting_summary.csv
     return EvalReport(samples, bs, sm, tdf, stats, tg, tg_summary, notices)
 

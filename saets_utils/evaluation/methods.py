@@ -132,6 +132,7 @@ def build_rotation_vector(
     approx: EffectApproximator,
     W_dec: Float[Tensor, "d_sae d_model"],
     targets: Target,
+    *,
     R: Float[Tensor, "d_model d_model"] | None = None,
     lam: float = 1.0,
 ) -> Float[Tensor, " d_model"]:
@@ -241,9 +242,9 @@ def mean_resid(
     model: HookedTransformer,
     hook_name: str,
     tokens: TokenSeqs,
+    *,
     include_first_position: bool,
     batch_size: int = 32,
-    *,
     max_resid_norm: float | None = None,
 ) -> Float[Tensor, " d_model"]:
     """Mean residual activation at ``hook_name``: over each example's tokens, then over examples.
@@ -266,13 +267,14 @@ def build_caa_vector(
     hook_name: str,
     pos_tokens: TokenSeqs,
     neg_tokens: TokenSeqs,
+    *,
     include_first_position: bool,
     batch_size: int = 32,
 ) -> Float[Tensor, " d_model"]:
     """CAA: ``mean_resid(positive) - mean_resid(negative)``, unit-normalised."""
-    diff = mean_resid(model, hook_name, pos_tokens, include_first_position, batch_size) - mean_resid(
-        model, hook_name, neg_tokens, include_first_position, batch_size
-    )
+    diff = mean_resid(
+        model, hook_name, pos_tokens, include_first_position=include_first_position, batch_size=batch_size
+    ) - mean_resid(model, hook_name, neg_tokens, include_first_position=include_first_position, batch_size=batch_size)
     return _unit(diff, "the CAA difference of means")
 
 
@@ -286,9 +288,9 @@ def mean_sae_acts(
     sae: SAE,
     hook_name: str,
     tokens: TokenSeqs,
+    *,
     include_first_position: bool,
     batch_size: int = 32,
-    *,
     max_resid_norm: float | None = None,
 ) -> Float[Tensor, " d_sae"]:
     """Mean SAE activation: over each example's tokens, then over examples (float32, CPU).
@@ -310,9 +312,9 @@ def feature_density(
     sae: SAE,
     hook_name: str,
     tokens: TokenSeqs,
+    *,
     include_first_position: bool,
     batch_size: int = 32,
-    *,
     max_resid_norm: float | None = None,
 ) -> Float[Tensor, " d_sae"]:
     """Fraction of (unpadded) token positions on which each SAE feature is active (> 0); given
@@ -367,6 +369,7 @@ def build_fgaa_target(
     pos_acts: Float[Tensor, " d_sae"],
     neg_acts: Float[Tensor, " d_sae"],
     density: Float[Tensor, " d_sae"],
+    *,
     density_max: float,
     bos_features: Sequence[int],
     top_k: int,
@@ -385,6 +388,7 @@ def discover_target_features(
     pos_acts: Float[Tensor, " d_sae"],
     neg_acts: Float[Tensor, " d_sae"],
     density: Float[Tensor, " d_sae"],
+    *,
     density_max: float,
     k: int,
 ) -> Target:

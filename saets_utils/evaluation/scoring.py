@@ -228,6 +228,7 @@ def method_differences(
     table: pd.DataFrame,
     value: str,
     pairs: list[tuple[str, str]],
+    *,
     n_boot: int = 10000,
     seed: int = 0,
     ci: float = 0.95,

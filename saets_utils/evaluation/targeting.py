@@ -350,6 +350,7 @@ def measure_vectors(
     sae: SAE,
     plan: Plan,
     jobs: Mapping[int, tuple[Tensor, Sequence[int]]],
+    *,
     progress: bool = True,
     desc: str = "targeting (vectors)",
 ) -> dict[int, Measured]:
@@ -370,7 +371,7 @@ def measure_vectors(
     if total:
         spec = rollout_spec(run, model, bos_id(model, run.model))
         resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
-        hint = plan_scale_hint(run, model, sae, plan, resid)
+        hint = plan_scale_hint(run, model, sae, plan, resid=resid)
         bar = progress_bar(total=total, desc=desc, unit="vec", disable=not progress)
     k = run.effects.vectors_per_batch
     for seed, (vectors, ids) in jobs.items():
@@ -385,7 +386,16 @@ def measure_vectors(
         for lo in range(0, n, k):
             vecs = vectors[lo : lo + k].to(model.cfg.device)
             res = calibrate_and_measure(
-                run_s, model, sae, plan, resid, spec, vecs, list(ids[lo : lo + k]), keep_samples=1, hint=hint
+                run_s,
+                model,
+                sae,
+                plan,
+                resid=resid,
+                spec=spec,
+                vectors=vecs,
+                vector_ids=list(ids[lo : lo + k]),
+                keep_samples=1,
+                hint=hint,
             )
             hi = lo + vecs.shape[0]
             m.scales[lo:hi] = res.calibration.scales
@@ -404,6 +414,7 @@ def measure_targeting(
     run: RunConfig,
     model: HookedTransformer,
     sae: SAE,
+    *,
     task_vectors: Mapping[str, Any] | str | Path | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -586,7 +597,7 @@ def _paired_mean_ci(d: np.ndarray, n_boot: int, rng: np.random.Generator, ci: fl
 
 
 def targeting_differences(
-    df: pd.DataFrame, baseline: str = DIFFERENCE_BASELINE, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
+    df: pd.DataFrame, *, baseline: str = DIFFERENCE_BASELINE, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
 ) -> pd.DataFrame:
     """Each method (project order) against ``baseline``, paired over the tasks both were scored on.
 

@@ -81,8 +81,12 @@ class TaskVectors:
 def contrast_acts(task: Task, ctx: SteeringContext) -> tuple[Tensor, Tensor]:
     """Mean SAE activations ``[d_sae]`` on the task's positive and negative examples."""
     incl, sink = ctx.run.effects.include_first_position, ctx.run.effects.max_resid_norm
-    pos = M.mean_sae_acts(ctx.model, ctx.sae, ctx.hook_name, ctx.tokens(task.positive), incl, max_resid_norm=sink)
-    neg = M.mean_sae_acts(ctx.model, ctx.sae, ctx.hook_name, ctx.tokens(task.negative), incl, max_resid_norm=sink)
+    pos = M.mean_sae_acts(
+        ctx.model, ctx.sae, ctx.hook_name, ctx.tokens(task.positive), include_first_position=incl, max_resid_norm=sink
+    )
+    neg = M.mean_sae_acts(
+        ctx.model, ctx.sae, ctx.hook_name, ctx.tokens(task.negative), include_first_position=incl, max_resid_norm=sink
+    )
     return pos, neg
 
 
@@ -101,7 +105,9 @@ def resolve_targets(
         }, f"listed in params/tasks/{task.name}.yaml under {key}"
     _need_density(ctx, f"discovering the targets of task {task.name!r}")
     pos, neg = acts if acts is not None else contrast_acts(task, ctx)
-    found = M.discover_target_features(pos, neg, ctx.density, ctx.run.eval.fgaa_density_max, task.discover.k)
+    found = M.discover_target_features(
+        pos, neg, ctx.density, density_max=ctx.run.eval.fgaa_density_max, k=task.discover.k
+    )
     how = (
         f"discovered: top {task.discover.k} feature(s) of mean SAE activation on the {len(task.positive)} positive "
         f"minus {len(task.negative)} negative examples, features with baseline density > "
@@ -157,7 +163,7 @@ def _caa(ctx: SteeringContext, task: Task | None, targets: M.Target) -> Tensor:
         ctx.hook_name,
         ctx.tokens(task.positive),
         ctx.tokens(task.negative),
-        ctx.run.effects.include_first_position,
+        include_first_position=ctx.run.effects.include_first_position,
     )
 
 
@@ -241,9 +247,9 @@ def build_task_vectors(task: Task, ctx: SteeringContext, methods: list[str]) -> 
                 acts[0],
                 acts[1],
                 ctx.density,
-                ctx.run.eval.fgaa_density_max,
-                ctx.run.eval.fgaa_bos_features,
-                ctx.run.eval.fgaa_top_k,
+                density_max=ctx.run.eval.fgaa_density_max,
+                bos_features=ctx.run.eval.fgaa_bos_features,
+                top_k=ctx.run.eval.fgaa_top_k,
             )
     for e in entries:
         if not e.vector:

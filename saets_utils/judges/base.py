@@ -192,14 +192,14 @@ class Judge(ABC):
     def cache_key(self, req: JudgeRequest) -> str:
         """sha256 of what decides this request's score under this judge."""
         return cache_key(
-            self.kind,
-            self.model,
-            PROMPT_TEMPLATE_VERSION,
-            req.criterion_kind,
-            req.criterion,
-            req.prompt,
-            req.text,
-            self._cache_extra(req),
+            judge_kind=self.kind,
+            model=self.model,
+            template_version=PROMPT_TEMPLATE_VERSION,
+            criterion_kind=req.criterion_kind,
+            criterion=req.criterion,
+            prompt=req.prompt,
+            text=req.text,
+            extra=self._cache_extra(req),
         )
 
     def _check(self, requests: Sequence[JudgeRequest]) -> None:  # noqa: B027 - optional hook, no-op by default

@@ -52,7 +52,7 @@ USER_TEMPLATE = (
 
 
 def battle_request(
-    task: str, method_a: str, method_b: str, text_a: str, text_b: str, criteria: Mapping[str, str], prompt: str
+    task: str, method_a: str, method_b: str, *, text_a: str, text_b: str, criteria: Mapping[str, str], prompt: str
 ) -> JudgeRequest:
     """One battle as a request; ``criteria`` maps ``behaviour``/``coherence`` to the criteria the
     battle is about (one or both; the LLM judge reads them joined)."""
@@ -188,13 +188,26 @@ def plan_battles(samples: pd.DataFrame, summary: pd.DataFrame, per_pair: int, se
 
 
 def judge_battles(
-    judge: Judge, plan: pd.DataFrame, criteria: Mapping[str, Mapping[str, str]], eval_prompt: str, progress: bool = True
+    judge: Judge,
+    plan: pd.DataFrame,
+    criteria: Mapping[str, Mapping[str, str]],
+    eval_prompt: str,
+    *,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """``plan`` with the verdict of each battle: ``winner`` (A, B, tie or None) and ``error``.
     ``criteria``: task -> {kind: criterion} for the kinds the battles are about. The judge sees the
     eval prompt (steered texts continue it; the prompt baseline's instruction is not shown)."""
     reqs = [
-        battle_request(r.task, r.method_a, r.method_b, r.text_a, r.text_b, criteria[r.task], eval_prompt)
+        battle_request(
+            r.task,
+            r.method_a,
+            r.method_b,
+            text_a=r.text_a,
+            text_b=r.text_b,
+            criteria=criteria[r.task],
+            prompt=eval_prompt,
+        )
         for r in plan.itertuples()
     ]
     results = score_requests(judge, reqs, progress=progress, desc=f"battles {judge.judge_id}")

@@ -17,6 +17,7 @@ from typing import Any
 
 
 def cache_key(
+    *,
     judge_kind: str,
     model: str,
     template_version: str,

@@ -164,6 +164,7 @@ def tokenize_chunks(
     texts: list[str],
     chunk_tokens: int,
     n_chunks: int | None,
+    *,
     bos: int,
     seed: int = 0,
     align_docs: bool = False,
@@ -198,7 +199,7 @@ def tokenize_chunks(
 
 
 def concatenated_chunks(
-    tokenizer, texts: list[str], chunk_tokens: int, bos: int, docs_per_batch: int = 1000, pieces: int = 20
+    tokenizer, texts: list[str], chunk_tokens: int, bos: int, *, docs_per_batch: int = 1000, pieces: int = 20
 ) -> torch.Tensor:
     """All rows ``[n, chunk_tokens]`` of TransformerLens's ``tokenize_and_concatenate`` as the
     reference code ran it (TransformerLens 2.x), before any shuffle.
@@ -242,7 +243,7 @@ def cut_loss_tokens(run: RunConfig, model: HookedTransformer, bos: int) -> torch
     texts = load_texts(run.text)
     if e.loss_chunking == "documents":
         return tokenize_chunks(
-            model, texts, e.loss_chunk_tokens, e.loss_chunks, bos, seed=run.seed + 1, align_docs=True
+            model, texts, e.loss_chunk_tokens, e.loss_chunks, bos=bos, seed=run.seed + 1, align_docs=True
         )
     rows = concatenated_chunks(model.tokenizer, texts, e.loss_chunk_tokens, bos)
     if rows.shape[0] < e.loss_chunks:

@@ -119,6 +119,7 @@ def train_sae(
     tokens: torch.Tensor,
     hook_name: str,
     train: SAETrainConfig,
+    *,
     bos: int,
     seed: int,
     out_dir: Path,
@@ -261,7 +262,17 @@ def _train_into_cache(run: RunConfig, sae_cfg: SAEConfig, model: HookedTransform
     tmp = assets._atomic_dir(final)
     try:
         t0 = time.perf_counter()
-        train_sae(model, tokens, sae_cfg.hook_name, train, bos, run.seed, tmp, device, run.model.name)
+        train_sae(
+            model,
+            tokens,
+            sae_cfg.hook_name,
+            train,
+            bos=bos,
+            seed=run.seed,
+            out_dir=tmp,
+            device=device,
+            model_name=run.model.name,
+        )
         train_s = time.perf_counter() - t0
         stages.update(1)
         sae = SAE.load_from_disk(tmp, device=device).eval()
@@ -321,6 +332,7 @@ def sae_quality(
     sae: SAE,
     hook_name: str,
     tokens: torch.Tensor,
+    *,
     include_first_position: bool = True,
     exclude_tokens: Sequence[int] = (),
     batch_size: int = 8,

@@ -67,7 +67,7 @@ def tiny_model(
 
 
 def tiny_sae(
-    d_in: int = 32, d_sae: int = 64, k: int = 4, seed: int = 0, hook_name: str = "blocks.1.hook_resid_post"
+    *, d_in: int = 32, d_sae: int = 64, k: int = 4, seed: int = 0, hook_name: str = "blocks.1.hook_resid_post"
 ) -> SAE:
     """A seeded random TopK sae_lens SAE with unit-norm decoder rows."""
     from sae_lens import TopKSAE, TopKSAEConfig
@@ -89,6 +89,7 @@ def tiny_sae(
 
 
 def tiny_gemma2_model(
+    *,
     seed: int = 0,
     d_model: int = 64,
     n_layers: int = 4,
@@ -175,7 +176,7 @@ def _shape_like_an_lm(model: HookedTransformer, sink_norm: float, unembed_std: f
 
 
 def write_gemma_scope_npz(
-    path: str | Path, d_in: int, d_sae: int, seed: int = 0, acts: torch.Tensor | None = None, density: float = 0.02
+    path: str | Path, d_in: int, d_sae: int, *, seed: int = 0, acts: torch.Tensor | None = None, density: float = 0.02
 ) -> Path:
     """Write a seeded random JumpReLU SAE as a Gemma Scope ``params.npz`` (``W_enc [d_in, d_sae]``,
     ``W_dec [d_sae, d_in]`` with unit rows, ``b_enc``, ``b_dec``, ``threshold``).

@@ -46,7 +46,7 @@ def _tok(text: str) -> str:
 
 
 def feature_card(
-    stats: FeatureStats, feature: int, reasons: list[str], n_contexts: int = 8, url: str | None = None
+    stats: FeatureStats, feature: int, reasons: list[str], *, n_contexts: int = 8, url: str | None = None
 ) -> str:
     """One feature's dashboard card (HTML); ``url``: the feature's Neuronpedia page, linked beside its id."""
     f = int(feature)

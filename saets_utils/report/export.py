@@ -67,6 +67,7 @@ def export_artifacts(
     effects: Effects,
     approx: EffectApproximator,
     rotation: Tensor | None,
+    *,
     metrics: dict[str, Any],
     out: str | Path,
 ) -> list[Path]:
@@ -100,12 +101,14 @@ def export_artifacts(
     if rotation is not None:
         pt(_c(rotation), "rotation")
     pt(corr, "correction_bias")
-    (out / "README.md").write_text(model_card(run, effects, metrics, int((~ok).sum()), rotation is not None))
+    (out / "README.md").write_text(
+        model_card(run, effects, metrics, n_dropped=int((~ok).sum()), has_rotation=rotation is not None)
+    )
     written.append(out / "README.md")
     return written
 
 
-def model_card(run: RunConfig, effects: Effects, metrics: dict[str, Any], n_dropped: int, has_rotation: bool) -> str:
+def model_card(run: RunConfig, effects: Effects, metrics: dict[str, Any], *, n_dropped: int, has_rotation: bool) -> str:
     """The README card of an export: what was measured and fitted, how well, and how to load it."""
     names = export_names(run)
     n, d_model = effects.vectors.shape
@@ -181,7 +184,9 @@ def export_run(run: RunConfig, out: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{path} not found; run notebooks/02_train.ipynb first")
     metrics_file = d.approximator_metrics
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    return export_artifacts(run, load_effects(d.root), EffectApproximator.load(path), load_rotation(path), metrics, out)
+    return export_artifacts(
+        run, load_effects(d.root), EffectApproximator.load(path), load_rotation(path), metrics=metrics, out=out
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -155,6 +155,7 @@ def compute_feature_stats(
     sae: SAE,
     hook_name: str,
     tokens: Int[Tensor, "n_seq seq_len"],
+    *,
     n_contexts: int = 8,
     left: int = 10,
     right: int = 3,
@@ -263,7 +264,7 @@ def fingerprint(run: RunConfig, sae: SAE, n_chunks: int, chunk_tokens: int) -> s
 
 
 def feature_stats(
-    run: RunConfig, model: HookedTransformer, sae: SAE, n_chunks: int = 128, chunk_tokens: int = 64
+    run: RunConfig, model: HookedTransformer, sae: SAE, *, n_chunks: int = 128, chunk_tokens: int = 64
 ) -> FeatureStats:
     """The run's SAE's dashboard numbers on ``n_chunks`` chunks of the run's text: from the asset
     cache when this SAE, model and text were seen before, else computed (seconds to a minute on a
@@ -276,7 +277,7 @@ def feature_stats(
         stats = load_feature_stats(cached)
     else:
         tokens = tokenize_chunks(
-            model, load_texts(run.text), chunk_tokens, n_chunks, bos_id(model, run.model), seed=run.seed + 1
+            model, load_texts(run.text), chunk_tokens, n_chunks, bos=bos_id(model, run.model), seed=run.seed + 1
         )
         stats = compute_feature_stats(
             model,

@@ -78,7 +78,9 @@ def make_all_figures(run: RunConfig) -> list[Path]:
         a = load_file(d.approximator)
         dens = load_file(d.baseline)["density"] if d.baseline.is_file() else None
         _save(
-            plots.plot_approximator_diagnostics(h["pred"], h["measured"], a["b"], dens, labels=load_labels(d.root)),
+            plots.plot_approximator_diagnostics(
+                h["pred"], h["measured"], a["b"], density=dens, labels=load_labels(d.root)
+            ),
             d.figure("approximator_diagnostics"),
             made,
         )
@@ -125,7 +127,7 @@ def _effect_profiles(run: RunConfig) -> list[Path]:
         fig = plots.plot_effect_profile(
             eff.effects[i],
             [vid] if is_rows else [],
-            eff.baseline_density,
+            density=eff.baseline_density,
             title=f"vector {vid} at scale {float(eff.scales[i]):.1f}",
             labels=labels,
         )

@@ -137,7 +137,7 @@ def kernel_manager_kwargs() -> dict[str, Any]:
     return {"kernel_manager_class": EncryptedKernelManager}
 
 
-def execute_notebook(run: RunConfig, step: Step, params_file: str, parameters: dict, timeout_s: int | None) -> Path:
+def execute_notebook(run: RunConfig, step: Step, *, params_file: str, parameters: dict, timeout_s: int | None) -> Path:
     """Execute ``notebooks/<step>.ipynb`` with papermill into ``results/<run>/notebooks/``."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -183,6 +183,7 @@ def write_index(run: RunConfig) -> Path:
 
 def run_pipeline(
     params_file: str,
+    *,
     steps: list[str] | None = None,
     force: bool = False,
     gpus: int = 0,
@@ -219,7 +220,7 @@ def run_pipeline(
         run.paths.report(step.name).unlink(missing_ok=True)
         extra = {"gpus": gpus, **workers} if step.name == "01_effects" else {}
         try:
-            executed = execute_notebook(run, step, params_file, extra, timeout_s)
+            executed = execute_notebook(run, step, params_file=params_file, parameters=extra, timeout_s=timeout_s)
         except BaseException:
             run.paths.index_page.unlink(missing_ok=True)  # no report of an earlier run stands beside a failure
             raise
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = {"cpu_workers": a.cpu_workers, "executor": a.executor, "slurm": slurm}
     try:
         steps = a.steps.split(",") if a.steps else None
-        run_pipeline(a.params_file, steps, a.force, a.gpus, a.timeout, workers)
+        run_pipeline(a.params_file, steps=steps, force=a.force, gpus=a.gpus, timeout_s=a.timeout, workers=workers)
     except (StepFailed, ValueError, FileNotFoundError) as e:  # ConfigError and TaskError are ValueErrors
         print(f"[saets] FAILED: {e}", file=sys.stderr)
         return 1

@@ -203,6 +203,7 @@ def plot_approximator_diagnostics(
     pred: Any,
     measured: Any,
     b: Any,
+    *,
     density: Any | None = None,
     top: int = 20,
     max_points: int = 50_000,
@@ -286,6 +287,7 @@ def plot_training_curve(history: pd.DataFrame, baselines: Mapping[str, float] | 
 def plot_effect_profile(
     effect: Any,
     target_ids: list[int] | tuple[int, ...],
+    *,
     density: Any | None = None,
     top: int = 15,
     title: str = "",

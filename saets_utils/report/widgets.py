@@ -71,6 +71,7 @@ class EffectExplorer:
     def __init__(
         self,
         effects: Effects,
+        *,
         tokenizer: Any | None = None,
         k: int = 15,
         n_vectors: int = 10,
@@ -198,7 +199,7 @@ def custom_target_vector(
 
 
 def free_text_targets(
-    text: str, ctx: SteeringContext, tasks: Mapping[str, Task], stats: FeatureStats | None, k: int = 3
+    text: str, ctx: SteeringContext, tasks: Mapping[str, Task], stats: FeatureStats | None, *, k: int = 3
 ) -> tuple[list[tuple[int, float]], str]:
     """Targets for a free-text goal (``"steer toward: weddings"``) and where they came from: the
     targets of a task whose name the text names (task machinery: listed or discovered from its
@@ -238,6 +239,7 @@ def playground_generate(
     vector: Float[Tensor, " d_model"] | None,
     scale: float,
     prompt: str,
+    *,
     seed: int,
     new_tokens: int,
     prompt_prefix: str = "",
@@ -283,7 +285,17 @@ def playground_generate(
                 now = done + _decode(ctx, so_far[:, start:])
                 on_text(now[:n], now[n:])
 
-        gen = generate(ctx.model, tokens, int(new_tokens), row_seeds, sampling, hook, d, capture=True, on_step=stream)
+        gen = generate(
+            ctx.model,
+            tokens,
+            int(new_tokens),
+            row_seeds,
+            sampling=sampling,
+            hook_name=hook,
+            delta=d,
+            capture=True,
+            on_step=stream,
+        )
         texts += _decode(ctx, gen.tokens[:, start:])
         acts = gen.activations[:, start:]  # type: ignore[index]
         codes.append(ctx.sae.encode(acts.to(ctx.sae.W_dec.device, ctx.sae.W_dec.dtype)).float().mean(1).cpu())
@@ -331,6 +343,7 @@ class SteeringPlayground:
         ctx: SteeringContext,
         tasks: Sequence[str | Task] | Mapping[str, Task],
         methods: Sequence[str],
+        *,
         scale: float | None = None,
         n_samples: int = 3,
         new_tokens: int = 24,
@@ -391,7 +404,7 @@ class SteeringPlayground:
         """Build the default selection's vector and run one token through the model (first-call costs)."""
         try:
             self.vector_for(self.task.value, self.method.value)
-            playground_generate(self.ctx, None, 0.0, self.prompt.value, 0, 1, n_samples=1, k=1)
+            playground_generate(self.ctx, None, 0.0, self.prompt.value, seed=0, new_tokens=1, n_samples=1, k=1)
         except (ValueError, FileNotFoundError, KeyError):
             pass  # generate() reports the same error when the user clicks
 
@@ -444,11 +457,11 @@ class SteeringPlayground:
                 vector,
                 self.scale.value,
                 self.prompt.value,
-                self.seed.value,
-                self.new_tokens.value,
-                prefix,
-                self.n_samples,
-                self.k,
+                seed=self.seed.value,
+                new_tokens=self.new_tokens.value,
+                prompt_prefix=prefix,
+                n_samples=self.n_samples,
+                k=self.k,
                 on_text=show,
             )
         except (ValueError, FileNotFoundError, KeyError) as err:

@@ -76,6 +76,7 @@ def generate(
     prompt_tokens: Tensor,
     new_tokens: int,
     seeds: Sequence[int],
+    *,
     sampling: SamplingConfig | None,
     hook_name: str | None = None,
     delta: Tensor | None = None,
@@ -128,11 +129,11 @@ def generate_aligned(
     prompts: Sequence[Sequence[int]],
     total_tokens: int,
     seeds: Sequence[int],
+    *,
     sampling: SamplingConfig | None,
     hook_name: str | None = None,
     delta: Tensor | None = None,
     capture: bool = False,
-    *,
     engine: str = "tl",
 ) -> Generation:
     """Grow every row's prompt (``prompts``: one token sequence per row, lengths may differ) to
