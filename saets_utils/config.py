@@ -433,7 +433,7 @@ class ApproximatorConfig(_Strict):
     # output directions (ridge_lambda and rank, each fixed or "cv"); decoder_prior: W = P diag(gamma) + L,
     # the SAE's unit decoder rows P with a gain per feature (shrunk toward one pooled gain by prior_kappa)
     # plus a reduced-rank ridge L of the rest (ridge_lambda, rank), fitted for targeting
-    # (saets_utils/approximator/decoder_prior.py); adam: the reference training.
+    # (saets_utils/approximator/fits/decoder_prior.py); adam: the reference training.
     fit: Literal["ridge", "ridge_per_feature", "reduced_rank", "decoder_prior", "adam"] = "ridge"
     # Shrinkage of decoder_prior's per-feature gains toward the pooled gain, or "cv" (k-fold CV).
     prior_kappa: float | Literal["cv"] = "cv"

@@ -10,15 +10,15 @@ import torch
 
 from saets_utils.approximator.fits import (
     RidgePath,
-    _folds,
-    _mse,
-    _per_feature,
     choose_ridge_lambda,
+    cv_folds,
     fit_adam,
+    fit_per_feature_grid,
     fit_reduced_rank,
     fit_ridge,
     fit_ridge_per_feature,
     moments,
+    mse,
     ridge_cv_path,
 )
 from saets_utils.approximator.metrics import approximator_metrics, heldout_r2, noise_ceiling, split_half_reliability
@@ -144,21 +144,21 @@ def test_metrics_rank_perfect_mean_and_zero_predictors(synthetic):
     X_va, Y_va = X[:50], X[:50] @ W + b
     mu = Y.mean(0)
     perfect = approximator_metrics(EffectApproximator(W, b), X_va, Y_va, mu)
-    assert perfect["r2"] == pytest.approx(1.0, abs=1e-6) and perfect["beats_mean_baseline"]
-    assert perfect["mse"] < 1e-9 < perfect["mse_mean"] < perfect["mse_zero"]
-    assert perfect["per_feature_r2_median"] == pytest.approx(1.0, abs=1e-6)
-    assert perfect["per_feature_r2_frac_positive"] == 1.0
-    assert perfect["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
-    assert len(perfect["per_feature_r2"]) == D_SAE
+    assert perfect.r2 == pytest.approx(1.0, abs=1e-6) and perfect.beats_mean_baseline
+    assert perfect.mse < 1e-9 < perfect.mse_mean < perfect.mse_zero
+    assert perfect.per_feature_r2_median == pytest.approx(1.0, abs=1e-6)
+    assert perfect.per_feature_r2_frac_positive == 1.0
+    assert perfect.cosine_mean == pytest.approx(1.0, abs=1e-6)
+    assert len(perfect.per_feature_r2) == D_SAE
 
     zero = approximator_metrics(EffectApproximator(torch.zeros(D_MODEL, D_SAE), torch.zeros(D_SAE)), X_va, Y_va, mu)
-    assert not zero["beats_mean_baseline"] and zero["r2"] < 0
-    assert zero["mse"] == pytest.approx(zero["mse_zero"])
+    assert not zero.beats_mean_baseline and zero.r2 < 0
+    assert zero.mse == pytest.approx(zero.mse_zero)
 
     mean = approximator_metrics(EffectApproximator(torch.zeros(D_MODEL, D_SAE), mu), X_va, Y_va, mu)
-    assert not mean["beats_mean_baseline"] and mean["r2"] == pytest.approx(0.0, abs=1e-6)
+    assert not mean.beats_mean_baseline and mean.r2 == pytest.approx(0.0, abs=1e-6)
     for m in (perfect, zero, mean):
-        json.dumps(m, allow_nan=False)
+        json.dumps(m.as_dict(), allow_nan=False)
 
 
 def test_metrics_decoder_top1_and_per_vector():
@@ -170,9 +170,9 @@ def test_metrics_decoder_top1_and_per_vector():
     good = EffectApproximator(3 * W_dec.T, torch.zeros(8))
     bad = EffectApproximator(3 * W_dec.T[:, torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])], torch.zeros(8))
     m = approximator_metrics(good, X, Y, torch.zeros(8), val_ids=torch.arange(10, 15), decoder_feature_ids=fid)
-    assert m["decoder_top1_predicted"] == 1.0 and m["decoder_top1_measured"] == 1.0 and m["n_decoder_rows"] == 4
-    assert [r["id"] for r in m["per_vector"]] == list(range(10, 15))
-    assert approximator_metrics(bad, X, Y, torch.zeros(8), decoder_feature_ids=fid)["decoder_top1_predicted"] == 0.0
+    assert m.decoder_top1_predicted == 1.0 and m.decoder_top1_measured == 1.0 and m.n_decoder_rows == 4
+    assert [r["id"] for r in m.per_vector] == list(range(10, 15))
+    assert approximator_metrics(bad, X, Y, torch.zeros(8), decoder_feature_ids=fid).decoder_top1_predicted == 0.0
     with pytest.raises(ValueError, match="decoder_feature_ids"):
         approximator_metrics(good, X, Y, torch.zeros(8), decoder_feature_ids=torch.tensor([0, 1]))
 
@@ -234,7 +234,7 @@ def test_per_feature_loo_is_exact_and_columns_are_ridge_fits():
     X, Y = torch.randn(n, d, generator=g), torch.randn(n, m, generator=g)
     Y = Y + X @ torch.randn(d, m, generator=g)
     lams = (0.1, 1.0, 10.0, math.inf)
-    approx, chosen, rows = _per_feature(X, Y, lams, chunk_size=3, rule="min")
+    approx, chosen, rows = fit_per_feature_grid(X, Y, lams, chunk_size=3, rule="min")
     for row in rows:  # closed-form LOO MSE == refitting n times without each vector
         lam, sse = row["ridge_lambda"], 0.0
         for i in range(n):
@@ -274,7 +274,7 @@ def test_per_feature_ridge_fits_signal_features_and_predicts_the_mean_elsewhere(
     mean_pred = Yt.mean(0).expand_as(Yv)
     assert mse(approx.predict(Xv), noise) <= 1.02 * mse(mean_pred, noise)
     # one penalty for all features must compromise between the two groups; per-feature need not
-    lam1, _ = choose_ridge_lambda(Xt, Yt, "cv", 5, 0)
+    lam1, _ = choose_ridge_lambda(Xt, Yt, "cv", folds=5, seed=0)
     single = fit_ridge(Xt, Yt, lam1)
     assert mse(approx.predict(Xv), slice(None)) < 0.97 * mse(single.predict(Xv), slice(None))
 
@@ -306,35 +306,37 @@ def _low_rank(seed: int, n: int = 60):
 @pytest.mark.parametrize("lam,rank", [(0.5, 2), (0.0, 3), (3.0, 29)])
 def test_reduced_rank_is_the_projected_ridge_fit(lam, rank):
     X, Y, _ = _low_rank(0)
-    approx, info = fit_reduced_rank(X, Y, lam, rank, chunk_size=7)
+    approx, info = fit_reduced_rank(X, Y, lam=lam, rank=rank, chunk_size=7)
     W = fit_ridge(X, Y, lam).W.double()
     Xd = X.double()
     V = torch.linalg.svd((Xd - Xd.mean(0)) @ W, full_matrices=False).Vh[:rank].T
     W_k = W @ V @ V.T
     torch.testing.assert_close(approx.W.double(), W_k, atol=1e-5, rtol=0)
     torch.testing.assert_close(approx.b.double(), Y.double().mean(0) - Xd.mean(0) @ W_k, atol=1e-5, rtol=0)
-    assert torch.linalg.matrix_rank(approx.W.double(), rtol=1e-5) == rank == info["rank"] and info["history"] == []
+    assert torch.linalg.matrix_rank(approx.W.double(), rtol=1e-5) == rank == info.rank and info.history == []
 
 
 def test_reduced_rank_cv_recovers_a_rank_3_map_better_than_ridge():
     X, Y, W = _low_rank(1)
     X_val, Y_val, _ = _low_rank(2, 40)
-    approx, info = fit_reduced_rank(X, Y, "cv", "cv", folds=5, seed=0, X_val=X_val, Y_val=Y_val @ torch.eye(40))
-    lam, _ = choose_ridge_lambda(X, Y, "cv", 5, 0)
+    approx, info = fit_reduced_rank(
+        X, Y, lam="cv", rank="cv", folds=5, seed=0, X_val=X_val, Y_val=Y_val @ torch.eye(40)
+    )
+    lam, _ = choose_ridge_lambda(X, Y, "cv", folds=5, seed=0)
     err = lambda a: float((a.W - W).norm() / W.norm())
-    assert info["rank"] == 3
+    assert info.rank == 3
     assert err(approx) < 0.5 * err(fit_ridge(X, Y, lam))
-    ranks = {r["rank"] for r in info["history"]}
-    assert {0, 1, 2, 3, info["rank_max"]} <= ranks and all("val_mse" in r for r in info["history"])
-    best = min(info["history"], key=lambda r: r["cv_mse"])
-    assert best["cv_mse"] <= min(r["cv_mse"] for r in info["history"] if r["rank"] == 0)
+    ranks = {r["rank"] for r in info.history}
+    assert {0, 1, 2, 3, info.rank_max} <= ranks and all("val_mse" in r for r in info.history)
+    best = min(info.history, key=lambda r: r["cv_mse"])
+    assert best["cv_mse"] <= min(r["cv_mse"] for r in info.history if r["rank"] == 0)
 
 
 def test_reduced_rank_cv_on_pure_noise_stays_near_the_mean():
     g = torch.Generator().manual_seed(3)
     X, Y = unit_rows(80, 20, g), 1 + torch.randn(80, 30, generator=g)
-    approx, info = fit_reduced_rank(X, Y, "cv", "cv")
-    assert info["rank"] <= 2
+    approx, info = fit_reduced_rank(X, Y, lam="cv", rank="cv")
+    assert info.rank <= 2
     assert float((approx.predict(X) - Y.mean(0)).pow(2).mean()) < 0.05
 
 
@@ -356,7 +358,7 @@ def test_bootstrap_ci_covers_the_true_r2():
 def test_bootstrap_ci_includes_zero_on_pure_noise_and_is_seeded():
     g = torch.Generator().manual_seed(0)
     X, Y = unit_rows(300, 12, g), 2 + torch.randn(300, 30, generator=g)
-    lam, _ = choose_ridge_lambda(X[:200], Y[:200], "cv", 5, 0)
+    lam, _ = choose_ridge_lambda(X[:200], Y[:200], "cv", folds=5, seed=0)
     P = fit_ridge(X[:200], Y[:200], lam).predict(X[200:])
     r = heldout_r2(P, Y[200:], Y[:200].mean(0), n_boot=500, seed=1)
     assert r["r2_ci_low"] < 0 < r["r2_ci_high"]
@@ -367,20 +369,20 @@ def test_bootstrap_ci_includes_zero_on_pure_noise_and_is_seeded():
 def test_noise_ceiling_and_split_half_reliability():
     g = torch.Generator().manual_seed(0)
     S = torch.randn(400, 20, generator=g)
-    agree = noise_ceiling(S[:, None] + 0.05 * torch.randn(400, 2, 20, generator=g), torch.zeros(20), 300)
+    agree = noise_ceiling(S[:, None] + 0.05 * torch.randn(400, 2, 20, generator=g), torch.zeros(20), n_boot=300)
     assert agree["noise_ceiling"] > 0.99
-    pure = noise_ceiling(torch.randn(400, 2, 20, generator=g), torch.zeros(20), 0)
+    pure = noise_ceiling(torch.randn(400, 2, 20, generator=g), torch.zeros(20), n_boot=0)
     assert abs(pure["noise_ceiling"]) < 0.1  # sd of the estimate ~ sqrt(4 / (400 * 20)) = 0.022
     # its 95% interval contains the true ceiling 0 about 95% of the time
     hits = 0
     for rep in range(100):
-        c = noise_ceiling(torch.randn(40, 2, 5, generator=g), torch.zeros(5), 300, seed=rep)
+        c = noise_ceiling(torch.randn(40, 2, 5, generator=g), torch.zeros(5), n_boot=300, seed=rep)
         hits += c["noise_ceiling_ci_low"] <= 0 <= c["noise_ceiling_ci_high"]
     assert 0.85 <= hits / 100 <= 1
     # In between, the ceiling is the R^2 of the true effects (the best predictor) on the noisy means.
     H = S[:, None] + torch.randn(400, 2, 20, generator=g)
-    c = noise_ceiling(H, torch.zeros(20), 300)
-    best = heldout_r2(S, H.mean(1), torch.zeros(20), 0)["r2"]
+    c = noise_ceiling(H, torch.zeros(20), n_boot=300)
+    best = heldout_r2(S, H.mean(1), torch.zeros(20), n_boot=0)["r2"]
     assert c["noise_ceiling_ci_low"] <= best <= c["noise_ceiling_ci_high"] and abs(c["noise_ceiling"] - 2 / 3) < 0.05
     H = torch.cat([S[:, None, :5] + 0.1 * torch.randn(400, 2, 5, generator=g), torch.randn(400, 2, 15, generator=g)], 2)
     rel = split_half_reliability(H)
@@ -408,14 +410,14 @@ def test_metrics_report_intervals_noise_ceiling_and_reliable_features():
         seed=0,
         reliable_features=reliable,
     )
-    json.dumps(m, allow_nan=False)
-    assert m["r2_ci_low"] <= m["r2"] <= m["r2_ci_high"] and m["beats_mean_baseline"] == (m["r2_ci_low"] > 0)
-    assert m["noise_ceiling_ci_low"] <= m["noise_ceiling"] <= m["noise_ceiling_ci_high"]
-    assert m["n_features_reliable"] == 4 and m["r2_reliable"] > m["r2"]
-    assert m["noise_ceiling_reliable"] > m["noise_ceiling"]
-    assert m["r2"] == pytest.approx(heldout_r2(X @ W, Y, torch.zeros(D_SAE), 0)["r2"])
+    json.dumps(m.as_dict(), allow_nan=False)
+    assert m.r2_ci_low <= m.r2 <= m.r2_ci_high and m.beats_mean_baseline == (m.r2_ci_low > 0)
+    assert m.noise_ceiling_ci_low <= m.noise_ceiling <= m.noise_ceiling_ci_high
+    assert m.n_features_reliable == 4 and m.r2_reliable > m.r2
+    assert m.noise_ceiling_reliable > m.noise_ceiling
+    assert m.r2 == pytest.approx(heldout_r2(X @ W, Y, torch.zeros(D_SAE), n_boot=0)["r2"])
     plain = approximator_metrics(EffectApproximator(W, torch.zeros(D_SAE)), X, Y, torch.zeros(D_SAE), n_boot=0)
-    assert plain["r2_ci_low"] is None and plain["noise_ceiling"] is None and plain["beats_mean_baseline"]
+    assert plain.r2_ci_low is None and plain.noise_ceiling is None and plain.beats_mean_baseline
     with pytest.raises(ValueError, match="Y_val_halves"):
         approximator_metrics(EffectApproximator(W, torch.zeros(D_SAE)), X, Y, torch.zeros(D_SAE), Y_val_halves=H[:5])
 
@@ -427,7 +429,7 @@ def test_noise_ceiling_ignores_noise_shared_by_every_vector():
     S = torch.randn(300, 1, 20, generator=g)  # vector-specific signal, same in both halves
     shared = 10 * torch.randn(1, 2, 20, generator=g)  # one draw per half, the same for every vector
     H = S + shared + 0.1 * torch.randn(300, 2, 20, generator=g)
-    c = noise_ceiling(H, H.mean(1).mean(0), 0)
+    c = noise_ceiling(H, H.mean(1).mean(0), n_boot=0)
     assert c["noise_ceiling"] > 0.98
 
 
@@ -444,12 +446,12 @@ def test_ridge_cv_path_equals_refitting_every_fold_and_penalty(n, d):
     )
     lams = [0.0, 1e-2, 1.0, 100.0]
     fast = ridge_cv_path(X, Y, lams, folds=5, seed=1)
-    parts = _folds(n, 5, 1)
+    parts = cv_folds(n, 5, 1)
     for lam in lams:
         sse = 0.0
         for k, part in enumerate(parts):
             tr = torch.cat([p for j, p in enumerate(parts) if j != k])
-            sse += _mse(fit_ridge(X[tr], Y[tr], lam), X[part], Y[part]) * len(part)
+            sse += mse(fit_ridge(X[tr], Y[tr], lam), X[part], Y[part]) * len(part)
         assert fast[lam] == pytest.approx(sse / n, rel=1e-5)
     best, cv = choose_ridge_lambda(X.float(), Y.float(), "cv", folds=5, seed=1)
     assert best == min(cv, key=cv.__getitem__) and len(cv) == 8
@@ -489,12 +491,12 @@ def test_fit_approximator_ridge_history_comes_from_the_path(synthetic):
     X, Y, _, _ = synthetic
     cfg = ApproximatorConfig(fit="ridge", ridge_lambda="cv")
     approx, info = fit_approximator(X[:300], Y[:300], cfg, seed=0, X_val=X[300:], Y_val=Y[300:])
-    lam = info["ridge_lambda"]
+    lam = info.ridge_lambda
     ref = fit_ridge(X[:300], Y[:300], lam)
     torch.testing.assert_close(approx.W, ref.W, atol=1e-4, rtol=1e-4)
-    rows = {r["ridge_lambda"]: r for r in info["history"]}
+    rows = {r["ridge_lambda"]: r for r in info.history}
     assert set(rows) >= set(RIDGE_PATH) and rows[lam]["cv_mse"] == min(r["cv_mse"] for r in rows.values())
     for lam_i, row in rows.items():
         a = fit_ridge(X[:300], Y[:300], lam_i)
-        assert row["train_mse"] == pytest.approx(_mse(a, X[:300], Y[:300]), rel=1e-3)
-        assert row["val_mse"] == pytest.approx(_mse(a, X[300:], Y[300:]), rel=1e-3)
+        assert row["train_mse"] == pytest.approx(mse(a, X[:300], Y[:300]), rel=1e-3)
+        assert row["val_mse"] == pytest.approx(mse(a, X[300:], Y[300:]), rel=1e-3)

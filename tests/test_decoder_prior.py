@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from saets_utils.approximator.decoder_prior import decoder_directions, fit_decoder_prior, prior_gains
+from saets_utils.approximator.fits.decoder_prior import decoder_directions, fit_decoder_prior, prior_gains
 from saets_utils.approximator.fitting import fit_approximator
 from saets_utils.config import ApproximatorConfig
 
@@ -42,7 +42,7 @@ def test_recovers_prior_plus_low_rank_map():
     err = (approx.W.double() - W_true).norm() / W_true.norm()
     assert err < 0.1, f"relative error of W {err:.3f}"
     assert torch.allclose(approx.b.double(), b_true, atol=0.05)
-    assert info["rank"] >= 2
+    assert info.rank >= 2
     # a feature whose own decoder row was measured: its gain column points along its decoder row
     P = decoder_directions(W_dec)
     cos = torch.nn.functional.cosine_similarity(approx.W.double()[:, 3], W_true[:, 3], dim=0)
@@ -90,5 +90,5 @@ def test_fit_approximator_needs_w_dec_and_checks_shapes():
     with pytest.raises(ValueError, match="W_dec must be"):
         fit_approximator(X, Y, cfg, W_dec=W_dec[:, :-1])
     approx, info = fit_approximator(X, Y, cfg, W_dec=W_dec, X_val=X[:5], Y_val=Y[:5])
-    assert approx.W.shape == (X.shape[1], Y.shape[1]) and info["kappa"] in (0.0, 0.01, 0.1, 1.0, 10.0, 100.0, math.inf)
-    assert any(r.get("part") == "prior+low_rank" for r in info["history"])
+    assert approx.W.shape == (X.shape[1], Y.shape[1]) and info.kappa in (0.0, 0.01, 0.1, 1.0, 10.0, 100.0, math.inf)
+    assert any(r.get("part") == "prior+low_rank" for r in info.history)

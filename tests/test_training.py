@@ -29,19 +29,19 @@ def _data(n: int, noise: float, seed: int = 0):
 
 
 def test_cv_picks_a_small_penalty_for_clean_data_and_a_large_one_for_noise():
-    lam_clean, cv_clean = choose_ridge_lambda(*_data(200, 0.01), "cv", 5, 0)
-    lam_noise, _cv_noise = choose_ridge_lambda(*_data(20, 5.0), "cv", 5, 0)
+    lam_clean, cv_clean = choose_ridge_lambda(*_data(200, 0.01), "cv", folds=5, seed=0)
+    lam_noise, _cv_noise = choose_ridge_lambda(*_data(20, 5.0), "cv", folds=5, seed=0)
     assert lam_clean <= 1e-2 < 10 <= lam_noise
     assert set(cv_clean) == set(RIDGE_PATH) and min(cv_clean.values()) == cv_clean[lam_clean]
 
 
 def test_fixed_penalty_is_used_as_is():
-    assert choose_ridge_lambda(*_data(30, 0.1), 0.5, 5, 0) == (0.5, {})
+    assert choose_ridge_lambda(*_data(30, 0.1), 0.5, folds=5, seed=0) == (0.5, {})
 
 
 def test_cv_is_seeded():
     X, Y = _data(40, 1.0)
-    assert choose_ridge_lambda(X, Y, "cv", 4, 3) == choose_ridge_lambda(X, Y, "cv", 4, 3)
+    assert choose_ridge_lambda(X, Y, "cv", folds=4, seed=3) == choose_ridge_lambda(X, Y, "cv", folds=4, seed=3)
 
 
 def test_negative_penalty_is_refused():
@@ -69,25 +69,35 @@ def test_config_rank_fit_and_bootstrap():
 def test_fit_approximator_dispatches_every_kind(fit):
     X, Y = _data(90, 0.05)
     cfg = ApproximatorConfig(fit=fit, cv_folds=3, lr=0.05, epochs=30, batch_size=16)
-    approx, info = fit_approximator(X[:70], Y[:70], cfg, 0, X[70:], Y[70:])
-    assert info["fit"] == fit and approx.W.shape == (16, 40) and approx.b.shape == (40,)
-    rows = info["history"]
+    approx, info = fit_approximator(X[:70], Y[:70], cfg, seed=0, X_val=X[70:], Y_val=Y[70:])
+    assert info.fit == fit and approx.W.shape == (16, 40) and approx.b.shape == (40,)
+    rows = info.history
     assert rows and all("val_mse" in r for r in rows)
     # every kind learns this clean map: far better than the mean effect on the held-out vectors
     mse = float(((approx.predict(X[70:]) - Y[70:]) ** 2).mean())
     assert mse < 0.05 * float(((Y[:70].mean(0) - Y[70:]) ** 2).mean())
     if fit == "ridge":
-        assert info["ridge_lambda"] in RIDGE_PATH and {r["ridge_lambda"] for r in rows} == set(RIDGE_PATH)
+        assert info.ridge_lambda in RIDGE_PATH and {r["ridge_lambda"] for r in rows} == set(RIDGE_PATH)
     if fit == "ridge_per_feature":
-        assert info["lambda_per_feature"].shape == (40,) and sum(r["n_features"] for r in rows) == 40
-        assert info["frac_features_mean"] == 0.0  # every feature here carries signal
+        assert info.lambda_per_feature.shape == (40,) and sum(r["n_features"] for r in rows) == 40
+        assert info.frac_features_mean == 0.0  # every feature here carries signal
     if fit == "reduced_rank":
-        assert info["rank"] == 16 and info["ridge_lambda"] in RIDGE_PATH  # the map has full rank 16
+        assert info.rank == 16 and info.ridge_lambda in RIDGE_PATH  # the map has full rank 16
         assert {"rank", "ridge_lambda", "cv_mse"} <= set(rows[0])
     if fit == "adam":
         assert [r["epoch"] for r in rows] == list(range(1, 31))
     # scalars go into approximator_metrics.json (strict JSON); the history (inf = "predict the mean") into a CSV
-    json.dumps({k: v for k, v in info.items() if k not in ("lambda_per_feature", "history")}, allow_nan=False)
+    json.dumps({k: v for k, v in info.as_dict().items() if k not in ("lambda_per_feature", "history")}, allow_nan=False)
+
+
+def test_every_fit_setting_has_a_family_in_the_table_and_vice_versa():
+    from typing import get_args
+
+    from saets_utils.approximator.fitting import FITS
+
+    assert set(FITS) == set(get_args(ApproximatorConfig.model_fields["fit"].annotation))
+    with pytest.raises(ValueError, match=r"unknown approximator\.fit 'lasso'; use one of ridge, "):
+        fit_approximator(*_data(20, 0.1), ApproximatorConfig.model_construct(fit="lasso"))
 
 
 def _metrics(r2, lo, hi, **kw):

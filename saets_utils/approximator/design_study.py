@@ -117,6 +117,7 @@ def ceiling_by_tokens(
 def learning_curve(
     effects: Effects,
     sizes: Sequence[int],
+    *,
     fits: Sequence[str] = DEFAULT_FITS,
     holdout: int = 256,
     seed: int = 0,
@@ -163,11 +164,11 @@ def learning_curve(
             rollouts = n * n_prompts * (spp if target == "full" else spp // 2)
             for fit in fits:
                 cfg = base.model_copy(update={"fit": fit})
-                approx, info = fit_approximator(X[idx], Yt, cfg, seed, W_dec=W_dec)
+                approx, info = fit_approximator(X[idx], Yt, cfg, seed=seed, W_dec=W_dec)
                 P = approx.predict(Xv).double()
-                stats = heldout_r2(P, Yv.double(), Yt.double().mean(0), n_boot, seed)
+                stats = heldout_r2(P, Yv.double(), Yt.double().mean(0), n_boot=n_boot, seed=seed)
                 rel = (
-                    heldout_r2(P, Yv.double(), Yt.double().mean(0), n_boot, seed, features=reliable)
+                    heldout_r2(P, Yv.double(), Yt.double().mean(0), n_boot=n_boot, seed=seed, features=reliable)
                     if reliable is not None
                     else {"r2": None, "r2_ci_low": None, "r2_ci_high": None}
                 )
@@ -184,13 +185,13 @@ def learning_curve(
                         "r2_reliable_ci_low": rel["r2_ci_low"],
                         "r2_reliable_ci_high": rel["r2_ci_high"],
                         "n_val": len(val),
-                        **{k: v for k, v in info.items() if isinstance(v, (int, float, str))},
+                        **{k: v for k, v in info.as_dict().items() if isinstance(v, (int, float, str))},
                     }
                 )
     if H is not None and torch.isfinite(H[val]).all():
-        c = noise_ceiling(H[val].double(), Y[train].double().mean(0), n_boot, seed)
+        c = noise_ceiling(H[val].double(), Y[train].double().mean(0), n_boot=n_boot, seed=seed)
         c_rel = (
-            noise_ceiling(H[val].double(), Y[train].double().mean(0), n_boot, seed, features=reliable)
+            noise_ceiling(H[val].double(), Y[train].double().mean(0), n_boot=n_boot, seed=seed, features=reliable)
             if reliable is not None
             else {"noise_ceiling": None, "noise_ceiling_ci_low": None, "noise_ceiling_ci_high": None}
         )
@@ -215,6 +216,7 @@ def learning_curve(
 
 def run_study(
     run: RunConfig,
+    *,
     sizes: Sequence[int] | None = None,
     fits: Sequence[str] = DEFAULT_FITS,
     holdout: int | None = None,
@@ -236,7 +238,9 @@ def run_study(
         from saets_utils.models.sae_loading import load_sae
 
         W_dec = load_sae(run, "cpu").W_dec.detach().float()
-    curve = learning_curve(eff, sizes, fits, holdout, run.seed, n_boot, run.approximator, W_dec)
+    curve = learning_curve(
+        eff, sizes, fits=fits, holdout=holdout, seed=run.seed, n_boot=n_boot, base=run.approximator, W_dec=W_dec
+    )
     out.study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.reliability, rel)
     atomic_write_text(out.learning_curve, curve.to_csv(index=False))
@@ -345,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     for run in runs:
         sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else None
-        res = run_study(run, sizes, a.fits.split(","), a.holdout, a.bootstrap)
+        res = run_study(run, sizes=sizes, fits=a.fits.split(","), holdout=a.holdout, n_boot=a.bootstrap)
         print(json.dumps(res["reliability"], indent=1))
         print(res["curve"].to_string(index=False))
 

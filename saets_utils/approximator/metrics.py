@@ -6,6 +6,7 @@ decoder-row top-1 (fit metrics the paper does not report).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ def _per_vector_sq(A: Tensor, B: Tensor, feats: Tensor | None = None, chunk: int
 
 
 def bootstrap_one_minus_ratio(
-    num: Float[Tensor, " n"], den: Float[Tensor, " n"], n_boot: int, seed: int = 0, level: float = 0.95
+    num: Float[Tensor, " n"], den: Float[Tensor, " n"], n_boot: int, *, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float] | tuple[float, None, None]:
     """``1 - sum(num) / sum(den)`` and its percentile bootstrap interval over the ``n`` units.
 
@@ -62,6 +63,7 @@ def heldout_r2(
     P: Float[Tensor, "n d_sae"],
     Y: Float[Tensor, "n d_sae"],
     mu: Float[Tensor, " d_sae"],
+    *,
     n_boot: int = 1000,
     seed: int = 0,
     features: Tensor | None = None,
@@ -79,13 +81,14 @@ def heldout_r2(
     f = None if features is None else torch.as_tensor(features).to(Y.device)
     sse = _per_vector_sq(P, Y, f)
     sst = _per_vector_sq(Y, mu.to(Y.device), f)
-    r2, lo, hi = bootstrap_one_minus_ratio(sse, sst, n_boot, seed)
+    r2, lo, hi = bootstrap_one_minus_ratio(sse, sst, n_boot, seed=seed)
     return {"r2": r2, "r2_ci_low": lo, "r2_ci_high": hi, "n_boot": int(n_boot)}
 
 
 def noise_ceiling(
     Y_halves: Float[Tensor, "n 2 d_sae"],
     mu: Float[Tensor, " d_sae"],
+    *,
     n_boot: int = 1000,
     seed: int = 0,
     features: Tensor | None = None,
@@ -114,7 +117,7 @@ def noise_ceiling(
             for i in range(0, Y1.shape[0], 1024)
         ]
     )
-    c, lo, hi = bootstrap_one_minus_ratio(noise, sst, n_boot, seed)
+    c, lo, hi = bootstrap_one_minus_ratio(noise, sst, n_boot, seed=seed)
     return {"noise_ceiling": c, "noise_ceiling_ci_low": lo, "noise_ceiling_ci_high": hi}
 
 
@@ -144,20 +147,65 @@ def _median(x: Tensor) -> float:
     return float(x.double().quantile(0.5)) if x.numel() else float("nan")
 
 
+@dataclass
+class ApproximatorMetrics:
+    """Held-out fit quality of an effect approximator (:func:`approximator_metrics`). Values are plain
+    JSON-serialisable numbers (None where not measured); :meth:`as_dict` is the form 02 writes into
+    ``approximator_metrics.json`` (keys in this order)."""
+
+    n_val: int
+    mse: float
+    mse_zero: float  # of predicting zero
+    mse_mean: float  # of predicting the train mean effect
+    r2: float
+    r2_ci_low: float | None
+    r2_ci_high: float | None
+    n_boot: int
+    beats_mean_baseline: bool
+    noise_ceiling: float | None
+    noise_ceiling_ci_low: float | None
+    noise_ceiling_ci_high: float | None
+    r2_reliable: float | None
+    r2_reliable_ci_low: float | None
+    r2_reliable_ci_high: float | None
+    noise_ceiling_reliable: float | None
+    n_features_reliable: int | None
+    per_feature_r2_median: float
+    per_feature_r2_frac_positive: float
+    n_features_varying: int
+    cosine_mean: float
+    cosine_median: float
+    cosine_mean_baseline: float
+    centered_cosine_mean: float
+    decoder_top1_predicted: float | None
+    decoder_top1_measured: float | None
+    n_decoder_rows: int
+    per_feature_r2: list[float | None]  # one per feature, None where it never varies
+    per_vector: list[dict[str, Any]] | None = None  # id, mse, cosine of each held-out vector (with val_ids)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field by name, in declaration order; ``per_vector`` only when measured."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.per_vector is None:
+            del out["per_vector"]
+        return out
+
+
 @torch.no_grad()
 def approximator_metrics(
     approx: EffectApproximator,
     X_val: Float[Tensor, "n d_model"],
     Y_val: Float[Tensor, "n d_sae"],
     Y_train_mean: Float[Tensor, " d_sae"],
+    *,
     val_ids: Int[Tensor, " n"] | None = None,
     decoder_feature_ids: Int[Tensor, " n"] | None = None,
     Y_val_halves: Float[Tensor, "n 2 d_sae"] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     reliable_features: Tensor | None = None,
-) -> dict[str, Any]:
-    """Held-out fit quality, as plain JSON-serialisable values.
+) -> ApproximatorMetrics:
+    """Held-out fit quality (:class:`ApproximatorMetrics`).
 
     MSE of the approximator, of predicting zero and of predicting the train mean effect; R^2 against
     the train-mean baseline (overall with a 95% bootstrap CI over held-out vectors, ``r2_ci_low`` /
@@ -191,7 +239,7 @@ def approximator_metrics(
     r2_defined = r2_f[has_var]
     cos = F.cosine_similarity(P, Y, dim=1)
     mu1 = Y_train_mean.to(dev, torch.float64)
-    r2 = heldout_r2(P, Y, mu1, n_boot, seed)
+    r2 = heldout_r2(P, Y, mu1, n_boot=n_boot, seed=seed)
     beats = r2["r2_ci_low"] > 0 if r2["r2_ci_low"] is not None else mse < mse_mean
     out: dict[str, Any] = {
         "n_val": int(Y.shape[0]),
@@ -240,7 +288,7 @@ def approximator_metrics(
             raise ValueError(
                 f"Y_val_halves must be [n_val, 2, d_sae] = [{Y.shape[0]}, 2, {approx.d_sae}]; got {tuple(Y_val_halves.shape)}"
             )
-        out.update(noise_ceiling(Y_val_halves.to(dev), mu1, n_boot, seed))
+        out.update(noise_ceiling(Y_val_halves.to(dev), mu1, n_boot=n_boot, seed=seed))
     if reliable_features is not None:
         rel = torch.as_tensor(reliable_features).to(dev).bool().flatten()
         if rel.numel() != approx.d_sae:
@@ -249,12 +297,12 @@ def approximator_metrics(
             )
         out["n_features_reliable"] = int(rel.sum())
         if rel.any():
-            r = heldout_r2(P, Y, mu1, n_boot, seed, features=rel)
+            r = heldout_r2(P, Y, mu1, n_boot=n_boot, seed=seed, features=rel)
             out.update(
                 {"r2_reliable": r["r2"], "r2_reliable_ci_low": r["r2_ci_low"], "r2_reliable_ci_high": r["r2_ci_high"]}
             )
             if Y_val_halves is not None:
-                out["noise_ceiling_reliable"] = noise_ceiling(Y_val_halves.to(dev), mu1, 0, features=rel)[
+                out["noise_ceiling_reliable"] = noise_ceiling(Y_val_halves.to(dev), mu1, n_boot=0, features=rel)[
                     "noise_ceiling"
                 ]
     out["per_feature_r2"] = [None if math.isnan(v) else v for v in r2_f.tolist()]
@@ -264,4 +312,4 @@ def approximator_metrics(
             raise ValueError(f"val_ids has {len(ids)} entries for {Y.shape[0]} validation vectors")
         mse_v = ((P - Y) ** 2).mean(1).tolist()
         out["per_vector"] = [{"id": int(i), "mse": m, "cosine": c} for i, m, c in zip(ids, mse_v, cos.tolist())]
-    return out
+    return ApproximatorMetrics(**out)

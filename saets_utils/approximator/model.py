@@ -3,7 +3,7 @@
 ``effect ~= x @ W + b`` with ``W`` [d_model, d_sae] and ``b`` [d_sae] (the paper's ``M`` and ``b``):
 the value object with its file format, the rank-aware pseudo-inverse of ``W``, the rotation that
 maps decoder directions into effect space, and the seeded train / held-out split. Fits are in
-:mod:`.fits`, held-out metrics in :mod:`.metrics`.
+:mod:`.fits` (one module per family), held-out metrics in :mod:`.metrics`.
 """
 
 from __future__ import annotations

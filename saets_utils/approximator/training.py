@@ -14,9 +14,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saets_utils.approximator.fits import RIDGE_PATH, choose_ridge_lambda
+from saets_utils.approximator.fits import RIDGE_PATH, FitInfo, PerFeatureInfo, choose_ridge_lambda
 from saets_utils.approximator.fitting import fit_approximator
-from saets_utils.approximator.metrics import approximator_metrics, split_half_reliability
+from saets_utils.approximator.metrics import ApproximatorMetrics, approximator_metrics, split_half_reliability
 from saets_utils.approximator.model import EffectApproximator, split_holdout
 from saets_utils.config import RunConfig
 from saets_utils.effects.store import Effects
@@ -38,8 +38,10 @@ __all__ = [
 
 @dataclass
 class TrainResult:
-    """The fitted approximator, its held-out metrics, the training history and the held-out
-    predictions ``pred / measured [n_val, d_sae]`` with their ``val_ids``."""
+    """The fitted approximator, ``metrics`` as written to ``approximator_metrics.json`` (the held-out
+    metrics, the fit's settings and choices), the training history, the held-out predictions
+    ``pred / measured [n_val, d_sae]`` with their ``val_ids``, and the same typed: ``held_out``
+    (:class:`ApproximatorMetrics`) and ``fit`` (the fit's :class:`FitInfo`)."""
 
     approx: EffectApproximator
     metrics: dict[str, Any]
@@ -47,10 +49,12 @@ class TrainResult:
     val_ids: Tensor
     pred: Tensor
     measured: Tensor
+    held_out: ApproximatorMetrics
+    fit: FitInfo
 
 
 def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> TrainResult:
-    """Split (seeded, by id), fit as ``run.approximator.fit`` says (:func:`fits.fit_approximator`),
+    """Split (seeded, by id), fit as ``run.approximator.fit`` says (:func:`.fitting.fit_approximator`),
     measure on the held-out vectors (R^2 with a bootstrap CI; with 01's split-half effects also the
     noise ceiling, and R^2 over the features whose split-half reliability on the *training* vectors is
     positive), save all outputs. Rows without a finite scale or effect (see 01's status column) are
@@ -64,9 +68,9 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
     train, val = split_holdout(ids, cfg.holdout, run.seed)
     Xt, Yt, Xv, Yv = X[train], Y[train], X[val], Y[val]
     approx, info = fit_approximator(
-        Xt, Yt, cfg, run.seed, Xv, Yv, progress=cfg.fit == "adam", W_dec=W_dec.detach().float().cpu()
+        Xt, Yt, cfg, seed=run.seed, X_val=Xv, Y_val=Yv, progress=cfg.fit == "adam", W_dec=W_dec.detach().float().cpu()
     )
-    history = pd.DataFrame(info["history"])
+    history = pd.DataFrame(info.history)
     halves = effects.halves[ok].float() if effects.halves is not None else None
     if halves is not None and not torch.isfinite(halves).all():
         halves = None  # a half without finite values cannot give a noise estimate
@@ -75,7 +79,7 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
         rel = split_half_reliability(halves[train])
         reliable = torch.nan_to_num(rel, nan=0.0) > 0
     is_rows = effects.meta.get("effects", {}).get("vectors", {}).get("source") == "decoder_rows"
-    metrics = approximator_metrics(
+    held_out = approximator_metrics(
         approx,
         Xv,
         Yv,
@@ -87,20 +91,19 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
         seed=run.seed,
         reliable_features=reliable,
     )
+    metrics = held_out.as_dict()
     metrics.update(
         {
             "fit": cfg.fit,
             "n_train": len(train),
             "n_dropped": int((~ok).sum()),
-            "ridge_lambda": info["ridge_lambda"],
+            "ridge_lambda": info.ridge_lambda,
             "ridge_lambda_setting": cfg.ridge_lambda if cfg.fit in ("ridge", "reduced_rank", "decoder_prior") else None,
-            "rank": info["rank"],
+            "rank": info.rank,
             "rank_setting": cfg.rank if cfg.fit in ("reduced_rank", "decoder_prior") else None,
         }
     )
-    for k in ("frac_features_mean", "ridge_lambda_median_finite", "kappa", "prior_gain"):
-        if k in info:
-            metrics[k] = info[k]
+    metrics.update(info.reported())  # the family's own numbers (per-feature: frac_features_mean, ...)
     out = run.paths
     approx.save(out.approximator, W_dec=W_dec.detach().float().cpu())
     per_feature = metrics.pop("per_feature_r2")
@@ -113,10 +116,10 @@ def train_approximator(run: RunConfig, effects: Effects, W_dec: Tensor) -> Train
         "measured": Yv,
         "per_feature_r2": torch.tensor([float("nan") if v is None else v for v in per_feature]),
     }
-    if "lambda_per_feature" in info:
-        holdout["ridge_lambda_per_feature"] = info["lambda_per_feature"].float()
+    if isinstance(info, PerFeatureInfo):
+        holdout["ridge_lambda_per_feature"] = info.lambda_per_feature.float()
     atomic_save_safetensors(holdout, out.approximator_holdout)
-    return TrainResult(approx, metrics, history, ids[val], pred, Yv)
+    return TrainResult(approx, metrics, history, ids[val], pred, Yv, held_out, info)
 
 
 def metrics_table(m: dict[str, Any]) -> pd.DataFrame:

@@ -6,7 +6,7 @@ vectors only:
 
 - ``SAE-TS[fit]`` for fits ``reduced_rank`` (rank and penalty by CV, as 02 used to), ``ridge`` (full rank,
   CV penalty), ``rank<k>`` (reduced rank at fixed ranks) and ``decoder_prior`` (decoder prior + low rank,
-  :mod:`saets_utils.approximator.decoder_prior`); ``SAE-TS[fit] lam0``: without the bias correction;
+  :mod:`saets_utils.approximator.fits.decoder_prior`); ``SAE-TS[fit] lam0``: without the bias correction;
 - ``pinverse[fit]`` and ``rotation[fit]`` (rank-aware, see :mod:`evaluation.methods`);
 - ``xcorr``: ``Xc^T Yc t``, the direction whose training vectors moved the target most, no inversion;
 - controls: ``SAE`` (the decoder row), ``random`` (a seeded isotropic unit vector per task), ``-bias``
@@ -34,8 +34,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saets_utils.approximator.decoder_prior import fit_decoder_prior
-from saets_utils.approximator.fits import choose_ridge_lambda, fit_reduced_rank, fit_ridge
+from saets_utils.approximator.fits import choose_ridge_lambda, fit_decoder_prior, fit_reduced_rank, fit_ridge
 from saets_utils.approximator.model import EffectApproximator, split_holdout
 from saets_utils.config import RunConfig
 from saets_utils.evaluation import methods as M

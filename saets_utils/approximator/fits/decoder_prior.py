@@ -11,26 +11,45 @@ the low-rank part takes the effects every vector shares in varying amounts (dens
 Each gain is shrunk toward one pooled gain ``g0`` with strength ``kappa`` (empirical Bayes): a feature
 whose decoder row was never measured gets ``g0``, so with strong shrinkage SAE-TS falls back to SAE
 steering plus the low-rank correction instead of noise. ``kappa`` is chosen by k-fold CV on the
-training vectors; the low-rank part's penalty and rank by :func:`fits.fit_reduced_rank`'s own CV.
+training vectors; the low-rank part's penalty and rank by :func:`.reduced_rank.fit_reduced_rank`'s own CV.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saets_utils.approximator.fits import _check_xy, _finite, _folds, _mse, fit_reduced_rank
+from saets_utils.approximator.fits.common import FitInfo, check_finite, check_xy, cv_folds, mse
+from saets_utils.approximator.fits.reduced_rank import fit_reduced_rank
 from saets_utils.approximator.model import EffectApproximator
 
-__all__ = ["PRIOR_KAPPAS", "decoder_directions", "fit_decoder_prior", "prior_gains"]
+if TYPE_CHECKING:
+    from saets_utils.config import ApproximatorConfig
+
+__all__ = ["PRIOR_KAPPAS", "DecoderPriorInfo", "decoder_directions", "fit_decoder_prior", "prior_gains"]
 
 # Shrinkage strengths of the per-feature gains toward the pooled gain (inf: one gain for all features).
 PRIOR_KAPPAS = (0.0, 0.01, 0.1, 1.0, 10.0, 100.0, math.inf)
+
+
+@dataclass(kw_only=True)
+class DecoderPriorInfo(FitInfo):
+    """:class:`FitInfo` of the decoder prior: the chosen shrinkage ``kappa``, the pooled gain
+    ``prior_gain`` (``g0``), the median per-feature gain, and the low-rank part's ``rank_max``."""
+
+    kappa: float
+    prior_gain: float
+    gain_median: float
+    rank_max: int
+
+    def reported(self) -> dict[str, Any]:
+        return {"kappa": self.kappa, "prior_gain": self.prior_gain}
 
 
 def decoder_directions(W_dec: Float[Tensor, "d_sae d_model"]) -> Float[Tensor, "d_model d_sae"]:
@@ -64,7 +83,7 @@ def _choose_kappa(
     X: Tensor, Y: Tensor, P: Tensor, kappas: Sequence[float], folds: int, seed: int
 ) -> tuple[float, list[dict[str, Any]]]:
     sse = dict.fromkeys(kappas, 0.0)
-    for te in _folds(X.shape[0], folds, seed):
+    for te in cv_folds(X.shape[0], folds, seed):
         tr = torch.ones(X.shape[0], dtype=torch.bool)
         tr[te] = False
         mu_x, mu_y = X[tr].mean(0), Y[tr].mean(0)
@@ -87,6 +106,7 @@ def fit_decoder_prior(
     X: Float[Tensor, "n d_model"],
     Y: Float[Tensor, "n d_sae"],
     W_dec: Float[Tensor, "d_sae d_model"],
+    *,
     kappa: float | Literal["cv"] = "cv",
     lam: float | Literal["cv"] = "cv",
     rank: int | Literal["cv"] = "cv",
@@ -95,15 +115,15 @@ def fit_decoder_prior(
     kappas: Sequence[float] = PRIOR_KAPPAS,
     X_val: Tensor | None = None,
     Y_val: Tensor | None = None,
-) -> tuple[EffectApproximator, dict[str, Any]]:
+) -> tuple[EffectApproximator, DecoderPriorInfo]:
     """Fit ``effect ~= x @ (P diag(gamma) + L) + b`` on unit steering vectors ``X`` and effects ``Y``.
 
     Stage 1: the gains (``kappa`` fixed or by CV, :func:`prior_gains`). Stage 2: reduced-rank ridge
     of the residual ``Yc - Xc P diag(gamma)`` (``lam``, ``rank`` fixed or by CV). ``X_val``/``Y_val``
-    are never used to choose; they add ``val_mse`` rows. Returns the approximator and ``info`` with
-    ``kappa``, ``prior_gain`` (``g0``), ``ridge_lambda``, ``rank``, ``history``.
+    are never used to choose; they add ``val_mse`` rows. Returns the approximator and its
+    :class:`DecoderPriorInfo` (``kappa``, ``prior_gain`` = ``g0``, ``ridge_lambda``, ``rank``, ``history``).
     """
-    _check_xy(X, Y)
+    check_xy(X, Y)
     if W_dec.ndim != 2 or W_dec.shape != (Y.shape[1], X.shape[1]):
         raise ValueError(
             f"W_dec must be [d_sae, d_model] = [{Y.shape[1]}, {X.shape[1]}] to match the effects; got {tuple(W_dec.shape)}"
@@ -123,23 +143,53 @@ def fit_decoder_prior(
     gamma, g0 = prior_gains(A, Yd - mu_y, k)
     W_prior = P * gamma  # [d_model, d_sae]
     resid = (Yd - mu_y - A * gamma).float()
-    low, rr = fit_reduced_rank(X, resid, lam, rank, folds, seed)
+    low, rr = fit_reduced_rank(X, resid, lam=lam, rank=rank, folds=folds, seed=seed)
     W = W_prior + low.W.double()
-    approx = _finite(EffectApproximator(W.float(), (mu_y - mu_x @ W).float()))
-    history += [{"stage": "low_rank", **row} for row in rr["history"]]
+    approx = check_finite(EffectApproximator(W.float(), (mu_y - mu_x @ W).float()))
+    history += [{"stage": "low_rank", **row} for row in rr.history]
     if X_val is not None and Y_val is not None:
         prior_only = EffectApproximator(W_prior.float(), (mu_y - mu_x @ W_prior).float())
         history += [
-            {"stage": "val", "part": "prior", "val_mse": _mse(prior_only, X_val, Y_val)},
-            {"stage": "val", "part": "prior+low_rank", "val_mse": _mse(approx, X_val, Y_val)},
+            {"stage": "val", "part": "prior", "val_mse": mse(prior_only, X_val, Y_val)},
+            {"stage": "val", "part": "prior+low_rank", "val_mse": mse(approx, X_val, Y_val)},
         ]
-    info = {
-        "kappa": k,
-        "prior_gain": g0,
-        "gain_median": float(gamma.median()),
-        "ridge_lambda": rr["ridge_lambda"],
-        "rank": rr["rank"],
-        "rank_max": rr["rank_max"],
-        "history": history,
-    }
+    info = DecoderPriorInfo(
+        fit="decoder_prior",
+        kappa=k,
+        prior_gain=g0,
+        gain_median=float(gamma.median()),
+        ridge_lambda=rr.ridge_lambda,
+        rank=rr.rank,
+        rank_max=rr.rank_max,
+        history=history,
+    )
     return approx, info
+
+
+def fit_from_config(
+    X: Float[Tensor, "n d_model"],
+    Y: Float[Tensor, "n d_sae"],
+    cfg: ApproximatorConfig,
+    *,
+    seed: int = 0,
+    X_val: Tensor | None = None,
+    Y_val: Tensor | None = None,
+    W_dec: Tensor | None = None,
+    progress: bool = False,
+) -> tuple[EffectApproximator, DecoderPriorInfo]:
+    """``fit: decoder_prior`` with ``cfg.prior_kappa``, ``cfg.ridge_lambda``, ``cfg.rank`` and
+    ``cfg.cv_folds``; needs the SAE's ``W_dec [d_sae, d_model]``."""
+    if W_dec is None:
+        raise ValueError("approximator.fit: decoder_prior needs the SAE's W_dec [d_sae, d_model]")
+    return fit_decoder_prior(
+        X,
+        Y,
+        W_dec,
+        kappa=cfg.prior_kappa,
+        lam=cfg.ridge_lambda,
+        rank=cfg.rank,
+        folds=cfg.cv_folds,
+        seed=seed,
+        X_val=X_val,
+        Y_val=Y_val,
+    )
