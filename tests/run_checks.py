@@ -183,8 +183,8 @@ def check_vectors_follow_formulas(run: RunConfig, W_dec: Tensor, model: Any, bos
     check_targets(f, load_file(run.results_dir / "baseline.safetensors")["density"])
     ctx = {"model": model, "bos": bos}
     # CAA reads the model's activations: batched and padded in 03, one example at a time here; in a
-    # float32 model they agree to rounding, in bfloat16 (the reference's Gemma) to its 3 digits.
-    caa_tol = ATOL if model.cfg.dtype == torch.float32 else 2e-2
+    # float32 model they agree to rounding (1e-7 seen), in bfloat16 (the reference's Gemma) to 1e-4.
+    caa_tol = ATOL if model.cfg.dtype == torch.float32 else 1e-3
     checked = []
     for key, v in sorted(f.vectors.items()):
         task, method = key.split("/", 1)
