@@ -26,6 +26,7 @@ from saets_utils.config import REPO_ROOT, load_config
 
 pytestmark = pytest.mark.slow
 PARAMS = "params/test.yaml"
+LAB_START_S = 240  # JupyterLab's first start builds its settings; minutes on a loaded machine
 CHROME_FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -79,7 +80,7 @@ def lab(run, tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
     _notebook_copy("05_playground", folder)
     # 01 for its explorer: the measuring cell is left out (test_notebooks.py runs it; here it would
     # only resume a finished run)
-    _notebook_copy("01_effects", folder, skip="run_effects(")
+    _notebook_copy("01_effects", folder, skip="= run_effects(")  # not load_run_effects(
     token, port = secrets.token_hex(16), _free_port()
     home = folder / ".jupyter"
     env = {
@@ -111,12 +112,15 @@ def lab(run, tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
     proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
+        deadline = time.monotonic() + LAB_START_S
+        while True:
             try:
-                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=10)
                 break
             except OSError:
-                assert proc.poll() is None, (folder / "lab.log").read_text()
+                assert proc.poll() is None, f"JupyterLab exited: {(folder / 'lab.log').read_text()}"
+                if time.monotonic() > deadline:
+                    pytest.fail(f"JupyterLab did not answer within {LAB_START_S} s: {(folder / 'lab.log').read_text()}")
                 time.sleep(0.5)
         yield base, token, folder
     finally:
@@ -220,8 +224,9 @@ def _drive_playground(browser) -> None:
     tokens.send_keys(Keys.CONTROL, "a")
     tokens.send_keys("8", Keys.ENTER)  # fewer tokens than the default 24: the test checks the page, not the model
     button.click()
-    # the button is disabled while the kernel generates; texts stream into the two columns
-    WebDriverWait(browser, 30, poll_frequency=0.1).until(lambda d: not button.is_enabled())
+    # the button is disabled while the kernel generates (or generation already finished: the status
+    # names the steered prompt only after a generation); texts stream into the two columns
+    WebDriverWait(browser, 60, poll_frequency=0.1).until(lambda d: not button.is_enabled() or _status(d))
 
     def texts(d):
         cells = d.find_elements(By.CSS_SELECTOR, ".saets-samples pre")
