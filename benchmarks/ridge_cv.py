@@ -33,11 +33,11 @@ import torch
 from saets_utils.approximator.fits import (
     RIDGE_PATH,
     RidgePath,
-    _folds,
-    _mse,
     choose_ridge_lambda,
+    cv_folds,
     fit_ridge,
     moments,
+    mse,
     ridge_cv_path,
 )
 from saets_utils.approximator.fitting import fit_approximator
@@ -64,13 +64,13 @@ def _sync(device: str) -> None:
 def refit_path(X: torch.Tensor, Y: torch.Tensor, folds: int, seed: int) -> dict[float, float]:
     """The CV the way ``choose_ridge_lambda`` did it before: one ``fit_ridge`` per fold and penalty."""
     n = X.shape[0]
-    parts = _folds(n, folds, seed)
+    parts = cv_folds(n, folds, seed)
     cv = {}
     for lam in RIDGE_PATH:
         sse = 0.0
         for j, part in enumerate(parts):
             tr = torch.cat([p for i, p in enumerate(parts) if i != j]).to(X.device)
-            sse += _mse(fit_ridge(X[tr], Y[tr], lam), X[part.to(X.device)], Y[part.to(X.device)]) * len(part)
+            sse += mse(fit_ridge(X[tr], Y[tr], lam), X[part.to(X.device)], Y[part.to(X.device)]) * len(part)
         cv[lam] = sse / n
     return cv
 
@@ -78,9 +78,9 @@ def refit_path(X: torch.Tensor, Y: torch.Tensor, folds: int, seed: int) -> dict[
 def old_fit_approximator(X: torch.Tensor, Y: torch.Tensor, folds: int, seed: int) -> None:
     """``fit_approximator``'s ridge branch before :class:`RidgePath`: CV path, then per penalty a
     ``fit_ridge`` and its training MSE, then the final fit."""
-    lam, _ = choose_ridge_lambda(X, Y, "cv", folds, seed)
+    lam, _ = choose_ridge_lambda(X, Y, "cv", folds=folds, seed=seed)
     for lam_i in sorted({*RIDGE_PATH, lam}):
-        _mse(fit_ridge(X, Y, lam_i), X, Y)
+        mse(fit_ridge(X, Y, lam_i), X, Y)
     fit_ridge(X, Y, lam)
 
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     old = refit_path(Xs, Ys, a.folds, 0)
     _sync(dev)
     t1 = time.perf_counter()
-    new = ridge_cv_path(Xs, Ys, RIDGE_PATH, a.folds, 0)
+    new = ridge_cv_path(Xs, Ys, RIDGE_PATH, folds=a.folds, seed=0)
     _sync(dev)
     t2 = time.perf_counter()
     worst = max(abs(old[lam] - new[lam]) / old[lam] for lam in RIDGE_PATH)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         _sync(dev)
         t0 = time.perf_counter()
         total = moments(X, Y)
-        cv = ridge_cv_path(X, Y, RIDGE_PATH, a.folds, 0, total=total)
+        cv = ridge_cv_path(X, Y, RIDGE_PATH, folds=a.folds, seed=0, total=total)
         _sync(dev)
         t1 = time.perf_counter()
         best = min(cv, key=cv.__getitem__)
