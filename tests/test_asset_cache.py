@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from helpers import HOOK, build_run_cfg
 from saets_utils.models import assets
@@ -132,9 +133,25 @@ def spy_on_training(log) -> None:
     def train_sae(*args, **kwargs):
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
+        wait_for_a_blocked_waiter()
         return real_train(*args, **kwargs)
 
     sae_training.train_sae = train_sae
+
+
+def wait_for_a_blocked_waiter(timeout_s: float = 120.0) -> None:
+    """Hold the training until another process blocks on an SAE lock of the cache (a ``->`` entry in
+    ``/proc/locks`` for a lock file's inode), so the race has the same outcome on any machine load:
+    the other process waits instead of arriving after the training. Returns at the timeout otherwise
+    (the test then fails on the missing waiting message)."""
+    saes = Path(os.environ["SAETS_CACHE"]) / "saes"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        inodes = {str(p.stat().st_ino) for p in saes.glob(".*.lock")}
+        blocked = [ln for ln in Path("/proc/locks").read_text().splitlines() if "->" in ln]
+        if any(ln.split()[6].rsplit(":", 1)[-1] in inodes for ln in blocked if len(ln.split()) > 6):
+            return
+        time.sleep(0.05)
 
 
 def seen(run, sae) -> str:
