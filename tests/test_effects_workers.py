@@ -92,6 +92,9 @@ def test_leases_expire_without_heartbeats_and_failures_are_counted_per_attempt(t
 # --- the Slurm path on submitit's LocalExecutor -------------------------------------------------
 
 
+HUNG_S = 8.0  # the lease: a worker silent this long is hung (a live one beats every HUNG_S / 6)
+
+
 @pytest.fixture
 def reference(effects_reference):
     return effects_reference
@@ -104,9 +107,14 @@ def test_workers_killed_or_hung_mid_block_on_submitit_give_the_uninterrupted_res
     is SIGKILLed and worker 1 frozen (SIGSTOP: a hang, no heartbeat) while each holds a block. The
     parent cancels the silent job, their blocks are re-claimed by the other worker, each vector is
     measured once, and the merged result equals the uninterrupted in-process run.
-    Regression (hung worker): the parent used to poll a hung worker forever."""
+    Regression (hung worker): the parent used to poll a hung worker forever.
+
+    Holding a block is set up, not raced for: with all three workers stopped, workers 0 and 1 are
+    given a block each by a claim exactly like their own (worker, attempt, host, pid, start time; no
+    shard), the state a worker killed mid-block leaves. Catching them mid-block by polling (as this
+    test did) failed on a loaded machine, where a tiny block is measured between two polls."""
     slurm = {"tasks": 3, "gpus_per_task": 0}
-    run = tiny_run(tmp_path, vectors=FIRST_8, lease_s=4.0, executor="slurm", slurm=slurm)
+    run = tiny_run(tmp_path, vectors=FIRST_8, lease_s=HUNG_S, executor="slurm", slurm=slurm)
     ex = submitit.LocalExecutor(folder=str(tmp_path / "submitit"))
     ex.update_parameters(timeout_min=10)
     outcome: dict[str, Any] = {}
@@ -120,41 +128,50 @@ def test_workers_killed_or_hung_mid_block_on_submitit_give_the_uninterrupted_res
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     hit: dict[str, tuple[str, int]] = {}  # worker suffix -> (block key, pid)
+    workers: dict[str, dict[str, Any]] = {}  # worker suffix -> its heartbeat record (pid, attempt, ...)
     claims, shards = work_dir(run) / "claims", work_dir(run) / "shards"
     deadline = time.monotonic() + WAIT_S
     try:
         # Hold every block until all three workers are up (they start at very different times on a
-        # loaded machine, and one could otherwise finish all blocks alone), then let them race.
+        # loaded machine, and one could otherwise finish all blocks alone).
         while not (work_dir(run) / "plan.safetensors").exists():
             assert thread.is_alive() and time.monotonic() < deadline, f"no plan in time: {outcome}"
             time.sleep(0.01)
         plan = Plan.load(work_dir(run) / "plan.safetensors")
         gate = [try_claim(claims, block_key(plan, 2, k), "gate", "gate", lease_s=4.0).path for k in range(4)]
         assert all(gate)
-        with Heartbeat(0.1, *gate):
-            while sum(ready(p) for p in (work_dir(run) / "workers").glob("*.json")) < 3:
+        workers_dir = work_dir(run) / "workers"
+        with Heartbeat(0.1, *gate) as beat:
+            while sum(ready(p) for p in workers_dir.glob("*.json")) < 3:
                 assert thread.is_alive() and time.monotonic() < deadline, f"workers not up in time: {outcome}"
                 time.sleep(0.05)
-        for p in gate:
+            workers.update(
+                {p.stem[-3:]: {**json.loads(p.read_text()), "worker": p.stem} for p in workers_dir.glob("*.json")}
+            )
+            assert sorted(workers) == ["-s0", "-s1", "-s2"], sorted(workers)
+            for info in workers.values():  # all frozen: no claim is taken while blocks change hands
+                os.kill(info["pid"], signal.SIGSTOP)
+            for k, who in enumerate(("-s0", "-s1")):  # block k is held by worker who, mid-block
+                beat.discard(gate[k])
+                os.utime(gate[k], EXPIRED)
+                w = workers[who]
+                key = block_key(plan, 2, k)
+                held = {"attempt": w["attempt"], "worker": w["worker"], "host": w["host"], "pid": w["pid"]}
+                (claims / f"{key}.1").write_text(json.dumps({**held, "start": w["start"], "since": time.time()}))
+                hit[who] = (key, w["pid"])
+        for p in gate[2:]:
             os.utime(p, EXPIRED)
-        while len(hit) < 2:
-            assert thread.is_alive(), f"run ended before workers 0 and 1 were caught mid-block: {outcome}"
-            assert time.monotonic() < deadline, "workers 0 and 1 claimed no block in time"
-            for c in sorted(claims.glob("*.*")) if claims.is_dir() else []:
-                info = json.loads(c.read_text() or "{}")
-                key, who = c.name.rsplit(".", 1)[0], info.get("worker", "")[-3:]
-                if who in ("-s0", "-s1") and who not in hit and not list(shards.glob(f"{key}.*")):  # mid-block
-                    os.kill(info["pid"], signal.SIGKILL if who == "-s0" else signal.SIGSTOP)
-                    hit[who] = (key, info["pid"])
-            time.sleep(0.01)
+        os.kill(hit["-s0"][1], signal.SIGKILL)  # killed mid-block
+        os.kill(workers["-s2"]["pid"], signal.SIGCONT)  # worker 1 stays stopped: hung mid-block
         thread.join(WAIT_S)
         assert not thread.is_alive(), "run_effects did not return after the kill and the hang"
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(hit["-s1"][1], signal.SIGKILL) if "-s1" in hit else None
+        for who, w in workers.items():  # none left frozen if the test stopped half-way
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w["pid"], signal.SIGKILL if who == "-s1" else signal.SIGCONT)
     assert "error" not in outcome, outcome.get("error")
     out = capsys.readouterr()
-    assert "-s1 sent no heartbeat for 4 s (hung): killed" in out.out + out.err
+    assert f"-s1 sent no heartbeat for {HUNG_S:g} s (hung): killed" in out.out + out.err
     counts = shard_ids(run)
     assert sorted(counts) == list(range(8)) and set(counts.values()) == {1}, "each vector exactly once"
     assert_equals_reference(run, reference)
