@@ -12,7 +12,7 @@ The same arithmetic as TransformerLens's forward on a KV cache, organised for de
   (:mod:`~saets_utils.models.weight_layout`) every projection is a view of its parameter; a model
   laid out otherwise is copied into that layout once, when the decoder is built;
 - the steering add and the activation capture at the hook write into fixed buffers, and the next
-  token comes from :func:`~saets_utils.steering.generation.sample_from_logits` with the row's own
+  token comes from :func:`~saets_utils.steering.sampling.sample_from_logits` with the row's own
   uniform for that position, as in :func:`~saets_utils.steering.generation.generate_aligned`;
 - every step reads its inputs from buffers and syncs nothing with the host, so on CUDA its layer
   functions are compiled and the step is replayed from CUDA graphs (:mod:`.step_graphs`).
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saets_utils.config import SamplingConfig
-from saets_utils.steering.generation import sample_from_logits
+from saets_utils.steering.sampling import sample_from_logits
 from saets_utils.steering.step_graphs import StepRunner, attended_positions
 
 if TYPE_CHECKING:
