@@ -59,6 +59,24 @@ def test_claim_of_an_exited_process_is_taken_over_at_once(tmp_path, capsys):
     ]
 
 
+def test_a_holder_killed_while_writing_its_claim_leaves_no_claim(tmp_path, monkeypatch):
+    """A claim appears with its holder's identity or not at all: a worker killed between creating its
+    claim and writing who it is left an empty file that read as a live holder, and the next run
+    waited out the whole lease (found by tests/test_chaos.py: 590 s at a 600 s lease)."""
+    from saets_utils.effects import claims
+
+    def killed(*a, **k):
+        raise SystemExit("killed mid-write")
+
+    monkeypatch.setattr(claims.os, "link", killed)
+    with pytest.raises(SystemExit):
+        try_claim(tmp_path, "blk", "A", "w-dying", lease_s=LEASE)
+    monkeypatch.undo()
+    assert read_claims(tmp_path, "blk") == [] and not list(tmp_path.iterdir())  # no claim, no temporary
+    got = try_claim(tmp_path, "blk", "B", "w-next", lease_s=LEASE)
+    assert got.state == "claimed" and read_claims(tmp_path, "blk")[-1].worker == "w-next"
+
+
 def test_claim_of_a_live_process_still_holds_until_it_dies(tmp_path):
     assert try_claim(tmp_path, "mine", "A", "w1", lease_s=LEASE).state == "claimed"  # this test's own process
     assert try_claim(tmp_path, "mine", "A", "w2", lease_s=LEASE).state == "held"

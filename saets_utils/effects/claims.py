@@ -175,13 +175,35 @@ def try_claim(
             return ClaimOutcome("given_up", failures=len(mine), errors=errors)
         gen = last.gen + 1
     path = folder / f"{key}.{gen}"
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except FileExistsError:
+    info = {"attempt": attempt, "worker": worker, **me, "since": time.time()}
+    if not _create_with(path, json.dumps(info)):
         return ClaimOutcome("held")  # another worker took this generation first
-    with os.fdopen(fd, "w") as f:
-        json.dump({"attempt": attempt, "worker": worker, **me, "since": time.time()}, f)
     return ClaimOutcome("claimed", path)
+
+
+def _create_with(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text`` unless it exists (False then), in one step: the text goes to
+    a private temporary file that is hard-linked to ``path`` (``link`` fails if ``path`` exists), so
+    a holder killed mid-write never leaves an empty claim, which would name no holder to check and
+    make the next run wait out the lease. Where hard links are refused, an exclusive create, then
+    the write."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this filesystem
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def fail_claim(path: Path, error: str) -> None:
