@@ -77,6 +77,32 @@ def _commit(tmp: Path, path: Path, mode: int | None = None) -> None:
     os.replace(tmp, path)
 
 
+def create_exclusive_text(path: str | os.PathLike[str], text: str) -> bool:
+    """Create ``path`` holding ``text`` unless it exists (False then), in one step: the text goes to a
+    temporary sibling that is hard-linked to ``path`` (``link`` fails if ``path`` exists), so a writer
+    killed mid-write never leaves ``path`` empty. Where hard links are refused, an exclusive create,
+    then the write."""
+    path = Path(path)
+    tmp = _tmp_beside(path)
+    try:
+        tmp.write_text(text)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this filesystem
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to a temporary sibling, fsync, then rename over ``path``."""
     path = Path(path)

@@ -63,12 +63,11 @@ def test_a_holder_killed_while_writing_its_claim_leaves_no_claim(tmp_path, monke
     """A claim appears with its holder's identity or not at all: a worker killed between creating its
     claim and writing who it is left an empty file that read as a live holder, and the next run
     waited out the whole lease (found by tests/test_chaos.py: 590 s at a 600 s lease)."""
-    from saets_utils.effects import claims
 
     def killed(*a, **k):
         raise SystemExit("killed mid-write")
 
-    monkeypatch.setattr(claims.os, "link", killed)
+    monkeypatch.setattr(os, "link", killed)
     with pytest.raises(SystemExit):
         try_claim(tmp_path, "blk", "A", "w-dying", lease_s=LEASE)
     monkeypatch.undo()

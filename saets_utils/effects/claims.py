@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from saets_utils.io_utils import atomic_write_json
+from saets_utils.io_utils import atomic_write_json, create_exclusive_text
 
 EXPIRED = (0.0, 0.0)  # file times that mark a lease as over at once
 
@@ -176,34 +176,11 @@ def try_claim(
         gen = last.gen + 1
     path = folder / f"{key}.{gen}"
     info = {"attempt": attempt, "worker": worker, **me, "since": time.time()}
-    if not _create_with(path, json.dumps(info)):
+    # the claim appears with its holder's identity or not at all: an empty claim (a holder killed
+    # mid-write) would name no holder to check, and the next run would wait out the lease
+    if not create_exclusive_text(path, json.dumps(info)):
         return ClaimOutcome("held")  # another worker took this generation first
     return ClaimOutcome("claimed", path)
-
-
-def _create_with(path: Path, text: str) -> bool:
-    """Create ``path`` holding ``text`` unless it exists (False then), in one step: the text goes to
-    a private temporary file that is hard-linked to ``path`` (``link`` fails if ``path`` exists), so
-    a holder killed mid-write never leaves an empty claim, which would name no holder to check and
-    make the next run wait out the lease. Where hard links are refused, an exclusive create, then
-    the write."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # no hard links on this filesystem
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def fail_claim(path: Path, error: str) -> None:
