@@ -359,7 +359,7 @@ class EffectsConfig(_Strict):
     slurm: SlurmConfig = SlurmConfig()
     # Which decoder draws the rollouts: ``tl``, TransformerLens's forward (the reference), or
     # ``static``, our own step over the same weights (saets_utils/steering/engine.py: static KV cache,
-    # CUDA graphs on a GPU). In fp32 they agree to float rounding (tests/test_engine.py), as two
+    # CUDA graphs on a GPU). In fp32 they agree to float rounding (tests/steering/test_engine.py), as two
     # batch shapes or devices do, so the engine is not part of the plan's fingerprint.
     engine: Literal["tl", "static"] = "tl"
     lease_s: float = Field(120.0, gt=0)

@@ -96,3 +96,20 @@ def test_layout_doc_names_every_module():
     for module in sorted(package.rglob("*.py")):
         if module.name != "__init__.py":
             assert re.search(rf"\b{module.stem}\b", layout), f"docs/layout.md lacks {module.relative_to(ROOT)}"
+
+
+def test_tests_mirror_the_package():
+    """Each subpackage of saets_utils has its test folder, and every test file sits either in such a
+    folder, in tests/notebooks/, or in tests/ itself (top-level modules and repository-wide checks)."""
+    tests = ROOT / "tests"
+    subpackages = {p.parent.name for p in (ROOT / "saets_utils").glob("*/__init__.py")}
+    folders = subpackages | {"notebooks"}
+    missing = sorted(s for s in subpackages if not list((tests / s).glob("test_*.py")))
+    assert not missing, f"subpackages without a test folder under tests/: {missing}"
+    misplaced = sorted(
+        str(p.relative_to(tests))
+        for p in tests.rglob("test_*.py")
+        if p.parent != tests and (p.parent.parent != tests or p.parent.name not in folders)
+    )
+    assert not misplaced, f"test files outside tests/<subpackage>/, tests/notebooks/ or tests/: {misplaced}"
+    assert not list(tests.rglob("__init__.py")), "test folders are rootdir-imported: no __init__.py"

@@ -3,7 +3,7 @@ design study and the diagnosis pick from (ridge, per-feature ridge, reduced rank
 
 Each family is a module of :mod:`saets_utils.approximator.fits` with a ``fit_from_config``; this module
 only picks. Adding a family: a module there and one entry in :data:`FITS` (and its name in
-``ApproximatorConfig.fit``; ``tests/test_training.py`` checks the two agree).
+``ApproximatorConfig.fit``; ``tests/approximator/test_training.py`` checks the two agree).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The reference algorithm for one vector's effect, kept in one place for the test that the fast
-path equals it (tests/test_effects.py) and for the benchmark that times both
+path equals it (tests/effects/test_effects.py) and for the benchmark that times both
 (benchmarks/effects_throughput.py).
 
 The SAE-TS reference code measures one vector at a time: per prompt, one generate call under the

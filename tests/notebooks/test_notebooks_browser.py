@@ -24,7 +24,7 @@ import pytest
 
 from saets_utils.config import REPO_ROOT, load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 PARAMS = "params/test.yaml"
 LAB_START_S = 240  # JupyterLab's first start builds its settings; minutes on a loaded machine
 CHROME_FLAGS = (

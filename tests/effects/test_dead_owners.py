@@ -62,7 +62,7 @@ def test_claim_of_an_exited_process_is_taken_over_at_once(tmp_path, capsys):
 def test_a_holder_killed_while_writing_its_claim_leaves_no_claim(tmp_path, monkeypatch):
     """A claim appears with its holder's identity or not at all: a worker killed between creating its
     claim and writing who it is left an empty file that read as a live holder, and the next run
-    waited out the whole lease (found by tests/test_chaos.py: 590 s at a 600 s lease)."""
+    waited out the whole lease (found by tests/effects/test_chaos.py: 590 s at a 600 s lease)."""
 
     def killed(*a, **k):
         raise SystemExit("killed mid-write")
