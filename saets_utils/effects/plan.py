@@ -62,12 +62,35 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def path_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in name order);
+    ``missing`` if neither exists."""
+    p = Path(path)
+    if p.is_file():
+        return file_digest(p)
+    if not p.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(f"{f.relative_to(p).as_posix()}:{file_digest(f)};".encode())
+    return h.hexdigest()[:16]
+
+
 def input_digests(run: RunConfig, sae: Any) -> dict[str, str]:
     """Content digests of the inputs besides settings: the SAE's weights (a retrained or replaced
-    SAE file under the same settings) and the vectors file of ``effects.vectors.source: file``."""
+    SAE file under the same settings), the vectors file of ``effects.vectors.source: file``, and the
+    files of ``other_sae``'s SAE when it is read from a path (a replaced SAE at the same path)."""
+    from saets_utils.config import REPO_ROOT
+
     out = {"sae": tensors_digest(dict(sae.state_dict()))}
-    if run.effects.vectors.source == "file":
-        out["vectors_file"] = file_digest(run.effects.vectors.path or "")
+    spec = run.effects.vectors
+    if spec.source == "file":
+        out["vectors_file"] = file_digest(spec.path or "")
+    if spec.source == "other_sae" and spec.sae is not None and spec.sae.path:
+        other = Path(spec.sae.path)
+        if not other.exists() and not other.is_absolute():  # params paths may be relative to the repo root
+            other = REPO_ROOT / other
+        out["other_sae"] = path_digest(other)
     return out
 
 

@@ -71,12 +71,9 @@ def test_other_sae_rows_are_what_01_plans_to_measure(tmp_path, tiny_model, tiny_
     torch.testing.assert_close(plan.vectors, _unit(other.W_dec.detach().float()[[70, 90]]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: 01's fingerprint digests the run's SAE and a vectors file, not the other SAE's "
-    "weights, so a replaced other SAE at the same path resumes on the old plan's vectors",
-)
 def test_a_replaced_other_sae_is_not_resumed(tmp_path, tiny_model, tiny_sae):
+    """01's fingerprint digests the other SAE's files: one retrained at the same path is refused
+    instead of resumed on the old plan's vectors; the same files resume."""
     from saets_utils.models.tiny import tiny_sae as make_tiny_sae
 
     folder = tmp_path / "other_sae"
@@ -84,6 +81,7 @@ def test_a_replaced_other_sae_is_not_resumed(tmp_path, tiny_model, tiny_sae):
     other = {"source": "local", "path": str(folder), "hook_name": HOOK}
     run = build_run_cfg(tmp_path, effects={"vectors": {"source": "other_sae", "sae": other, "ids": [70, 90]}})
     prepare_plan(run, tiny_model, tiny_sae)
+    prepare_plan(run, tiny_model, tiny_sae)  # unchanged: resumes
     make_tiny_sae(d_sae=128, seed=1, hook_name=HOOK).save_model(str(folder))  # retrained, same path
     with pytest.raises(ConfigError, match=r"other effects settings or inputs"):
         prepare_plan(run, tiny_model, tiny_sae)
