@@ -121,6 +121,46 @@ def noise_ceiling(
     return {"noise_ceiling": c, "noise_ceiling_ci_low": lo, "noise_ceiling_ci_high": hi}
 
 
+def r2_over_ceiling(
+    P: Float[Tensor, "n d_sae"],
+    Y_halves: Float[Tensor, "n 2 d_sae"],
+    mu: Float[Tensor, " d_sae"],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    features: Tensor | None = None,
+) -> tuple[float, float | None, float | None]:
+    """Held-out R^2 of predictions ``P`` for ``Y = (Y1 + Y2) / 2`` as a fraction of the noise ceiling
+    (:func:`heldout_r2` / :func:`noise_ceiling`, SST about ``mu``), with a percentile bootstrap
+    interval that draws the same held-out vectors for both (paired: the two share their SST, so
+    the ratio's interval is narrower than the two intervals side by side). ``n_boot = 0``: no interval."""
+    f = None if features is None else torch.as_tensor(features).to(Y_halves.device)
+    Y1, Y2 = Y_halves[:, 0].double(), Y_halves[:, 1].double()
+    Y = (Y1 + Y2) / 2
+    n = Y.shape[0]
+    D = Y1 - Y2
+    sse = _per_vector_sq(P.double(), Y, f)
+    sst = _per_vector_sq(Y, mu, f)
+    noise = _per_vector_sq(D, D.mean(0), f) / 4 * (n / max(n - 1, 1))
+
+    def ratio(idx: Tensor | slice) -> Tensor:
+        t = sst[idx].sum(-1)
+        return (1 - sse[idx].sum(-1) / t) / (1 - noise[idx].sum(-1) / t)
+
+    point = float(ratio(slice(None)))
+    if n_boot <= 0:
+        return point, None, None
+    g = torch.Generator().manual_seed(seed)
+    v = ratio(torch.randint(n, (n_boot, n), generator=g))
+    v = v[torch.isfinite(v)]
+    if v.numel() == 0:
+        return point, float("nan"), float("nan")
+    a = (1 - level) / 2
+    lo, hi = torch.quantile(v, torch.tensor([a, 1 - a], dtype=v.dtype)).tolist()
+    return point, lo, hi
+
+
 def split_half_reliability(Y_halves: Float[Tensor, "n 2 d_sae"]) -> Float[Tensor, " d_sae"]:
     """Per feature: the correlation across vectors of the two half-measurements, Spearman-Brown
     corrected to the full (two-half) effect, ``2 r / (1 + r)``; float64, NaN where a half never varies.
@@ -170,6 +210,13 @@ class ApproximatorMetrics:
     r2_reliable_ci_high: float | None
     noise_ceiling_reliable: float | None
     n_features_reliable: int | None
+    # R^2 as a fraction of the noise ceiling, paired bootstrap CI (None without halves)
+    r2_over_ceiling: float | None
+    r2_over_ceiling_ci_low: float | None
+    r2_over_ceiling_ci_high: float | None
+    r2_reliable_over_ceiling: float | None
+    r2_reliable_over_ceiling_ci_low: float | None
+    r2_reliable_over_ceiling_ci_high: float | None
     per_feature_r2_median: float
     per_feature_r2_frac_positive: float
     n_features_varying: int
@@ -259,6 +306,12 @@ def approximator_metrics(
         "r2_reliable_ci_high": None,
         "noise_ceiling_reliable": None,
         "n_features_reliable": None,
+        "r2_over_ceiling": None,
+        "r2_over_ceiling_ci_low": None,
+        "r2_over_ceiling_ci_high": None,
+        "r2_reliable_over_ceiling": None,
+        "r2_reliable_over_ceiling_ci_low": None,
+        "r2_reliable_over_ceiling_ci_high": None,
         "per_feature_r2_median": _median(r2_defined),
         "per_feature_r2_frac_positive": float((r2_defined > 0).double().mean()) if r2_defined.numel() else float("nan"),
         "n_features_varying": int(has_var.sum()),
@@ -289,6 +342,8 @@ def approximator_metrics(
                 f"Y_val_halves must be [n_val, 2, d_sae] = [{Y.shape[0]}, 2, {approx.d_sae}]; got {tuple(Y_val_halves.shape)}"
             )
         out.update(noise_ceiling(Y_val_halves.to(dev), mu1, n_boot=n_boot, seed=seed))
+        r, lo, hi = r2_over_ceiling(P, Y_val_halves.to(dev), mu1, n_boot=n_boot, seed=seed)
+        out.update({"r2_over_ceiling": r, "r2_over_ceiling_ci_low": lo, "r2_over_ceiling_ci_high": hi})
     if reliable_features is not None:
         rel = torch.as_tensor(reliable_features).to(dev).bool().flatten()
         if rel.numel() != approx.d_sae:
@@ -305,6 +360,14 @@ def approximator_metrics(
                 out["noise_ceiling_reliable"] = noise_ceiling(Y_val_halves.to(dev), mu1, n_boot=0, features=rel)[
                     "noise_ceiling"
                 ]
+                r, lo, hi = r2_over_ceiling(P, Y_val_halves.to(dev), mu1, n_boot=n_boot, seed=seed, features=rel)
+                out.update(
+                    {
+                        "r2_reliable_over_ceiling": r,
+                        "r2_reliable_over_ceiling_ci_low": lo,
+                        "r2_reliable_over_ceiling_ci_high": hi,
+                    }
+                )
     out["per_feature_r2"] = [None if math.isnan(v) else v for v in r2_f.tolist()]
     if val_ids is not None:
         ids = torch.as_tensor(val_ids).flatten().tolist()

@@ -145,6 +145,10 @@ def metrics_table(m: dict[str, Any]) -> pd.DataFrame:
         "r2_reliable_ci_low",
         "r2_reliable_ci_high",
         "noise_ceiling_reliable",
+        "r2_over_ceiling",
+        "r2_over_ceiling_ci_low",
+        "r2_over_ceiling_ci_high",
+        "r2_reliable_over_ceiling",
         "per_feature_r2_median",
         "cosine_mean",
         "cosine_mean_baseline",
@@ -199,11 +203,18 @@ def verdict(m: dict[str, Any]) -> str:
         text += (
             f" Noise ceiling (the best R² any predictor can reach given measurement noise): {_ci(m, 'noise_ceiling')}."
         )
+        if m.get("r2_over_ceiling") is not None:
+            text += f" R² / ceiling: {_ci(m, 'r2_over_ceiling')}."
     if m.get("r2_reliable") is not None:
         text += (
             f" On the {m['n_features_reliable']} features with positive split-half reliability: {_ci(m, 'r2_reliable')}"
             + (
-                f", ceiling {_num(m['noise_ceiling_reliable'])}."
+                f", ceiling {_num(m['noise_ceiling_reliable'])}"
+                + (
+                    f", R² / ceiling {_ci(m, 'r2_reliable_over_ceiling')}."
+                    if m.get("r2_reliable_over_ceiling") is not None
+                    else "."
+                )
                 if m.get("noise_ceiling_reliable") is not None
                 else "."
             )

@@ -415,6 +415,17 @@ def test_metrics_report_intervals_noise_ceiling_and_reliable_features():
     assert m.noise_ceiling_ci_low <= m.noise_ceiling <= m.noise_ceiling_ci_high
     assert m.n_features_reliable == 4 and m.r2_reliable > m.r2
     assert m.noise_ceiling_reliable > m.noise_ceiling
+    # R^2 over the ceiling: the ratio of the two, with a paired interval that holds it
+    assert m.r2_over_ceiling == pytest.approx(m.r2 / m.noise_ceiling)
+    assert m.r2_over_ceiling_ci_low <= m.r2_over_ceiling <= m.r2_over_ceiling_ci_high
+    assert m.r2_reliable_over_ceiling == pytest.approx(m.r2_reliable / m.noise_ceiling_reliable)
+    assert m.r2_reliable_over_ceiling_ci_low <= m.r2_reliable_over_ceiling <= m.r2_reliable_over_ceiling_ci_high
+    # the true map sits near its ceiling (the ratio near 1); predicting the mean sits at 0
+    assert 0.8 < m.r2_reliable_over_ceiling < 1.2
+    zero = approximator_metrics(
+        EffectApproximator(torch.zeros_like(W), torch.zeros(D_SAE)), X, Y, Y.mean(0), Y_val_halves=H, n_boot=200
+    )
+    assert abs(zero.r2_over_ceiling) < 0.05 and zero.r2_over_ceiling_ci_low < 0 < zero.r2_over_ceiling_ci_high
     assert m.r2 == pytest.approx(heldout_r2(X @ W, Y, torch.zeros(D_SAE), n_boot=0)["r2"])
     plain = approximator_metrics(EffectApproximator(W, torch.zeros(D_SAE)), X, Y, torch.zeros(D_SAE), n_boot=0)
     assert plain.r2_ci_low is None and plain.noise_ceiling is None and plain.beats_mean_baseline
