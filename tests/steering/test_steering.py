@@ -210,6 +210,35 @@ def test_row_uniforms_and_seeds_depend_only_on_the_row():
     assert row_seed(0, 1, 2) != row_seed(0, 2, 1)
 
 
+def test_cached_uniform_rows_equal_a_fresh_generator_and_stay_unchanged_by_callers():
+    n = 7
+    fresh = torch.stack(
+        [torch.rand(n, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (5, 9)]
+    )
+    a = row_uniforms([5, 9], n)
+    assert torch.equal(a, fresh)
+    a.zero_()  # a caller writing into its rows must not reach the cached ones
+    assert torch.equal(row_uniforms([5, 9], n), fresh)
+    assert torch.equal(row_uniforms([9], n)[0], fresh[1])  # the same row from the cache, alone
+    assert row_uniforms([], n).shape == (0, n)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
+def test_sampling_from_bf16_logits_equals_sampling_their_float32_copy(temperature):
+    """Top-k runs in the logits' own dtype and only the k kept values are scaled in float: the same
+    tokens as upcasting the whole vocabulary first, at any temperature."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(64, 500, generator=g) * 3).to(torch.bfloat16)
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    cfg = SamplingConfig(top_k=50, temperature=temperature)
+    ref = logits.float() / temperature  # the old way: a float copy of every logit, then top-k
+    top, ids = ref.topk(50, dim=-1)
+    cum = top.double().softmax(-1).cumsum(-1)
+    expected = ids.gather(-1, torch.minimum((cum <= u[:, None] * cum[:, -1:]).sum(-1), torch.tensor(49))[:, None])[:, 0]
+    assert torch.equal(sample_from_logits(logits, u, cfg), expected)
+    assert torch.equal(sample_from_logits(logits, u, cfg), sample_from_logits(logits.float(), u, cfg))
+
+
 # --- generation -------------------------------------------------------------------------------
 
 
