@@ -117,6 +117,44 @@ class FeatureSums:
         return (self.active.cpu() / max(self.n, 1)).float()
 
 
+@dataclass
+class HalfSums:
+    """Running feature sums of a block of ``v`` vectors' rollouts, kept in two halves by sample
+    parity: ``sum [v, 2, d_sae]``, ``active [v, 2, d_sae]`` (positions where the feature fires) and
+    ``n [v, 2]`` positions, all float64 on the codes' device."""
+
+    sum: Tensor
+    active: Tensor
+    n: Tensor
+
+    @classmethod
+    def zeros(cls, v: int, d_sae: int, device: torch.device | str) -> HalfSums:
+        z = torch.zeros(v, 2, d_sae, dtype=torch.float64, device=device)
+        return cls(z, z.clone(), torch.zeros(v, 2, dtype=torch.float64, device=device))
+
+    def add(self, codes: Tensor, keep: Tensor | None) -> None:
+        """Add ``codes [groups, v, samples, pos, d_sae]`` at the positions where ``keep [groups, v,
+        samples, pos]`` is True (all when None): one masked sum per half over groups, samples and
+        positions, with no host sync (a mask multiplies instead of selecting)."""
+        for h in (0, 1):
+            c = codes[:, :, h::2]
+            if c.shape[2] == 0:
+                continue
+            m = torch.ones(c.shape[:-1], dtype=c.dtype, device=c.device) if keep is None else keep[:, :, h::2]
+            m = m.to(c.device, c.dtype)
+            self.sum[:, h] += torch.einsum("gvsp,gvspd->vd", m, c).double()
+            self.active[:, h] += torch.einsum("gvsp,gvspd->vd", m, (c > 0).to(c.dtype)).double()
+            self.n[:, h] += m.sum((0, 2, 3)).double()
+
+    def means(self) -> Tensor:
+        """``[v, 2, d_sae]`` float32 on the CPU: each half's mean (0 for a half with no positions)."""
+        return (self.sum / self.n.clamp(min=1)[..., None]).float().cpu()
+
+    def mean(self) -> Tensor:
+        """``[v, d_sae]`` float32 on the CPU: the mean over both halves."""
+        return (self.sum.sum(1) / self.n.sum(1).clamp(min=1)[:, None]).float().cpu()
+
+
 @torch.no_grad()
 def encode_positions(sae: SAE, acts: Tensor, include_first_position: bool) -> Tensor:
     """SAE codes of ``acts [rows, pos, d_model]`` -> ``[rows, pos', d_sae]`` (pos' drops position 0 if asked)."""
@@ -255,7 +293,7 @@ def measure_effects(
     result does not depend on how vectors or prompts are grouped into batches.
     """
     v, s_n = vectors.shape[0], spec.samples_per_prompt
-    sums = [[FeatureSums.zeros(sae.cfg.d_sae), FeatureSums.zeros(sae.cfg.d_sae)] for _ in range(v)]
+    sums = HalfSums.zeros(v, sae.cfg.d_sae, model.cfg.device)
     delta = steering_delta(vectors, scales).to(model.cfg.device).repeat_interleave(s_n, dim=0)
     samples = None
     for group in prompt_chunks(spec, max(1, max_rows // (v * s_n))):
@@ -276,17 +314,14 @@ def measure_effects(
         codes = codes.view(len(group), v, s_n, *codes.shape[1:])
         keep = kept_positions(gen.activations, spec.include_first_position, spec.max_resid_norm)
         keep = None if keep is None else keep.view(len(group), v, s_n, -1)
-        for i in range(v):
-            for h in (0, 1):
-                if h < s_n:
-                    sums[i][h].add(codes[:, i, h::2], None if keep is None else keep[:, i, h::2])
-        samples = gen.tokens.view(len(group), v, s_n, -1)[-1, :, :keep_samples].cpu()
+        sums.add(codes, keep)
+        samples = gen.tokens.view(len(group), v, s_n, -1)[-1, :, :keep_samples]  # the last group's
     base = baseline_mean.float().cpu()
     base_h = base.expand(2, -1) if baseline_halves is None else baseline_halves.float().cpu()
-    effects = torch.stack([(a + b).mean for a, b in sums]) - base[None]
+    effects = sums.mean() - base[None]
     if s_n >= 2:
-        halves = torch.stack([torch.stack([sums[i][h].mean for h in (0, 1)]) for i in range(v)]) - base_h[None]
+        halves = sums.means() - base_h[None]
     else:
         halves = torch.full((v, 2, sae.cfg.d_sae), float("nan"))
     assert samples is not None
-    return EffectsBlock(effects=effects, halves=halves, sample_tokens=samples)
+    return EffectsBlock(effects=effects, halves=halves, sample_tokens=samples.cpu())

@@ -14,6 +14,7 @@ from saets_utils.effects.measure import (
     BASELINE,
     STEERED,
     FeatureSums,
+    HalfSums,
     RolloutSpec,
     encode_positions,
     measure_baseline,
@@ -90,6 +91,33 @@ def test_feature_sums_mean_and_density():
     torch.testing.assert_close(s.mean, torch.tensor([1.5, 0.0, 1.5]))
     torch.testing.assert_close(s.density, torch.tensor([0.75, 0.0, 0.5]))
     assert torch.equal(FeatureSums.zeros(2).mean, torch.zeros(2))
+
+
+@pytest.mark.parametrize("samples", [1, 2, 3, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_half_sums_equal_one_feature_sum_per_vector_and_half(samples, masked):
+    """The block's one masked sum per half gives what a FeatureSums per (vector, half) gives, over
+    several groups of prompts; a half with no samples stays empty."""
+    g = torch.Generator().manual_seed(samples)
+    v, d = 3, 6
+    sums = HalfSums.zeros(v, d, "cpu")
+    ref = [[FeatureSums.zeros(d), FeatureSums.zeros(d)] for _ in range(v)]
+    for groups in (2, 1):
+        codes = torch.relu(torch.randn(groups, v, samples, 5, d, generator=g))
+        keep = torch.rand(groups, v, samples, 5, generator=g) > 0.3 if masked else None
+        sums.add(codes, keep)
+        for i in range(v):
+            for h in range(min(2, samples)):
+                ref[i][h].add(codes[:, i, h::2], None if keep is None else keep[:, i, h::2])
+    halves = sums.means()
+    for i in range(v):
+        for h in range(2):
+            assert sums.n[i, h] == ref[i][h].n
+            torch.testing.assert_close(halves[i, h], ref[i][h].mean)
+            torch.testing.assert_close((sums.active[i, h] / sums.n[i, h].clamp(min=1)).float(), ref[i][h].density)
+        torch.testing.assert_close(sums.mean()[i], (ref[i][0] + ref[i][1]).mean)
+    if samples == 1:
+        assert (sums.n[:, 1] == 0).all() and (halves[:, 1] == 0).all()
 
 
 def test_encode_positions_drops_position_zero_only_when_asked(tiny_sae):
