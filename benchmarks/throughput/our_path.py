@@ -93,7 +93,7 @@ def our_block(
     d_sae = s.sae.cfg.d_sae
     effects = torch.full((len(rows), d_sae), float("nan"))
     if ok.any():
-        max_rows = rows_for_memory(s.model, s.spec.total_tokens, default=2048, logit_positions=8)
+        max_rows = rows_for_memory(s.model, s.spec.total_tokens, default=2048, logit_positions=1)
         with p.phase("fast.measure_effects"):
             blk = measure_effects(
                 model=s.model,

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 def bytes_per_row(model: HookedTransformer, seq: int, logit_positions: int | None = None) -> int:
     """Rough peak bytes one batch row of ``seq`` tokens needs: logits plus their float32 copies at
-    ``logit_positions`` positions (default all, as a loss needs; generation keeps the prompt's, then
-    one per step), a KV cache and a block's transient activations."""
+    ``logit_positions`` positions (default all, as a loss needs; 01's aligned decode feeds one
+    position per step, so 1), a KV cache and a block's transient activations."""
     c = model.cfg
     act = torch.finfo(c.dtype).bits // 8
     kv_heads = getattr(c, "n_key_value_heads", None) or c.n_heads

@@ -252,7 +252,8 @@ def calibrate_and_measure(
             baseline_mean=plan.baseline_mean,
             seed=run.seed,
             keep_samples=keep_samples,
-            max_rows=rows_for_memory(model, e.total_tokens, default=2048, logit_positions=8),
+            # the aligned decode feeds one position per step: one position's logits per row
+            max_rows=rows_for_memory(model, e.total_tokens, default=2048, logit_positions=1),
             baseline_halves=plan.baseline_halves,
         )
         effects[ok] = blk.effects.float().cpu()
