@@ -119,6 +119,17 @@ def test_rollout_identity_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_engine_speed_smoke(tmp_path):
+    res = run_benchmark("engine_speed", tmp_path / "engine.json", "--smoke")
+    assert res["rows"] == 2 * 2 * 2 and res["total_tokens"] == 12  # vectors x prompts x samples
+    for key in ("rollouts_static_over_tl", "effects_step_static_over_tl", "rollouts_static_fraction_of_raw"):
+        r = res[key]
+        assert finite(r["ratio"]) and r["ci"][0] <= r["ratio"] <= r["ci"][1] and len(r["per_rep"]) == 2, key
+    assert all(finite(v) and v > 0 for v in res["tokens_per_s"].values())
+    assert res["rows_differing"] == [0, 0]  # the engines draw the same tokens (fp32 on the CPU)
+
+
+@pytest.mark.slow
 def test_ridge_cv_smoke(tmp_path):
     res = run_benchmark("ridge_cv", tmp_path / "ridge.json", "--smoke")
     small, full = res["small"], res["full"]
@@ -147,3 +158,14 @@ def test_offline_judge_rescore_smoke(tmp_path):
     for name in ("stored", "now"):
         s = res["samples"][name]
         assert s["texts"] > 0 and all(finite(s[k]) for k in ("share_1", "share_10", "scale0_mean"))
+
+
+def test_every_benchmark_has_a_smoke_test():
+    """Each runnable benchmark module (one with ``if __name__ == "__main__"``) is run by a test here
+    (gpu_check through benchmarks/gpu_check.sh, in tests/steering/test_engine.py)."""
+    source = Path(__file__).read_text()
+    runnable = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if '__name__ == "__main__"' in p.read_text()} - {
+        "gpu_check"
+    }
+    untested = sorted(m for m in runnable if f'run_benchmark("{m}"' not in source)
+    assert runnable and not untested, f"benchmarks without a smoke test in this file: {untested}"
