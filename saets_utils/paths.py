@@ -267,6 +267,11 @@ class RunPaths:
     method_differences = StageFile(
         "eval/method_differences.csv", _PUBLISH, "paired method differences over tasks with intervals"
     )
+    pooled_method_differences = StageFile(
+        "eval/pooled_method_differences.csv",
+        _PUBLISH,
+        "the same, each task's value averaged over this run and the runs of --pool-with (replications)",
+    )
     # 04_plots
     figures_dir = StageFile("figures", _P, "the paper's figures, one PNG each", marks_done=True)
     # the pipeline, the manifest, publish

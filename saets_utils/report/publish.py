@@ -41,9 +41,13 @@ def published_dir(run: RunConfig) -> Path:
     return REPO_ROOT / "results" / "published" / run.name
 
 
-def publish(run: RunConfig) -> list[Path]:
+def publish(run: RunConfig, *, pool_with: list[RunConfig] | None = None) -> list[Path]:
     """Copy the compact outputs of ``results/<run>/`` to ``results/published/<run>/`` (replacing an
-    earlier copy); returns the copied paths. Fails if the run has no approximator metrics yet."""
+    earlier copy); returns the copied paths. Fails if the run has no approximator metrics yet.
+
+    ``pool_with``: runs that replicate this one's 03 (e.g. another ``eval.seed`` on the same tasks);
+    their published tables are pooled with this run's into ``eval/pooled_method_differences.csv``
+    (each task's value averaged over the runs, then paired differences over tasks)."""
     src = run.results_dir
     if not run.paths.approximator_metrics.is_file():
         raise FileNotFoundError(f"{src} has no {P.approximator_metrics.rel}; run the pipeline on {run.name} first")
@@ -59,6 +63,8 @@ def publish(run: RunConfig) -> list[Path]:
                 shutil.copy2(p, out)
                 copied.append(out)
     copied += _method_differences(dst)
+    if pool_with:
+        copied += _method_differences(dst, pooled=[published_dir(r) for r in pool_with])
     lines = [f"{p.relative_to(dst)}\t{p.stat().st_size}" for p in copied]
     P(dst).published_list.write_text(
         f"compact outputs of results/{run.name}/ (file, bytes)\n" + "\n".join(lines) + "\n"
@@ -78,39 +84,58 @@ PAIRS = [
     ("SAE", "random"),
     ("CAA", "random"),
     ("SAE-TS-nobias", "SAE"),
+    ("SAE-TS-nobias", "CAA"),
+    ("SAE-TS-nobias", "prompt"),
     ("SAE-TS-nobias", "random"),
 ]
 
 
-def _method_differences(dst: Path) -> list[Path]:
+def _method_differences(dst: Path, *, pooled: list[Path] | None = None) -> list[Path]:
     """``eval/method_differences.csv``: paired method differences over tasks with bootstrap CIs, for
-    the judge's max product and the targeting ratio and log10 target rank."""
+    the judge's max product and the targeting ratio and log10 target rank. With ``pooled`` (other
+    published folders of the same tasks), ``eval/pooled_method_differences.csv`` from every folder's
+    tables together: each task's value is averaged over the folders first."""
     import numpy as np
     import pandas as pd
 
     from saets_utils.evaluation.scoring import method_differences
 
-    d = P(dst)
+    folders = [P(dst)] + [P(f) for f in pooled or []]
+    missing = [str(f.summary) for f in folders[1:] if not f.summary.is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot pool: no judge summary in {missing}; publish those runs first")
+    summaries = [pd.read_csv(f.summary) for f in folders if f.summary.is_file()]
+    targeting = [pd.read_csv(f.targeting) for f in folders if f.targeting.is_file()]
     frames = []
-    if d.summary.is_file():
-        frames.append(method_differences(pd.read_csv(d.summary), "max_product", PAIRS))
-    if d.targeting.is_file():
-        tg = pd.read_csv(d.targeting)
+    if summaries:
+        frames.append(method_differences(pd.concat(summaries), "max_product", PAIRS))
+    if targeting:
+        tg = pd.concat(targeting)
         tg["log10_rank"] = np.log10(tg["target_rank"])
         frames += [method_differences(tg, v, PAIRS) for v in ("ratio", "log10_rank")]
     if not frames:
         return []
-    out = d.method_differences
-    pd.concat(frames).to_csv(out, index=False)
+    out = P(dst).pooled_method_differences if pooled else P(dst).method_differences
+    df = pd.concat(frames)
+    if pooled:
+        df.insert(3, "runs", len(folders))
+    df.to_csv(out, index=False)
     return [out]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("params_file")
+    ap.add_argument(
+        "--pool-with",
+        nargs="*",
+        default=[],
+        metavar="PARAMS",
+        help="published runs that replicate this one's 03 (same tasks): also write their pooled differences",
+    )
     a = ap.parse_args(argv)
     run = load_config(a.params_file)
-    for p in publish(run):
+    for p in publish(run, pool_with=[load_config(f) for f in a.pool_with]):
         print(p.relative_to(REPO_ROOT))
 
 
