@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params/demo.yaml", help="run whose model, SAE and effect settings to use")
     ap.add_argument("--sae-dir", default=None, help="a trained SAE folder (as effects_throughput)")
-    ap.add_argument("--vectors", type=int, default=None, help="vectors per block (default: the params')")
+    ap.add_argument("--vectors", type=int, default=32, help="vectors in the block (the demo's vectors_per_batch)")
     ap.add_argument("--reps", type=int, default=5, help="repetitions of every timing")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default=None, help="cpu / cuda[:N] (default: the params')")
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.reps, args.vectors = min(args.reps, 2), args.vectors or 2
+        args.reps, args.vectors = min(args.reps, 2), min(args.vectors, 2)
     if args.reps < 2:
         ap.error("--reps must be at least 2 (the interval resamples repetitions)")
     return args
@@ -165,13 +165,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     s = params_setup(
         params=args.params,
-        vectors=args.vectors or 1,
+        vectors=args.vectors,
         smoke=args.smoke,
         sae_dir=args.sae_dir,
         device=args.device,
         vectors_per_batch=args.vectors,
     )
-    n = min(s.vectors_per_batch, len(s.vectors))
+    n = len(s.vectors)
     ids = list(range(n))
     ctx = worker_context(s, Phases(s.device))
     one_rep(s, ids[: min(2, n)], ctx, rep=0)  # warm-up, untimed
