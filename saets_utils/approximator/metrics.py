@@ -342,8 +342,8 @@ def approximator_metrics(
                 f"Y_val_halves must be [n_val, 2, d_sae] = [{Y.shape[0]}, 2, {approx.d_sae}]; got {tuple(Y_val_halves.shape)}"
             )
         out.update(noise_ceiling(Y_val_halves.to(dev), mu1, n_boot=n_boot, seed=seed))
-        r, lo, hi = r2_over_ceiling(P, Y_val_halves.to(dev), mu1, n_boot=n_boot, seed=seed)
-        out.update({"r2_over_ceiling": r, "r2_over_ceiling_ci_low": lo, "r2_over_ceiling_ci_high": hi})
+        frac, lo, hi = r2_over_ceiling(P, Y_val_halves.to(dev), mu1, n_boot=n_boot, seed=seed)
+        out.update({"r2_over_ceiling": frac, "r2_over_ceiling_ci_low": lo, "r2_over_ceiling_ci_high": hi})
     if reliable_features is not None:
         rel = torch.as_tensor(reliable_features).to(dev).bool().flatten()
         if rel.numel() != approx.d_sae:
@@ -360,10 +360,10 @@ def approximator_metrics(
                 out["noise_ceiling_reliable"] = noise_ceiling(Y_val_halves.to(dev), mu1, n_boot=0, features=rel)[
                     "noise_ceiling"
                 ]
-                r, lo, hi = r2_over_ceiling(P, Y_val_halves.to(dev), mu1, n_boot=n_boot, seed=seed, features=rel)
+                frac, lo, hi = r2_over_ceiling(P, Y_val_halves.to(dev), mu1, n_boot=n_boot, seed=seed, features=rel)
                 out.update(
                     {
-                        "r2_reliable_over_ceiling": r,
+                        "r2_reliable_over_ceiling": frac,
                         "r2_reliable_over_ceiling_ci_low": lo,
                         "r2_reliable_over_ceiling_ci_high": hi,
                     }

@@ -135,7 +135,10 @@ class HalfSums:
     def add(self, codes: Tensor, keep: Tensor | None) -> None:
         """Add ``codes [groups, v, samples, pos, d_sae]`` at the positions where ``keep [groups, v,
         samples, pos]`` is True (all when None): one masked sum per half over groups, samples and
-        positions, with no host sync (a mask multiplies instead of selecting)."""
+        positions, with no host sync (a mask multiplies instead of selecting). The sums move to the
+        codes' device."""
+        if self.sum.device != codes.device:
+            self.sum, self.active, self.n = (t.to(codes.device) for t in (self.sum, self.active, self.n))
         for h in (0, 1):
             c = codes[:, :, h::2]
             if c.shape[2] == 0:
@@ -293,7 +296,7 @@ def measure_effects(
     result does not depend on how vectors or prompts are grouped into batches.
     """
     v, s_n = vectors.shape[0], spec.samples_per_prompt
-    sums = HalfSums.zeros(v, sae.cfg.d_sae, model.cfg.device)
+    sums = HalfSums.zeros(v, sae.cfg.d_sae, model.cfg.device or "cpu")
     delta = steering_delta(vectors, scales).to(model.cfg.device).repeat_interleave(s_n, dim=0)
     samples = None
     for group in prompt_chunks(spec, max(1, max_rows // (v * s_n))):
