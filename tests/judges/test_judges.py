@@ -467,6 +467,7 @@ def test_ctrl_c_cancels_a_judge_run_and_keeps_the_scores_received(tmp_path):
     stops its event-loop thread, and the scores already received stay cached (a re-run asks only
     for the rest)."""
     import _thread
+    import signal
     import time
 
     fast = [req(f"fast {i} [[score=5]]", i=i) for i in range(3)]
@@ -486,9 +487,15 @@ def test_ctrl_c_cancels_a_judge_run_and_keeps_the_scores_received(tmp_path):
             _thread.interrupt_main()
 
         helper = threading.Thread(target=press_ctrl_c_once_stuck, daemon=True)
+        # Python's Ctrl-C handler, also where the process was started with SIGINT ignored (a background
+        # job of a non-interactive shell): interrupt_main does nothing for an ignored signal
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         helper.start()
-        with pytest.raises(KeyboardInterrupt):
-            score_requests(judge, [*fast, stuck], progress=False)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                score_requests(judge, [*fast, stuck], progress=False)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         waited = time.monotonic() - float(state["t"])  # type: ignore[arg-type]
         helper.join()
         assert "gave_up" not in state, "the three fast scores never reached the cache"
