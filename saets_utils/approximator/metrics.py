@@ -6,6 +6,7 @@ decoder-row top-1 (fit metrics the paper does not report).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,6 +29,24 @@ def _per_vector_sq(A: Tensor, B: Tensor, feats: Tensor | None = None, chunk: int
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
 
 
+def _percentile_interval(
+    stat: Callable[[Tensor], Tensor], n: int, n_boot: int, *, seed: int, level: float
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat(idx)``, ``idx [b, n]`` a batch of resamples of ``n``
+    units (values ``[b]``). Resamples are drawn in batches of at most ~4M indices; a given ``seed``
+    and ``n`` draws the same resamples for every statistic, so intervals of statistics of the same
+    units are paired. NaN, NaN when no resample gives a finite value."""
+    g = torch.Generator().manual_seed(seed)
+    per = max(1, 4_000_000 // n)  # resamples per batch
+    v = torch.cat([stat(torch.randint(n, (min(per, n_boot - i), n), generator=g)) for i in range(0, n_boot, per)])
+    v = v[torch.isfinite(v)]
+    if v.numel() == 0:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    lo, hi = torch.quantile(v, torch.tensor([a, 1 - a], dtype=v.dtype)).tolist()
+    return lo, hi
+
+
 def bootstrap_one_minus_ratio(
     num: Float[Tensor, " n"], den: Float[Tensor, " n"], n_boot: int, *, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float] | tuple[float, None, None]:
@@ -43,19 +62,9 @@ def bootstrap_one_minus_ratio(
     point = float(1 - num.sum() / tot) if tot > 0 else float("nan")
     if n_boot <= 0:
         return point, None, None
-    n = num.numel()
-    g = torch.Generator().manual_seed(seed)
-    per = max(1, 4_000_000 // n)  # resamples per batch: at most ~4M indices in memory
-    vals = []
-    for i in range(0, n_boot, per):
-        idx = torch.randint(n, (min(per, n_boot - i), n), generator=g)
-        vals.append(1 - num[idx].sum(1) / den[idx].sum(1))
-    v = torch.cat(vals)
-    v = v[torch.isfinite(v)]
-    if v.numel() == 0:
-        return point, float("nan"), float("nan")
-    a = (1 - level) / 2
-    lo, hi = torch.quantile(v, torch.tensor([a, 1 - a], dtype=v.dtype)).tolist()
+    lo, hi = _percentile_interval(
+        lambda idx: 1 - num[idx].sum(1) / den[idx].sum(1), num.numel(), n_boot, seed=seed, level=level
+    )
     return point, lo, hi
 
 
@@ -151,13 +160,8 @@ def r2_over_ceiling(
     point = float(ratio(slice(None)))
     if n_boot <= 0:
         return point, None, None
-    g = torch.Generator().manual_seed(seed)
-    v = ratio(torch.randint(n, (n_boot, n), generator=g))
-    v = v[torch.isfinite(v)]
-    if v.numel() == 0:
-        return point, float("nan"), float("nan")
-    a = (1 - level) / 2
-    lo, hi = torch.quantile(v, torch.tensor([a, 1 - a], dtype=v.dtype)).tolist()
+    # the resamples heldout_r2 and noise_ceiling draw with the same seed: the three intervals are paired
+    lo, hi = _percentile_interval(ratio, n, n_boot, seed=seed, level=level)
     return point, lo, hi
 
 
