@@ -80,16 +80,14 @@ def input_digests(run: RunConfig, sae: Any) -> dict[str, str]:
     """Content digests of the inputs besides settings: the SAE's weights (a retrained or replaced
     SAE file under the same settings), the vectors file of ``effects.vectors.source: file``, and the
     files of ``other_sae``'s SAE when it is read from a path (a replaced SAE at the same path)."""
-    from saets_utils.config import REPO_ROOT
+    from saets_utils.models.sae_loading import sae_source_path
 
     out = {"sae": tensors_digest(dict(sae.state_dict()))}
     spec = run.effects.vectors
     if spec.source == "file":
         out["vectors_file"] = file_digest(spec.path or "")
-    if spec.source == "other_sae" and spec.sae is not None and spec.sae.path:
-        other = Path(spec.sae.path)
-        if not other.exists() and not other.is_absolute():  # params paths may be relative to the repo root
-            other = REPO_ROOT / other
+    other = sae_source_path(spec.sae) if spec.source == "other_sae" and spec.sae is not None else None
+    if other is not None:  # the files the loader reads
         out["other_sae"] = path_digest(other)
     return out
 

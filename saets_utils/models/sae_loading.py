@@ -49,6 +49,22 @@ def sae_from_gemma_scope_npz(path: str | Path, device: str = "cpu", hook_name: s
     return sae.to(device)
 
 
+def sae_source_path(sae_cfg: SAEConfig) -> Path | None:
+    """The folder (``local``) or ``params.npz`` (``gemma_scope_npz``) an SAE is read from, resolved as
+    :func:`load_sae_from` resolves it; None for SAEs not read from a path of the params (trained,
+    tiny, Hub)."""
+    if sae_cfg.path is None:
+        return None
+    if sae_cfg.source == "local":
+        return Path(sae_cfg.path)
+    if sae_cfg.source == "gemma_scope_npz":
+        from saets_utils.config import REPO_ROOT
+
+        path = Path(sae_cfg.path)
+        return path if path.is_absolute() else REPO_ROOT / path  # params paths: from the repo root
+    return None
+
+
 def load_sae(run: RunConfig, device: str = "cpu", model: HookedTransformer | None = None) -> SAE:
     """The run's SAE (sae_lens object, eval mode, no grads) on ``device``; ``model`` (already loaded)
     is reused if the SAE must first be trained."""
@@ -66,21 +82,20 @@ def load_sae_from(
     elif sae_cfg.source == "tiny":
         sae = tiny_sae(d_sae=sae_cfg.train.d_sae, k=sae_cfg.train.k, hook_name=sae_cfg.hook_name).to(device)
     elif sae_cfg.source == "local":
-        if not Path(sae_cfg.path or "").is_dir():
+        folder = sae_source_path(sae_cfg)
+        if folder is None or not folder.is_dir():
             raise ConfigError(f"sae.path {sae_cfg.path!r} is not a folder saved by sae_lens")
-        sae = SAE.load_from_disk(sae_cfg.path, device=device)
+        sae = SAE.load_from_disk(str(folder), device=device)
     elif sae_cfg.source == "gemma_scope_npz":
-        path = sae_cfg.path
-        if path is None:
+        npz = sae_source_path(sae_cfg)
+        if npz is None:
             from huggingface_hub import hf_hub_download
 
             path = hf_hub_download(sae_cfg.repo_id or "", f"{sae_cfg.sae_id}/params.npz")
+        elif not npz.is_file():
+            raise ConfigError(f"sae.path {sae_cfg.path!r} does not exist; point it at a Gemma Scope params.npz")
         else:
-            from saets_utils.config import REPO_ROOT
-
-            path = str(path if Path(path).is_absolute() else REPO_ROOT / path)  # params paths: from the repo root
-            if not Path(path).is_file():
-                raise ConfigError(f"sae.path {sae_cfg.path!r} does not exist; point it at a Gemma Scope params.npz")
+            path = str(npz)
         sae = sae_from_gemma_scope_npz(path, device=device, hook_name=sae_cfg.hook_name)
     else:
         sae = SAE.from_pretrained(sae_cfg.release or "", sae_cfg.sae_id or "", device=device)
