@@ -31,12 +31,11 @@ import numpy as np
 import torch
 
 from benchmarks.rollout_identity import block_rows
-from benchmarks.throughput.our_path import worker_context
+from benchmarks.throughput.our_path import calibrate_block, worker_context
 from benchmarks.throughput.setup import Setup, params_setup
 from benchmarks.timing import Phases
-from saets_utils.effects.calibration import calibrate
 from saets_utils.effects.measure import measure_effects
-from saets_utils.effects.memory import rows_for_memory
+from saets_utils.effects.memory import rollout_rows
 from saets_utils.steering.generation import generate_aligned
 
 ENGINES = ("tl", "static")
@@ -77,19 +76,7 @@ def one_rep(s: Setup, ids: list[int], ctx, rep: int) -> tuple[dict[str, float], 
     tokens each engine drew."""
     p = Phases(s.device)
     with p.phase("calibration"):
-        cal = calibrate(
-            model=s.model,
-            hook_name=s.hook,
-            tokens=s.loss_tokens,
-            resid=ctx.resid,
-            vectors=s.vectors[ids],
-            cfg=s.calibration,
-            grid=s.grid,
-            target=s.target,
-            unsteered_loss=ctx.unsteered_loss,
-            start=ctx.hint,
-            max_rows=rows_for_memory(s.model, s.loss_tokens.shape[1], default=64),
-        )
+        cal = calibrate_block(s, ids, ctx)
     ok = torch.isfinite(cal.scales)
     if not ok.all():
         raise SystemExit(f"vectors {[ids[i] for i in (~ok).nonzero()[:, 0].tolist()]} found no scale: pick others")
@@ -129,7 +116,7 @@ def one_rep(s: Setup, ids: list[int], ctx, rep: int) -> tuple[dict[str, float], 
                 scales=scales,
                 baseline_mean=torch.zeros(s.sae.cfg.d_sae),
                 seed=s.seed,
-                max_rows=rows_for_memory(s.model, total, default=2048, logit_positions=1),
+                max_rows=rollout_rows(s.model, total),
             )
     return dict(p.wall), tokens
 

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.throughput.our_path import worker_context
+from benchmarks.throughput.our_path import calibrate_block, worker_context
 from benchmarks.throughput.setup import SMOKE_OVERRIDES, Setup, params_setup
 from benchmarks.timing import Phases
 from saets_utils.config import load_config
-from saets_utils.effects.calibration import calibrate
 from saets_utils.models.grouped_attention import stock_attention
 from saets_utils.steering.generation import generate, generate_aligned
 from saets_utils.steering.hooks import steering_delta
@@ -92,18 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     worst = t_new = t_old = 0.0
     for b in range(args.blocks):
         ids = list(range(b * k, min((b + 1) * k, s.vectors.shape[0])))
-        cal = calibrate(
-            model=s.model,
-            hook_name=s.hook,
-            tokens=s.loss_tokens,
-            resid=ctx.resid,
-            vectors=s.vectors[ids],
-            cfg=s.calibration,
-            grid=s.grid,
-            target=s.target,
-            unsteered_loss=ctx.unsteered_loss,
-            start=ctx.hint,
-        )
+        cal = calibrate_block(s, ids, ctx)
         prompts, seeds, delta = block_rows(s, ids, cal.scales.nan_to_num(0.0))
         t0 = time.perf_counter()
         new = generate_aligned(

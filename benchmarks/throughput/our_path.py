@@ -2,7 +2,7 @@
 
 ``calibrate`` (the params' method: the secant search by default) then ``measure_effects`` on the
 vectors that got a scale, with the arguments ``effects.runner.calibrate_and_measure`` passes
-(batch sizes from ``rows_for_memory``), without writing a shard. Timed phases:
+(batch sizes from ``effects.memory``), without writing a shard. Timed phases:
 ``fast.calibration`` and ``fast.measure_effects`` (rollouts, captured activations, SAE encoding).
 The per-run context (activations at the hook on the loss chunks, the unsteered loss, the secant's
 start) is computed once, outside the timings, as a worker does.
@@ -26,7 +26,7 @@ from saets_utils.effects.calibration import (
     steered_losses,
 )
 from saets_utils.effects.measure import measure_effects
-from saets_utils.effects.memory import rows_for_memory
+from saets_utils.effects.memory import loss_rows, rollout_rows
 
 PHASES = ("fast.calibration", "fast.measure_effects")
 
@@ -64,6 +64,24 @@ def worker_context(s: Setup, p: Phases) -> WorkerContext:
 
 
 @torch.no_grad()
+def calibrate_block(s: Setup, rows: list[int], ctx: WorkerContext) -> Calibration:
+    """Scales of vectors ``rows`` by the params' calibration, called as 01 calls it."""
+    return calibrate(
+        model=s.model,
+        hook_name=s.hook,
+        tokens=s.loss_tokens,
+        resid=ctx.resid,
+        vectors=s.vectors[rows],
+        cfg=s.calibration,
+        grid=s.grid,
+        target=s.target,
+        unsteered_loss=ctx.unsteered_loss,
+        start=ctx.hint,
+        max_rows=loss_rows(s.model, s.loss_tokens.shape[1]),
+    )
+
+
+@torch.no_grad()
 def our_block(
     s: Setup, rows: list[int], ctx: WorkerContext, p: Phases, shape: ModelShape
 ) -> tuple[Calibration, torch.Tensor]:
@@ -71,19 +89,7 @@ def our_block(
     (NaN where no scale was found)."""
     vecs, ids = s.vectors[rows], s.vector_ids[rows]
     with p.phase("fast.calibration"):
-        cal = calibrate(
-            model=s.model,
-            hook_name=s.hook,
-            tokens=s.loss_tokens,
-            resid=ctx.resid,
-            vectors=vecs,
-            cfg=s.calibration,
-            grid=s.grid,
-            target=s.target,
-            unsteered_loss=ctx.unsteered_loss,
-            start=ctx.hint,
-            max_rows=rows_for_memory(s.model, s.loss_tokens.shape[1], default=64),
-        )
+        cal = calibrate_block(s, rows, ctx)
     # evaluations on all loss chunks per vector (coarse ones pro rata), each from the layer after the hook
     evaluations = float(cal.evaluations.sum()) if cal.evaluations is not None else 0.0
     p.count["grid_points"] += evaluations
@@ -93,7 +99,7 @@ def our_block(
     d_sae = s.sae.cfg.d_sae
     effects = torch.full((len(rows), d_sae), float("nan"))
     if ok.any():
-        max_rows = rows_for_memory(s.model, s.spec.total_tokens, default=2048, logit_positions=1)
+        max_rows = rollout_rows(s.model, s.spec.total_tokens)
         with p.phase("fast.measure_effects"):
             blk = measure_effects(
                 model=s.model,

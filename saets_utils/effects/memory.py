@@ -45,3 +45,14 @@ def rows_for_memory(
     free, _ = torch.cuda.mem_get_info(device)
     fit = int(free * fraction) // max(bytes_per_row(model, seq, logit_positions), 1)
     return max(1, min(cap, fit))
+
+
+def loss_rows(model: HookedTransformer, seq: int) -> int:
+    """Rows per loss forward of 01's calibration (chunks of ``seq`` tokens, logits at every position)."""
+    return rows_for_memory(model, seq, default=64)
+
+
+def rollout_rows(model: HookedTransformer, total_tokens: int) -> int:
+    """Rows per call of 01's rollouts: the aligned decode feeds one position per step, so one
+    position's logits per row."""
+    return rows_for_memory(model, total_tokens, default=2048, logit_positions=1)

@@ -59,7 +59,7 @@ from saets_utils.effects.claims import (
 )
 from saets_utils.effects.executors import available_devices, watch, worker_command
 from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
-from saets_utils.effects.memory import rows_for_memory
+from saets_utils.effects.memory import loss_rows, rollout_rows
 from saets_utils.effects.plan import (
     Plan,
     base_fingerprint,
@@ -221,7 +221,7 @@ def calibrate_and_measure(
     hook = run.sae.hook_name
     e = run.effects
     grid = e.scale_grid.values()
-    cal_rows = rows_for_memory(model, plan.loss_tokens.shape[1], default=64)
+    cal_rows = loss_rows(model, plan.loss_tokens.shape[1])
     cal = calibrate(
         model,
         hook,
@@ -252,8 +252,7 @@ def calibrate_and_measure(
             baseline_mean=plan.baseline_mean,
             seed=run.seed,
             keep_samples=keep_samples,
-            # the aligned decode feeds one position per step: one position's logits per row
-            max_rows=rows_for_memory(model, e.total_tokens, default=2048, logit_positions=1),
+            max_rows=rollout_rows(model, e.total_tokens),
             baseline_halves=plan.baseline_halves,
         )
         effects[ok] = blk.effects.float().cpu()
