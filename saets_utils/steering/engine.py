@@ -15,7 +15,10 @@ The same arithmetic as TransformerLens's forward on a KV cache, organised for de
   token comes from :func:`~saets_utils.steering.sampling.sample_from_logits` with the row's own
   uniform for that position, as in :func:`~saets_utils.steering.generation.generate_aligned`;
 - every step reads its inputs from buffers and syncs nothing with the host, so on CUDA its layer
-  functions are compiled and the step is replayed from CUDA graphs (:mod:`.step_graphs`).
+  functions are compiled and the step is replayed from CUDA graphs (:mod:`.step_graphs`);
+- on the CPU (eager steps), rows that compute the same thing inside their prompts are computed once
+  (:func:`shared_steps`): every row of a vector starts with the same start token, and a prompt's
+  samples read the same prompt under the same steering; only rows that sample are unembedded.
 
 Supported (:func:`unsupported` names anything else): rotary positions, LayerNorm or RMSNorm (folded
 or not), norms before and after each sublayer (Gemma-2), plain or gated MLPs, attention and output
@@ -397,6 +400,70 @@ def parse_hook(hook_name: str, n_layers: int) -> tuple[int, str]:
     return layer, parts[2]
 
 
+# --- rows that compute the same thing -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedStep:
+    """One position's rows in groups that compute the same keys, values, activation and logits: the
+    same steering and the same prompt tokens up to and including the position (a row past its prompt
+    is a group of its own). ``rep [g]``: one row per group, the rows the step computes; ``expand
+    [rows]``: each row's group (an index into ``rep``); ``sample [m]``: the rows whose next token is
+    sampled (not forced); ``logit_groups [k]``: the groups those rows are in (only their logits are
+    computed); ``sample_at [m]``: each sampled row's index into ``logit_groups``."""
+
+    rep: Tensor
+    expand: Tensor
+    sample: Tensor
+    logit_groups: Tensor
+    sample_at: Tensor
+
+
+def shared_steps(tokens: Tensor, forced: Tensor, delta: Tensor | None) -> list[SharedStep | None]:
+    """For positions ``0 .. total-2`` of ``tokens [rows, total]`` (prompt tokens where ``forced``) and
+    ``delta`` (``[rows, d_model]``, ``[d_model]`` or None), the :class:`SharedStep` of each position
+    where some rows share a group or some next token is forced; None where every row computes, and
+    samples, its own.
+
+    01's rows share a lot inside their prompts: every row of a vector starts with the same start
+    token, and a prompt's samples read the same prompt. Groups only split as positions advance, so
+    the search stops at the first position where no group has two rows and no next token is forced
+    (with forced prompts, as :func:`~saets_utils.steering.generation.generate_aligned` passes, none
+    is forced later)."""
+    rows, total = tokens.shape
+    tok, frc = tokens.cpu(), forced.cpu()
+    if delta is None or delta.dim() == 1:
+        steer = [0] * rows
+    else:
+        steer = torch.unique(delta.detach().cpu(), dim=0, return_inverse=True)[1].tolist()
+    steps: list[SharedStep | None] = [None] * (total - 1)
+    prefix_forced = frc.cumprod(1).bool()  # [rows, total]: forced at every position so far
+    dev = tokens.device
+    for p in range(total - 1):
+        groups: dict[tuple, int] = {}
+        rep: list[int] = []
+        expand: list[int] = []
+        for r in range(rows):
+            key = (steer[r], *tok[r, : p + 1].tolist()) if prefix_forced[r, p] else (-1, r)
+            g = groups.setdefault(key, len(groups))
+            if g == len(rep):
+                rep.append(r)  # the group's first row computes for it
+            expand.append(g)
+        sample = (~frc[:, p + 1]).nonzero()[:, 0]
+        if len(groups) == rows and sample.numel() == rows:
+            break
+        exp = torch.tensor(expand, dtype=torch.long)
+        logit_groups, sample_at = torch.unique(exp[sample], return_inverse=True)
+        steps[p] = SharedStep(
+            torch.tensor(rep, dtype=torch.long, device=dev),
+            exp.to(dev),
+            sample.to(dev),
+            logit_groups.to(dev),
+            sample_at.to(dev),
+        )
+    return steps
+
+
 # --- the decoder ---------------------------------------------------------------------------------------
 
 
@@ -404,15 +471,30 @@ def parse_hook(hook_name: str, n_layers: int) -> tuple[int, str]:
 class EngineOptions:
     """How the step runs. ``compile``: a ``torch.compile`` backend for the layer functions (None:
     eager); ``graphs``: replay the step from CUDA graphs; ``pos_bucket``: attended positions are
-    rounded up to a multiple of it (one graph per bucket; the extra positions are masked)."""
+    rounded up to a multiple of it (one graph per bucket; the extra positions are masked);
+    ``share_prefixes``: compute once per group the rows whose steering and prompt so far are the
+    same (:func:`shared_steps`). Their batch changes with the position, so only eager steps share:
+    None (the default) shares where the step is eager (no ``compile``, no ``graphs``)."""
 
     compile: str | None = None
     graphs: bool = False
     pos_bucket: int = 1
+    share_prefixes: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.share_prefixes and (self.compile or self.graphs):
+            raise ValueError("share_prefixes needs eager steps (their batch varies): not with compile or graphs")
+
+    @property
+    def shares(self) -> bool:
+        """Whether the decode shares prompt prefixes."""
+        eager = not self.compile and not self.graphs
+        return eager if self.share_prefixes is None else self.share_prefixes
 
     @classmethod
     def for_device(cls, device: torch.device | str) -> EngineOptions:
-        """Eager and exact-length on the CPU; compiled, graphed, one bucket of 64 positions on CUDA."""
+        """Eager, exact-length, shared prefixes on the CPU; compiled, graphed, one bucket of 64
+        positions on CUDA."""
         if torch.device(device).type == "cuda":
             return cls(compile="inductor", graphs=True, pos_bucket=64)
         return cls()
@@ -466,6 +548,7 @@ class StaticDecoder:
         self.positions = torch.arange(total_tokens, device=dev)
         self.compiled = _compiled(self.options.compile) if self.options.compile else None
         self.runner = StepRunner(self.step, self.device, graphs=self.options.graphs)
+        self.shared: list[SharedStep | None] = [None] * (total_tokens - 1)
 
     def load(self, tokens: Tensor, forced: Tensor, u: Tensor, delta: Tensor | None) -> None:
         """Copy a call's inputs into the buffers: ``tokens [rows, total]`` (prompt tokens where
@@ -477,6 +560,8 @@ class StaticDecoder:
         if self.delta is not None:
             assert delta is not None
             self.delta.copy_(delta.to(self.delta.dtype).expand_as(self.delta))
+        if self.options.shares:
+            self.shared = shared_steps(self.tokens, self.forced, self.delta)
 
     def run(self, keep_logits: bool = False) -> list[Tensor]:
         """Decode positions ``1 .. total-1``, then (with ``capture``) the last position up to the hook.
@@ -484,7 +569,13 @@ class StaticDecoder:
         out = []
         bucket = self.options.pos_bucket
         for t in range(self.total - 1):
-            logits = self.runner(t, attended_positions(t, self.total, bucket), False)
+            attended = attended_positions(t, self.total, bucket)
+            share = self.shared[t]
+            if share is None:
+                logits = self.runner(t, attended, False)
+            else:  # eager (options.shares): the step's batch is this position's groups
+                self.runner.pos.fill_(t)
+                logits = self.step(self.runner.pos, attended, False, share=share, all_logits=keep_logits)
             if keep_logits:
                 assert logits is not None
                 out.append(logits.clone())
@@ -496,52 +587,85 @@ class StaticDecoder:
         # looked up at call time when eager, so a test can swap a helper (mutation tests)
         return self.compiled or (_qkv, _attend, _mlp, _logits)
 
-    def _hook(self, x: Tensor, pos: Tensor) -> Tensor:
+    def _hook(self, x: Tensor, pos: Tensor, share: SharedStep | None) -> Tensor:
         """Capture the activation before steering (as ``steering_hook``), then add the steering."""
         if self.acts is not None:
-            self.acts.index_copy_(1, pos.view(1), x[:, None])
-        return x if self.delta is None else x + self.delta
+            self.acts.index_copy_(1, pos.view(1), _every_row(x, share)[:, None])
+        if self.delta is None:
+            return x
+        return x + (self.delta if share is None else self.delta.index_select(0, share.rep))
 
-    def step(self, pos: Tensor, attended: int, last: bool) -> Tensor | None:
+    def step(
+        self, pos: Tensor, attended: int, last: bool, share: SharedStep | None = None, all_logits: bool = False
+    ) -> Tensor | None:
         """One position for every row: read the token at ``pos``, write its keys, values and
         activation, sample the token at ``pos + 1`` (kept where the prompt forces it). ``attended``:
-        cached positions read (``>= pos + 1``); ``last``: stop at the hook (capture only)."""
+        cached positions read (``>= pos + 1``); ``last``: stop at the hook (capture only).
+
+        ``share``: compute one row per group (:class:`SharedStep`) and copy its keys, values and
+        activation to the group's rows; logits only for the groups with a row to sample, and returned
+        (``[rows, d_vocab]``, every group's) only with ``all_logits``."""
         qkv, attend, mlp, logits_fn = self._functions()
         c, rows = self.consts, self.rows
         at = pos.view(1)
-        x = F.embedding(self.tokens.index_select(1, at).view(rows), self.W_E)
+        tokens_in = self.tokens.index_select(1, at).view(rows)
+        x = F.embedding(tokens_in if share is None else tokens_in.index_select(0, share.rep), self.W_E)
         positions = self.positions[:attended]
         masks: dict[int | None, Tensor] = {}
         rot = [(cos.index_select(0, at), sin.index_select(0, at)) for cos, sin in self.tables]
         hook_layer, point = self.hook if self.hook is not None else (-1, "")
         for i, L in enumerate(self.layers):
             if i == hook_layer and point == "hook_resid_pre":
-                x = self._hook(x, pos)
+                x = self._hook(x, pos, share)
                 if last:
                     return None
             q, k, v = qkv(x, *L.ln1, *L.qkv, *rot[L.rotary], c)
-            self.K[i].index_copy_(2, at, k[:, :, None])
-            self.V[i].index_copy_(2, at, v[:, :, None])
+            self.K[i].index_copy_(2, at, _every_row(k, share)[:, :, None])
+            self.V[i].index_copy_(2, at, _every_row(v, share)[:, :, None])
             if L.window not in masks:
                 masks[L.window] = _window_mask(positions, pos, L.window)
             K, V = self.K[i][:, :, :attended], self.V[i][:, :, :attended]
+            if share is not None:
+                K, V = K.index_select(0, share.rep), V.index_select(0, share.rep)
             x = attend(x, q, K, V, masks[L.window], *L.out, c)
             if i == hook_layer and point == "hook_resid_mid":
-                x = self._hook(x, pos)
+                x = self._hook(x, pos, share)
                 if last:
                     return None
             x = mlp(x, *L.ln2, *L.mlp, c)
             if i == hook_layer and point == "hook_resid_post":
-                x = self._hook(x, pos)
+                x = self._hook(x, pos, share)
                 if last:
                     return None
-        logits = logits_fn(x, *self.final, c)
         nxt = at + 1
+        if share is not None:
+            return self._sample_shared(x, nxt, share, all_logits)
+        logits = logits_fn(x, *self.final, c)
         sampled = sample_from_logits(logits, self.u.index_select(1, nxt).view(rows), self.sampling)
         keep = self.forced.index_select(1, nxt).view(rows)
         new = torch.where(keep, self.tokens.index_select(1, nxt).view(rows), sampled)
         self.tokens.index_copy_(1, nxt, new[:, None])
         return logits
+
+    def _sample_shared(self, x: Tensor, nxt: Tensor, share: SharedStep, all_logits: bool) -> Tensor | None:
+        """The next token of the rows ``share.sample`` from their groups' logits (the other rows keep
+        their forced token); ``x [groups, d_model]`` after the last layer."""
+        logits_fn, c = self._functions()[3], self.consts
+        if all_logits:
+            every = logits_fn(x, *self.final, c)
+            logits = every.index_select(0, share.logit_groups)
+        else:
+            every, logits = None, logits_fn(x.index_select(0, share.logit_groups), *self.final, c)
+        if share.sample.numel():
+            u = self.u.index_select(1, nxt).view(self.rows).index_select(0, share.sample)
+            sampled = sample_from_logits(logits.index_select(0, share.sample_at), u, self.sampling)
+            self.tokens.index_put_((share.sample, nxt.expand_as(share.sample)), sampled)
+        return None if every is None else every.index_select(0, share.expand)
+
+
+def _every_row(t: Tensor, share: SharedStep | None) -> Tensor:
+    """``t [groups, ...]`` copied to every row (``[rows, ...]``); ``t`` itself without groups."""
+    return t if share is None else t.index_select(0, share.expand)
 
 
 # decoders kept per model on CUDA, so their CUDA graphs are captured once per shape, not per call

@@ -257,6 +257,94 @@ def test_engine_setting_is_validated_and_not_fingerprinted(tmp_path):
         build_run_cfg(tmp_path, effects={"engine": "fast"}, stem="bad")
 
 
+# --- shared prompt prefixes ----------------------------------------------------------------------
+
+# 01's layout: rows (prompt, vector, sample), each vector's steering on all its rows
+VEC_ROWS = [(p, j, n) for p in range(len(PROMPTS)) for j in range(2) for n in range(2)]
+VEC_PROMPTS = [PROMPTS[p] for p, _, _ in VEC_ROWS]
+VEC_SEEDS = [100 + 10 * p + n for p, _, n in VEC_ROWS]  # common random numbers: the seed skips the vector
+
+
+def _vector_delta(model):
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(2, model.cfg.d_model, generator=g) * 4.0)[[j for _, j, _ in VEC_ROWS]]
+
+
+def test_shared_steps_group_rows_with_the_same_steering_and_prompt_so_far():
+    tokens, forced, _ = _inputs([[1], [1, 40, 41], [1, 40, 42], [1, 40, 41], [1]], [1, 2, 3, 4, 5], total=6)
+    delta = torch.tensor([[0.0], [1.0], [1.0], [1.0], [0.0]])
+    steps = engine.shared_steps(tokens, forced, delta)
+    s0, s1, s2 = steps[:3]
+    # position 0: rows 0 and 4 (steering 0), rows 1-3 (steering 1); only rows 0 and 4 sample
+    assert s0.rep.tolist() == [0, 1] and s0.expand.tolist() == [0, 1, 1, 1, 0]
+    assert s0.sample.tolist() == [0, 4] and s0.logit_groups.tolist() == [0] and s0.sample_at.tolist() == [0, 0]
+    # position 1: rows 0 and 4 are past their prompt (their own groups); 1-3 still read [1, 40]
+    assert s1.expand.tolist() == [0, 1, 1, 1, 2] and s1.rep.tolist() == [0, 1, 4] and s1.sample.tolist() == [0, 4]
+    # position 2: [1, 40, 41] twice, [1, 40, 42] once; everyone samples position 3
+    assert s2.expand.tolist() == [0, 1, 2, 1, 3] and s2.sample.tolist() == [0, 1, 2, 3, 4]
+    assert s2.logit_groups.tolist() == [0, 1, 2, 3] and s2.sample_at.tolist() == [0, 1, 2, 1, 3]
+    assert steps[3:] == [None, None]  # every row its own from position 3 on
+    none = engine.shared_steps(tokens, forced, None)  # unsteered: rows 1 and 3 share row 2's prefix too
+    assert none[0].rep.tolist() == [0] and none[1].expand.tolist() == [0, 1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("name", ["tiny", "gemma2"])
+def test_shared_prefixes_equal_transformer_lens_and_compute_fewer_rows(models, name, monkeypatch):
+    model = models[name]
+    hook, delta = "blocks.1.hook_resid_post", _vector_delta(model)
+    ref = generate_aligned(
+        model, VEC_PROMPTS, T, VEC_SEEDS, sampling=SamplingConfig(), hook_name=hook, delta=delta, capture=True
+    )
+    rows_seen: list[int] = []
+    qkv = engine._qkv
+    monkeypatch.setattr(engine, "_qkv", lambda x, *a: (rows_seen.append(x.shape[0]), qkv(x, *a))[1])
+    computed = {}
+    for share in (False, True):
+        rows_seen.clear()
+        tokens, acts = engine.decode_aligned(
+            model,
+            *_inputs(VEC_PROMPTS, VEC_SEEDS),
+            sampling=SamplingConfig(),
+            hook_name=hook,
+            delta=delta,
+            capture=True,
+            options=EngineOptions(share_prefixes=share),
+        )
+        assert torch.equal(tokens, ref.tokens) and _rel(acts, ref.activations) <= TOL
+        computed[share] = sum(rows_seen)
+    rows, layers, last = len(VEC_ROWS), model.cfg.n_layers, 2  # the capture-only last step: layers 0 and 1
+    # position 0: one row per vector; inside a prompt: one per (prompt, vector); past it, every row
+    groups = sum(
+        len({(j, *PROMPTS[p][: t + 1]) if t < len(PROMPTS[p]) else (j, p, n) for p, j, n in VEC_ROWS})
+        for t in range(T - 1)
+    )
+    assert computed[False] == rows * ((T - 1) * layers + last)
+    assert computed[True] == groups * layers + rows * last < computed[False]
+
+
+def test_sharing_across_steering_vectors_fails_the_comparison(models, monkeypatch):
+    """Grouping rows without their steering (a mutation) gives other rollouts."""
+    model = models["gemma2"]
+    hook, delta = "blocks.1.hook_resid_post", _vector_delta(model)
+    ref = generate_aligned(
+        model, VEC_PROMPTS, T, VEC_SEEDS, sampling=SamplingConfig(), hook_name=hook, delta=delta, capture=True
+    )
+    share = engine.shared_steps
+    monkeypatch.setattr(engine, "shared_steps", lambda tokens, forced, delta: share(tokens, forced, None))
+    gen = generate_aligned(
+        model,
+        VEC_PROMPTS,
+        T,
+        VEC_SEEDS,
+        sampling=SamplingConfig(),
+        hook_name=hook,
+        delta=delta,
+        capture=True,
+        engine="static",
+    )
+    assert _rel(gen.activations, ref.activations) > TOL
+
+
 # --- mutations: a broken engine must fail the comparison ------------------------------------------
 
 
@@ -283,9 +371,10 @@ def _interleaved_kv_heads(monkeypatch):
 
 
 def _capture_after_steering(monkeypatch):
-    def hook(self, x, pos):
-        x = x if self.delta is None else x + self.delta
-        self.acts.index_copy_(1, pos.view(1), x[:, None])
+    def hook(self, x, pos, share):
+        if self.delta is not None:
+            x = x + (self.delta if share is None else self.delta.index_select(0, share.rep))
+        self.acts.index_copy_(1, pos.view(1), engine._every_row(x, share)[:, None])
         return x
 
     monkeypatch.setattr(StaticDecoder, "_hook", hook)
