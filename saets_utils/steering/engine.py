@@ -132,11 +132,11 @@ def _qkv(
     ln_w: Tensor | None,
     ln_b: Tensor | None,
     W_Q: Tensor,
-    b_Q: Tensor,
+    b_Q: Tensor | None,
     W_K: Tensor,
-    b_K: Tensor,
+    b_K: Tensor | None,
     W_V: Tensor,
-    b_V: Tensor,
+    b_V: Tensor | None,
     cos: Tensor,
     sin: Tensor,
     c: Consts,
@@ -151,7 +151,15 @@ def _qkv(
 
 
 def _attend(
-    x: Tensor, q: Tensor, K: Tensor, V: Tensor, seen: Tensor, W_O: Tensor, b_O: Tensor, post_w: Tensor | None, c: Consts
+    x: Tensor,
+    q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    seen: Tensor,
+    W_O: Tensor,
+    b_O: Tensor | None,
+    post_w: Tensor | None,
+    c: Consts,
 ) -> Tensor:
     """``x`` plus the attention output of queries ``q`` over the cached ``K``, ``V`` ``[rows, kv_head,
     n, d_head]`` where ``seen [n]``; scaled, soft-capped and masked in TransformerLens's order."""
@@ -170,7 +178,7 @@ def _mlp(
     W_in: Tensor,
     b_in: Tensor | None,
     W_out: Tensor,
-    b_out: Tensor,
+    b_out: Tensor | None,
     post_w: Tensor | None,
     c: Consts,
 ) -> Tensor:
@@ -182,12 +190,12 @@ def _mlp(
         post = c.act(F.linear(h, W_gate)) * F.linear(h, W_in)
         out = F.linear(post if b_in is None else post + b_in, W_out, b_out)
     else:
-        assert b_in is not None
+        assert b_in is not None and b_out is not None  # the plain MLP keeps its biases (addmm)
         out = torch.addmm(b_out, c.act(torch.addmm(b_in, h, W_in)), W_out)
     return x + _norm(out, c.post_norm, post_w, None, c.eps, c.dtype)
 
 
-def _logits(x: Tensor, ln_w: Tensor | None, ln_b: Tensor | None, W_U: Tensor, b_U: Tensor, c: Consts) -> Tensor:
+def _logits(x: Tensor, ln_w: Tensor | None, ln_b: Tensor | None, W_U: Tensor, b_U: Tensor | None, c: Consts) -> Tensor:
     """Final norm, unembedding and output soft-cap: ``[rows, d_vocab]``."""
     return _softcap(F.linear(_norm(x, c.final_norm, ln_w, ln_b, c.eps, c.dtype), W_U, b_U), c.logit_cap)
 
@@ -260,6 +268,12 @@ def _linear_weight(w: Tensor, perm: tuple[int, ...], shape: tuple[int, int]) -> 
     return (p if p.is_contiguous() else p.contiguous()).reshape(shape)
 
 
+def _bias(b: Tensor) -> Tensor | None:
+    """``b``, or None where it is all zeros: TransformerLens gives bias-free models zero biases, and
+    ``F.linear`` with one copies it into the output before the product (the same values without)."""
+    return b if bool(b.any()) else None
+
+
 def _norm_of(module: torch.nn.Module | None) -> tuple[str, Tensor | None, Tensor | None]:
     if module is None or isinstance(module, torch.nn.Identity):
         return "none", None, None
@@ -273,10 +287,12 @@ class Layer:
 
     norms: tuple[str, str, str, str]  # kinds of ln1, ln1_post, ln2, ln2_post
     ln1: tuple[Tensor | None, Tensor | None]
-    qkv: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # W_Q, b_Q, W_K, b_K, W_V, b_V
-    out: tuple[Tensor, Tensor, Tensor | None]  # W_O, b_O, ln1_post w
+    qkv: tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor, Tensor | None]  # W_Q, b_Q, W_K, b_K, W_V, b_V
+    out: tuple[Tensor, Tensor | None, Tensor | None]  # W_O, b_O (None: zero), ln1_post w
     ln2: tuple[Tensor | None, Tensor | None]
-    mlp: tuple[Tensor | None, Tensor, Tensor | None, Tensor, Tensor, Tensor | None]  # gate, in, b_in, out, b_out, post
+    mlp: tuple[
+        Tensor | None, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None
+    ]  # gate, in, b_in, out, b_out, post
     rotary: int  # index into the decoder's rotary tables
     window: int | None
     attn_scale: float
@@ -307,7 +323,7 @@ def _layer(block: Any, rotary: int) -> Layer:
     ln1, ln2 = _norm_of(block.ln1), _norm_of(block.ln2)
     post1, post2 = _norm_of(getattr(block, "ln1_post", None)), _norm_of(getattr(block, "ln2_post", None))
     d_mlp = mlp.W_in.shape[1]
-    mlp_w: tuple[Tensor | None, Tensor, Tensor | None, Tensor, Tensor, Tensor | None]
+    mlp_w: tuple[Tensor | None, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]
     if type(mlp) is GatedMLP:
         b_in = mlp.b_in if bool(mlp.b_in.any()) else None  # TransformerLens adds a zero bias of width d_mlp
         mlp_w = (
@@ -315,7 +331,7 @@ def _layer(block: Any, rotary: int) -> Layer:
             _linear_weight(mlp.W_in, (1, 0), (d_mlp, d)),
             b_in,
             _linear_weight(mlp.W_out, (1, 0), (d, d_mlp)),
-            mlp.b_out,
+            _bias(mlp.b_out),
             post2[1],
         )
     else:  # TransformerLens's MLP: addmm(b_in, x, W_in), weights as stored
@@ -325,13 +341,13 @@ def _layer(block: Any, rotary: int) -> Layer:
         ln1=(ln1[1], ln1[2]),
         qkv=(
             _linear_weight(attn.W_Q, (0, 2, 1), (h * dh, d)),
-            attn.b_Q.reshape(h * dh),
+            _bias(attn.b_Q.reshape(h * dh)),
             _linear_weight(W_K, (0, 2, 1), (n_kv * dh, d)),
-            b_K.reshape(n_kv * dh),
+            _bias(b_K.reshape(n_kv * dh)),
             _linear_weight(W_V, (0, 2, 1), (n_kv * dh, d)),
-            b_V.reshape(n_kv * dh),
+            _bias(b_V.reshape(n_kv * dh)),
         ),
-        out=(_linear_weight(attn.W_O, (2, 0, 1), (d, h * dh)), attn.b_O, post1[1]),
+        out=(_linear_weight(attn.W_O, (2, 0, 1), (d, h * dh)), _bias(attn.b_O), post1[1]),
         ln2=(ln2[1], ln2[2]),
         mlp=mlp_w,
         rotary=rotary,
@@ -534,7 +550,7 @@ class StaticDecoder:
         self.consts, self.layers, self.tables = _read_model(model, total_tokens)
         self.W_E = model.W_E
         lnf = _norm_of(getattr(model, "ln_final", None))
-        self.final = (lnf[1], lnf[2], model.W_U.T, model.b_U)  # F.linear(x, W_U.T): no copy in any layout
+        self.final = (lnf[1], lnf[2], model.W_U.T, _bias(model.b_U))  # F.linear(x, W_U.T): no copy in any layout
         dev, dt, c = self.device, cfg.dtype, self.consts
         self.tokens = torch.zeros(rows, total_tokens, dtype=torch.long, device=dev)
         self.forced = torch.zeros(rows, total_tokens, dtype=torch.bool, device=dev)
