@@ -271,9 +271,16 @@ class CalibrationConfig(_Strict):
     decoder rows (refined on ``coarse_chunks`` chunks, default an eighth, when there are 8 or more),
     then evaluates near the crossing of a local power law ``loss - unsteered ~ scale ** p``
     until the next step moves the scale by at most ``rtol`` (at most ``max_evals`` evaluations).
+
+    ``start`` (secant): ``hint``, every vector starts at that median scale; ``gradient``, each
+    vector ``v`` starts where the loss's slope along it predicts, ``log s = a + b (g . v)`` with
+    ``g`` the loss's gradient at the hook (one backward per worker) and the level ``a`` fitted to
+    the plan's first block, calibrated from the hint (fewer evaluations per vector; the scales
+    agree within ``rtol``).
     """
 
     method: Literal["sweep", "secant"] = "secant"
+    start: Literal["hint", "gradient"] = "hint"
     coarse_chunks: int | None = Field(None, gt=0)
     rtol: float = Field(0.1, gt=0, lt=1)
     max_evals: int = Field(3, gt=0, le=10)

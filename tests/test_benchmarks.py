@@ -122,11 +122,15 @@ def test_rollout_identity_smoke(tmp_path):
 def test_engine_speed_smoke(tmp_path):
     res = run_benchmark("engine_speed", tmp_path / "engine.json", "--smoke")
     assert res["rows"] == 2 * 2 * 2 and res["total_tokens"] == 12  # vectors x prompts x samples
-    for key in ("rollouts_static_over_tl", "effects_step_static_over_tl", "rollouts_static_fraction_of_raw"):
+    keys = ("rollouts_static_over_tl", "effects_step_static_over_tl", "rollouts_static_fraction_of_raw")
+    for key in (*keys, "calibration_gradient_over_hint", "effects_step_new_over_today"):
         r = res[key]
         assert finite(r["ratio"]) and r["ci"][0] <= r["ratio"] <= r["ci"][1] and len(r["per_rep"]) == 2, key
     assert all(finite(v) and v > 0 for v in res["tokens_per_s"].values())
     assert res["rows_differing"] == [0, 0]  # the engines draw the same tokens (fp32 on the CPU)
+    cal = res["calibration"]
+    assert cal["evaluations_per_vector.hint"] >= 1 and cal["evaluations_per_vector.gradient"] >= 1
+    assert cal["same_status"] <= 2 and len(res["once_per_worker_s"]) >= 2
 
 
 @pytest.mark.slow

@@ -21,6 +21,9 @@ from saets_utils.effects.calibration import (
     Calibration,
     SearchStart,
     calibrate,
+    gradient_start,
+    loss_gradient,
+    loss_target_value,
     resid_at_hook,
     scale_hint,
     steered_losses,
@@ -61,6 +64,22 @@ def worker_context(s: Setup, p: Phases) -> WorkerContext:
                 unsteered_loss=unsteered,
             )
     return WorkerContext(resid, unsteered, hint)
+
+
+def gradient_context(s: Setup, pilot: list[int], ctx: WorkerContext, p: Phases) -> WorkerContext:
+    """``ctx`` with the gradient start (``calibration.start: gradient``) in place of the hint: the
+    pilot vectors ``pilot`` calibrated from the hint, the loss's gradient, the level fitted to them
+    (timed in ``p``, once per worker). The hint itself where nothing crossed."""
+    assert ctx.hint is not None, "the gradient start needs the secant search's hint"
+    with p.phase("gradient start: the pilot block's calibration (01 keeps it for that block)"):
+        cal = calibrate_block(s, pilot, ctx)
+    with p.phase("gradient start: the loss's gradient (one backward)"):
+        g = loss_gradient(
+            s.model, s.hook, s.loss_tokens, ctx.resid, max_rows=loss_rows(s.model, s.loss_tokens.shape[1])
+        )
+    need = loss_target_value(s.target, ctx.unsteered_loss) - ctx.unsteered_loss
+    start = gradient_start(cal, s.vectors[pilot], g, ctx.hint, need)
+    return WorkerContext(ctx.resid, ctx.unsteered_loss, start or ctx.hint)
 
 
 @torch.no_grad()

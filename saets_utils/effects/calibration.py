@@ -159,6 +159,20 @@ class Calibration:
     probe_losses: Tensor | None = None
     evaluations: Tensor | None = None
 
+    def rows(self, idx: Sequence[int]) -> Calibration:
+        """The calibration of the vectors ``idx`` alone (same target and unsteered loss)."""
+        pick = lambda t: None if t is None else t[list(idx)]
+        return Calibration(
+            self.scales[list(idx)],
+            [self.status[i] for i in idx],
+            self.losses[list(idx)],
+            self.target,
+            self.unsteered_loss,
+            pick(self.probe_scales),
+            pick(self.probe_losses),
+            pick(self.evaluations),
+        )
+
 
 @torch.no_grad()
 def calibrate_scales(
@@ -294,7 +308,7 @@ def calibrate_scales_secant(
     m = min(c, coarse_chunks or c // 8)
     coarse = 0 < m < c
     if start is not None:
-        guess = torch.full((v,), min(start.scale, s_max), dtype=torch.float64)
+        guess = start.scales_for(vectors).clamp(max=s_max)
         if coarse:
             sub_t, sub_r = tokens[:m], resid[:m]
             l0_sub = float(steered_losses(model, hook_name, sub_t, sub_r, vectors[:1] * 0.0)[0])
@@ -412,10 +426,63 @@ def calibrate(
 @dataclass(frozen=True)
 class SearchStart:
     """Where the secant search starts: a ``scale`` and the ``exponent`` of ``loss rise ~ scale ** p``
-    near the crossing."""
+    near the crossing; with a ``gradient [d_model]`` (:func:`loss_gradient`) each vector ``v``
+    starts at ``scale * exp(slope * (gradient . v))`` instead (:func:`gradient_start`)."""
 
     scale: float
     exponent: float
+    gradient: Tensor | None = None
+    slope: float = 0.0
+
+    def scales_for(self, vectors: Tensor) -> Tensor:
+        """Starting scales ``[v]`` (float64, on the CPU) of ``vectors [v, d_model]``."""
+        if self.gradient is None:
+            return torch.full((vectors.shape[0],), self.scale, dtype=torch.float64)
+        gv = vectors.detach().double().cpu() @ self.gradient.double().cpu()
+        return self.scale * torch.exp(self.slope * gv)
+
+
+@torch.no_grad()
+def loss_gradient(
+    model: HookedTransformer, hook_name: str, tokens: Tensor, resid: Tensor, *, max_rows: int = 64
+) -> Tensor:
+    """``[d_model]`` float32: the gradient of the mean loss over the chunks ``tokens [c, seq]`` with
+    respect to a steering delta added at every position at ``hook_name``, at delta 0 (``resid [c,
+    seq, d_model]``: the unsteered activations there). One forward and backward from the next layer
+    on, in batches of ``max_rows`` chunks; the model's parameters get no gradient."""
+    c = tokens.shape[0]
+    layer = hook_layer(hook_name) + 1
+    delta = torch.zeros(resid.shape[-1], dtype=resid.dtype, device=resid.device)
+    grad = torch.zeros(resid.shape[-1], dtype=torch.float64, device=resid.device)
+    for i in range(0, c, max_rows):
+        with torch.enable_grad():
+            d = delta.clone().requires_grad_(True)
+            x = model(resid[i : i + max_rows] + d, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
+            loss = final_resid_loss(model, x, tokens[i : i + max_rows]).sum() / c
+            (g,) = torch.autograd.grad(loss, d)
+        grad += g.double()
+    return grad.float().cpu()
+
+
+def gradient_start(
+    pilot: Calibration, vectors: Tensor, gradient: Tensor, hint: SearchStart, need: float, iterations: int = 50
+) -> SearchStart | None:
+    """A per-vector start from a ``pilot`` calibration of ``vectors [k, d_model]``: to first order in
+    the loss's slope ``g . v`` (``gradient``), the rise ``s (g . v) + A s ** p = need`` crosses at
+    ``log s = a + b (g . v)`` with ``b = -exp(a) / (p * need)`` (``p``: ``hint.exponent``); the level
+    ``a`` is fitted to the pilot's scales (least squares, ``b`` following ``a``). None when fewer
+    than 2 pilot vectors crossed."""
+    ok = [i for i, st in enumerate(pilot.status) if st in ("ok", "non_monotone")]
+    if len(ok) < 2:
+        return None
+    log_s = torch.log(pilot.scales[ok].double())
+    gv = vectors[ok].detach().double().cpu() @ gradient.double().cpu()
+    a = float(log_s.median())
+    p = hint.exponent
+    for _ in range(iterations):  # a fixed point: b depends on the level
+        b = -math.exp(a) / (p * need)
+        a = float((log_s - b * gv).mean())
+    return SearchStart(math.exp(a), p, gradient.float().cpu(), -math.exp(a) / (p * need))
 
 
 def scale_hint(

@@ -97,6 +97,10 @@ def fingerprint(run: RunConfig, digests: dict[str, str] | None = None, *, vector
     ``sae.targets_key``), and of the inputs' content ``digests`` (:func:`input_digests`).
     ``vector_selection=False`` leaves out which vectors are measured (:func:`base_fingerprint`)."""
     eff = run.effects.model_dump(exclude=NOT_FINGERPRINTED)
+    if eff["calibration"]["start"] == "hint":  # the default before ``start`` existed: fingerprints unchanged
+        del eff["calibration"]["start"]
+    else:  # the gradient start's level is fitted to the first block: its size changes the scales
+        eff["pilot_vectors"] = run.effects.vectors_per_batch
     if not vector_selection:
         eff["vectors"] = {k: v for k, v in eff["vectors"].items() if k not in SELECTION}
         digests = {k: v for k, v in (digests or {}).items() if k != "vectors_file"}

@@ -44,6 +44,9 @@ from saets_utils.effects.calibration import (
     SearchStart,
     calibrate,
     check_loss_target,
+    gradient_start,
+    loss_gradient,
+    loss_target_value,
     resid_at_hook,
     scale_hint,
     steered_losses,
@@ -201,6 +204,55 @@ def plan_scale_hint(run: RunConfig, model, sae, plan: Plan, *, resid: Tensor) ->
     )
 
 
+@dataclass(frozen=True)
+class BlockStarts:
+    """Where 01's calibration starts: ``start`` for every vector, except the plan rows of the pilot,
+    whose calibration is already done (``pilot``, its vectors in the order of ``pilot_rows``)."""
+
+    start: SearchStart | None
+    pilot_rows: tuple[int, ...] = ()
+    pilot: Calibration | None = None
+
+    def pilot_for(self, rows: Sequence[int]) -> Calibration | None:
+        """The pilot's calibration of the plan ``rows`` when all of them are pilot rows, else None."""
+        if self.pilot is None or not rows or not set(rows) <= set(self.pilot_rows):
+            return None
+        return self.pilot.rows([self.pilot_rows.index(r) for r in rows])
+
+
+def plan_block_starts(
+    run: RunConfig, model, sae, plan: Plan, *, resid: Tensor, hint: SearchStart | None
+) -> BlockStarts:
+    """``effects.calibration.start``: ``hint``, every vector starts at ``hint``; ``gradient``, the
+    plan's first block (the pilot) is calibrated from ``hint``, and every other vector starts at the
+    scale its loss slope predicts (:func:`~saets_utils.effects.calibration.gradient_start`, the level
+    fitted to the pilot). Every worker and resume computes the same pilot (one block's calibration
+    and one backward pass), so a vector's scale does not depend on who measures it."""
+    e = run.effects
+    if e.calibration.start != "gradient" or hint is None:
+        return BlockStarts(hint)
+    hook = run.sae.hook_name
+    rows = plan_blocks(plan, e.vectors_per_batch)[0]
+    vecs = plan.vectors[rows].to(model.cfg.device)
+    pilot = calibrate(
+        model,
+        hook,
+        plan.loss_tokens,
+        resid,
+        vecs,
+        cfg=e.calibration,
+        grid=e.scale_grid.values(),
+        target=e.loss_target,
+        unsteered_loss=plan.unsteered_loss,
+        start=hint,
+        max_rows=loss_rows(model, plan.loss_tokens.shape[1]),
+    )
+    g = loss_gradient(model, hook, plan.loss_tokens, resid, max_rows=loss_rows(model, plan.loss_tokens.shape[1]))
+    need = loss_target_value(e.loss_target, plan.unsteered_loss) - plan.unsteered_loss
+    start = gradient_start(pilot, vecs, g, hint, need)
+    return BlockStarts(start or hint, tuple(rows), pilot)
+
+
 def calibrate_and_measure(
     run: RunConfig,
     model,
@@ -213,16 +265,19 @@ def calibrate_and_measure(
     vector_ids: Sequence[int],
     keep_samples: int = KEEP_SAMPLES,
     hint: SearchStart | None = None,
+    calibration: Calibration | None = None,
 ) -> BlockEffects:
     """01's recipe for unit ``vectors [v, d_model]`` (on the model's device): calibrate a scale each to
     the run's loss target on the plan's loss chunks (``resid``: their activations at the hook), then
     measure the effects of those that got one against the plan's baseline. Targeting uses it too.
-    ``hint``: the secant calibration's starting scale (:func:`plan_scale_hint`)."""
+    ``hint``: the secant calibration's start (:func:`plan_scale_hint`, or a
+    :class:`BlockStarts`' start); ``calibration``: these vectors' calibration, already done (the
+    pilot's), used instead of calibrating."""
     hook = run.sae.hook_name
     e = run.effects
     grid = e.scale_grid.values()
     cal_rows = loss_rows(model, plan.loss_tokens.shape[1])
-    cal = calibrate(
+    cal = calibration or calibrate(
         model,
         hook,
         plan.loss_tokens,
@@ -273,10 +328,12 @@ def compute_block(
     shard_path: Path,
     tags: dict[str, str] | None = None,
     hint: SearchStart | None = None,
+    starts: BlockStarts | None = None,
 ) -> Calibration:
     """Calibrate scales and measure effects for plan rows ``rows``; write one shard atomically,
     tagged with the plan's id and fingerprint (and ``tags``, e.g. attempt and worker). ``hint``:
-    the secant calibration's start (:func:`plan_scale_hint`)."""
+    the secant calibration's start (:func:`plan_scale_hint`); ``starts`` (:func:`plan_block_starts`)
+    replaces it, and gives the pilot's rows their calibration."""
     t0 = time.perf_counter()
     ids = plan.vector_ids[rows]
     res = calibrate_and_measure(
@@ -288,7 +345,8 @@ def compute_block(
         spec=spec,
         vectors=plan.vectors[rows].to(model.cfg.device),
         vector_ids=ids.tolist(),
-        hint=hint,
+        hint=hint if starts is None else starts.start,
+        calibration=None if starts is None else starts.pilot_for(rows),
     )
     cal = res.calibration
     seconds = (time.perf_counter() - t0) / len(rows)
@@ -361,6 +419,7 @@ def work_loop(
         spec = rollout_spec(run, model, bos_id(model, run.model))
         resid = resid_at_hook(model, run.sae.hook_name, plan.loss_tokens)
         hint = plan_scale_hint(run, model, sae, plan, resid=resid)  # the same for every worker and resume
+        starts = plan_block_starts(run, model, sae, plan, resid=resid, hint=hint)  # so are these
         wd.shards.mkdir(exist_ok=True)
         ids = plan.vector_ids.tolist()
         atomic_write_json(beat_file, {**state, "state": "working"})
@@ -394,7 +453,7 @@ def work_loop(
                             rows=left,
                             shard_path=wd.shard(key, worker),
                             tags=tags,
-                            hint=hint,
+                            starts=starts,
                         )
                         if progress is not None:
                             progress.update(len(left))

@@ -13,12 +13,15 @@ from helpers import HOOK
 from saets_utils.config import LossTarget, SamplingConfig
 from saets_utils.effects.calibration import (
     STATUSES,
+    Calibration,
     SearchStart,
     calibrate_scales,
     calibrate_scales_secant,
+    gradient_start,
     hook_layer,
     interpolate_scale,
     local_exponent,
+    loss_gradient,
     loss_target_value,
     resid_at_hook,
     scale_hint,
@@ -352,3 +355,48 @@ def test_final_resid_loss_equals_the_models_own_loss_with_softcap_and_blocks(mon
         ref = model(tokens, return_type="loss", loss_per_token=True).mean(-1)
     assert per_seq.dtype == torch.float64 and per_seq.shape == (3,)
     torch.testing.assert_close(per_seq.float(), ref, atol=1e-5, rtol=1e-5)
+
+
+# --- a per-vector start from the loss's gradient -----------------------------------------------
+
+
+def test_loss_gradient_is_the_slope_of_the_steered_loss(tiny_model, tiny_sae, chunks, resid):
+    g = loss_gradient(tiny_model, HOOK, chunks, resid, max_rows=4)  # two batches of chunks
+    assert (
+        g.shape == (32,) and g.dtype == torch.float32 and not any(p.grad is not None for p in tiny_model.parameters())
+    )
+    eps = 1e-2
+    for v in tiny_sae.W_dec[:3]:
+        v = v / v.norm()
+        up, down = steered_losses(tiny_model, HOOK, chunks, resid, torch.stack([eps * v, -eps * v]))
+        assert float(g @ v) == pytest.approx(float(up - down) / (2 * eps), rel=1e-2, abs=1e-4)
+
+
+def test_gradient_start_recovers_the_level_of_its_own_model():
+    """Pilot scales made by ``log s = a + b (g . v)`` with ``b = -exp(a) / (p need)`` give back ``a``."""
+    torch.manual_seed(0)
+    vecs = torch.nn.functional.normalize(torch.randn(12, 8), dim=-1)
+    g, p, need, a = torch.randn(8) * 0.01, 2.5, 1.0, math.log(70.0)
+    b = -math.exp(a) / (p * need)
+    scales = torch.exp(a + b * (vecs.double() @ g.double())).float()
+    status = ["ok"] * 10 + ["not_reached", "above_at_zero"]
+    scales[10:] = torch.tensor([200.0, math.nan])  # left out of the fit
+    pilot = Calibration(scales, status, torch.zeros(12, 1), 0.0, 0.0)
+    start = gradient_start(pilot, vecs, g, SearchStart(40.0, p), need)
+    assert start is not None and start.scale == pytest.approx(70.0, rel=1e-6) and start.slope == pytest.approx(b)
+    torch.testing.assert_close(start.scales_for(vecs[:10]), scales[:10].double(), rtol=1e-5, atol=0)
+    assert torch.all(SearchStart(40.0, p).scales_for(vecs) == 40.0)  # no gradient: one scale
+    assert gradient_start(pilot.rows([10, 11, 0]), vecs[[10, 11, 0]], g, SearchStart(40.0, p), need) is None
+
+
+def test_secant_starts_each_vector_where_its_start_says(tiny_model, tiny_sae, chunks, resid, unsteered, start):
+    vecs = torch.nn.functional.normalize(tiny_sae.W_dec[:6], dim=-1)
+    g = loss_gradient(tiny_model, HOOK, chunks, resid)
+    per_vector = SearchStart(start.scale, start.exponent, g, slope=-start.scale / start.exponent)
+    sec = calibrate_scales_secant(
+        tiny_model, HOOK, chunks, resid, vecs, grid=GRID, target=TARGET, unsteered_loss=unsteered, start=per_vector
+    )
+    assert sec.probe_scales is not None
+    first = per_vector.scales_for(vecs).clamp(min=1e-3 * GRID[-1], max=GRID[-1])
+    torch.testing.assert_close(sec.probe_scales[:, 0], first)
+    assert len(set(first.tolist())) == 6  # six different starts
