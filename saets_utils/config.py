@@ -367,8 +367,10 @@ class EffectsConfig(_Strict):
     # Which decoder draws the rollouts: ``tl``, TransformerLens's forward (the reference), or
     # ``static``, our own step over the same weights (saets_utils/steering/engine.py: static KV cache,
     # CUDA graphs on a GPU). In fp32 they agree to float rounding (tests/steering/test_engine.py), as two
-    # batch shapes or devices do, so the engine is not part of the plan's fingerprint.
-    engine: Literal["tl", "static"] = "tl"
+    # batch shapes or devices do, so the engine is not part of the plan's fingerprint. ``auto``
+    # (default): ``static`` where it is tested equal and timed faster (fp32 on the CPU, a model and
+    # hook it implements), else ``tl`` (on a GPU until the engine has been measured on one).
+    engine: Literal["auto", "tl", "static"] = "auto"
     lease_s: float = Field(120.0, gt=0)
     max_failures: int = Field(3, gt=0)
 

@@ -77,6 +77,7 @@ from saets_utils.effects.plan import (
 )
 from saets_utils.io_utils import atomic_save_safetensors, atomic_write_json, remove_stale_tmp
 from saets_utils.paths import RunPaths, WorkPaths
+from saets_utils.steering.engine import resolve_engine
 
 
 def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
@@ -89,7 +90,7 @@ def rollout_spec(run: RunConfig, model, bos: int) -> RolloutSpec:
         include_first_position=e.include_first_position,
         common_random_numbers=e.common_random_numbers,
         max_resid_norm=e.max_resid_norm,
-        engine=e.engine,
+        engine=resolve_engine(e.engine, model, run.sae.hook_name),
     )
 
 

@@ -480,6 +480,22 @@ def shared_steps(tokens: Tensor, forced: Tensor, delta: Tensor | None) -> list[S
     return steps
 
 
+def resolve_engine(engine: str, model: HookedTransformer, hook_name: str | None) -> str:
+    """``engine`` as given, or for ``auto``: ``static`` where it is tested equal to TransformerLens
+    and faster (fp32 on the CPU, with a model and hook it implements), else ``tl``."""
+    if engine != "auto":
+        return engine
+    cfg = model.cfg
+    if torch.device(cfg.device or "cpu").type != "cpu" or cfg.dtype != torch.float32 or unsupported(model):
+        return "tl"
+    if hook_name is not None:
+        try:
+            parse_hook(hook_name, cfg.n_layers)
+        except EngineUnsupported:
+            return "tl"
+    return "static"
+
+
 # --- the decoder ---------------------------------------------------------------------------------------
 
 

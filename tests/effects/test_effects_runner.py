@@ -162,7 +162,7 @@ def test_plan_made_with_other_settings_needs_restart(tmp_path, tiny_model, tiny_
 
 def test_a_run_grows_to_more_vectors(tmp_path, tiny_model, tiny_sae, monkeypatch):
     """Asking for more vectors extends the plan: only the added ones are measured, the old ones keep
-    their numbers, and the result equals a run of the larger selection from scratch."""
+    their numbers, and the result equals a run of the larger selection from scratch (to float rounding)."""
     small = tiny_run(tmp_path / "a", vectors={"source": "decoder_rows", "ids": {"start": 2, "stop": 5}})
     run_effects(small, tiny_model, tiny_sae, gpus=0)
     first = Plan.load(work_dir(small) / "plan.safetensors")
@@ -188,8 +188,11 @@ def test_a_run_grows_to_more_vectors(tmp_path, tiny_model, tiny_sae, monkeypatch
     want = load_file(run_effects(fresh, tiny_model, tiny_sae, gpus=0))
     got = load_file(path)
     assert got["vector_ids"].tolist() == [2, 3, 4, 7, 11]
-    for k in want:
-        assert torch.equal(torch.nan_to_num(got[k], nan=-1.0), torch.nan_to_num(want[k], nan=-1.0)), k
+    for k in want:  # to float rounding: the grown run's blocks hold other rows (engine docs)
+        if want[k].is_floating_point():
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, equal_nan=True, msg=k)
+        else:
+            assert torch.equal(got[k], want[k]), k
 
     # a plan never shrinks, and other settings still need restart
     fewer = tiny_run(tmp_path / "a", vectors={"source": "decoder_rows", "ids": [2, 3]})

@@ -249,7 +249,7 @@ def test_engine_setting_is_validated_and_not_fingerprinted(tmp_path):
     from saets_utils.effects.plan import fingerprint
 
     run = build_run_cfg(tmp_path)
-    assert run.effects.engine == "tl"
+    assert run.effects.engine == "auto"
     static = build_run_cfg(tmp_path, effects={"engine": "static"}, stem="static")
     assert static.effects.engine == "static"
     assert fingerprint(static) == fingerprint(run)  # equal to float rounding, as batch shapes
@@ -343,6 +343,20 @@ def test_sharing_across_steering_vectors_fails_the_comparison(models, monkeypatc
         engine="static",
     )
     assert _rel(gen.activations, ref.activations) > TOL
+
+
+def test_auto_engine_is_static_where_tested_equal_and_tl_elsewhere(models):
+    from types import SimpleNamespace
+
+    model = models["gemma2"]
+    assert engine.resolve_engine("auto", model, "blocks.1.hook_resid_post") == "static"  # fp32 on the CPU
+    assert engine.resolve_engine("auto", model, None) == "static"
+    assert engine.resolve_engine("auto", model, "blocks.1.attn.hook_z") == "tl"  # a hook it does not steer at
+    assert engine.resolve_engine("tl", model, "blocks.1.hook_resid_post") == "tl"  # as set
+    for cfg in ({"device": "cuda", "dtype": torch.float32}, {"device": "cpu", "dtype": torch.bfloat16}):
+        other = SimpleNamespace(cfg=SimpleNamespace(n_layers=2, **cfg))
+        assert engine.resolve_engine("auto", other, "blocks.1.hook_resid_post") == "tl"
+        assert engine.resolve_engine("static", other, "blocks.1.hook_resid_post") == "static"
 
 
 # --- mutations: a broken engine must fail the comparison ------------------------------------------
