@@ -5,7 +5,7 @@ of ``measure_effects`` (rows (prompt, vector, sample), each row's seed as 01 see
 
 - **new**: as ``measure_effects`` draws them now, one ``generate_aligned`` call for prompts of every
   length, on the model as ``load_model`` prepares it (grouped-query attention without repeating the
-  KV cache);
+  KV cache), with the engine 01 uses (``effects.engine``; ``auto``: the static engine on the CPU);
 - **old**: as it drew them before, one ``generate`` call per group of equally long prompts, on
   TransformerLens's own attention (``stock_attention``).
 
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
             hook_name=s.hook,
             delta=delta,
             capture=True,
+            engine=sp.engine,
         )
         t1 = time.perf_counter()
         old_tokens, old_acts = old_rollouts(s, prompts, seeds, delta)
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         "blocks": args.blocks,
         "rows": rows_total,
         "tokens": rows_total * sp.total_tokens,
+        "engine": sp.engine,
         "differing_rows": differing,
         "max_rel_activation_diff": worst,
         "seconds_new": t_new,
