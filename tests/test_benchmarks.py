@@ -134,6 +134,17 @@ def test_engine_speed_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_step_vs_commit_smoke(tmp_path):
+    """The repository against itself given as a folder (no git needed), each side in a child process."""
+    res = run_benchmark("step_vs_commit", tmp_path / "step.json", "--smoke", "--commit", str(ROOT))
+    assert res["commit"] == str(ROOT.resolve()) and res["reps"] == 2
+    for key in ("effects_step_now_over_then", "fast.calibration_now_over_then", "fast.measure_effects_now_over_then"):
+        r = res[key]
+        assert finite(r["ratio"]) and r["ci"][0] <= r["ratio"] <= r["ci"][1] and len(r["per_rep"]) == 2, key
+    assert all(v >= 1 for v in res["evaluations_per_vector"].values())
+
+
+@pytest.mark.slow
 def test_ridge_cv_smoke(tmp_path):
     res = run_benchmark("ridge_cv", tmp_path / "ridge.json", "--smoke")
     small, full = res["small"], res["full"]
