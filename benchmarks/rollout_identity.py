@@ -7,7 +7,8 @@ of ``measure_effects`` (rows (prompt, vector, sample), each row's seed as 01 see
   length, on the model as ``load_model`` prepares it (grouped-query attention without repeating the
   KV cache), with the engine 01 uses (``effects.engine``; ``auto``: the static engine on the CPU);
 - **old**: as it drew them before, one ``generate`` call per group of equally long prompts, on
-  TransformerLens's own attention (``stock_attention``).
+  TransformerLens's own attention (``stock_attention``); or with ``--against aligned``, as 01 drew
+  them before ``effects.engine: auto``: ``generate_aligned`` on TransformerLens (``engine="tl"``).
 
 Both compute the same numbers in another order (float rounding), so a sampled token can only move
 where its uniform lies within that rounding of a bucket edge. Reported: rows whose tokens differ,
@@ -57,6 +58,23 @@ def old_rollouts(s: Setup, prompts: list[tuple[int, ...]], seeds: list[int], del
     return tokens, acts
 
 
+def aligned_rollouts(s: Setup, prompts: list[tuple[int, ...]], seeds: list[int], delta: torch.Tensor):
+    """``generate_aligned`` on TransformerLens (``engine="tl"``): 01's decoding before the static engine."""
+    g = generate_aligned(
+        model=s.model,
+        prompts=prompts,
+        total_tokens=s.spec.total_tokens,
+        seeds=seeds,
+        sampling=s.spec.sampling,
+        hook_name=s.hook,
+        delta=delta,
+        capture=True,
+        engine="tl",
+    )
+    assert g.activations is not None
+    return g.tokens.cpu(), g.activations.float().cpu()
+
+
 def block_rows(s: Setup, ids: list[int], scales: torch.Tensor) -> tuple[list, list[int], torch.Tensor]:
     """``measure_effects``'s rows (prompt, vector, sample) for vectors ``ids`` at ``scales``: each
     row's prompt, seed and steering delta."""
@@ -75,6 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--blocks", type=int, default=2, help="blocks of vectors_per_batch vectors, from the first")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--smoke", action="store_true", help="the tiny model and SAE (seconds)")
+    ap.add_argument(
+        "--against",
+        choices=("generate", "aligned"),
+        default="generate",
+        help="the old decoding: per-length generate on TransformerLens's attention, or generate_aligned on TransformerLens",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -106,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
             engine=sp.engine,
         )
         t1 = time.perf_counter()
-        old_tokens, old_acts = old_rollouts(s, prompts, seeds, delta)
+        old = old_rollouts if args.against == "generate" else aligned_rollouts
+        old_tokens, old_acts = old(s, prompts, seeds, delta)
         t_new, t_old = t_new + t1 - t0, t_old + time.perf_counter() - t1
         diff = (new.tokens.cpu() != old_tokens).any(1)
         same = ~diff
@@ -124,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows_total,
         "tokens": rows_total * sp.total_tokens,
         "engine": sp.engine,
+        "against": args.against,
         "differing_rows": differing,
         "max_rel_activation_diff": worst,
         "seconds_new": t_new,
