@@ -113,9 +113,8 @@ def test_calibration_agreement_smoke(tmp_path):
 @pytest.mark.slow
 def test_rollout_identity_smoke(tmp_path):
     for against in ("generate", "aligned"):
-        res = run_benchmark(
-            "rollout_identity", tmp_path / "rollouts.json", "--smoke", "--blocks", "2", "--against", against
-        )
+        opts = ("--smoke", "--blocks", "2", "--against", against)
+        res = run_benchmark("rollout_identity", tmp_path / "rollouts.json", *opts)
         assert res["rows"] == 2 * 2 * 2 * 2  # blocks x vectors x prompts x samples
         assert res["tokens"] == res["rows"] * 12 and 0 <= res["differing_rows"] <= res["rows"]
         assert finite(res["max_rel_activation_diff"]) and finite(res["seconds_new"]) and finite(res["seconds_old"])
