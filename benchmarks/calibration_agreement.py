@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from benchmarks.output import write_json
 from saets_utils.config import CalibrationConfig, LossTarget, load_config
 from saets_utils.effects.calibration import (
     calibrate_scales,
@@ -297,9 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         truth = true_crossings(inp, resid, found["sweep"], sweep_losses, l0, a.truth_tol)
     res = {**compare(inp, found, truth), "start": None if hint is None else vars(hint), "truth_tol": a.truth_tol}
     print_summary(res, hint)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=2))
+    write_json(a.json, res)
     return res
 
 

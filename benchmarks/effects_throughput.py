@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -40,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from benchmarks.output import write_json
 from benchmarks.throughput import our_path, reference_loop
 from benchmarks.throughput.gemma import gemma_setup
 from benchmarks.throughput.machine import (
@@ -268,9 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines, r, a = report(m, time.perf_counter() - t_start)
     print("\n".join(lines), flush=True)
     out = result(m, lines, r, a, sys.argv[1:] if argv is None else list(argv))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    write_json(args.json, out)
     return out
 
 

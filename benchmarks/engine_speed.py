@@ -29,11 +29,11 @@ import argparse
 import dataclasses
 import json
 import platform
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.output import format_ratio, write_json
 from benchmarks.rollout_identity import block_rows
 from benchmarks.throughput.our_path import WorkerContext, calibrate_block, gradient_context, worker_context
 from benchmarks.throughput.setup import Setup, params_setup
@@ -223,12 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
         "rollouts_static_fraction_of_raw",
     ):
         r = res[key]
-        print(f"{key}: {r['ratio']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]")
+        print(f"{key}: {format_ratio(r)}")
     print(f"rows differing between the engines: {differing} of {rows} per repetition")
     print("calibration:", json.dumps(res["calibration"]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    write_json(args.json, res)
     return res
 
 

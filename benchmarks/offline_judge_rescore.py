@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 from scipy.stats import spearmanr
 
+from benchmarks.output import write_json
 from saets_utils.judges import JudgeCache, JudgeRequest, OfflineJudge, score_requests
 from saets_utils.steering.tasks import load_task
 
@@ -99,9 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             out["samples"] = rescore_samples(Path(tmp) / "samples.jsonl")
     elif args.samples:
         out["samples"] = rescore_samples(args.samples)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
     return out
 
 

@@ -12,11 +12,11 @@ free-text goals.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.output import write_json
 from saets_utils import SteeringPlayground, feature_stats, load_context, load_model_and_sae, start_run
 from saets_utils.config import RunConfig
 from saets_utils.steering.tasks import Task
@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         run, device = start_run(args.params)
         clicks = measure_clicks(run, device, run.eval.tasks)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(clicks, indent=2))
+    write_json(args.json, clicks)
     return clicks
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.output import write_json
+
 Sample = tuple[np.ndarray, np.ndarray]  # values (s/vector) and weights (vectors)
 
 
@@ -107,8 +109,7 @@ def main(argv=None) -> dict:
         f"rollout tokens/s as a fraction of a raw forward of the same shape, per run: {[round(x, 3) for x in fr if x]}"
     )
     out["effects_fraction_of_raw"] = fr
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
     return out
 
 

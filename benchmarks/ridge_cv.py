@@ -23,13 +23,12 @@ Peak memory: the process's max RSS on CPU (it includes the data), ``max_memory_a
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.output import write_json
 from saets_utils.approximator.fits import (
     RIDGE_PATH,
     RidgePath,
@@ -182,9 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"({'max allocated' if dev.startswith('cuda') else 'max RSS'}); best lambda {best:g}",
             flush=True,
         )
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2))
+    write_json(a.json, out)
     return out
 
 

@@ -22,12 +22,11 @@ largest magnitude).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.output import write_json
 from benchmarks.throughput.our_path import calibrate_block, worker_context
 from benchmarks.throughput.setup import SMOKE_OVERRIDES, Setup, params_setup
 from benchmarks.timing import Phases
@@ -161,9 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"old decoding; activations within {worst:.1e} (relative); new {t_new:.1f} s, old {t_old:.1f} s "
         f"({t_old / t_new:.2f}x)"
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
     return out
 
 

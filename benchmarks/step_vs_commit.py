@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.engine_speed import ratio_with_interval
+from benchmarks.output import format_ratio, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("fast.calibration", "fast.measure_effects")
@@ -120,10 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     r = res["effects_step_now_over_then"]
-    print(f"effects step, now over {args.commit}: {r['ratio']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    print(f"effects step, now over {args.commit}: {format_ratio(r)}")
+    write_json(args.json, res)
     return res
 
 
