@@ -29,7 +29,7 @@ from saets_utils.effects.calibration import (
     steered_losses,
 )
 from saets_utils.effects.measure import measure_effects
-from saets_utils.effects.memory import loss_rows, rollout_rows
+from saets_utils.effects.memory import gradient_rows, loss_rows, rollout_rows
 
 PHASES = ("fast.calibration", "fast.measure_effects")
 
@@ -75,7 +75,7 @@ def gradient_context(s: Setup, pilot: list[int], ctx: WorkerContext, p: Phases) 
         cal = calibrate_block(s, pilot, ctx)
     with p.phase("gradient start: the loss's gradient (one backward)"):
         g = loss_gradient(
-            s.model, s.hook, s.loss_tokens, ctx.resid, max_rows=loss_rows(s.model, s.loss_tokens.shape[1])
+            s.model, s.hook, s.loss_tokens, ctx.resid, max_rows=gradient_rows(s.model, s.loss_tokens.shape[1])
         )
     need = loss_target_value(s.target, ctx.unsteered_loss) - ctx.unsteered_loss
     start = gradient_start(cal, s.vectors[pilot], g, ctx.hint, need)

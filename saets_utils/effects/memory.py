@@ -36,20 +36,30 @@ def rows_for_memory(
     logit_positions: int | None = None,
     fraction: float = 0.4,
     cap: int = 16384,
+    held_per_row: int = 0,
 ) -> int:
     """Rows per forward: on CUDA as many as ``fraction`` of the free memory holds (at most ``cap``;
-    :func:`bytes_per_row`); elsewhere ``default``."""
+    :func:`bytes_per_row`, plus ``held_per_row`` bytes a backward keeps); elsewhere ``default``."""
     device = torch.device(model.cfg.device or "cpu")
     if device.type != "cuda":
         return default
     free, _ = torch.cuda.mem_get_info(device)
-    fit = int(free * fraction) // max(bytes_per_row(model, seq, logit_positions), 1)
+    fit = int(free * fraction) // max(bytes_per_row(model, seq, logit_positions) + held_per_row, 1)
     return max(1, min(cap, fit))
 
 
 def loss_rows(model: HookedTransformer, seq: int) -> int:
     """Rows per loss forward of 01's calibration (chunks of ``seq`` tokens, logits at every position)."""
     return rows_for_memory(model, seq, default=64)
+
+
+def gradient_rows(model: HookedTransformer, seq: int) -> int:
+    """Rows per loss forward and backward (:func:`~saets_utils.effects.calibration.loss_gradient`):
+    a loss forward's bytes plus what autograd keeps for the backward, every layer's activations
+    (counted as a block's transient ones, :func:`bytes_per_row`, once per layer)."""
+    c = model.cfg
+    per_layer = 12 * seq * max(c.d_model, c.d_mlp or 0) * (torch.finfo(c.dtype).bits // 8)
+    return rows_for_memory(model, seq, default=64, held_per_row=c.n_layers * per_layer)
 
 
 def rollout_rows(model: HookedTransformer, total_tokens: int) -> int:

@@ -62,7 +62,7 @@ from saets_utils.effects.claims import (
 )
 from saets_utils.effects.executors import available_devices, watch, worker_command
 from saets_utils.effects.measure import KEEP_SAMPLES, RolloutSpec, measure_baseline, measure_effects, prompt_token_ids
-from saets_utils.effects.memory import loss_rows, rollout_rows
+from saets_utils.effects.memory import gradient_rows, loss_rows, rollout_rows
 from saets_utils.effects.plan import (
     Plan,
     base_fingerprint,
@@ -248,7 +248,7 @@ def plan_block_starts(
         start=hint,
         max_rows=loss_rows(model, plan.loss_tokens.shape[1]),
     )
-    g = loss_gradient(model, hook, plan.loss_tokens, resid, max_rows=loss_rows(model, plan.loss_tokens.shape[1]))
+    g = loss_gradient(model, hook, plan.loss_tokens, resid, max_rows=gradient_rows(model, plan.loss_tokens.shape[1]))
     need = loss_target_value(e.loss_target, plan.unsteered_loss) - plan.unsteered_loss
     start = gradient_start(pilot, vecs, g, hint, need)
     return BlockStarts(start or hint, tuple(rows), pilot)

@@ -81,3 +81,13 @@ def test_rows_for_memory_off_cuda_is_the_default(free_memory):
     for device in ("cpu", None, "mps"):
         assert memory.rows_for_memory(model(device=device), 64, default=7) == 7
     assert free_memory["asked"] == []  # no CUDA call off the GPU
+
+
+def test_gradient_rows_leave_room_for_what_the_backward_keeps(free_memory):
+    m = model()
+    free_memory["free"] = 40 * 2**30
+    held = 26 * 7_077_888  # every layer's activations at 32 tokens
+    rows = memory.gradient_rows(m, 32)
+    assert rows == int(40 * 2**30 * 0.4) // (memory.bytes_per_row(m, 32) + held) == 62
+    assert rows < memory.loss_rows(m, 32) == int(40 * 2**30 * 0.4) // memory.bytes_per_row(m, 32)
+    assert memory.gradient_rows(model(device="cpu"), 32) == 64  # the CPU default
