@@ -117,6 +117,22 @@ def test_gradient_start_keeps_the_pilot_and_lands_near_the_hints_scales(referenc
     assert fingerprint(tiny_run(tmp_path / "c", vectors_per_batch=4), digests) == fingerprint(ref_run, digests)
 
 
+def test_gradient_start_is_the_same_after_a_resume(tmp_path, tiny_model, tiny_sae):
+    """A run measured in two goes (12 vectors, then grown to all) recomputes the same pilot, so its
+    vectors start, and land, where an uninterrupted run's do."""
+    grad, rows = {"start": "gradient"}, {"source": "decoder_rows", "ids": {"start": 0, "stop": 12}}
+    fresh = tiny_run(tmp_path / "fresh", calibration=grad, vectors_per_batch=6)
+    want = load_file(run_effects(fresh, tiny_model, tiny_sae, gpus=0))
+    run_effects(
+        tiny_run(tmp_path / "two", calibration=grad, vectors_per_batch=6, vectors=rows), tiny_model, tiny_sae, gpus=0
+    )
+    got = load_file(
+        run_effects(tiny_run(tmp_path / "two", calibration=grad, vectors_per_batch=6), tiny_model, tiny_sae, gpus=0)
+    )
+    assert got["vector_ids"].tolist() == list(range(N_VECTORS))
+    torch.testing.assert_close(got["scales"], want["scales"], rtol=1e-5, atol=0, equal_nan=True)
+
+
 def test_rerun_does_no_work(reference, tiny_model, tiny_sae, monkeypatch):
     run, path = reference
     before = load_file(path)
