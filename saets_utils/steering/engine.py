@@ -325,11 +325,10 @@ def _layer(block: Any, rotary: int) -> Layer:
     d_mlp = mlp.W_in.shape[1]
     mlp_w: tuple[Tensor | None, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]
     if type(mlp) is GatedMLP:
-        b_in = mlp.b_in if bool(mlp.b_in.any()) else None  # TransformerLens adds a zero bias of width d_mlp
         mlp_w = (
             _linear_weight(mlp.W_gate, (1, 0), (d_mlp, d)),
             _linear_weight(mlp.W_in, (1, 0), (d_mlp, d)),
-            b_in,
+            _bias(mlp.b_in),  # TransformerLens adds a zero bias of width d_mlp
             _linear_weight(mlp.W_out, (1, 0), (d, d_mlp)),
             _bias(mlp.b_out),
             post2[1],
