@@ -21,9 +21,7 @@ from saets_utils.effects.calibration import (
     Calibration,
     SearchStart,
     calibrate,
-    gradient_start,
-    loss_gradient,
-    loss_target_value,
+    fit_gradient_start,
     resid_at_hook,
     scale_hint,
     steered_losses,
@@ -73,12 +71,19 @@ def gradient_context(s: Setup, pilot: list[int], ctx: WorkerContext, p: Phases) 
     assert ctx.hint is not None, "the gradient start needs the secant search's hint"
     with p.phase("gradient start: the pilot block's calibration (01 keeps it for that block)"):
         cal = calibrate_block(s, pilot, ctx)
-    with p.phase("gradient start: the loss's gradient (one backward)"):
-        g = loss_gradient(
-            s.model, s.hook, s.loss_tokens, ctx.resid, max_rows=gradient_rows(s.model, s.loss_tokens.shape[1])
+    with p.phase("gradient start: the loss's gradient (one backward) and the level's fit"):
+        start = fit_gradient_start(
+            s.model,
+            s.hook,
+            s.loss_tokens,
+            ctx.resid,
+            cal,
+            s.vectors[pilot],
+            ctx.hint,
+            target=s.target,
+            unsteered_loss=ctx.unsteered_loss,
+            max_rows=gradient_rows(s.model, s.loss_tokens.shape[1]),
         )
-    need = loss_target_value(s.target, ctx.unsteered_loss) - ctx.unsteered_loss
-    start = gradient_start(cal, s.vectors[pilot], g, ctx.hint, need)
     return WorkerContext(ctx.resid, ctx.unsteered_loss, start or ctx.hint)
 
 

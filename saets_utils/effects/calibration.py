@@ -485,6 +485,27 @@ def gradient_start(
     return SearchStart(math.exp(a), p, gradient.float().cpu(), -math.exp(a) / (p * need))
 
 
+def fit_gradient_start(
+    model: HookedTransformer,
+    hook_name: str,
+    tokens: Tensor,
+    resid: Tensor,
+    pilot: Calibration,
+    vectors: Tensor,
+    hint: SearchStart,
+    *,
+    target: LossTarget,
+    unsteered_loss: float,
+    max_rows: int = 64,
+) -> SearchStart | None:
+    """:func:`gradient_start` from the ``pilot`` calibration of ``vectors [k, d_model]``, with the
+    loss's gradient on the chunks ``tokens`` (:func:`loss_gradient`, batches of ``max_rows``) and the
+    rise ``target`` asks above ``unsteered_loss``."""
+    g = loss_gradient(model, hook_name, tokens, resid, max_rows=max_rows)
+    need = loss_target_value(target, unsteered_loss) - unsteered_loss
+    return gradient_start(pilot, vectors, g, hint, need)
+
+
 def scale_hint(
     model: HookedTransformer,
     hook_name: str,

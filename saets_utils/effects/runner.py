@@ -44,9 +44,7 @@ from saets_utils.effects.calibration import (
     SearchStart,
     calibrate,
     check_loss_target,
-    gradient_start,
-    loss_gradient,
-    loss_target_value,
+    fit_gradient_start,
     resid_at_hook,
     scale_hint,
     steered_losses,
@@ -232,26 +230,43 @@ def plan_block_starts(
     e = run.effects
     if e.calibration.start != "gradient" or hint is None:
         return BlockStarts(hint)
-    hook = run.sae.hook_name
     rows = plan_blocks(plan, e.vectors_per_batch)[0]
     vecs = plan.vectors[rows].to(model.cfg.device)
-    pilot = calibrate(
+    pilot = plan_calibration(run, model, plan, resid=resid, vectors=vecs, start=hint)
+    start = fit_gradient_start(
         model,
-        hook,
+        run.sae.hook_name,
         plan.loss_tokens,
         resid,
+        pilot,
         vecs,
+        hint,
+        target=e.loss_target,
+        unsteered_loss=plan.unsteered_loss,
+        max_rows=gradient_rows(model, plan.loss_tokens.shape[1]),
+    )
+    return BlockStarts(start or hint, tuple(rows), pilot)
+
+
+def plan_calibration(
+    run: RunConfig, model, plan: Plan, *, resid: Tensor, vectors: Tensor, start: SearchStart | None
+) -> Calibration:
+    """01's calibration of unit ``vectors [v, d_model]`` to the run's loss target on the plan's loss
+    chunks (``resid``: their activations at the hook), the search starting at ``start``."""
+    e = run.effects
+    return calibrate(
+        model,
+        run.sae.hook_name,
+        plan.loss_tokens,
+        resid,
+        vectors,
         cfg=e.calibration,
         grid=e.scale_grid.values(),
         target=e.loss_target,
         unsteered_loss=plan.unsteered_loss,
-        start=hint,
+        start=start,
         max_rows=loss_rows(model, plan.loss_tokens.shape[1]),
     )
-    g = loss_gradient(model, hook, plan.loss_tokens, resid, max_rows=gradient_rows(model, plan.loss_tokens.shape[1]))
-    need = loss_target_value(e.loss_target, plan.unsteered_loss) - plan.unsteered_loss
-    start = gradient_start(pilot, vecs, g, hint, need)
-    return BlockStarts(start or hint, tuple(rows), pilot)
 
 
 def calibrate_and_measure(
@@ -276,21 +291,7 @@ def calibrate_and_measure(
     pilot's), used instead of calibrating."""
     hook = run.sae.hook_name
     e = run.effects
-    grid = e.scale_grid.values()
-    cal_rows = loss_rows(model, plan.loss_tokens.shape[1])
-    cal = calibration or calibrate(
-        model,
-        hook,
-        plan.loss_tokens,
-        resid,
-        vectors,
-        cfg=e.calibration,
-        grid=grid,
-        target=e.loss_target,
-        unsteered_loss=plan.unsteered_loss,
-        start=hint,
-        max_rows=cal_rows,
-    )
+    cal = calibration or plan_calibration(run, model, plan, resid=resid, vectors=vectors, start=hint)
     ok = torch.isfinite(cal.scales)
     v, d_sae = vectors.shape[0], plan.baseline_mean.shape[0]
     effects = torch.full((v, d_sae), float("nan"))
