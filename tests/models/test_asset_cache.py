@@ -203,3 +203,21 @@ def test_two_processes_train_the_same_sae_once_on_an_empty_cache(tmp_path, tiny_
     assert {"cfg.json", "quality.json", "meta.json"} <= set(json.loads(mine)["files"])
     key = os.path.basename(json.loads(mine)["folder"])
     assert sorted(p.name for p in (cache / "saes").iterdir()) == [f".{key}.lock", key]  # no temporary left
+
+
+def test_a_waiter_names_a_holder_that_writes_its_line_just_after_locking(tmp_path):
+    """The holder writes "pid ... on host" just after taking the lock; a waiter that finds the file
+    still empty reads it again instead of naming nobody (the race the two-process test once hit)."""
+    import threading
+
+    from saets_utils.models.assets import _holder
+
+    lock = tmp_path / ".toy.lock"
+    lock.write_text("")
+    with open(lock, "a+") as f:
+        writer = threading.Timer(0.2, lambda: lock.write_text("pid 7 on host\n"))
+        writer.start()
+        assert _holder(f) == "pid 7 on host"
+        writer.join()
+        lock.write_text("")
+        assert _holder(f, wait_s=0.05) == "another process"  # nobody ever writes
