@@ -183,11 +183,13 @@ def _mlp(
     c: Consts,
 ) -> Tensor:
     """``x`` plus the MLP output: gated as TransformerLens's ``GatedMLP`` (``b_in`` after the product;
-    skipped when zero), else its ``MLP``'s two ``addmm``."""
+    skipped when zero), else its ``MLP``'s two ``addmm``. The gate's activation and product are
+    written in place (the same values, two ``[rows, d_mlp]`` buffers fewer)."""
     h = _norm(x, c.norm, ln_w, ln_b, c.eps, c.dtype)
     if c.gated:
         assert W_gate is not None
-        post = c.act(F.linear(h, W_gate)) * F.linear(h, W_in)
+        gate = F.linear(h, W_gate)
+        post = (F.silu(gate, inplace=True) if c.act is F.silu else c.act(gate)).mul_(F.linear(h, W_in))
         out = F.linear(post if b_in is None else post + b_in, W_out, b_out)
     else:
         assert b_in is not None and b_out is not None  # the plain MLP keeps its biases (addmm)
@@ -425,13 +427,41 @@ class SharedStep:
     is a group of its own). ``rep [g]``: one row per group, the rows the step computes; ``expand
     [rows]``: each row's group (an index into ``rep``); ``sample [m]``: the rows whose next token is
     sampled (not forced); ``logit_groups [k]``: the groups those rows are in (only their logits are
-    computed); ``sample_at [m]``: each sampled row's index into ``logit_groups``."""
+    computed); ``sample_at [m]``: each sampled row's index into ``logit_groups``.
+
+    Before the steering is added, the steering does not matter: the layers up to the hook compute
+    the coarser groups of the same prompt tokens so far, whatever the steering (``pre_rep [g0]``,
+    ``pre_expand [rows]``), and ``pre_to_post [g]`` is each group's index into them (None where the
+    two groupings are the same, as without steering)."""
 
     rep: Tensor
     expand: Tensor
     sample: Tensor
     logit_groups: Tensor
     sample_at: Tensor
+    pre_rep: Tensor
+    pre_expand: Tensor
+    pre_to_post: Tensor | None
+
+
+# Fewer rows than this and sgemm may take other kernels (matrix-vector, small-batch) whose sums round
+# differently from the full batch's: every shared step computes at least this many (or every) rows.
+MIN_SHARED_ROWS = 16
+
+
+def _groups(keys: list[tuple]) -> tuple[list[int], list[int]]:
+    """``(rep, expand)`` of rows with equal ``keys``: each group's first row, and each row's group.
+    ``rep`` is padded with its first row to :data:`MIN_SHARED_ROWS` rows (at most one per key),
+    so the padding's groups are never read."""
+    index: dict[tuple, int] = {}
+    rep: list[int] = []
+    expand: list[int] = []
+    for r, key in enumerate(keys):
+        g = index.setdefault(key, len(index))
+        if g == len(rep):
+            rep.append(r)
+        expand.append(g)
+    return rep + rep[:1] * (min(MIN_SHARED_ROWS, len(keys)) - len(rep)), expand
 
 
 def shared_steps(tokens: Tensor, forced: Tensor, delta: Tensor | None) -> list[SharedStep | None]:
@@ -440,11 +470,11 @@ def shared_steps(tokens: Tensor, forced: Tensor, delta: Tensor | None) -> list[S
     where some rows share a group or some next token is forced; None where every row computes, and
     samples, its own.
 
-    01's rows share a lot inside their prompts: every row of a vector starts with the same start
-    token, and a prompt's samples read the same prompt. Groups only split as positions advance, so
-    the search stops at the first position where no group has two rows and no next token is forced
-    (with forced prompts, as :func:`~saets_utils.steering.generation.generate_aligned` passes, none
-    is forced later)."""
+    01's rows share a lot inside their prompts: every row starts with the same start token, and a
+    prompt's samples read the same prompt; below the hook, so do the rows of every vector. Groups
+    only split as positions advance, so the search stops at the first position where no group has
+    two rows and no next token is forced (with forced prompts, as
+    :func:`~saets_utils.steering.generation.generate_aligned` passes, none is forced later)."""
     rows, total = tokens.shape
     tok, frc = tokens.cpu(), forced.cpu()
     if delta is None or delta.dim() == 1:
@@ -455,26 +485,24 @@ def shared_steps(tokens: Tensor, forced: Tensor, delta: Tensor | None) -> list[S
     prefix_forced = frc.cumprod(1).bool()  # [rows, total]: forced at every position so far
     dev = tokens.device
     for p in range(total - 1):
-        groups: dict[tuple, int] = {}
-        rep: list[int] = []
-        expand: list[int] = []
-        for r in range(rows):
-            key = (steer[r], *tok[r, : p + 1].tolist()) if prefix_forced[r, p] else (-1, r)
-            g = groups.setdefault(key, len(groups))
-            if g == len(rep):
-                rep.append(r)  # the group's first row computes for it
-            expand.append(g)
+        prefix = [tuple(tok[r, : p + 1].tolist()) if prefix_forced[r, p] else (-1, r) for r in range(rows)]
+        pre_rep, pre_expand = _groups(prefix)
+        rep, expand = _groups([(steer[r], *key) for r, key in enumerate(prefix)])
         sample = (~frc[:, p + 1]).nonzero()[:, 0]
-        if len(groups) == rows and sample.numel() == rows:
+        if max(pre_expand) + 1 == rows and sample.numel() == rows:  # every row a group of its own
             break
         exp = torch.tensor(expand, dtype=torch.long)
         logit_groups, sample_at = torch.unique(exp[sample], return_inverse=True)
+        same = rep == pre_rep  # the padding is the first row in both
         steps[p] = SharedStep(
             torch.tensor(rep, dtype=torch.long, device=dev),
             exp.to(dev),
             sample.to(dev),
             logit_groups.to(dev),
             sample_at.to(dev),
+            torch.tensor(pre_rep, dtype=torch.long, device=dev),
+            torch.tensor(pre_expand, dtype=torch.long, device=dev),
+            None if same else torch.tensor([pre_expand[r] for r in rep], dtype=torch.long, device=dev),
         )
     return steps
 
@@ -619,9 +647,13 @@ class StaticDecoder:
         return self.compiled or (_qkv, _attend, _mlp, _logits)
 
     def _hook(self, x: Tensor, pos: Tensor, share: SharedStep | None) -> Tensor:
-        """Capture the activation before steering (as ``steering_hook``), then add the steering."""
+        """Capture the activation before steering (as ``steering_hook``), then add the steering.
+        With ``share``, ``x`` holds the groups before the hook (``pre_rep``); the result, the groups
+        after it (``rep``)."""
         if self.acts is not None:
-            self.acts.index_copy_(1, pos.view(1), _every_row(x, share)[:, None])
+            self.acts.index_copy_(1, pos.view(1), _every_row(x, share, pre=True)[:, None])
+        if share is not None and share.pre_to_post is not None:
+            x = x.index_select(0, share.pre_to_post)
         if self.delta is None:
             return x
         return x + (self.delta if share is None else self.delta.index_select(0, share.rep))
@@ -633,39 +665,41 @@ class StaticDecoder:
         activation, sample the token at ``pos + 1`` (kept where the prompt forces it). ``attended``:
         cached positions read (``>= pos + 1``); ``last``: stop at the hook (capture only).
 
-        ``share``: compute one row per group (:class:`SharedStep`) and copy its keys, values and
-        activation to the group's rows; logits only for the groups with a row to sample, and returned
-        (``[rows, d_vocab]``, every group's) only with ``all_logits``."""
+        ``share``: compute one row per group (:class:`SharedStep`; up to the hook, its groups before
+        steering) and copy its keys, values and activation to the group's rows; logits only for the
+        groups with a row to sample, and returned (``[rows, d_vocab]``, every group's) only with
+        ``all_logits``."""
         qkv, attend, mlp, logits_fn = self._functions()
         c, rows = self.consts, self.rows
         at = pos.view(1)
         tokens_in = self.tokens.index_select(1, at).view(rows)
-        x = F.embedding(tokens_in if share is None else tokens_in.index_select(0, share.rep), self.W_E)
+        pre = self.hook is not None  # share's groups before the hook until the hook is passed
+        x = F.embedding(tokens_in if share is None else tokens_in.index_select(0, _reps(share, pre)), self.W_E)
         positions = self.positions[:attended]
         masks: dict[int | None, Tensor] = {}
         rot = [(cos.index_select(0, at), sin.index_select(0, at)) for cos, sin in self.tables]
         hook_layer, point = self.hook if self.hook is not None else (-1, "")
         for i, L in enumerate(self.layers):
             if i == hook_layer and point == "hook_resid_pre":
-                x = self._hook(x, pos, share)
+                x, pre = self._hook(x, pos, share), False
                 if last:
                     return None
             q, k, v = qkv(x, *L.ln1, *L.qkv, *rot[L.rotary], c)
-            self.K[i].index_copy_(2, at, _every_row(k, share)[:, :, None])
-            self.V[i].index_copy_(2, at, _every_row(v, share)[:, :, None])
+            self.K[i].index_copy_(2, at, _every_row(k, share, pre)[:, :, None])
+            self.V[i].index_copy_(2, at, _every_row(v, share, pre)[:, :, None])
             if L.window not in masks:
                 masks[L.window] = _window_mask(positions, pos, L.window)
             K, V = self.K[i][:, :, :attended], self.V[i][:, :, :attended]
             if share is not None:
-                K, V = K.index_select(0, share.rep), V.index_select(0, share.rep)
+                K, V = K.index_select(0, _reps(share, pre)), V.index_select(0, _reps(share, pre))
             x = attend(x, q, K, V, masks[L.window], *L.out, c)
             if i == hook_layer and point == "hook_resid_mid":
-                x = self._hook(x, pos, share)
+                x, pre = self._hook(x, pos, share), False
                 if last:
                     return None
             x = mlp(x, *L.ln2, *L.mlp, c)
             if i == hook_layer and point == "hook_resid_post":
-                x = self._hook(x, pos, share)
+                x, pre = self._hook(x, pos, share), False
                 if last:
                     return None
         nxt = at + 1
@@ -694,9 +728,17 @@ class StaticDecoder:
         return None if every is None else every.index_select(0, share.expand)
 
 
-def _every_row(t: Tensor, share: SharedStep | None) -> Tensor:
-    """``t [groups, ...]`` copied to every row (``[rows, ...]``); ``t`` itself without groups."""
-    return t if share is None else t.index_select(0, share.expand)
+def _reps(share: SharedStep, pre: bool) -> Tensor:
+    """The rows that compute for the groups before the hook (``pre``) or after it."""
+    return share.pre_rep if pre else share.rep
+
+
+def _every_row(t: Tensor, share: SharedStep | None, pre: bool = False) -> Tensor:
+    """``t [groups, ...]`` copied to every row (``[rows, ...]``), from the groups before the hook
+    (``pre``) or after it; ``t`` itself without groups."""
+    if share is None:
+        return t
+    return t.index_select(0, share.pre_expand if pre else share.expand)
 
 
 # decoders kept per model on CUDA, so their CUDA graphs are captured once per shape, not per call

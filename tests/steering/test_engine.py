@@ -275,17 +275,32 @@ def test_shared_steps_group_rows_with_the_same_steering_and_prompt_so_far():
     delta = torch.tensor([[0.0], [1.0], [1.0], [1.0], [0.0]])
     steps = engine.shared_steps(tokens, forced, delta)
     s0, s1, s2 = steps[:3]
+
+    def reps(rep: torch.Tensor, groups: int) -> list[int]:
+        """The groups' rows; the rest pads the step to all 5 rows (fewer than MIN_SHARED_ROWS) with
+        copies of the first."""
+        assert len(rep) == 5 and rep[groups:].tolist() == [0] * (5 - groups)
+        return rep[:groups].tolist()
+
     # position 0: rows 0 and 4 (steering 0), rows 1-3 (steering 1); only rows 0 and 4 sample
-    assert s0.rep.tolist() == [0, 1] and s0.expand.tolist() == [0, 1, 1, 1, 0]
+    assert reps(s0.rep, 2) == [0, 1] and s0.expand.tolist() == [0, 1, 1, 1, 0]
     assert s0.sample.tolist() == [0, 4] and s0.logit_groups.tolist() == [0] and s0.sample_at.tolist() == [0, 0]
     # position 1: rows 0 and 4 are past their prompt (their own groups); 1-3 still read [1, 40]
-    assert s1.expand.tolist() == [0, 1, 1, 1, 2] and s1.rep.tolist() == [0, 1, 4] and s1.sample.tolist() == [0, 4]
+    assert s1.expand.tolist() == [0, 1, 1, 1, 2] and reps(s1.rep, 3) == [0, 1, 4] and s1.sample.tolist() == [0, 4]
     # position 2: [1, 40, 41] twice, [1, 40, 42] once; everyone samples position 3
     assert s2.expand.tolist() == [0, 1, 2, 1, 3] and s2.sample.tolist() == [0, 1, 2, 3, 4]
     assert s2.logit_groups.tolist() == [0, 1, 2, 3] and s2.sample_at.tolist() == [0, 1, 2, 1, 3]
     assert steps[3:] == [None, None]  # every row its own from position 3 on
+    # before the steering is added, the steering does not split groups: at position 0 all five rows
+    # read [1], one group, which becomes the two steered ones; from position 1 on the groupings agree
+    assert reps(s0.pre_rep, 1) == [0] and s0.pre_expand.tolist() == [0] * 5 and s0.pre_to_post.tolist() == [0] * 5
+    assert reps(s1.pre_rep, 3) == [0, 1, 4] and s1.pre_to_post is None and s2.pre_to_post is None
     none = engine.shared_steps(tokens, forced, None)  # unsteered: rows 1 and 3 share row 2's prefix too
-    assert none[0].rep.tolist() == [0] and none[1].expand.tolist() == [0, 1, 1, 1, 2]
+    assert reps(none[0].rep, 1) == [0] and none[1].expand.tolist() == [0, 1, 1, 1, 2]
+    assert all(step.pre_to_post is None for step in none if step is not None)
+    # with more rows than MIN_SHARED_ROWS, a step computes its groups and pads to that many
+    many = engine.shared_steps(*_inputs([[1]] * 40, list(range(40)), total=3)[:2], None)
+    assert many[0].rep.tolist() == [0] * engine.MIN_SHARED_ROWS and many[1] is None
 
 
 @pytest.mark.parametrize("name", ["tiny", "gemma2"])
@@ -313,13 +328,20 @@ def test_shared_prefixes_equal_transformer_lens_and_compute_fewer_rows(models, n
         assert torch.equal(tokens, ref.tokens) and _rel(acts, ref.activations) <= TOL
         computed[share] = sum(rows_seen)
     rows, layers, last = len(VEC_ROWS), model.cfg.n_layers, 2  # the capture-only last step: layers 0 and 1
-    # position 0: one row per vector; inside a prompt: one per (prompt, vector); past it, every row
-    groups = sum(
-        len({(j, *PROMPTS[p][: t + 1]) if t < len(PROMPTS[p]) else (j, p, n) for p, j, n in VEC_ROWS})
-        for t in range(T - 1)
-    )
+
+    def groups(t: int, steered: bool) -> int:
+        """Inside a prompt, one row per (prompt so far, vector), or per prompt so far where the
+        steering is not yet added; past it, every row. At least 16 rows are computed."""
+        keys = {
+            (j if steered else -1, *PROMPTS[p][: t + 1]) if t < len(PROMPTS[p]) else (j, p, n) for p, j, n in VEC_ROWS
+        }
+        return max(len(keys), engine.MIN_SHARED_ROWS)
+
+    before = 2  # layers 0 and 1 run before the steering is added at blocks.1.hook_resid_post
+    by_vector = sum(groups(t, True) * layers for t in range(T - 1))
+    shared = sum(groups(t, False) * before + groups(t, True) * (layers - before) for t in range(T - 1))
     assert computed[False] == rows * ((T - 1) * layers + last)
-    assert computed[True] == groups * layers + rows * last < computed[False]
+    assert computed[True] == shared + rows * last < by_vector + rows * last < computed[False]
 
 
 def test_sharing_across_steering_vectors_fails_the_comparison(models, monkeypatch):
