@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -59,7 +60,8 @@ def final_resid_loss(model: HookedTransformer, resid_final: Tensor, tokens: Tens
     The same number as ``model(tokens, return_type="loss")`` per sequence, computed as
     ``logsumexp(logits) - logit[next token]`` on blocks of positions, so the ``[n, seq, vocab]``
     logits (and their log-softmax) are never held at once, and the last position (which predicts
-    nothing here) is not unembedded.
+    nothing here) is not unembedded. A zero unembedding bias is left out, and without autograd each
+    block's ``logsumexp`` (``torch.logsumexp``'s steps) is taken in the block's own buffer.
     """
     from transformer_lens.utilities.activation_functions import apply_softcap
 
@@ -70,10 +72,22 @@ def final_resid_loss(model: HookedTransformer, resid_final: Tensor, tokens: Tens
     nxt = tokens[:, 1:].reshape(-1).to(x.device)
     nll = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     step = max(1, LOGIT_CHUNK_BYTES // (4 * model.cfg.d_vocab))
+    b_U = model.b_U if bool(model.b_U.any()) else None
     for i in range(0, x.shape[0], step):
-        logits = apply_softcap(model.unembed(x[i : i + step]), model.cfg.output_logits_soft_cap).float()
-        nll[i : i + step] = logits.logsumexp(-1) - logits.gather(-1, nxt[i : i + step, None])[:, 0]
+        logits = apply_softcap(F.linear(x[i : i + step], model.W_U.T, b_U), model.cfg.output_logits_soft_cap)
+        logits = logits.float()
+        picked = logits.gather(-1, nxt[i : i + step, None])[:, 0]
+        lse = logits.logsumexp(-1) if logits.requires_grad else _logsumexp_(logits)  # loss_gradient's backward
+        nll[i : i + step] = lse - picked
     return nll.view(tokens.shape[0], -1).double().mean(-1)
+
+
+def _logsumexp_(x: Tensor) -> Tensor:
+    """``torch.logsumexp(x, -1)`` of ``x [n, k]``, step for step (the max, ``exp(x - max)`` summed,
+    its log plus the max), overwriting ``x`` instead of allocating a copy of it."""
+    m = x.amax(-1, keepdim=True)
+    m.masked_fill_(m.abs() == math.inf, 0.0)
+    return x.sub_(m).exp_().sum(-1).log_().add_(m[:, 0])
 
 
 @torch.no_grad()

@@ -340,14 +340,17 @@ def test_local_exponent_of_a_power_law():
     assert local_exponent([2.0, 4.0], [1.0, 1e9], 2.0) == 8.0  # clamped
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 4 * 300])
-def test_final_resid_loss_equals_the_models_own_loss_with_softcap_and_blocks(monkeypatch, chunk_bytes):
+@pytest.mark.parametrize(("chunk_bytes", "bias"), [(None, False), (4 * 300, False), (None, True)])
+def test_final_resid_loss_equals_the_models_own_loss_with_softcap_and_blocks(monkeypatch, chunk_bytes, bias):
     from saets_utils.effects import calibration
     from saets_utils.models.tiny import tiny_gemma2_model
 
     model = tiny_gemma2_model(seed=2)  # logit soft-capping, final RMSNorm
     if chunk_bytes:  # blocks of a few positions (and a last, shorter one)
         monkeypatch.setattr(calibration, "LOGIT_CHUNK_BYTES", chunk_bytes * model.cfg.d_vocab // 7)
+    if bias:  # an unembedding bias (left out only where it is zero)
+        with torch.no_grad():
+            model.b_U.normal_(generator=torch.Generator().manual_seed(3))
     tokens = torch.randint(3, model.cfg.d_vocab, (3, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         final = model(tokens, stop_at_layer=model.cfg.n_layers)
@@ -355,6 +358,16 @@ def test_final_resid_loss_equals_the_models_own_loss_with_softcap_and_blocks(mon
         ref = model(tokens, return_type="loss", loss_per_token=True).mean(-1)
     assert per_seq.dtype == torch.float64 and per_seq.shape == (3,)
     torch.testing.assert_close(per_seq.float(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_logsumexp_in_place_is_torchs_bit_for_bit():
+    from saets_utils.effects.calibration import _logsumexp_
+
+    x = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0)) * 20
+    x[1] = -math.inf  # a row with nothing possible
+    x[2, 7] = math.inf
+    ref = torch.logsumexp(x, -1)
+    assert torch.equal(_logsumexp_(x.clone()), ref)
 
 
 # --- a per-vector start from the loss's gradient -----------------------------------------------
