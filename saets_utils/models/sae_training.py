@@ -194,7 +194,8 @@ def _step_bar(trainer: Any, step_output: Any, pbar: Any, update_interval: int = 
     """Replaces ``SAETrainer._update_pbar``: advance by one step's tokens, show the losses every 10 steps."""
     pbar.update(trainer.cfg.train_batch_size_samples)
     if trainer.n_training_steps % 10 == 0:
-        pbar.set_postfix_str(" ".join(f"{k} {float(v):.4g}" for k, v in step_output.losses.items()), refresh=False)
+        losses = {k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in step_output.losses.items()}
+        pbar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in losses.items()), refresh=False)
 
 
 @torch.no_grad()
