@@ -451,8 +451,8 @@ MIN_SHARED_ROWS = 16
 
 def _groups(keys: list[tuple]) -> tuple[list[int], list[int]]:
     """``(rep, expand)`` of rows with equal ``keys``: each group's first row, and each row's group.
-    ``rep`` is padded with its first row to :data:`MIN_SHARED_ROWS` rows (at most one per key),
-    so the padding's groups are never read."""
+    ``rep`` is padded with copies of its first row up to :data:`MIN_SHARED_ROWS` rows (or as many
+    as there are keys, if fewer); no row's group is a padding row."""
     index: dict[tuple, int] = {}
     rep: list[int] = []
     expand: list[int] = []
