@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 from saets_utils.config import CalibrationConfig, ConfigError, LossTarget
+from saets_utils.steering.engine import nonzero_bias
 from saets_utils.steering.hooks import hook_layer
 
 STATUSES = ("ok", "non_monotone", "not_reached", "above_at_zero")
@@ -72,7 +73,7 @@ def final_resid_loss(model: HookedTransformer, resid_final: Tensor, tokens: Tens
     nxt = tokens[:, 1:].reshape(-1).to(x.device)
     nll = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     step = max(1, LOGIT_CHUNK_BYTES // (4 * model.cfg.d_vocab))
-    b_U = model.b_U if bool(model.b_U.any()) else None
+    b_U = nonzero_bias(model.b_U)
     for i in range(0, x.shape[0], step):
         logits = apply_softcap(F.linear(x[i : i + step], model.W_U.T, b_U), model.cfg.output_logits_soft_cap)
         logits = logits.float()

@@ -270,7 +270,7 @@ def _linear_weight(w: Tensor, perm: tuple[int, ...], shape: tuple[int, int]) -> 
     return (p if p.is_contiguous() else p.contiguous()).reshape(shape)
 
 
-def _bias(b: Tensor) -> Tensor | None:
+def nonzero_bias(b: Tensor) -> Tensor | None:
     """``b``, or None where it is all zeros: TransformerLens gives bias-free models zero biases, and
     ``F.linear`` with one copies it into the output before the product (the same values without)."""
     return b if bool(b.any()) else None
@@ -330,9 +330,9 @@ def _layer(block: Any, rotary: int) -> Layer:
         mlp_w = (
             _linear_weight(mlp.W_gate, (1, 0), (d_mlp, d)),
             _linear_weight(mlp.W_in, (1, 0), (d_mlp, d)),
-            _bias(mlp.b_in),  # TransformerLens adds a zero bias of width d_mlp
+            nonzero_bias(mlp.b_in),  # TransformerLens adds a zero bias of width d_mlp
             _linear_weight(mlp.W_out, (1, 0), (d, d_mlp)),
-            _bias(mlp.b_out),
+            nonzero_bias(mlp.b_out),
             post2[1],
         )
     else:  # TransformerLens's MLP: addmm(b_in, x, W_in), weights as stored
@@ -342,13 +342,13 @@ def _layer(block: Any, rotary: int) -> Layer:
         ln1=(ln1[1], ln1[2]),
         qkv=(
             _linear_weight(attn.W_Q, (0, 2, 1), (h * dh, d)),
-            _bias(attn.b_Q.reshape(h * dh)),
+            nonzero_bias(attn.b_Q.reshape(h * dh)),
             _linear_weight(W_K, (0, 2, 1), (n_kv * dh, d)),
-            _bias(b_K.reshape(n_kv * dh)),
+            nonzero_bias(b_K.reshape(n_kv * dh)),
             _linear_weight(W_V, (0, 2, 1), (n_kv * dh, d)),
-            _bias(b_V.reshape(n_kv * dh)),
+            nonzero_bias(b_V.reshape(n_kv * dh)),
         ),
-        out=(_linear_weight(attn.W_O, (2, 0, 1), (d, h * dh)), _bias(attn.b_O), post1[1]),
+        out=(_linear_weight(attn.W_O, (2, 0, 1), (d, h * dh)), nonzero_bias(attn.b_O), post1[1]),
         ln2=(ln2[1], ln2[2]),
         mlp=mlp_w,
         rotary=rotary,
@@ -593,7 +593,7 @@ class StaticDecoder:
         self.consts, self.layers, self.tables = _read_model(model, total_tokens)
         self.W_E = model.W_E
         lnf = _norm_of(getattr(model, "ln_final", None))
-        self.final = (lnf[1], lnf[2], model.W_U.T, _bias(model.b_U))  # F.linear(x, W_U.T): no copy in any layout
+        self.final = (lnf[1], lnf[2], model.W_U.T, nonzero_bias(model.b_U))  # F.linear(x, W_U.T): no copy in any layout
         dev, dt, c = self.device, cfg.dtype, self.consts
         self.tokens = torch.zeros(rows, total_tokens, dtype=torch.long, device=dev)
         self.forced = torch.zeros(rows, total_tokens, dtype=torch.bool, device=dev)
